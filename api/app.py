@@ -1,0 +1,61 @@
+"""Flask app factory: settings from env (or given), blueprints, errors, metrics, OpenAPI."""
+
+from __future__ import annotations
+
+from flask import Flask
+from flask_smorest import Api
+
+from api.blueprints import health, jobs, models, serve
+from api.docs import ASSETS_URL, docs_assets
+from api.errors import ErrorSchema, http_exception_response, register_error_handlers
+from api.metrics import init_metrics
+from api.services import Services
+from config.models import load_models
+from config.settings import Settings
+from tasks.celery_app import make_celery
+from tasks.cluster import ClusterState
+from tasks.jobs import JobStore
+from tasks.redis_client import make_redis
+
+VERSION = "0.1.0"
+
+
+class AetherApi(Api):
+    """flask-smorest Api whose errors use AetherCore's one JSON error shape."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error):
+        return http_exception_response(error)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask("aethercore")
+    app.config.update(
+        API_TITLE="AetherCore",
+        API_VERSION=VERSION,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL=ASSETS_URL,
+        JSON_SORT_KEYS=False,
+    )
+    redis_client = make_redis(settings.redis_url)
+    cluster = ClusterState(redis_client, settings.worker_ttl)
+    app.extensions["aethercore"] = Services(
+        settings=settings,
+        models=load_models(settings.models_file),
+        jobs=JobStore(redis_client, settings.result_ttl),
+        cluster=cluster,
+        celery=make_celery(settings),
+    )
+    app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
+
+    api = AetherApi(app)
+    for module in (health, serve, jobs, models):
+        api.register_blueprint(module.blp)
+    app.register_blueprint(docs_assets)
+    register_error_handlers(app)
+    return app

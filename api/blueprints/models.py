@@ -1,0 +1,74 @@
+"""Model management: list, load, unload (queued jobs), status and info."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from api.blueprints.common import job_reply
+from api.schemas import JobSchema, ModelInfoSchema, ModelListSchema, ModelStatusSchema, WaitQuerySchema
+from api.services import services
+
+blp = Blueprint("models", __name__, description="Model management")
+
+
+@blp.route("/models")
+class Models(MethodView):
+    @blp.response(200, ModelListSchema)
+    def get(self):
+        svc = services()
+        workers = svc.cluster.live_workers()
+        out = []
+        for spec in svc.models.values():
+            status = svc.cluster.model_status(spec.id, workers)
+            out.append({**status, "name": spec.name, "model_type": spec.model_type, "task": spec.task,
+                        "source": spec.source, "configured_device": spec.device})
+        return {"models": out}
+
+
+def _job_endpoint(kind: str):
+    @blp.arguments(WaitQuerySchema, location="query")
+    @blp.response(202, JobSchema, description=f"{kind.capitalize()} job queued (or still running after ?wait)")
+    @blp.alt_response(200, schema=JobSchema, description="Finished within ?wait")
+    @blp.alt_response(404, description="Unknown model")
+    def post(self, query: dict[str, Any], model_id: str):
+        svc = services()
+        spec = svc.spec(model_id)
+        device = svc.device_for(spec)
+        job = svc.submit(kind, spec, device, {"device": device})
+        return job_reply(svc.wait(job, query["wait"]))
+
+    return post
+
+
+@blp.route("/models/<string:model_id>/load")
+class LoadModel(MethodView):
+    post = _job_endpoint("load")
+
+
+@blp.route("/models/<string:model_id>/unload")
+class UnloadModel(MethodView):
+    post = _job_endpoint("unload")
+
+
+@blp.route("/models/<string:model_id>/status")
+class ModelStatus(MethodView):
+    @blp.response(200, ModelStatusSchema)
+    @blp.alt_response(404, description="Unknown model")
+    def get(self, model_id: str):
+        svc = services()
+        return svc.cluster.model_status(svc.spec(model_id).id)
+
+
+@blp.route("/models/<string:model_id>/info")
+class ModelInfo(MethodView):
+    @blp.response(200, ModelInfoSchema)
+    @blp.alt_response(404, description="Unknown model")
+    def get(self, model_id: str):
+        svc = services()
+        spec = svc.spec(model_id)
+        status = svc.cluster.model_status(spec.id)
+        loaded = next((r.get("info") for r in status["replicas"] if r.get("info")), None)
+        return {"model_id": spec.id, "config": spec.public(), "state": status["state"], "loaded": loaded}

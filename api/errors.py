@@ -1,0 +1,103 @@
+"""One JSON error shape for every failure: {"error": {"code", "message", "details"}}.
+
+The status code carries the meaning; the message tells the user what to do. No HTML page,
+no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+import redis
+from flask import Flask, jsonify, request
+from kombu.exceptions import OperationalError
+from loguru import logger
+from werkzeug.exceptions import HTTPException, NotFound
+
+DEFAULT_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
+    429: "too_many_requests", 500: "internal_error", 503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details = details or {}
+        self.headers = headers or {}
+
+
+class ErrorBodySchema(ma.Schema):
+    code = ma.fields.String(required=True, metadata={"description": "Machine-readable error code"})
+    message = ma.fields.String(required=True, metadata={"description": "What went wrong and what to do"})
+    details = ma.fields.Dict(metadata={"description": "Field errors or context"})
+
+
+class ErrorSchema(ma.Schema):
+    error = ma.fields.Nested(ErrorBodySchema, required=True)
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None,
+                   headers: dict[str, str] | None = None):
+    response = jsonify({"error": {"code": code, "message": message, "details": details or {}}})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def http_exception_response(exc: HTTPException):
+    """Werkzeug/webargs exceptions (404 routes, 405, 413, webargs 422) in our shape."""
+    status = exc.code or 500
+    data = getattr(exc, "data", None) or {}
+    details: dict[str, Any] = {}
+    message = exc.description or exc.name
+    if status == 422 and "messages" in data:
+        # webargs: {"json": {"field": ["msg"]}, "query": {...}}
+        details = data["messages"]
+        if isinstance(details, dict) and len(details) == 1:
+            details = next(iter(details.values()))
+        message = "the request is invalid; see details for each field"
+    elif data.get("message"):
+        message = data["message"]
+    if status == 400 and request.is_json:
+        message = "the request body is not valid JSON"
+    if status == 404 and exc.description == NotFound.description:
+        message = f"no such endpoint: {request.method} {request.path}; see /docs for the API"
+    if status == 405:
+        message = f"{request.method} is not allowed on {request.path}"
+    if status >= 500:
+        message = "internal error; the incident was logged"
+    return error_response(status, DEFAULT_CODES.get(status, "error"), message, details,
+                          headers=data.get("headers"))
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.errorhandler(redis.RedisError)
+    def _redis_down(exc: redis.RedisError):
+        logger.warning("Redis unavailable: {}", exc)
+        return error_response(503, "redis_unavailable",
+                              "Redis is not reachable; the request was not accepted, retry shortly",
+                              headers={"Retry-After": "2"})
+
+    @app.errorhandler(OperationalError)
+    def _broker_down(exc: OperationalError):
+        logger.warning("broker unavailable: {}", exc)
+        return error_response(503, "broker_unavailable",
+                              "the job queue is not reachable; the request was not accepted, retry shortly",
+                              headers={"Retry-After": "2"})
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        if isinstance(exc, HTTPException):
+            return http_exception_response(exc)
+        logger.opt(exception=exc).error("unhandled error")
+        return error_response(500, "internal_error", "internal error; the incident was logged")

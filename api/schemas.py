@@ -1,0 +1,89 @@
+"""Request and response schemas: validation and the OpenAPI document come from the same code."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+from marshmallow import validate
+
+from config.models import MODEL_ID_RE
+from tasks.cluster import MODEL_STATES
+from tasks.jobs import STATUSES
+from tasks.names import JOB_KINDS
+
+JOB_ID_RE = r"^[0-9a-f]{32}$"
+
+
+class ServeRequestSchema(ma.Schema):
+    model_id = ma.fields.String(required=True, validate=validate.Regexp(MODEL_ID_RE.pattern),
+                                metadata={"example": "minilm"})
+    inputs = ma.fields.Dict(required=True, metadata={"example": {"text": "Hello world"}})
+    parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 100}})
+
+
+class WaitQuerySchema(ma.Schema):
+    wait = ma.fields.Float(load_default=0.0, validate=validate.Range(min=0, max=3600),
+                           metadata={"description": "Seconds to wait for the job to finish (capped by "
+                                                    "AETHERCORE_MAX_WAIT)"})
+
+
+class JobErrorSchema(ma.Schema):
+    code = ma.fields.String()
+    message = ma.fields.String()
+
+
+class JobSchema(ma.Schema):
+    job_id = ma.fields.String(required=True)
+    kind = ma.fields.String(validate=validate.OneOf(JOB_KINDS))
+    model_id = ma.fields.String()
+    status = ma.fields.String(validate=validate.OneOf(STATUSES))
+    device = ma.fields.String(allow_none=True)
+    worker = ma.fields.String(allow_none=True)
+    attempts = ma.fields.Integer()
+    created_at = ma.fields.String(allow_none=True)
+    started_at = ma.fields.String(allow_none=True)
+    finished_at = ma.fields.String(allow_none=True)
+    result = ma.fields.Dict(allow_none=True)
+    error = ma.fields.Nested(JobErrorSchema, allow_none=True)
+
+
+class ReplicaSchema(ma.Schema):
+    class Meta:
+        unknown = ma.INCLUDE
+
+    worker = ma.fields.String()
+    device = ma.fields.String()
+    state = ma.fields.String()
+    memory_bytes = ma.fields.Integer()
+    loaded_at = ma.fields.Float()
+
+
+class ModelStatusSchema(ma.Schema):
+    model_id = ma.fields.String()
+    state = ma.fields.String(validate=validate.OneOf(MODEL_STATES))
+    device = ma.fields.String(allow_none=True)
+    replicas = ma.fields.List(ma.fields.Dict())
+    error = ma.fields.Dict(allow_none=True)
+
+
+class ModelSummarySchema(ModelStatusSchema):
+    name = ma.fields.String()
+    model_type = ma.fields.String()
+    task = ma.fields.String()
+    source = ma.fields.String()
+    configured_device = ma.fields.String()
+
+
+class ModelListSchema(ma.Schema):
+    models = ma.fields.List(ma.fields.Nested(ModelSummarySchema))
+
+
+class ModelInfoSchema(ma.Schema):
+    model_id = ma.fields.String()
+    config = ma.fields.Dict()
+    state = ma.fields.String()
+    loaded = ma.fields.Dict(allow_none=True, metadata={"description": "What the loaded model reports"})
+
+
+class HealthSchema(ma.Schema):
+    status = ma.fields.String()
+    checks = ma.fields.Dict()

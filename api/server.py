@@ -1,0 +1,61 @@
+"""Run the API under gunicorn with threaded workers: an open long poll holds a thread, not a process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
+
+from config.logging import InterceptHandler
+
+from config.settings import Settings
+
+
+class LoguruGunicornLogger(Logger):
+    """gunicorn's own log lines go through loguru like everything else."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            log.handlers = [InterceptHandler()]
+            log.propagate = False
+
+
+class GunicornServer(BaseApplication):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        options: dict[str, Any] = {
+            "bind": f"{self.settings.host}:{self.settings.port}",
+            "workers": self.settings.workers,
+            "worker_class": "gthread",
+            "threads": self.settings.api_threads,
+            # Longer than the longest ?wait, so a waiting request is never cut off.
+            "timeout": int(self.settings.max_wait) + 30,
+            "graceful_timeout": 10,
+            "keepalive": 5,
+            "accesslog": None,
+            "logger_class": LoguruGunicornLogger,
+            "control_socket_disable": True,
+            "loglevel": self.settings.log_level.lower() if self.settings.log_level != "TRACE" else "debug",
+        }
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from config.logging import setup_logging
+
+        from api import create_app
+
+        setup_logging("api", self.settings.log_level, self.settings.log_format)
+        return create_app(self.settings)
+
+
+def run_api(settings: Settings) -> None:
+    from config.logging import setup_logging
+
+    setup_logging("api", settings.log_level, settings.log_format)
+    GunicornServer(settings).run()

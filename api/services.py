@@ -1,0 +1,72 @@
+"""What the API talks to, built once per app: Redis, the job store, the cluster view, the Celery producer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from flask import current_app
+
+from api.errors import ApiError
+from config.models import ModelSpec
+from config.settings import Settings
+from tasks.cluster import ClusterState
+from tasks.jobs import FAILED, JobStore
+from tasks.names import TASK_FOR_KIND, queue_for_device
+from tasks.routing import NoDeviceAvailable, resolve_device
+
+
+@dataclass
+class Services:
+    settings: Settings
+    models: dict[str, ModelSpec]
+    jobs: JobStore
+    cluster: ClusterState
+    celery: Celery
+
+    def spec(self, model_id: str) -> ModelSpec:
+        spec = self.models.get(model_id)
+        if spec is None:
+            raise ApiError(404, "model_not_found", f"model {model_id!r} is not configured; GET /models lists "
+                           "the configured models", {"model_id": model_id})
+        return spec
+
+    def device_for(self, spec: ModelSpec) -> str:
+        try:
+            return resolve_device(spec, self.cluster, self.settings.gpu_enabled)
+        except NoDeviceAvailable as exc:
+            raise ApiError(503, "no_device", str(exc), headers={"Retry-After": "5"}) from None
+
+    def submit(self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Create the job record, then queue the task on the device's queue; the job id is the task id."""
+        job = self.jobs.create(kind=kind, model_id=spec.id, device=device)
+        kwargs = {"job_id": job["job_id"], "model_id": spec.id, **payload}
+        if kind == "inference":
+            kwargs["submitted_at"] = job["_created_ts"]
+        try:
+            self.celery.send_task(
+                TASK_FOR_KIND[kind], kwargs=kwargs, queue=queue_for_device(device), task_id=job["job_id"],
+                # What Flower and logs show instead of the inputs themselves.
+                kwargsrepr=repr({"job_id": job["job_id"], "model_id": spec.id, "kind": kind}),
+            )
+        except Exception:
+            self.jobs.finish(job["job_id"], FAILED, error={"code": "broker_unavailable",
+                                                           "message": "the job could not be queued"})
+            raise
+        return job
+
+    def wait(self, job: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        wait_s = min(wait_s, self.settings.max_wait)
+        if wait_s <= 0:
+            return job
+        return self.jobs.wait(job["job_id"], wait_s) or job
+
+
+def services() -> Services:
+    return current_app.extensions["aethercore"]
+
+
+def now() -> float:
+    return time.time()

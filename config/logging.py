@@ -1,0 +1,55 @@
+"""One loguru setup for API, workers and CLI; stdlib logging (Celery, Flask, gunicorn) routed into it."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+
+from loguru import logger
+
+_TEXT_FORMAT = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+    "<cyan>{extra[component]}</cyan> {message}{extra[_context]}"
+)
+
+
+class InterceptHandler(logging.Handler):
+    """Send stdlib records to loguru, keeping the caller's location."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        frame, depth = inspect.currentframe(), 0
+        while frame and (depth == 0 or frame.f_code.co_filename == logging.__file__):
+            frame = frame.f_back
+            depth += 1
+        logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
+
+
+def _context_patcher(record: dict) -> None:
+    extra = record["extra"]
+    extra.setdefault("component", "aethercore")
+    context = {k: v for k, v in extra.items() if k not in {"component", "_context"}}
+    extra["_context"] = "".join(f" {k}={v}" for k, v in context.items())
+
+
+def setup_logging(component: str, level: str = "INFO", fmt: str = "text") -> None:
+    """Idempotent; call once per process before anything logs."""
+    logger.remove()
+    logger.configure(extra={"component": component}, patcher=_context_patcher)
+    if fmt == "json":
+        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+    else:
+        logger.add(sys.stderr, level=level, format=_TEXT_FORMAT, backtrace=False, diagnose=False, colorize=None)
+    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    for name in ("celery", "kombu", "werkzeug", "gunicorn", "gunicorn.error", "gunicorn.access", "flask", "tornado"):
+        lib_logger = logging.getLogger(name)
+        lib_logger.handlers = [InterceptHandler()]
+        lib_logger.propagate = False
+    # Chatty libraries stay at WARNING unless the whole process is at DEBUG.
+    if level not in {"DEBUG", "TRACE"}:
+        for name in ("urllib3", "filelock", "httpx", "huggingface_hub", "transformers", "torch"):
+            logging.getLogger(name).setLevel(logging.WARNING)

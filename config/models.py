@@ -1,0 +1,162 @@
+"""Model declarations (`config/models.yaml`): parsed and validated once, at start-up.
+
+A bad file fails with a message naming the model, the field and the bad value, so a
+deployment never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config.settings import ConfigError
+from config.units import parse_size
+
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_TYPES = ("transformer", "onnx", "pytorch")
+SOURCES = ("huggingface", "local")
+TASKS = ("feature-extraction", "text-generation", "text-classification", "tensor")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+# Which runtime can serve which task: the worker has one runtime per pair.
+SUPPORTED = {
+    "transformer": {"feature-extraction", "text-generation", "text-classification"},
+    "onnx": {"feature-extraction", "tensor"},
+    "pytorch": {"tensor"},
+}
+TEXT_TASKS = {"feature-extraction", "text-generation", "text-classification"}
+DEFAULT_MAX_LENGTH = {"feature-extraction": 256, "text-classification": 256, "text-generation": 32, "tensor": 0}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    name: str
+    model_type: str
+    source: str
+    model_path: str
+    task: str
+    device: str = "auto"
+    max_memory: int | None = None
+    providers: tuple[str, ...] = ()
+    tokenizer_path: str | None = None
+    max_length: int = 0
+    # Upper bound a request may ask for with parameters.max_length.
+    max_length_limit: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["providers"] = list(self.providers)
+        data.pop("extra")
+        return data
+
+
+_KNOWN_FIELDS = {
+    "name", "model_type", "source", "model_path", "task", "device", "max_memory",
+    "providers", "tokenizer_path", "max_length", "max_length_limit", "description",
+}
+
+
+def _fail(path: Path, model_id: str, field_name: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{path}: model {model_id!r}: field {field_name!r}: {value!r} {why}")
+
+
+def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
+    if not MODEL_ID_RE.match(str(model_id)):
+        raise ConfigError(
+            f"{path}: model id {model_id!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: model {model_id!r} must be a mapping of fields, not {type(raw).__name__}")
+    unknown = set(raw) - _KNOWN_FIELDS
+    if unknown:
+        name = sorted(unknown)[0]
+        raise _fail(path, model_id, name, raw[name], f"is not a known field (known: {', '.join(sorted(_KNOWN_FIELDS))})")
+
+    def required(name: str) -> str:
+        value = raw.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(path, model_id, name, value, "is required and must be a non-empty string")
+        return value.strip()
+
+    def one_of(name: str, options: tuple[str, ...], default: str | None = None) -> str:
+        value = raw.get(name, default)
+        if value not in options:
+            raise _fail(path, model_id, name, value, f"is not one of {', '.join(options)}")
+        return value
+
+    model_type = one_of("model_type", MODEL_TYPES)
+    source = one_of("source", SOURCES, "local")
+    default_task = "tensor" if model_type == "pytorch" else "feature-extraction"
+    task = one_of("task", TASKS, default_task)
+    if task not in SUPPORTED[model_type]:
+        raise _fail(path, model_id, "task", task,
+                    f"is not served by model_type {model_type!r} (it serves {', '.join(sorted(SUPPORTED[model_type]))})")
+    if source == "huggingface" and model_type != "transformer":
+        raise _fail(path, model_id, "source", source, "is only supported for model_type 'transformer'")
+
+    device = str(raw.get("device", "auto")).strip().lower()
+    if not DEVICE_RE.match(device):
+        raise _fail(path, model_id, "device", raw.get("device"), "is not one of auto, cpu, cuda, cuda:N")
+
+    max_memory = None
+    if raw.get("max_memory") is not None:
+        try:
+            max_memory = parse_size(raw["max_memory"])
+        except ValueError as exc:
+            raise _fail(path, model_id, "max_memory", raw["max_memory"], f"is invalid: {exc}") from None
+
+    providers = raw.get("providers") or []
+    if not isinstance(providers, list) or not all(isinstance(p, str) and p for p in providers):
+        raise _fail(path, model_id, "providers", providers, "must be a list of onnxruntime provider names")
+
+    def bounded_int(name: str, default: int, low: int, high: int) -> int:
+        value = raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _fail(path, model_id, name, value, f"must be a whole number from {low} to {high}")
+        return value
+
+    max_length_limit = bounded_int("max_length_limit", 512, 1, 100_000)
+    max_length = bounded_int("max_length", DEFAULT_MAX_LENGTH[task], 0, max_length_limit)
+
+    tokenizer_path = raw.get("tokenizer_path")
+    if tokenizer_path is not None and (not isinstance(tokenizer_path, str) or not tokenizer_path):
+        raise _fail(path, model_id, "tokenizer_path", tokenizer_path, "must be a non-empty string")
+    if model_type == "onnx" and task in TEXT_TASKS and not tokenizer_path:
+        raise _fail(path, model_id, "tokenizer_path", tokenizer_path,
+                    f"is required for an onnx model with task {task!r}")
+
+    return ModelSpec(
+        id=str(model_id),
+        name=str(raw.get("name") or model_id),
+        model_type=model_type,
+        source=source,
+        model_path=required("model_path"),
+        task=task,
+        device=device,
+        max_memory=max_memory,
+        providers=tuple(providers),
+        tokenizer_path=tokenizer_path,
+        max_length=max_length,
+        max_length_limit=max_length_limit,
+    )
+
+
+def load_models(path: Path) -> dict[str, ModelSpec]:
+    """Parse and validate models.yaml; raise ConfigError naming the first problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the model file {path}: {exc.strerror}") from None
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("models"), dict):
+        raise ConfigError(f"{path} must contain a top-level 'models:' mapping of model id to fields")
+    return {str(mid): _parse_model(Path(path), mid, raw) for mid, raw in document["models"].items()}

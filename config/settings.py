@@ -1,0 +1,204 @@
+"""Every AetherCore setting: one env var each, a default that works on a laptop, validated at start-up.
+
+`SETTINGS` is the single source of truth; README's configuration table and `.env.example`
+are checked against it by the test suite.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from config.units import parse_bool, parse_size
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A setting or a models.yaml entry is invalid; the message names it and the bad value."""
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value!r} must be a whole number >= 1")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:  # also rejects NaN
+        raise ValueError(f"{value!r} must be a number >= 0")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise ValueError(f"{value!r} is not a TCP port (1-65535)")
+    return number
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        lowered = value.strip().lower()
+        if lowered not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return lowered
+
+    return parse
+
+
+def _redis_url(value: str) -> str:
+    scheme = urlparse(value).scheme
+    if scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _broker_url(value: str) -> str:
+    if not urlparse(value).scheme:
+        raise ValueError(f"{value!r} is not a broker URL (redis://... or amqp://...)")
+    return value
+
+
+def _log_level(value: str) -> str:
+    upper = value.strip().upper()
+    if upper not in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError(f"{value!r} is not a log level (DEBUG, INFO, WARNING, ERROR)")
+    return upper
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda:\d+)$")
+
+
+def parse_worker_device(value: str) -> str:
+    device = value.strip().lower()
+    if device == "cuda":
+        device = "cuda:0"
+    if not _DEVICE_RE.match(device):
+        raise ValueError(f"{value!r} is not a worker device (cpu or cuda:N)")
+    return device
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    env: str
+    default: str
+    parse: Callable[[str], Any]
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "AETHERCORE_HOST", "0.0.0.0", str, "Address the API binds to."),
+    Setting("port", "AETHERCORE_PORT", "8001", _port, "Port the API listens on."),
+    Setting("workers", "AETHERCORE_WORKERS", "1", _positive_int, "gunicorn worker processes for the API."),
+    Setting("api_threads", "AETHERCORE_API_THREADS", "32", _positive_int,
+            "Threads per API process (each open long poll holds one)."),
+    Setting("log_level", "AETHERCORE_LOG_LEVEL", "INFO", _log_level, "Log level of every process."),
+    Setting("log_format", "AETHERCORE_LOG_FORMAT", "text", _choice("text", "json"),
+            "`text` for people, `json` for one JSON object per line."),
+    Setting("redis_url", "AETHERCORE_REDIS_URL", "redis://127.0.0.1:6379/0", _redis_url,
+            "Redis for jobs, results, cluster state and (by default) the Celery broker."),
+    Setting("broker_url", "AETHERCORE_BROKER_URL", "", _broker_url,
+            "Celery broker; empty means the same as AETHERCORE_REDIS_URL."),
+    Setting("gpu_enabled", "AETHERCORE_GPU_ENABLED", "auto", _choice("auto", "true", "false"),
+            "`auto` uses GPU workers when some are alive; `false` routes `device: auto` models to the CPU."),
+    Setting("model_cache_size", "AETHERCORE_MODEL_CACHE_SIZE", "1GB", parse_size,
+            "Memory budget for resident models per worker; the least recently used model is evicted beyond it."),
+    Setting("autoload", "AETHERCORE_AUTOLOAD", "true", parse_bool,
+            "Serving a model that is not loaded loads it first; `false` answers 409 instead."),
+    Setting("models_file", "AETHERCORE_MODELS_FILE", str(REPO_ROOT / "config" / "models.yaml"), Path,
+            "The model declarations."),
+    Setting("model_store", "AETHERCORE_MODEL_STORE", str(REPO_ROOT / "model_store" / "artifacts"), Path,
+            "Directory that `source: local` model paths are relative to."),
+    Setting("hf_download", "AETHERCORE_HF_DOWNLOAD", "false", parse_bool,
+            "Allow `source: huggingface` models missing from the local cache to be downloaded."),
+    Setting("result_ttl", "AETHERCORE_RESULT_TTL", "86400", _positive_int,
+            "Seconds a finished job and its result are kept in Redis."),
+    Setting("max_wait", "AETHERCORE_MAX_WAIT", "60", _non_negative_float,
+            "Upper bound in seconds for `?wait=` on job endpoints."),
+    Setting("load_timeout", "AETHERCORE_LOAD_TIMEOUT", "300", _non_negative_float,
+            "Seconds a load job waits for every replica of its device to report."),
+    Setting("device", "AETHERCORE_DEVICE", "cpu", parse_worker_device,
+            "Device a worker is pinned to (`cpu`, `cuda:N`); `manage.py worker --device` sets it."),
+    Setting("worker_concurrency", "AETHERCORE_WORKER_CONCURRENCY", "4", _positive_int,
+            "Task threads per worker process (models are shared by the threads, one copy per process)."),
+    Setting("torch_threads", "AETHERCORE_TORCH_THREADS", "0", int,
+            "Intra-op threads for model forward passes; 0 means one per CPU core."),
+    Setting("heartbeat_interval", "AETHERCORE_HEARTBEAT_INTERVAL", "2", _non_negative_float,
+            "Seconds between worker heartbeats."),
+    Setting("worker_ttl", "AETHERCORE_WORKER_TTL", "10", _positive_int,
+            "Seconds without a heartbeat after which a worker counts as dead."),
+    Setting("flower_port", "AETHERCORE_FLOWER_PORT", "5555", _port, "Port of the Flower dashboard."),
+    Setting("url", "AETHERCORE_URL", "http://127.0.0.1:8001", str, "Where `manage.py` finds the API."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    workers: int
+    api_threads: int
+    log_level: str
+    log_format: str
+    redis_url: str
+    broker_url: str
+    gpu_enabled: str
+    model_cache_size: int
+    autoload: bool
+    models_file: Path
+    model_store: Path
+    hf_download: bool
+    result_ttl: int
+    max_wait: float
+    load_timeout: float
+    device: str
+    worker_concurrency: int
+    torch_threads: int
+    heartbeat_interval: float
+    worker_ttl: int
+    flower_port: int
+    url: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for spec in SETTINGS:
+            if spec.name in overrides:
+                values[spec.name] = overrides.pop(spec.name)
+                continue
+            raw = env.get(spec.env, spec.default)
+            if spec.name == "broker_url" and raw == "":
+                values[spec.name] = ""
+                continue
+            try:
+                values[spec.name] = spec.parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{spec.env}={raw!r} is invalid: {exc}") from None
+        if overrides:
+            raise TypeError(f"unknown settings: {', '.join(sorted(overrides))}")
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> "Settings":
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        current.update(overrides)
+        return Settings(**current)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()

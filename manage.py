@@ -1,0 +1,419 @@
+#!/usr/bin/env python3
+"""AetherCore admin CLI: run the processes, manage models, serve requests, check the system.
+
+Process verbs (up, api, worker, flower) run here; admin verbs talk to the API over HTTP
+(AETHERCORE_URL), so they work the same against a local or a remote deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import requests
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import REPO_ROOT, ConfigError, Settings
+from config.units import format_size
+
+app = typer.Typer(help="AetherCore model serving: processes, models, inference and health.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Configured models: build the demo models, list, load, unload, inspect.",
+                         no_args_is_help=True)
+system_app = typer.Typer(help="System status, health and services.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(system_app, name="system")
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP client for admin verbs
+# --------------------------------------------------------------------------------------------
+class ApiClient:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+
+    def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 202), timeout: float = 75,
+                **kwargs: Any) -> tuple[int, Any]:
+        url = f"{self.base_url}{path}"
+        try:
+            response = requests.request(method, url, timeout=timeout, **kwargs)
+        except requests.ConnectionError:
+            fail(f"the API is not reachable at {self.base_url} (tried {method} {url}); start it with "
+                 "`python manage.py up` or set AETHERCORE_URL")
+        except requests.Timeout:
+            fail(f"the API at {self.base_url} did not answer {method} {path} within {timeout:.0f} s")
+        try:
+            body = response.json()
+        except ValueError:
+            fail(f"{method} {url} answered {response.status_code} with a non-JSON body")
+        if response.status_code not in ok:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            fail(f"{method} {path} -> {response.status_code} {error.get('code', '')}: "
+                 f"{error.get('message', body)}")
+        return response.status_code, body
+
+
+def client() -> ApiClient:
+    return ApiClient(settings().url)
+
+
+def print_json(data: Any) -> None:
+    console.print_json(json.dumps(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+@app.command()
+def api() -> None:
+    """Run the HTTP API (gunicorn, threaded workers) on AETHERCORE_HOST:AETHERCORE_PORT."""
+    from api.server import run_api
+
+    run_api(settings())
+
+
+@app.command()
+def worker(device: str = typer.Option("cpu", help="cpu or cuda:N; the worker consumes only this device's queue")) -> None:
+    """Run one Celery worker pinned to DEVICE, keeping models resident in its memory."""
+    from workers.main import run_worker
+
+    try:
+        run_worker(device, settings())
+    except (ValueError, ConfigError) as exc:
+        fail(str(exc), 2)
+
+
+@app.command()
+def flower(port: Optional[int] = typer.Option(None, help="Port (default AETHERCORE_FLOWER_PORT)")) -> None:
+    """Run the Flower dashboard against the same broker as the workers."""
+    from config.logging import setup_logging
+    from tasks.celery_app import make_celery
+
+    cfg = settings()
+    setup_logging("flower", cfg.log_level, cfg.log_format)
+    argv = ["flower", f"--port={port or cfg.flower_port}", "--address=0.0.0.0"]
+    basic_auth = os.environ.get("AETHERCORE_FLOWER_BASIC_AUTH")
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
+    make_celery(cfg).start(argv=argv)
+
+
+@app.command()
+def up(
+    api_port: Optional[int] = typer.Option(None, help="API port (default AETHERCORE_PORT)"),
+    flower_port: Optional[int] = typer.Option(None, help="Flower port (default AETHERCORE_FLOWER_PORT)"),
+    device: str = typer.Option("cpu", help="Device of the worker to start"),
+    no_flower: bool = typer.Option(False, "--no-flower", help="Do not start Flower"),
+) -> None:
+    """Bring up everything locally: Redis (if none answers), the demo models, a worker, the API and Flower.
+
+    Ctrl-C stops all of it.
+    """
+    from config.logging import setup_logging
+    from model_store.bootstrap import bootstrap
+    from tasks.local_redis import RedisUnavailable, ensure_redis
+
+    cfg = settings()
+    setup_logging("up", cfg.log_level, cfg.log_format)
+    env = dict(os.environ)
+    api_port = api_port or cfg.port
+    flower_port = flower_port or cfg.flower_port
+    env.update(AETHERCORE_PORT=str(api_port), AETHERCORE_FLOWER_PORT=str(flower_port))
+    env.setdefault("AETHERCORE_URL", f"http://127.0.0.1:{api_port}")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+
+    children: list[tuple[str, subprocess.Popen]] = []
+    try:
+        redis_proc = ensure_redis(cfg.redis_url, REPO_ROOT / "var" / "redis")
+    except RedisUnavailable as exc:
+        fail(str(exc))
+    if redis_proc is not None:
+        children.append(("redis", redis_proc))
+        console.print(f"[green]started[/green] redis-server for {cfg.redis_url}")
+    else:
+        console.print(f"using the Redis at {cfg.redis_url}")
+
+    with console.status("building the demo models (first run only)..."):
+        bootstrap(cfg.model_store)
+
+    def spawn(name: str, *args: str) -> None:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "manage.py"), *args], env=env, cwd=REPO_ROOT,
+                                start_new_session=True)
+        children.append((name, proc))
+
+    def stop_all(*_: Any) -> None:
+        for _name, proc in reversed(children):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 20
+        for _name, proc in reversed(children):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        spawn("worker", "worker", "--device", device)
+        spawn("api", "api")
+        if not no_flower:
+            spawn("flower", "flower", "--port", str(flower_port))
+        base = f"http://127.0.0.1:{api_port}"
+        with console.status("waiting for the API and a worker to report healthy..."):
+            healthy = _wait_healthy(base, children, timeout_s=180)
+        if healthy:
+            console.print(f"[green]AetherCore is up[/green]: API {base} (docs {base}/docs, metrics {base}/metrics)"
+                          + ("" if no_flower else f", Flower http://127.0.0.1:{flower_port}")
+                          + ". Ctrl-C stops everything.")
+        while True:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    err.print(f"[red]{name} exited with code {proc.returncode}; stopping everything[/red]")
+                    raise typer.Exit(1)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        stop_all()
+        console.print("stopped.")
+
+
+def _wait_healthy(base: str, children: list, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for name, proc in children:
+            if proc.poll() is not None:
+                fail(f"{name} exited with code {proc.returncode} during start-up")
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    err.print(f"[yellow]not healthy after {timeout_s:.0f} s; still running, see the logs above[/yellow]")
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+@models_app.command("bootstrap")
+def models_bootstrap(
+    force: bool = typer.Option(False, help="Rebuild even if present"),
+    only: Optional[list[str]] = typer.Argument(None, help="Build only these demo models"),
+) -> None:
+    """Build the demo models into the model store, offline and idempotently."""
+    from model_store.bootstrap import BUILDERS, bootstrap
+
+    cfg = settings()
+    unknown = set(only or []) - set(BUILDERS)
+    if unknown:
+        fail(f"unknown demo model(s) {sorted(unknown)}; known: {', '.join(BUILDERS)}", 2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with console.status("building demo models...") as status:
+        outcome = bootstrap(cfg.model_store, only, force,
+                            progress=lambda name, state: status.update(f"{name}: {state}..."))
+    table = Table("model", "state", "path")
+    for name, state in outcome.items():
+        table.add_row(name, state, str(cfg.model_store / name))
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
+    """Every configured model with its state."""
+    _, body = client().request("GET", "/models")
+    if as_json:
+        return print_json(body)
+    table = Table("model", "type", "task", "state", "device", "replicas")
+    for m in body["models"]:
+        table.add_row(m["model_id"], m["model_type"], m["task"], m["state"], m["device"] or m["configured_device"],
+                      str(len(m["replicas"])))
+    console.print(table)
+
+
+def _job(kind: str, model_id: str, wait: float, as_json: bool) -> None:
+    with console.status(f"{kind} {model_id}..."):
+        _, job = client().request("POST", f"/models/{model_id}/{kind}", params={"wait": wait})
+    if as_json:
+        return print_json(job)
+    if job["status"] == "failed":
+        fail(f"{kind} {model_id} failed: {job['error']['message']}")
+    state = job["status"] if job["status"] != "succeeded" else job["result"]["state"]
+    console.print(f"{model_id}: [green]{state}[/green] (job {job['job_id']})")
+
+
+@models_app.command("load")
+def models_load(model_id: str, wait: float = typer.Option(60, help="Seconds to wait for the job"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Load a model on every worker of its device."""
+    _job("load", model_id, wait, as_json)
+
+
+@models_app.command("unload")
+def models_unload(model_id: str, wait: float = typer.Option(60, help="Seconds to wait for the job"),
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """Unload a model from every worker and free its memory."""
+    _job("unload", model_id, wait, as_json)
+
+
+@models_app.command("status")
+def models_status(model_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """State of a model and its replicas."""
+    _, body = client().request("GET", f"/models/{model_id}/status")
+    if as_json:
+        return print_json(body)
+    console.print(f"{model_id}: [bold]{body['state']}[/bold]" + (f" on {body['device']}" if body["device"] else ""))
+    if body.get("error"):
+        console.print(f"last error: {body['error']['message']}")
+    table = Table("worker", "device", "state", "memory", "loaded at")
+    for r in body["replicas"]:
+        loaded = time.strftime("%H:%M:%S", time.localtime(r["loaded_at"])) if r.get("loaded_at") else "-"
+        table.add_row(r["worker"], r["device"], r["state"], format_size(r.get("memory_bytes", 0)), loaded)
+    console.print(table)
+
+
+@models_app.command("info")
+def models_info(model_id: str) -> None:
+    """Configuration of a model plus what the loaded model reports."""
+    _, body = client().request("GET", f"/models/{model_id}/info")
+    print_json(body)
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------------------------
+@app.command()
+def serve(model_id: str, text: Optional[str] = typer.Option(None, help="Input text"),
+          inputs: Optional[str] = typer.Option(None, help="Inputs as JSON (for tensor models)"),
+          max_length: Optional[int] = typer.Option(None, help="Truncation length or new-token budget"),
+          wait: float = typer.Option(60, help="Seconds to wait for the result"),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Run one inference request and print its result."""
+    if (text is None) == (inputs is None):
+        fail("give exactly one of --text or --inputs", 2)
+    payload: dict[str, Any] = {"model_id": model_id,
+                               "inputs": {"text": text} if text is not None else json.loads(inputs or "{}"),
+                               "parameters": {}}
+    if max_length is not None:
+        payload["parameters"]["max_length"] = max_length
+    with console.status(f"serving {model_id}..."):
+        status, job = client().request("POST", "/serve", params={"wait": wait}, json=payload)
+    if as_json:
+        return print_json(job)
+    if job["status"] == "failed":
+        fail(f"{job['error']['code']}: {job['error']['message']}")
+    if status == 202:
+        console.print(f"job {job['job_id']} is still {job['status']}; poll GET /jobs/{job['job_id']}")
+        return
+    result = job["result"]
+    output = dict(result["output"])
+    if "embedding" in output:
+        vector = output["embedding"]
+        output["embedding"] = f"[{', '.join(f'{v:.4f}' for v in vector[:6])}, ...] ({len(vector)} floats)"
+    console.print(f"[bold]{model_id}[/bold] on {result['worker']} ({result['device']}), "
+                  f"queue {result['timings']['queue_ms']} ms, inference {result['timings']['inference_ms']} ms")
+    print_json(output)
+
+
+# --------------------------------------------------------------------------------------------
+# System
+# --------------------------------------------------------------------------------------------
+@system_app.command("health")
+def system_health(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The API's health checks; exits 1 when degraded."""
+    status, body = client().request("GET", "/health", ok=(200, 503))
+    if as_json:
+        print_json(body)
+    else:
+        table = Table("check", "status", "detail")
+        for name, check in body["checks"].items():
+            detail = ", ".join(f"{k}={v}" for k, v in check.items() if k != "status")
+            table.add_row(name, check["status"], detail)
+        console.print(f"overall: [bold]{body['status']}[/bold]")
+        console.print(table)
+    if status != 200:
+        raise typer.Exit(1)
+
+
+@system_app.command("status")
+def system_status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Health plus every model's state and replicas."""
+    _, health = client().request("GET", "/health", ok=(200, 503))
+    _, models = client().request("GET", "/models")
+    if as_json:
+        return print_json({"health": health, "models": models["models"]})
+    console.print(f"API {settings().url}: [bold]{health['status']}[/bold]; "
+                  f"workers: {health['checks'].get('workers', {}).get('by_device', {})}")
+    table = Table("model", "state", "device", "replicas", "memory")
+    for m in models["models"]:
+        memory = sum(r.get("memory_bytes", 0) for r in m["replicas"])
+        table.add_row(m["model_id"], m["state"], m["device"] or "-", str(len(m["replicas"])),
+                      format_size(memory) if memory else "-")
+    console.print(table)
+
+
+@system_app.command("services")
+def system_services(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Each service with its address and whether it answers."""
+    from tasks.redis_client import make_redis
+
+    cfg = settings()
+    rows = []
+
+    def probe_http(name: str, url: str) -> None:
+        try:
+            code = requests.get(url, timeout=2).status_code
+            rows.append({"service": name, "address": url, "status": "up" if code < 500 or code == 503 else "down",
+                         "detail": f"HTTP {code}"})
+        except requests.RequestException as exc:
+            rows.append({"service": name, "address": url, "status": "down", "detail": type(exc).__name__})
+
+    probe_http("api", f"{cfg.url.rstrip('/')}/heartbeat")
+    try:
+        make_redis(cfg.redis_url).ping()
+        rows.append({"service": "redis", "address": cfg.redis_url, "status": "up", "detail": "PONG"})
+    except Exception as exc:
+        rows.append({"service": "redis", "address": cfg.redis_url, "status": "down", "detail": type(exc).__name__})
+    probe_http("flower", f"http://127.0.0.1:{cfg.flower_port}/healthcheck")
+    if as_json:
+        return print_json(rows)
+    table = Table("service", "address", "status", "detail")
+    for row in rows:
+        table.add_row(row["service"], row["address"], row["status"], row["detail"])
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    app()

@@ -1,0 +1,72 @@
+"""Resolve a model declaration to files on this machine, or say clearly why they are not there.
+
+Never downloads unless AETHERCORE_HF_DOWNLOAD=true: a missing model is an immediate error
+naming what to do, not a hang on an unreachable hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from config.models import ModelSpec
+from config.settings import Settings
+
+
+class ModelUnavailable(RuntimeError):
+    """The model's files are not on this machine (or are unreadable)."""
+
+    code = "model_unavailable"
+
+
+def _local(settings: Settings, relative: str) -> Path:
+    path = Path(relative)
+    return path if path.is_absolute() else settings.model_store / path
+
+
+def resolve_model_path(spec: ModelSpec, settings: Settings) -> Path:
+    if spec.source == "local":
+        path = _local(settings, spec.model_path)
+        if not path.exists():
+            raise ModelUnavailable(
+                f"model {spec.id!r}: {path} does not exist; build the demo models with "
+                f"`python manage.py models bootstrap` or fix model_path in {settings.models_file}"
+            )
+        return path
+    return _huggingface_snapshot(spec, settings)
+
+
+def resolve_tokenizer_path(spec: ModelSpec, settings: Settings) -> Path:
+    if not spec.tokenizer_path:
+        return resolve_model_path(spec, settings)
+    path = _local(settings, spec.tokenizer_path)
+    if not path.exists():
+        raise ModelUnavailable(f"model {spec.id!r}: tokenizer directory {path} does not exist")
+    return path
+
+
+def _huggingface_snapshot(spec: ModelSpec, settings: Settings) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = not settings.hf_download or os.environ.get("HF_HUB_OFFLINE", "0") not in {"", "0"}
+    try:
+        return Path(snapshot_download(spec.model_path, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        why = ("downloads are off (AETHERCORE_HF_DOWNLOAD=false)" if not settings.hf_download
+               else "the hub is unreachable or HF_HUB_OFFLINE is set")
+        raise ModelUnavailable(
+            f"model {spec.id!r}: {spec.model_path!r} is not in the local Hugging Face cache ({cache}) and "
+            f"{why}; copy the model into the cache or point model_path at a local copy with source: local"
+        ) from None
+    except Exception as exc:  # network errors, bad repo ids: report, never hang or crash
+        raise ModelUnavailable(f"model {spec.id!r}: cannot fetch {spec.model_path!r}: {exc}") from None
+
+
+def artifact_bytes(path: Path) -> int:
+    """Bytes of weights on disk: the estimate used to budget memory before loading."""
+    if path.is_file():
+        return path.stat().st_size
+    weights = (".safetensors", ".bin", ".onnx", ".pt2", ".pt", ".data")
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in weights)

@@ -1,0 +1,44 @@
+"""The one Celery app factory, shared by the API (which only sends tasks) and the workers."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.settings import Settings, get_settings
+from tasks.names import CPU_QUEUE
+
+# Longer than the longest job: an unacked message is redelivered only after this many seconds.
+VISIBILITY_TIMEOUT_S = 3600
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("aethercore", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        # Job state and results live in our own Redis job records (tasks/jobs.py), not Celery's backend.
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=CPU_QUEUE,
+        task_create_missing_queues=True,
+        # At-least-once: a job is acknowledged only after it finished, and comes back if the worker dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "socket_connect_timeout": 2,
+        },
+        broker_connection_timeout=2,
+        broker_connection_retry_on_startup=True,
+        # The API checks Redis before publishing; a publish that still fails must fail fast.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        # Events for Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_pool_limit=64,
+    )
+    return app

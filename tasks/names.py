@@ -1,0 +1,47 @@
+"""Task names, queue names and Redis keys: defined here once, imported everywhere else."""
+
+from __future__ import annotations
+
+# Celery task names (readable in Flower).
+INFER = "aethercore.infer"
+LOAD_MODEL = "aethercore.load_model"
+UNLOAD_MODEL = "aethercore.unload_model"
+
+JOB_KINDS = ("inference", "load", "unload")
+TASK_FOR_KIND = {"inference": INFER, "load": LOAD_MODEL, "unload": UNLOAD_MODEL}
+
+CPU_QUEUE = "cpu"
+
+
+def queue_for_device(device: str) -> str:
+    """One Celery queue per device; the queue is named after the device (`cpu`, `cuda:0`)."""
+    return device
+
+
+PREFIX = "aethercore"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_events_key(job_id: str) -> str:
+    """Redis Stream of a job's events (status changes, chunks, done): replayable by late readers."""
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+WORKERS_INDEX = f"{PREFIX}:workers"  # sorted set: worker name -> last heartbeat (epoch seconds)
+
+
+def worker_key(name: str) -> str:
+    return f"{PREFIX}:worker:{name}"
+
+
+DESIRED_MODELS = f"{PREFIX}:models:desired"  # hash: model id -> JSON {device, generation, ...}
+MODEL_ERRORS = f"{PREFIX}:models:errors"  # hash: model id -> JSON {message, worker, at}
+GENERATION_COUNTER = f"{PREFIX}:models:generation"
+
+
+def control_channel(device: str) -> str:
+    """Pub/sub channel that tells the workers of a device to reconcile their resident models now."""
+    return f"{PREFIX}:control:{device}"

@@ -1,0 +1,72 @@
+"""Shared fixtures: a real redis-server started for the session, real worker processes, the real API app."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from config.settings import Settings  # noqa: E402
+from tests.support import RedisServer, WorkerProcess, base_env  # noqa: E402
+
+# Redis databases of the session server, one per group of tests that needs its own cluster state.
+DB_MAIN, DB_SCALING, DB_EVICTION, DB_E2E, DB_MISC = 0, 1, 2, 3, 4
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+def settings_for(redis_url: str, **overrides: Any) -> Settings:
+    env = base_env(redis_url)
+    return Settings.from_env(env, **overrides)
+
+
+@pytest.fixture(scope="session")
+def main_redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url(DB_MAIN)
+
+
+@pytest.fixture(scope="session")
+def main_worker(main_redis_url: str) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(main_redis_url, name="main-worker").start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def app(main_redis_url: str, main_worker: WorkerProcess):
+    from api import create_app
+
+    return create_app(settings_for(main_redis_url))
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+def submit_and_wait(client, payload: dict, wait: float = 60) -> dict:
+    response = client.post(f"/serve?wait={wait}", json=payload)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def poll(client, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get(f"/jobs/{job_id}")
+        if response.status_code == 200:
+            return response.get_json()
+        assert response.status_code == 202
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")

@@ -1,0 +1,149 @@
+"""Real processes for the tests: a redis-server on a spare port and Celery workers started by manage.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A throw-away redis-server; `appendonly` for the persistence tests."""
+
+    def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise RuntimeError("redis-server is not installed; scripts/test.sh installs it (apt-get install redis-server)")
+        self.binary = binary
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="aethercore-redis-"))
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> "RedisServer":
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--dir", str(self.dir), "--appendonly", "yes" if self.appendonly else "no", "--databases", "32"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        wait_until(lambda: self._ping(client), 10, what=f"redis-server on port {self.port}")
+        return self
+
+    @staticmethod
+    def _ping(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def base_env(redis_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "AETHERCORE_REDIS_URL": redis_url,
+        "AETHERCORE_BROKER_URL": "",
+        "HF_HUB_OFFLINE": "1",
+        "AETHERCORE_HEARTBEAT_INTERVAL": "1",
+        "AETHERCORE_WORKER_TTL": "5",
+        "AETHERCORE_LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """`python manage.py worker --device cpu` as a child process, with its log kept for assertions."""
+
+    def __init__(self, redis_url: str, name: str = "worker", device: str = "cpu", **env: str) -> None:
+        self.redis_url = redis_url
+        self.device = device
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log_path = ARTIFACTS / f"{name}-{os.getpid()}-{int(time.time() * 1000)}.log"
+        self.env = base_env(redis_url, **env)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "WorkerProcess":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "manage.py"), "worker", "--device", self.device],
+            env=self.env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        if wait:
+            wait_until(lambda: self.record() is not None or self._died(), 90, 0.2, "the worker's heartbeat")
+            if self._died():
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+        return self
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    @property
+    def name(self) -> str:
+        host = socket.gethostname()
+        return f"{self.device.replace(':', '')}.{self.proc.pid}@{host}"
+
+    def record(self) -> dict[str, Any] | None:
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        raw = client.get(f"aethercore:worker:{self.name}")
+        return json.loads(raw) if raw else None
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if hasattr(self, "_log"):
+            self._log.close()

@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from config.models import load_models
+from config.settings import SETTINGS, ConfigError, Settings
+from config.units import parse_size
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_match_the_seed():
+    s = Settings.from_env({})
+    assert (s.host, s.port, s.workers, s.log_level) == ("0.0.0.0", 8001, 1, "INFO")
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.gpu_enabled == "auto"
+    assert s.model_cache_size == 10**9
+    assert s.effective_broker_url == s.redis_url
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"AETHERCORE_PORT": "99999"}, "AETHERCORE_PORT='99999'"),
+    ({"AETHERCORE_MODEL_CACHE_SIZE": "lots"}, "AETHERCORE_MODEL_CACHE_SIZE='lots'"),
+    ({"AETHERCORE_GPU_ENABLED": "maybe"}, "AETHERCORE_GPU_ENABLED='maybe'"),
+    ({"AETHERCORE_REDIS_URL": "http://x"}, "AETHERCORE_REDIS_URL='http://x'"),
+    ({"AETHERCORE_AUTOLOAD": "perhaps"}, "AETHERCORE_AUTOLOAD='perhaps'"),
+])
+def test_bad_setting_names_the_variable_and_value(env, needle):
+    with pytest.raises(ConfigError, match=needle.replace("?", r"\?")):
+        Settings.from_env(env)
+
+
+def test_sizes():
+    assert parse_size("1GB") == 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size(1024) == 1024
+    with pytest.raises(ValueError):
+        parse_size("-1GB")
+
+
+def test_shipped_models_yaml_is_valid():
+    models = load_models(REPO / "config" / "models.yaml")
+    assert {"minilm", "minilm-onnx", "tiny-gpt2", "tiny-mlp", "bert-base-uncased"} <= set(models)
+    assert models["bert-base-uncased"].source == "huggingface"
+    assert models["minilm-onnx"].providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("models:\n  m1:\n    model_type: keras\n    model_path: x\n", "model 'm1': field 'model_type': 'keras'"),
+    ("models:\n  m1:\n    model_type: onnx\n    model_path: x\n    device: tpu\n", "model 'm1': field 'device': 'tpu'"),
+    ("models:\n  m1:\n    model_type: pytorch\n    model_path: x\n    task: text-generation\n",
+     "model 'm1': field 'task': 'text-generation'"),
+    ("models:\n  m1:\n    model_type: transformer\n", "model 'm1': field 'model_path': None"),
+    ("models:\n  m1:\n    model_type: transformer\n    model_path: x\n    max_memory: huge\n",
+     "model 'm1': field 'max_memory': 'huge'"),
+    ("models:\n  m1:\n    model_type: transformer\n    model_path: x\n    colour: red\n", "field 'colour'"),
+    ("models:\n  'bad id!':\n    model_type: transformer\n    model_path: x\n", "model id 'bad id!'"),
+    ("models: [1, 2]\n", "top-level 'models:' mapping"),
+    ("models:\n  m1: {model_type: onnx, model_path: m.onnx, task: feature-extraction}\n",
+     "field 'tokenizer_path'"),
+])
+def test_bad_models_file_names_model_field_and_value(tmp_path, body, needle):
+    path = tmp_path / "models.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        load_models(path)
+    assert needle in str(info.value)
+
+
+def test_readme_and_env_example_document_every_setting():
+    readme = (REPO / "README.md").read_text()
+    env_example = (REPO / ".env.example").read_text()
+    for spec in SETTINGS:
+        assert f"`{spec.env}`" in readme, f"{spec.env} missing from README's configuration table"
+        assert f"{spec.env}=" in env_example, f"{spec.env} missing from .env.example"

@@ -1,0 +1,181 @@
+"""The resident model cache of one worker process: at most one copy of each model, an LRU memory budget.
+
+Loading is serialised per model (two threads asking for the same model load it once). Before a
+load, the model's size on disk is the memory estimate: a model larger than its own
+`max_memory` or than the whole budget is refused before anything is read; otherwise the least
+recently used models are evicted until the estimate fits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from loguru import logger
+
+from config.models import ModelSpec
+from config.units import format_size
+from workers.runtimes.base import Runtime
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be made resident; `code` is the API error code."""
+
+    def __init__(self, message: str, code: str = "model_load_failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Entry:
+    runtime: Runtime
+    memory_bytes: int
+    generation: int
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    load_ms: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def release_memory(device: str) -> None:
+    """Return freed memory: collect cycles, give the C heap back to the OS, empty the CUDA cache."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+class ModelCache:
+    def __init__(self, budget_bytes: int, device: str, factory: Callable[[ModelSpec], Runtime],
+                 estimate: Callable[[ModelSpec], int],
+                 on_change: Callable[[], None] = lambda: None,
+                 on_evict: Callable[[str], None] = lambda model_id: None) -> None:
+        self.budget_bytes = budget_bytes
+        self.device = device
+        self._factory = factory
+        self._estimate = estimate
+        self._on_change = on_change
+        self._on_evict = on_evict
+        self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
+        self._loading: dict[str, float] = {}
+        self._lock = threading.RLock()
+        self._model_locks: dict[str, threading.Lock] = {}
+
+    # -- reads -------------------------------------------------------------------------------
+    def get(self, model_id: str) -> Runtime | None:
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is None:
+                return None
+            entry.last_used = time.time()
+            self._entries.move_to_end(model_id)
+            return entry.runtime
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.memory_bytes for e in self._entries.values())
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            models = {
+                mid: {"state": "loaded", "memory_bytes": e.memory_bytes, "loaded_at": e.loaded_at,
+                      "last_used": e.last_used, "generation": e.generation, "load_ms": round(e.load_ms, 1),
+                      "info": e.info}
+                for mid, e in self._entries.items()
+            }
+            for mid, since in self._loading.items():
+                models.setdefault(mid, {"state": "loading", "memory_bytes": 0, "since": since})
+            return models
+
+    def describe(self, model_id: str) -> dict[str, Any] | None:
+        runtime = self.get(model_id)
+        return runtime.describe() if runtime else None
+
+    # -- load / unload -----------------------------------------------------------------------
+    def load(self, spec: ModelSpec, generation: int = 0) -> Runtime:
+        with self._lock:
+            lock = self._model_locks.setdefault(spec.id, threading.Lock())
+        with lock:
+            runtime = self.get(spec.id)
+            if runtime is not None:
+                return runtime
+            estimate = self._check_fits(spec)
+            self._make_room(spec.id, estimate)
+            with self._lock:
+                self._loading[spec.id] = time.time()
+            self._on_change()
+            started = time.perf_counter()
+            try:
+                runtime = self._factory(spec)
+                runtime.load()
+                memory = runtime.memory_bytes()
+                info = runtime.describe()
+            except Exception as exc:
+                with self._lock:
+                    self._loading.pop(spec.id, None)
+                runtime = None
+                release_memory(self.device)
+                self._on_change()
+                logger.bind(model_id=spec.id).warning("loading failed: {}", exc)
+                if isinstance(exc, ModelLoadError):
+                    raise
+                raise ModelLoadError(str(exc) if spec.id in str(exc) else f"model {spec.id!r} failed to load: {exc}",
+                                     getattr(exc, "code", "model_load_failed")) from exc
+            load_ms = (time.perf_counter() - started) * 1000
+            with self._lock:
+                self._loading.pop(spec.id, None)
+                self._entries[spec.id] = Entry(runtime, memory, generation, load_ms=load_ms, info=info)
+            logger.bind(model_id=spec.id).info("model resident: {} in {:.0f} ms", format_size(memory), load_ms)
+            self._on_change()
+            return runtime
+
+    def unload(self, model_id: str) -> bool:
+        with self._lock:
+            entry = self._entries.pop(model_id, None)
+        if entry is None:
+            return False
+        entry.runtime.close()
+        del entry
+        release_memory(self.device)
+        logger.bind(model_id=model_id).info("model unloaded")
+        self._on_change()
+        return True
+
+    def _check_fits(self, spec: ModelSpec) -> int:
+        try:
+            estimate = self._estimate(spec)
+        except Exception as exc:  # files missing or unreadable: nothing was loaded
+            raise ModelLoadError(str(exc), getattr(exc, "code", "model_unavailable")) from exc
+        if spec.max_memory is not None and estimate > spec.max_memory:
+            raise ModelLoadError(
+                f"model {spec.id!r} needs about {format_size(estimate)}, more than its max_memory of "
+                f"{format_size(spec.max_memory)}", "model_too_large")
+        if estimate > self.budget_bytes:
+            raise ModelLoadError(
+                f"model {spec.id!r} needs about {format_size(estimate)}, more than the whole model cache "
+                f"(AETHERCORE_MODEL_CACHE_SIZE={format_size(self.budget_bytes)})", "model_too_large")
+        return estimate
+
+    def _make_room(self, model_id: str, needed: int) -> None:
+        while True:
+            with self._lock:
+                if self.used_bytes() + needed <= self.budget_bytes or not self._entries:
+                    return
+                victim = next(iter(self._entries))
+            logger.bind(model_id=victim).info("evicting least recently used model to make room for {}", model_id)
+            self.unload(victim)
+            self._on_evict(victim)

@@ -1,0 +1,57 @@
+"""Start one Celery worker process pinned to one device and consuming that device's queue.
+
+Uses Celery's threads pool: every task thread shares the one resident copy of each model
+(a prefork pool would hold one copy per child, and forking after CUDA init is unsafe).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from config.settings import Settings, parse_worker_device
+from workers.device import pin_device
+
+
+def run_worker(device: str, settings: Settings | None = None) -> None:
+    device = parse_worker_device(device)
+    pin_device(device)  # before anything imports torch
+
+    from celery import signals
+
+    from config.logging import setup_logging
+    from tasks.celery_app import make_celery
+    from tasks.names import queue_for_device
+    from workers import handlers
+    from workers.service import WorkerService
+
+    settings = (settings or Settings.from_env()).with_overrides(device=device)
+    setup_logging("worker", settings.log_level, settings.log_format)
+
+    @signals.setup_logging.connect(weak=False)
+    def _keep_our_logging(**_: object) -> None:  # stops Celery from reconfiguring the root logger
+        setup_logging("worker", settings.log_level, settings.log_format)
+
+    nodename = f"{device.replace(':', '')}.{os.getpid()}@{socket.gethostname()}"
+    service = WorkerService(settings, nodename)
+    handlers.bind_service(service)
+
+    app = make_celery(settings)
+    handlers.register(app)
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        service.publish()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _shutdown(**_: object) -> None:
+        service.stop()
+
+    service.start()
+    service.publish()
+    app.worker_main([
+        "worker", "--queues", queue_for_device(device), "--pool", "threads",
+        "--concurrency", str(settings.worker_concurrency), "--hostname", nodename,
+        "--loglevel", settings.log_level if settings.log_level != "TRACE" else "DEBUG",
+        "--without-gossip", "--without-mingle", "--task-events",
+    ])

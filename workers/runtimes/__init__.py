@@ -1,0 +1,31 @@
+"""One runtime per (model_type, task): load a model, run it on a batch of inputs, describe it."""
+
+from __future__ import annotations
+
+from config.models import ModelSpec
+from config.settings import Settings
+from workers.runtimes.base import InvalidInput, Runtime
+
+
+def create_runtime(spec: ModelSpec, settings: Settings, device: str) -> Runtime:
+    if spec.model_type == "transformer":
+        from workers.runtimes import hf
+
+        return {
+            "feature-extraction": hf.FeatureExtraction,
+            "text-classification": hf.TextClassification,
+            "text-generation": hf.TextGeneration,
+        }[spec.task](spec, settings, device)
+    if spec.model_type == "onnx":
+        from workers.runtimes import onnx
+
+        return {"feature-extraction": onnx.OnnxFeatureExtraction, "tensor": onnx.OnnxTensor}[spec.task](
+            spec, settings, device)
+    if spec.model_type == "pytorch":
+        from workers.runtimes.torch_tensor import TorchExportTensor
+
+        return TorchExportTensor(spec, settings, device)
+    raise ValueError(f"no runtime for model_type {spec.model_type!r}")
+
+
+__all__ = ["InvalidInput", "Runtime", "create_runtime"]

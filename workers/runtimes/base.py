@@ -1,0 +1,95 @@
+"""The runtime contract and the input checks every runtime shares."""
+
+from __future__ import annotations
+
+import math
+import threading
+from abc import ABC, abstractmethod
+from typing import Any
+
+from config.models import ModelSpec
+from config.settings import Settings
+
+
+class InvalidInput(ValueError):
+    """The request's inputs or parameters cannot be run by this model; fails only that job."""
+
+
+class Runtime(ABC):
+    """A loaded model. `run_batch` takes the inputs of several jobs that share `parameters`."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings, device: str) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.device = device  # worker device label: cpu | cuda:N
+        # Inside a pinned worker the one visible GPU is always cuda:0.
+        self.torch_device = "cuda" if device.startswith("cuda") else "cpu"
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def run_batch(self, inputs: list[dict[str, Any]], parameters: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def run(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+        return self.run_batch([inputs], parameters)[0]
+
+    @abstractmethod
+    def memory_bytes(self) -> int: ...
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """parameter_count, inputs, outputs: what /models/{id}/info shows once loaded."""
+
+    def close(self) -> None:
+        """Drop references to the model; the cache collects garbage afterwards."""
+
+
+class TextRuntime(Runtime):
+    """Shared input handling for text models."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings, device: str) -> None:
+        super().__init__(spec, settings, device)
+        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
+        self._tokenizer_lock = threading.Lock()
+
+    def texts(self, inputs: list[dict[str, Any]]) -> list[str]:
+        texts = []
+        for item in inputs:
+            text = item.get("text") if isinstance(item, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInput("inputs.text must be a non-empty string")
+            texts.append(text)
+        return texts
+
+    def max_length(self, parameters: dict[str, Any]) -> int:
+        value = parameters.get("max_length", self.spec.max_length)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value or not 1 <= value <= self.spec.max_length_limit:
+            raise InvalidInput(
+                f"parameters.max_length must be a whole number from 1 to {self.spec.max_length_limit}, got {value!r}")
+        return int(value)
+
+
+_thread_state = threading.local()
+
+
+def ensure_torch_threads(settings: Settings) -> None:
+    """torch's intra-op thread count is per thread: set it in every thread that runs a forward pass."""
+    if getattr(_thread_state, "torch_threads_set", False):
+        return
+    import os
+
+    import torch
+
+    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    _thread_state.torch_threads_set = True
+
+
+def torch_module_bytes(module: Any) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def torch_parameter_count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
