@@ -116,9 +116,8 @@ def flower(port: Optional[int] = typer.Option(None, help="Port (default AETHERCO
     cfg = settings()
     setup_logging("flower", cfg.log_level, cfg.log_format)
     argv = ["flower", f"--port={port or cfg.flower_port}", "--address=0.0.0.0"]
-    basic_auth = os.environ.get("AETHERCORE_FLOWER_BASIC_AUTH")
-    if basic_auth:
-        argv.append(f"--basic-auth={basic_auth}")
+    if cfg.flower_basic_auth:
+        argv.append(f"--basic-auth={cfg.flower_basic_auth}")
     make_celery(cfg).start(argv=argv)
 
 

@@ -67,6 +67,17 @@ def _broker_url(value: str) -> str:
     return value
 
 
+def _path(value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _basic_auth(value: str) -> str:
+    if value and any(":" not in pair for pair in value.split(",")):
+        raise ValueError("must be user:password pairs separated by commas")
+    return value
+
+
 def _log_level(value: str) -> str:
     upper = value.strip().upper()
     if upper not in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}:
@@ -114,10 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Memory budget for resident models per worker; the least recently used model is evicted beyond it."),
     Setting("autoload", "AETHERCORE_AUTOLOAD", "true", parse_bool,
             "Serving a model that is not loaded loads it first; `false` answers 409 instead."),
-    Setting("models_file", "AETHERCORE_MODELS_FILE", str(REPO_ROOT / "config" / "models.yaml"), Path,
+    Setting("models_file", "AETHERCORE_MODELS_FILE", "config/models.yaml", _path,
             "The model declarations."),
-    Setting("model_store", "AETHERCORE_MODEL_STORE", str(REPO_ROOT / "model_store" / "artifacts"), Path,
-            "Directory that `source: local` model paths are relative to."),
+    Setting("model_store", "AETHERCORE_MODEL_STORE", "model_store/artifacts", _path,
+            "Directory that `source: local` model paths are relative to (relative paths: to the repository)."),
     Setting("hf_download", "AETHERCORE_HF_DOWNLOAD", "false", parse_bool,
             "Allow `source: huggingface` models missing from the local cache to be downloaded."),
     Setting("result_ttl", "AETHERCORE_RESULT_TTL", "86400", _positive_int,
@@ -137,6 +148,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_ttl", "AETHERCORE_WORKER_TTL", "10", _positive_int,
             "Seconds without a heartbeat after which a worker counts as dead."),
     Setting("flower_port", "AETHERCORE_FLOWER_PORT", "5555", _port, "Port of the Flower dashboard."),
+    Setting("flower_basic_auth", "AETHERCORE_FLOWER_BASIC_AUTH", "", _basic_auth,
+            "`user:password[,user2:password2]` to put Flower behind basic auth; empty: no auth."),
     Setting("url", "AETHERCORE_URL", "http://127.0.0.1:8001", str, "Where `manage.py` finds the API."),
 )
 
@@ -166,6 +179,7 @@ class Settings:
     heartbeat_interval: float
     worker_ttl: int
     flower_port: int
+    flower_basic_auth: str
     url: str
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -182,7 +196,7 @@ class Settings:
                 values[spec.name] = overrides.pop(spec.name)
                 continue
             raw = env.get(spec.env, spec.default)
-            if spec.name == "broker_url" and raw == "":
+            if spec.name in {"broker_url", "flower_basic_auth"} and raw == "":
                 values[spec.name] = ""
                 continue
             try:

@@ -177,5 +177,6 @@ class ModelCache:
                     return
                 victim = next(iter(self._entries))
             logger.bind(model_id=victim).info("evicting least recently used model to make room for {}", model_id)
-            self.unload(victim)
+            # Withdraw it from the desired state first, so no reconcile pass loads it right back.
             self._on_evict(victim)
+            self.unload(victim)

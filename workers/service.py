@@ -156,6 +156,9 @@ class WorkerService:
                 continue
             if self.failures.get(model_id, {}).get("generation") == entry["generation"]:
                 continue  # already failed for this request; a new load request retries
+            current = self.cluster.desired(model_id)  # still wanted? (an eviction may have withdrawn it)
+            if current is None or current["device"] != self.device:
+                continue
             try:
                 self.ensure_loaded(self.models[model_id], entry["generation"])
             except ModelLoadError:

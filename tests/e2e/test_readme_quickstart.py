@@ -1,0 +1,119 @@
+"""End to end: start what the first README command starts (`manage.py up`) and run the README's curl examples."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.support import ARTIFACTS, REPO_ROOT, base_env, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def readme_try_it_commands() -> list[str]:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Try it", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = block.replace("\\\n", " ").strip().splitlines()
+    assert len(commands) == 3 and all(c.startswith("curl") for c in commands)
+    return commands
+
+
+def port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def system():
+    """`manage.py up` against a Redis URL where nothing listens: `up` must start redis-server itself."""
+    redis_port, api_port, flower_port = free_port(), free_port(), free_port()
+    env = base_env(f"redis://127.0.0.1:{redis_port}/0", AETHERCORE_PORT=str(api_port),
+                   AETHERCORE_FLOWER_PORT=str(flower_port), AETHERCORE_URL=f"http://127.0.0.1:{api_port}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "e2e-up.log", "w")
+    proc = subprocess.Popen([sys.executable, "manage.py", "up"], cwd=REPO_ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{api_port}"
+
+    def healthy():
+        assert proc.poll() is None, (ARTIFACTS / "e2e-up.log").read_text()
+        try:
+            return requests.get(f"{base}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(healthy, 180, 0.5, "manage.py up to report healthy")
+    yield {"proc": proc, "base": base, "api_port": api_port, "flower_port": flower_port,
+           "redis_port": redis_port, "env": env}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    log.close()
+
+
+def run_curl(command: str, api_port: int) -> tuple[int, dict]:
+    command = command.replace("localhost:8001", f"localhost:{api_port}")
+    out = subprocess.run(f"{command} -sS -w '\\n%{{http_code}}'", shell=True, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code), json.loads(body)
+
+
+def test_readme_curl_examples_work_verbatim(system):
+    load_cmd, serve_cmd, health_cmd = readme_try_it_commands()
+
+    code, load = run_curl(load_cmd, system["api_port"])
+    assert code == 202 and load["kind"] == "load" and load["status"] in {"queued", "running", "succeeded"}
+
+    code, job = run_curl(serve_cmd, system["api_port"])
+    assert code == 202 and job["status"] == "queued" and job["model_id"] == "minilm"
+    finished = requests.get(f"{system['base']}/jobs/{job['job_id']}?wait=60", timeout=70)
+    assert finished.status_code == 200
+    result = finished.json()["result"]
+    assert len(result["output"]["embedding"]) == 384 and result["device"] == "cpu"
+
+    code, health = run_curl(health_cmd, system["api_port"])
+    assert code == 200 and health["status"] == "ok"
+
+    assert requests.get(f"{system['base']}/models/minilm/status", timeout=5).json()["state"] == "loaded"
+
+
+def test_flower_and_cli_see_the_system(system):
+    wait_until(lambda: port_open(system["flower_port"]), 60, 0.5, "Flower to listen")
+    assert requests.get(f"http://127.0.0.1:{system['flower_port']}/healthcheck", timeout=5).status_code == 200
+    out = subprocess.run([sys.executable, "manage.py", "system", "services", "--json"], cwd=REPO_ROOT,
+                         env=system["env"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    services = {row["service"]: row["status"] for row in json.loads(out.stdout)}
+    assert services == {"api": "up", "redis": "up", "flower": "up"}
+    out = subprocess.run([sys.executable, "manage.py", "serve", "minilm", "--text", "hi", "--json"], cwd=REPO_ROOT,
+                         env=system["env"], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == "succeeded"
+
+
+def test_ctrl_c_stops_everything(system):
+    proc = system["proc"]
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(60) == 0
+    for port in (system["api_port"], system["flower_port"], system["redis_port"]):
+        wait_until(lambda: not port_open(port), 20, 0.2, f"port {port} to close")
+
+
+def test_cli_reports_an_unreachable_api_clearly():
+    env = base_env("redis://127.0.0.1:1/0", AETHERCORE_URL=f"http://127.0.0.1:{free_port()}")
+    out = subprocess.run([sys.executable, "manage.py", "models", "list"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "not reachable" in out.stderr and "AETHERCORE_URL" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,33 @@
+"""A worker with a small model cache evicts the least recently used model to load another."""
+
+import pytest
+
+from api import create_app
+from tests.conftest import DB_EVICTION, settings_for
+from tests.support import WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_cache(redis_server):
+    url = redis_server.url(DB_EVICTION)
+    worker = WorkerProcess(url, name="evict", AETHERCORE_MODEL_CACHE_SIZE="150MB").start()
+    yield worker, create_app(settings_for(url)).test_client()
+    worker.stop()
+
+
+def test_loading_beyond_the_budget_evicts_the_lru_model(small_cache):
+    worker, client = small_cache
+    assert client.post("/models/minilm/load?wait=60").get_json()["status"] == "succeeded"
+    assert client.post("/models/minilm-onnx/load?wait=60").get_json()["status"] == "succeeded"
+    assert client.get("/models/minilm-onnx/status").get_json()["state"] == "loaded"
+    evicted = client.get("/models/minilm/status").get_json()
+    assert evicted["state"] == "unloaded" and evicted["replicas"] == []
+    record = worker.record()
+    assert list(record["models"]) == ["minilm-onnx"]
+    assert record["memory"]["cache_used_bytes"] <= 150 * 10**6
+    # The evicted model is served again on demand (lazy load), evicting the other one.
+    job = client.post("/serve?wait=60", json={"model_id": "minilm", "inputs": {"text": "back"}}).get_json()
+    assert job["status"] == "succeeded"
+    assert client.get("/models/minilm-onnx/status").get_json()["state"] == "unloaded"

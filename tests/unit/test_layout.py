@@ -1,0 +1,30 @@
+"""Architecture rules that must keep holding: the API and the task contract stay torch-free."""
+
+import subprocess
+import sys
+
+from tests.support import REPO_ROOT
+
+FRAMEWORKS = ("torch", "transformers", "onnxruntime")
+
+
+def test_api_process_never_imports_a_model_framework():
+    code = (
+        "import sys\n"
+        "from api import create_app\n"
+        "from config.settings import Settings\n"
+        "app = create_app(Settings.from_env({'AETHERCORE_REDIS_URL': 'redis://127.0.0.1:1/0'}))\n"
+        "client = app.test_client()\n"
+        "client.get('/openapi.json'); client.get('/health'); client.post('/serve', json={})\n"
+        "import manage\n"
+        f"print(sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_design_card_layout_exists():
+    for name in ("api", "workers", "tasks", "model_store", "config", "manage.py", "tests", "docker-compose.yml",
+                 "Dockerfile.api", "Dockerfile.worker", "requirements", "README.md", "docs/ARCHITECTURE.md"):
+        assert (REPO_ROOT / name).exists(), name
