@@ -223,6 +223,29 @@ def _wait_healthy(base: str, children: list, timeout_s: float) -> bool:
     return False
 
 
+@app.command("config")
+def config_show(fmt: str = typer.Option("table", "--format", help="table (effective values), env "
+                                        "(.env.example) or markdown (README's table)")) -> None:
+    """Every AETHERCORE_* setting: its effective value, or the documentation formats."""
+    from config.settings import SETTINGS
+
+    if fmt == "env":
+        print("# Every AetherCore setting with its default. Copy to .env and edit; docker compose reads .env.")
+        for spec in SETTINGS:
+            print(f"# {spec.doc}\n{spec.env}={spec.default}")
+    elif fmt == "markdown":
+        print("| variable | default | meaning |\n| --- | --- | --- |")
+        for spec in SETTINGS:
+            print(f"| `{spec.env}` | `{spec.default}` | {spec.doc} |")
+    else:
+        cfg = settings()
+        table = Table("variable", "value", "default")
+        for spec in SETTINGS:
+            value = getattr(cfg, spec.name)
+            table.add_row(spec.env, str(value), spec.default)
+        console.print(table)
+
+
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
@@ -317,15 +340,20 @@ def serve(model_id: str, text: Optional[str] = typer.Option(None, help="Input te
           inputs: Optional[str] = typer.Option(None, help="Inputs as JSON (for tensor models)"),
           max_length: Optional[int] = typer.Option(None, help="Truncation length or new-token budget"),
           wait: float = typer.Option(60, help="Seconds to wait for the result"),
+          stream: bool = typer.Option(False, "--stream", help="Print chunks as they are generated"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Run one inference request and print its result."""
     if (text is None) == (inputs is None):
         fail("give exactly one of --text or --inputs", 2)
-    payload: dict[str, Any] = {"model_id": model_id,
-                               "inputs": {"text": text} if text is not None else json.loads(inputs or "{}"),
-                               "parameters": {}}
+    try:
+        parsed_inputs = {"text": text} if text is not None else json.loads(inputs or "{}")
+    except ValueError:
+        fail("--inputs is not valid JSON", 2)
+    payload: dict[str, Any] = {"model_id": model_id, "inputs": parsed_inputs, "parameters": {}}
     if max_length is not None:
         payload["parameters"]["max_length"] = max_length
+    if stream:
+        return _serve_stream(payload)
     with console.status(f"serving {model_id}..."):
         status, job = client().request("POST", "/serve", params={"wait": wait}, json=payload)
     if as_json:
@@ -343,6 +371,36 @@ def serve(model_id: str, text: Optional[str] = typer.Option(None, help="Input te
     console.print(f"[bold]{model_id}[/bold] on {result['worker']} ({result['device']}), "
                   f"queue {result['timings']['queue_ms']} ms, inference {result['timings']['inference_ms']} ms")
     print_json(output)
+
+
+def _serve_stream(payload: dict[str, Any]) -> None:
+    """Submit, then follow the job's Server-Sent Events, printing each chunk as it arrives."""
+    api = client()
+    _, job = api.request("POST", "/serve", json=payload)
+    url = f"{api.base_url}/jobs/{job['job_id']}/stream"
+    event = None
+    try:
+        with requests.get(url, stream=True, timeout=(5, 120)) as response:
+            for line in response.iter_lines(decode_unicode=True):
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if event == "chunk":
+                        piece = data.get("text")
+                        console.print(piece if piece is not None else json.dumps(data.get("output", data)),
+                                      end="", soft_wrap=True, highlight=False, markup=False)
+                    elif event == "error":
+                        console.print()
+                        fail(f"{data['error']['code']}: {data['error']['message']}")
+                    elif event == "done":
+                        console.print()
+                        finished = data["job"]
+                        if finished["status"] != "succeeded":
+                            fail(f"job ended {finished['status']}")
+                        return
+    except requests.RequestException as exc:
+        fail(f"the stream {url} broke off: {type(exc).__name__}")
 
 
 # --------------------------------------------------------------------------------------------

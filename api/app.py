@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 from flask_smorest import Api
+from flask_sock import Sock
 
 from api.blueprints import health, jobs, models, serve
 from api.docs import ASSETS_URL, docs_assets
@@ -57,5 +58,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     for module in (health, serve, jobs, models):
         api.register_blueprint(module.blp)
     app.register_blueprint(docs_assets)
+    serve.register_websocket(Sock(app))
     register_error_handlers(app)
     return app

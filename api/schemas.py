@@ -20,6 +20,14 @@ class ServeRequestSchema(ma.Schema):
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 100}})
 
 
+class BatchRequestSchema(ma.Schema):
+    model_id = ma.fields.String(required=True, validate=validate.Regexp(MODEL_ID_RE.pattern),
+                                metadata={"example": "minilm"})
+    inputs = ma.fields.List(ma.fields.Dict(), required=True, validate=validate.Length(min=1),
+                            metadata={"example": [{"text": "first"}, {"text": "second"}]})
+    parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 128}})
+
+
 class WaitQuerySchema(ma.Schema):
     wait = ma.fields.Float(load_default=0.0, validate=validate.Range(min=0, max=3600),
                            metadata={"description": "Seconds to wait for the job to finish (capped by "
@@ -39,6 +47,7 @@ class JobSchema(ma.Schema):
     device = ma.fields.String(allow_none=True)
     worker = ma.fields.String(allow_none=True)
     attempts = ma.fields.Integer()
+    chunks = ma.fields.Integer(metadata={"description": "Chunks streamed so far"})
     created_at = ma.fields.String(allow_none=True)
     started_at = ma.fields.String(allow_none=True)
     finished_at = ma.fields.String(allow_none=True)

@@ -30,6 +30,14 @@ SUPPORTED = {
 }
 TEXT_TASKS = {"feature-extraction", "text-generation", "text-classification"}
 DEFAULT_MAX_LENGTH = {"feature-extraction": 256, "text-classification": 256, "text-generation": 32, "tensor": 0}
+# Dynamic batching defaults per task: (max_batch_size, max_batch_delay_ms). Generation streams token
+# by token per job, so it runs one job per forward pass.
+DEFAULT_BATCHING = {
+    "feature-extraction": (32, 2.0),
+    "text-classification": (32, 2.0),
+    "tensor": (64, 1.0),
+    "text-generation": (1, 0.0),
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class ModelSpec:
     max_length: int = 0
     # Upper bound a request may ask for with parameters.max_length.
     max_length_limit: int = 512
+    max_batch_size: int = 1
+    max_batch_delay_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
@@ -59,6 +69,7 @@ class ModelSpec:
 _KNOWN_FIELDS = {
     "name", "model_type", "source", "model_path", "task", "device", "max_memory",
     "providers", "tokenizer_path", "max_length", "max_length_limit", "description",
+    "max_batch_size", "max_batch_delay_ms",
 }
 
 
@@ -123,6 +134,14 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
 
     max_length_limit = bounded_int("max_length_limit", 512, 1, 100_000)
     max_length = bounded_int("max_length", DEFAULT_MAX_LENGTH[task], 0, max_length_limit)
+    default_size, default_delay = DEFAULT_BATCHING[task]
+    max_batch_size = bounded_int("max_batch_size", default_size, 1, 4096)
+    if task == "text-generation" and max_batch_size != 1:
+        raise _fail(path, model_id, "max_batch_size", max_batch_size,
+                    "must be 1 for text-generation (each job streams its own tokens)")
+    delay = raw.get("max_batch_delay_ms", default_delay)
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 10_000:
+        raise _fail(path, model_id, "max_batch_delay_ms", delay, "must be a number of milliseconds from 0 to 10000")
 
     tokenizer_path = raw.get("tokenizer_path")
     if tokenizer_path is not None and (not isinstance(tokenizer_path, str) or not tokenizer_path):
@@ -144,6 +163,8 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         tokenizer_path=tokenizer_path,
         max_length=max_length,
         max_length_limit=max_length_limit,
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=float(delay),
     )
 
 

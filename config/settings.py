@@ -110,8 +110,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "AETHERCORE_HOST", "0.0.0.0", str, "Address the API binds to."),
     Setting("port", "AETHERCORE_PORT", "8001", _port, "Port the API listens on."),
     Setting("workers", "AETHERCORE_WORKERS", "1", _positive_int, "gunicorn worker processes for the API."),
-    Setting("api_threads", "AETHERCORE_API_THREADS", "32", _positive_int,
-            "Threads per API process (each open long poll holds one)."),
+    Setting("api_threads", "AETHERCORE_API_THREADS", "64", _positive_int,
+            "Threads per API process: each request, open long poll (?wait) or open stream holds one."),
     Setting("log_level", "AETHERCORE_LOG_LEVEL", "INFO", _log_level, "Log level of every process."),
     Setting("log_format", "AETHERCORE_LOG_FORMAT", "text", _choice("text", "json"),
             "`text` for people, `json` for one JSON object per line."),
@@ -135,12 +135,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a finished job and its result are kept in Redis."),
     Setting("max_wait", "AETHERCORE_MAX_WAIT", "60", _non_negative_float,
             "Upper bound in seconds for `?wait=` on job endpoints."),
+    Setting("max_batch_inputs", "AETHERCORE_MAX_BATCH_INPUTS", "256", _positive_int,
+            "Most inputs one POST /serve/batch request may carry (413 beyond)."),
     Setting("load_timeout", "AETHERCORE_LOAD_TIMEOUT", "300", _non_negative_float,
             "Seconds a load job waits for every replica of its device to report."),
     Setting("device", "AETHERCORE_DEVICE", "cpu", parse_worker_device,
             "Device a worker is pinned to (`cpu`, `cuda:N`); `manage.py worker --device` sets it."),
-    Setting("worker_concurrency", "AETHERCORE_WORKER_CONCURRENCY", "4", _positive_int,
-            "Task threads per worker process (models are shared by the threads, one copy per process)."),
+    Setting("worker_concurrency", "AETHERCORE_WORKER_CONCURRENCY", "64", _positive_int,
+            "Task threads per worker process, and so the jobs it takes from its queue at once; at least the "
+            "largest max_batch_size, so a batch can fill (models are shared by the threads, one copy each)."),
     Setting("torch_threads", "AETHERCORE_TORCH_THREADS", "0", int,
             "Intra-op threads for model forward passes; 0 means one per CPU core."),
     Setting("heartbeat_interval", "AETHERCORE_HEARTBEAT_INTERVAL", "2", _non_negative_float,
@@ -172,6 +175,7 @@ class Settings:
     hf_download: bool
     result_ttl: int
     max_wait: float
+    max_batch_inputs: int
     load_timeout: float
     device: str
     worker_concurrency: int

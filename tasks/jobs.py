@@ -25,6 +25,7 @@ SUCCEEDED, FAILED, CANCELLED, EXPIRED = "succeeded", "failed", "cancelled", "exp
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 STATUSES = (QUEUED, RUNNING) + TERMINAL
 
+# ARGV: status, ttl, event ('status' | 'done'), final chunk JSON ('' for none), then field/value pairs.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
@@ -32,14 +33,43 @@ if current == 'succeeded' or current == 'failed' or current == 'cancelled' or cu
   return 0
 end
 if ARGV[1] == 'running' and current ~= 'queued' and current ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
 if ARGV[3] == 'done' then
+  if ARGV[4] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'chunks') or '0') == 0 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'chunk', 'index', '0', 'data', ARGV[4])
+    redis.call('HSET', KEYS[1], 'chunks', 1)
+  end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', ARGV[1])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 return 1
 """
+
+# A streamed chunk is appended once: an index below the count already published (a redelivered job
+# generating again) is skipped. Returns 1 appended, 0 skipped, -1 job not running, -2 cancel requested.
+_APPEND_CHUNK = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return -1 end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return -2 end
+local published = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '0')
+if tonumber(ARGV[1]) < published then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'chunk', 'index', ARGV[1], 'data', ARGV[2])
+redis.call('HSET', KEYS[1], 'chunks', tonumber(ARGV[1]) + 1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+# Cancel: a queued job ends at once (it will never run); a running one is asked to stop.
+_REQUEST_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status == 'queued' then return 2 end
+if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1'); return 1 end
+return 0
+"""
+
+CHUNK_APPENDED, CHUNK_SKIPPED, CHUNK_NOT_RUNNING, CHUNK_CANCELLED = 1, 0, -1, -2
 
 
 def new_job_id() -> str:
@@ -61,6 +91,8 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
+        self._append_chunk = client.register_script(_APPEND_CHUNK)
+        self._request_cancel = client.register_script(_REQUEST_CANCEL)
 
     # -- writes ------------------------------------------------------------------------------
     def create(self, *, kind: str, model_id: str, device: str, job_id: str | None = None,
@@ -81,14 +113,17 @@ class JobStore:
 
     def mark_running(self, job_id: str, worker: str) -> bool:
         """False when the job already ended (a redelivery after the result was written, or cancelled)."""
-        ok = self._run(job_id, RUNNING, "status", started_at=repr(time.time()), worker=worker)
+        ok = self._run(job_id, RUNNING, "status", "", started_at=repr(time.time()), worker=worker)
         if ok:
             self.redis.hincrby(job_key(job_id), "attempts", 1)
         return ok
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None,
-               **fields: Any) -> bool:
-        """End the job once; later calls for an ended job change nothing and return False."""
+               final_chunk: dict[str, Any] | None = None) -> bool:
+        """End the job once; later calls for an ended job change nothing and return False.
+
+        `final_chunk` is streamed as chunk 0 when nothing was streamed before (non-streaming models).
+        """
         if status not in TERMINAL:
             raise ValueError(f"{status!r} is not a final status")
         values = {"finished_at": repr(time.time())}
@@ -96,11 +131,32 @@ class JobStore:
             values["result"] = json.dumps(result)
         if error is not None:
             values["error"] = json.dumps(error)
-        values.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in fields.items()})
-        return self._run(job_id, status, "done", **values)
+        return self._run(job_id, status, "done", json.dumps(final_chunk) if final_chunk else "", **values)
 
-    def _run(self, job_id: str, status: str, event: str, **values: str) -> bool:
-        args: list[str] = [status, str(self.ttl_s), event]
+    def append_chunk(self, job_id: str, index: int, chunk: dict[str, Any]) -> int:
+        return int(self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)],
+                                      args=[index, json.dumps(chunk), self.ttl_s]))
+
+    def request_cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
+        """Cancel a queued job (it never runs) or ask a running one to stop; False if it already ended."""
+        outcome = int(self._request_cancel(keys=[job_key(job_id)]))
+        if outcome == -1:
+            raise JobNotFound(job_id)
+        if outcome == 2:
+            return self.finish(job_id, CANCELLED, error={"code": "cancelled", "message": reason}) or \
+                self.request_cancel(job_id, reason)  # it started meanwhile: ask it to stop
+        return outcome == 1
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(job_key(job_id), "cancel_requested") == "1"
+
+    def events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
+        """Events after `last_id` ('0-0': from the start), blocking up to `block_ms` for the first."""
+        reply = self.redis.xread({job_events_key(job_id): last_id}, block=max(1, block_ms), count=500)
+        return [entry for _stream, entries in (reply or []) for entry in entries]
+
+    def _run(self, job_id: str, status: str, event: str, final_chunk: str = "", **values: str) -> bool:
+        args: list[str] = [status, str(self.ttl_s), event, final_chunk]
         for key, value in values.items():
             args += [key, value]
         outcome = self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args)
@@ -123,14 +179,12 @@ class JobStore:
             if remaining <= 0:
                 break
             # Short blocks keep each call under the socket timeout; data wakes us at once anyway.
-            block_ms = max(1, int(min(remaining, 2.0) * 1000))
-            reply = self.redis.xread({job_events_key(job_id): last_id}, block=block_ms, count=100)
-            for _stream, entries in reply or []:
-                for entry_id, data in entries:
-                    last_id = entry_id
-                    if data.get("type") == "done":
-                        return self.get(job_id)
-            if not reply:
+            entries = self.events(job_id, last_id, int(min(remaining, 2.0) * 1000))
+            for entry_id, data in entries:
+                last_id = entry_id
+                if data.get("type") == "done":
+                    return self.get(job_id)
+            if not entries:
                 job = self.get(job_id)
         return job
 
@@ -151,6 +205,7 @@ class JobStore:
             "device": fields.get("device"),
             "worker": fields.get("worker"),
             "attempts": int(fields.get("attempts") or 0),
+            "chunks": int(fields.get("chunks") or 0),
             "created_at": iso(created),
             "started_at": iso(started),
             "finished_at": iso(finished),

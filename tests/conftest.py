@@ -70,3 +70,12 @@ def poll(client, job_id: str, timeout: float = 60) -> dict:
         assert response.status_code == 202
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def api_server(main_redis_url: str, main_worker):
+    from tests.support import ApiProcess
+
+    server = ApiProcess(main_redis_url).start()
+    yield server
+    server.stop()

@@ -147,3 +147,44 @@ class WorkerProcess:
                 self.proc.wait(10)
         if hasattr(self, "_log"):
             self._log.close()
+
+
+class ApiProcess:
+    """`python manage.py api` (gunicorn, gthread) on a spare port: for WebSocket, SSE and multi-process tests."""
+
+    def __init__(self, redis_url: str, name: str = "api", **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log_path = ARTIFACTS / f"{name}-{os.getpid()}-{int(time.time() * 1000)}.log"
+        self.env = base_env(redis_url, AETHERCORE_PORT=str(self.port), AETHERCORE_HOST="127.0.0.1", **env)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ApiProcess":
+        import requests
+
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "manage.py"), "api"], env=self.env,
+                                     cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"API exited:\n{self.log_path.read_text()}")
+            try:
+                return requests.get(f"{self.base}/heartbeat", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(up, 60, 0.2, "the API to answer")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if hasattr(self, "_log"):
+            self._log.close()

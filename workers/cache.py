@@ -59,13 +59,15 @@ class ModelCache:
     def __init__(self, budget_bytes: int, device: str, factory: Callable[[ModelSpec], Runtime],
                  estimate: Callable[[ModelSpec], int],
                  on_change: Callable[[], None] = lambda: None,
-                 on_evict: Callable[[str], None] = lambda model_id: None) -> None:
+                 on_evict: Callable[[str], None] = lambda model_id: None,
+                 on_unload: Callable[[str], None] = lambda model_id: None) -> None:
         self.budget_bytes = budget_bytes
         self.device = device
         self._factory = factory
         self._estimate = estimate
         self._on_change = on_change
         self._on_evict = on_evict
+        self._on_unload = on_unload
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
         self._loading: dict[str, float] = {}
         self._lock = threading.RLock()
@@ -148,6 +150,7 @@ class ModelCache:
             entry = self._entries.pop(model_id, None)
         if entry is None:
             return False
+        self._on_unload(model_id)
         entry.runtime.close()
         del entry
         release_memory(self.device)

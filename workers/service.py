@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import redis
@@ -26,6 +27,7 @@ from tasks.cluster import LOADED, ClusterState
 from tasks.jobs import JobStore
 from tasks.names import control_channel, queue_for_device
 from tasks.redis_client import make_redis
+from workers.batcher import BatchOutcome, ModelBatcher
 from workers.cache import ModelCache, ModelLoadError
 from workers.device import device_memory
 from workers.runtimes import create_runtime
@@ -51,8 +53,10 @@ class WorkerService:
             settings.model_cache_size, self.device,
             factory=lambda spec: create_runtime(spec, settings, self.device),
             estimate=lambda spec: artifact_bytes(resolve_model_path(spec, settings)),
-            on_change=self.publish, on_evict=self._evicted,
+            on_change=self.publish, on_evict=self._evicted, on_unload=self._close_batcher,
         )
+        self._batchers: dict[str, ModelBatcher] = {}
+        self._batchers_lock = threading.Lock()
         self.failures: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -136,6 +140,36 @@ class WorkerService:
             self.model_failed(spec.id, str(exc), exc.code)
             raise
         return runtime, (time.perf_counter() - started) * 1000
+
+    def infer(self, spec: ModelSpec, runtime: Runtime, inputs: Any, parameters: dict[str, Any]) -> Future:
+        """Run one job's inputs: through the model's batcher when batching is on, else right here."""
+        if spec.max_batch_size > 1:
+            return self._batcher(spec, runtime).submit(inputs, parameters)
+        future: Future = Future()
+        begin = time.perf_counter()
+        try:
+            output = runtime.run(inputs, parameters)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(BatchOutcome(output, 1, 0.0, (time.perf_counter() - begin) * 1000))
+        return future
+
+    def _batcher(self, spec: ModelSpec, runtime: Runtime) -> ModelBatcher:
+        with self._batchers_lock:
+            batcher = self._batchers.get(spec.id)
+            if batcher is None or batcher.runtime is not runtime:
+                if batcher is not None:
+                    batcher.close()
+                batcher = ModelBatcher(runtime, spec.max_batch_size, spec.max_batch_delay_ms)
+                self._batchers[spec.id] = batcher
+            return batcher
+
+    def _close_batcher(self, model_id: str) -> None:
+        with self._batchers_lock:
+            batcher = self._batchers.pop(model_id, None)
+        if batcher is not None:
+            batcher.close()
 
     def model_failed(self, model_id: str, message: str, code: str) -> None:
         """A load failed on the worker that was asked for it: it is no longer meant to be loaded."""

@@ -5,13 +5,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import json
+
+from flask import Response, request, stream_with_context
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from api.blueprints.common import job_reply
+from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
 from api.schemas import JOB_ID_RE, JobSchema, WaitQuerySchema
 from api.services import services
+from api.streaming import follow_job
 
 blp = Blueprint("jobs", __name__, description="Submitted jobs")
 _JOB_ID = re.compile(JOB_ID_RE)
@@ -35,3 +39,38 @@ class Job(MethodView):
     def get(self, query: dict[str, Any], job_id: str):
         job = find_job(job_id)
         return job_reply(services().wait(job, query["wait"]))
+
+
+def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+@blp.route("/jobs/<string:job_id>/stream")
+class JobStream(MethodView):
+    @blp.response(200, description="Server-Sent Events: `chunk` (id = position in the job's stream), then "
+                                   "`done` with the job, or `error`. Send Last-Event-ID to resume.",
+                  content_type="text/event-stream")
+    @blp.alt_response(404, description="Unknown or expired job")
+    def get(self, job_id: str):
+        job = find_job(job_id)
+        jobs = services().jobs
+        last_id = request.headers.get("Last-Event-ID", "0-0")
+        if not re.fullmatch(r"\d+-\d+", last_id):
+            raise ApiError(400, "bad_request", "Last-Event-ID must be an id this stream sent (like 1712-0)")
+
+        def events():
+            for event in follow_job(jobs, job["job_id"], last_id, keepalive_s=15):
+                if event.kind == "keepalive":
+                    yield ": keepalive\n\n"
+                elif event.kind == "chunk":
+                    yield _sse("chunk", event.data, event.id)
+                else:
+                    finished = public_job(event.data)
+                    if finished.get("status") == "failed":
+                        yield _sse("error", {"error": finished.get("error"), "job": finished}, event.id)
+                    else:
+                        yield _sse("done", {"job": finished}, event.id)
+
+        return Response(stream_with_context(events()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,39 +1,72 @@
-"""POST /serve: queue one inference job (submit-and-poll, or wait with ?wait=SECONDS)."""
+"""Inference: POST /serve (one job), POST /serve/batch (one job, many inputs), WS /serve/stream."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
+import marshmallow as ma
 from flask.views import MethodView
 from flask_smorest import Blueprint
+from loguru import logger
+from simple_websocket import ConnectionClosed
 
-from api.blueprints.common import job_reply
+from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
-from api.schemas import JobSchema, ServeRequestSchema, WaitQuerySchema
-from api.services import services
+from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
+from api.services import Services, services
+from api.streaming import follow_job
 from config.models import TEXT_TASKS, ModelSpec
 
 blp = Blueprint("serve", __name__, description="Inference serving")
 
 
-def validate_request(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any]) -> None:
-    """Reject what the worker would reject, before it is queued: 422 with the field named."""
+def input_errors(spec: ModelSpec, inputs: Any, prefix: str = "inputs") -> dict[str, list[str]]:
+    if not isinstance(inputs, dict):
+        return {prefix: ["must be an object"]}
     errors: dict[str, list[str]] = {}
     if spec.task in TEXT_TASKS:
         text = inputs.get("text")
         if not isinstance(text, str) or not text.strip():
-            errors["inputs.text"] = ["a non-empty string is required"]
+            errors[f"{prefix}.text"] = ["a non-empty string is required"]
         unknown = sorted(set(inputs) - {"text"})
         if unknown:
-            errors["inputs"] = [f"unknown input(s) {unknown}; this model takes only 'text'"]
-    if "max_length" in parameters:
-        value = parameters["max_length"]
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or int(value) != value or not 1 <= value <= spec.max_length_limit):
-            errors["parameters.max_length"] = [f"must be a whole number from 1 to {spec.max_length_limit}"]
+            errors[prefix] = [f"unknown input(s) {unknown}; this model takes only 'text'"]
+    return errors
+
+
+def parameter_errors(spec: ModelSpec, parameters: dict[str, Any]) -> dict[str, list[str]]:
+    if "max_length" not in parameters:
+        return {}
+    value = parameters["max_length"]
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or int(value) != value or not 1 <= value <= spec.max_length_limit):
+        return {"parameters.max_length": [f"must be a whole number from 1 to {spec.max_length_limit}"]}
+    return {}
+
+
+def raise_if(errors: dict[str, list[str]]) -> None:
     if errors:
         raise ApiError(422, "validation_error", "the request is invalid; see details for each field", errors)
+
+
+def route(svc: Services, spec: ModelSpec) -> str:
+    """The device queue for this model's inference; 409 when it must be loaded first."""
+    device = svc.device_for(spec)
+    if not svc.settings.autoload and svc.cluster.desired(spec.id) is None:
+        raise ApiError(409, "model_not_loaded",
+                       f"model {spec.id!r} is not loaded and autoload is off; "
+                       f"load it first with POST /models/{spec.id}/load")
+    return device
+
+
+def submit_inference(body: dict[str, Any]) -> dict[str, Any]:
+    svc = services()
+    spec = svc.spec(body["model_id"])
+    raise_if({**input_errors(spec, body["inputs"]), **parameter_errors(spec, body["parameters"])})
+    return svc.submit("inference", spec, route(svc, spec),
+                      {"inputs": body["inputs"], "parameters": body["parameters"]})
 
 
 @blp.route("/serve")
@@ -47,13 +80,78 @@ class Serve(MethodView):
     @blp.alt_response(422, description="Invalid body")
     @blp.alt_response(503, description="Redis or the queue unavailable")
     def post(self, body: dict[str, Any], query: dict[str, Any]):
+        job = submit_inference(body)
+        return job_reply(services().wait(job, query["wait"]))
+
+
+@blp.route("/serve/batch")
+class ServeBatch(MethodView):
+    @blp.arguments(BatchRequestSchema)
+    @blp.arguments(WaitQuerySchema, location="query")
+    @blp.response(202, JobSchema, description="Queued; the result holds `outputs` in input order")
+    @blp.alt_response(200, schema=JobSchema, description="Finished within ?wait")
+    @blp.alt_response(404, description="Unknown model")
+    @blp.alt_response(413, description="More inputs than AETHERCORE_MAX_BATCH_INPUTS")
+    @blp.alt_response(422, description="Invalid body")
+    def post(self, body: dict[str, Any], query: dict[str, Any]):
         svc = services()
         spec = svc.spec(body["model_id"])
-        validate_request(spec, body["inputs"], body["parameters"])
-        device = svc.device_for(spec)
-        if not svc.settings.autoload and svc.cluster.desired(spec.id) is None:
-            raise ApiError(409, "model_not_loaded",
-                           f"model {spec.id!r} is not loaded and autoload is off; "
-                           f"load it first with POST /models/{spec.id}/load")
-        job = svc.submit("inference", spec, device, {"inputs": body["inputs"], "parameters": body["parameters"]})
+        items = body["inputs"]
+        limit = svc.settings.max_batch_inputs
+        if len(items) > limit:
+            raise ApiError(413, "too_many_inputs", f"a batch may carry at most {limit} inputs, got {len(items)}; "
+                           "split it into several requests", {"limit": limit, "inputs": len(items)})
+        errors: dict[str, list[str]] = {}
+        for i, item in enumerate(items):
+            errors.update(input_errors(spec, item, f"inputs.{i}"))
+        raise_if({**errors, **parameter_errors(spec, body["parameters"])})
+        job = svc.submit("inference", spec, route(svc, spec),
+                         {"inputs": items, "parameters": body["parameters"], "batch": True})
         return job_reply(svc.wait(job, query["wait"]))
+
+
+def register_websocket(sock) -> None:
+    """WS /serve/stream: send the POST /serve body; receive queued, chunk..., then done (or error).
+
+    Closing the socket before the end cancels the job (a generation stops within a few tokens).
+    """
+
+    @sock.route("/serve/stream")
+    def serve_stream(ws) -> None:
+        svc = services()
+        try:
+            raw = ws.receive(timeout=30)
+            if raw is None:
+                raise ApiError(408, "timeout", "send the request JSON within 30 s of connecting")
+            try:
+                payload = json.loads(raw)
+            except (TypeError, ValueError):
+                raise ApiError(400, "bad_request", "the message is not valid JSON") from None
+            try:
+                body = ServeRequestSchema().load(payload)
+            except ma.ValidationError as exc:
+                raise ApiError(422, "validation_error", "the request is invalid; see details for each field",
+                               exc.messages) from None
+            job = submit_inference(body)
+        except ApiError as exc:
+            ws.send(json.dumps({"type": "error", "error": {"code": exc.code, "message": exc.message,
+                                                            "details": exc.details}}))
+            return
+        job_id = job["job_id"]
+        try:
+            ws.send(json.dumps({"type": "queued", "job_id": job_id}))
+            for event in follow_job(svc.jobs, job_id, "0-0", alive=lambda: ws.connected):
+                if event.kind == "chunk":
+                    ws.send(json.dumps({"type": "chunk", **event.data}))
+                elif event.kind == "done":
+                    finished = public_job(event.data)
+                    if finished["status"] == "failed":
+                        ws.send(json.dumps({"type": "error", "error": finished["error"], "job": finished}))
+                    else:
+                        ws.send(json.dumps({"type": "done", "job": finished}))
+                    return
+        except ConnectionClosed:
+            pass
+        # The client went away before the end: stop the work it asked for.
+        if svc.jobs.request_cancel(job_id, "the streaming client disconnected"):
+            logger.bind(job_id=job_id, model_id=job["model_id"]).info("stream closed by the client; cancelling")

@@ -142,5 +142,10 @@ class TextGeneration(_HFRuntime):
         limit = self.max_length(parameters)
         return [self.generate(text, limit) for text in self.texts(inputs)]
 
+    def stream(self, inputs: dict[str, Any], parameters: dict[str, Any],
+               on_text: Callable[[str], None]) -> dict[str, Any]:
+        """Generate for one job, handing each new piece of text to `on_text` as it is produced."""
+        return self.generate(self.texts([inputs])[0], self.max_length(parameters), on_text=on_text)
+
     def outputs(self) -> list[dict[str, Any]]:
         return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
