@@ -34,6 +34,7 @@ if current == 'succeeded' or current == 'failed' or current == 'cancelled' or cu
 end
 if ARGV[1] == 'running' and current ~= 'queued' and current ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
+if ARGV[1] == 'running' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 if ARGV[3] == 'done' then
   if ARGV[4] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'chunks') or '0') == 0 then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'chunk', 'index', '0', 'data', ARGV[4])
@@ -113,10 +114,7 @@ class JobStore:
 
     def mark_running(self, job_id: str, worker: str) -> bool:
         """False when the job already ended (a redelivery after the result was written, or cancelled)."""
-        ok = self._run(job_id, RUNNING, "status", "", started_at=repr(time.time()), worker=worker)
-        if ok:
-            self.redis.hincrby(job_key(job_id), "attempts", 1)
-        return ok
+        return self._run(job_id, RUNNING, "status", "", started_at=repr(time.time()), worker=worker)
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None,
                final_chunk: dict[str, Any] | None = None) -> bool:

@@ -1,0 +1,337 @@
+"""AetherCore benchmark: the in-process limit of `minilm` against end-to-end serving, in one run.
+
+    .venv/bin/python -m bench              # prints the table and the ratios
+    .venv/bin/python -m bench --write      # also writes bench/RESULTS.md
+
+Starts its own redis-server, worker and API (gunicorn) on spare ports; nothing else needs to run.
+Everything is measured on this machine in this run, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.client import HTTPConnection
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import yaml  # noqa: E402
+
+from bench.corpus import corpus  # noqa: E402
+from tests.support import ApiProcess, RedisServer, WorkerProcess  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "minilm"
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process
+# ---------------------------------------------------------------------------------------------
+def load_runtime(model_id: str):
+    from config.models import load_models
+    from config.settings import Settings
+    from workers.runtimes import create_runtime
+
+    settings = Settings.from_env()
+    runtime = create_runtime(load_models(settings.models_file)[model_id], settings, "cpu")
+    runtime.load()
+    return runtime
+
+
+def in_process_throughput(runtime, texts: list[str], batch_size: int, sort: bool = False) -> float:
+    items = sorted(texts, key=len) if sort else list(texts)
+    runtime.run_batch([{"text": t} for t in items[:batch_size]], {})  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(items), batch_size):
+        runtime.run_batch([{"text": t} for t in items[i:i + batch_size]], {})
+    return len(items) / (time.perf_counter() - started)
+
+
+def single_forward_ms(runtime, texts: list[str]) -> float:
+    times = []
+    for text in texts:
+        started = time.perf_counter()
+        runtime.run({"text": text}, {})
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def thread_effect(runtime, texts: list[str]) -> dict[str, float]:
+    """Batch-1 forward passes on the main thread, on a fresh thread as is, and on a fresh thread set up."""
+    import torch
+
+    def raw(n_threads: int | None) -> float:
+        if n_threads:
+            torch.set_num_threads(n_threads)
+        started = time.perf_counter()
+        for text in texts:
+            batch = runtime.tokenizer([text], return_tensors="pt", truncation=True, max_length=256)
+            with torch.inference_mode():
+                runtime.model(**batch)
+        return len(texts) / (time.perf_counter() - started)
+
+    out = {"main thread": raw(os.cpu_count())}
+    for label, n_threads in (("new thread, default", None), ("new thread, set_num_threads", os.cpu_count())):
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault("v", raw(n_threads)))
+        thread.start()
+        thread.join()
+        out[label] = result["v"]
+    return out
+
+
+def in_process_stream(tokens: int, runs: int = 5) -> tuple[float, float]:
+    runtime = load_runtime("tiny-gpt2")
+    ttfc, rates = [], []
+    for _ in range(runs + 1):
+        stamps: list[float] = []
+        started = time.perf_counter()
+        runtime.generate("Tell me a story", tokens, on_text=lambda _piece: stamps.append(time.perf_counter()))
+        ttfc.append((stamps[0] - started) * 1000)
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.median(ttfc[1:]), statistics.median(rates[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LoadResult:
+    clients: int
+    mode: str
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        data = sorted(self.latencies_ms)
+        return data[min(len(data) - 1, int(q * len(data)))] if data else float("nan")
+
+
+def _one_request(conn: HTTPConnection, mode: str, text: str) -> bool:
+    body = json.dumps({"model_id": MODEL, "inputs": {"text": text}})
+    headers = {"Content-Type": "application/json"}
+    if mode == "wait":
+        conn.request("POST", "/serve?wait=30", body, headers)
+        response = conn.getresponse()
+        data = response.read()
+        return response.status == 200 and b'"succeeded"' in data
+    conn.request("POST", "/serve", body, headers)
+    response = conn.getresponse()
+    job = json.loads(response.read())
+    if response.status != 202:
+        return False
+    conn.request("GET", f"/jobs/{job['job_id']}?wait=30")
+    response = conn.getresponse()
+    data = response.read()
+    return response.status == 200 and b'"succeeded"' in data
+
+
+def closed_loop(port: int, texts: list[str], clients: int, mode: str, seconds: float,
+                warmup: float = 1.5) -> LoadResult:
+    result = LoadResult(clients, mode)
+    lock = threading.Lock()
+    start_at = time.monotonic() + warmup
+    stop_at = start_at + seconds
+
+    def client(index: int) -> None:
+        conn = HTTPConnection("127.0.0.1", port, timeout=60)
+        i = index * 997
+        while True:
+            now = time.monotonic()
+            if now >= stop_at:
+                break
+            text = texts[i % len(texts)]
+            i += 1
+            began = time.perf_counter()
+            try:
+                ok = _one_request(conn, mode, text)
+            except Exception:
+                ok = False
+                conn.close()
+                conn = HTTPConnection("127.0.0.1", port, timeout=60)
+            elapsed = (time.perf_counter() - began) * 1000
+            if time.monotonic() <= stop_at and now >= start_at:
+                with lock:
+                    if ok:
+                        result.requests += 1
+                        result.latencies_ms.append(elapsed)
+                    else:
+                        result.errors += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.seconds = seconds
+    return result
+
+
+def ws_stream(base: str, tokens: int, runs: int = 5) -> tuple[float, float]:
+    import simple_websocket
+
+    url = base.replace("http://", "ws://") + "/serve/stream"
+    ttfc, rates = [], []
+    for _ in range(runs + 1):
+        ws = simple_websocket.Client.connect(url)
+        started = time.perf_counter()
+        ws.send(json.dumps({"model_id": "tiny-gpt2", "inputs": {"text": "Tell me a story"},
+                            "parameters": {"max_length": tokens}}))
+        stamps = []
+        while True:
+            message = json.loads(ws.receive(timeout=60))
+            if message["type"] == "chunk":
+                stamps.append(time.perf_counter())
+            elif message["type"] in {"done", "error"}:
+                break
+        try:
+            ws.close()
+        except Exception:
+            pass
+        ttfc.append((stamps[0] - started) * 1000)
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.median(ttfc[1:]), statistics.median(rates[1:])
+
+
+def start_system(redis: RedisServer, db: int, models_file: str | None = None) -> tuple[WorkerProcess, ApiProcess]:
+    env = {"AETHERCORE_LOG_LEVEL": "WARNING"}
+    if models_file:
+        env["AETHERCORE_MODELS_FILE"] = models_file
+    worker = WorkerProcess(redis.url(db), name="bench-worker", **env).start()
+    api = ApiProcess(redis.url(db), name="bench-api", **env).start()
+    conn = HTTPConnection("127.0.0.1", api.port, timeout=120)
+    for model_id in (MODEL, "tiny-gpt2"):
+        conn.request("POST", f"/models/{model_id}/load?wait=60")
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+    return worker, api
+
+
+# ---------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per end-to-end run")
+    parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
+    args = parser.parse_args()
+
+    texts = corpus(3000)
+    lines: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"# AetherCore benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, model `{MODEL}`, {len(texts)}-sentence corpus)")
+    say()
+    runtime = load_runtime(MODEL)
+    inproc = {
+        "batch 1": in_process_throughput(runtime, texts[:300], 1),
+        "batch 8": in_process_throughput(runtime, texts[:960], 8),
+        "batch 32 (arrival order)": in_process_throughput(runtime, texts[:1920], 32),
+        "batch 32 (sorted by length)": in_process_throughput(runtime, texts[:1920], 32, sort=True),
+    }
+    single_ms = single_forward_ms(runtime, texts[:200])
+    threads = thread_effect(runtime, texts[:200])
+    del runtime
+
+    say("## In-process limit (the model's own forward pass, this process)")
+    say()
+    say("| run | sentences/s |")
+    say("| --- | ---: |")
+    for label, value in inproc.items():
+        say(f"| {label} | {value:.1f} |")
+    say(f"| single forward, median latency | {single_ms:.2f} ms |")
+    say()
+    say("Batch-1 forward passes by thread (torch's intra-op threads are a per-thread setting):")
+    say()
+    say("| thread | sentences/s |")
+    say("| --- | ---: |")
+    for label, value in threads.items():
+        say(f"| {label} | {value:.1f} |")
+    say()
+
+    redis = RedisServer().start()
+    try:
+        worker, api = start_system(redis, 0)
+        runs: list[LoadResult] = []
+        try:
+            for mode in ("wait", "poll"):
+                for clients in (1, 8, 32):
+                    runs.append(closed_loop(api.port, texts, clients, mode, args.seconds))
+            stream_e2e = ws_stream(api.base, 64)
+        finally:
+            api.stop()
+            worker.stop()
+
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+        document = yaml.safe_load((ROOT / "config" / "models.yaml").read_text())
+        document["models"][MODEL]["max_batch_size"] = 1
+        yaml.safe_dump(document, tmp)
+        tmp.close()
+        worker, api = start_system(redis, 1, tmp.name)
+        try:
+            off = [closed_loop(api.port, texts, clients, "wait", args.seconds) for clients in (1, 32)]
+        finally:
+            api.stop()
+            worker.stop()
+            os.unlink(tmp.name)
+    finally:
+        redis.cleanup()
+    stream_inproc = in_process_stream(64)
+
+    say("## End to end through the API (closed loop, one client = one thread with a keep-alive connection)")
+    say()
+    say("`wait`: POST /serve?wait=30. `poll`: POST /serve, then GET /jobs/{id}?wait=30.")
+    say()
+    say("| batching | mode | clients | requests/s | p50 ms | p99 ms | errors |")
+    say("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, group in (("on", runs), ("off (max_batch_size 1)", off)):
+        for r in group:
+            say(f"| {label} | {r.mode} | {r.clients} | {r.throughput:.1f} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} "
+                f"| {r.errors} |")
+    say()
+    say("## Streaming (`tiny-gpt2`, 64 new tokens, median of 5)")
+    say()
+    say("| path | time to first chunk ms | chunks/s |")
+    say("| --- | ---: | ---: |")
+    say(f"| in-process generate() | {stream_inproc[0]:.1f} | {stream_inproc[1]:.1f} |")
+    say(f"| WebSocket /serve/stream | {stream_e2e[0]:.1f} | {stream_e2e[1]:.1f} |")
+    say()
+
+    on32 = next(r for r in runs if r.mode == "wait" and r.clients == 32)
+    on1 = next(r for r in runs if r.mode == "wait" and r.clients == 1)
+    off32 = off[1]
+    say("## Ratios")
+    say()
+    say("| ratio | value | target |")
+    say("| --- | ---: | --- |")
+    say(f"| end-to-end at 32 clients ÷ in-process batch 32 (arrival order) | "
+        f"{on32.throughput / inproc['batch 32 (arrival order)']:.2f} | ≥ 1.0 |")
+    say(f"| batching on ÷ off at 32 clients | {on32.throughput / off32.throughput:.2f} | "
+        f"≈ in-process batch 32 ÷ batch 1 = {inproc['batch 32 (arrival order)'] / inproc['batch 1']:.2f} |")
+    say(f"| end-to-end p50 at 1 client − in-process single forward | {on1.pct(0.5) - single_ms:.1f} ms | ≤ 5 ms |")
+    say(f"| WebSocket chunks/s ÷ in-process pieces/s | {stream_e2e[1] / stream_inproc[1]:.2f} | |")
+    if args.write:
+        (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
