@@ -7,6 +7,7 @@ from flask_smorest import Api
 from flask_sock import Sock
 
 from api.blueprints import health, jobs, models, serve
+from api.dispatch import InferenceDispatcher
 from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
 from api.metrics import init_metrics
@@ -45,12 +46,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     redis_client = make_redis(settings.redis_url)
     cluster = ClusterState(redis_client, settings.worker_ttl)
+    celery = make_celery(settings)
     app.extensions["aethercore"] = Services(
         settings=settings,
         models=load_models(settings.models_file),
         jobs=JobStore(redis_client, settings.result_ttl),
         cluster=cluster,
-        celery=make_celery(settings),
+        celery=celery,
+        dispatcher=InferenceDispatcher(celery),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
 

@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery
 from flask import current_app
 
+from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
 from config.models import ModelSpec
 from config.settings import Settings
@@ -25,6 +26,7 @@ class Services:
     jobs: JobStore
     cluster: ClusterState
     celery: Celery
+    dispatcher: InferenceDispatcher
 
     def spec(self, model_id: str) -> ModelSpec:
         spec = self.models.get(model_id)
@@ -40,17 +42,24 @@ class Services:
             raise ApiError(503, "no_device", str(exc), headers={"Retry-After": "5"}) from None
 
     def submit(self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Create the job record, then queue the task on the device's queue; the job id is the task id."""
+        """Create the job record, then queue it on the device's queue.
+
+        Load and unload jobs are one Celery task each (task id = job id). Inference jobs go through the
+        dispatcher, which may carry several concurrent jobs in one message; streamed generations and
+        batch requests always travel alone.
+        """
         job = self.jobs.create(kind=kind, model_id=spec.id, device=device)
-        kwargs = {"job_id": job["job_id"], "model_id": spec.id, **payload}
-        if kind == "inference":
-            kwargs["submitted_at"] = job["_created_ts"]
         try:
-            self.celery.send_task(
-                TASK_FOR_KIND[kind], kwargs=kwargs, queue=queue_for_device(device), task_id=job["job_id"],
-                # What Flower and logs show instead of the inputs themselves.
-                kwargsrepr=repr({"job_id": job["job_id"], "model_id": spec.id, "kind": kind}),
-            )
+            if kind == "inference":
+                work = {"job_id": job["job_id"], "submitted_at": job["_created_ts"], **payload}
+                coalesce = spec.task != "text-generation" and not payload.get("batch")
+                self.dispatcher.publish(spec.id, device, work, coalesce=coalesce)
+            else:
+                self.celery.send_task(
+                    TASK_FOR_KIND[kind], kwargs={"job_id": job["job_id"], "model_id": spec.id, **payload},
+                    queue=queue_for_device(device), task_id=job["job_id"],
+                    kwargsrepr=repr({"job_id": job["job_id"], "model_id": spec.id, "kind": kind}),
+                )
         except Exception:
             self.jobs.finish(job["job_id"], FAILED, error={"code": "broker_unavailable",
                                                            "message": "the job could not be queued"})

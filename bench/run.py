@@ -30,7 +30,7 @@ from bench.corpus import corpus  # noqa: E402
 from tests.support import ApiProcess, RedisServer, WorkerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "minilm"
+MODEL = os.environ.get("BENCH_MODEL", "minilm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +330,11 @@ def main() -> None:
     say(f"| end-to-end p50 at 1 client − in-process single forward | {on1.pct(0.5) - single_ms:.1f} ms | ≤ 5 ms |")
     say(f"| WebSocket chunks/s ÷ in-process pieces/s | {stream_e2e[1] / stream_inproc[1]:.2f} | |")
     if args.write:
-        (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
+        # Hand-written analysis below the marker survives a new run; the numbers above it are replaced.
+        path = ROOT / "bench" / "RESULTS.md"
+        marker = "<!-- analysis: kept across runs -->"
+        kept = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
+        path.write_text("\n".join(lines) + "\n\n" + marker + kept)
 
 
 if __name__ == "__main__":

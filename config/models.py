@@ -57,6 +57,7 @@ class ModelSpec:
     max_length_limit: int = 512
     max_batch_size: int = 1
     max_batch_delay_ms: float = 0.0
+    instances: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
@@ -69,7 +70,7 @@ class ModelSpec:
 _KNOWN_FIELDS = {
     "name", "model_type", "source", "model_path", "task", "device", "max_memory",
     "providers", "tokenizer_path", "max_length", "max_length_limit", "description",
-    "max_batch_size", "max_batch_delay_ms",
+    "max_batch_size", "max_batch_delay_ms", "instances",
 }
 
 
@@ -165,6 +166,7 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         max_length_limit=max_length_limit,
         max_batch_size=max_batch_size,
         max_batch_delay_ms=float(delay),
+        instances=bounded_int("instances", 1, 1, 64),
     )
 
 

@@ -114,7 +114,25 @@ class JobStore:
 
     def mark_running(self, job_id: str, worker: str) -> bool:
         """False when the job already ended (a redelivery after the result was written, or cancelled)."""
-        return self._run(job_id, RUNNING, "status", "", started_at=repr(time.time()), worker=worker)
+        return self.mark_running_many([job_id], worker)[0]
+
+    def mark_running_many(self, job_ids: list[str], worker: str) -> list[bool]:
+        """One round trip for the jobs of one message; False for each job that already ended."""
+        started = repr(time.time())
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._transition(keys=[job_key(job_id), job_events_key(job_id)],
+                             args=[RUNNING, str(self.ttl_s), "status", "", "started_at", started, "worker", worker],
+                             client=pipe)
+        return [outcome == 1 for outcome in pipe.execute()]
+
+    def finish_many(self, outcomes: list[dict[str, Any]]) -> list[bool]:
+        """End several jobs in one round trip; each item: job_id, status, result?, error?, final_chunk?."""
+        pipe = self.redis.pipeline(transaction=False)
+        for item in outcomes:
+            self._call(item["job_id"], item["status"], "done", self._final_values(item.get("result"),
+                       item.get("error")), item.get("final_chunk"), client=pipe)
+        return [outcome == 1 for outcome in pipe.execute()]
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None,
                final_chunk: dict[str, Any] | None = None) -> bool:
@@ -122,14 +140,25 @@ class JobStore:
 
         `final_chunk` is streamed as chunk 0 when nothing was streamed before (non-streaming models).
         """
-        if status not in TERMINAL:
-            raise ValueError(f"{status!r} is not a final status")
+        return self._run(job_id, status, "done", final_chunk, **self._final_values(result, error))
+
+    @staticmethod
+    def _final_values(result: Any, error: dict | None) -> dict[str, str]:
         values = {"finished_at": repr(time.time())}
         if result is not None:
             values["result"] = json.dumps(result)
         if error is not None:
             values["error"] = json.dumps(error)
-        return self._run(job_id, status, "done", json.dumps(final_chunk) if final_chunk else "", **values)
+        return values
+
+    def _call(self, job_id: str, status: str, event: str, values: dict[str, str],
+              final_chunk: dict[str, Any] | None, client: Any = None) -> Any:
+        if event == "done" and status not in TERMINAL:
+            raise ValueError(f"{status!r} is not a final status")
+        args: list[str] = [status, str(self.ttl_s), event, json.dumps(final_chunk) if final_chunk else ""]
+        for key, value in values.items():
+            args += [key, value]
+        return self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args, client=client)
 
     def append_chunk(self, job_id: str, index: int, chunk: dict[str, Any]) -> int:
         return int(self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)],
@@ -153,11 +182,9 @@ class JobStore:
         reply = self.redis.xread({job_events_key(job_id): last_id}, block=max(1, block_ms), count=500)
         return [entry for _stream, entries in (reply or []) for entry in entries]
 
-    def _run(self, job_id: str, status: str, event: str, final_chunk: str = "", **values: str) -> bool:
-        args: list[str] = [status, str(self.ttl_s), event, final_chunk]
-        for key, value in values.items():
-            args += [key, value]
-        outcome = self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args)
+    def _run(self, job_id: str, status: str, event: str, final_chunk: dict[str, Any] | None,
+             **values: str) -> bool:
+        outcome = self._call(job_id, status, event, values, final_chunk)
         if outcome == -1:
             raise JobNotFound(job_id)
         return outcome == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from celery import Celery
@@ -78,51 +79,86 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, items: list[
     return outputs, {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)}
 
 
-def run_inference(job_id: str, model_id: str, inputs: Any, parameters: dict[str, Any],
-                  submitted_at: float | None = None, batch: bool = False) -> None:
+def _fail_all(svc: WorkerService, jobs: list[dict[str, Any]], error: dict[str, str]) -> None:
+    svc.jobs.finish_many([{"job_id": j["job_id"], "status": FAILED, "error": error} for j in jobs])
+
+
+def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
+    """Run the inference jobs of one message (one or more, all for `model_id`).
+
+    Each job is started, run and finished on its own terms: a job that already ended is skipped,
+    a bad input fails only its job. Jobs of one message (and of concurrent messages) share forward
+    passes through the model's batcher. The message is acknowledged when this returns, i.e. after
+    every result is written.
+    """
     svc = service()
-    log = logger.bind(job_id=job_id, model_id=model_id)
-    if not svc.jobs.mark_running(job_id, svc.name):
-        log.info("job already ended; skipping")
+    running = svc.jobs.mark_running_many([j["job_id"] for j in jobs], svc.name)
+    active = [job for job, ok in zip(jobs, running) if ok]
+    if len(active) < len(jobs):
+        logger.bind(model_id=model_id).info("{} job(s) already ended; skipping them", len(jobs) - len(active))
+    if not active:
         return
     started = time.time()
-    parameters = parameters or {}
+    spec = svc.models.get(model_id)
+    if spec is None:
+        _fail_all(svc, active, _error("model_not_found", f"model {model_id!r} is not configured"))
+        return
     try:
-        spec = svc.models.get(model_id)
-        if spec is None:
-            svc.jobs.finish(job_id, FAILED, error=_error("model_not_found", f"model {model_id!r} is not configured"))
-            return
         runtime, load_ms = svc.runtime_for(spec)
-        if batch:
-            outputs, batch_timings = _run_batch_request(svc, spec, runtime, inputs, parameters)
+    except Exception as exc:
+        error = _classify(exc)
+        logger.bind(model_id=model_id).info("cannot serve: {}", error["message"])
+        _fail_all(svc, active, error)
+        return
+
+    # Hand every job over first (so they can share batches), then collect.
+    pending = []
+    for job in active:
+        if job.get("batch"):
+            pending.append((job, None))
+        elif spec.task == "text-generation":
+            pending.append((job, None))
+        else:
+            pending.append((job, svc.infer(spec, runtime, job["inputs"], job.get("parameters") or {})))
+    outcomes = [_collect(svc, spec, runtime, job, future, started, load_ms) for job, future in pending]
+    svc.jobs.finish_many(outcomes)
+
+
+def _collect(svc: WorkerService, spec: Any, runtime: Any, job: dict[str, Any], future: Future | None,
+             started: float, load_ms: float | None) -> dict[str, Any]:
+    job_id, parameters = job["job_id"], job.get("parameters") or {}
+    log = logger.bind(job_id=job_id, model_id=spec.id)
+    try:
+        if job.get("batch"):
+            outputs, batch_timings = _run_batch_request(svc, spec, runtime, job["inputs"], parameters)
             body: dict[str, Any] = {"outputs": outputs}
         else:
-            if spec.task == "text-generation":
-                outcome = _stream_generation(svc, job_id, runtime, inputs, parameters)
+            if future is None:
+                outcome = _stream_generation(svc, job_id, runtime, job["inputs"], parameters)
             else:
-                outcome = svc.infer(spec, runtime, inputs, parameters).result()
+                outcome = future.result()
             body = {"output": outcome.output}
             batch_timings = {"batch_wait_ms": round(outcome.batch_wait_ms, 3),
                              "inference_ms": round(outcome.inference_ms, 3), "batch_size": outcome.batch_size}
     except GenerationCancelled:
-        svc.jobs.finish(job_id, CANCELLED, error=_error("cancelled", "the job was cancelled while it ran"))
         log.info("generation cancelled")
-        return
+        return {"job_id": job_id, "status": CANCELLED,
+                "error": _error("cancelled", "the job was cancelled while it ran")}
     except Exception as exc:
         error = _classify(exc)
         if error["code"] == "internal_error":
             log.opt(exception=exc).error("inference failed")
         else:
             log.info("inference failed: {}", error["message"])
-        svc.jobs.finish(job_id, FAILED, error=error)
-        return
-    timings = {"queue_ms": round((started - submitted_at) * 1000, 3) if submitted_at else None, **batch_timings}
+        return {"job_id": job_id, "status": FAILED, "error": error}
+    submitted = job.get("submitted_at")
+    timings = {"queue_ms": round((started - submitted) * 1000, 3) if submitted else None, **batch_timings}
     if load_ms is not None:
         timings["load_ms"] = round(load_ms, 3)
-    result = {"model_id": model_id, "task": spec.task, "device": svc.device, "worker": svc.name,
+    result = {"model_id": spec.id, "task": spec.task, "device": svc.device, "worker": svc.name,
               "timings": timings, **body}
-    svc.jobs.finish(job_id, SUCCEEDED, result=result, final_chunk=body)
-    log.info("inference succeeded (batch of {}) in {:.1f} ms", timings["batch_size"], timings["inference_ms"])
+    log.debug("inference succeeded (batch of {})", timings["batch_size"])
+    return {"job_id": job_id, "status": SUCCEEDED, "result": result, "final_chunk": body}
 
 
 def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:

@@ -31,7 +31,7 @@ from workers.batcher import BatchOutcome, ModelBatcher
 from workers.cache import ModelCache, ModelLoadError
 from workers.device import device_memory
 from workers.runtimes import create_runtime
-from workers.runtimes.base import Runtime
+from workers.runtimes.base import Runtime, intra_op_threads, set_torch_threads
 
 
 class ModelNotLoaded(RuntimeError):
@@ -143,7 +143,7 @@ class WorkerService:
 
     def infer(self, spec: ModelSpec, runtime: Runtime, inputs: Any, parameters: dict[str, Any]) -> Future:
         """Run one job's inputs: through the model's batcher when batching is on, else right here."""
-        if spec.max_batch_size > 1:
+        if spec.max_batch_size > 1 or spec.instances > 1:
             return self._batcher(spec, runtime).submit(inputs, parameters)
         future: Future = Future()
         begin = time.perf_counter()
@@ -161,7 +161,10 @@ class WorkerService:
             if batcher is None or batcher.runtime is not runtime:
                 if batcher is not None:
                     batcher.close()
-                batcher = ModelBatcher(runtime, spec.max_batch_size, spec.max_batch_delay_ms)
+                threads = intra_op_threads(self.settings, spec.instances)
+                batcher = ModelBatcher(runtime, spec.max_batch_size, spec.max_batch_delay_ms, spec.instances,
+                                       setup_thread=lambda: set_torch_threads(threads) if
+                                       spec.model_type != "onnx" else None)
                 self._batchers[spec.id] = batcher
             return batcher
 

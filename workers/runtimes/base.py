@@ -74,16 +74,25 @@ class TextRuntime(Runtime):
 _thread_state = threading.local()
 
 
-def ensure_torch_threads(settings: Settings) -> None:
-    """torch's intra-op thread count is per thread: set it in every thread that runs a forward pass."""
-    if getattr(_thread_state, "torch_threads_set", False):
-        return
+def intra_op_threads(settings: Settings, instances: int = 1) -> int:
+    """Intra-op threads per forward pass: the cores shared out among a model's parallel instances."""
     import os
 
+    return settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, instances))
+
+
+def set_torch_threads(count: int) -> None:
+    """torch's intra-op thread count is per thread: call this in the thread that runs forward passes."""
     import torch
 
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(count)
     _thread_state.torch_threads_set = True
+
+
+def ensure_torch_threads(settings: Settings) -> None:
+    """For threads that were not set up by a batcher (e.g. a task thread streaming a generation)."""
+    if not getattr(_thread_state, "torch_threads_set", False):
+        set_torch_threads(intra_op_threads(settings))
 
 
 def torch_module_bytes(module: Any) -> int:

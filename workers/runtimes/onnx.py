@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_store.paths import artifact_bytes, resolve_model_path, resolve_tokenizer_path
-from workers.runtimes.base import InvalidInput, Runtime, TextRuntime
+from workers.runtimes.base import InvalidInput, Runtime, TextRuntime, intra_op_threads
 from workers.runtimes.pooling import mean_pool_normalize
 from workers.runtimes.tensors import check_shape, decode_tensor, encode_tensor
 
@@ -36,7 +35,7 @@ class _OnnxSession:
             wanted = [p for p in wanted if p != "CUDAExecutionProvider"]
         providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.settings.torch_threads or os.cpu_count() or 1
+        options.intra_op_num_threads = intra_op_threads(self.settings, self.spec.instances)
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
