@@ -11,6 +11,7 @@ from api.dispatch import InferenceDispatcher
 from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
 from api.metrics import init_metrics
+from api.request_id import init_request_id
 from api.services import Services
 from config.models import load_models
 from config.settings import Settings
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         dispatcher=InferenceDispatcher(celery),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
+    init_request_id(app)
 
     api = AetherApi(app)
     for module in (health, serve, jobs, models):

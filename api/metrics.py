@@ -1,70 +1,131 @@
-"""Prometheus metrics of the API process (names from the seed; labels bounded by config and routes)."""
+"""Prometheus metrics: the seed's names plus what an operator needs to see queues, jobs and batches.
+
+Three sources, one /metrics:
+* API request metrics, per API process. Under gunicorn (`manage.py api`) prometheus-client's
+  multiprocess mode is on (PROMETHEUS_MULTIPROC_DIR), so N requests to any of the gunicorn
+  workers raise the counter by exactly N.
+* worker-side job metrics (jobs by final status, queue wait, inference time, batch size), kept in
+  Redis by every worker (tasks/metrics.py): they add up across all workers on all hosts.
+* cluster gauges read at scrape time: model memory per replica, active models, queue depth per
+  device queue, live workers per device.
+Label values are bounded: endpoints are route templates, models come from models.yaml.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 
 from flask import Flask, Response, g, request
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from tasks import metrics as worker_metrics
 from tasks.cluster import ClusterState
+from tasks.names import CPU_QUEUE, queue_for_device
 
 REQUESTS_TOTAL = "aethercore_requests_total"
 REQUEST_DURATION = "aethercore_request_duration_seconds"
 MODEL_MEMORY = "aethercore_model_memory_usage_bytes"
 ACTIVE_MODELS = "aethercore_active_models"
+QUEUE_DEPTH = "aethercore_queue_depth"
+LIVE_WORKERS = "aethercore_live_workers"
+STREAMS_OPEN = "aethercore_stream_connections"
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class ClusterCollector:
-    """Model memory and active models, read from the workers' heartbeat records at scrape time."""
+    """Everything read from Redis at scrape time (see the module docstring)."""
 
     def __init__(self, cluster: ClusterState) -> None:
         self.cluster = cluster
 
     def collect(self):
-        memory = GaugeMetricFamily(MODEL_MEMORY, "Memory held by a resident model replica",
-                                   labels=["model", "worker", "device"])
-        active = GaugeMetricFamily(ACTIVE_MODELS, "Models resident on at least one live worker")
         try:
             workers = self.cluster.live_workers()
-        except Exception:  # a scrape during a Redis outage still returns the request metrics
-            workers = None
-        if workers is not None:
-            models = set()
-            for record in workers:
-                for model_id, info in record.get("models", {}).items():
-                    if info.get("state") == "loaded":
-                        models.add(model_id)
-                        memory.add_metric([model_id, record["name"], record["device"]], info.get("memory_bytes", 0))
-            active.add_metric([], len(models))
-            yield memory
-            yield active
+            counters, histograms = worker_metrics.read(self.cluster.redis)
+            devices = {CPU_QUEUE} | {w["device"] for w in workers} | \
+                {e["device"] for e in self.cluster.all_desired().values()}
+            depths = {d: self.cluster.redis.llen(queue_for_device(d)) for d in sorted(devices)}
+        except Exception:  # a scrape during a Redis outage still returns the API's own metrics
+            return
+        memory = GaugeMetricFamily(MODEL_MEMORY, "Memory held by a resident model replica",
+                                   labels=["model", "worker", "device"])
+        models = set()
+        for record in workers:
+            for model_id, info in record.get("models", {}).items():
+                if info.get("state") == "loaded":
+                    models.add(model_id)
+                    memory.add_metric([model_id, record["name"], record["device"]], info.get("memory_bytes", 0))
+        yield memory
+        yield GaugeMetricFamily(ACTIVE_MODELS, "Models resident on at least one live worker", value=len(models))
+
+        live = GaugeMetricFamily(LIVE_WORKERS, "Workers with a fresh heartbeat, per device", labels=["device"])
+        for device in sorted(devices):
+            live.add_metric([device], sum(1 for w in workers if w["device"] == device))
+        yield live
+        depth = GaugeMetricFamily(QUEUE_DEPTH, "Messages waiting in a device queue", labels=["queue"])
+        for device, value in depths.items():
+            depth.add_metric([queue_for_device(device)], value)
+        yield depth
+
+        jobs = CounterMetricFamily(worker_metrics.JOBS_TOTAL, worker_metrics.HELP[worker_metrics.JOBS_TOTAL],
+                                   labels=["kind", "model", "status"])
+        for (kind, model, status), value in sorted(counters.items()):
+            jobs.add_metric([kind, model, status], value)
+        yield jobs
+        for metric in worker_metrics.BUCKETS:
+            family = HistogramMetricFamily(metric, worker_metrics.HELP[metric], labels=["model"])
+            for model, parts in sorted(histograms.get(metric, {}).items()):
+                family.add_metric([model], worker_metrics.cumulative_buckets(metric, parts),
+                                  sum_value=parts.get("sum", 0.0))
+            yield family
 
 
-def init_metrics(app: Flask, cluster: ClusterState) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    requests_total = Counter(REQUESTS_TOTAL, "HTTP requests handled", ["method", "endpoint", "status"],
-                             registry=registry)
-    duration = Histogram(REQUEST_DURATION, "HTTP request duration", ["method", "endpoint"], registry=registry,
-                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-    registry.register(ClusterCollector(cluster))
+class ApiMetrics:
+    def __init__(self, app: Flask, cluster: ClusterState) -> None:
+        self.multiprocess = multiprocess_enabled()
+        # Single process: our own registry (several apps may live in one test process). Multiprocess:
+        # values go to the shared directory and are read back by MultiProcessCollector at scrape.
+        self.registry = None if self.multiprocess else CollectorRegistry()
+        self.cluster_collector = ClusterCollector(cluster)
+        self.requests_total = Counter(REQUESTS_TOTAL, "HTTP requests handled", ["method", "endpoint", "status"],
+                                      registry=self.registry)
+        self.duration = Histogram(REQUEST_DURATION, "HTTP request duration", ["method", "endpoint"],
+                                  registry=self.registry,
+                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.streams = Gauge(STREAMS_OPEN, "Open streaming connections (WebSocket and SSE)", ["kind"],
+                             registry=self.registry, multiprocess_mode="livesum")
+        if self.registry is not None:
+            self.registry.register(self.cluster_collector)
 
-    @app.before_request
-    def _start_timer() -> None:
-        g.request_started = time.perf_counter()
+        @app.before_request
+        def _start_timer() -> None:
+            g.request_started = time.perf_counter()
 
-    @app.after_request
-    def _count(response: Response) -> Response:
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        elapsed = time.perf_counter() - g.get("request_started", time.perf_counter())
-        requests_total.labels(request.method, endpoint, str(response.status_code)).inc()
-        duration.labels(request.method, endpoint).observe(elapsed)
-        return response
+        @app.after_request
+        def _count(response: Response) -> Response:
+            endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+            elapsed = time.perf_counter() - g.get("request_started", time.perf_counter())
+            self.requests_total.labels(request.method, endpoint, str(response.status_code)).inc()
+            self.duration.labels(request.method, endpoint).observe(elapsed)
+            return response
 
-    return registry
+    def response(self) -> Response:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(self.cluster_collector)
+        else:
+            registry = self.registry
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-def metrics_response(registry: CollectorRegistry) -> Response:
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+def init_metrics(app: Flask, cluster: ClusterState) -> ApiMetrics:
+    return ApiMetrics(app, cluster)

@@ -47,6 +47,7 @@ class JobSchema(ma.Schema):
     device = ma.fields.String(allow_none=True)
     worker = ma.fields.String(allow_none=True)
     attempts = ma.fields.Integer()
+    request_id = ma.fields.String(allow_none=True)
     chunks = ma.fields.Integer(metadata={"description": "Chunks streamed so far"})
     created_at = ma.fields.String(allow_none=True)
     started_at = ma.fields.String(allow_none=True)
@@ -96,3 +97,31 @@ class ModelInfoSchema(ma.Schema):
 class HealthSchema(ma.Schema):
     status = ma.fields.String()
     checks = ma.fields.Dict()
+
+
+class WorkerSchema(ma.Schema):
+    name = ma.fields.String()
+    device = ma.fields.String()
+    queue = ma.fields.String()
+    hostname = ma.fields.String()
+    pid = ma.fields.Integer()
+    started_at = ma.fields.Float()
+    heartbeat_age_s = ma.fields.Float()
+    concurrency = ma.fields.Integer(allow_none=True)
+    memory = ma.fields.Dict()
+    models = ma.fields.Dict()
+
+
+class WorkersSchema(ma.Schema):
+    workers = ma.fields.List(ma.fields.Nested(WorkerSchema))
+
+
+class JobListQuerySchema(ma.Schema):
+    limit = ma.fields.Integer(load_default=50, validate=validate.Range(min=1, max=1000))
+    status = ma.fields.String(validate=validate.OneOf(STATUSES))
+    model_id = ma.fields.String(validate=validate.Regexp(MODEL_ID_RE.pattern))
+    kind = ma.fields.String(validate=validate.OneOf(JOB_KINDS))
+
+
+class JobListSchema(ma.Schema):
+    jobs = ma.fields.List(ma.fields.Nested(JobSchema))

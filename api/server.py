@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -9,7 +12,7 @@ from gunicorn.glogging import Logger
 
 from config.logging import InterceptHandler
 
-from config.settings import Settings
+from config.settings import REPO_ROOT, Settings
 
 
 class LoguruGunicornLogger(Logger):
@@ -40,6 +43,7 @@ class GunicornServer(BaseApplication):
             "accesslog": None,
             "logger_class": LoguruGunicornLogger,
             "control_socket_disable": True,
+            "child_exit": _child_exit,
             "loglevel": self.settings.log_level.lower() if self.settings.log_level != "TRACE" else "debug",
         }
         for key, value in options.items():
@@ -54,8 +58,28 @@ class GunicornServer(BaseApplication):
         return create_app(self.settings)
 
 
+def _child_exit(server, worker) -> None:
+    """A gunicorn worker's gauges (open streams) leave the multiprocess metrics with it."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def prepare_multiprocess_metrics(settings: Settings) -> Path:
+    """prometheus-client multiprocess mode: every gunicorn worker writes its metric values to files in
+    one directory, and /metrics (answered by any worker) adds them up. Must be set before
+    prometheus_client is imported, i.e. before the workers are forked; emptied at each start."""
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or
+                     REPO_ROOT / "var" / "prometheus" / f"api-{settings.port}")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
+
+
 def run_api(settings: Settings) -> None:
     from config.logging import setup_logging
 
     setup_logging("api", settings.log_level, settings.log_format)
+    prepare_multiprocess_metrics(settings)
     GunicornServer(settings).run()

@@ -11,6 +11,7 @@ from flask import current_app
 
 from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
+from api.request_id import current_request_id
 from config.models import ModelSpec
 from config.settings import Settings
 from tasks.cluster import ClusterState
@@ -48,15 +49,18 @@ class Services:
         dispatcher, which may carry several concurrent jobs in one message; streamed generations and
         batch requests always travel alone.
         """
-        job = self.jobs.create(kind=kind, model_id=spec.id, device=device)
+        request_id = current_request_id()
+        job = self.jobs.create(kind=kind, model_id=spec.id, device=device, request_id=request_id)
         try:
             if kind == "inference":
-                work = {"job_id": job["job_id"], "submitted_at": job["_created_ts"], **payload}
+                work = {"job_id": job["job_id"], "submitted_at": job["_created_ts"], "request_id": request_id,
+                        **payload}
                 coalesce = spec.task != "text-generation" and not payload.get("batch")
                 self.dispatcher.publish(spec.id, device, work, coalesce=coalesce)
             else:
                 self.celery.send_task(
-                    TASK_FOR_KIND[kind], kwargs={"job_id": job["job_id"], "model_id": spec.id, **payload},
+                    TASK_FOR_KIND[kind],
+                    kwargs={"job_id": job["job_id"], "model_id": spec.id, "request_id": request_id, **payload},
                     queue=queue_for_device(device), task_id=job["job_id"],
                     kwargsrepr=repr({"job_id": job["job_id"], "model_id": spec.id, "kind": kind}),
                 )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import sys
+import traceback
 
 from loguru import logger
 
@@ -32,8 +34,24 @@ class InterceptHandler(logging.Handler):
 def _context_patcher(record: dict) -> None:
     extra = record["extra"]
     extra.setdefault("component", "aethercore")
-    context = {k: v for k, v in extra.items() if k not in {"component", "_context"}}
+    context = {k: v for k, v in extra.items() if k not in {"component", "_context", "_json"} and v is not None}
     extra["_context"] = "".join(f" {k}={v}" for k, v in context.items())
+
+
+def _json_format(record: dict) -> str:
+    """One compact JSON object per line: time, level, component, message, then the bound context."""
+    payload = {
+        "time": record["time"].isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "component": record["extra"].get("component"),
+        "message": record["message"],
+    }
+    payload.update({k: v for k, v in record["extra"].items() if k not in {"component", "_context", "_json"}})
+    if record["exception"] is not None:
+        exc = record["exception"]
+        payload["exception"] = "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
+    record["extra"]["_json"] = json.dumps(payload, default=str)
+    return "{extra[_json]}\n"
 
 
 def setup_logging(component: str, level: str = "INFO", fmt: str = "text") -> None:
@@ -41,7 +59,7 @@ def setup_logging(component: str, level: str = "INFO", fmt: str = "text") -> Non
     logger.remove()
     logger.configure(extra={"component": component}, patcher=_context_patcher)
     if fmt == "json":
-        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+        logger.add(sys.stderr, level=level, format=_json_format, backtrace=False, diagnose=False)
     else:
         logger.add(sys.stderr, level=level, format=_TEXT_FORMAT, backtrace=False, diagnose=False, colorize=None)
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)

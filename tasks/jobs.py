@@ -14,11 +14,11 @@ import json
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
-from tasks.names import job_events_key, job_key
+from tasks.names import RECENT_JOBS, RECENT_JOBS_MAX, job_events_key, job_key
 
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, CANCELLED, EXPIRED = "succeeded", "failed", "cancelled", "expired"
@@ -96,21 +96,46 @@ class JobStore:
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
 
     # -- writes ------------------------------------------------------------------------------
-    def create(self, *, kind: str, model_id: str, device: str, job_id: str | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        job_id = job_id or new_job_id()
+    def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None) -> dict[str, Any]:
+        job_id = new_job_id()
         now = time.time()
         fields = {
             "job_id": job_id, "kind": kind, "model_id": model_id, "status": QUEUED,
             "device": device, "created_at": repr(now), "attempts": "0",
         }
-        for key, value in (extra or {}).items():
-            fields[key] = json.dumps(value)
-        pipe = self.redis.pipeline()
+        if request_id:
+            fields["request_id"] = request_id
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), mapping=fields)
         pipe.expire(job_key(job_id), self.ttl_s)
+        # Index of recent jobs for listings, bounded by count and by the result TTL.
+        pipe.zadd(RECENT_JOBS, {job_id: now})
+        pipe.zremrangebyrank(RECENT_JOBS, 0, -RECENT_JOBS_MAX - 1)
+        pipe.zremrangebyscore(RECENT_JOBS, "-inf", now - self.ttl_s)
         pipe.execute()
         return self._decode(fields)
+
+    def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
+        """Newest first; `filters` match job fields exactly (status, model_id, kind)."""
+        found: list[dict[str, Any]] = []
+        start, page = 0, 200
+        while len(found) < limit and start < RECENT_JOBS_MAX:
+            ids = self.redis.zrevrange(RECENT_JOBS, start, start + page - 1)
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(job_key(job_id))
+            for fields in pipe.execute():
+                if not fields:
+                    continue  # expired
+                job = self._decode(fields)
+                if all(job.get(k) == v for k, v in filters.items() if v is not None):
+                    found.append(job)
+                    if len(found) == limit:
+                        break
+            start += page
+        return found
 
     def mark_running(self, job_id: str, worker: str) -> bool:
         """False when the job already ended (a redelivery after the result was written, or cancelled)."""
@@ -126,13 +151,19 @@ class JobStore:
                              client=pipe)
         return [outcome == 1 for outcome in pipe.execute()]
 
-    def finish_many(self, outcomes: list[dict[str, Any]]) -> list[bool]:
-        """End several jobs in one round trip; each item: job_id, status, result?, error?, final_chunk?."""
+    def finish_many(self, outcomes: list[dict[str, Any]],
+                    also: Callable[[Any], None] | None = None) -> list[bool]:
+        """End several jobs in one round trip; each item: job_id, status, result?, error?, final_chunk?.
+
+        `also(pipeline)` may queue more commands (metrics) into the same round trip.
+        """
         pipe = self.redis.pipeline(transaction=False)
         for item in outcomes:
             self._call(item["job_id"], item["status"], "done", self._final_values(item.get("result"),
                        item.get("error")), item.get("final_chunk"), client=pipe)
-        return [outcome == 1 for outcome in pipe.execute()]
+        if also is not None:
+            also(pipe)
+        return [outcome == 1 for outcome in pipe.execute()[:len(outcomes)]]
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None,
                final_chunk: dict[str, Any] | None = None) -> bool:
@@ -230,6 +261,7 @@ class JobStore:
             "device": fields.get("device"),
             "worker": fields.get("worker"),
             "attempts": int(fields.get("attempts") or 0),
+            "request_id": fields.get("request_id"),
             "chunks": int(fields.get("chunks") or 0),
             "created_at": iso(created),
             "started_at": iso(started),

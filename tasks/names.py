@@ -30,6 +30,9 @@ def job_events_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+RECENT_JOBS = f"{PREFIX}:jobs:recent"  # sorted set: job id -> created (epoch s), trimmed to RECENT_JOBS_MAX
+RECENT_JOBS_MAX = 10_000
+
 WORKERS_INDEX = f"{PREFIX}:workers"  # sorted set: worker name -> last heartbeat (epoch seconds)
 
 

@@ -87,11 +87,13 @@ def _length(inputs: Any) -> int:
 
 class ModelBatcher:
     def __init__(self, runtime: Runtime, max_batch_size: int, max_batch_delay_ms: float, instances: int = 1,
-                 setup_thread: Callable[[], None] = lambda: None) -> None:
+                 setup_thread: Callable[[], None] = lambda: None,
+                 on_batch: Callable[[int], None] = lambda size: None) -> None:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_batch_delay_ms / 1000.0
         self._setup_thread = setup_thread
+        self._on_batch = on_batch
         self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -149,6 +151,7 @@ class ModelBatcher:
                     start = end
 
     def _run(self, batch: list[_Request]) -> None:
+        self._on_batch(len(batch))
         started = time.monotonic()
         try:
             outputs = self.runtime.run_batch([r.inputs for r in batch], batch[0].parameters)

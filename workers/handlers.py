@@ -10,6 +10,7 @@ from celery import Celery
 from loguru import logger
 
 from tasks.jobs import CANCELLED, CHUNK_CANCELLED, CHUNK_NOT_RUNNING, FAILED, SUCCEEDED
+from tasks.metrics import INFERENCE_TIME, QUEUE_WAIT, count_job, observe
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
 from workers.batcher import BatchOutcome
 from workers.cache import ModelLoadError
@@ -57,6 +58,7 @@ def _stream_generation(svc: WorkerService, job_id: str, runtime: Any, inputs: An
             raise GenerationCancelled()
         index += 1
 
+    svc.record_batch(runtime.spec.id, 1)
     begin = time.perf_counter()
     output = runtime.stream(inputs, parameters, on_text)
     return BatchOutcome(output, 1, 0.0, (time.perf_counter() - begin) * 1000)
@@ -79,8 +81,23 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, items: list[
     return outputs, {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)}
 
 
-def _fail_all(svc: WorkerService, jobs: list[dict[str, Any]], error: dict[str, str]) -> None:
-    svc.jobs.finish_many([{"job_id": j["job_id"], "status": FAILED, "error": error} for j in jobs])
+def _finish(svc: WorkerService, kind: str, model_id: str, outcomes: list[dict[str, Any]]) -> None:
+    """Write the jobs' ends and their metrics in one round trip (each job counted once, as it ends)."""
+
+    def metrics(pipe: Any) -> None:
+        for item in outcomes:
+            count_job(pipe, kind, model_id, item["status"])
+            timings = (item.get("result") or {}).get("timings") or {}
+            if timings.get("queue_ms") is not None:
+                observe(pipe, QUEUE_WAIT, model_id, timings["queue_ms"] / 1000)
+            if timings.get("inference_ms") is not None:
+                observe(pipe, INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
+
+    svc.jobs.finish_many(outcomes, also=metrics)
+
+
+def _fail_all(svc: WorkerService, jobs: list[dict[str, Any]], error: dict[str, str], model_id: str) -> None:
+    _finish(svc, "inference", model_id, [{"job_id": j["job_id"], "status": FAILED, "error": error} for j in jobs])
 
 
 def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
@@ -101,14 +118,14 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
     started = time.time()
     spec = svc.models.get(model_id)
     if spec is None:
-        _fail_all(svc, active, _error("model_not_found", f"model {model_id!r} is not configured"))
+        _fail_all(svc, active, _error("model_not_found", f"model {model_id!r} is not configured"), model_id)
         return
     try:
         runtime, load_ms = svc.runtime_for(spec)
     except Exception as exc:
         error = _classify(exc)
         logger.bind(model_id=model_id).info("cannot serve: {}", error["message"])
-        _fail_all(svc, active, error)
+        _fail_all(svc, active, error, model_id)
         return
 
     # Hand every job over first (so they can share batches), then collect.
@@ -121,13 +138,13 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
         else:
             pending.append((job, svc.infer(spec, runtime, job["inputs"], job.get("parameters") or {})))
     outcomes = [_collect(svc, spec, runtime, job, future, started, load_ms) for job, future in pending]
-    svc.jobs.finish_many(outcomes)
+    _finish(svc, "inference", model_id, outcomes)
 
 
 def _collect(svc: WorkerService, spec: Any, runtime: Any, job: dict[str, Any], future: Future | None,
              started: float, load_ms: float | None) -> dict[str, Any]:
     job_id, parameters = job["job_id"], job.get("parameters") or {}
-    log = logger.bind(job_id=job_id, model_id=spec.id)
+    log = logger.bind(job_id=job_id, model_id=spec.id, request_id=job.get("request_id"))
     try:
         if job.get("batch"):
             outputs, batch_timings = _run_batch_request(svc, spec, runtime, job["inputs"], parameters)
@@ -157,7 +174,7 @@ def _collect(svc: WorkerService, spec: Any, runtime: Any, job: dict[str, Any], f
         timings["load_ms"] = round(load_ms, 3)
     result = {"model_id": spec.id, "task": spec.task, "device": svc.device, "worker": svc.name,
               "timings": timings, **body}
-    log.debug("inference succeeded (batch of {})", timings["batch_size"])
+    log.info("inference succeeded: batch of {}, {:.1f} ms", timings["batch_size"], timings["inference_ms"] or 0)
     return {"job_id": job_id, "status": SUCCEEDED, "result": result, "final_chunk": body}
 
 
@@ -173,14 +190,15 @@ def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[di
     return replicas, failures
 
 
-def run_load(job_id: str, model_id: str, device: str) -> None:
+def run_load(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
-    log = logger.bind(job_id=job_id, model_id=model_id)
+    log = logger.bind(job_id=job_id, model_id=model_id, request_id=request_id)
     if not svc.jobs.mark_running(job_id, svc.name):
         return
     spec = svc.models.get(model_id)
     if spec is None:
-        svc.jobs.finish(job_id, FAILED, error=_error("model_not_found", f"model {model_id!r} is not configured"))
+        _finish(svc, "load", model_id, [{"job_id": job_id, "status": FAILED,
+                                         "error": _error("model_not_found", f"model {model_id!r} is not configured")}])
         return
     begin = time.perf_counter()
     generation = svc.cluster.desire(model_id, svc.device, job_id)
@@ -189,18 +207,18 @@ def run_load(job_id: str, model_id: str, device: str) -> None:
         svc.ensure_loaded(spec, generation)
     except ModelLoadError as exc:
         svc.model_failed(model_id, str(exc), exc.code)
-        svc.jobs.finish(job_id, FAILED, error=_error(exc.code, str(exc)))
+        _finish(svc, "load", model_id, [{"job_id": job_id, "status": FAILED, "error": _error(exc.code, str(exc))}])
         log.warning("load failed: {}", exc)
         return
     workers = svc.wait_for_replicas(model_id, generation, loaded=True, timeout_s=svc.settings.load_timeout)
     replicas, failures = _replica_view(model_id, workers)
     result = {"model_id": model_id, "state": "loaded", "device": svc.device, "replicas": replicas,
               "failed_replicas": failures, "load_ms": round((time.perf_counter() - begin) * 1000, 1)}
-    svc.jobs.finish(job_id, SUCCEEDED, result=result)
+    _finish(svc, "load", model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result}])
     log.info("model loaded on {} replica(s)", len(replicas))
 
 
-def run_unload(job_id: str, model_id: str, device: str) -> None:
+def run_unload(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
     if not svc.jobs.mark_running(job_id, svc.name):
         return
@@ -209,9 +227,10 @@ def run_unload(job_id: str, model_id: str, device: str) -> None:
     svc.cache.unload(model_id)
     workers = svc.wait_for_replicas(model_id, 0, loaded=False, timeout_s=svc.settings.load_timeout)
     replicas, _ = _replica_view(model_id, workers)
-    svc.jobs.finish(job_id, SUCCEEDED, result={"model_id": model_id, "state": "unloaded" if not replicas else
-                                               "unloading", "device": svc.device, "replicas": replicas})
-    logger.bind(job_id=job_id, model_id=model_id).info("model unloaded")
+    result = {"model_id": model_id, "state": "unloaded" if not replicas else "unloading", "device": svc.device,
+              "replicas": replicas}
+    _finish(svc, "unload", model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result}])
+    logger.bind(job_id=job_id, model_id=model_id, request_id=request_id).info("model unloaded")
 
 
 def register(app: Celery) -> None:

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
@@ -25,6 +26,7 @@ from config.settings import Settings
 from model_store.paths import artifact_bytes, resolve_model_path
 from tasks.cluster import LOADED, ClusterState
 from tasks.jobs import JobStore
+from tasks.metrics import BATCH_SIZE, observe
 from tasks.names import control_channel, queue_for_device
 from tasks.redis_client import make_redis
 from workers.batcher import BatchOutcome, ModelBatcher
@@ -56,10 +58,11 @@ class WorkerService:
             on_change=self.publish, on_evict=self._evicted, on_unload=self._close_batcher,
         )
         self._batchers: dict[str, ModelBatcher] = {}
+        self._batch_counts: Counter = Counter()
+        self._batch_counts_lock = threading.Lock()
         self._batchers_lock = threading.Lock()
         self.failures: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
-        self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._publish_lock = threading.Lock()
 
@@ -74,7 +77,10 @@ class WorkerService:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        try:
+            self.flush_metrics()
+        except Exception:
+            pass
         try:
             self.cluster.remove_worker(self.name)
         except redis.RedisError:
@@ -109,6 +115,7 @@ class WorkerService:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval):
             self.publish()
+            self.flush_metrics()
 
     # -- models ------------------------------------------------------------------------------
     def ensure_loaded(self, spec: ModelSpec, generation: int) -> Runtime:
@@ -146,6 +153,7 @@ class WorkerService:
         if spec.max_batch_size > 1 or spec.instances > 1:
             return self._batcher(spec, runtime).submit(inputs, parameters)
         future: Future = Future()
+        self.record_batch(spec.id, 1)
         begin = time.perf_counter()
         try:
             output = runtime.run(inputs, parameters)
@@ -154,6 +162,25 @@ class WorkerService:
         else:
             future.set_result(BatchOutcome(output, 1, 0.0, (time.perf_counter() - begin) * 1000))
         return future
+
+    def record_batch(self, model_id: str, size: int) -> None:
+        """Count a forward pass of `size` jobs; flushed to Redis with the next heartbeat."""
+        with self._batch_counts_lock:
+            self._batch_counts[(model_id, size)] += 1
+
+    def flush_metrics(self) -> None:
+        with self._batch_counts_lock:
+            counts, self._batch_counts = self._batch_counts, Counter()
+        if not counts:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for (model_id, size), times in counts.items():
+            observe(pipe, BATCH_SIZE, model_id, size, times)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            with self._batch_counts_lock:
+                self._batch_counts.update(counts)  # kept for the next flush
 
     def _batcher(self, spec: ModelSpec, runtime: Runtime) -> ModelBatcher:
         with self._batchers_lock:
@@ -164,7 +191,8 @@ class WorkerService:
                 threads = intra_op_threads(self.settings, spec.instances)
                 batcher = ModelBatcher(runtime, spec.max_batch_size, spec.max_batch_delay_ms, spec.instances,
                                        setup_thread=lambda: set_torch_threads(threads) if
-                                       spec.model_type != "onnx" else None)
+                                       spec.model_type != "onnx" else None,
+                                       on_batch=lambda size: self.record_batch(spec.id, size))
                 self._batchers[spec.id] = batcher
             return batcher
 

@@ -1,4 +1,4 @@
-"""Health, heartbeat and metrics: the status code is the answer."""
+"""Health, readiness, workers and metrics: the status code is the answer."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ from flask import current_app
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from api.metrics import metrics_response
-from api.schemas import HealthSchema
+from api.schemas import HealthSchema, WorkersSchema
 from api.services import services
+from tasks.cluster import LOADED
+from tasks.names import CPU_QUEUE, queue_for_device
 
 blp = Blueprint("health", __name__, description="Health and monitoring")
 
+NO_WORKER = "no live worker; start one with `python manage.py worker --device cpu`"
 
-def health_checks() -> tuple[bool, dict]:
+
+def health_checks(readiness: bool = False) -> tuple[bool, dict]:
+    """Redis and workers (and, for readiness, every model meant to be loaded is loaded somewhere)."""
     svc = services()
     checks: dict = {}
     started = time.perf_counter()
@@ -24,11 +28,24 @@ def health_checks() -> tuple[bool, dict]:
         svc.cluster.redis.ping()
         checks["redis"] = {"status": "ok", "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
         workers = svc.cluster.live_workers()
-        by_device = Counter(w["device"] for w in workers)
-        checks["workers"] = {"status": "ok" if workers else "fail", "live": len(workers),
-                             "by_device": dict(by_device)}
+        checks["workers"] = {
+            "status": "ok" if workers else "fail", "live": len(workers),
+            "by_device": dict(Counter(w["device"] for w in workers)),
+            "oldest_heartbeat_age_s": max((w["heartbeat_age_s"] for w in workers), default=None),
+        }
         if not workers:
-            checks["workers"]["error"] = "no live worker; start one with `python manage.py worker --device cpu`"
+            checks["workers"]["error"] = NO_WORKER
+        devices = {CPU_QUEUE} | {w["device"] for w in workers}
+        checks["queues"] = {"status": "ok",
+                            "depth": {d: svc.cluster.redis.llen(queue_for_device(d)) for d in sorted(devices)}}
+        if readiness:
+            desired = svc.cluster.all_desired()
+            missing = sorted(mid for mid in desired
+                             if not any(r["state"] == LOADED for r in svc.cluster.replicas(mid, workers)))
+            checks["models"] = {"status": "fail" if missing else "ok", "desired": sorted(desired),
+                                "not_loaded": missing}
+            if missing:
+                checks["models"]["error"] = f"meant to be loaded but not resident anywhere: {', '.join(missing)}"
     except Exception as exc:
         checks["redis"] = {"status": "fail", "error": f"Redis is not reachable: {type(exc).__name__}"}
         checks["workers"] = {"status": "unknown", "error": "cannot be checked without Redis"}
@@ -36,13 +53,32 @@ def health_checks() -> tuple[bool, dict]:
     return healthy, checks
 
 
+def _reply(healthy: bool, checks: dict):
+    return {"status": "ok" if healthy else "degraded", "checks": checks}, 200 if healthy else 503
+
+
 @blp.route("/health")
 class Health(MethodView):
     @blp.response(200, HealthSchema, description="Redis answers and at least one worker is alive")
     @blp.alt_response(503, schema=HealthSchema, description="Degraded: the failing check is named")
     def get(self):
-        healthy, checks = health_checks()
-        return {"status": "ok" if healthy else "degraded", "checks": checks}, 200 if healthy else 503
+        return _reply(*health_checks())
+
+
+@blp.route("/health/live")
+class Live(MethodView):
+    @blp.response(200, HealthSchema, description="The API process is alive (no dependency is checked)")
+    def get(self):
+        return {"status": "ok", "checks": {"api": {"status": "ok"}}}
+
+
+@blp.route("/health/ready")
+class Ready(MethodView):
+    @blp.response(200, HealthSchema, description="Redis answers, a worker is alive, every model meant to be "
+                                                  "loaded is resident somewhere")
+    @blp.alt_response(503, schema=HealthSchema, description="Not ready: the failing check is named")
+    def get(self):
+        return _reply(*health_checks(readiness=True))
 
 
 @blp.route("/heartbeat")
@@ -52,8 +88,26 @@ class Heartbeat(MethodView):
         return {"status": "ok", "checks": {"api": {"status": "ok", "time": time.time()}}}
 
 
+@blp.route("/workers")
+class Workers(MethodView):
+    @blp.response(200, WorkersSchema, description="Live workers with device, heartbeat age, resident models "
+                                                  "and memory")
+    def get(self):
+        workers = services().cluster.live_workers()
+        out = []
+        for w in workers:
+            out.append({
+                "name": w["name"], "device": w["device"], "queue": w["queue"], "hostname": w["hostname"],
+                "pid": w["pid"], "started_at": w["started_at"], "heartbeat_age_s": w["heartbeat_age_s"],
+                "concurrency": w.get("concurrency"), "memory": w.get("memory", {}),
+                "models": {mid: {k: v for k, v in info.items() if k != "info"}
+                           for mid, info in w.get("models", {}).items()},
+            })
+        return {"workers": out}
+
+
 @blp.route("/metrics")
 class Metrics(MethodView):
-    @blp.response(200, description="Prometheus text exposition format")
+    @blp.response(200, description="Prometheus text exposition format", content_type="text/plain")
     def get(self):
-        return metrics_response(current_app.extensions["aethercore_metrics"])
+        return current_app.extensions["aethercore_metrics"].response()

@@ -7,15 +7,16 @@ from typing import Any
 
 import json
 
-from flask import Response, request, stream_with_context
+from flask import Response, current_app, request, stream_with_context
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
-from api.schemas import JOB_ID_RE, JobSchema, WaitQuerySchema
+from api.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
 from api.services import services
 from api.streaming import follow_job
+from tasks.jobs import TERMINAL
 
 blp = Blueprint("jobs", __name__, description="Submitted jobs")
 _JOB_ID = re.compile(JOB_ID_RE)
@@ -30,6 +31,15 @@ def find_job(job_id: str) -> dict[str, Any]:
     return job
 
 
+@blp.route("/jobs")
+class Jobs(MethodView):
+    @blp.arguments(JobListQuerySchema, location="query")
+    @blp.response(200, JobListSchema, description="Recent jobs, newest first")
+    def get(self, query: dict[str, Any]):
+        limit = query.pop("limit")
+        return {"jobs": [public_job(j) for j in services().jobs.recent(limit, **query)]}
+
+
 @blp.route("/jobs/<string:job_id>")
 class Job(MethodView):
     @blp.arguments(WaitQuerySchema, location="query")
@@ -39,6 +49,20 @@ class Job(MethodView):
     def get(self, query: dict[str, Any], job_id: str):
         job = find_job(job_id)
         return job_reply(services().wait(job, query["wait"]))
+
+    @blp.response(200, JobSchema, description="Cancelled: a queued job never runs")
+    @blp.alt_response(202, schema=JobSchema, description="Running: asked to stop (a stream stops within a few "
+                                                          "tokens; a forward pass in progress completes)")
+    @blp.alt_response(404, description="Unknown or expired job")
+    @blp.alt_response(409, description="The job already ended")
+    def delete(self, job_id: str):
+        job = find_job(job_id)
+        jobs = services().jobs
+        if job["status"] in TERMINAL or not jobs.request_cancel(job["job_id"], "cancelled with DELETE /jobs"):
+            current = jobs.get(job["job_id"]) or job
+            raise ApiError(409, "job_ended", f"job {job_id} already ended ({current['status']}); nothing to cancel",
+                           {"status": current["status"]})
+        return job_reply(jobs.get(job["job_id"]) or job)
 
 
 def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
@@ -59,7 +83,16 @@ class JobStream(MethodView):
         if not re.fullmatch(r"\d+-\d+", last_id):
             raise ApiError(400, "bad_request", "Last-Event-ID must be an id this stream sent (like 1712-0)")
 
+        gauge = current_app.extensions["aethercore_metrics"].streams.labels("sse")
+
         def events():
+            gauge.inc()
+            try:
+                yield from _events()
+            finally:
+                gauge.dec()
+
+        def _events():
             for event in follow_job(jobs, job["job_id"], last_id, keepalive_s=15):
                 if event.kind == "keepalive":
                     yield ": keepalive\n\n"

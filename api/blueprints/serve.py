@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import marshmallow as ma
+from flask import current_app
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from loguru import logger
@@ -118,6 +119,14 @@ def register_websocket(sock) -> None:
 
     @sock.route("/serve/stream")
     def serve_stream(ws) -> None:
+        gauge = current_app.extensions["aethercore_metrics"].streams.labels("websocket")
+        gauge.inc()
+        try:
+            _serve_stream(ws)
+        finally:
+            gauge.dec()
+
+    def _serve_stream(ws) -> None:
         svc = services()
         try:
             raw = ws.receive(timeout=30)

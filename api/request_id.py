@@ -1,0 +1,40 @@
+"""X-Request-ID: taken from the client (when well-formed) or generated, echoed in the response,
+bound to every log line of the request, stored on the jobs it creates and logged by the worker."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from flask import Flask, Response, g, request
+from loguru import logger
+
+HEADER = "X-Request-ID"
+_ENVIRON_KEY = "aethercore.request_id"
+_VALID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def current_request_id() -> str | None:
+    return g.get("request_id")
+
+
+def init_request_id(app: Flask) -> None:
+    wsgi_app = app.wsgi_app
+
+    def with_request_id(environ, start_response):
+        supplied = environ.get("HTTP_X_REQUEST_ID", "")
+        request_id = supplied if _VALID.match(supplied) else uuid.uuid4().hex
+        environ[_ENVIRON_KEY] = request_id
+        with logger.contextualize(request_id=request_id):
+            return wsgi_app(environ, start_response)
+
+    app.wsgi_app = with_request_id
+
+    @app.before_request
+    def _assign() -> None:
+        g.request_id = request.environ.get(_ENVIRON_KEY) or uuid.uuid4().hex
+
+    @app.after_request
+    def _echo(response: Response) -> Response:
+        response.headers[HEADER] = g.get("request_id", "")
+        return response
