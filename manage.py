@@ -29,8 +29,10 @@ app = typer.Typer(help="AetherCore model serving: processes, models, inference a
 models_app = typer.Typer(help="Configured models: build the demo models, list, load, unload, inspect.",
                          no_args_is_help=True)
 system_app = typer.Typer(help="System status, health and services.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Submitted jobs: list, show, cancel.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(system_app, name="system")
+app.add_typer(jobs_app, name="jobs")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -115,7 +117,9 @@ def flower(port: Optional[int] = typer.Option(None, help="Port (default AETHERCO
 
     cfg = settings()
     setup_logging("flower", cfg.log_level, cfg.log_format)
-    argv = ["flower", f"--port={port or cfg.flower_port}", "--address=0.0.0.0"]
+    argv = ["flower", f"--port={port or cfg.flower_port}", "--address=0.0.0.0",
+            # kwargs show the model id and job ids of each task (never the inputs: see api/dispatch.py).
+            "--tasks_columns=name,uuid,state,kwargs,received,runtime,worker"]
     if cfg.flower_basic_auth:
         argv.append(f"--basic-auth={cfg.flower_basic_auth}")
     make_celery(cfg).start(argv=argv)
@@ -425,19 +429,41 @@ def system_health(as_json: bool = typer.Option(False, "--json")) -> None:
 
 @system_app.command("status")
 def system_status(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Health plus every model's state and replicas."""
-    _, health = client().request("GET", "/health", ok=(200, 503))
-    _, models = client().request("GET", "/models")
+    """API health, workers per device (heartbeat age, resident models, memory), queues, models, Flower."""
+    api = client()
+    _, health = api.request("GET", "/health", ok=(200, 503))
+    _, workers = api.request("GET", "/workers")
+    _, models = api.request("GET", "/models")
+    flower_url = f"http://127.0.0.1:{settings().flower_port}"
+    flower = _probe(f"{flower_url}/healthcheck")
     if as_json:
-        return print_json({"health": health, "models": models["models"]})
-    console.print(f"API {settings().url}: [bold]{health['status']}[/bold]; "
-                  f"workers: {health['checks'].get('workers', {}).get('by_device', {})}")
-    table = Table("model", "state", "device", "replicas", "memory")
-    for m in models["models"]:
-        memory = sum(r.get("memory_bytes", 0) for r in m["replicas"])
-        table.add_row(m["model_id"], m["state"], m["device"] or "-", str(len(m["replicas"])),
-                      format_size(memory) if memory else "-")
+        return print_json({"api": api.base_url, "health": health, "workers": workers["workers"],
+                           "models": models["models"], "flower": {"url": flower_url, "status": flower}})
+    checks = health["checks"]
+    console.print(f"API {api.base_url}: [bold]{health['status']}[/bold]   Redis: {checks['redis']['status']}   "
+                  f"Flower {flower_url}: {flower}")
+    depth = checks.get("queues", {}).get("depth", {})
+    console.print("queues: " + (", ".join(f"{q}={n}" for q, n in depth.items()) or "-"))
+    table = Table("worker", "device", "heartbeat age", "resident models", "model memory", "process memory")
+    for w in workers["workers"]:
+        resident = [f"{mid} ({format_size(info.get('memory_bytes', 0))})" for mid, info in w["models"].items()
+                    if info.get("state") == "loaded"]
+        table.add_row(w["name"], w["device"], f"{w['heartbeat_age_s']:.1f} s", ", ".join(resident) or "-",
+                      format_size(w["memory"].get("cache_used_bytes", 0)),
+                      format_size(w["memory"].get("rss_bytes", 0)))
     console.print(table)
+    table = Table("model", "state", "device", "replicas")
+    for m in models["models"]:
+        table.add_row(m["model_id"], m["state"], m["device"] or "-", str(len(m["replicas"])))
+    console.print(table)
+
+
+def _probe(url: str) -> str:
+    try:
+        code = requests.get(url, timeout=2).status_code
+    except requests.RequestException as exc:
+        return f"down ({type(exc).__name__})"
+    return "up" if code < 500 or code == 503 else f"down (HTTP {code})"
 
 
 @system_app.command("services")
@@ -449,12 +475,8 @@ def system_services(as_json: bool = typer.Option(False, "--json")) -> None:
     rows = []
 
     def probe_http(name: str, url: str) -> None:
-        try:
-            code = requests.get(url, timeout=2).status_code
-            rows.append({"service": name, "address": url, "status": "up" if code < 500 or code == 503 else "down",
-                         "detail": f"HTTP {code}"})
-        except requests.RequestException as exc:
-            rows.append({"service": name, "address": url, "status": "down", "detail": type(exc).__name__})
+        state = _probe(url)
+        rows.append({"service": name, "address": url, "status": state.split(" ")[0], "detail": state})
 
     probe_http("api", f"{cfg.url.rstrip('/')}/heartbeat")
     try:
@@ -469,6 +491,42 @@ def system_services(as_json: bool = typer.Option(False, "--json")) -> None:
     for row in rows:
         table.add_row(row["service"], row["address"], row["status"], row["detail"])
     console.print(table)
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------
+@jobs_app.command("list")
+def jobs_list(limit: int = typer.Option(20, help="How many (newest first)"),
+              status: Optional[str] = typer.Option(None, help="Only this status"),
+              model_id: Optional[str] = typer.Option(None, "--model", help="Only this model"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """Recent jobs, newest first."""
+    params = {k: v for k, v in {"limit": limit, "status": status, "model_id": model_id}.items() if v is not None}
+    _, body = client().request("GET", "/jobs", params=params)
+    if as_json:
+        return print_json(body)
+    table = Table("job", "kind", "model", "status", "created", "worker", "error")
+    for job in body["jobs"]:
+        table.add_row(job["job_id"], job["kind"], job["model_id"], job["status"], job["created_at"] or "-",
+                      job["worker"] or "-", (job.get("error") or {}).get("code", ""))
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One job with its result or error."""
+    _, job = client().request("GET", f"/jobs/{job_id}")
+    print_json(job)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Cancel a queued job (it never runs) or stop a running stream."""
+    status, job = client().request("DELETE", f"/jobs/{job_id}")
+    if as_json:
+        return print_json(job)
+    console.print(f"{job_id}: {'cancelled' if status == 200 else 'asked to stop'} (status {job['status']})")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ class InferenceDispatcher:
     def _send(self, model_id: str, device: str, jobs: list[dict[str, Any]]) -> None:
         self.celery.send_task(
             INFER, kwargs={"model_id": model_id, "jobs": jobs}, queue=queue_for_device(device),
+            # A message with one job carries the job's id, so Flower and the API name the same thing.
+            task_id=jobs[0]["job_id"] if len(jobs) == 1 else None,
             # What Flower and logs show instead of the inputs themselves.
             kwargsrepr=repr({"model_id": model_id, "job_ids": [j["job_id"] for j in jobs]}),
         )

@@ -63,7 +63,9 @@ def setup_logging(component: str, level: str = "INFO", fmt: str = "text") -> Non
     else:
         logger.add(sys.stderr, level=level, format=_TEXT_FORMAT, backtrace=False, diagnose=False, colorize=None)
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
-    for name in ("celery", "kombu", "werkzeug", "gunicorn", "gunicorn.error", "gunicorn.access", "flask", "tornado"):
+    logging.captureWarnings(True)  # Python warnings become log lines too (JSON when JSON is on)
+    for name in ("celery", "kombu", "werkzeug", "gunicorn", "gunicorn.error", "gunicorn.access", "flask", "tornado",
+                 "py.warnings"):
         lib_logger = logging.getLogger(name)
         lib_logger.handlers = [InterceptHandler()]
         lib_logger.propagate = False

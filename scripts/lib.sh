@@ -63,3 +63,10 @@ ensure_redis_server() {
 ensure_models() {
   HF_HUB_OFFLINE=1 "$PY" manage.py models bootstrap >/dev/null
 }
+
+# Headless Chromium for the Flower browser test (Debian's packages; no browser download).
+ensure_browser() {
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    apt_install chromium chromium-driver || log "could not install chromium; the Flower browser test will be skipped"
+  fi
+}

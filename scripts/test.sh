@@ -5,6 +5,7 @@ source "$(dirname "$0")/lib.sh"
 ensure_venv
 ensure_requirements dev
 ensure_redis_server
+ensure_browser
 ensure_models
 export HF_HUB_OFFLINE=1
 exec "$PY" -m pytest "$@"

@@ -49,8 +49,10 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
 
     service.start()
     service.publish()
+    # JSON logs: no ASCII banner on stdout, so every output line parses.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
     app.worker_main([
-        "worker", "--queues", queue_for_device(device), "--pool", "threads",
+        *quiet, "worker", "--queues", queue_for_device(device), "--pool", "threads",
         "--concurrency", str(settings.worker_concurrency), "--hostname", nodename,
         "--loglevel", settings.log_level if settings.log_level != "TRACE" else "DEBUG",
         "--without-gossip", "--without-mingle", "--task-events",
