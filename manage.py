@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,6 +31,9 @@ models_app = typer.Typer(help="Configured models: build the demo models, list, l
                          no_args_is_help=True)
 system_app = typer.Typer(help="System status, health and services.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Submitted jobs: list, show, cancel.", no_args_is_help=True)
+auth_app = typer.Typer(help="API keys and tokens (talks to Redis directly: run it where Redis is reachable).",
+                       no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
 app.add_typer(models_app, name="models")
 app.add_typer(system_app, name="system")
 app.add_typer(jobs_app, name="jobs")
@@ -54,15 +58,27 @@ def fail(message: str, code: int = 1) -> None:
 # --------------------------------------------------------------------------------------------
 # HTTP client for admin verbs
 # --------------------------------------------------------------------------------------------
+def api_key(cfg: Settings) -> str | None:
+    """AETHERCORE_API_KEY, else the admin key `manage.py up` keeps on this machine (if readable)."""
+    key = os.environ.get("AETHERCORE_API_KEY", "").strip()
+    if key:
+        return key
+    try:
+        return cfg.admin_key_file.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class ApiClient:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 202), timeout: float = 75,
                 **kwargs: Any) -> tuple[int, Any]:
         url = f"{self.base_url}{path}"
         try:
-            response = requests.request(method, url, timeout=timeout, **kwargs)
+            response = requests.request(method, url, timeout=timeout, headers=self.headers, **kwargs)
         except requests.ConnectionError:
             fail(f"the API is not reachable at {self.base_url} (tried {method} {url}); start it with "
                  "`python manage.py up` or set AETHERCORE_URL")
@@ -72,6 +88,9 @@ class ApiClient:
             body = response.json()
         except ValueError:
             fail(f"{method} {url} answered {response.status_code} with a non-JSON body")
+        if response.status_code == 401:
+            fail(f"{method} {path} -> 401: {body.get('error', {}).get('message', '')}; set AETHERCORE_API_KEY "
+                 "(`python manage.py up` writes an admin key to AETHERCORE_ADMIN_KEY_FILE)")
         if response.status_code not in ok:
             error = body.get("error", {}) if isinstance(body, dict) else {}
             fail(f"{method} {path} -> {response.status_code} {error.get('code', '')}: "
@@ -80,7 +99,8 @@ class ApiClient:
 
 
 def client() -> ApiClient:
-    return ApiClient(settings().url)
+    cfg = settings()
+    return ApiClient(cfg.url, api_key(cfg))
 
 
 def print_json(data: Any) -> None:
@@ -162,6 +182,12 @@ def up(
 
     with console.status("building the demo models (first run only)..."):
         bootstrap(cfg.model_store)
+    if cfg.auth:
+        key_file = _ensure_admin_key(cfg)
+        env.setdefault("AETHERCORE_API_KEY", key_file.read_text().strip())
+        if not cfg.flower_basic_auth:
+            env["AETHERCORE_FLOWER_BASIC_AUTH"] = _ensure_secret_file(cfg.admin_key_file.parent / "flower.auth",
+                                                                      lambda: f"admin:{secrets.token_urlsafe(12)}")
 
     def spawn(name: str, *args: str) -> None:
         proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "manage.py"), *args], env=env, cwd=REPO_ROOT,
@@ -198,6 +224,11 @@ def up(
             console.print(f"[green]AetherCore is up[/green]: API {base} (docs {base}/docs, metrics {base}/metrics)"
                           + ("" if no_flower else f", Flower http://127.0.0.1:{flower_port}")
                           + ". Ctrl-C stops everything.")
+            if cfg.auth:
+                console.print(f"Auth is on. Admin key: {cfg.admin_key_file} (mode 600). Use it with\n"
+                              f"  export AETHERCORE_API_KEY=$(cat {cfg.admin_key_file})\n"
+                              f'  curl -H "Authorization: Bearer $AETHERCORE_API_KEY" {base}/models\n'
+                              f"Flower login: {cfg.admin_key_file.parent / 'flower.auth'}", highlight=False)
         while True:
             for name, proc in children:
                 if proc.poll() is not None:
@@ -209,6 +240,39 @@ def up(
     finally:
         stop_all()
         console.print("stopped.")
+
+
+def _ensure_secret_file(path: Path, make: Any) -> str:
+    """Read a secret kept in a file only its owner can read, creating it on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def _ensure_admin_key(cfg: Settings) -> Path:
+    """First run: create an admin key (hashed in Redis, the key itself in a mode-600 file). Later runs:
+    make sure the key in the file is still known to Redis (a Redis without persistence forgets it)."""
+    from api.auth import KeyStore, split_key
+    from tasks.redis_client import make_redis
+
+    store = KeyStore(make_redis(cfg.redis_url))
+    created: list[str] = []
+
+    def make() -> str:
+        _key_id, key = store.create("admin", "created by manage.py up")
+        created.append(key)
+        return key
+
+    key = _ensure_secret_file(cfg.admin_key_file, make)
+    if not created and store.lookup(key) is None:
+        key_id, secret = split_key(key)
+        store.register(key_id, secret, "admin", "created by manage.py up")
+    return cfg.admin_key_file
 
 
 def _wait_healthy(base: str, children: list, timeout_s: float) -> bool:
@@ -384,7 +448,7 @@ def _serve_stream(payload: dict[str, Any]) -> None:
     url = f"{api.base_url}/jobs/{job['job_id']}/stream"
     event = None
     try:
-        with requests.get(url, stream=True, timeout=(5, 120)) as response:
+        with requests.get(url, stream=True, timeout=(5, 120), headers=api.headers) as response:
             for line in response.iter_lines(decode_unicode=True):
                 if line.startswith("event: "):
                     event = line[7:]
@@ -527,6 +591,67 @@ def jobs_cancel(job_id: str, as_json: bool = typer.Option(False, "--json")) -> N
     if as_json:
         return print_json(job)
     console.print(f"{job_id}: {'cancelled' if status == 200 else 'asked to stop'} (status {job['status']})")
+
+
+# --------------------------------------------------------------------------------------------
+# Auth
+# --------------------------------------------------------------------------------------------
+def _key_store():
+    from api.auth import KeyStore
+    from tasks.redis_client import make_redis
+
+    cfg = settings()
+    try:
+        client_ = make_redis(cfg.redis_url)
+        client_.ping()
+    except Exception:
+        fail(f"Redis is not reachable at {cfg.redis_url} (AETHERCORE_REDIS_URL)")
+    return KeyStore(client_)
+
+
+@auth_app.command("create-key")
+def auth_create_key(role: str = typer.Option(..., help="admin, operator, user or viewer"),
+                    name: str = typer.Option("", help="A note on who or what uses it")) -> None:
+    """Create an API key; it is printed once and stored only hashed."""
+    try:
+        key_id, key = _key_store().create(role, name)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    err.print(f"created key {key_id} with role {role}; it is shown once, keep it safe:")
+    print(key)
+
+
+@auth_app.command("revoke")
+def auth_revoke(key_id: str) -> None:
+    """Revoke a key by its id (API processes stop accepting it within 5 s)."""
+    if not _key_store().revoke(key_id):
+        fail(f"no key with id {key_id!r}")
+    console.print(f"revoked {key_id}")
+
+
+@auth_app.command("list")
+def auth_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Keys stored in Redis (ids and roles, never the keys)."""
+    keys = _key_store().list()
+    if as_json:
+        return print_json(keys)
+    table = Table("key id", "role", "name", "created")
+    for k in keys:
+        table.add_row(k["key_id"], k["role"], k["name"], time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"])))
+    console.print(table)
+
+
+@auth_app.command("token")
+def auth_token(role: str = typer.Option(..., help="admin, operator, user or viewer"),
+               ttl: int = typer.Option(3600, help="Seconds until it expires"),
+               sub: str = typer.Option("cli", help="The subject (who the token is for)")) -> None:
+    """Issue a JWT signed with AETHERCORE_JWT_SECRET."""
+    from api.auth import issue_token
+
+    try:
+        print(issue_token(settings().jwt_secret, sub, role, ttl))
+    except ValueError as exc:
+        fail(str(exc), 2)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
 from api.metrics import init_metrics
 from api.request_id import init_request_id
+from api.security import init_security
 from api.services import Services
 from config.models import load_models
 from config.settings import Settings
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_SWAGGER_UI_PATH="/docs",
         OPENAPI_SWAGGER_UI_URL=ASSETS_URL,
         JSON_SORT_KEYS=False,
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
     )
     redis_client = make_redis(settings.redis_url)
     cluster = ClusterState(redis_client, settings.worker_ttl)
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
     init_request_id(app)
+    init_security(app, settings, redis_client)
 
     api = AetherApi(app)
     for module in (health, serve, jobs, models):

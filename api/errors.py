@@ -70,6 +70,10 @@ def http_exception_response(exc: HTTPException):
         message = f"no such endpoint: {request.method} {request.path}; see /docs for the API"
     if status == 405:
         message = f"{request.method} is not allowed on {request.path}"
+    if status == 429:
+        message = f"rate limit exceeded ({exc.description}); retry after the Retry-After header's seconds"
+    if status == 413:
+        message = "the request body is larger than AETHERCORE_MAX_REQUEST_BYTES allows"
     if status >= 500:
         message = "internal error; the incident was logged"
     return error_response(status, DEFAULT_CODES.get(status, "error"), message, details,

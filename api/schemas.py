@@ -18,6 +18,8 @@ class ServeRequestSchema(ma.Schema):
                                 metadata={"example": "minilm"})
     inputs = ma.fields.Dict(required=True, metadata={"example": {"text": "Hello world"}})
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 100}})
+    timeout = ma.fields.Float(validate=validate.Range(min=0.001, max=86400), metadata={
+        "description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"})
 
 
 class BatchRequestSchema(ma.Schema):
@@ -26,6 +28,8 @@ class BatchRequestSchema(ma.Schema):
     inputs = ma.fields.List(ma.fields.Dict(), required=True, validate=validate.Length(min=1),
                             metadata={"example": [{"text": "first"}, {"text": "second"}]})
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 128}})
+    timeout = ma.fields.Float(validate=validate.Range(min=0.001, max=86400), metadata={
+        "description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"})
 
 
 class WaitQuerySchema(ma.Schema):
@@ -48,6 +52,7 @@ class JobSchema(ma.Schema):
     worker = ma.fields.String(allow_none=True)
     attempts = ma.fields.Integer()
     request_id = ma.fields.String(allow_none=True)
+    owner = ma.fields.String(allow_none=True, metadata={"description": "Who submitted it (API key id or JWT subject)"})
     chunks = ma.fields.Integer(metadata={"description": "Chunks streamed so far"})
     created_at = ma.fields.String(allow_none=True)
     started_at = ma.fields.String(allow_none=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from flask import current_app
+from flask import current_app, g
 
 from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
@@ -50,11 +50,18 @@ class Services:
         batch requests always travel alone.
         """
         request_id = current_request_id()
-        job = self.jobs.create(kind=kind, model_id=spec.id, device=device, request_id=request_id)
+        if kind == "inference":
+            self._check_backpressure(device)
+        who = g.get("principal")
+        job = self.jobs.create(kind=kind, model_id=spec.id, device=device, request_id=request_id,
+                               owner=who.id if who is not None else None)
         try:
             if kind == "inference":
                 work = {"job_id": job["job_id"], "submitted_at": job["_created_ts"], "request_id": request_id,
                         **payload}
+                if payload.get("timeout"):
+                    work["deadline"] = job["_created_ts"] + payload.pop("timeout")
+                    work.pop("timeout", None)
                 coalesce = spec.task != "text-generation" and not payload.get("batch")
                 self.dispatcher.publish(spec.id, device, work, coalesce=coalesce)
             else:
@@ -69,6 +76,13 @@ class Services:
                                                            "message": "the job could not be queued"})
             raise
         return job
+
+    def _check_backpressure(self, device: str) -> None:
+        depth = self.cluster.redis.llen(queue_for_device(device))
+        if depth >= self.settings.max_queue_depth:
+            raise ApiError(429, "queue_full", f"the {device} queue holds {depth} jobs, at its limit "
+                           f"(AETHERCORE_MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry later",
+                           {"queue": queue_for_device(device), "depth": depth}, headers={"Retry-After": "5"})
 
     def wait(self, job: dict[str, Any], wait_s: float) -> dict[str, Any]:
         wait_s = min(wait_s, self.settings.max_wait)

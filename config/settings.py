@@ -78,6 +78,27 @@ def _basic_auth(value: str) -> str:
     return value
 
 
+_ROLES = ("admin", "operator", "user", "viewer")
+
+
+def _api_keys(value: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, role = pair.rpartition(":")
+        if not sep or not key or role not in _ROLES:
+            raise ValueError(f"each entry must be key:role with role one of {', '.join(_ROLES)}")
+        if len(key) < 16:
+            raise ValueError("API keys must be at least 16 characters")
+        keys[key] = role
+    return keys
+
+
+def _rate_limit(value: str) -> str:
+    if value and not re.match(r"^\s*\d+\s*(/|per)\s*\w+", value):
+        raise ValueError("use flask-limiter syntax like 600/minute")
+    return value.strip()
+
+
 def _log_level(value: str) -> str:
     upper = value.strip().upper()
     if upper not in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}:
@@ -154,6 +175,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("flower_basic_auth", "AETHERCORE_FLOWER_BASIC_AUTH", "", _basic_auth,
             "`user:password[,user2:password2]` to put Flower behind basic auth; empty: no auth."),
     Setting("url", "AETHERCORE_URL", "http://127.0.0.1:8001", str, "Where `manage.py` finds the API."),
+    Setting("auth", "AETHERCORE_AUTH", "true", parse_bool,
+            "Require an API key or JWT on every endpoint but /heartbeat, /health*, /docs and /openapi.json."),
+    Setting("api_keys", "AETHERCORE_API_KEYS", "", _api_keys,
+            "Static API keys, `key:role` pairs separated by commas (roles: admin, operator, user, viewer)."),
+    Setting("jwt_secret", "AETHERCORE_JWT_SECRET", "", str,
+            "HS256 secret for JWTs (`sub`, `role`, `exp` checked); empty: JWTs are not accepted."),
+    Setting("metrics_auth", "AETHERCORE_METRICS_AUTH", "false", parse_bool,
+            "Require credentials (any role) for /metrics."),
+    Setting("rate_limit", "AETHERCORE_RATE_LIMIT", "6000/minute", _rate_limit,
+            "Requests per caller (API key, JWT subject, or address) in flask-limiter syntax; empty: no limit."),
+    Setting("admin_key_file", "AETHERCORE_ADMIN_KEY_FILE", "var/admin.key", _path,
+            "Where `manage.py up` keeps the admin key it creates on first run (mode 600)."),
+    Setting("max_request_bytes", "AETHERCORE_MAX_REQUEST_BYTES", "10MB", parse_size,
+            "Largest request body; larger ones are refused with 413."),
+    Setting("max_input_chars", "AETHERCORE_MAX_INPUT_CHARS", "20000", _positive_int,
+            "Longest `inputs.text` accepted (422 beyond)."),
+    Setting("max_queue_depth", "AETHERCORE_MAX_QUEUE_DEPTH", "10000", _positive_int,
+            "Messages a device queue may hold; new submissions beyond it get 429 with Retry-After."),
+    Setting("visibility_timeout", "AETHERCORE_VISIBILITY_TIMEOUT", "900", _positive_int,
+            "Seconds before an unacknowledged job (its worker died) is redelivered; longer than the longest job."),
+    Setting("max_attempts", "AETHERCORE_MAX_ATTEMPTS", "3", _positive_int,
+            "Deliveries of a job before it is failed as poison (it killed its worker each time)."),
 )
 
 
@@ -185,6 +228,17 @@ class Settings:
     flower_port: int
     flower_basic_auth: str
     url: str
+    auth: bool
+    api_keys: dict
+    jwt_secret: str
+    metrics_auth: bool
+    rate_limit: str
+    admin_key_file: Path
+    max_request_bytes: int
+    max_input_chars: int
+    max_queue_depth: int
+    visibility_timeout: int
+    max_attempts: int
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -200,7 +254,7 @@ class Settings:
                 values[spec.name] = overrides.pop(spec.name)
                 continue
             raw = env.get(spec.env, spec.default)
-            if spec.name in {"broker_url", "flower_basic_auth"} and raw == "":
+            if spec.name in {"broker_url", "flower_basic_auth", "jwt_secret", "rate_limit"} and raw == "":
                 values[spec.name] = ""
                 continue
             try:

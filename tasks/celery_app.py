@@ -7,8 +7,9 @@ from celery import Celery
 from config.settings import Settings, get_settings
 from tasks.names import CPU_QUEUE
 
-# Longer than the longest job: an unacked message is redelivered only after this many seconds.
-VISIBILITY_TIMEOUT_S = 3600
+# How often each worker sweeps for messages whose worker died (kombu's Redis transport); a dead
+# worker's job is redelivered between visibility_timeout and visibility_timeout + this many seconds.
+RESTORE_SWEEP_S = 5
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -27,7 +28,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_transport_options={
-            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            # Longer than the longest job: an unacknowledged message is redelivered after this.
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": RESTORE_SWEEP_S,
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 2,
         },
         broker_connection_timeout=2,

@@ -34,7 +34,11 @@ if current == 'succeeded' or current == 'failed' or current == 'cancelled' or cu
 end
 if ARGV[1] == 'running' and current ~= 'queued' and current ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
-if ARGV[1] == 'running' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+if ARGV[1] == 'running' then
+  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return attempts
+end
 if ARGV[3] == 'done' then
   if ARGV[4] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'chunks') or '0') == 0 then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'chunk', 'index', '0', 'data', ARGV[4])
@@ -96,7 +100,8 @@ class JobStore:
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
 
     # -- writes ------------------------------------------------------------------------------
-    def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None) -> dict[str, Any]:
+    def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None,
+               owner: str | None = None) -> dict[str, Any]:
         job_id = new_job_id()
         now = time.time()
         fields = {
@@ -105,6 +110,8 @@ class JobStore:
         }
         if request_id:
             fields["request_id"] = request_id
+        if owner:
+            fields["owner"] = owner
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), mapping=fields)
         pipe.expire(job_key(job_id), self.ttl_s)
@@ -137,19 +144,20 @@ class JobStore:
             start += page
         return found
 
-    def mark_running(self, job_id: str, worker: str) -> bool:
-        """False when the job already ended (a redelivery after the result was written, or cancelled)."""
+    def mark_running(self, job_id: str, worker: str) -> int:
+        """The job's delivery count (1 the first time), or 0 when it already ended (a redelivery after
+        its result was written, or it was cancelled)."""
         return self.mark_running_many([job_id], worker)[0]
 
-    def mark_running_many(self, job_ids: list[str], worker: str) -> list[bool]:
-        """One round trip for the jobs of one message; False for each job that already ended."""
+    def mark_running_many(self, job_ids: list[str], worker: str) -> list[int]:
+        """One round trip for the jobs of one message: each job's delivery count, 0 if it already ended."""
         started = repr(time.time())
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             self._transition(keys=[job_key(job_id), job_events_key(job_id)],
                              args=[RUNNING, str(self.ttl_s), "status", "", "started_at", started, "worker", worker],
                              client=pipe)
-        return [outcome == 1 for outcome in pipe.execute()]
+        return [max(0, int(outcome)) for outcome in pipe.execute()]
 
     def finish_many(self, outcomes: list[dict[str, Any]],
                     also: Callable[[Any], None] | None = None) -> list[bool]:
@@ -262,6 +270,7 @@ class JobStore:
             "worker": fields.get("worker"),
             "attempts": int(fields.get("attempts") or 0),
             "request_id": fields.get("request_id"),
+            "owner": fields.get("owner"),
             "chunks": int(fields.get("chunks") or 0),
             "created_at": iso(created),
             "started_at": iso(started),

@@ -13,7 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from config.settings import Settings  # noqa: E402
-from tests.support import RedisServer, WorkerProcess, base_env  # noqa: E402
+from tests.support import ADMIN_KEY, RedisServer, WorkerProcess, base_env  # noqa: E402
 
 # Redis databases of the session server, one per group of tests that needs its own cluster state.
 DB_MAIN, DB_SCALING, DB_EVICTION, DB_E2E, DB_MISC = 0, 1, 2, 3, 4
@@ -29,6 +29,16 @@ def redis_server() -> Iterator[RedisServer]:
 def settings_for(redis_url: str, **overrides: Any) -> Settings:
     env = base_env(redis_url)
     return Settings.from_env(env, **overrides)
+
+
+def client_for(settings: Settings, key: str | None = ADMIN_KEY):
+    """A test client of a real app (real Redis), sending `key` as its bearer credential."""
+    from api import create_app
+
+    test_client = create_app(settings).test_client()
+    if key:
+        test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return test_client
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +62,9 @@ def app(main_redis_url: str, main_worker: WorkerProcess):
 
 @pytest.fixture()
 def client(app):
-    return app.test_client()
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {ADMIN_KEY}"
+    return test_client
 
 
 def submit_and_wait(client, payload: dict, wait: float = 60) -> dict:

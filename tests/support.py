@@ -78,9 +78,23 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# Test credentials (AETHERCORE_API_KEYS of every process the tests start).
+ADMIN_KEY = "test-admin-key-0123456789"
+OPERATOR_KEY = "test-operator-key-0123456789"
+USER_KEY = "test-user-key-0123456789"
+OTHER_USER_KEY = "test-other-user-key-0123456789"
+VIEWER_KEY = "test-viewer-key-0123456789"
+JWT_SECRET = "test-jwt-secret-not-for-production"
+
+
 def base_env(redis_url: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("AETHERCORE_API_KEY", None)
     env.update({
+        "AETHERCORE_API_KEYS": f"{ADMIN_KEY}:admin,{OPERATOR_KEY}:operator,{USER_KEY}:user,"
+                               f"{OTHER_USER_KEY}:user,{VIEWER_KEY}:viewer",
+        "AETHERCORE_JWT_SECRET": JWT_SECRET,
+        "AETHERCORE_RATE_LIMIT": "",
         "AETHERCORE_REDIS_URL": redis_url,
         "AETHERCORE_BROKER_URL": "",
         "HF_HUB_OFFLINE": "1",
@@ -157,6 +171,9 @@ class ApiProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"{name}-{os.getpid()}-{int(time.time() * 1000)}.log"
+        # Feature tests speak plain HTTP/WebSocket without credentials; tests/integration/test_security.py
+        # starts one with auth on to check the same endpoints refuse anonymous callers.
+        env.setdefault("AETHERCORE_AUTH", "false")
         self.env = base_env(redis_url, AETHERCORE_PORT=str(self.port), AETHERCORE_HOST="127.0.0.1", **env)
         self.proc: subprocess.Popen | None = None
 

@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery
 from loguru import logger
 
-from tasks.jobs import CANCELLED, CHUNK_CANCELLED, CHUNK_NOT_RUNNING, FAILED, SUCCEEDED
+from tasks.jobs import CANCELLED, CHUNK_CANCELLED, CHUNK_NOT_RUNNING, EXPIRED, FAILED, SUCCEEDED
 from tasks.metrics import INFERENCE_TIME, QUEUE_WAIT, count_job, observe
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
 from workers.batcher import BatchOutcome
@@ -109,13 +109,31 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
     every result is written.
     """
     svc = service()
-    running = svc.jobs.mark_running_many([j["job_id"] for j in jobs], svc.name)
-    active = [job for job, ok in zip(jobs, running) if ok]
-    if len(active) < len(jobs):
-        logger.bind(model_id=model_id).info("{} job(s) already ended; skipping them", len(jobs) - len(active))
+    deliveries = svc.jobs.mark_running_many([j["job_id"] for j in jobs], svc.name)
+    if not all(deliveries):
+        logger.bind(model_id=model_id).info("{} job(s) already ended; skipping them", deliveries.count(0))
+    started = time.time()
+    active, refused = [], []
+    for job, delivery in zip(jobs, deliveries):
+        if delivery == 0:
+            continue
+        if delivery > svc.settings.max_attempts:
+            # Delivered again and again because its worker died each time: a poison input.
+            refused.append({"job_id": job["job_id"], "status": FAILED, "error": _error(
+                "poison_job", f"the job was delivered {delivery - 1} times and its worker died each time; "
+                "it is not retried again (AETHERCORE_MAX_ATTEMPTS)")})
+        elif job.get("deadline") and started > job["deadline"]:
+            refused.append({"job_id": job["job_id"], "status": EXPIRED, "error": _error(
+                "deadline_exceeded", f"the job waited {started - job['submitted_at']:.1f} s in the queue, longer "
+                f"than its timeout of {job['deadline'] - job['submitted_at']:.1f} s; it was not run")})
+        else:
+            active.append(job)
+    if refused:
+        logger.bind(model_id=model_id).warning("{} job(s) refused: {}", len(refused),
+                                               ", ".join(f"{r['job_id']} {r['error']['code']}" for r in refused))
+        _finish(svc, "inference", model_id, refused)
     if not active:
         return
-    started = time.time()
     spec = svc.models.get(model_id)
     if spec is None:
         _fail_all(svc, active, _error("model_not_found", f"model {model_id!r} is not configured"), model_id)

@@ -9,6 +9,7 @@ from flask import current_app
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from api.auth import READ_MODELS, requires
 from api.schemas import HealthSchema, WorkersSchema
 from api.services import services
 from tasks.cluster import LOADED
@@ -92,6 +93,7 @@ class Heartbeat(MethodView):
 class Workers(MethodView):
     @blp.response(200, WorkersSchema, description="Live workers with device, heartbeat age, resident models "
                                                   "and memory")
+    @requires(*READ_MODELS)
     def get(self):
         workers = services().cluster.live_workers()
         out = []

@@ -11,6 +11,7 @@ from flask import Response, current_app, request, stream_with_context
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from api.auth import JOBS, principal, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
 from api.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
@@ -25,6 +26,9 @@ _JOB_ID = re.compile(JOB_ID_RE)
 def find_job(job_id: str) -> dict[str, Any]:
     # Validated before it becomes part of a Redis key.
     job = services().jobs.get(job_id) if _JOB_ID.match(job_id) else None
+    who = principal()
+    if job is not None and not who.sees_all_jobs and job.get("owner") != who.id:
+        job = None  # someone else's job: exactly as if it did not exist
     if job is None:
         raise ApiError(404, "job_not_found", f"job {job_id!r} does not exist or has expired",
                        {"job_id": job_id[:64]})
@@ -34,9 +38,13 @@ def find_job(job_id: str) -> dict[str, Any]:
 @blp.route("/jobs")
 class Jobs(MethodView):
     @blp.arguments(JobListQuerySchema, location="query")
-    @blp.response(200, JobListSchema, description="Recent jobs, newest first")
+    @blp.response(200, JobListSchema, description="Recent jobs, newest first (a `user` sees only its own)")
+    @requires(*JOBS)
     def get(self, query: dict[str, Any]):
         limit = query.pop("limit")
+        who = principal()
+        if not who.sees_all_jobs:
+            query["owner"] = who.id
         return {"jobs": [public_job(j) for j in services().jobs.recent(limit, **query)]}
 
 
@@ -46,6 +54,7 @@ class Job(MethodView):
     @blp.response(200, JobSchema, description="The job has ended")
     @blp.alt_response(202, schema=JobSchema, description="The job is queued or running")
     @blp.alt_response(404, description="Unknown or expired job")
+    @requires(*JOBS)
     def get(self, query: dict[str, Any], job_id: str):
         job = find_job(job_id)
         return job_reply(services().wait(job, query["wait"]))
@@ -55,6 +64,7 @@ class Job(MethodView):
                                                           "tokens; a forward pass in progress completes)")
     @blp.alt_response(404, description="Unknown or expired job")
     @blp.alt_response(409, description="The job already ended")
+    @requires("admin", "user")
     def delete(self, job_id: str):
         job = find_job(job_id)
         jobs = services().jobs
@@ -76,6 +86,7 @@ class JobStream(MethodView):
                                    "`done` with the job, or `error`. Send Last-Event-ID to resume.",
                   content_type="text/event-stream")
     @blp.alt_response(404, description="Unknown or expired job")
+    @requires(*JOBS)
     def get(self, job_id: str):
         job = find_job(job_id)
         jobs = services().jobs

@@ -7,6 +7,7 @@ from typing import Any
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from api.auth import MANAGE_MODELS, READ_MODELS, requires
 from api.blueprints.common import job_reply
 from api.schemas import JobSchema, ModelInfoSchema, ModelListSchema, ModelStatusSchema, WaitQuerySchema
 from api.services import services
@@ -17,6 +18,7 @@ blp = Blueprint("models", __name__, description="Model management")
 @blp.route("/models")
 class Models(MethodView):
     @blp.response(200, ModelListSchema)
+    @requires(*READ_MODELS)
     def get(self):
         svc = services()
         workers = svc.cluster.live_workers()
@@ -33,6 +35,7 @@ def _job_endpoint(kind: str):
     @blp.response(202, JobSchema, description=f"{kind.capitalize()} job queued (or still running after ?wait)")
     @blp.alt_response(200, schema=JobSchema, description="Finished within ?wait")
     @blp.alt_response(404, description="Unknown model")
+    @requires(*MANAGE_MODELS)
     def post(self, query: dict[str, Any], model_id: str):
         svc = services()
         spec = svc.spec(model_id)
@@ -57,6 +60,7 @@ class UnloadModel(MethodView):
 class ModelStatus(MethodView):
     @blp.response(200, ModelStatusSchema)
     @blp.alt_response(404, description="Unknown model")
+    @requires(*READ_MODELS)
     def get(self, model_id: str):
         svc = services()
         return svc.cluster.model_status(svc.spec(model_id).id)
@@ -66,6 +70,7 @@ class ModelStatus(MethodView):
 class ModelInfo(MethodView):
     @blp.response(200, ModelInfoSchema)
     @blp.alt_response(404, description="Unknown model")
+    @requires(*READ_MODELS)
     def get(self, model_id: str):
         svc = services()
         spec = svc.spec(model_id)

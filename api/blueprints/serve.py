@@ -13,6 +13,7 @@ from flask_smorest import Blueprint
 from loguru import logger
 from simple_websocket import ConnectionClosed
 
+from api.auth import SERVE, check_role, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
 from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
@@ -29,8 +30,11 @@ def input_errors(spec: ModelSpec, inputs: Any, prefix: str = "inputs") -> dict[s
     errors: dict[str, list[str]] = {}
     if spec.task in TEXT_TASKS:
         text = inputs.get("text")
+        limit = services().settings.max_input_chars
         if not isinstance(text, str) or not text.strip():
             errors[f"{prefix}.text"] = ["a non-empty string is required"]
+        elif len(text) > limit:
+            errors[f"{prefix}.text"] = [f"at most {limit} characters (AETHERCORE_MAX_INPUT_CHARS), got {len(text)}"]
         unknown = sorted(set(inputs) - {"text"})
         if unknown:
             errors[prefix] = [f"unknown input(s) {unknown}; this model takes only 'text'"]
@@ -66,8 +70,10 @@ def submit_inference(body: dict[str, Any]) -> dict[str, Any]:
     svc = services()
     spec = svc.spec(body["model_id"])
     raise_if({**input_errors(spec, body["inputs"]), **parameter_errors(spec, body["parameters"])})
-    return svc.submit("inference", spec, route(svc, spec),
-                      {"inputs": body["inputs"], "parameters": body["parameters"]})
+    payload = {"inputs": body["inputs"], "parameters": body["parameters"]}
+    if body.get("timeout"):
+        payload["timeout"] = body["timeout"]
+    return svc.submit("inference", spec, route(svc, spec), payload)
 
 
 @blp.route("/serve")
@@ -80,6 +86,7 @@ class Serve(MethodView):
     @blp.alt_response(409, description="Model not loaded and AETHERCORE_AUTOLOAD=false")
     @blp.alt_response(422, description="Invalid body")
     @blp.alt_response(503, description="Redis or the queue unavailable")
+    @requires(*SERVE)
     def post(self, body: dict[str, Any], query: dict[str, Any]):
         job = submit_inference(body)
         return job_reply(services().wait(job, query["wait"]))
@@ -94,6 +101,7 @@ class ServeBatch(MethodView):
     @blp.alt_response(404, description="Unknown model")
     @blp.alt_response(413, description="More inputs than AETHERCORE_MAX_BATCH_INPUTS")
     @blp.alt_response(422, description="Invalid body")
+    @requires(*SERVE)
     def post(self, body: dict[str, Any], query: dict[str, Any]):
         svc = services()
         spec = svc.spec(body["model_id"])
@@ -106,8 +114,10 @@ class ServeBatch(MethodView):
         for i, item in enumerate(items):
             errors.update(input_errors(spec, item, f"inputs.{i}"))
         raise_if({**errors, **parameter_errors(spec, body["parameters"])})
-        job = svc.submit("inference", spec, route(svc, spec),
-                         {"inputs": items, "parameters": body["parameters"], "batch": True})
+        payload = {"inputs": items, "parameters": body["parameters"], "batch": True}
+        if body.get("timeout"):
+            payload["timeout"] = body["timeout"]
+        job = svc.submit("inference", spec, route(svc, spec), payload)
         return job_reply(svc.wait(job, query["wait"]))
 
 
@@ -129,6 +139,7 @@ def register_websocket(sock) -> None:
     def _serve_stream(ws) -> None:
         svc = services()
         try:
+            check_role(SERVE)
             raw = ws.receive(timeout=30)
             if raw is None:
                 raise ApiError(408, "timeout", "send the request JSON within 30 s of connecting")

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -20,7 +21,9 @@ def readme_try_it_commands() -> list[str]:
     readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("## Try it", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    commands = block.replace("\\\n", " ").strip().splitlines()
+    lines = block.replace("\\\n", " ").strip().splitlines()
+    assert lines[0] == "export AETHERCORE_API_KEY=$(cat var/admin.key)"
+    commands = lines[1:]
     assert len(commands) == 3 and all(c.startswith("curl") for c in commands)
     return commands
 
@@ -36,8 +39,10 @@ def port_open(port: int) -> bool:
 def system():
     """`manage.py up` against a Redis URL where nothing listens: `up` must start redis-server itself."""
     redis_port, api_port, flower_port = free_port(), free_port(), free_port()
+    key_dir = tempfile.mkdtemp(prefix="aethercore-e2e-")
     env = base_env(f"redis://127.0.0.1:{redis_port}/0", AETHERCORE_PORT=str(api_port),
-                   AETHERCORE_FLOWER_PORT=str(flower_port), AETHERCORE_URL=f"http://127.0.0.1:{api_port}")
+                   AETHERCORE_FLOWER_PORT=str(flower_port), AETHERCORE_URL=f"http://127.0.0.1:{api_port}",
+                   AETHERCORE_ADMIN_KEY_FILE=f"{key_dir}/admin.key")
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "e2e-up.log", "w")
     proc = subprocess.Popen([sys.executable, "manage.py", "up"], cwd=REPO_ROOT, env=env, stdout=log,
@@ -52,18 +57,22 @@ def system():
             return False
 
     wait_until(healthy, 180, 0.5, "manage.py up to report healthy")
+    key_file = os.path.join(key_dir, "admin.key")
+    assert oct(os.stat(key_file).st_mode & 0o777) == "0o600"
+    key = open(key_file).read().strip()
     yield {"proc": proc, "base": base, "api_port": api_port, "flower_port": flower_port,
-           "redis_port": redis_port, "env": env}
+           "redis_port": redis_port, "env": dict(env, AETHERCORE_API_KEY=key), "key": key,
+           "headers": {"Authorization": f"Bearer {key}"}, "key_dir": key_dir}
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(60)
     log.close()
 
 
-def run_curl(command: str, api_port: int) -> tuple[int, dict]:
-    command = command.replace("localhost:8001", f"localhost:{api_port}")
+def run_curl(command: str, system: dict) -> tuple[int, dict]:
+    command = command.replace("localhost:8001", f"localhost:{system['api_port']}")
     out = subprocess.run(f"{command} -sS -w '\\n%{{http_code}}'", shell=True, capture_output=True, text=True,
-                         timeout=30)
+                         timeout=30, env=dict(os.environ, AETHERCORE_API_KEY=system["key"]))
     assert out.returncode == 0, out.stderr
     body, _, code = out.stdout.rpartition("\n")
     return int(code), json.loads(body)
@@ -72,25 +81,32 @@ def run_curl(command: str, api_port: int) -> tuple[int, dict]:
 def test_readme_curl_examples_work_verbatim(system):
     load_cmd, serve_cmd, health_cmd = readme_try_it_commands()
 
-    code, load = run_curl(load_cmd, system["api_port"])
+    code, load = run_curl(load_cmd, system)
     assert code == 202 and load["kind"] == "load" and load["status"] in {"queued", "running", "succeeded"}
 
-    code, job = run_curl(serve_cmd, system["api_port"])
+    code, job = run_curl(serve_cmd, system)
     assert code == 202 and job["status"] == "queued" and job["model_id"] == "minilm"
-    finished = requests.get(f"{system['base']}/jobs/{job['job_id']}?wait=60", timeout=70)
+    finished = requests.get(f"{system['base']}/jobs/{job['job_id']}?wait=60", timeout=70, headers=system["headers"])
     assert finished.status_code == 200
     result = finished.json()["result"]
     assert len(result["output"]["embedding"]) == 384 and result["device"] == "cpu"
 
-    code, health = run_curl(health_cmd, system["api_port"])
+    code, health = run_curl(health_cmd, system)
     assert code == 200 and health["status"] == "ok"
 
-    assert requests.get(f"{system['base']}/models/minilm/status", timeout=5).json()["state"] == "loaded"
+    assert requests.get(f"{system['base']}/models/minilm/status", timeout=5,
+                        headers=system["headers"]).json()["state"] == "loaded"
+    # Without the key: 401 in the API's JSON error shape.
+    anonymous = requests.get(f"{system['base']}/models", timeout=5)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
 
 
 def test_flower_and_cli_see_the_system(system):
     wait_until(lambda: port_open(system["flower_port"]), 60, 0.5, "Flower to listen")
-    assert requests.get(f"http://127.0.0.1:{system['flower_port']}/healthcheck", timeout=5).status_code == 200
+    flower_auth = open(os.path.join(system["key_dir"], "flower.auth")).read().strip().split(":", 1)
+    flower_url = f"http://127.0.0.1:{system['flower_port']}"
+    assert requests.get(f"{flower_url}/workers", timeout=5).status_code == 401  # behind basic auth
+    assert requests.get(f"{flower_url}/workers", auth=tuple(flower_auth), timeout=5).status_code == 200
     out = subprocess.run([sys.executable, "manage.py", "system", "services", "--json"], cwd=REPO_ROOT,
                          env=system["env"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -3,7 +3,7 @@
 import pytest
 
 from api import create_app
-from tests.conftest import DB_EVICTION, settings_for
+from tests.conftest import client_for, DB_EVICTION, settings_for
 from tests.support import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def small_cache(redis_server):
     url = redis_server.url(DB_EVICTION)
     worker = WorkerProcess(url, name="evict", AETHERCORE_MODEL_CACHE_SIZE="150MB").start()
-    yield worker, create_app(settings_for(url)).test_client()
+    yield worker, client_for(settings_for(url))
     worker.stop()
 
 

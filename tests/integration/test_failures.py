@@ -3,13 +3,13 @@
 import time
 
 from api import create_app
-from tests.conftest import settings_for
+from tests.conftest import client_for, settings_for
 from tests.support import free_port
 
 
 def test_autoload_off_answers_409_until_the_model_is_loaded(main_redis_url, main_worker, client):
     client.post("/models/minilm-onnx/unload?wait=60")
-    strict = create_app(settings_for(main_redis_url, autoload=False)).test_client()
+    strict = client_for(settings_for(main_redis_url, autoload=False))
     response = strict.post("/serve", json={"model_id": "minilm-onnx", "inputs": {"text": "x"}})
     assert response.status_code == 409
     error = response.get_json()["error"]
@@ -20,7 +20,7 @@ def test_autoload_off_answers_409_until_the_model_is_loaded(main_redis_url, main
 
 
 def test_unreachable_redis_is_a_quick_503():
-    dead = create_app(settings_for(f"redis://127.0.0.1:{free_port()}/0")).test_client()
+    dead = client_for(settings_for(f"redis://127.0.0.1:{free_port()}/0"))
     for method, path, body in [("post", "/serve", {"model_id": "minilm", "inputs": {"text": "x"}}),
                                ("post", "/models/minilm/load", None), ("get", "/models/minilm/status", None),
                                ("get", f"/jobs/{'a' * 32}", None), ("get", "/models", None)]:

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from api import create_app
-from tests.conftest import DB_MISC, poll, settings_for
+from tests.conftest import client_for, DB_MISC, poll, settings_for
 from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, wait_until
 
 
@@ -90,7 +90,7 @@ def test_worker_metrics_count_every_job_once(client):
 def json_worker(redis_server):
     url = redis_server.url(DB_MISC)
     worker = WorkerProcess(url, name="json-worker", AETHERCORE_LOG_FORMAT="json").start()
-    yield worker, create_app(settings_for(url)).test_client()
+    yield worker, client_for(settings_for(url))
     worker.stop()
 
 
@@ -151,7 +151,7 @@ def test_cli_jobs_and_system_status(api_server):
 
 def test_cancelling_a_queued_job_means_it_never_runs(redis_server):
     # No worker consumes this database: the job stays queued until it is cancelled.
-    client = create_app(settings_for(redis_server.url(DB_MISC + 1))).test_client()
+    client = client_for(settings_for(redis_server.url(DB_MISC + 1)))
     job = client.post("/serve", json={"model_id": "minilm", "inputs": {"text": "never"}}).get_json()
     response = client.delete(f"/jobs/{job['job_id']}")
     assert response.status_code == 200 and response.get_json()["status"] == "cancelled"

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from api import create_app
-from tests.conftest import DB_SCALING, poll, settings_for
+from tests.conftest import client_for, DB_SCALING, poll, settings_for
 from tests.support import WorkerProcess, wait_until
 
 pytestmark = pytest.mark.slow
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def cluster(redis_server):
     url = redis_server.url(DB_SCALING)
     workers = [WorkerProcess(url, name=f"scale-{i}").start(wait=False) for i in range(2)]
-    client = create_app(settings_for(url)).test_client()
+    client = client_for(settings_for(url))
     wait_until(lambda: client.get("/health").get_json()["checks"]["workers"].get("live") == 2, 90, 0.2,
                "two live workers")
     yield url, workers, client

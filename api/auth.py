@@ -1,0 +1,199 @@
+"""Authentication (API keys, JWTs) and roles.
+
+Credentials: `Authorization: Bearer <key-or-JWT>` or `X-API-Key: <key>`.
+* Static keys from AETHERCORE_API_KEYS (`key:role`), compared by SHA-256 digest.
+* Keys created with `manage.py auth create-key`: `ack_<id>.<secret>`, stored in Redis as
+  {sha256(secret), role} under their id (never in plain text), revocable by id. A revoked key stops
+  working within KEY_CACHE_S seconds (each API process caches lookups that long).
+* JWTs signed HS256 with AETHERCORE_JWT_SECRET; `sub`, `role` and `exp` are required and checked.
+
+Roles: admin (everything), operator (load/unload, read everything), user (serve, batch, stream, its
+own jobs, read models), viewer (read models and health).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, Callable
+
+import jwt
+import redis
+from flask import g, request
+
+from api.errors import ApiError
+from tasks.names import PREFIX
+
+ROLES = ("admin", "operator", "user", "viewer")
+KEYS_HASH = f"{PREFIX}:auth:keys"
+KEY_PREFIX = "ack_"
+KEY_CACHE_S = 5.0
+
+SERVE = ("admin", "user")
+MANAGE_MODELS = ("admin", "operator")
+READ_MODELS = ROLES
+READ_ALL_JOBS = ("admin", "operator")
+JOBS = ("admin", "operator", "user")
+
+
+@dataclass(frozen=True)
+class Principal:
+    id: str
+    role: str
+
+    @property
+    def sees_all_jobs(self) -> bool:
+        return self.role in READ_ALL_JOBS
+
+
+ANONYMOUS_ADMIN = Principal("anonymous", "admin")  # when AETHERCORE_AUTH=false
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    """API keys kept in Redis, hashed."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def create(self, role: str, name: str = "") -> tuple[str, str]:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        self.register(key_id, secret, role, name)
+        return key_id, f"{KEY_PREFIX}{key_id}.{secret}"
+
+    def register(self, key_id: str, secret: str, role: str, name: str = "") -> None:
+        entry = {"digest": _digest(secret), "role": role, "name": name, "created_at": time.time()}
+        self.redis.hset(KEYS_HASH, key_id, json.dumps(entry))
+
+    def revoke(self, key_id: str) -> bool:
+        return bool(self.redis.hdel(KEYS_HASH, key_id))
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for key_id, raw in sorted(self.redis.hgetall(KEYS_HASH).items()):
+            entry = json.loads(raw)
+            out.append({"key_id": key_id, "role": entry["role"], "name": entry.get("name", ""),
+                        "created_at": entry.get("created_at")})
+        return out
+
+    def lookup(self, key: str) -> Principal | None:
+        body = key[len(KEY_PREFIX):]
+        key_id, _, secret = body.partition(".")
+        if not key_id or not secret:
+            return None
+        raw = self.redis.hget(KEYS_HASH, key_id)
+        if not raw:
+            return None
+        entry = json.loads(raw)
+        if not hmac.compare_digest(entry["digest"], _digest(secret)):
+            return None
+        return Principal(f"key:{key_id}", entry["role"])
+
+
+def split_key(key: str) -> tuple[str, str]:
+    body = key[len(KEY_PREFIX):]
+    key_id, _, secret = body.partition(".")
+    return key_id, secret
+
+
+class Authenticator:
+    def __init__(self, enabled: bool, static_keys: dict[str, str], jwt_secret: str, store: KeyStore) -> None:
+        self.enabled = enabled
+        self._static = {_digest(k): (role, _digest(k)[:12]) for k, role in static_keys.items()}
+        self.jwt_secret = jwt_secret
+        self.store = store
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS_ADMIN
+        credential = request.headers.get("X-API-Key", "").strip()
+        if not credential:
+            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer":
+                credential = value.strip()
+        if not credential:
+            raise ApiError(401, "unauthorized", "credentials required: send `Authorization: Bearer <API key or JWT>` "
+                           "or `X-API-Key: <API key>`", headers={"WWW-Authenticate": "Bearer"})
+        principal = self._resolve(credential)
+        if principal is None:
+            raise ApiError(401, "unauthorized", "the API key or token is invalid, expired or revoked",
+                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return principal
+
+    def _resolve(self, credential: str) -> Principal | None:
+        if credential.count(".") == 2 and not credential.startswith(KEY_PREFIX):
+            return self._jwt(credential)
+        static = self._static.get(_digest(credential))
+        if static:
+            return Principal(f"env:{static[1]}", static[0])
+        if not credential.startswith(KEY_PREFIX):
+            return None
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(credential)
+        if cached and now - cached[0] < KEY_CACHE_S:
+            return cached[1]
+        principal = self.store.lookup(credential)
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[credential] = (now, principal)
+        return principal
+
+    def _jwt(self, token: str) -> Principal | None:
+        if not self.jwt_secret:
+            return None
+        try:
+            claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        except jwt.PyJWTError:
+            return None
+        role, subject = claims.get("role"), claims.get("sub")
+        if role not in ROLES or not isinstance(subject, str) or not subject:
+            return None
+        return Principal(f"jwt:{subject}", role)
+
+
+def issue_token(secret: str, subject: str, role: str, ttl_s: int) -> str:
+    if not secret:
+        raise ValueError("AETHERCORE_JWT_SECRET is not set")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    now = int(time.time())
+    return jwt.encode({"sub": subject, "role": role, "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256")
+
+
+def principal() -> Principal:
+    return g.principal
+
+
+def requires(*roles: str) -> Callable:
+    """View decorator: 403 unless the caller's role is one of `roles` (authentication happened before)."""
+
+    def decorator(view: Callable) -> Callable:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            check_role(roles)
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def check_role(roles: tuple[str, ...]) -> None:
+    who = g.principal
+    if who.role not in roles:
+        raise ApiError(403, "forbidden", f"role {who.role!r} may not do this (allowed: {', '.join(roles)})")

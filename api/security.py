@@ -1,0 +1,51 @@
+"""Request gatekeeping, run before every view: body size and type, authentication, rate limits."""
+
+from __future__ import annotations
+
+import redis
+from flask import Flask, g, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+
+from api.auth import Authenticator, KeyStore
+from api.errors import ApiError
+from config.settings import Settings
+
+# Open without credentials: probes, and the API's own documentation.
+OPEN_PATHS = ("/heartbeat", "/health", "/health/live", "/health/ready", "/openapi.json", "/docs")
+OPEN_PREFIXES = ("/docs/assets/",)
+
+
+def _is_open(settings: Settings) -> bool:
+    path = request.path
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return True
+    return path == "/metrics" and not settings.metrics_auth
+
+
+def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authenticator:
+    authenticator = Authenticator(settings.auth, settings.api_keys, settings.jwt_secret, KeyStore(client))
+    app.extensions["aethercore_auth"] = authenticator
+
+    @app.before_request
+    def _gate() -> None:
+        if request.method in {"POST", "PUT", "PATCH"} and request.content_length and not request.is_json:
+            raise ApiError(415, "unsupported_media_type",
+                           f"send the body as JSON with Content-Type: application/json, not "
+                           f"{request.mimetype or 'no type'}")
+        if request.url_rule is None or _is_open(settings):
+            return
+        g.principal = authenticator.authenticate()
+
+    def caller() -> str:
+        who = g.get("principal")
+        return who.id if who is not None and who.id != "anonymous" else get_remote_address()
+
+    if settings.rate_limit:
+        Limiter(
+            caller, app=app, default_limits=[settings.rate_limit], storage_uri=settings.redis_url,
+            storage_options={"socket_connect_timeout": 1, "socket_timeout": 2},
+            strategy="fixed-window", headers_enabled=True, swallow_errors=True,
+            default_limits_exempt_when=lambda: _is_open(settings) or request.url_rule is None,
+        )
+    return authenticator
