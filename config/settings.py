@@ -93,6 +93,12 @@ def _api_keys(value: str) -> dict[str, str]:
     return keys
 
 
+def _jwt_secret(value: str) -> str:
+    if value and len(value.encode()) < 32:
+        raise ValueError("must be at least 32 bytes (RFC 7518 3.2); generate one with `openssl rand -hex 32`")
+    return value
+
+
 def _rate_limit(value: str) -> str:
     if value and not re.match(r"^\s*\d+\s*(/|per)\s*\w+", value):
         raise ValueError("use flask-limiter syntax like 600/minute")
@@ -179,7 +185,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Require an API key or JWT on every endpoint but /heartbeat, /health*, /docs and /openapi.json."),
     Setting("api_keys", "AETHERCORE_API_KEYS", "", _api_keys,
             "Static API keys, `key:role` pairs separated by commas (roles: admin, operator, user, viewer)."),
-    Setting("jwt_secret", "AETHERCORE_JWT_SECRET", "", str,
+    Setting("jwt_secret", "AETHERCORE_JWT_SECRET", "", _jwt_secret,
             "HS256 secret for JWTs (`sub`, `role`, `exp` checked); empty: JWTs are not accepted."),
     Setting("metrics_auth", "AETHERCORE_METRICS_AUTH", "false", parse_bool,
             "Require credentials (any role) for /metrics."),

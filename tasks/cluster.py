@@ -123,10 +123,10 @@ class ClusterState:
                 state = LOADED
             else:
                 state = LOADING
-        elif states & {LOADED, LOADING, UNLOADING}:
-            state = UNLOADING
+        elif LOADED in states:
+            state = UNLOADING  # no longer wanted; replicas are dropping it
         elif error:
-            state = FAILED
+            state = FAILED  # (a replica may still be finishing a load it started; it drops it next)
         else:
             state = UNLOADED
         return {

@@ -84,7 +84,7 @@ OPERATOR_KEY = "test-operator-key-0123456789"
 USER_KEY = "test-user-key-0123456789"
 OTHER_USER_KEY = "test-other-user-key-0123456789"
 VIEWER_KEY = "test-viewer-key-0123456789"
-JWT_SECRET = "test-jwt-secret-not-for-production"
+JWT_SECRET = "test-jwt-secret-not-for-production-0123456789"
 
 
 def base_env(redis_url: str, **extra: str) -> dict[str, str]:

@@ -1,0 +1,160 @@
+"""No job lost: Redis restarted with AOF, Redis unreachable, a worker killed mid-job, a poison job,
+deadlines, a corrupt model file, and every Redis key bounded. Each fault is injected for real."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import redis
+import yaml
+
+from tests.conftest import client_for, poll, settings_for
+from tests.support import REPO_ROOT, RedisServer, WorkerProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+GEN = {"model_id": "tiny-gpt2", "inputs": {"text": "A long story"}, "parameters": {"max_length": 256}}
+MLP = {"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}}
+WORKER_ENV = {"AETHERCORE_VISIBILITY_TIMEOUT": "4", "AETHERCORE_MAX_ATTEMPTS": "2"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Our own redis-server with AOF (so it can be restarted) and a models file with a corrupt model."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    (tmp / "broken.onnx").write_bytes(b"this is not an onnx model")
+    models = yaml.safe_load((REPO_ROOT / "config" / "models.yaml").read_text())
+    models["models"]["broken-onnx"] = {"model_type": "onnx", "source": "local", "task": "tensor",
+                                       "model_path": str(tmp / "broken.onnx"), "device": "cpu"}
+    models_file = tmp / "models.yaml"
+    models_file.write_text(yaml.safe_dump(models))
+    server = RedisServer(appendonly=True).start()
+    url = server.url(0)
+    settings = settings_for(url, models_file=models_file, visibility_timeout=4, max_attempts=2)
+    workers: list[WorkerProcess] = []
+
+    def start_worker(name: str) -> WorkerProcess:
+        worker = WorkerProcess(url, name=name, AETHERCORE_MODELS_FILE=str(models_file), **WORKER_ENV).start()
+        workers.append(worker)
+        return worker
+
+    yield {"server": server, "url": url, "client": client_for(settings), "start_worker": start_worker,
+           "workers": workers}
+    for worker in workers:
+        worker.stop()
+    server.cleanup()
+
+
+def raw(env) -> redis.Redis:
+    return redis.Redis.from_url(env["url"], decode_responses=True)
+
+
+def test_results_and_queued_jobs_survive_a_redis_restart_and_deadlines_expire(env):
+    client = env["client"]
+    worker = env["start_worker"]("rel-1")
+    finished = client.post("/serve?wait=60", json=MLP).get_json()
+    assert finished["status"] == "succeeded"
+    worker.stop()
+    wait_until(lambda: client.get("/health").status_code == 503, 30, 0.2, "no live worker")
+    late = client.post("/serve", json={**MLP, "timeout": 1}).get_json()
+    queued = [client.post("/serve", json=MLP).get_json()["job_id"] for _ in range(3)]
+    time.sleep(1.5)  # the first job's deadline passes while it waits in the queue
+
+    env["server"].stop()
+    env["server"].start()  # same port, same directory: AOF replays
+    assert client.get(f"/jobs/{finished['job_id']}").get_json()["result"] == finished["result"]
+    assert all(client.get(f"/jobs/{j}").get_json()["status"] == "queued" for j in queued)
+    assert raw(env).llen("cpu") == 4
+
+    env["start_worker"]("rel-2")
+    assert all(poll(client, j)["status"] == "succeeded" for j in queued)
+    expired = poll(client, late["job_id"])
+    assert expired["status"] == "expired" and expired["error"]["code"] == "deadline_exceeded"
+    assert expired["started_at"] is not None and expired["result"] is None
+
+
+def test_api_and_workers_ride_out_a_redis_outage(env):
+    client = env["client"]
+    env["server"].stop()
+    started = time.monotonic()
+    response = client.post("/serve", json=MLP)
+    assert response.status_code == 503 and time.monotonic() - started < 5
+    assert client.get("/health").status_code == 503
+    env["server"].start()
+    # Nothing restarted: the API reconnects on its next request, the worker on its own.
+    wait_until(lambda: client.get("/health").status_code == 200, 60, 0.5, "the worker to reconnect")
+    assert client.post("/serve?wait=60", json=MLP).get_json()["status"] == "succeeded"
+
+
+def kill_when_running(client, job_id: str, worker: WorkerProcess, attempt: int) -> None:
+    wait_until(lambda: (j := client.get(f"/jobs/{job_id}").get_json())["status"] == "running"
+               and j["attempts"] == attempt and j["chunks"] >= 3, 60, 0.02, f"attempt {attempt} to run")
+    worker.kill(signal.SIGKILL)
+
+
+def test_a_job_whose_worker_is_killed_is_redelivered_and_ends_once(env):
+    client = env["client"]
+    # The worker from the previous test is the only one: kill it mid-generation.
+    job_id = client.post("/serve", json=GEN).get_json()["job_id"]
+    victim = next(w for w in reversed(env["workers"]) if w.proc.poll() is None)
+    kill_when_running(client, job_id, victim, attempt=1)
+    killed_at = time.monotonic()
+    env["start_worker"]("rel-3")
+    job = poll(client, job_id, timeout=90)
+    redelivered_after = time.monotonic() - killed_at
+    print(f"\nredelivered and finished {redelivered_after:.1f} s after the kill "
+          f"(visibility timeout {WORKER_ENV['AETHERCORE_VISIBILITY_TIMEOUT']} s)")
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    events = raw(env).xrange(f"aethercore:job:{job_id}:events")
+    chunks = [json.loads(e["data"])["text"] for _id, e in events if e["type"] == "chunk"]
+    indices = [int(e["index"]) for _id, e in events if e["type"] == "chunk"]
+    assert indices == list(range(256))  # every chunk exactly once, in order, across both attempts
+    assert "".join(chunks) == job["result"]["output"]["text"]
+    assert sum(1 for _id, e in events if e["type"] == "done") == 1
+
+
+def test_a_poison_job_fails_after_bounded_attempts_and_workers_keep_serving(env):
+    client = env["client"]
+    job_id = client.post("/serve", json=GEN).get_json()["job_id"]
+    for attempt in (1, 2):  # AETHERCORE_MAX_ATTEMPTS=2: it kills its worker twice
+        worker = next(w for w in reversed(env["workers"]) if w.proc.poll() is None)
+        kill_when_running(client, job_id, worker, attempt)
+        env["start_worker"](f"rel-poison-{attempt}")
+    job = poll(client, job_id, timeout=90)
+    assert job["status"] == "failed" and job["error"]["code"] == "poison_job"
+    assert "not retried" in job["error"]["message"]
+    assert client.post("/serve?wait=60", json=MLP).get_json()["status"] == "succeeded"
+
+
+def test_a_corrupt_model_fails_its_load_and_the_worker_keeps_serving(env):
+    client = env["client"]
+    job = client.post("/models/broken-onnx/load?wait=60").get_json()
+    assert job["status"] == "failed" and job["error"]["code"] == "model_load_failed"
+    assert "not a loadable ONNX model" in job["error"]["message"]
+    wait_until(lambda: client.get("/models/broken-onnx/status").get_json()["state"] == "failed", 10, 0.1,
+               "the model to show failed")
+    assert client.post("/serve?wait=60", json=MLP).get_json()["status"] == "succeeded"
+
+
+def test_every_redis_key_is_bounded(env):
+    client = env["client"]
+    client.post("/serve/batch?wait=60", json={"model_id": "tiny-mlp", "inputs": [MLP["inputs"]] * 3})
+    r = raw(env)
+    # Keys without a TTL must be bounded by construction: one per configured model, per device queue,
+    # per API key, or trimmed (recent jobs, workers index), or Celery's own fixed set.
+    bounded = {"aethercore:models:desired", "aethercore:models:errors", "aethercore:models:generation",
+               "aethercore:jobs:recent", "aethercore:workers", "aethercore:metrics:counters",
+               "aethercore:metrics:histograms", "aethercore:auth:keys", "cpu", "unacked", "unacked_index"}
+    unbounded = []
+    for key in r.scan_iter(count=1000):
+        # kombu's bookkeeping: one binding set per queue or exchange, and their deadlines.
+        if key.startswith("_kombu.binding"):
+            continue
+        if r.ttl(key) == -1 and key not in bounded:
+            unbounded.append(key)
+    assert unbounded == [], unbounded
+    assert r.zcard("aethercore:jobs:recent") <= 10_000
+    job_keys = [k for k in r.scan_iter("aethercore:job:*", count=1000)]
+    assert job_keys and all(0 < r.ttl(k) <= 86400 for k in job_keys)
