@@ -199,7 +199,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest `inputs.text` accepted (422 beyond)."),
     Setting("max_queue_depth", "AETHERCORE_MAX_QUEUE_DEPTH", "10000", _positive_int,
             "Messages a device queue may hold; new submissions beyond it get 429 with Retry-After."),
-    Setting("visibility_timeout", "AETHERCORE_VISIBILITY_TIMEOUT", "900", _positive_int,
+    Setting("visibility_timeout", "AETHERCORE_VISIBILITY_TIMEOUT", "300", _positive_int,
             "Seconds before an unacknowledged job (its worker died) is redelivered; longer than the longest job."),
     Setting("max_attempts", "AETHERCORE_MAX_ATTEMPTS", "3", _positive_int,
             "Deliveries of a job before it is failed as poison (it killed its worker each time)."),
