@@ -260,7 +260,7 @@ def _ensure_admin_key(cfg: Settings) -> Path:
     from api.auth import KeyStore, split_key
     from tasks.redis_client import make_redis
 
-    store = KeyStore(make_redis(cfg.redis_url))
+    store = KeyStore(make_redis(cfg.redis_url, cfg.redis_sentinel_master))
     created: list[str] = []
 
     def make() -> str:
@@ -544,7 +544,7 @@ def system_services(as_json: bool = typer.Option(False, "--json")) -> None:
 
     probe_http("api", f"{cfg.url.rstrip('/')}/heartbeat")
     try:
-        make_redis(cfg.redis_url).ping()
+        make_redis(cfg.redis_url, cfg.redis_sentinel_master).ping()
         rows.append({"service": "redis", "address": cfg.redis_url, "status": "up", "detail": "PONG"})
     except Exception as exc:
         rows.append({"service": "redis", "address": cfg.redis_url, "status": "down", "detail": type(exc).__name__})
@@ -602,7 +602,7 @@ def _key_store():
 
     cfg = settings()
     try:
-        client_ = make_redis(cfg.redis_url)
+        client_ = make_redis(cfg.redis_url, cfg.redis_sentinel_master)
         client_.ping()
     except Exception:
         fail(f"Redis is not reachable at {cfg.redis_url} (AETHERCORE_REDIS_URL)")

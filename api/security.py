@@ -10,6 +10,7 @@ from flask_limiter.util import get_remote_address
 from api.auth import Authenticator, KeyStore
 from api.errors import ApiError
 from config.settings import Settings
+from tasks.redis_client import sentinel_hosts
 
 # Open without credentials: probes, and the API's own documentation.
 OPEN_PATHS = ("/heartbeat", "/health", "/health/live", "/health/ready", "/openapi.json", "/docs")
@@ -21,6 +22,15 @@ def _is_open(settings: Settings) -> bool:
     if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
         return True
     return path == "/metrics" and not settings.metrics_auth
+
+
+def limiter_storage(settings: Settings) -> str:
+    """flask-limiter's (`limits`) URL for the same Redis; Sentinel has its own scheme there."""
+    if not settings.redis_url.startswith("sentinel://"):
+        return settings.redis_url
+    hosts, db = sentinel_hosts(settings.redis_url)
+    return (f"redis+sentinel://{','.join(f'{h}:{p}' for h, p in hosts)}/{settings.redis_sentinel_master}"
+            f"?db={db}")
 
 
 def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authenticator:
@@ -43,7 +53,7 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
 
     if settings.rate_limit:
         Limiter(
-            caller, app=app, default_limits=[settings.rate_limit], storage_uri=settings.redis_url,
+            caller, app=app, default_limits=[settings.rate_limit], storage_uri=limiter_storage(settings),
             storage_options={"socket_connect_timeout": 1, "socket_timeout": 2},
             strategy="fixed-window", headers_enabled=True, swallow_errors=True,
             default_limits_exempt_when=lambda: _is_open(settings) or request.url_rule is None,

@@ -19,6 +19,7 @@ from config.units import parse_size
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODEL_TYPES = ("transformer", "onnx", "pytorch")
 SOURCES = ("huggingface", "local")
+DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("feature-extraction", "text-generation", "text-classification", "tensor")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -58,6 +59,7 @@ class ModelSpec:
     max_batch_size: int = 1
     max_batch_delay_ms: float = 0.0
     instances: int = 1
+    dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
@@ -70,7 +72,7 @@ class ModelSpec:
 _KNOWN_FIELDS = {
     "name", "model_type", "source", "model_path", "task", "device", "max_memory",
     "providers", "tokenizer_path", "max_length", "max_length_limit", "description",
-    "max_batch_size", "max_batch_delay_ms", "instances",
+    "max_batch_size", "max_batch_delay_ms", "instances", "dtype",
 }
 
 
@@ -167,6 +169,7 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         max_batch_size=max_batch_size,
         max_batch_delay_ms=float(delay),
         instances=bounded_int("instances", 1, 1, 64),
+        dtype=one_of("dtype", DTYPES, "float32"),
     )
 
 

@@ -56,8 +56,8 @@ def _choice(*options: str) -> Callable[[str], str]:
 
 def _redis_url(value: str) -> str:
     scheme = urlparse(value).scheme
-    if scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+    if scheme not in {"redis", "rediss", "unix", "sentinel"}:
+        raise ValueError(f"{value!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
     return value
 
 
@@ -91,6 +91,15 @@ def _api_keys(value: str) -> dict[str, str]:
             raise ValueError("API keys must be at least 16 characters")
         keys[key] = role
     return keys
+
+
+def _optional_index(value: str) -> int | None:
+    if value == "":
+        return None
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value!r} must be a GPU index >= 0")
+    return number
 
 
 def _jwt_secret(value: str) -> str:
@@ -144,6 +153,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`text` for people, `json` for one JSON object per line."),
     Setting("redis_url", "AETHERCORE_REDIS_URL", "redis://127.0.0.1:6379/0", _redis_url,
             "Redis for jobs, results, cluster state and (by default) the Celery broker."),
+    Setting("redis_sentinel_master", "AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster", str,
+            "Master name when AETHERCORE_REDIS_URL is `sentinel://host:26379[;sentinel://host2:26379][/db]`."),
     Setting("broker_url", "AETHERCORE_BROKER_URL", "", _broker_url,
             "Celery broker; empty means the same as AETHERCORE_REDIS_URL."),
     Setting("gpu_enabled", "AETHERCORE_GPU_ENABLED", "auto", _choice("auto", "true", "false"),
@@ -168,6 +179,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a load job waits for every replica of its device to report."),
     Setting("device", "AETHERCORE_DEVICE", "cpu", parse_worker_device,
             "Device a worker is pinned to (`cpu`, `cuda:N`); `manage.py worker --device` sets it."),
+    Setting("gpu_index", "AETHERCORE_GPU_INDEX", "", _optional_index,
+            "Physical GPU a `cuda:N` worker uses (CUDA_VISIBLE_DEVICES); empty: N. In a container that sees "
+            "only its reserved GPU, set 0."),
     Setting("worker_concurrency", "AETHERCORE_WORKER_CONCURRENCY", "64", _positive_int,
             "Task threads per worker process, and so the jobs it takes from its queue at once; at least the "
             "largest max_batch_size, so a batch can fill (models are shared by the threads, one copy each)."),
@@ -215,6 +229,7 @@ class Settings:
     log_level: str
     log_format: str
     redis_url: str
+    redis_sentinel_master: str
     broker_url: str
     gpu_enabled: str
     model_cache_size: int
@@ -227,6 +242,7 @@ class Settings:
     max_batch_inputs: int
     load_timeout: float
     device: str
+    gpu_index: int | None
     worker_concurrency: int
     torch_threads: int
     heartbeat_interval: float
@@ -262,6 +278,9 @@ class Settings:
             raw = env.get(spec.env, spec.default)
             if spec.name in {"broker_url", "flower_basic_auth", "jwt_secret", "rate_limit"} and raw == "":
                 values[spec.name] = ""
+                continue
+            if spec.name == "gpu_index" and raw == "":
+                values[spec.name] = None
                 continue
             try:
                 values[spec.name] = spec.parse(raw)

@@ -70,3 +70,9 @@ ensure_browser() {
     apt_install chromium chromium-driver || log "could not install chromium; the Flower browser test will be skipped"
   fi
 }
+
+# docker-compose (Debian's, v1) validates docker-compose.yml without a Docker engine.
+ensure_compose() {
+  command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose ||
+    log "could not install docker-compose; the compose validation test will be skipped"
+}

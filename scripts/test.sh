@@ -6,6 +6,7 @@ ensure_venv
 ensure_requirements dev
 ensure_redis_server
 ensure_browser
+ensure_compose
 ensure_models
 export HF_HUB_OFFLINE=1
 exec "$PY" -m pytest "$@"

@@ -46,4 +46,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_redirect_stdouts=False,
         broker_pool_limit=64,
     )
+    if settings.effective_broker_url.startswith("sentinel://"):
+        app.conf.broker_transport_options["master_name"] = settings.redis_sentinel_master
     return app

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlparse
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 CONNECT_TIMEOUT_S = 1.0
 SOCKET_TIMEOUT_S = 5.0
 
 
-def make_redis(url: str, **kwargs) -> redis.Redis:
+def sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], int]:
+    """`sentinel://h1:26379;sentinel://h2:26379/0` -> ([(h1, 26379), (h2, 26379)], db 0)."""
+    hosts, db = [], 0
+    for part in url.split(";"):
+        parsed = urlparse(part.strip())
+        hosts.append((parsed.hostname or "127.0.0.1", parsed.port or 26379))
+        if parsed.path.strip("/"):
+            db = int(parsed.path.strip("/"))
+    return hosts, db
+
+
+def make_redis(url: str, sentinel_master: str = "mymaster", **kwargs) -> redis.Redis:
     options = {
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "socket_timeout": SOCKET_TIMEOUT_S,
@@ -20,4 +34,10 @@ def make_redis(url: str, **kwargs) -> redis.Redis:
         "retry": Retry(NoBackoff(), 1),
     }
     options.update(kwargs)
+    if url.startswith("sentinel://"):
+        hosts, db = sentinel_hosts(url)
+        sentinel = Sentinel(hosts, socket_timeout=CONNECT_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S)
+        # The master is looked up again on reconnect, so a failover is followed without a restart.
+        options.pop("health_check_interval", None)
+        return sentinel.master_for(sentinel_master, db=db, **options)
     return redis.Redis.from_url(url, **options)

@@ -139,7 +139,9 @@ class WorkerProcess:
         return f"{self.device.replace(':', '')}.{self.proc.pid}@{host}"
 
     def record(self) -> dict[str, Any] | None:
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        from tasks.redis_client import make_redis
+
+        client = make_redis(self.redis_url, self.env.get("AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster"))
         raw = client.get(f"aethercore:worker:{self.name}")
         return json.loads(raw) if raw else None
 

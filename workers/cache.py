@@ -40,6 +40,16 @@ class Entry:
     last_used: float = field(default_factory=time.time)
     load_ms: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    gpu_memory_bytes: int | None = None
+
+
+def _gpu_allocated(device: str) -> int | None:
+    """torch.cuda.memory_allocated() on a GPU worker (what a model's weights take), else None."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
 
 
 def release_memory(device: str) -> None:
@@ -96,7 +106,7 @@ class ModelCache:
             models = {
                 mid: {"state": "loaded", "memory_bytes": e.memory_bytes, "loaded_at": e.loaded_at,
                       "last_used": e.last_used, "generation": e.generation, "load_ms": round(e.load_ms, 1),
-                      "info": e.info}
+                      "gpu_memory_bytes": e.gpu_memory_bytes, "dtype": e.runtime.dtype_name, "info": e.info}
                 for mid, e in self._entries.items()
             }
             for mid, since in self._loading.items():
@@ -121,6 +131,7 @@ class ModelCache:
                 self._loading[spec.id] = time.time()
             self._on_change()
             started = time.perf_counter()
+            gpu_before = _gpu_allocated(self.device)
             try:
                 runtime = self._factory(spec)
                 runtime.load()
@@ -138,9 +149,12 @@ class ModelCache:
                 raise ModelLoadError(str(exc) if spec.id in str(exc) else f"model {spec.id!r} failed to load: {exc}",
                                      getattr(exc, "code", "model_load_failed")) from exc
             load_ms = (time.perf_counter() - started) * 1000
+            gpu_after = _gpu_allocated(self.device)
+            gpu_bytes = gpu_after - gpu_before if gpu_after is not None and gpu_before is not None else None
             with self._lock:
                 self._loading.pop(spec.id, None)
-                self._entries[spec.id] = Entry(runtime, memory, generation, load_ms=load_ms, info=info)
+                self._entries[spec.id] = Entry(runtime, memory, generation, load_ms=load_ms, info=info,
+                                               gpu_memory_bytes=gpu_bytes)
             logger.bind(model_id=spec.id).info("model resident: {} in {:.0f} ms", format_size(memory), load_ms)
             self._on_change()
             return runtime

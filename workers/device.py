@@ -7,11 +7,14 @@ import sys
 from typing import Any
 
 
-def pin_device(device: str) -> None:
-    """`cuda:N` sees only GPU N (as cuda:0); `cpu` sees no GPU at all."""
+def pin_device(device: str, gpu_index: int | None = None) -> None:
+    """`cuda:N` sees only GPU N (or `gpu_index`), as cuda:0; `cpu` sees no GPU at all."""
     if "torch" in sys.modules:
         raise RuntimeError("torch was imported before the worker's device was pinned; pin_device must run first")
-    os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1] if device.startswith("cuda:") else ""
+    if device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index if gpu_index is not None else device.split(":", 1)[1])
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ["AETHERCORE_DEVICE"] = device
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

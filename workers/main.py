@@ -15,7 +15,8 @@ from workers.device import pin_device
 
 def run_worker(device: str, settings: Settings | None = None) -> None:
     device = parse_worker_device(device)
-    pin_device(device)  # before anything imports torch
+    settings = settings or Settings.from_env()
+    pin_device(device, settings.gpu_index)  # before anything imports torch
 
     from celery import signals
 
@@ -25,7 +26,7 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
     from workers import handlers
     from workers.service import WorkerService
 
-    settings = (settings or Settings.from_env()).with_overrides(device=device)
+    settings = settings.with_overrides(device=device)
     setup_logging("worker", settings.log_level, settings.log_format)
 
     @signals.setup_logging.connect(weak=False)

@@ -24,6 +24,13 @@ class Runtime(ABC):
         self.device = device  # worker device label: cpu | cuda:N
         # Inside a pinned worker the one visible GPU is always cuda:0.
         self.torch_device = "cuda" if device.startswith("cuda") else "cpu"
+        # Half precision only where it pays: on a GPU. A CPU worker serves float32 whatever the config says.
+        self.dtype_name = spec.dtype if self.torch_device == "cuda" else "float32"
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     @abstractmethod
     def load(self) -> None: ...

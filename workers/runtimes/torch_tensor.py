@@ -27,25 +27,31 @@ class TorchExportTensor(Runtime):
             program = torch.export.load(str(program_file))
         except Exception as exc:
             raise RuntimeError(f"model {self.spec.id!r}: {program_file} is not a torch.export program: {exc}") from None
-        self.module = program.module().to(self.torch_device)
+        self.module = program.module().to(self.torch_device, self.torch_dtype())
 
     def run_batch(self, inputs: list[dict[str, Any]], parameters: dict[str, Any]) -> list[dict[str, Any]]:
         ensure_torch_threads(self.settings)
         decoded = [self._decode(item) for item in inputs]
         sizes = [a[0].shape[0] for a in decoded]
-        args = [torch.from_numpy(np.concatenate([d[i] for d in decoded])).to(self.torch_device)
+        args = [self._to_model(torch.from_numpy(np.concatenate([d[i] for d in decoded])))
                 for i in range(len(self.signature["inputs"]))]
         with torch.inference_mode():
             outputs = self.module(*args)
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
-        arrays = [o.detach().cpu().numpy() for o in outputs]
+        arrays = [o.detach().float().cpu().numpy() if o.is_floating_point() else o.detach().cpu().numpy()
+                  for o in outputs]
         names = [o["name"] for o in self.signature["outputs"]]
         results, start = [], 0
         for size in sizes:
             results.append({n: encode_tensor(a[start:start + size]) for n, a in zip(names, arrays)})
             start += size
         return results
+
+    def _to_model(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.torch_dtype())
+        return tensor.to(self.torch_device)
 
     def _decode(self, item: Any) -> list[np.ndarray]:
         if not isinstance(item, dict):

@@ -1,0 +1,53 @@
+"""GPU workers (skipped without CUDA; run them with scripts/gpu-check.sh on a machine with a GPU)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(redis_server):
+    from tests.conftest import client_for, settings_for
+    from tests.support import WorkerProcess
+
+    url = redis_server.url(20)
+    worker = WorkerProcess(url, name="gpu-worker", device="cuda:0").start()
+    yield worker, client_for(settings_for(url))
+    worker.stop()
+
+
+def test_auto_places_models_on_the_gpu_and_serves_there(gpu_cluster):
+    worker, client = gpu_cluster
+    job = client.post("/models/minilm/load?wait=120").get_json()
+    assert job["status"] == "succeeded" and job["result"]["device"] == "cuda:0"
+    replica = client.get("/models/minilm/status").get_json()["replicas"][0]
+    assert replica["device"] == "cuda:0" and replica["gpu_memory_bytes"] > 50_000_000
+    served = client.post("/serve?wait=60", json={"model_id": "minilm", "inputs": {"text": "on the GPU"}}).get_json()
+    assert served["result"]["device"] == "cuda:0"
+
+
+def test_onnx_runs_with_the_cuda_provider(gpu_cluster):
+    worker, client = gpu_cluster
+    client.post("/models/minilm-onnx/load?wait=120")
+    info = client.get("/models/minilm-onnx/info").get_json()
+    assert info["loaded"]["providers"][0] == "CUDAExecutionProvider"
+    a = client.post("/serve?wait=60", json={"model_id": "minilm", "inputs": {"text": "agree"}}).get_json()
+    b = client.post("/serve?wait=60", json={"model_id": "minilm-onnx", "inputs": {"text": "agree"}}).get_json()
+    assert float(np.dot(a["result"]["output"]["embedding"], b["result"]["output"]["embedding"])) > 0.999
+
+
+def test_unload_returns_gpu_memory(gpu_cluster):
+    worker, client = gpu_cluster
+    client.post("/models/minilm/unload?wait=60")
+    client.post("/models/minilm-onnx/unload?wait=60")
+    before = worker.record()["memory"]["gpu_allocated_bytes"]
+    client.post("/models/minilm/load?wait=120")
+    loaded = worker.record()["memory"]["gpu_allocated_bytes"]
+    client.post("/models/minilm/unload?wait=60")
+    from tests.support import wait_until
+
+    wait_until(lambda: worker.record()["memory"]["gpu_allocated_bytes"] <= before, 15, 0.5,
+               "GPU memory back to its level before the load")
+    assert loaded > before
