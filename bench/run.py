@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 
 from bench.corpus import corpus  # noqa: E402
-from tests.support import ApiProcess, RedisServer, WorkerProcess  # noqa: E402
+from tests.support import ADMIN_KEY, ApiProcess, RedisServer, WorkerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = os.environ.get("BENCH_MODEL", "minilm")
@@ -122,9 +122,12 @@ class LoadResult:
         return data[min(len(data) - 1, int(q * len(data)))] if data else float("nan")
 
 
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 def _one_request(conn: HTTPConnection, mode: str, text: str) -> bool:
     body = json.dumps({"model_id": MODEL, "inputs": {"text": text}})
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **AUTH}
     if mode == "wait":
         conn.request("POST", "/serve?wait=30", body, headers)
         response = conn.getresponse()
@@ -135,7 +138,7 @@ def _one_request(conn: HTTPConnection, mode: str, text: str) -> bool:
     job = json.loads(response.read())
     if response.status != 202:
         return False
-    conn.request("GET", f"/jobs/{job['job_id']}?wait=30")
+    conn.request("GET", f"/jobs/{job['job_id']}?wait=30", headers=AUTH)
     response = conn.getresponse()
     data = response.read()
     return response.status == 200 and b'"succeeded"' in data
@@ -189,7 +192,7 @@ def ws_stream(base: str, tokens: int, runs: int = 5) -> tuple[float, float]:
     url = base.replace("http://", "ws://") + "/serve/stream"
     ttfc, rates = [], []
     for _ in range(runs + 1):
-        ws = simple_websocket.Client.connect(url)
+        ws = simple_websocket.Client.connect(url, headers=AUTH)
         started = time.perf_counter()
         ws.send(json.dumps({"model_id": "tiny-gpt2", "inputs": {"text": "Tell me a story"},
                             "parameters": {"max_length": tokens}}))
@@ -210,14 +213,15 @@ def ws_stream(base: str, tokens: int, runs: int = 5) -> tuple[float, float]:
 
 
 def start_system(redis: RedisServer, db: int, models_file: str | None = None) -> tuple[WorkerProcess, ApiProcess]:
-    env = {"AETHERCORE_LOG_LEVEL": "WARNING"}
+    # As deployed by default: authentication on, the per-caller rate limit on (high enough not to bite).
+    env = {"AETHERCORE_LOG_LEVEL": "WARNING", "AETHERCORE_AUTH": "true", "AETHERCORE_RATE_LIMIT": "60000/minute"}
     if models_file:
         env["AETHERCORE_MODELS_FILE"] = models_file
     worker = WorkerProcess(redis.url(db), name="bench-worker", **env).start()
     api = ApiProcess(redis.url(db), name="bench-api", **env).start()
     conn = HTTPConnection("127.0.0.1", api.port, timeout=120)
     for model_id in (MODEL, "tiny-gpt2"):
-        conn.request("POST", f"/models/{model_id}/load?wait=60")
+        conn.request("POST", f"/models/{model_id}/load?wait=60", headers=AUTH)
         response = conn.getresponse()
         assert response.status == 200, response.read()
         response.read()

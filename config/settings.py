@@ -203,7 +203,7 @@ SETTINGS: tuple[Setting, ...] = (
             "HS256 secret for JWTs (`sub`, `role`, `exp` checked); empty: JWTs are not accepted."),
     Setting("metrics_auth", "AETHERCORE_METRICS_AUTH", "false", parse_bool,
             "Require credentials (any role) for /metrics."),
-    Setting("rate_limit", "AETHERCORE_RATE_LIMIT", "6000/minute", _rate_limit,
+    Setting("rate_limit", "AETHERCORE_RATE_LIMIT", "60000/minute", _rate_limit,
             "Requests per caller (API key, JWT subject, or address) in flask-limiter syntax; empty: no limit."),
     Setting("admin_key_file", "AETHERCORE_ADMIN_KEY_FILE", "var/admin.key", _path,
             "Where `manage.py up` keeps the admin key it creates on first run (mode 600)."),

@@ -107,43 +107,23 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """`python manage.py worker --device cpu` as a child process, with its log kept for assertions."""
+class ManagedProcess:
+    """A `manage.py` child process in its own session, with its output kept in test-artifacts/."""
 
-    def __init__(self, redis_url: str, name: str = "worker", device: str = "cpu", **env: str) -> None:
-        self.redis_url = redis_url
-        self.device = device
+    def __init__(self, name: str, env: dict[str, str]) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"{name}-{os.getpid()}-{int(time.time() * 1000)}.log"
-        self.env = base_env(redis_url, **env)
+        self.env = env
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> "WorkerProcess":
+    def spawn(self, *args: str) -> None:
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "manage.py"), "worker", "--device", self.device],
-            env=self.env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        if wait:
-            wait_until(lambda: self.record() is not None or self._died(), 90, 0.2, "the worker's heartbeat")
-            if self._died():
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-        return self
+        self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "manage.py"), *args], env=self.env,
+                                     cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     def _died(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
-
-    @property
-    def name(self) -> str:
-        host = socket.gethostname()
-        return f"{self.device.replace(':', '')}.{self.proc.pid}@{host}"
-
-    def record(self) -> dict[str, Any] | None:
-        from tasks.redis_client import make_redis
-
-        client = make_redis(self.redis_url, self.env.get("AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster"))
-        raw = client.get(f"aethercore:worker:{self.name}")
-        return json.loads(raw) if raw else None
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -165,31 +145,55 @@ class WorkerProcess:
             self._log.close()
 
 
-class ApiProcess:
+class WorkerProcess(ManagedProcess):
+    """`python manage.py worker --device cpu` as a child process, with its log kept for assertions."""
+
+    def __init__(self, redis_url: str, name: str = "worker", device: str = "cpu", **env: str) -> None:
+        super().__init__(name, base_env(redis_url, **env))
+        self.redis_url = redis_url
+        self.device = device
+
+    def start(self, wait: bool = True) -> "WorkerProcess":
+        self.spawn("worker", "--device", self.device)
+        if wait:
+            wait_until(lambda: self.record() is not None or self._died(), 90, 0.2, "the worker's heartbeat")
+            if self._died():
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+        return self
+
+    @property
+    def name(self) -> str:
+        host = socket.gethostname()
+        return f"{self.device.replace(':', '')}.{self.proc.pid}@{host}"
+
+    def record(self) -> dict[str, Any] | None:
+        from tasks.redis_client import make_redis
+
+        client = make_redis(self.redis_url, self.env.get("AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster"))
+        raw = client.get(f"aethercore:worker:{self.name}")
+        return json.loads(raw) if raw else None
+
+
+class ApiProcess(ManagedProcess):
     """`python manage.py api` (gunicorn, gthread) on a spare port: for WebSocket, SSE and multi-process tests."""
 
     def __init__(self, redis_url: str, name: str = "api", **env: str) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        ARTIFACTS.mkdir(exist_ok=True)
-        self.log_path = ARTIFACTS / f"{name}-{os.getpid()}-{int(time.time() * 1000)}.log"
         # Feature tests speak plain HTTP/WebSocket without credentials; tests/integration/test_security.py
         # starts one with auth on to check the same endpoints refuse anonymous callers.
         env.setdefault("AETHERCORE_AUTH", "false")
-        self.env = base_env(redis_url, AETHERCORE_PORT=str(self.port), AETHERCORE_HOST="127.0.0.1", **env)
-        self.proc: subprocess.Popen | None = None
+        super().__init__(name, base_env(redis_url, AETHERCORE_PORT=str(self.port), AETHERCORE_HOST="127.0.0.1",
+                                        **env))
 
     def start(self) -> "ApiProcess":
         import requests
 
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "manage.py"), "api"], env=self.env,
-                                     cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.spawn("api")
 
         def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"API exited:\n{self.log_path.read_text()}")
+            if self._died():
+                raise RuntimeError(f"API exited:\n{self.log()}")
             try:
                 return requests.get(f"{self.base}/heartbeat", timeout=1).status_code == 200
             except requests.RequestException:
@@ -197,13 +201,3 @@ class ApiProcess:
 
         wait_until(up, 60, 0.2, "the API to answer")
         return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        if hasattr(self, "_log"):
-            self._log.close()

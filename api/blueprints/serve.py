@@ -70,10 +70,14 @@ def submit_inference(body: dict[str, Any]) -> dict[str, Any]:
     svc = services()
     spec = svc.spec(body["model_id"])
     raise_if({**input_errors(spec, body["inputs"]), **parameter_errors(spec, body["parameters"])})
-    payload = {"inputs": body["inputs"], "parameters": body["parameters"]}
+    return svc.submit("inference", spec, route(svc, spec), job_payload(body))
+
+
+def job_payload(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    payload = {"inputs": body["inputs"], "parameters": body["parameters"], **extra}
     if body.get("timeout"):
         payload["timeout"] = body["timeout"]
-    return svc.submit("inference", spec, route(svc, spec), payload)
+    return payload
 
 
 @blp.route("/serve")
@@ -114,10 +118,7 @@ class ServeBatch(MethodView):
         for i, item in enumerate(items):
             errors.update(input_errors(spec, item, f"inputs.{i}"))
         raise_if({**errors, **parameter_errors(spec, body["parameters"])})
-        payload = {"inputs": items, "parameters": body["parameters"], "batch": True}
-        if body.get("timeout"):
-            payload["timeout"] = body["timeout"]
-        job = svc.submit("inference", spec, route(svc, spec), payload)
+        job = svc.submit("inference", spec, route(svc, spec), job_payload(body, batch=True))
         return job_reply(svc.wait(job, query["wait"]))
 
 

@@ -2,8 +2,7 @@
 
 import pytest
 
-from api import create_app
-from tests.conftest import client_for, DB_EVICTION, settings_for
+from tests.conftest import DB_EVICTION, client_for, settings_for
 from tests.support import WorkerProcess
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,6 @@
 
 import time
 
-from api import create_app
 from tests.conftest import client_for, settings_for
 from tests.support import free_port
 

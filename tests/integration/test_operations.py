@@ -8,8 +8,7 @@ import sys
 import pytest
 import requests
 
-from api import create_app
-from tests.conftest import client_for, DB_MISC, poll, settings_for
+from tests.conftest import DB_MISC, client_for, poll, settings_for
 from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, wait_until
 
 

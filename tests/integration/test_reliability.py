@@ -2,7 +2,6 @@
 deadlines, a corrupt model file, and every Redis key bounded. Each fault is injected for real."""
 
 import json
-import os
 import signal
 import time
 

@@ -4,8 +4,7 @@ import time
 
 import pytest
 
-from api import create_app
-from tests.conftest import client_for, DB_SCALING, poll, settings_for
+from tests.conftest import DB_SCALING, client_for, poll, settings_for
 from tests.support import WorkerProcess, wait_until
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,13 @@ from api.auth import KeyStore
 from tasks.redis_client import make_redis
 from tests.conftest import DB_MISC, client_for, settings_for
 from tests.support import (
-    ADMIN_KEY, JWT_SECRET, OPERATOR_KEY, OTHER_USER_KEY, USER_KEY, VIEWER_KEY, ApiProcess,
+    ADMIN_KEY,
+    JWT_SECRET,
+    OPERATOR_KEY,
+    OTHER_USER_KEY,
+    USER_KEY,
+    VIEWER_KEY,
+    ApiProcess,
 )
 
 TEXT = {"model_id": "minilm", "inputs": {"text": "hello"}}
