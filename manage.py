@@ -50,6 +50,16 @@ def settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+def checked_models(cfg: Settings) -> None:
+    """Validate models.yaml before starting a process that serves it: a clean one-line error, not a traceback."""
+    from config.models import load_models
+
+    try:
+        load_models(cfg.models_file)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", 2)
+
+
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
@@ -115,7 +125,9 @@ def api() -> None:
     """Run the HTTP API (gunicorn, threaded workers) on AETHERCORE_HOST:AETHERCORE_PORT."""
     from api.server import run_api
 
-    run_api(settings())
+    cfg = settings()
+    checked_models(cfg)
+    run_api(cfg)
 
 
 @app.command()
@@ -137,11 +149,17 @@ def flower(port: Optional[int] = typer.Option(None, help="Port (default AETHERCO
 
     cfg = settings()
     setup_logging("flower", cfg.log_level, cfg.log_format)
+    basic_auth = cfg.flower_basic_auth
+    if cfg.auth and not basic_auth:
+        # Flower shows every task and can control workers: never open when the API requires credentials.
+        path = cfg.admin_key_file.parent / "flower.auth"
+        basic_auth = _ensure_secret_file(path, lambda: f"admin:{secrets.token_urlsafe(12)}")
+        err.print(f"Flower login (basic auth) is in {path}")
     argv = ["flower", f"--port={port or cfg.flower_port}", "--address=0.0.0.0",
             # kwargs show the model id and job ids of each task (never the inputs: see api/dispatch.py).
             "--tasks_columns=name,uuid,state,kwargs,received,runtime,worker"]
-    if cfg.flower_basic_auth:
-        argv.append(f"--basic-auth={cfg.flower_basic_auth}")
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
     make_celery(cfg).start(argv=argv)
 
 
@@ -162,6 +180,7 @@ def up(
 
     cfg = settings()
     setup_logging("up", cfg.log_level, cfg.log_format)
+    checked_models(cfg)
     env = dict(os.environ)
     api_port = api_port or cfg.port
     flower_port = flower_port or cfg.flower_port

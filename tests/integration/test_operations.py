@@ -9,20 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import DB_MISC, client_for, poll, settings_for
-from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, wait_until
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
-        if not match:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
+from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, metric, wait_until
 
 
 def test_request_counter_adds_up_across_gunicorn_workers(main_redis_url, main_worker):

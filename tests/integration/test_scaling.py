@@ -5,7 +5,7 @@ import time
 import pytest
 
 from tests.conftest import DB_SCALING, client_for, poll, settings_for
-from tests.support import WorkerProcess, wait_until
+from tests.support import WorkerProcess, metric, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,18 @@ def test_load_reaches_every_worker_and_jobs_spread(cluster):
     assert {r["worker"] for r in job["result"]["replicas"]} == names
     assert replica_workers(client, "minilm") == names
 
+    before = client.get("/metrics").get_data(as_text=True)
     job_ids = [client.post("/serve", json={"model_id": "minilm", "inputs": {"text": f"sentence {i}"}})
                .get_json()["job_id"] for i in range(32)]
     results = [poll(client, job_id) for job_id in job_ids]
     assert all(r["status"] == "succeeded" for r in results)
     assert {r["result"]["worker"] for r in results} == names
+    # Both workers counted into the same figures: every job exactly once.
+    after = client.get("/metrics").get_data(as_text=True)
+    for name, labels in (("aethercore_jobs_total", {"kind": "inference", "model": "minilm", "status": "succeeded"}),
+                         ("aethercore_queue_wait_seconds_count", {"model": "minilm"}),
+                         ("aethercore_inference_seconds_count", {"model": "minilm"})):
+        assert metric(after, name, **labels) - metric(before, name, **labels) == 32
     assert all("load_ms" not in r["result"]["timings"] for r in results)
 
 
