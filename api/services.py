@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +35,10 @@ class Services:
                            "the configured models", {"model_id": model_id})
         return spec
 
-    def device_for(self, spec: ModelSpec) -> str:
+    def device_for(self, spec: ModelSpec, *desired: dict[str, Any] | None) -> str:
+        """`desired` (optional): the model's desired-state entry, if the caller already read it."""
         try:
-            return resolve_device(spec, self.cluster, self.settings.gpu_enabled)
+            return resolve_device(spec, self.cluster, self.settings.gpu_enabled, *desired)
         except NoDeviceAvailable as exc:
             raise ApiError(503, "no_device", str(exc), headers={"Retry-After": "5"}) from None
 
@@ -94,6 +94,3 @@ class Services:
 def services() -> Services:
     return current_app.extensions["aethercore"]
 
-
-def now() -> float:
-    return time.time()

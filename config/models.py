@@ -7,7 +7,7 @@ deployment never starts half-configured.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +60,10 @@ class ModelSpec:
     max_batch_delay_ms: float = 0.0
     instances: int = 1
     dtype: str = "float32"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
         data["providers"] = list(self.providers)
-        data.pop("extra")
         return data
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -261,7 +261,6 @@ class Settings:
     max_queue_depth: int
     visibility_timeout: int
     max_attempts: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def effective_broker_url(self) -> str:

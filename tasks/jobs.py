@@ -213,9 +213,6 @@ class JobStore:
                 self.request_cancel(job_id, reason)  # it started meanwhile: ask it to stop
         return outcome == 1
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return self.redis.hget(job_key(job_id), "cancel_requested") == "1"
-
     def events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
         """Events after `last_id` ('0-0': from the start), blocking up to `block_ms` for the first."""
         reply = self.redis.xread({job_events_key(job_id): last_id}, block=max(1, block_ms), count=500)

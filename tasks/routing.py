@@ -26,9 +26,12 @@ def _best_gpu(workers: list[dict[str, Any]]) -> str | None:
     return best["device"]
 
 
-def resolve_device(spec: ModelSpec, cluster: ClusterState, gpu_enabled: str,
-                   workers: list[dict[str, Any]] | None = None) -> str:
-    desired = cluster.desired(spec.id)
+_UNREAD: Any = object()
+
+
+def resolve_device(spec: ModelSpec, cluster: ClusterState, gpu_enabled: str, desired: Any = _UNREAD) -> str:
+    """`desired`: the model's desired-state entry (or None) when the caller already read it."""
+    desired = cluster.desired(spec.id) if desired is _UNREAD else desired
     if desired:
         return desired["device"]
     if spec.device == "cpu" or spec.device.startswith("cuda:"):
@@ -37,8 +40,7 @@ def resolve_device(spec: ModelSpec, cluster: ClusterState, gpu_enabled: str,
         if spec.device == "cuda":
             raise NoDeviceAvailable(f"model {spec.id!r} needs a GPU (device: cuda) but AETHERCORE_GPU_ENABLED=false")
         return CPU_QUEUE
-    workers = cluster.live_workers() if workers is None else workers
-    gpu = _best_gpu(workers)
+    gpu = _best_gpu(cluster.live_workers())
     if gpu:
         return gpu
     if spec.device == "cuda":

@@ -113,10 +113,6 @@ class ModelCache:
                 models.setdefault(mid, {"state": "loading", "memory_bytes": 0, "since": since})
             return models
 
-    def describe(self, model_id: str) -> dict[str, Any] | None:
-        runtime = self.get(model_id)
-        return runtime.describe() if runtime else None
-
     # -- load / unload -----------------------------------------------------------------------
     def load(self, spec: ModelSpec, generation: int = 0) -> Runtime:
         with self._lock:

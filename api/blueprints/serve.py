@@ -58,8 +58,9 @@ def raise_if(errors: dict[str, list[str]]) -> None:
 
 def route(svc: Services, spec: ModelSpec) -> str:
     """The device queue for this model's inference; 409 when it must be loaded first."""
-    device = svc.device_for(spec)
-    if not svc.settings.autoload and svc.cluster.desired(spec.id) is None:
+    desired = svc.cluster.desired(spec.id)
+    device = svc.device_for(spec, desired)
+    if not svc.settings.autoload and desired is None:
         raise ApiError(409, "model_not_loaded",
                        f"model {spec.id!r} is not loaded and autoload is off; "
                        f"load it first with POST /models/{spec.id}/load")
