@@ -2,17 +2,13 @@
 just-finished inference task (with its model id). Screenshots go to test-artifacts/."""
 
 import base64
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from tests.support import ARTIFACTS, REPO_ROOT, base_env, free_port, wait_until
+from tests.support import ARTIFACTS, ManagedProcess, base_env, free_port, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -27,16 +23,13 @@ USER, PASSWORD = "ops", "s3cret-flower"
 @pytest.fixture(scope="module")
 def flower(main_redis_url, main_worker):
     port = free_port()
-    env = base_env(main_redis_url, AETHERCORE_FLOWER_PORT=str(port),
-                   AETHERCORE_FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "flower.log", "w")
-    proc = subprocess.Popen([sys.executable, "manage.py", "flower"], cwd=REPO_ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    flower = ManagedProcess("flower", base_env(main_redis_url, AETHERCORE_FLOWER_PORT=str(port),
+                                               AETHERCORE_FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}"))
+    flower.spawn("flower")
     base = f"http://127.0.0.1:{port}"
 
     def up():
-        assert proc.poll() is None, (ARTIFACTS / "flower.log").read_text()
+        assert flower.proc.poll() is None, flower.log()
         try:
             return requests.get(f"{base}/healthcheck", timeout=1).status_code in (200, 401)
         except requests.RequestException:
@@ -44,9 +37,7 @@ def flower(main_redis_url, main_worker):
 
     wait_until(up, 60, 0.3, "Flower to listen")
     yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(20)
-    log.close()
+    flower.stop()
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 import requests
 
-from tests.support import ARTIFACTS, REPO_ROOT, base_env, free_port, wait_until
+from tests.support import REPO_ROOT, ManagedProcess, base_env, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +42,13 @@ def system():
     env = base_env(f"redis://127.0.0.1:{redis_port}/0", AETHERCORE_PORT=str(api_port),
                    AETHERCORE_FLOWER_PORT=str(flower_port), AETHERCORE_URL=f"http://127.0.0.1:{api_port}",
                    AETHERCORE_ADMIN_KEY_FILE=f"{key_dir}/admin.key")
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "e2e-up.log", "w")
-    proc = subprocess.Popen([sys.executable, "manage.py", "up"], cwd=REPO_ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    up = ManagedProcess("e2e-up", env)
+    up.spawn("up")
+    proc = up.proc
     base = f"http://127.0.0.1:{api_port}"
 
     def healthy():
-        assert proc.poll() is None, (ARTIFACTS / "e2e-up.log").read_text()
+        assert proc.poll() is None, up.log()
         try:
             return requests.get(f"{base}/health", timeout=2).status_code == 200
         except requests.RequestException:
@@ -63,9 +62,8 @@ def system():
            "redis_port": redis_port, "env": dict(env, AETHERCORE_API_KEY=key), "key": key,
            "headers": {"Authorization": f"Bearer {key}"}, "key_dir": key_dir}
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
-    log.close()
+        up.kill(signal.SIGINT)  # Ctrl-C, as a person stops it
+    up.stop()
 
 
 def run_curl(command: str, system: dict) -> tuple[int, dict]:
