@@ -10,6 +10,7 @@ from api.blueprints import health, jobs, models, serve
 from api.dispatch import InferenceDispatcher
 from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
+from api.json_provider import OrjsonProvider
 from api.metrics import init_metrics
 from api.request_id import init_request_id
 from api.security import init_security
@@ -36,6 +37,7 @@ class AetherApi(Api):
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("aethercore")
+    app.json = OrjsonProvider(app)
     app.config.update(
         API_TITLE="AetherCore",
         API_VERSION=VERSION,

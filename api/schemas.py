@@ -20,6 +20,9 @@ class ServeRequestSchema(ma.Schema):
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 100}})
     timeout = ma.fields.Float(validate=validate.Range(min=0.001, max=86400), metadata={
         "description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"})
+    encoding_format = ma.fields.String(load_default="float", validate=validate.OneOf(("float", "base64")), metadata={
+        "description": "How embeddings are returned: JSON numbers (`float`) or `base64` of their "
+                       "little-endian float32 bytes (a quarter of the size, and exact)"})
 
 
 class BatchRequestSchema(ma.Schema):
@@ -30,6 +33,9 @@ class BatchRequestSchema(ma.Schema):
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 128}})
     timeout = ma.fields.Float(validate=validate.Range(min=0.001, max=86400), metadata={
         "description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"})
+    encoding_format = ma.fields.String(load_default="float", validate=validate.OneOf(("float", "base64")), metadata={
+        "description": "How embeddings are returned: JSON numbers (`float`) or `base64` of their "
+                       "little-endian float32 bytes (a quarter of the size, and exact)"})
 
 
 class WaitQuerySchema(ma.Schema):

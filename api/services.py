@@ -1,8 +1,11 @@
-"""What the API talks to, built once per app: Redis, the job store, the cluster view, the Celery producer."""
+"""What the API talks to, built once per app: Redis, the job store, the cluster view, the Celery producer,
+the reply listener, and short-lived caches of what every request would otherwise read from Redis."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -10,13 +13,56 @@ from flask import current_app, g
 
 from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
+from api.replies import ReplyListener
 from api.request_id import current_request_id
 from config.models import ModelSpec
 from config.settings import Settings
 from tasks.cluster import ClusterState
-from tasks.jobs import FAILED, JobStore
+from tasks.jobs import FAILED, TERMINAL, JobStore, new_job_id
 from tasks.names import TASK_FOR_KIND, queue_for_device
 from tasks.routing import NoDeviceAvailable, resolve_device
+
+# A model's desired state is cached this long at most; every change also clears it at once (pub/sub).
+DESIRED_CACHE_S = 1.0
+# Backpressure reads the queue length at most this often per device: a bound, not an exact count.
+QUEUE_DEPTH_CACHE_S = 0.25
+
+
+class TTLCache:
+    """A tiny per-process cache: values expire after `ttl_s`; `clear(key)` (or all) drops them at once."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._values: dict[Any, tuple[float, Any]] = {}
+        self._bumps: dict[Any, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, load: Any) -> Any:
+        now = time.monotonic()
+        hit = self._values.get(key)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        value = load()
+        with self._lock:
+            self._values[key] = (now, value)
+            self._bumps.pop(key, None)
+        return value
+
+    def clear(self, key: Any = None) -> None:
+        with self._lock:
+            if key is None:
+                self._values.clear()
+                self._bumps.clear()
+            else:
+                self._values.pop(key, None)
+                self._bumps.pop(key, None)
+
+    def bump(self, key: Any) -> int:
+        """Count one more local change to `key` since its value was read; returns the count before it."""
+        with self._lock:
+            count = self._bumps.get(key, 0)
+            self._bumps[key] = count + 1
+            return count
 
 
 @dataclass
@@ -27,6 +73,16 @@ class Services:
     cluster: ClusterState
     celery: Celery
     dispatcher: InferenceDispatcher
+    desired_cache: TTLCache = field(default_factory=lambda: TTLCache(DESIRED_CACHE_S))
+    depth_cache: TTLCache = field(default_factory=lambda: TTLCache(QUEUE_DEPTH_CACHE_S))
+    replies: ReplyListener = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.replies = ReplyListener(self.jobs.redis, self.jobs, on_models_changed=self.desired_cache.clear)
+
+    def desired(self, model_id: str) -> dict[str, Any] | None:
+        """The model's desired state (where it is meant to be resident), cached briefly."""
+        return self.desired_cache.get(model_id, lambda: self.cluster.desired(model_id))
 
     def spec(self, model_id: str) -> ModelSpec:
         spec = self.models.get(model_id)
@@ -42,19 +98,40 @@ class Services:
         except NoDeviceAvailable as exc:
             raise ApiError(503, "no_device", str(exc), headers={"Retry-After": "5"}) from None
 
-    def submit(self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Create the job record, then queue it on the device's queue.
+    def submit(self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any],
+               wait_s: float = 0.0) -> dict[str, Any]:
+        """Create the job record and queue it on the device's queue; with `wait_s`, wait for its end.
 
         Load and unload jobs are one Celery task each (task id = job id). Inference jobs go through the
         dispatcher, which may carry several concurrent jobs in one message; streamed generations and
-        batch requests always travel alone.
+        batch requests always travel alone. A waiting request is registered with this process's reply
+        listener before the job can end, and the job names the listener's channel, so the worker that
+        ends it wakes this request directly.
         """
         request_id = current_request_id()
         if kind == "inference":
             self._check_backpressure(device)
+        else:
+            self.desired_cache.clear(spec.id)
+        wait_s = min(wait_s, self.settings.max_wait)
         who = g.get("principal")
-        job = self.jobs.create(kind=kind, model_id=spec.id, device=device, request_id=request_id,
-                               owner=who.id if who is not None else None)
+        job_id = new_job_id()
+        waiter = self.replies.expect(job_id) if wait_s > 0 else None
+        try:
+            job = self.jobs.create(kind=kind, model_id=spec.id, device=device, request_id=request_id,
+                                   owner=who.id if who is not None else None, job_id=job_id,
+                                   notify=self.replies.channel if waiter is not None else None)
+            self._publish(kind, spec, device, payload, job, request_id)
+        except Exception:
+            if waiter is not None:
+                self.replies.forget(waiter)
+            raise
+        if waiter is None:
+            return job
+        return self.replies.wait(waiter, job, wait_s)
+
+    def _publish(self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any], job: dict[str, Any],
+                 request_id: str | None) -> None:
         try:
             if kind == "inference":
                 work = {"job_id": job["job_id"], "submitted_at": job["_created_ts"], "request_id": request_id,
@@ -75,20 +152,28 @@ class Services:
             self.jobs.finish(job["job_id"], FAILED, error={"code": "broker_unavailable",
                                                            "message": "the job could not be queued"})
             raise
-        return job
 
     def _check_backpressure(self, device: str) -> None:
-        depth = self.cluster.redis.llen(queue_for_device(device))
+        queue = queue_for_device(device)
+        # The queue's length as last read, plus what this process queued since: exact for one API process,
+        # a bound within QUEUE_DEPTH_CACHE_S for several.
+        depth = self.depth_cache.get(queue, lambda: self.cluster.redis.llen(queue)) + self.depth_cache.bump(queue)
         if depth >= self.settings.max_queue_depth:
             raise ApiError(429, "queue_full", f"the {device} queue holds {depth} jobs, at its limit "
                            f"(AETHERCORE_MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry later",
-                           {"queue": queue_for_device(device), "depth": depth}, headers={"Retry-After": "5"})
+                           {"queue": queue, "depth": depth}, headers={"Retry-After": "5"})
 
     def wait(self, job: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        """Wait for a job that may have been submitted anywhere (GET /jobs/{id}?wait)."""
         wait_s = min(wait_s, self.settings.max_wait)
-        if wait_s <= 0:
+        if wait_s <= 0 or job["status"] in TERMINAL:
             return job
-        return self.jobs.wait(job["job_id"], wait_s) or job
+        waiter = self.replies.expect(job["job_id"])
+        current = self.jobs.watch(job["job_id"], self.replies.channel)
+        if current is None or current["status"] in TERMINAL:
+            self.replies.forget(waiter)
+            return current or job
+        return self.replies.wait(waiter, current, wait_s)
 
 
 def services() -> Services:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.jobs import TERMINAL, JobStore
-from tasks.names import job_events_key
 
 POLL_MS = 250
 
@@ -40,10 +39,12 @@ def follow_job(jobs: JobStore, job_id: str, last_id: str = "0-0", alive: Callabl
                 silent_ms = 0
                 yield Event("keepalive", last_id, {})
             job = jobs.get(job_id)
-            # A job whose stream expired (or never had a done event) still ends the stream.
-            if job is None or (job["status"] in TERMINAL and not jobs.redis.exists(job_events_key(job_id))):
-                if job is not None:
-                    yield Event("done", last_id, job)
+            if job is None:
+                return
+            # An ended job's stream holds nothing more: the `done` event is written with the end, in one
+            # step. A reader already past it (resuming after the last id), or whose stream expired, ends here.
+            if job["status"] in TERMINAL and not jobs.events(job_id, last_id, 1):
+                yield Event("done", last_id, job)
                 return
             continue
         silent_ms = 0
@@ -52,5 +53,22 @@ def follow_job(jobs: JobStore, job_id: str, last_id: str = "0-0", alive: Callabl
             if data.get("type") == "chunk":
                 yield Event("chunk", entry_id, {"index": int(data["index"]), **json.loads(data["data"])})
             elif data.get("type") == "done":
-                yield Event("done", entry_id, jobs.get(job_id) or {"job_id": job_id, "status": data.get("status")})
+                job = jobs.get(job_id) or {"job_id": job_id, "status": data.get("status")}
+                whole = whole_output_chunk(job)
+                if whole is not None:
+                    yield Event("chunk", entry_id, whole)
+                yield Event("done", entry_id, job)
                 return
+
+
+def whole_output_chunk(job: dict[str, Any]) -> dict[str, Any] | None:
+    """A model that does not stream sends its whole output as chunk 0. The output is stored once, in the
+    job's result, so the chunk is made from it here rather than kept a second time in the stream."""
+    result = job.get("result")
+    if job.get("chunks") or job.get("status") != "succeeded" or not isinstance(result, dict):
+        return None
+    if "output" in result:
+        return {"index": 0, "output": result["output"]}
+    if "outputs" in result:
+        return {"index": 0, "outputs": result["outputs"]}
+    return None

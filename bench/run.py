@@ -26,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
+from bench import procstat  # noqa: E402
 from bench.corpus import corpus  # noqa: E402
 from tests.support import ADMIN_KEY, ApiProcess, RedisServer, WorkerProcess  # noqa: E402
 
@@ -112,6 +113,10 @@ class LoadResult:
     errors: int = 0
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per component over the window
+
+    def cpu_ms_per_request(self, component: str) -> float:
+        return 1000 * self.cpu_s.get(component, 0.0) / self.requests if self.requests else float("nan")
 
     @property
     def throughput(self) -> float:
@@ -144,9 +149,41 @@ def _one_request(conn: HTTPConnection, mode: str, text: str) -> bool:
     return response.status == 200 and b'"succeeded"' in data
 
 
+class Components:
+    """The processes of a running system, grouped the way the CPU accounting reports them."""
+
+    def __init__(self, api: ApiProcess, worker: WorkerProcess, redis: RedisServer) -> None:
+        self.api, self.worker, self.redis = api, worker, redis
+
+    def pids(self) -> dict[str, list[int]]:
+        worker = self.worker.proc.pid
+        return {
+            "API processes": procstat.tree(self.api.proc.pid),
+            "Celery worker process": [worker],
+            "model processes": [p for p in procstat.tree(worker) if p != worker],
+            "Redis": [self.redis.proc.pid],
+        }
+
+    def cpu(self) -> dict[str, float]:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        totals = {name: sum(procstat.cpu_seconds(p) for p in pids) for name, pids in self.pids().items()}
+        totals["load generator (this process)"] = usage.ru_utime + usage.ru_stime
+        return totals
+
+    def rss_bytes(self) -> dict[str, int]:
+        return {name: sum(procstat.rss_bytes(p) for p in pids) for name, pids in self.pids().items()}
+
+
 def closed_loop(port: int, texts: list[str], clients: int, mode: str, seconds: float,
-                warmup: float = 1.5) -> LoadResult:
+                warmup: float = 1.5, components: Components | None = None) -> LoadResult:
     result = LoadResult(clients, mode)
+    cpu_at: dict[str, dict[str, float]] = {}
+
+    def sample(label: str) -> None:
+        if components is not None:
+            cpu_at[label] = components.cpu()
     lock = threading.Lock()
     start_at = time.monotonic() + warmup
     stop_at = start_at + seconds
@@ -180,9 +217,17 @@ def closed_loop(port: int, texts: list[str], clients: int, mode: str, seconds: f
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
+    timers = [threading.Timer(max(0.0, start_at - time.monotonic()), sample, ("start",)),
+              threading.Timer(max(0.0, stop_at - time.monotonic()), sample, ("stop",))]
+    for timer in timers:
+        timer.start()
     for thread in threads:
         thread.join()
+    for timer in timers:
+        timer.join()
     result.seconds = seconds
+    if "start" in cpu_at and "stop" in cpu_at:
+        result.cpu_s = {k: cpu_at["stop"][k] - cpu_at["start"].get(k, 0.0) for k in cpu_at["stop"]}
     return result
 
 
@@ -213,6 +258,7 @@ def ws_stream(base: str, tokens: int, runs: int = 5) -> tuple[float, float]:
 
 
 def start_system(redis: RedisServer, db: int, models_file: str | None = None) -> tuple[WorkerProcess, ApiProcess]:
+    """One worker (with its model processes) and one API (gunicorn), configured as `manage.py up` runs them."""
     # As deployed by default: authentication on, the per-caller rate limit on (high enough not to bite).
     env = {"AETHERCORE_LOG_LEVEL": "WARNING", "AETHERCORE_AUTH": "true", "AETHERCORE_RATE_LIMIT": "60000/minute"}
     if models_file:
@@ -275,11 +321,13 @@ def main() -> None:
     redis = RedisServer().start()
     try:
         worker, api = start_system(redis, 0)
+        components = Components(api, worker, redis)
         runs: list[LoadResult] = []
         try:
             for mode in ("wait", "poll"):
                 for clients in (1, 8, 32):
-                    runs.append(closed_loop(api.port, texts, clients, mode, args.seconds))
+                    runs.append(closed_loop(api.port, texts, clients, mode, args.seconds, components=components))
+            resident_rss = components.rss_bytes()
             stream_e2e = ws_stream(api.base, 64)
         finally:
             api.stop()
@@ -311,6 +359,19 @@ def main() -> None:
         for r in group:
             say(f"| {label} | {r.mode} | {r.clients} | {r.throughput:.1f} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} "
                 f"| {r.errors} |")
+    say()
+    say("## Where the CPU goes (CPU milliseconds per request, `wait` mode, this run)")
+    say()
+    names = list(runs[0].cpu_s) if runs and runs[0].cpu_s else []
+    say("| clients | " + " | ".join(names) + " | server total |")
+    say("| ---: | " + " | ".join("---:" for _ in names) + " | ---: |")
+    for r in (r for r in runs if r.mode == "wait"):
+        server = sum(r.cpu_ms_per_request(n) for n in names if not n.startswith("load generator"))
+        say(f"| {r.clients} | " + " | ".join(f"{r.cpu_ms_per_request(n):.2f}" for n in names) + f" | {server:.2f} |")
+    say()
+    say("Resident memory with `minilm` and `tiny-gpt2` loaded (RSS, MB): " + ", ".join(
+        f"{name} {value / 1e6:.0f}" for name, value in resident_rss.items()) +
+        f"; total {sum(resident_rss.values()) / 1e6:.0f}.")
     say()
     say("## Streaming (`tiny-gpt2`, 64 new tokens, median of 5)")
     say()

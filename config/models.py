@@ -60,6 +60,9 @@ class ModelSpec:
     max_batch_delay_ms: float = 0.0
     instances: int = 1
     dtype: str = "float32"
+    # A model process that makes no progress (no batch result, no streamed token) for this long is
+    # killed and restarted, and the jobs it held are retried.
+    timeout_s: float = 60.0
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,7 +73,7 @@ class ModelSpec:
 _KNOWN_FIELDS = {
     "name", "model_type", "source", "model_path", "task", "device", "max_memory",
     "providers", "tokenizer_path", "max_length", "max_length_limit", "description",
-    "max_batch_size", "max_batch_delay_ms", "instances", "dtype",
+    "max_batch_size", "max_batch_delay_ms", "instances", "dtype", "timeout_s",
 }
 
 
@@ -144,6 +147,10 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 10_000:
         raise _fail(path, model_id, "max_batch_delay_ms", delay, "must be a number of milliseconds from 0 to 10000")
 
+    timeout = raw.get("timeout_s", 60)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.1 <= timeout <= 86_400:
+        raise _fail(path, model_id, "timeout_s", timeout, "must be a number of seconds from 0.1 to 86400")
+
     tokenizer_path = raw.get("tokenizer_path")
     if tokenizer_path is not None and (not isinstance(tokenizer_path, str) or not tokenizer_path):
         raise _fail(path, model_id, "tokenizer_path", tokenizer_path, "must be a non-empty string")
@@ -168,6 +175,7 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         max_batch_delay_ms=float(delay),
         instances=bounded_int("instances", 1, 1, 64),
         dtype=one_of("dtype", DTYPES, "float32"),
+        timeout_s=float(timeout),
     )
 
 

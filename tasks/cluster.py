@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from tasks.names import (
-    DESIRED_MODELS, GENERATION_COUNTER, MODEL_ERRORS, WORKERS_INDEX, control_channel, worker_key,
+    DESIRED_MODELS, GENERATION_COUNTER, MODEL_ERRORS, MODELS_CHANGED, WORKERS_INDEX, control_channel, worker_key,
 )
 
 LOADED, LOADING, UNLOADING, UNLOADED, FAILED = "loaded", "loading", "unloading", "unloaded", "failed"
@@ -67,6 +67,7 @@ class ClusterState:
         pipe = self.redis.pipeline()
         pipe.hset(DESIRED_MODELS, model_id, json.dumps(entry))
         pipe.hdel(MODEL_ERRORS, model_id)
+        pipe.publish(MODELS_CHANGED, model_id)  # API processes drop their cached view of it
         pipe.execute()
         return generation
 
@@ -82,7 +83,10 @@ class ClusterState:
         entry = self.desired(model_id)
         if entry is None or (device is not None and entry["device"] != device):
             return False
-        return bool(self.redis.hdel(DESIRED_MODELS, model_id))
+        pipe = self.redis.pipeline()
+        pipe.hdel(DESIRED_MODELS, model_id)
+        pipe.publish(MODELS_CHANGED, model_id)
+        return bool(pipe.execute()[0])
 
     def desired(self, model_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(DESIRED_MODELS, model_id)

@@ -10,12 +10,12 @@ after the last transition.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import orjson
 import redis
 
 from tasks.names import RECENT_JOBS, RECENT_JOBS_MAX, job_events_key, job_key
@@ -25,7 +25,8 @@ SUCCEEDED, FAILED, CANCELLED, EXPIRED = "succeeded", "failed", "cancelled", "exp
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 STATUSES = (QUEUED, RUNNING) + TERMINAL
 
-# ARGV: status, ttl, event ('status' | 'done'), final chunk JSON ('' for none), then field/value pairs.
+# ARGV: status, ttl, event ('status' | 'done'), then field/value pairs. A `done` transition returns
+# {1, notify}: the reply channels of the API processes waiting for this job, so the worker can wake them.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
@@ -33,22 +34,33 @@ if current == 'succeeded' or current == 'failed' or current == 'cancelled' or cu
   return 0
 end
 if ARGV[1] == 'running' and current ~= 'queued' and current ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 4))
 if ARGV[1] == 'running' then
   local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   return attempts
 end
 if ARGV[3] == 'done' then
-  if ARGV[4] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'chunks') or '0') == 0 then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'chunk', 'index', '0', 'data', ARGV[4])
-    redis.call('HSET', KEYS[1], 'chunks', 1)
-  end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', ARGV[1])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-return 1
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {1, redis.call('HGET', KEYS[1], 'notify') or ''}
+"""
+
+# Add a reply channel to a job that has not ended yet, and return the job: one atomic step, so either
+# the caller sees the job ended or the worker that ends it sees the channel.
+_WATCH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {} end
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' and status ~= 'expired' then
+  local notify = redis.call('HGET', KEYS[1], 'notify') or ''
+  if not string.find(',' .. notify .. ',', ',' .. ARGV[1] .. ',', 1, true) then
+    if notify == '' then notify = ARGV[1] else notify = notify .. ',' .. ARGV[1] end
+    redis.call('HSET', KEYS[1], 'notify', notify)
+  end
+end
+return redis.call('HGETALL', KEYS[1])
 """
 
 # A streamed chunk is appended once: an index below the count already published (a redelivered job
@@ -91,18 +103,38 @@ class JobNotFound(KeyError):
     pass
 
 
+def encode(value: Any) -> bytes:
+    """JSON as bytes, once: numpy arrays (embeddings, tensors) serialise without a Python list in between."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _ended(outcome: Any) -> tuple[bool, list[str]]:
+    """(ended now, reply channels to notify) from a `done` transition's reply."""
+    if isinstance(outcome, list) and outcome and int(outcome[0]) == 1:
+        notify = outcome[1].decode() if isinstance(outcome[1], bytes) else (outcome[1] or "")
+        return True, [c for c in notify.split(",") if c]
+    return False, []
+
+
 class JobStore:
+    # The index of recent jobs is trimmed once per this many creations, not on every request.
+    TRIM_EVERY = 256
+
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
         self._append_chunk = client.register_script(_APPEND_CHUNK)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
+        self._watch = client.register_script(_WATCH)
+        self._created = 0
 
     # -- writes ------------------------------------------------------------------------------
     def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None,
-               owner: str | None = None) -> dict[str, Any]:
-        job_id = new_job_id()
+               owner: str | None = None, job_id: str | None = None, notify: str | None = None,
+               pipe: Any = None) -> dict[str, Any]:
+        """Write a queued job. With `pipe`, the commands join the caller's round trip (it executes it)."""
+        job_id = job_id or new_job_id()
         now = time.time()
         fields = {
             "job_id": job_id, "kind": kind, "model_id": model_id, "status": QUEUED,
@@ -112,14 +144,20 @@ class JobStore:
             fields["request_id"] = request_id
         if owner:
             fields["owner"] = owner
-        pipe = self.redis.pipeline(transaction=False)
+        if notify:
+            fields["notify"] = notify
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if own else pipe
         pipe.hset(job_key(job_id), mapping=fields)
         pipe.expire(job_key(job_id), self.ttl_s)
         # Index of recent jobs for listings, bounded by count and by the result TTL.
         pipe.zadd(RECENT_JOBS, {job_id: now})
-        pipe.zremrangebyrank(RECENT_JOBS, 0, -RECENT_JOBS_MAX - 1)
-        pipe.zremrangebyscore(RECENT_JOBS, "-inf", now - self.ttl_s)
-        pipe.execute()
+        self._created += 1
+        if self._created % self.TRIM_EVERY == 1:
+            pipe.zremrangebyrank(RECENT_JOBS, 0, -RECENT_JOBS_MAX - 1)
+            pipe.zremrangebyscore(RECENT_JOBS, "-inf", now - self.ttl_s)
+        if own:
+            pipe.execute()
         return self._decode(fields)
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
@@ -155,53 +193,62 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             self._transition(keys=[job_key(job_id), job_events_key(job_id)],
-                             args=[RUNNING, str(self.ttl_s), "status", "", "started_at", started, "worker", worker],
+                             args=[RUNNING, str(self.ttl_s), "status", "started_at", started, "worker", worker],
                              client=pipe)
         return [max(0, int(outcome)) for outcome in pipe.execute()]
 
-    def finish_many(self, outcomes: list[dict[str, Any]],
-                    also: Callable[[Any], None] | None = None) -> list[bool]:
-        """End several jobs in one round trip; each item: job_id, status, result?, error?, final_chunk?.
+    def finish_many(self, outcomes: list[dict[str, Any]], also: Callable[[Any], None] | None = None
+                    ) -> list[tuple[bool, list[str]]]:
+        """End several jobs in one round trip; each item: job_id, status, and result (an object, or its
+        JSON as `result_json` bytes) or error. Returns, per job, (ended now, reply channels to notify).
 
-        `also(pipeline)` may queue more commands (metrics) into the same round trip.
+        `also(pipeline)` may queue more commands into the same round trip.
         """
         pipe = self.redis.pipeline(transaction=False)
         for item in outcomes:
-            self._call(item["job_id"], item["status"], "done", self._final_values(item.get("result"),
-                       item.get("error")), item.get("final_chunk"), client=pipe)
+            self._call(item["job_id"], item["status"], "done",
+                       self._final_values(item.get("result_json") or item.get("result"), item.get("error")),
+                       client=pipe)
         if also is not None:
             also(pipe)
-        return [outcome == 1 for outcome in pipe.execute()[:len(outcomes)]]
+        return [_ended(outcome) for outcome in pipe.execute()[:len(outcomes)]]
 
-    def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None,
-               final_chunk: dict[str, Any] | None = None) -> bool:
-        """End the job once; later calls for an ended job change nothing and return False.
-
-        `final_chunk` is streamed as chunk 0 when nothing was streamed before (non-streaming models).
-        """
-        return self._run(job_id, status, "done", final_chunk, **self._final_values(result, error))
+    def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None) -> bool:
+        """End the job once; later calls for an ended job change nothing and return False."""
+        outcome = self._call(job_id, status, "done", self._final_values(result, error))
+        if outcome == -1:
+            raise JobNotFound(job_id)
+        return _ended(outcome)[0]
 
     @staticmethod
-    def _final_values(result: Any, error: dict | None) -> dict[str, str]:
-        values = {"finished_at": repr(time.time())}
+    def _final_values(result: Any, error: dict | None) -> dict[str, Any]:
+        values: dict[str, Any] = {"finished_at": repr(time.time())}
         if result is not None:
-            values["result"] = json.dumps(result)
+            values["result"] = result if isinstance(result, bytes) else encode(result)
         if error is not None:
-            values["error"] = json.dumps(error)
+            values["error"] = encode(error)
         return values
 
-    def _call(self, job_id: str, status: str, event: str, values: dict[str, str],
-              final_chunk: dict[str, Any] | None, client: Any = None) -> Any:
+    def _call(self, job_id: str, status: str, event: str, values: dict[str, Any], client: Any = None) -> Any:
         if event == "done" and status not in TERMINAL:
             raise ValueError(f"{status!r} is not a final status")
-        args: list[str] = [status, str(self.ttl_s), event, json.dumps(final_chunk) if final_chunk else ""]
+        args: list[Any] = [status, str(self.ttl_s), event]
         for key, value in values.items():
             args += [key, value]
         return self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args, client=client)
 
+    def watch(self, job_id: str, channel: str) -> dict[str, Any] | None:
+        """The job as it stands; if it has not ended, `channel` is told when it does."""
+        flat = self._watch(keys=[job_key(job_id)], args=[channel])
+        if not flat:
+            return None
+        fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                  for k, v in zip(flat[::2], flat[1::2])}
+        return self._decode(fields)
+
     def append_chunk(self, job_id: str, index: int, chunk: dict[str, Any]) -> int:
         return int(self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)],
-                                      args=[index, json.dumps(chunk), self.ttl_s]))
+                                      args=[index, encode(chunk), self.ttl_s]))
 
     def request_cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
         """Cancel a queued job (it never runs) or ask a running one to stop; False if it already ended."""
@@ -217,13 +264,6 @@ class JobStore:
         """Events after `last_id` ('0-0': from the start), blocking up to `block_ms` for the first."""
         reply = self.redis.xread({job_events_key(job_id): last_id}, block=max(1, block_ms), count=500)
         return [entry for _stream, entries in (reply or []) for entry in entries]
-
-    def _run(self, job_id: str, status: str, event: str, final_chunk: dict[str, Any] | None,
-             **values: str) -> bool:
-        outcome = self._call(job_id, status, event, values, final_chunk)
-        if outcome == -1:
-            raise JobNotFound(job_id)
-        return outcome == 1
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -255,7 +295,7 @@ class JobStore:
             return float(fields[name]) if fields.get(name) else None
 
         def js(name: str) -> Any:
-            return json.loads(fields[name]) if fields.get(name) else None
+            return orjson.loads(fields[name]) if fields.get(name) else None
 
         created, started, finished = ts("created_at"), ts("started_at"), ts("finished_at")
         return {

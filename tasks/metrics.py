@@ -1,8 +1,9 @@
 """Worker-side metrics kept in Redis, so they add up across every worker process and host.
 
-Workers add to counters and histogram buckets in two Redis hashes (in the same pipeline that
-finishes their jobs, so a job is counted exactly once, when it ends); the API's /metrics turns the
-hashes into Prometheus counters and histograms at scrape time. One scrape target sees the whole
+Workers count in memory (`LocalMetrics`, no Redis work per job) and add their counts to counters
+and histogram buckets in two Redis hashes with every heartbeat, in one round trip (a job is counted
+once, when it ends); the API's /metrics turns the hashes into Prometheus counters and histograms at
+scrape time. One scrape target sees the whole
 cluster, however many workers `--scale` starts. Label values are bounded: model ids come from
 models.yaml, kinds and statuses are fixed sets.
 """
@@ -10,7 +11,8 @@ models.yaml, kinds and statuses are fixed sets.
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
+import threading
+from collections import Counter, defaultdict
 from typing import Any
 
 from tasks.names import PREFIX
@@ -36,18 +38,53 @@ HELP = {
 }
 
 
-def count_job(pipe: Any, kind: str, model: str, status: str) -> None:
-    pipe.hincrby(COUNTERS_KEY, f"{JOBS_TOTAL}|{kind}|{model}|{status}", 1)
+class LocalMetrics:
+    """Counts kept in the worker's memory until the next flush (`flush(pipe)` with the heartbeat)."""
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: Counter = Counter()
+        self._observations: Counter = Counter()  # (metric, model, value) -> times
+        self._sums: Counter = Counter()
 
-def observe(pipe: Any, metric: str, model: str, value: float, times: int = 1) -> None:
-    """Add `times` observations of `value` (buckets stored per bucket, made cumulative on export)."""
-    buckets = BUCKETS[metric]
-    index = bisect.bisect_left(buckets, value)
-    bucket = f"{buckets[index]}" if index < len(buckets) else "+Inf"
-    pipe.hincrby(HISTOGRAMS_KEY, f"{metric}|{model}|{bucket}", times)
-    pipe.hincrbyfloat(HISTOGRAMS_KEY, f"{metric}|{model}|sum", value * times)
-    pipe.hincrby(HISTOGRAMS_KEY, f"{metric}|{model}|count", times)
+    def count_job(self, kind: str, model: str, status: str) -> None:
+        with self._lock:
+            self._jobs[(kind, model, status)] += 1
+
+    def observe(self, metric: str, model: str, value: float, times: int = 1) -> None:
+        buckets = BUCKETS[metric]
+        index = bisect.bisect_left(buckets, value)
+        bucket = f"{buckets[index]}" if index < len(buckets) else "+Inf"
+        with self._lock:
+            self._observations[(metric, model, bucket)] += times
+            self._sums[(metric, model)] += value * times
+
+    def take(self) -> tuple[Counter, Counter, Counter]:
+        with self._lock:
+            taken = self._jobs, self._observations, self._sums
+            self._jobs, self._observations, self._sums = Counter(), Counter(), Counter()
+        return taken
+
+    def give_back(self, taken: tuple[Counter, Counter, Counter]) -> None:
+        """A flush that failed: keep its counts for the next one."""
+        with self._lock:
+            self._jobs.update(taken[0])
+            self._observations.update(taken[1])
+            self._sums.update(taken[2])
+
+    @staticmethod
+    def write(pipe: Any, taken: tuple[Counter, Counter, Counter]) -> bool:
+        jobs, observations, sums = taken
+        for (kind, model, status), times in jobs.items():
+            pipe.hincrby(COUNTERS_KEY, f"{JOBS_TOTAL}|{kind}|{model}|{status}", times)
+        counts: Counter = Counter()
+        for (metric, model, bucket), times in observations.items():
+            pipe.hincrby(HISTOGRAMS_KEY, f"{metric}|{model}|{bucket}", times)
+            counts[(metric, model)] += times
+        for (metric, model), times in counts.items():
+            pipe.hincrby(HISTOGRAMS_KEY, f"{metric}|{model}|count", times)
+            pipe.hincrbyfloat(HISTOGRAMS_KEY, f"{metric}|{model}|sum", sums[(metric, model)])
+        return bool(jobs or observations)
 
 
 def read(client: Any) -> tuple[dict[tuple[str, str, str], float], dict[str, dict[str, dict[str, float]]]]:

@@ -48,3 +48,12 @@ GENERATION_COUNTER = f"{PREFIX}:models:generation"
 def control_channel(device: str) -> str:
     """Pub/sub channel that tells the workers of a device to reconcile their resident models now."""
     return f"{PREFIX}:control:{device}"
+
+
+def reply_channel(owner: str) -> str:
+    """Pub/sub channel of one API process: workers tell it which of its waiting jobs ended."""
+    return f"{PREFIX}:reply:{owner}"
+
+
+# Pub/sub channel on which every change of the desired model state is announced (API caches listen).
+MODELS_CHANGED = f"{PREFIX}:models:changed"

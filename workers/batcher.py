@@ -1,20 +1,22 @@
 """Dynamic batching inside the worker: many queued jobs for one model become one forward pass.
 
-Task threads hand their request to the model's batcher and wait on a future; one batching
-thread per model forms batches and runs them, as Ray Serve's batching queue and Triton's
-dynamic batcher do:
+Celery task threads hand each job to the model's batcher and wait on a future. One feeder thread
+per model instance (process) forms batches and sends each across to its model process in one
+message; a completion thread writes each finished batch back (one Redis round trip, see
+workers/service.py) and resolves its futures, so the feeder is already sending the next batch
+while the last one's results are being written. As in Ray Serve's batching queue and Triton's
+dynamic batcher:
 
-* a batch closes when it holds `max_batch_size` jobs or `max_batch_delay_ms` after its first
-  job arrived, whichever comes first (a lone job is never held back longer than the delay);
+* an idle model runs a lone job at once; under load a batch waits up to `max_batch_delay_ms`
+  (from its first job) for as many companions as the previous batch had, or `max_batch_size`;
 * jobs are only batched with jobs of equal `parameters` (e.g. the same max_length);
 * the waiting jobs are sorted by input length and cut where padding would cost more than one
   more forward pass (`split_by_length`): fewer padded tokens, more sentences per second;
-* `instances` batching threads (Triton's instance count) run forward passes side by side, each
-  with its share of the intra-op threads: two single-threaded forwards on two cores degrade far
-  more gracefully than one two-threaded forward when the cores are shared with other processes;
+* `instances` feeder threads, one per model process, run batches side by side;
 * if a batch fails, its jobs are retried one by one, so one bad input fails only its own job;
-* the thread that runs the forward pass sets torch's intra-op threads for itself (the setting
-  is per thread; see workers/runtimes/base.py).
+* if the model process dies or hangs (killed after the model's `timeout_s`), it is restarted and
+  the batch's jobs are retried each on its own: only a job that crashes the model when run alone
+  is charged, and after `max_crashes` such crashes it fails as `poison_job`.
 
 Messages stay unacknowledged until their job's result is written (the task thread returns only
 then), so a job waiting in a batch is redelivered if the worker dies.
@@ -23,20 +25,23 @@ then), so a job waiting in a batch is redelivered if the worker dies.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from loguru import logger
 
-from workers.runtimes.base import Runtime
+from workers.model_process import ModelProcessDied, ModelTimeout
 
 # The fixed cost of one forward pass, in characters of input (~40 tokens): measured on minilm, a
 # batch-1 forward costs about as much as 40 more padded tokens in a larger batch.
 FORWARD_OVERHEAD_CHARS = 200
+# How long the size of the last batch predicts the next one (beyond this the model counts as idle).
+LOAD_MEMORY_S = 0.1
 
 
 def split_by_length(lengths: list[int], max_size: int, overhead: int = FORWARD_OVERHEAD_CHARS) -> list[int]:
@@ -61,22 +66,44 @@ def split_by_length(lengths: list[int], max_size: int, overhead: int = FORWARD_O
     return ends[::-1]
 
 
+class Executor(Protocol):
+    """Where batches run: RemoteRuntime (model processes), or a stand-in in unit tests."""
+
+    instances: list[Any]
+
+    def run_batch_on(self, index: int, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]: ...
+
+    def revive(self, index: int) -> bool: ...
+
+
+class PoisonInput(RuntimeError):
+    code = "poison_job"
+
+
+class ModelUnavailable(RuntimeError):
+    code = "model_process_died"
+
+
 @dataclass
 class BatchOutcome:
-    output: dict[str, Any]
+    output: Any
     batch_size: int
     batch_wait_ms: float
     inference_ms: float
 
 
 @dataclass
-class _Request:
+class Request:
     inputs: Any
     parameters: dict[str, Any]
     key: str
     length: int
+    context: Any = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+    crashes: int = 0
+    outcome: BatchOutcome | None = None
+    error: BaseException | None = None
 
 
 def _length(inputs: Any) -> int:
@@ -86,27 +113,39 @@ def _length(inputs: Any) -> int:
 
 
 class ModelBatcher:
-    def __init__(self, runtime: Runtime, max_batch_size: int, max_batch_delay_ms: float, instances: int = 1,
-                 setup_thread: Callable[[], None] = lambda: None,
-                 on_batch: Callable[[int], None] = lambda size: None) -> None:
-        self.runtime = runtime
+    def __init__(self, executor: Executor, model_id: str, max_batch_size: int, max_batch_delay_ms: float, *,
+                 on_batch: Callable[[int], None] = lambda size: None,
+                 on_complete: Callable[[list[Request]], None] | None = None,
+                 on_model_dead: Callable[[BaseException], None] = lambda exc: None,
+                 max_crashes: int = 3) -> None:
+        self.executor = executor
+        self.model_id = model_id
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_batch_delay_ms / 1000.0
-        self._setup_thread = setup_thread
+        self.max_crashes = max_crashes
         self._on_batch = on_batch
-        self._pending: deque[_Request] = deque()
+        self._on_complete = on_complete
+        self._on_model_dead = on_model_dead
+        self._pending: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{runtime.spec.id}-{i}", daemon=True)
-                         for i in range(instances)]
-        for thread in self._threads:
+        self._last_size = 0
+        self._last_end = 0.0
+        self._done: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
+        count = max(1, len(executor.instances))
+        self._feeders_left = count
+        self._feeders = [threading.Thread(target=self._feed, args=(i,), name=f"batcher-{model_id}-{i}", daemon=True)
+                         for i in range(count)]
+        self._completer = threading.Thread(target=self._complete_loop, name=f"complete-{model_id}", daemon=True)
+        for thread in (*self._feeders, self._completer):
             thread.start()
 
-    def submit(self, inputs: Any, parameters: dict[str, Any]) -> Future:
-        request = _Request(inputs, parameters, json.dumps(parameters, sort_keys=True, default=str), _length(inputs))
+    def submit(self, inputs: Any, parameters: dict[str, Any], context: Any = None) -> Future:
+        request = Request(inputs, parameters, json.dumps(parameters, sort_keys=True, default=str), _length(inputs),
+                          context)
         with self._cond:
             if self._closed:
-                raise RuntimeError(f"model {self.runtime.spec.id!r} was unloaded")
+                raise ModelUnavailable(f"model {self.model_id!r} was unloaded")
             self._pending.append(request)
             self._cond.notify()
         return request.future
@@ -117,56 +156,123 @@ class ModelBatcher:
             self._closed = True
             self._cond.notify_all()
 
-    # -- the batching thread -----------------------------------------------------------------
-    def _collect(self) -> list[_Request] | None:
+    # -- forming batches ----------------------------------------------------------------------
+    def _target(self) -> int:
+        """How many jobs to wait for: the last batch's size while the model is under load, else one."""
+        if time.monotonic() - self._last_end > LOAD_MEMORY_S:
+            return 1
+        return max(1, min(self._last_size, self.max_batch_size))
+
+    def _collect(self) -> list[Request] | None:
         with self._cond:
             while not self._pending:
                 if self._closed:
                     return None
                 self._cond.wait()
+            target = self._target()
             deadline = self._pending[0].arrived + self.max_delay_s
-            while len(self._pending) < self.max_batch_size and not self._closed:
+            while len(self._pending) < target and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            # At most one batch: other instances take the next jobs meanwhile.
+            # At most one batch's worth: other instances take the next jobs meanwhile.
             take = min(len(self._pending), self.max_batch_size)
             return [self._pending.popleft() for _ in range(take)]
 
-    def _loop(self) -> None:
-        self._setup_thread()  # e.g. torch's intra-op threads, a per-thread setting
+    def _feed(self, index: int) -> None:
         while True:
             requests = self._collect()
             if requests is None:
+                with self._cond:
+                    self._feeders_left -= 1
+                    if self._feeders_left == 0:
+                        self._done.put(None)  # the completion thread ends after the last batch
                 return
-            groups: dict[str, list[_Request]] = {}
+            groups: dict[str, list[Request]] = {}
             for request in requests:
                 groups.setdefault(request.key, []).append(request)
             for group in groups.values():
                 group.sort(key=lambda r: r.length)
                 start = 0
                 for end in split_by_length([r.length for r in group], self.max_batch_size):
-                    self._run(group[start:end])
+                    self._run(index, group[start:end])
                     start = end
+            with self._cond:
+                self._last_size, self._last_end = len(requests), time.monotonic()
 
-    def _run(self, batch: list[_Request]) -> None:
+    # -- running them -------------------------------------------------------------------------
+    def _run(self, index: int, batch: list[Request]) -> None:
         self._on_batch(len(batch))
         started = time.monotonic()
         try:
-            outputs = self.runtime.run_batch([r.inputs for r in batch], batch[0].parameters)
+            outputs = self.executor.run_batch_on(index, [r.inputs for r in batch], batch[0].parameters)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(batch)} inputs")
+        except (ModelProcessDied, ModelTimeout) as exc:
+            self._crashed(index, batch, exc)
+            return
         except Exception as exc:
             if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+                self._settle(batch, error=exc)
                 return
-            logger.bind(model_id=self.runtime.spec.id).info(
+            logger.bind(model_id=self.model_id).info(
                 "batch of {} failed ({}); retrying its jobs one by one", len(batch), exc)
             for request in batch:
-                self._run([request])
+                self._run(index, [request])
             return
         inference_ms = (time.monotonic() - started) * 1000
         for request, output in zip(batch, outputs):
-            request.future.set_result(BatchOutcome(output, len(batch), (started - request.arrived) * 1000,
-                                                   inference_ms))
+            request.outcome = BatchOutcome(output, len(batch), (started - request.arrived) * 1000, inference_ms)
+        self._done.put(batch)
+
+    def _crashed(self, index: int, batch: list[Request], exc: BaseException) -> None:
+        log = logger.bind(model_id=self.model_id)
+        if not self.executor.revive(index):
+            log.error("model process {} could not be restarted; failing {} job(s)", index, len(batch))
+            error = ModelUnavailable(f"the process of model {self.model_id!r} died ({exc}) and could not be "
+                                     "restarted")
+            self._settle(batch, error=error)
+            self._on_model_dead(error)
+            return
+        if len(batch) > 1:
+            # Only the job that kills the model when run alone is to blame; the others are innocent.
+            log.warning("batch of {} lost with its model process ({}); retrying each job alone", len(batch), exc)
+            for request in batch:
+                self._run(index, [request])
+            return
+        request = batch[0]
+        request.crashes += 1
+        if request.crashes >= self.max_crashes:
+            self._settle(batch, error=PoisonInput(
+                f"the job brought down the process of model {self.model_id!r} {request.crashes} times when run "
+                f"alone ({exc}); it is not retried again"))
+            return
+        log.warning("a job alone lost its model process ({}); retrying it ({} of {})", exc, request.crashes,
+                    self.max_crashes)
+        self._run(index, batch)
+
+    def _settle(self, batch: list[Request], error: BaseException) -> None:
+        for request in batch:
+            request.error = error
+        self._done.put(batch)
+
+    def _complete_loop(self) -> None:
+        while True:
+            batch = self._done.get()
+            if batch is None:
+                return
+            failure: BaseException | None = None
+            if self._on_complete is not None:
+                try:
+                    self._on_complete(batch)
+                except Exception as exc:  # e.g. Redis unreachable: the task thread reports it
+                    logger.bind(model_id=self.model_id).opt(exception=exc).error("writing a batch's results failed")
+                    failure = exc
+            for request in batch:
+                if failure is not None:
+                    request.future.set_exception(failure)
+                elif request.error is not None:
+                    request.future.set_exception(request.error)
+                else:
+                    request.future.set_result(request.outcome)

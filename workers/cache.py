@@ -3,13 +3,19 @@
 Loading is serialised per model (two threads asking for the same model load it once). Before a
 load, the model's size on disk is the memory estimate: a model larger than its own
 `max_memory` or than the whole budget is refused before anything is read; otherwise the least
-recently used models are evicted until the estimate fits.
+recently used models are evicted until the estimate fits. Once loaded, a model's memory is what it
+really takes: for a model in its own process, that process's RSS beyond the interpreter and
+libraries (workers/model_process.py), refreshed with every heartbeat.
+
+The cache holds whatever the factory builds: model processes in the worker, in-process runtimes in
+unit tests. It never imports torch itself.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -43,15 +49,6 @@ class Entry:
     gpu_memory_bytes: int | None = None
 
 
-def _gpu_allocated(device: str) -> int | None:
-    """torch.cuda.memory_allocated() on a GPU worker (what a model's weights take), else None."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
-
-
 def release_memory(device: str) -> None:
     """Return freed memory: collect cycles, give the C heap back to the OS, empty the CUDA cache."""
     gc.collect()
@@ -59,7 +56,7 @@ def release_memory(device: str) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and "torch" in sys.modules:  # an in-process runtime (unit tests)
         import torch
 
         torch.cuda.empty_cache()
@@ -101,6 +98,23 @@ class ModelCache:
         with self._lock:
             return sum(e.memory_bytes for e in self._entries.values())
 
+    def process_rss_bytes(self) -> int:
+        """The model processes' whole RSS (interpreter and libraries included), for the heartbeat."""
+        with self._lock:
+            runtimes = [e.runtime for e in self._entries.values()]
+        return sum(getattr(r, "process_rss_bytes", lambda: 0)() for r in runtimes)
+
+    def refresh(self) -> None:
+        """Re-measure every resident model's memory (a model process grows as it serves)."""
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            try:
+                entry.memory_bytes = entry.runtime.memory_bytes()
+                entry.info = entry.runtime.describe()  # a restarted model process has a new pid
+            except Exception:
+                pass
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             models = {
@@ -127,7 +141,6 @@ class ModelCache:
                 self._loading[spec.id] = time.time()
             self._on_change()
             started = time.perf_counter()
-            gpu_before = _gpu_allocated(self.device)
             try:
                 runtime = self._factory(spec)
                 runtime.load()
@@ -145,8 +158,7 @@ class ModelCache:
                 raise ModelLoadError(str(exc) if spec.id in str(exc) else f"model {spec.id!r} failed to load: {exc}",
                                      getattr(exc, "code", "model_load_failed")) from exc
             load_ms = (time.perf_counter() - started) * 1000
-            gpu_after = _gpu_allocated(self.device)
-            gpu_bytes = gpu_after - gpu_before if gpu_after is not None and gpu_before is not None else None
+            gpu_bytes = getattr(runtime, "gpu_memory_bytes", lambda: None)()
             with self._lock:
                 self._loading.pop(spec.id, None)
                 self._entries[spec.id] = Entry(runtime, memory, generation, load_ms=load_ms, info=info,

@@ -10,12 +10,11 @@ from celery import Celery
 from loguru import logger
 
 from tasks.jobs import CANCELLED, CHUNK_CANCELLED, CHUNK_NOT_RUNNING, EXPIRED, FAILED, SUCCEEDED
-from tasks.metrics import INFERENCE_TIME, QUEUE_WAIT, count_job, observe
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
-from workers.batcher import BatchOutcome
 from workers.cache import ModelLoadError
-from workers.runtimes.base import InvalidInput
-from workers.service import ModelNotLoaded, WorkerService
+from workers.model_process import CallCancelled, ModelProcessDied, ModelTimeout
+from workers.outcomes import classify, error_body, queue_ms
+from workers.service import WorkerService
 
 _service: WorkerService | None = None
 
@@ -31,73 +30,95 @@ def service() -> WorkerService:
     return _service
 
 
-def _error(code: str, message: str) -> dict[str, str]:
-    return {"code": code, "message": message}
+def _failed(ctx: dict[str, Any], error: dict[str, str]) -> dict[str, Any]:
+    return {"job_id": ctx["job"]["job_id"], "status": FAILED, "error": error, "wake": _wake(ctx)}
 
 
-def _classify(exc: Exception) -> dict[str, str]:
-    if isinstance(exc, InvalidInput):
-        return _error("invalid_input", str(exc))
-    if isinstance(exc, (ModelLoadError, ModelNotLoaded)):
-        return _error(exc.code, str(exc))
-    return _error("internal_error", f"the worker failed to run the job ({type(exc).__name__}: {exc})")
+def _wake(ctx: dict[str, Any]) -> dict[str, Any]:
+    return {"attempts": ctx["attempts"], "started_at": ctx["started"]}
 
 
-class GenerationCancelled(Exception):
-    """Raised from the token callback to stop generate() when the job was cancelled."""
+def _succeeded(svc: WorkerService, spec: Any, ctx: dict[str, Any], body: dict[str, Any],
+               timings: dict[str, Any]) -> dict[str, Any]:
+    job = ctx["job"]
+    timings = {"queue_ms": queue_ms(job, ctx["started"]), **timings}
+    if ctx.get("load_ms") is not None:
+        timings["load_ms"] = round(ctx["load_ms"], 3)
+    logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id")).info(
+        "inference succeeded: batch of {}, {:.1f} ms", timings.get("batch_size"), timings.get("inference_ms") or 0)
+    return {"job_id": job["job_id"], "status": SUCCEEDED, "timings": timings, "wake": _wake(ctx),
+            "result_json": svc.result_for(spec, job, body, timings)}
 
 
-def _stream_generation(svc: WorkerService, job_id: str, runtime: Any, inputs: Any,
-                       parameters: dict[str, Any]) -> BatchOutcome:
-    index = 0
+def _stream_generation(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Generate for one job in its model process; each new piece of text is appended to the job's stream.
 
-    def on_text(piece: str) -> None:
-        nonlocal index
-        outcome = svc.jobs.append_chunk(job_id, index, {"text": piece})
-        if outcome in (CHUNK_CANCELLED, CHUNK_NOT_RUNNING):
-            raise GenerationCancelled()
-        index += 1
+    A crash or hang of the model process restarts it and generates again: chunks an earlier try already
+    published are skipped by index, so readers see every chunk once. A job that brings the model down
+    `max_attempts` times is failed as poison.
+    """
+    job = ctx["job"]
+    log = logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id"))
+    crashes = 0
+    while True:
+        index = 0
 
-    svc.record_batch(runtime.spec.id, 1)
-    begin = time.perf_counter()
-    output = runtime.stream(inputs, parameters, on_text)
-    return BatchOutcome(output, 1, 0.0, (time.perf_counter() - begin) * 1000)
+        def on_text(piece: str) -> bool:
+            nonlocal index
+            outcome = svc.jobs.append_chunk(job["job_id"], index, {"text": piece})
+            index += 1
+            return outcome not in (CHUNK_CANCELLED, CHUNK_NOT_RUNNING)
+
+        svc.record_batch(spec.id, 1)
+        begin = time.perf_counter()
+        try:
+            output = runtime.stream(job["inputs"], job.get("parameters") or {}, on_text)
+        except CallCancelled:
+            log.info("generation cancelled")
+            return {"job_id": job["job_id"], "status": CANCELLED, "wake": _wake(ctx),
+                    "error": error_body("cancelled", "the job was cancelled while it ran")}
+        except (ModelProcessDied, ModelTimeout) as exc:
+            crashes += 1
+            if not runtime.revive_all():
+                return _failed(ctx, error_body("model_process_died", f"{exc}; the model could not be restarted"))
+            if crashes >= svc.settings.max_attempts:
+                return _failed(ctx, error_body("poison_job", f"the job brought down the process of model "
+                                                             f"{spec.id!r} {crashes} times ({exc}); it is not retried again"))
+            log.warning("generation lost its model process ({}); generating again", exc)
+            continue
+        except Exception as exc:
+            return _failed(ctx, _logged(log, exc))
+        inference_ms = (time.perf_counter() - begin) * 1000
+        return _succeeded(svc, spec, ctx, {"output": output},
+                          {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": 1})
 
 
-def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, items: list[Any],
-                       parameters: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _logged(log: Any, exc: BaseException) -> dict[str, str]:
+    error = classify(exc)
+    if error["code"] == "internal_error":
+        log.opt(exception=exc).error("inference failed")
+    else:
+        log.info("inference failed: {}", error["message"])
+    return error
+
+
+def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[str, Any]) -> dict[str, Any]:
     """A /serve/batch job: every item goes through the batcher; each gets its output or its own error."""
-    futures = [svc.infer(spec, runtime, item, parameters) for item in items]
+    job = ctx["job"]
+    parameters = job.get("parameters") or {}
+    futures = [svc.submit(spec, runtime, item, parameters) for item in job["inputs"]]
     outputs, sizes, inference_ms = [], [], 0.0
     for future in futures:
         try:
             outcome = future.result()
         except Exception as exc:
-            outputs.append({"error": _classify(exc)})
+            outputs.append({"error": classify(exc)})
             continue
         outputs.append({"output": outcome.output})
         sizes.append(outcome.batch_size)
         inference_ms = max(inference_ms, outcome.inference_ms)
-    return outputs, {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)}
-
-
-def _finish(svc: WorkerService, kind: str, model_id: str, outcomes: list[dict[str, Any]]) -> None:
-    """Write the jobs' ends and their metrics in one round trip (each job counted once, as it ends)."""
-
-    def metrics(pipe: Any) -> None:
-        for item in outcomes:
-            count_job(pipe, kind, model_id, item["status"])
-            timings = (item.get("result") or {}).get("timings") or {}
-            if timings.get("queue_ms") is not None:
-                observe(pipe, QUEUE_WAIT, model_id, timings["queue_ms"] / 1000)
-            if timings.get("inference_ms") is not None:
-                observe(pipe, INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
-
-    svc.jobs.finish_many(outcomes, also=metrics)
-
-
-def _fail_all(svc: WorkerService, jobs: list[dict[str, Any]], error: dict[str, str], model_id: str) -> None:
-    _finish(svc, "inference", model_id, [{"job_id": j["job_id"], "status": FAILED, "error": error} for j in jobs])
+    return _succeeded(svc, spec, ctx, {"outputs": outputs},
+                      {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)})
 
 
 def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
@@ -105,8 +126,8 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
 
     Each job is started, run and finished on its own terms: a job that already ended is skipped,
     a bad input fails only its job. Jobs of one message (and of concurrent messages) share forward
-    passes through the model's batcher. The message is acknowledged when this returns, i.e. after
-    every result is written.
+    passes through the model's batcher, which also writes their ends, a whole batch per round trip.
+    The message is acknowledged when this returns, i.e. after every result is written.
     """
     svc = service()
     deliveries = svc.jobs.mark_running_many([j["job_id"] for j in jobs], svc.name)
@@ -117,83 +138,64 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
     for job, delivery in zip(jobs, deliveries):
         if delivery == 0:
             continue
+        ctx = {"job": job, "attempts": delivery, "started": started}
         if delivery > svc.settings.max_attempts:
             # Delivered again and again because its worker died each time: a poison input.
-            refused.append({"job_id": job["job_id"], "status": FAILED, "error": _error(
+            refused.append(_failed(ctx, error_body(
                 "poison_job", f"the job was delivered {delivery - 1} times and its worker died each time; "
-                "it is not retried again (AETHERCORE_MAX_ATTEMPTS)")})
+                "it is not retried again (AETHERCORE_MAX_ATTEMPTS)")))
         elif job.get("deadline") and started > job["deadline"]:
-            refused.append({"job_id": job["job_id"], "status": EXPIRED, "error": _error(
+            refused.append({**_failed(ctx, error_body(
                 "deadline_exceeded", f"the job waited {started - job['submitted_at']:.1f} s in the queue, longer "
-                f"than its timeout of {job['deadline'] - job['submitted_at']:.1f} s; it was not run")})
+                f"than its timeout of {job['deadline'] - job['submitted_at']:.1f} s; it was not run")),
+                "status": EXPIRED})
         else:
-            active.append(job)
+            active.append(ctx)
     if refused:
         logger.bind(model_id=model_id).warning("{} job(s) refused: {}", len(refused),
                                                ", ".join(f"{r['job_id']} {r['error']['code']}" for r in refused))
-        _finish(svc, "inference", model_id, refused)
+        svc.finish("inference", model_id, refused)
     if not active:
         return
     spec = svc.models.get(model_id)
     if spec is None:
-        _fail_all(svc, active, _error("model_not_found", f"model {model_id!r} is not configured"), model_id)
+        error = error_body("model_not_found", f"model {model_id!r} is not configured")
+        svc.finish("inference", model_id, [_failed(ctx, error) for ctx in active])
         return
     try:
         runtime, load_ms = svc.runtime_for(spec)
     except Exception as exc:
-        error = _classify(exc)
+        error = classify(exc)
         logger.bind(model_id=model_id).info("cannot serve: {}", error["message"])
-        _fail_all(svc, active, error, model_id)
+        svc.finish("inference", model_id, [_failed(ctx, error) for ctx in active])
         return
 
-    # Hand every job over first (so they can share batches), then collect.
-    pending = []
-    for job in active:
-        if job.get("batch"):
-            pending.append((job, None))
-        elif spec.task == "text-generation":
-            pending.append((job, None))
+    # Hand every batchable job over first (so they share batches), then run the others here.
+    handed: list[Future] = []
+    own: list[dict[str, Any]] = []
+    refused = []
+    for ctx in active:
+        ctx["load_ms"] = load_ms
+        job = ctx["job"]
+        if job.get("batch") or spec.task == "text-generation":
+            own.append(ctx)
+            continue
+        try:
+            handed.append(svc.submit(spec, runtime, job["inputs"], job.get("parameters") or {}, ctx))
+        except Exception as exc:  # unloaded meanwhile
+            refused.append(_failed(ctx, classify(exc)))
+    svc.finish("inference", model_id, refused)
+    for ctx in own:
+        if ctx["job"].get("batch"):
+            outcome = _run_batch_request(svc, spec, runtime, ctx)
         else:
-            pending.append((job, svc.infer(spec, runtime, job["inputs"], job.get("parameters") or {})))
-    outcomes = [_collect(svc, spec, runtime, job, future, started, load_ms) for job, future in pending]
-    _finish(svc, "inference", model_id, outcomes)
-
-
-def _collect(svc: WorkerService, spec: Any, runtime: Any, job: dict[str, Any], future: Future | None,
-             started: float, load_ms: float | None) -> dict[str, Any]:
-    job_id, parameters = job["job_id"], job.get("parameters") or {}
-    log = logger.bind(job_id=job_id, model_id=spec.id, request_id=job.get("request_id"))
-    try:
-        if job.get("batch"):
-            outputs, batch_timings = _run_batch_request(svc, spec, runtime, job["inputs"], parameters)
-            body: dict[str, Any] = {"outputs": outputs}
-        else:
-            if future is None:
-                outcome = _stream_generation(svc, job_id, runtime, job["inputs"], parameters)
-            else:
-                outcome = future.result()
-            body = {"output": outcome.output}
-            batch_timings = {"batch_wait_ms": round(outcome.batch_wait_ms, 3),
-                             "inference_ms": round(outcome.inference_ms, 3), "batch_size": outcome.batch_size}
-    except GenerationCancelled:
-        log.info("generation cancelled")
-        return {"job_id": job_id, "status": CANCELLED,
-                "error": _error("cancelled", "the job was cancelled while it ran")}
-    except Exception as exc:
-        error = _classify(exc)
-        if error["code"] == "internal_error":
-            log.opt(exception=exc).error("inference failed")
-        else:
-            log.info("inference failed: {}", error["message"])
-        return {"job_id": job_id, "status": FAILED, "error": error}
-    submitted = job.get("submitted_at")
-    timings = {"queue_ms": round((started - submitted) * 1000, 3) if submitted else None, **batch_timings}
-    if load_ms is not None:
-        timings["load_ms"] = round(load_ms, 3)
-    result = {"model_id": spec.id, "task": spec.task, "device": svc.device, "worker": svc.name,
-              "timings": timings, **body}
-    log.info("inference succeeded: batch of {}, {:.1f} ms", timings["batch_size"], timings["inference_ms"] or 0)
-    return {"job_id": job_id, "status": SUCCEEDED, "result": result, "final_chunk": body}
+            outcome = _stream_generation(svc, spec, runtime, ctx)
+        svc.finish("inference", model_id, [outcome])
+    for future in handed:
+        try:
+            future.result()
+        except Exception:
+            pass  # the job's failure is already written by the batcher's completion
 
 
 def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -211,12 +213,14 @@ def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[di
 def run_load(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
     log = logger.bind(job_id=job_id, model_id=model_id, request_id=request_id)
-    if not svc.jobs.mark_running(job_id, svc.name):
+    attempts = svc.jobs.mark_running(job_id, svc.name)
+    if not attempts:
         return
+    wake = {"attempts": attempts, "started_at": time.time()}
     spec = svc.models.get(model_id)
     if spec is None:
-        _finish(svc, "load", model_id, [{"job_id": job_id, "status": FAILED,
-                                         "error": _error("model_not_found", f"model {model_id!r} is not configured")}])
+        svc.finish("load", model_id, [{"job_id": job_id, "status": FAILED, "wake": wake,
+                                       "error": error_body("model_not_found", f"model {model_id!r} is not configured")}])
         return
     begin = time.perf_counter()
     generation = svc.cluster.desire(model_id, svc.device, job_id)
@@ -225,21 +229,24 @@ def run_load(job_id: str, model_id: str, device: str, request_id: str | None = N
         svc.ensure_loaded(spec, generation)
     except ModelLoadError as exc:
         svc.model_failed(model_id, str(exc), exc.code)
-        _finish(svc, "load", model_id, [{"job_id": job_id, "status": FAILED, "error": _error(exc.code, str(exc))}])
+        svc.finish("load", model_id, [{"job_id": job_id, "status": FAILED, "wake": wake,
+                                       "error": error_body(exc.code, str(exc))}])
         log.warning("load failed: {}", exc)
         return
     workers = svc.wait_for_replicas(model_id, generation, loaded=True, timeout_s=svc.settings.load_timeout)
     replicas, failures = _replica_view(model_id, workers)
     result = {"model_id": model_id, "state": "loaded", "device": svc.device, "replicas": replicas,
               "failed_replicas": failures, "load_ms": round((time.perf_counter() - begin) * 1000, 1)}
-    _finish(svc, "load", model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result}])
+    svc.finish("load", model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result, "wake": wake}])
     log.info("model loaded on {} replica(s)", len(replicas))
 
 
 def run_unload(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
-    if not svc.jobs.mark_running(job_id, svc.name):
+    attempts = svc.jobs.mark_running(job_id, svc.name)
+    if not attempts:
         return
+    wake = {"attempts": attempts, "started_at": time.time()}
     svc.cluster.undesire(model_id)
     svc.cluster.notify(svc.device)
     svc.cache.unload(model_id)
@@ -247,7 +254,7 @@ def run_unload(job_id: str, model_id: str, device: str, request_id: str | None =
     replicas, _ = _replica_view(model_id, workers)
     result = {"model_id": model_id, "state": "unloaded" if not replicas else "unloading", "device": svc.device,
               "replicas": replicas}
-    _finish(svc, "unload", model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result}])
+    svc.finish("unload", model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result, "wake": wake}])
     logger.bind(job_id=job_id, model_id=model_id, request_id=request_id).info("model unloaded")
 
 

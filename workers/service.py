@@ -1,4 +1,9 @@
-"""The per-process worker service: model cache, heartbeat and reconciliation with the desired state.
+"""The per-process worker service: model cache, batch completion, heartbeat and reconciliation.
+
+Models run in their own processes (workers/model_process.py); this process, which never imports torch,
+forms batches (workers/batcher.py), writes each finished batch back in one Redis round trip
+(`finish`: results, `done` events, and one pub/sub message per waiting API process) and counts
+metrics in memory, flushed with the heartbeat.
 
 Two background threads keep the cluster view true:
 * heartbeat: every `heartbeat_interval` s, this worker's record (device, resident models with
@@ -10,14 +15,16 @@ Two background threads keep the cluster view true:
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import threading
 import time
-from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
+import orjson
 import redis
 from loguru import logger
 
@@ -25,15 +32,24 @@ from config.models import ModelSpec, load_models
 from config.settings import Settings
 from model_store.paths import artifact_bytes, resolve_model_path
 from tasks.cluster import LOADED, ClusterState
-from tasks.jobs import JobStore
-from tasks.metrics import BATCH_SIZE, observe
+from tasks.jobs import FAILED, SUCCEEDED, JobStore, encode
+from tasks.metrics import BATCH_SIZE, INFERENCE_TIME, QUEUE_WAIT, LocalMetrics
 from tasks.names import control_channel, queue_for_device
 from tasks.redis_client import make_redis
-from workers.batcher import BatchOutcome, ModelBatcher
+from workers.batcher import BatchOutcome, ModelBatcher, Request
 from workers.cache import ModelCache, ModelLoadError
 from workers.device import device_memory
-from workers.runtimes import create_runtime
-from workers.runtimes.base import Runtime, intra_op_threads, set_torch_threads
+from workers.model_process import RemoteRuntime
+from workers.outcomes import classify, queue_ms
+
+
+def _base64_arrays(value: Any) -> Any:
+    """Float arrays in an output as base64 of their little-endian float32 bytes (`encoding_format: base64`)."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return base64.b64encode(value.astype("<f4").tobytes()).decode("ascii")
+    if isinstance(value, dict):
+        return {k: _base64_arrays(v) for k, v in value.items()}
+    return value
 
 
 class ModelNotLoaded(RuntimeError):
@@ -53,13 +69,12 @@ class WorkerService:
         self.cluster = ClusterState(self.redis, settings.worker_ttl)
         self.cache = ModelCache(
             settings.model_cache_size, self.device,
-            factory=lambda spec: create_runtime(spec, settings, self.device),
-            estimate=lambda spec: artifact_bytes(resolve_model_path(spec, settings)),
+            factory=lambda spec: RemoteRuntime(spec, settings, self.device),
+            estimate=lambda spec: artifact_bytes(resolve_model_path(spec, settings)) * spec.instances,
             on_change=self.publish, on_evict=self._evicted, on_unload=self._close_batcher,
         )
         self._batchers: dict[str, ModelBatcher] = {}
-        self._batch_counts: Counter = Counter()
-        self._batch_counts_lock = threading.Lock()
+        self.metrics = LocalMetrics()
         self._batchers_lock = threading.Lock()
         self.failures: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
@@ -102,10 +117,12 @@ class WorkerService:
                 **device_memory(self.device),
                 "cache_budget_bytes": self.cache.budget_bytes,
                 "cache_used_bytes": self.cache.used_bytes(),
+                "model_processes_rss_bytes": self.cache.process_rss_bytes(),
             },
         }
 
     def publish(self) -> None:
+        self.cache.refresh()
         with self._publish_lock:
             try:
                 self.cluster.publish_worker(self.record())
@@ -118,7 +135,7 @@ class WorkerService:
             self.flush_metrics()
 
     # -- models ------------------------------------------------------------------------------
-    def ensure_loaded(self, spec: ModelSpec, generation: int) -> Runtime:
+    def ensure_loaded(self, spec: ModelSpec, generation: int) -> RemoteRuntime:
         try:
             runtime = self.cache.load(spec, generation)
         except ModelLoadError as exc:
@@ -129,7 +146,7 @@ class WorkerService:
         self.failures.pop(spec.id, None)
         return runtime
 
-    def runtime_for(self, spec: ModelSpec) -> tuple[Runtime, float | None]:
+    def runtime_for(self, spec: ModelSpec) -> tuple[RemoteRuntime, float | None]:
         """The resident runtime, loading it first where allowed; returns (runtime, load_ms or None)."""
         runtime = self.cache.get(spec.id)
         if runtime is not None:
@@ -148,51 +165,113 @@ class WorkerService:
             raise
         return runtime, (time.perf_counter() - started) * 1000
 
-    def infer(self, spec: ModelSpec, runtime: Runtime, inputs: Any, parameters: dict[str, Any]) -> Future:
-        """Run one job's inputs: through the model's batcher when batching is on, else right here."""
-        if spec.max_batch_size > 1 or spec.instances > 1:
-            return self._batcher(spec, runtime).submit(inputs, parameters)
-        future: Future = Future()
-        self.record_batch(spec.id, 1)
-        begin = time.perf_counter()
-        try:
-            output = runtime.run(inputs, parameters)
-        except Exception as exc:
-            future.set_exception(exc)
-        else:
-            future.set_result(BatchOutcome(output, 1, 0.0, (time.perf_counter() - begin) * 1000))
-        return future
+    def submit(self, spec: ModelSpec, runtime: RemoteRuntime, inputs: Any, parameters: dict[str, Any],
+               context: dict[str, Any] | None = None) -> Future:
+        """Hand one job's inputs to the model's batcher. With `context` (the job), the batcher's completion
+        writes the job's end itself, together with the rest of its batch."""
+        return self._batcher(spec, runtime).submit(inputs, parameters, context)
+
+    # -- ending jobs -------------------------------------------------------------------------
+    def result_for(self, spec: ModelSpec, job: dict[str, Any], body: dict[str, Any],
+                   timings: dict[str, Any]) -> bytes:
+        """A job's result as JSON bytes, encoded once (arrays straight from numpy, or base64 if asked)."""
+        if job.get("encoding_format") == "base64":
+            body = _base64_arrays(body)
+        return encode({"model_id": spec.id, "task": spec.task, "device": self.device, "worker": self.name,
+                       "timings": timings, **body})
+
+    def finish(self, kind: str, model_id: str, outcomes: list[dict[str, Any]]) -> None:
+        """End jobs in one round trip, wake the API processes waiting for them, count them (in memory).
+
+        Each outcome: job_id, status, result_json or result, error; optional `timings` for the metrics and
+        `wake` (fields the waiting API process needs: attempts, started_at).
+        """
+        if not outcomes:
+            return
+        ended = self.jobs.finish_many(outcomes)
+        now = time.time()
+        by_channel: dict[str, list[bytes]] = {}
+        for item, (did_end, channels) in zip(outcomes, ended):
+            if not did_end:
+                continue
+            self.metrics.count_job(kind, model_id, item["status"])
+            timings = item.get("timings") or {}
+            if timings.get("queue_ms") is not None:
+                self.metrics.observe(QUEUE_WAIT, model_id, timings["queue_ms"] / 1000)
+            if timings.get("inference_ms") is not None:
+                self.metrics.observe(INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
+            if channels:
+                note = self._wake_note(item, now)
+                for channel in channels:
+                    by_channel.setdefault(channel, []).append(note)
+        if by_channel:
+            pipe = self.redis.pipeline(transaction=False)
+            for channel, notes in by_channel.items():
+                pipe.publish(channel, b"[" + b",".join(notes) + b"]")
+            pipe.execute()
+
+    def _wake_note(self, item: dict[str, Any], finished_at: float) -> bytes:
+        """What a waiting API process needs to answer without reading the job back: its ending fields."""
+        wake = item.get("wake") or {}
+        result = item.get("result_json") or (encode(item["result"]) if item.get("result") is not None else b"null")
+        error = encode(item["error"]) if item.get("error") is not None else b"null"
+        head = encode({"job_id": item["job_id"], "status": item["status"], "worker": self.name,
+                       "finished_at": finished_at, **wake})
+        return head[:-1] + b',"result":' + result + b',"error":' + error + b"}"
+
+    def _complete_batch(self, spec: ModelSpec, batch: list[Request]) -> None:
+        """The batcher's completion: every job of a finished batch ended in one round trip."""
+        outcomes = []
+        for request in batch:
+            ctx = request.context
+            if ctx is None:
+                continue  # an item of a /serve/batch job: its task thread collects and ends the job
+            job = ctx["job"]
+            log = logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id"))
+            wake = {"attempts": ctx["attempts"], "started_at": ctx["started"]}
+            if request.error is not None:
+                error = classify(request.error)
+                if error["code"] == "internal_error":
+                    log.opt(exception=request.error).error("inference failed")
+                else:
+                    log.info("inference failed: {}", error["message"])
+                outcomes.append({"job_id": job["job_id"], "status": FAILED, "error": error, "wake": wake})
+                continue
+            outcome = request.outcome
+            timings = {"queue_ms": queue_ms(job, ctx["started"]), "batch_wait_ms": round(outcome.batch_wait_ms, 3),
+                       "inference_ms": round(outcome.inference_ms, 3), "batch_size": outcome.batch_size}
+            if ctx.get("load_ms") is not None:
+                timings["load_ms"] = round(ctx["load_ms"], 3)
+            outcomes.append({"job_id": job["job_id"], "status": SUCCEEDED, "timings": timings, "wake": wake,
+                             "result_json": self.result_for(spec, job, {"output": outcome.output}, timings)})
+            log.info("inference succeeded: batch of {}, {:.1f} ms", outcome.batch_size, outcome.inference_ms)
+        self.finish("inference", spec.id, outcomes)
 
     def record_batch(self, model_id: str, size: int) -> None:
         """Count a forward pass of `size` jobs; flushed to Redis with the next heartbeat."""
-        with self._batch_counts_lock:
-            self._batch_counts[(model_id, size)] += 1
+        self.metrics.observe(BATCH_SIZE, model_id, size)
 
     def flush_metrics(self) -> None:
-        with self._batch_counts_lock:
-            counts, self._batch_counts = self._batch_counts, Counter()
-        if not counts:
-            return
+        taken = self.metrics.take()
         pipe = self.redis.pipeline(transaction=False)
-        for (model_id, size), times in counts.items():
-            observe(pipe, BATCH_SIZE, model_id, size, times)
+        if not LocalMetrics.write(pipe, taken):
+            return
         try:
             pipe.execute()
         except redis.RedisError:
-            with self._batch_counts_lock:
-                self._batch_counts.update(counts)  # kept for the next flush
+            self.metrics.give_back(taken)  # kept for the next flush
 
-    def _batcher(self, spec: ModelSpec, runtime: Runtime) -> ModelBatcher:
+    def _batcher(self, spec: ModelSpec, runtime: RemoteRuntime) -> ModelBatcher:
         with self._batchers_lock:
             batcher = self._batchers.get(spec.id)
-            if batcher is None or batcher.runtime is not runtime:
+            if batcher is None or batcher.executor is not runtime:
                 if batcher is not None:
                     batcher.close()
-                threads = intra_op_threads(self.settings, spec.instances)
-                batcher = ModelBatcher(runtime, spec.max_batch_size, spec.max_batch_delay_ms, spec.instances,
-                                       setup_thread=lambda: set_torch_threads(threads) if
-                                       spec.model_type != "onnx" else None,
-                                       on_batch=lambda size: self.record_batch(spec.id, size))
+                batcher = ModelBatcher(runtime, spec.id, spec.max_batch_size, spec.max_batch_delay_ms,
+                                       on_batch=lambda size: self.record_batch(spec.id, size),
+                                       on_complete=lambda batch: self._complete_batch(spec, batch),
+                                       on_model_dead=lambda exc: self._model_died(spec.id, exc),
+                                       max_crashes=self.settings.max_attempts)
                 self._batchers[spec.id] = batcher
             return batcher
 
@@ -201,6 +280,11 @@ class WorkerService:
             batcher = self._batchers.pop(model_id, None)
         if batcher is not None:
             batcher.close()
+
+    def _model_died(self, model_id: str, exc: BaseException) -> None:
+        """A model process died and could not be restarted: the model is unloaded and marked failed."""
+        self.cache.unload(model_id)
+        self.model_failed(model_id, str(exc), "model_process_died")
 
     def model_failed(self, model_id: str, message: str, code: str) -> None:
         """A load failed on the worker that was asked for it: it is no longer meant to be loaded."""

@@ -40,8 +40,7 @@ def _job_endpoint(kind: str):
         svc = services()
         spec = svc.spec(model_id)
         device = svc.device_for(spec)
-        job = svc.submit(kind, spec, device, {"device": device})
-        return job_reply(svc.wait(job, query["wait"]))
+        return job_reply(svc.submit(kind, spec, device, {"device": device}, wait_s=query["wait"]))
 
     return post
 

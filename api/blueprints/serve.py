@@ -58,7 +58,7 @@ def raise_if(errors: dict[str, list[str]]) -> None:
 
 def route(svc: Services, spec: ModelSpec) -> str:
     """The device queue for this model's inference; 409 when it must be loaded first."""
-    desired = svc.cluster.desired(spec.id)
+    desired = svc.desired(spec.id)
     device = svc.device_for(spec, desired)
     if not svc.settings.autoload and desired is None:
         raise ApiError(409, "model_not_loaded",
@@ -67,17 +67,19 @@ def route(svc: Services, spec: ModelSpec) -> str:
     return device
 
 
-def submit_inference(body: dict[str, Any]) -> dict[str, Any]:
+def submit_inference(body: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any]:
     svc = services()
     spec = svc.spec(body["model_id"])
     raise_if({**input_errors(spec, body["inputs"]), **parameter_errors(spec, body["parameters"])})
-    return svc.submit("inference", spec, route(svc, spec), job_payload(body))
+    return svc.submit("inference", spec, route(svc, spec), job_payload(body), wait_s=wait_s)
 
 
 def job_payload(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
     payload = {"inputs": body["inputs"], "parameters": body["parameters"], **extra}
     if body.get("timeout"):
         payload["timeout"] = body["timeout"]
+    if body.get("encoding_format", "float") != "float":
+        payload["encoding_format"] = body["encoding_format"]
     return payload
 
 
@@ -93,8 +95,7 @@ class Serve(MethodView):
     @blp.alt_response(503, description="Redis or the queue unavailable")
     @requires(*SERVE)
     def post(self, body: dict[str, Any], query: dict[str, Any]):
-        job = submit_inference(body)
-        return job_reply(services().wait(job, query["wait"]))
+        return job_reply(submit_inference(body, wait_s=query["wait"]))
 
 
 @blp.route("/serve/batch")
@@ -119,8 +120,8 @@ class ServeBatch(MethodView):
         for i, item in enumerate(items):
             errors.update(input_errors(spec, item, f"inputs.{i}"))
         raise_if({**errors, **parameter_errors(spec, body["parameters"])})
-        job = svc.submit("inference", spec, route(svc, spec), job_payload(body, batch=True))
-        return job_reply(svc.wait(job, query["wait"]))
+        return job_reply(svc.submit("inference", spec, route(svc, spec), job_payload(body, batch=True),
+                                    wait_s=query["wait"]))
 
 
 def register_websocket(sock) -> None:

@@ -207,7 +207,9 @@ def test_health_heartbeat_metrics(client):
     assert "aethercore_request_duration_seconds_bucket" in metrics
     memory = re.search(r'aethercore_model_memory_usage_bytes\{device="cpu",model="minilm",worker="cpu\.[^"]+"\} '
                        r'(\S+)', metrics)
-    assert memory and 80e6 < float(memory.group(1)) < 100e6
+    # Measured in the model process: the private memory loading it added (91 MB of weights, the tokenizer,
+    # allocator caches), not the shared torch libraries every process maps.
+    assert memory and 80e6 < float(memory.group(1)) < 200e6
     active = re.search(r"^aethercore_active_models (\d+)", metrics, re.M)
     assert active and int(active.group(1)) >= 1
 

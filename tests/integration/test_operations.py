@@ -59,10 +59,13 @@ def test_worker_metrics_count_every_job_once(client):
     def delta(name, **labels):
         return metric(scrape(), name, **labels) - metric(before, name, **labels)
 
+    # Workers count in memory and flush with the heartbeat: within a heartbeat every job is counted, once.
+    wait_until(lambda: delta("aethercore_jobs_total", kind="inference", model="minilm", status="succeeded") >= 20,
+               10, 0.2, "the jobs to be counted")
     assert delta("aethercore_jobs_total", kind="inference", model="minilm", status="succeeded") == 20
     assert delta("aethercore_queue_wait_seconds_count", model="minilm") == 20
     assert delta("aethercore_inference_seconds_count", model="minilm") == 20
-    # Forward passes are flushed with the heartbeat: their sizes add up to the jobs.
+    # Forward passes too: their sizes add up to the jobs.
     wait_until(lambda: delta("aethercore_batch_size_sum", model="minilm") == 20, 10, 0.2, "batch sizes to add up")
     passes = delta("aethercore_batch_size_count", model="minilm")
     assert 1 <= passes <= 20

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 GEN = {"model_id": "tiny-gpt2", "inputs": {"text": "A long story"}, "parameters": {"max_length": 256}}
 MLP = {"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}}
-WORKER_ENV = {"AETHERCORE_VISIBILITY_TIMEOUT": "4", "AETHERCORE_MAX_ATTEMPTS": "2"}
+# Longer than a redelivered generation takes on a fresh worker (its model process starts, ~4 s on 2 busy
+# cores, then 256 tokens): a message unacknowledged for longer is redelivered even while it runs.
+WORKER_ENV = {"AETHERCORE_VISIBILITY_TIMEOUT": "10", "AETHERCORE_MAX_ATTEMPTS": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def env(tmp_path_factory):
     models_file.write_text(yaml.safe_dump(models))
     server = RedisServer(appendonly=True).start()
     url = server.url(0)
-    settings = settings_for(url, models_file=models_file, visibility_timeout=4, max_attempts=2)
+    settings = settings_for(url, models_file=models_file, visibility_timeout=10, max_attempts=2)
     workers: list[WorkerProcess] = []
 
     def start_worker(name: str) -> WorkerProcess:

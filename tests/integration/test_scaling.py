@@ -41,8 +41,14 @@ def test_load_reaches_every_worker_and_jobs_spread(cluster):
     results = [poll(client, job_id) for job_id in job_ids]
     assert all(r["status"] == "succeeded" for r in results)
     assert {r["result"]["worker"] for r in results} == names
-    # Both workers counted into the same figures: every job exactly once.
-    after = client.get("/metrics").get_data(as_text=True)
+    # Both workers counted into the same figures (each flushes with its heartbeat): every job exactly once.
+    def counted() -> str | None:
+        text = client.get("/metrics").get_data(as_text=True)
+        labels = {"kind": "inference", "model": "minilm", "status": "succeeded"}
+        done = metric(text, "aethercore_jobs_total", **labels) - metric(before, "aethercore_jobs_total", **labels)
+        return text if done >= 32 else None
+
+    after = wait_until(counted, 10, 0.2, "both workers' counts")
     for name, labels in (("aethercore_jobs_total", {"kind": "inference", "model": "minilm", "status": "succeeded"}),
                          ("aethercore_queue_wait_seconds_count", {"model": "minilm"}),
                          ("aethercore_inference_seconds_count", {"model": "minilm"})):

@@ -1,27 +1,43 @@
-"""The batching logic on its own (a recording stand-in runtime; the real models are in the integration tests)."""
+"""The batching logic on its own (a recording stand-in executor; the real model processes are in the
+integration tests)."""
 
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from workers.batcher import ModelBatcher, split_by_length
+from workers.batcher import ModelBatcher, PoisonInput, split_by_length
+from workers.model_process import ModelProcessDied
 
 
-class RecordingRuntime:
-    def __init__(self, fail_on=None, delay=0.0):
-        self.spec = SimpleNamespace(id="rec")
+class RecordingExecutor:
+    """Stands in for RemoteRuntime: `instances` model processes that echo their inputs."""
+
+    def __init__(self, fail_on=None, crash_on=None, delay=0.0, instances=1):
+        self.instances = [object()] * instances
         self.batches = []
         self.fail_on = fail_on
+        self.crash_on = crash_on
         self.delay = delay
+        self.revived = 0
 
-    def run_batch(self, inputs, parameters):
+    def run_batch_on(self, index, inputs, parameters):
         self.batches.append([i["text"] for i in inputs])
         time.sleep(self.delay)
+        if self.crash_on and any(i["text"] == self.crash_on for i in inputs):
+            raise ModelProcessDied("the model process died")
         if self.fail_on and any(i["text"] == self.fail_on for i in inputs):
             raise ValueError("bad input")
         return [{"echo": i["text"], "max_length": parameters.get("max_length")} for i in inputs]
+
+    def revive(self, index):
+        self.revived += 1
+        return True
+
+
+def batcher_for(executor, **kwargs):
+    return ModelBatcher(executor, "rec", kwargs.pop("max_batch_size", 8), kwargs.pop("max_batch_delay_ms", 50),
+                        **kwargs)
 
 
 def test_split_by_length_groups_similar_lengths():
@@ -32,62 +48,103 @@ def test_split_by_length_groups_similar_lengths():
 
 
 def test_jobs_waiting_together_share_one_batch_and_get_their_own_results():
-    runtime = RecordingRuntime(delay=0.05)
-    batcher = ModelBatcher(runtime, max_batch_size=8, max_batch_delay_ms=50)
-    futures = [batcher.submit({"text": f"t{i}"}, {}) for i in range(8)]
+    executor = RecordingExecutor(delay=0.2)
+    batcher = batcher_for(executor)
+    first = batcher.submit({"text": "first"}, {})  # an idle model runs it at once...
+    time.sleep(0.05)
+    futures = [batcher.submit({"text": f"t{i}"}, {}) for i in range(8)]  # ...these queue meanwhile
+    assert first.result(5).batch_size == 1
     outcomes = [f.result(5) for f in futures]
     assert [o.output["echo"] for o in outcomes] == [f"t{i}" for i in range(8)]
     assert all(o.batch_size == 8 for o in outcomes)
-    assert len(runtime.batches) == 1
+    assert len(executor.batches) == 2
     batcher.close()
 
 
-def test_a_lone_job_waits_at_most_the_delay():
-    runtime = RecordingRuntime()
-    batcher = ModelBatcher(runtime, max_batch_size=32, max_batch_delay_ms=30)
-    started = time.monotonic()
-    outcome = batcher.submit({"text": "alone"}, {}).result(5)
-    waited = time.monotonic() - started
-    assert outcome.batch_size == 1
-    assert 0.025 <= waited < 1.0  # held for its companions, then run (upper bound only guards a hang)
+def test_an_idle_model_runs_a_lone_job_at_once():
+    executor = RecordingExecutor()
+    batcher = batcher_for(executor, max_batch_size=32, max_batch_delay_ms=5000)
+    outcome = batcher.submit({"text": "alone"}, {}).result(2)  # would time out if held for the 5 s delay
+    assert outcome.batch_size == 1 and outcome.batch_wait_ms < 1000
+    batcher.close()
+
+
+def test_under_load_a_batch_waits_for_as_many_companions_as_the_last_one():
+    executor = RecordingExecutor(delay=0.1)
+    batcher = batcher_for(executor, max_batch_size=8, max_batch_delay_ms=2000)
+    batcher.submit({"text": "warm"}, {})
+    time.sleep(0.02)
+    first = [batcher.submit({"text": f"a{i}"}, {}) for i in range(4)]
+    [f.result(5) for f in first]  # a batch of 4 ran: the model is under load
+    trickle = []
+    for i in range(4):  # arrive one by one, slower than the batcher could take them
+        trickle.append(batcher.submit({"text": f"b{i}"}, {}))
+        time.sleep(0.02)
+    assert [f.result(5).batch_size for f in trickle] == [4, 4, 4, 4]
     batcher.close()
 
 
 def test_only_equal_parameters_are_batched_together():
-    runtime = RecordingRuntime()
-    batcher = ModelBatcher(runtime, max_batch_size=8, max_batch_delay_ms=50)
+    executor = RecordingExecutor(delay=0.1)
+    batcher = batcher_for(executor)
+    batcher.submit({"text": "busy"}, {})
+    time.sleep(0.02)
     futures = [batcher.submit({"text": f"t{i}"}, {"max_length": 8 if i % 2 else 16}) for i in range(6)]
     outcomes = [f.result(5) for f in futures]
     for i, o in enumerate(outcomes):
         assert o.output["max_length"] == (8 if i % 2 else 16)
-    assert sorted(len(b) for b in runtime.batches) == [3, 3]
+    assert sorted(len(b) for b in executor.batches[1:]) == [3, 3]
     batcher.close()
 
 
 def test_a_failing_batch_is_retried_one_by_one():
-    runtime = RecordingRuntime(fail_on="poison")
-    batcher = ModelBatcher(runtime, max_batch_size=8, max_batch_delay_ms=50)
+    executor = RecordingExecutor(fail_on="poison", delay=0.05)
+    batcher = batcher_for(executor)
+    batcher.submit({"text": "busy"}, {})
+    time.sleep(0.01)
     futures = [batcher.submit({"text": t}, {}) for t in ("a", "poison", "b")]
     assert futures[0].result(5).output["echo"] == "a"
     with pytest.raises(ValueError):
         futures[1].result(5)
     assert futures[2].result(5).output["echo"] == "b"
-    assert len(runtime.batches) == 4  # the failed batch of 3, then each job alone
+    assert len(executor.batches) == 5  # busy, the failed batch of 3, then each job alone
     batcher.close()
 
 
-def test_instances_run_batches_side_by_side_with_their_thread_setup():
+def test_a_crashed_batch_retries_each_job_alone_and_only_the_culprit_is_poison():
+    executor = RecordingExecutor(crash_on="killer", delay=0.05)
+    batcher = batcher_for(executor, max_crashes=2)
+    batcher.submit({"text": "busy"}, {})
+    time.sleep(0.01)
+    futures = [batcher.submit({"text": t}, {}) for t in ("a", "killer", "b")]
+    assert futures[0].result(5).output["echo"] == "a"
+    assert futures[2].result(5).output["echo"] == "b"
+    with pytest.raises(PoisonInput):
+        futures[1].result(5)
+    assert executor.batches.count(["killer"]) == 2  # charged only when it crashed the model alone
+    assert executor.revived == 3  # after the batch, then after each of its two lone crashes
+    batcher.close()
+
+
+def test_completion_sees_every_finished_batch_before_the_futures_resolve():
+    seen = []
+    executor = RecordingExecutor()
+    batcher = batcher_for(executor, on_complete=lambda batch: seen.extend(r.context for r in batch))
+    future = batcher.submit({"text": "x"}, {}, context="job-1")
+    assert future.result(5).output["echo"] == "x"
+    assert seen == ["job-1"]
+    batcher.close()
+
+
+def test_instances_run_batches_side_by_side():
     both_running = threading.Barrier(2, timeout=5)  # breaks unless two forward passes overlap
 
-    class Overlapping(RecordingRuntime):
-        def run_batch(self, inputs, parameters):
+    class Overlapping(RecordingExecutor):
+        def run_batch_on(self, index, inputs, parameters):
             both_running.wait()
-            return super().run_batch(inputs, parameters)
+            return super().run_batch_on(index, inputs, parameters)
 
-    set_up = []
-    batcher = ModelBatcher(Overlapping(), max_batch_size=1, max_batch_delay_ms=0, instances=2,
-                           setup_thread=lambda: set_up.append(threading.current_thread().name))
+    batcher = batcher_for(Overlapping(instances=2), max_batch_size=1, max_batch_delay_ms=0)
     futures = [batcher.submit({"text": t}, {}) for t in ("x", "y")]
     assert [f.result(10).output["echo"] for f in futures] == ["x", "y"]
-    assert len(set_up) == 2
     batcher.close()

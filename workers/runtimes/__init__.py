@@ -7,6 +7,11 @@ from config.settings import Settings
 from workers.runtimes.base import InvalidInput, Runtime
 
 
+# The module each model_type's runtimes live in (imported only inside a model process).
+RUNTIME_MODULES = {"transformer": "workers.runtimes.hf", "onnx": "workers.runtimes.onnx",
+                   "pytorch": "workers.runtimes.torch_tensor"}
+
+
 def create_runtime(spec: ModelSpec, settings: Settings, device: str) -> Runtime:
     if spec.model_type == "transformer":
         from workers.runtimes import hf
@@ -28,4 +33,4 @@ def create_runtime(spec: ModelSpec, settings: Settings, device: str) -> Runtime:
     raise ValueError(f"no runtime for model_type {spec.model_type!r}")
 
 
-__all__ = ["InvalidInput", "Runtime", "create_runtime"]
+__all__ = ["RUNTIME_MODULES", "InvalidInput", "Runtime", "create_runtime"]

@@ -1,0 +1,158 @@
+"""One listener per API process wakes every request that waits for a job (`?wait`, the sync endpoints).
+
+A waiting request registers its job id here and sleeps on an event; the job carries this process's
+reply channel (`notify`), and the worker that ends the job publishes, once per finished batch, the
+jobs' ending fields and results on that channel. One thread reads the channel and wakes the
+requests; nobody holds a blocking Redis read per request, and the answer needs no read-back of the
+job. The same connection also hears `models:changed`, which clears the API's short-lived caches.
+
+Pub/sub drops messages while the listener reconnects, so a waiter also re-reads its job every
+`RECHECK_S` seconds: a lost message costs latency, never an answer.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import orjson
+import redis
+from loguru import logger
+
+from tasks.jobs import TERMINAL, JobStore, iso
+from tasks.names import MODELS_CHANGED, reply_channel
+
+RECHECK_S = 1.0
+
+
+class Waiter:
+    __slots__ = ("job_id", "event", "note")
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.event = threading.Event()
+        self.note: dict[str, Any] | None = None
+
+
+def merge(job: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
+    """The job as the API knew it, with the ending fields the worker published."""
+    ended = dict(job)
+    ended.update(status=note["status"], worker=note.get("worker"), result=note.get("result"),
+                 error=note.get("error"), finished_at=iso(note.get("finished_at")))
+    if note.get("attempts") is not None:
+        ended["attempts"] = note["attempts"]
+    if note.get("started_at") is not None:
+        ended["started_at"] = iso(note["started_at"])
+    if note.get("chunks") is not None:
+        ended["chunks"] = note["chunks"]
+    return ended
+
+
+class ReplyListener:
+    def __init__(self, client: redis.Redis, jobs: JobStore,
+                 on_models_changed: Callable[[str | None], None] = lambda model_id: None) -> None:
+        self.redis = client
+        self.jobs = jobs
+        self.on_models_changed = on_models_changed
+        self._waiters: dict[str, Waiter] = {}
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._channel = ""
+        self._ready = threading.Event()
+
+    @property
+    def channel(self) -> str:
+        self._ensure_started()
+        return self._channel
+
+    # -- waiting ------------------------------------------------------------------------------
+    def expect(self, job_id: str) -> Waiter:
+        """Register before the job can end (i.e. before its message is published)."""
+        self._ensure_started()
+        waiter = Waiter(job_id)
+        with self._lock:
+            self._waiters[job_id] = waiter
+        return waiter
+
+    def forget(self, waiter: Waiter) -> None:
+        with self._lock:
+            if self._waiters.get(waiter.job_id) is waiter:
+                del self._waiters[waiter.job_id]
+
+    def wait(self, waiter: Waiter, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """The job once it ended, or as it stands after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if waiter.event.wait(min(remaining, RECHECK_S)):
+                    return merge(job, waiter.note) if waiter.note is not None else (self.jobs.get(job["job_id"]) or job)
+                current = self.jobs.get(job["job_id"])  # a lost message must not cost the answer
+                if current is None or current["status"] in TERMINAL:
+                    return current or job
+            return self.jobs.get(job["job_id"]) or job
+        finally:
+            self.forget(waiter)
+
+    # -- the listening thread -----------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._lock:
+            if self._pid == pid:
+                return
+            # One channel per process (gunicorn forks its workers after the app exists).
+            self._channel = reply_channel(f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}")
+            self._waiters = {}
+            self._ready.clear()
+            threading.Thread(target=self._listen, name="aethercore-replies", daemon=True).start()
+            self._pid = pid
+        self._ready.wait(2.0)  # subscribed before the first job can be published
+
+    def _listen(self) -> None:
+        failing = False
+        while True:
+            pubsub = None
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self._channel, MODELS_CHANGED)
+                self.on_models_changed(None)  # whatever changed while we were not listening
+                self._ready.set()
+                failing = False
+                while True:
+                    message = pubsub.get_message(timeout=5.0)
+                    if message is not None:
+                        self._handle(message)
+            except redis.RedisError as exc:
+                if not failing:  # once per outage
+                    logger.warning("reply listener: Redis unavailable ({}); reconnecting", exc)
+                failing = True
+                self._ready.set()
+                threading.Event().wait(0.5)
+            except Exception:
+                logger.exception("reply listener failed; restarting it")
+                threading.Event().wait(0.5)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if message["channel"] == MODELS_CHANGED:
+            self.on_models_changed(message["data"] or None)
+            return
+        for note in orjson.loads(message["data"]):
+            with self._lock:
+                waiter = self._waiters.get(note["job_id"])
+            if waiter is not None:
+                waiter.note = note
+                waiter.event.set()
