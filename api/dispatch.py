@@ -1,20 +1,20 @@
 """Coalesce concurrent inference submissions of this API process into fewer Celery messages.
 
 Every /serve request still gets its own job (own id, record, result); what is shared is the Celery
-message that carries jobs to the device queue. One sender thread per API process publishes: while
-it publishes one message, new submissions queue up behind it and leave together in the next one,
-one message per (model, device). At low load a message carries one job and leaves at once, so no
-request waits for company here; under load the per-message costs (publish, consume, task events,
-ack) are paid once per group instead of once per request. The worker's dynamic batcher then merges
-jobs across messages as before.
+message that carries jobs to the device queue. Publishing is flat-combined: a request that finds no
+publish in progress publishes itself, with whatever else is waiting; requests that arrive while a
+publish is in progress queue up and leave together in the next one, one message per (model, device),
+sent by whichever of them gets there first. At low load a message carries one job and leaves from
+the request's own thread, with no hand-over; under load the per-message costs (publish, consume, task
+events, ack) are paid once per group instead of once per request. The worker's dynamic batcher then
+merges jobs across messages as before.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -30,54 +30,60 @@ class _Pending:
     model_id: str
     device: str
     job: dict[str, Any]
-    future: Future = field(default_factory=Future)
+    done: bool = False
+    error: BaseException | None = None
 
 
 class InferenceDispatcher:
     def __init__(self, celery: Celery, max_jobs: int = MAX_JOBS_PER_MESSAGE) -> None:
         self.celery = celery
         self.max_jobs = max_jobs
-        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._waiting: list[_Pending] = []
+        self._cond = threading.Condition()
+        self._publishing = False
 
     def publish(self, model_id: str, device: str, job: dict[str, Any], coalesce: bool = True) -> None:
         """Return once the job's message is in the broker; raise if it could not be published."""
         if not coalesce:
             self._send(model_id, device, [job])
             return
-        self._ensure_thread()  # started lazily: after gunicorn forked this worker process
         pending = _Pending(model_id, device, job)
-        self._queue.put(pending)
-        pending.future.result(timeout=PUBLISH_TIMEOUT_S)
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._loop, name="aethercore-dispatch", daemon=True)
-                    self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            group = [self._queue.get()]
-            while len(group) < self.max_jobs:
-                try:
-                    group.append(self._queue.get_nowait())
-                except queue.Empty:
+        deadline = time.monotonic() + PUBLISH_TIMEOUT_S
+        with self._cond:
+            self._waiting.append(pending)
+            while True:
+                if pending.done:
                     break
-            by_target: dict[tuple[str, str], list[_Pending]] = {}
-            for pending in group:
-                by_target.setdefault((pending.model_id, pending.device), []).append(pending)
-            for (model_id, device), items in by_target.items():
-                try:
-                    self._send(model_id, device, [p.job for p in items])
-                except Exception as exc:  # the broker is down: every waiting request answers 503
-                    for p in items:
-                        p.future.set_exception(exc)
-                else:
-                    for p in items:
-                        p.future.set_result(None)
+                if not self._publishing:
+                    self._publishing = True
+                    group, self._waiting = self._waiting[:self.max_jobs], self._waiting[self.max_jobs:]
+                    self._cond.release()
+                    try:
+                        self._send_group(group)
+                    finally:
+                        self._cond.acquire()
+                        self._publishing = False
+                        self._cond.notify_all()
+                    continue
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())) and not pending.done:
+                    if pending in self._waiting:
+                        self._waiting.remove(pending)
+                    raise TimeoutError("the job could not be handed to the broker in time")
+        if pending.error is not None:
+            raise pending.error
+
+    def _send_group(self, group: list[_Pending]) -> None:
+        by_target: dict[tuple[str, str], list[_Pending]] = {}
+        for pending in group:
+            by_target.setdefault((pending.model_id, pending.device), []).append(pending)
+        for (model_id, device), items in by_target.items():
+            try:
+                self._send(model_id, device, [p.job for p in items])
+            except Exception as exc:  # the broker is down: every waiting request answers 503
+                for p in items:
+                    p.error = exc
+            for p in items:
+                p.done = True
 
     def _send(self, model_id: str, device: str, jobs: list[dict[str, Any]]) -> None:
         self.celery.send_task(

@@ -9,6 +9,7 @@ from flask_limiter.util import get_remote_address
 
 from api.auth import Authenticator, KeyStore
 from api.errors import ApiError
+from api.ratelimit import INFERENCE_ENDPOINTS, init_rate_limit_headers
 from config.settings import Settings
 from tasks.redis_client import sentinel_hosts
 
@@ -51,11 +52,14 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
         who = g.get("principal")
         return who.id if who is not None and who.id != "anonymous" else get_remote_address()
 
+    init_rate_limit_headers(app)
     if settings.rate_limit:
         Limiter(
             caller, app=app, default_limits=[settings.rate_limit], storage_uri=limiter_storage(settings),
             storage_options={"socket_connect_timeout": 1, "socket_timeout": 2},
             strategy="fixed-window", headers_enabled=True, swallow_errors=True,
-            default_limits_exempt_when=lambda: _is_open(settings) or request.url_rule is None,
+            # Inference submissions are counted with the job's creation (api/ratelimit.py).
+            default_limits_exempt_when=lambda: (_is_open(settings) or request.url_rule is None
+                                                or request.endpoint in INFERENCE_ENDPOINTS),
         )
     return authenticator

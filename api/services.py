@@ -9,16 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from flask import current_app, g
+from flask import current_app, g, request
 
 from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
+from api.ratelimit import InferenceRateLimit
 from api.replies import ReplyListener
 from api.request_id import current_request_id
 from config.models import ModelSpec
 from config.settings import Settings
 from tasks.cluster import ClusterState
-from tasks.jobs import FAILED, TERMINAL, JobStore, new_job_id
+from tasks.jobs import FAILED, TERMINAL, JobStore, RateLimited, new_job_id
 from tasks.names import TASK_FOR_KIND, queue_for_device
 from tasks.routing import NoDeviceAvailable, resolve_device
 
@@ -76,9 +77,11 @@ class Services:
     desired_cache: TTLCache = field(default_factory=lambda: TTLCache(DESIRED_CACHE_S))
     depth_cache: TTLCache = field(default_factory=lambda: TTLCache(QUEUE_DEPTH_CACHE_S))
     replies: ReplyListener = field(init=False)
+    rate_limit: InferenceRateLimit = field(init=False)
 
     def __post_init__(self) -> None:
         self.replies = ReplyListener(self.jobs.redis, self.jobs, on_models_changed=self.desired_cache.clear)
+        self.rate_limit = InferenceRateLimit(self.settings.rate_limit)
 
     def desired(self, model_id: str) -> dict[str, Any] | None:
         """The model's desired state (where it is meant to be resident), cached briefly."""
@@ -117,10 +120,14 @@ class Services:
         who = g.get("principal")
         job_id = new_job_id()
         waiter = self.replies.expect(job_id) if wait_s > 0 else None
+        record = {"kind": kind, "model_id": spec.id, "device": device, "request_id": request_id,
+                  "owner": who.id if who is not None else None, "job_id": job_id,
+                  "notify": self.replies.channel if waiter is not None else None}
         try:
-            job = self.jobs.create(kind=kind, model_id=spec.id, device=device, request_id=request_id,
-                                   owner=who.id if who is not None else None, job_id=job_id,
-                                   notify=self.replies.channel if waiter is not None else None)
+            if kind == "inference" and self.rate_limit:
+                job = self._create_counted(record)
+            else:
+                job = self.jobs.create(**record)
             self._publish(kind, spec, device, payload, job, request_id)
         except Exception:
             if waiter is not None:
@@ -129,6 +136,20 @@ class Services:
         if waiter is None:
             return job
         return self.replies.wait(waiter, job, wait_s)
+
+    def _create_counted(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The caller's use of the rate limit and the job's creation: one round trip."""
+        who = g.get("principal")
+        caller = who.id if who is not None and who.id != "anonymous" else (request.remote_addr or "unknown")
+        try:
+            job, used = self.jobs.create_limited(self.rate_limit.counters(caller), **record)
+        except RateLimited as exc:
+            amount, window = self.rate_limit.items[exc.index]
+            raise ApiError(429, "too_many_requests",
+                           f"rate limit exceeded ({amount} per {window} s for inference); retry after the "
+                           "Retry-After header's seconds", headers={"Retry-After": str(exc.retry_after_s)}) from None
+        self.rate_limit.remember(used, self.rate_limit.items)
+        return job
 
     def _publish(self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any], job: dict[str, Any],
                  request_id: str | None) -> None:

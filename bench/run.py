@@ -259,8 +259,9 @@ def ws_stream(base: str, tokens: int, runs: int = 5) -> tuple[float, float]:
 
 def start_system(redis: RedisServer, db: int, models_file: str | None = None) -> tuple[WorkerProcess, ApiProcess]:
     """One worker (with its model processes) and one API (gunicorn), configured as `manage.py up` runs them."""
-    # As deployed by default: authentication on, the per-caller rate limit on (high enough not to bite).
-    env = {"AETHERCORE_LOG_LEVEL": "WARNING", "AETHERCORE_AUTH": "true", "AETHERCORE_RATE_LIMIT": "60000/minute"}
+    # As deployed by default: INFO logs, authentication on, the per-caller rate limit on (high enough not to bite).
+    env = {"AETHERCORE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"), "AETHERCORE_AUTH": "true",
+           "AETHERCORE_RATE_LIMIT": "60000/minute"}
     if models_file:
         env["AETHERCORE_MODELS_FILE"] = models_file
     worker = WorkerProcess(redis.url(db), name="bench-worker", **env).start()

@@ -86,6 +86,30 @@ if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1')
 return 0
 """
 
+# Create a job unless the caller is over a rate limit: the limit's counters and the job record in one
+# round trip. KEYS: job, recent-jobs index, then one counter per limit. ARGV: ttl, now, job id, number of
+# limits, (amount, window seconds) per limit, then the job's field/value pairs.
+# Returns {1, used...} created, or {0, limit index, ms until that window ends} refused.
+_CREATE_LIMITED = """
+local n = tonumber(ARGV[4])
+for i = 1, n do
+  local used = tonumber(redis.call('GET', KEYS[2 + i]) or '0')
+  if used >= tonumber(ARGV[3 + 2 * i]) then
+    return {0, i, redis.call('PTTL', KEYS[2 + i])}
+  end
+end
+local reply = {1}
+for i = 1, n do
+  local used = redis.call('INCR', KEYS[2 + i])
+  if used == 1 then redis.call('EXPIRE', KEYS[2 + i], ARGV[4 + 2 * i]) end
+  reply[i + 1] = used
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5 + 2 * n))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return reply
+"""
+
 CHUNK_APPENDED, CHUNK_SKIPPED, CHUNK_NOT_RUNNING, CHUNK_CANCELLED = 1, 0, -1, -2
 
 
@@ -101,6 +125,15 @@ def iso(ts: float | None) -> str | None:
 
 class JobNotFound(KeyError):
     pass
+
+
+class RateLimited(Exception):
+    """The caller is over a rate limit; nothing was created."""
+
+    def __init__(self, index: int, retry_after_ms: int) -> None:
+        super().__init__(f"rate limit {index} exceeded")
+        self.index = index
+        self.retry_after_s = max(1, -(-max(retry_after_ms, 0) // 1000))
 
 
 def encode(value: Any) -> bytes:
@@ -127,15 +160,12 @@ class JobStore:
         self._append_chunk = client.register_script(_APPEND_CHUNK)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._watch = client.register_script(_WATCH)
+        self._create_limited = client.register_script(_CREATE_LIMITED)
         self._created = 0
 
     # -- writes ------------------------------------------------------------------------------
-    def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None,
-               owner: str | None = None, job_id: str | None = None, notify: str | None = None,
-               pipe: Any = None) -> dict[str, Any]:
-        """Write a queued job. With `pipe`, the commands join the caller's round trip (it executes it)."""
-        job_id = job_id or new_job_id()
-        now = time.time()
+    def _fields(self, kind: str, model_id: str, device: str, request_id: str | None, owner: str | None,
+                job_id: str, notify: str | None, now: float) -> dict[str, str]:
         fields = {
             "job_id": job_id, "kind": kind, "model_id": model_id, "status": QUEUED,
             "device": device, "created_at": repr(now), "attempts": "0",
@@ -146,18 +176,52 @@ class JobStore:
             fields["owner"] = owner
         if notify:
             fields["notify"] = notify
-        own = pipe is None
-        pipe = self.redis.pipeline(transaction=False) if own else pipe
+        return fields
+
+    def create_limited(self, limits: list[tuple[str, int, int]], *, kind: str, model_id: str, device: str,
+                       request_id: str | None = None, owner: str | None = None, job_id: str | None = None,
+                       notify: str | None = None) -> tuple[dict[str, Any], list[int]]:
+        """Count the caller against `limits` [(counter key, amount, window seconds)] and create the job, in
+        one round trip; raise RateLimited (creating nothing) when a limit is already reached. Returns the job
+        and the use of each limit."""
+        job_id = job_id or new_job_id()
+        now = time.time()
+        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now)
+        args: list[Any] = [self.ttl_s, repr(now), job_id, len(limits)]
+        for _key, amount, window in limits:
+            args += [amount, window]
+        for key, value in fields.items():
+            args += [key, value]
+        reply = self._create_limited(keys=[job_key(job_id), RECENT_JOBS, *(k for k, _a, _w in limits)], args=args)
+        if int(reply[0]) == 0:
+            raise RateLimited(int(reply[1]) - 1, int(reply[2]))
+        self._trim_recent(now)
+        return self._decode(fields), [int(v) for v in reply[1:]]
+
+    def _trim_recent(self, now: float, pipe: Any = None) -> None:
+        """Bound the recent-jobs index (by count and by the result TTL), once per TRIM_EVERY creations."""
+        self._created += 1
+        if self._created % self.TRIM_EVERY != 1:
+            return
+        target = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        target.zremrangebyrank(RECENT_JOBS, 0, -RECENT_JOBS_MAX - 1)
+        target.zremrangebyscore(RECENT_JOBS, "-inf", now - self.ttl_s)
+        if pipe is None:
+            target.execute()
+
+    def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None,
+               owner: str | None = None, job_id: str | None = None, notify: str | None = None) -> dict[str, Any]:
+        """Write a queued job (one round trip)."""
+        job_id = job_id or new_job_id()
+        now = time.time()
+        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now)
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), mapping=fields)
         pipe.expire(job_key(job_id), self.ttl_s)
         # Index of recent jobs for listings, bounded by count and by the result TTL.
         pipe.zadd(RECENT_JOBS, {job_id: now})
-        self._created += 1
-        if self._created % self.TRIM_EVERY == 1:
-            pipe.zremrangebyrank(RECENT_JOBS, 0, -RECENT_JOBS_MAX - 1)
-            pipe.zremrangebyscore(RECENT_JOBS, "-inf", now - self.ttl_s)
-        if own:
-            pipe.execute()
+        self._trim_recent(now, pipe)
+        pipe.execute()
         return self._decode(fields)
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:

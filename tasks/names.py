@@ -57,3 +57,8 @@ def reply_channel(owner: str) -> str:
 
 # Pub/sub channel on which every change of the desired model state is announced (API caches listen).
 MODELS_CHANGED = f"{PREFIX}:models:changed"
+
+
+def rate_limit_key(caller: str, amount: int, window_s: int) -> str:
+    """Counter of one caller's inference submissions in the current window of one limit."""
+    return f"{PREFIX}:ratelimit:{caller}:{amount}/{window_s}"

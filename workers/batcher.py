@@ -37,9 +37,9 @@ from loguru import logger
 
 from workers.model_process import ModelProcessDied, ModelTimeout
 
-# The fixed cost of one forward pass, in characters of input (~40 tokens): measured on minilm, a
-# batch-1 forward costs about as much as 40 more padded tokens in a larger batch.
-FORWARD_OVERHEAD_CHARS = 200
+# The fixed cost of one forward pass, in characters of input (~80 tokens): measured on minilm (2 cores), a
+# batch-1 forward costs about as much as 60-80 more padded tokens in a larger batch (~8 ms).
+FORWARD_OVERHEAD_CHARS = 400
 # How long the size of the last batch predicts the next one (beyond this the model counts as idle).
 LOAD_MEMORY_S = 0.1
 

@@ -104,6 +104,11 @@ class ModelCache:
             runtimes = [e.runtime for e in self._entries.values()]
         return sum(getattr(r, "process_rss_bytes", lambda: 0)() for r in runtimes)
 
+    def gpu_bytes(self) -> int:
+        """GPU memory held by the resident models (their processes' CUDA reservations)."""
+        with self._lock:
+            return sum(e.gpu_memory_bytes or 0 for e in self._entries.values())
+
     def refresh(self) -> None:
         """Re-measure every resident model's memory (a model process grows as it serves)."""
         with self._lock:

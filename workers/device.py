@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from typing import Any
 
@@ -21,7 +22,27 @@ def pin_device(device: str, gpu_index: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def device_memory(device: str) -> dict[str, Any]:
+def _gpu_memory(physical_index: int) -> dict[str, int]:
+    """Free and total memory of one GPU, read through NVML (nvidia-ml-py) or nvidia-smi: the worker process
+    never imports torch, so it asks the driver. Empty when neither is available."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        memory = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(physical_index))
+        return {"gpu_free_bytes": int(memory.free), "gpu_total_bytes": int(memory.total)}
+    except Exception:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={physical_index}", "--query-gpu=memory.free,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=2)
+        free, total = (int(v) * 2**20 for v in out.stdout.strip().split(","))
+        return {"gpu_free_bytes": free, "gpu_total_bytes": total}
+    except Exception:
+        return {}
+
+
+def device_memory(device: str, gpu_index: int | None = None) -> dict[str, Any]:
     """Process and GPU memory for the heartbeat record."""
     info: dict[str, Any] = {}
     try:
@@ -29,11 +50,6 @@ def device_memory(device: str) -> dict[str, Any]:
             info["rss_bytes"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         pass
-    if device.startswith("cuda") and "torch" in sys.modules:
-        import torch
-
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            info.update(gpu_free_bytes=free, gpu_total_bytes=total,
-                        gpu_allocated_bytes=torch.cuda.memory_allocated())
+    if device.startswith("cuda:"):
+        info.update(_gpu_memory(gpu_index if gpu_index is not None else int(device.split(":", 1)[1])))
     return info

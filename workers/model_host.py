@@ -168,6 +168,12 @@ class _Host:
 def main(conn: Any, spec: ModelSpec, settings: Settings, device: str, threads: int) -> None:
     """Entry point of the spawned process."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # OpenMP's worker threads otherwise spin for milliseconds after every parallel region, burning the cores
+    # the worker, the API and Redis need between batches. Measured on 2 cores (minilm, 32 clients): passive
+    # waiting served ~20 % more requests per second than the default spin or a shortened one, at the same
+    # single-client latency. Set before torch loads libgomp; an operator's own setting wins.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     host = _Host(conn, spec, settings, device, threads)
     if host.load():
         host.serve()

@@ -185,8 +185,11 @@ class ModelProcess:
         if not self._dead.is_set() and not self._stopping:
             self._process.join(1)
             code = self._process.exitcode
-            logger.bind(model_id=self.spec.id).error("model process {} (pid {}) died (exit code {})",
-                                                     self.instance, self.pid, code)
+            log = logger.bind(model_id=self.spec.id)
+            if code == -signal.SIGTERM:  # the whole worker is being stopped (its process group got SIGTERM)
+                log.info("model process {} (pid {}) stopped", self.instance, self.pid)
+            else:
+                log.error("model process {} (pid {}) died (exit code {})", self.instance, self.pid, code)
         self._mark_dead()
 
     # -- calls --------------------------------------------------------------------------------

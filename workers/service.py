@@ -114,7 +114,8 @@ class WorkerService:
             "models": self.cache.snapshot(),
             "failures": dict(self.failures),
             "memory": {
-                **device_memory(self.device),
+                **device_memory(self.device, self.settings.gpu_index),
+                **({"gpu_allocated_bytes": self.cache.gpu_bytes()} if self.device.startswith("cuda") else {}),
                 "cache_budget_bytes": self.cache.budget_bytes,
                 "cache_used_bytes": self.cache.used_bytes(),
                 "model_processes_rss_bytes": self.cache.process_rss_bytes(),

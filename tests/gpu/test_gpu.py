@@ -28,6 +28,17 @@ def test_auto_places_models_on_the_gpu_and_serves_there(gpu_cluster):
     assert served["result"]["device"] == "cuda:0"
 
 
+def _onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.skipif(not _onnxruntime_has_cuda(),
+                    reason="this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu, "
+                           "requirements/worker-gpu.txt)")
 def test_onnx_runs_with_the_cuda_provider(gpu_cluster):
     worker, client = gpu_cluster
     client.post("/models/minilm-onnx/load?wait=120")
@@ -36,6 +47,16 @@ def test_onnx_runs_with_the_cuda_provider(gpu_cluster):
     a = client.post("/serve?wait=60", json={"model_id": "minilm", "inputs": {"text": "agree"}}).get_json()
     b = client.post("/serve?wait=60", json={"model_id": "minilm-onnx", "inputs": {"text": "agree"}}).get_json()
     assert float(np.dot(a["result"]["output"]["embedding"], b["result"]["output"]["embedding"])) > 0.999
+
+
+def test_the_model_runs_in_its_own_process_and_the_worker_holds_no_cuda_context(gpu_cluster):
+    worker, client = gpu_cluster
+    client.post("/models/minilm/load?wait=120")
+    record = worker.record()
+    pid = record["models"]["minilm"]["info"]["processes"][0]["pid"]
+    assert pid != worker.proc.pid
+    maps = open(f"/proc/{worker.proc.pid}/maps").read()
+    assert "libcuda" not in maps and "libtorch" not in maps
 
 
 def test_unload_returns_gpu_memory(gpu_cluster):

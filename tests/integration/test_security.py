@@ -188,3 +188,18 @@ def test_streams_enforce_the_same_rules(secured_api):
     assert requests.get(sse, timeout=10, headers={"X-API-Key": OTHER_USER_KEY}).status_code == 404
     with requests.get(sse, timeout=30, stream=True, headers={"X-API-Key": USER_KEY}) as response:
         assert response.status_code == 200
+
+
+def test_inference_rate_limit_is_counted_with_the_job_and_refuses_without_creating_one(main_redis_url, main_worker):
+    import redis as redis_lib
+
+    limited = client_for(settings_for(main_redis_url, rate_limit="3/minute"), OTHER_USER_KEY)
+    body = {"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}}
+    before = redis_lib.Redis.from_url(main_redis_url).zcard("aethercore:jobs:recent")
+    answers = [limited.post("/serve", json=body) for _ in range(4)]
+    assert [a.status_code for a in answers] == [202, 202, 202, 429]
+    assert [a.headers.get("X-RateLimit-Remaining") for a in answers[:3]] == ["2", "1", "0"]
+    refused = answers[3]
+    assert refused.get_json()["error"]["code"] == "too_many_requests" and int(refused.headers["Retry-After"]) > 0
+    after = redis_lib.Redis.from_url(main_redis_url).zcard("aethercore:jobs:recent")
+    assert after - before == 3  # the refused request created no job

@@ -1,0 +1,47 @@
+"""The per-caller rate limit of inference submissions, counted in the same Redis round trip that creates
+the job (tasks/jobs.py `create_limited`), so a /serve request pays no separate round trip for it.
+
+Every other endpoint is limited by flask-limiter (api/security.py) with the same AETHERCORE_RATE_LIMIT,
+per endpoint; the inference endpoints (/serve, /serve/batch, WS /serve/stream) share one counter per
+caller. Fixed windows: a counter starts with the caller's first request and expires a window later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import limits
+from flask import Flask, g
+
+from tasks.names import rate_limit_key
+
+# The endpoints whose submissions are counted here rather than by flask-limiter.
+INFERENCE_ENDPOINTS = frozenset({"serve.Serve", "serve.ServeBatch", "serve_stream"})
+
+
+class InferenceRateLimit:
+    def __init__(self, spec: str) -> None:
+        self.items = [(item.amount, int(item.get_expiry())) for item in limits.parse_many(spec)] if spec else []
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def counters(self, caller: str) -> list[tuple[str, int, int]]:
+        return [(rate_limit_key(caller, amount, window), amount, window) for amount, window in self.items]
+
+    @staticmethod
+    def remember(used: list[int], items: list[tuple[int, int]]) -> None:
+        """Headers for this response, like flask-limiter's: the tightest limit's use."""
+        left = [(amount - count, amount, window) for count, (amount, window) in zip(used, items)]
+        remaining, amount, window = min(left)
+        g.rate_limit_headers = {"X-RateLimit-Limit": str(amount), "X-RateLimit-Remaining": str(max(0, remaining)),
+                                "X-RateLimit-Window": str(window)}
+
+
+def init_rate_limit_headers(app: Flask) -> None:
+    @app.after_request
+    def _headers(response: Any) -> Any:
+        headers = g.get("rate_limit_headers")
+        if headers:
+            response.headers.update(headers)
+        return response
