@@ -1,8 +1,8 @@
 """One listener per API process wakes every request that waits for a job (`?wait`, the sync endpoints).
 
 A waiting request registers its job id here and sleeps on an event; the job carries this process's
-reply channel (`notify`), and the worker that ends the job publishes, once per finished batch, the
-jobs' ending fields and results on that channel. One thread reads the channel and wakes the
+reply channel (`notify`), and the Lua step that ends the job (in the worker's one round trip per
+finished batch) publishes the job's ending fields and result on that channel. One thread reads the channel and wakes the
 requests; nobody holds a blocking Redis read per request, and the answer needs no read-back of the
 job. The same connection also hears `models:changed`, which clears the API's short-lived caches.
 
@@ -39,16 +39,15 @@ class Waiter:
 
 
 def merge(job: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
-    """The job as the API knew it, with the ending fields the worker published."""
+    """The job as the API knew it, with the ending fields the worker (or a cancelling API) published."""
     ended = dict(job)
-    ended.update(status=note["status"], worker=note.get("worker"), result=note.get("result"),
-                 error=note.get("error"), finished_at=iso(note.get("finished_at")))
-    if note.get("attempts") is not None:
-        ended["attempts"] = note["attempts"]
+    ended.update(status=note["status"], result=note.get("result"), error=note.get("error"),
+                 finished_at=iso(note.get("finished_at")))
+    for name in ("worker", "attempts", "chunks"):
+        if note.get(name) is not None:
+            ended[name] = note[name]
     if note.get("started_at") is not None:
         ended["started_at"] = iso(note["started_at"])
-    if note.get("chunks") is not None:
-        ended["chunks"] = note["chunks"]
     return ended
 
 
@@ -150,9 +149,9 @@ class ReplyListener:
         if message["channel"] == MODELS_CHANGED:
             self.on_models_changed(message["data"] or None)
             return
-        for note in orjson.loads(message["data"]):
-            with self._lock:
-                waiter = self._waiters.get(note["job_id"])
-            if waiter is not None:
-                waiter.note = note
-                waiter.event.set()
+        note = orjson.loads(message["data"])
+        with self._lock:
+            waiter = self._waiters.get(note["job_id"])
+        if waiter is not None:
+            waiter.note = note
+            waiter.event.set()

@@ -160,7 +160,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gpu_enabled", "AETHERCORE_GPU_ENABLED", "auto", _choice("auto", "true", "false"),
             "`auto` uses GPU workers when some are alive; `false` routes `device: auto` models to the CPU."),
     Setting("model_cache_size", "AETHERCORE_MODEL_CACHE_SIZE", "1GB", parse_size,
-            "Memory budget for resident models per worker; the least recently used model is evicted beyond it."),
+            "Memory budget for resident models per worker, each model counted by what its model process holds "
+            "for it (weights, tokenizer, activations; not the shared libraries); the least recently used model is "
+            "evicted beyond it."),
     Setting("autoload", "AETHERCORE_AUTOLOAD", "true", parse_bool,
             "Serving a model that is not loaded loads it first; `false` answers 409 instead."),
     Setting("models_file", "AETHERCORE_MODELS_FILE", "config/models.yaml", _path,
@@ -186,7 +188,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Task threads per worker process, and so the jobs it takes from its queue at once; at least the "
             "largest max_batch_size, so a batch can fill (models are shared by the threads, one copy each)."),
     Setting("torch_threads", "AETHERCORE_TORCH_THREADS", "0", int,
-            "Intra-op threads for model forward passes; 0 means one per CPU core."),
+            "Intra-op threads of each model process's forward passes; 0 means the CPU cores shared out among "
+            "the model's instances."),
     Setting("heartbeat_interval", "AETHERCORE_HEARTBEAT_INTERVAL", "2", _non_negative_float,
             "Seconds between worker heartbeats."),
     Setting("worker_ttl", "AETHERCORE_WORKER_TTL", "10", _positive_int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import redis
@@ -25,8 +25,9 @@ SUCCEEDED, FAILED, CANCELLED, EXPIRED = "succeeded", "failed", "cancelled", "exp
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 STATUSES = (QUEUED, RUNNING) + TERMINAL
 
-# ARGV: status, ttl, event ('status' | 'done'), then field/value pairs. A `done` transition returns
-# {1, notify}: the reply channels of the API processes waiting for this job, so the worker can wake them.
+# ARGV: status, ttl, event ('status' | 'done'), wake note ('' for none), then field/value pairs. A `done`
+# transition publishes the note to every reply channel in the job's `notify` (the API processes waiting
+# for it), in the same step: only a job that really ended now wakes anyone.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
@@ -34,7 +35,7 @@ if current == 'succeeded' or current == 'failed' or current == 'cancelled' or cu
   return 0
 end
 if ARGV[1] == 'running' and current ~= 'queued' and current ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
 if ARGV[1] == 'running' then
   local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -42,10 +43,14 @@ if ARGV[1] == 'running' then
 end
 if ARGV[3] == 'done' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', ARGV[1])
+  local notify = redis.call('HGET', KEYS[1], 'notify')
+  if notify and ARGV[4] ~= '' then
+    for channel in string.gmatch(notify, '[^,]+') do redis.call('PUBLISH', channel, ARGV[4]) end
+  end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return {1, redis.call('HGET', KEYS[1], 'notify') or ''}
+return 1
 """
 
 # Add a reply channel to a job that has not ended yet, and return the job: one atomic step, so either
@@ -139,14 +144,6 @@ class RateLimited(Exception):
 def encode(value: Any) -> bytes:
     """JSON as bytes, once: numpy arrays (embeddings, tensors) serialise without a Python list in between."""
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _ended(outcome: Any) -> tuple[bool, list[str]]:
-    """(ended now, reply channels to notify) from a `done` transition's reply."""
-    if isinstance(outcome, list) and outcome and int(outcome[0]) == 1:
-        notify = outcome[1].decode() if isinstance(outcome[1], bytes) else (outcome[1] or "")
-        return True, [c for c in notify.split(",") if c]
-    return False, []
 
 
 class JobStore:
@@ -257,32 +254,30 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             self._transition(keys=[job_key(job_id), job_events_key(job_id)],
-                             args=[RUNNING, str(self.ttl_s), "status", "started_at", started, "worker", worker],
+                             args=[RUNNING, str(self.ttl_s), "status", "", "started_at", started, "worker", worker],
                              client=pipe)
         return [max(0, int(outcome)) for outcome in pipe.execute()]
 
-    def finish_many(self, outcomes: list[dict[str, Any]], also: Callable[[Any], None] | None = None
-                    ) -> list[tuple[bool, list[str]]]:
+    def finish_many(self, outcomes: list[dict[str, Any]]) -> list[bool]:
         """End several jobs in one round trip; each item: job_id, status, and result (an object, or its
-        JSON as `result_json` bytes) or error. Returns, per job, (ended now, reply channels to notify).
-
-        `also(pipeline)` may queue more commands into the same round trip.
-        """
+        JSON as `result_json` bytes) or error, and optionally `note`: bytes published to the API processes
+        waiting for the job if it ends now. Returns, per job, whether it ended now."""
         pipe = self.redis.pipeline(transaction=False)
         for item in outcomes:
             self._call(item["job_id"], item["status"], "done",
                        self._final_values(item.get("result_json") or item.get("result"), item.get("error")),
-                       client=pipe)
-        if also is not None:
-            also(pipe)
-        return [_ended(outcome) for outcome in pipe.execute()[:len(outcomes)]]
+                       note=item.get("note") or b"", client=pipe)
+        return [outcome == 1 for outcome in pipe.execute()]
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None) -> bool:
         """End the job once; later calls for an ended job change nothing and return False."""
-        outcome = self._call(job_id, status, "done", self._final_values(result, error))
+        values = self._final_values(result, error)
+        note = encode({"job_id": job_id, "status": status, "finished_at": float(values["finished_at"]),
+                       "result": result, "error": error})
+        outcome = self._call(job_id, status, "done", values, note=note)
         if outcome == -1:
             raise JobNotFound(job_id)
-        return _ended(outcome)[0]
+        return outcome == 1
 
     @staticmethod
     def _final_values(result: Any, error: dict | None) -> dict[str, Any]:
@@ -293,10 +288,11 @@ class JobStore:
             values["error"] = encode(error)
         return values
 
-    def _call(self, job_id: str, status: str, event: str, values: dict[str, Any], client: Any = None) -> Any:
+    def _call(self, job_id: str, status: str, event: str, values: dict[str, Any], note: bytes = b"",
+              client: Any = None) -> Any:
         if event == "done" and status not in TERMINAL:
             raise ValueError(f"{status!r} is not a final status")
-        args: list[Any] = [status, str(self.ttl_s), event]
+        args: list[Any] = [status, str(self.ttl_s), event, note]
         for key, value in values.items():
             args += [key, value]
         return self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args, client=client)
@@ -333,25 +329,6 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         fields = self.redis.hgetall(job_key(job_id))
         return self._decode(fields) if fields else None
-
-    def wait(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
-        """Block until the job ends or `timeout_s` passes; return the job as it then stands."""
-        job = self.get(job_id)
-        deadline = time.monotonic() + timeout_s
-        last_id = "0-0"
-        while job is not None and job["status"] not in TERMINAL:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            # Short blocks keep each call under the socket timeout; data wakes us at once anyway.
-            entries = self.events(job_id, last_id, int(min(remaining, 2.0) * 1000))
-            for entry_id, data in entries:
-                last_id = entry_id
-                if data.get("type") == "done":
-                    return self.get(job_id)
-            if not entries:
-                job = self.get(job_id)
-        return job
 
     @staticmethod
     def _decode(fields: dict[str, str]) -> dict[str, Any]:

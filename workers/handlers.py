@@ -35,7 +35,10 @@ def _failed(ctx: dict[str, Any], error: dict[str, str]) -> dict[str, Any]:
 
 
 def _wake(ctx: dict[str, Any]) -> dict[str, Any]:
-    return {"attempts": ctx["attempts"], "started_at": ctx["started"]}
+    wake = {"attempts": ctx["attempts"], "started_at": ctx["started"]}
+    if "chunks" in ctx:
+        wake["chunks"] = ctx["chunks"]
+    return wake
 
 
 def _succeeded(svc: WorkerService, spec: Any, ctx: dict[str, Any], body: dict[str, Any],
@@ -89,6 +92,7 @@ def _stream_generation(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[st
         except Exception as exc:
             return _failed(ctx, _logged(log, exc))
         inference_ms = (time.perf_counter() - begin) * 1000
+        ctx["chunks"] = index
         return _succeeded(svc, spec, ctx, {"output": output},
                           {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": 1})
 

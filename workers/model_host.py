@@ -1,8 +1,9 @@
 """The model process: one model instance, its main thread running forward passes and nothing else.
 
-Started by `workers/model_process.py` with multiprocessing's *spawn* context (a fresh interpreter, never a
-fork of a process that may hold a CUDA context). It pins its device, imports torch/onnxruntime, loads the
-model, reports `ready`, then answers requests from its one pipe, in order:
+Started by `workers/model_process.py` as `python -m workers.model_host FD` (a fresh interpreter, never a
+fork of a process that may hold a CUDA context), FD being its end of a socket pair. It receives
+(spec, settings, device, threads), pins its device, imports torch/onnxruntime, loads the model, reports
+`ready`, then answers requests from its one connection, in order:
 
     parent -> host   ("run", call_id, inputs, parameters)      one whole batch; -> ("result", call_id, outputs)
                      ("stream", call_id, inputs, parameters)   one generation;  -> ("chunk", call_id, text)...
@@ -166,15 +167,17 @@ class _Host:
 
 
 def main(conn: Any, spec: ModelSpec, settings: Settings, device: str, threads: int) -> None:
-    """Entry point of the spawned process."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # OpenMP's worker threads otherwise spin for milliseconds after every parallel region, burning the cores
-    # the worker, the API and Redis need between batches. Measured on 2 cores (minilm, 32 clients): passive
-    # waiting served ~20 % more requests per second than the default spin or a shortened one, at the same
-    # single-client latency. Set before torch loads libgomp; an operator's own setting wins.
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     host = _Host(conn, spec, settings, device, threads)
     if host.load():
-        host.serve()
+        try:
+            host.serve()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the worker went away mid-reply: nothing left to serve
     conn.close()
+
+
+if __name__ == "__main__":
+    from multiprocessing.connection import Connection
+
+    connection = Connection(int(sys.argv[1]))
+    main(connection, *connection.recv())

@@ -182,18 +182,18 @@ class WorkerService:
                        "timings": timings, **body})
 
     def finish(self, kind: str, model_id: str, outcomes: list[dict[str, Any]]) -> None:
-        """End jobs in one round trip, wake the API processes waiting for them, count them (in memory).
+        """End jobs in one round trip that also wakes the API processes waiting for them; count them (in memory).
 
         Each outcome: job_id, status, result_json or result, error; optional `timings` for the metrics and
-        `wake` (fields the waiting API process needs: attempts, started_at).
+        `wake` (fields the waiting API process needs: attempts, started_at, chunks).
         """
         if not outcomes:
             return
-        ended = self.jobs.finish_many(outcomes)
         now = time.time()
-        by_channel: dict[str, list[bytes]] = {}
-        for item, (did_end, channels) in zip(outcomes, ended):
-            if not did_end:
+        for item in outcomes:
+            item["note"] = self._wake_note(item, now)
+        for item, ended in zip(outcomes, self.jobs.finish_many(outcomes)):
+            if not ended:
                 continue
             self.metrics.count_job(kind, model_id, item["status"])
             timings = item.get("timings") or {}
@@ -201,15 +201,6 @@ class WorkerService:
                 self.metrics.observe(QUEUE_WAIT, model_id, timings["queue_ms"] / 1000)
             if timings.get("inference_ms") is not None:
                 self.metrics.observe(INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
-            if channels:
-                note = self._wake_note(item, now)
-                for channel in channels:
-                    by_channel.setdefault(channel, []).append(note)
-        if by_channel:
-            pipe = self.redis.pipeline(transaction=False)
-            for channel, notes in by_channel.items():
-                pipe.publish(channel, b"[" + b",".join(notes) + b"]")
-            pipe.execute()
 
     def _wake_note(self, item: dict[str, Any], finished_at: float) -> bytes:
         """What a waiting API process needs to answer without reading the job back: its ending fields."""
