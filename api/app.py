@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         jobs=JobStore(redis_client, settings.result_ttl),
         cluster=cluster,
         celery=celery,
-        dispatcher=InferenceDispatcher(celery),
+        dispatcher=InferenceDispatcher(celery, linger_ms=settings.dispatch_linger_ms),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
     init_request_id(app)

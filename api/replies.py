@@ -77,6 +77,10 @@ class ReplyListener:
             self._waiters[job_id] = waiter
         return waiter
 
+    def in_flight(self) -> int:
+        """Requests of this process now waiting for a job: how loaded the process is."""
+        return len(self._waiters)
+
     def forget(self, waiter: Waiter) -> None:
         with self._lock:
             if self._waiters.get(waiter.job_id) is waiter:

@@ -82,6 +82,7 @@ class Services:
     def __post_init__(self) -> None:
         self.replies = ReplyListener(self.jobs.redis, self.jobs, on_models_changed=self.desired_cache.clear)
         self.rate_limit = InferenceRateLimit(self.settings.rate_limit)
+        self.dispatcher.in_flight = self.replies.in_flight
 
     def desired(self, model_id: str) -> dict[str, Any] | None:
         """The model's desired state (where it is meant to be resident), cached briefly."""

@@ -214,6 +214,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest request body; larger ones are refused with 413."),
     Setting("max_input_chars", "AETHERCORE_MAX_INPUT_CHARS", "20000", _positive_int,
             "Longest `inputs.text` accepted (422 beyond)."),
+    Setting("dispatch_linger_ms", "AETHERCORE_DISPATCH_LINGER_MS", "1", _non_negative_float,
+            "Under load (several requests of an API process waiting), how long a submission waits for others to "
+            "leave in the same Celery message; 0: never. At low load a submission never waits."),
     Setting("max_queue_depth", "AETHERCORE_MAX_QUEUE_DEPTH", "10000", _positive_int,
             "Messages a device queue may hold; new submissions beyond it get 429 with Retry-After."),
     Setting("visibility_timeout", "AETHERCORE_VISIBILITY_TIMEOUT", "300", _positive_int,
@@ -261,6 +264,7 @@ class Settings:
     admin_key_file: Path
     max_request_bytes: int
     max_input_chars: int
+    dispatch_linger_ms: float
     max_queue_depth: int
     visibility_timeout: int
     max_attempts: int
