@@ -390,9 +390,9 @@ def main() -> None:
     say("| ratio | value | target |")
     say("| --- | ---: | --- |")
     say(f"| end-to-end at 32 clients ÷ in-process batch 32 (arrival order) | "
-        f"{on32.throughput / inproc['batch 32 (arrival order)']:.2f} | ≥ 1.0 |")
-    say(f"| batching on ÷ off at 32 clients | {on32.throughput / off32.throughput:.2f} | "
-        f"≈ in-process batch 32 ÷ batch 1 = {inproc['batch 32 (arrival order)'] / inproc['batch 1']:.2f} |")
+        f"{on32.throughput / inproc['batch 32 (arrival order)']:.2f} | ≥ 0.8 |")
+    say(f"| batching on ÷ off at 32 clients | {on32.throughput / off32.throughput:.2f} | ≥ 2.5 "
+        f"(in-process batch 32 ÷ batch 1 = {inproc['batch 32 (arrival order)'] / inproc['batch 1']:.2f}) |")
     say(f"| end-to-end p50 at 1 client − in-process single forward | {on1.pct(0.5) - single_ms:.1f} ms | ≤ 5 ms |")
     say(f"| WebSocket chunks/s ÷ in-process pieces/s | {stream_e2e[1] / stream_inproc[1]:.2f} | |")
     if args.write:
