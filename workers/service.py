@@ -24,7 +24,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-import orjson
 import redis
 from loguru import logger
 
@@ -36,7 +35,7 @@ from tasks.jobs import FAILED, SUCCEEDED, JobStore, encode
 from tasks.metrics import BATCH_SIZE, INFERENCE_TIME, QUEUE_WAIT, LocalMetrics
 from tasks.names import control_channel, queue_for_device
 from tasks.redis_client import make_redis
-from workers.batcher import BatchOutcome, ModelBatcher, Request
+from workers.batcher import ModelBatcher, Request
 from workers.cache import ModelCache, ModelLoadError
 from workers.device import device_memory
 from workers.model_process import RemoteRuntime
