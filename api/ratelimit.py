@@ -12,11 +12,18 @@ from typing import Any
 
 import limits
 from flask import Flask, g
+from flask_limiter.util import get_remote_address
 
 from tasks.names import rate_limit_key
 
 # The endpoints whose submissions are counted here rather than by flask-limiter.
 INFERENCE_ENDPOINTS = frozenset({"serve.Serve", "serve.ServeBatch", "serve_stream"})
+
+
+def caller_id() -> str:
+    """Who a rate limit counts: the API key or JWT subject, else the client's address."""
+    who = g.get("principal")
+    return who.id if who is not None and who.id != "anonymous" else get_remote_address()
 
 
 class InferenceRateLimit:

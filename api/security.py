@@ -5,11 +5,10 @@ from __future__ import annotations
 import redis
 from flask import Flask, g, request
 from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 
 from api.auth import Authenticator, KeyStore
 from api.errors import ApiError
-from api.ratelimit import INFERENCE_ENDPOINTS, init_rate_limit_headers
+from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers
 from config.settings import Settings
 from tasks.redis_client import sentinel_hosts
 
@@ -48,14 +47,10 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
             return
         g.principal = authenticator.authenticate()
 
-    def caller() -> str:
-        who = g.get("principal")
-        return who.id if who is not None and who.id != "anonymous" else get_remote_address()
-
     init_rate_limit_headers(app)
     if settings.rate_limit:
         Limiter(
-            caller, app=app, default_limits=[settings.rate_limit], storage_uri=limiter_storage(settings),
+            caller_id, app=app, default_limits=[settings.rate_limit], storage_uri=limiter_storage(settings),
             storage_options={"socket_connect_timeout": 1, "socket_timeout": 2},
             strategy="fixed-window", headers_enabled=True, swallow_errors=True,
             # Inference submissions are counted with the job's creation (api/ratelimit.py).

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from flask import current_app, g, request
+from flask import current_app, g
 
 from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
-from api.ratelimit import InferenceRateLimit
+from api.ratelimit import InferenceRateLimit, caller_id
 from api.replies import ReplyListener
 from api.request_id import current_request_id
 from config.models import ModelSpec
@@ -140,10 +140,8 @@ class Services:
 
     def _create_counted(self, record: dict[str, Any]) -> dict[str, Any]:
         """The caller's use of the rate limit and the job's creation: one round trip."""
-        who = g.get("principal")
-        caller = who.id if who is not None and who.id != "anonymous" else (request.remote_addr or "unknown")
         try:
-            job, used = self.jobs.create_limited(self.rate_limit.counters(caller), **record)
+            job, used = self.jobs.create_limited(self.rate_limit.counters(caller_id()), **record)
         except RateLimited as exc:
             amount, window = self.rate_limit.items[exc.index]
             raise ApiError(429, "too_many_requests",

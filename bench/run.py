@@ -28,6 +28,7 @@ import yaml  # noqa: E402
 
 from bench import procstat  # noqa: E402
 from bench.corpus import corpus  # noqa: E402
+from workers.device import rss_bytes_of  # noqa: E402
 from tests.support import ADMIN_KEY, ApiProcess, RedisServer, WorkerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +174,7 @@ class Components:
         return totals
 
     def rss_bytes(self) -> dict[str, int]:
-        return {name: sum(procstat.rss_bytes(p) for p in pids) for name, pids in self.pids().items()}
+        return {name: sum(rss_bytes_of(p) for p in pids) for name, pids in self.pids().items()}
 
 
 def closed_loop(port: int, texts: list[str], clients: int, mode: str, seconds: float,

@@ -26,8 +26,9 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 STATUSES = (QUEUED, RUNNING) + TERMINAL
 
 # ARGV: status, ttl, event ('status' | 'done'), wake note ('' for none), then field/value pairs. A `done`
-# transition publishes the note to every reply channel in the job's `notify` (the API processes waiting
-# for it), in the same step: only a job that really ended now wakes anyone.
+# transition publishes the note — a JSON object of the job's ending fields, completed here with the `result`
+# and `error` values being written, so the result crosses the wire once — to every reply channel in the job's
+# `notify` (the API processes waiting for it), in the same step: only a job that really ended wakes anyone.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
@@ -45,7 +46,12 @@ if ARGV[3] == 'done' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', ARGV[1])
   local notify = redis.call('HGET', KEYS[1], 'notify')
   if notify and ARGV[4] ~= '' then
-    for channel in string.gmatch(notify, '[^,]+') do redis.call('PUBLISH', channel, ARGV[4]) end
+    local result, err = 'null', 'null'
+    for i = 5, #ARGV - 1, 2 do
+      if ARGV[i] == 'result' then result = ARGV[i + 1] elseif ARGV[i] == 'error' then err = ARGV[i + 1] end
+    end
+    local note = string.sub(ARGV[4], 1, -2) .. ',"result":' .. result .. ',"error":' .. err .. '}'
+    for channel in string.gmatch(notify, '[^,]+') do redis.call('PUBLISH', channel, note) end
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -260,8 +266,9 @@ class JobStore:
 
     def finish_many(self, outcomes: list[dict[str, Any]]) -> list[bool]:
         """End several jobs in one round trip; each item: job_id, status, and result (an object, or its
-        JSON as `result_json` bytes) or error, and optionally `note`: bytes published to the API processes
-        waiting for the job if it ends now. Returns, per job, whether it ended now."""
+        JSON as `result_json` bytes) or error, and optionally `note`: the JSON object of its ending fields
+        (without result and error, which the script adds) for the API processes waiting for the job if it
+        ends now. Returns, per job, whether it ended now."""
         pipe = self.redis.pipeline(transaction=False)
         for item in outcomes:
             self._call(item["job_id"], item["status"], "done",
@@ -272,8 +279,7 @@ class JobStore:
     def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None) -> bool:
         """End the job once; later calls for an ended job change nothing and return False."""
         values = self._final_values(result, error)
-        note = encode({"job_id": job_id, "status": status, "finished_at": float(values["finished_at"]),
-                       "result": result, "error": error})
+        note = encode({"job_id": job_id, "status": status, "finished_at": float(values["finished_at"])})
         outcome = self._call(job_id, status, "done", values, note=note)
         if outcome == -1:
             raise JobNotFound(job_id)

@@ -22,6 +22,29 @@ def pin_device(device: str, gpu_index: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def rss_bytes_of(pid: int | str = "self") -> int:
+    """A process's resident set (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def anon_bytes_of(pid: int | str = "self") -> int:
+    """A process's private memory in RAM (anonymous + shared-memory RSS). Unlike the whole RSS it leaves
+    out the pages of shared libraries (torch, MKL), which every process maps and the page cache shares."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(("RssAnon:", "RssShmem:")):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
 def _gpu_memory(physical_index: int) -> dict[str, int]:
     """Free and total memory of one GPU, read through NVML (nvidia-ml-py) or nvidia-smi: the worker process
     never imports torch, so it asks the driver. Empty when neither is available."""
@@ -44,12 +67,7 @@ def _gpu_memory(physical_index: int) -> dict[str, int]:
 
 def device_memory(device: str, gpu_index: int | None = None) -> dict[str, Any]:
     """Process and GPU memory for the heartbeat record."""
-    info: dict[str, Any] = {}
-    try:
-        with open("/proc/self/statm") as statm:
-            info["rss_bytes"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        pass
+    info: dict[str, Any] = {"rss_bytes": rss_bytes_of()}
     if device.startswith("cuda:"):
         info.update(_gpu_memory(gpu_index if gpu_index is not None else int(device.split(":", 1)[1])))
     return info

@@ -13,7 +13,7 @@ from tasks.jobs import CANCELLED, CHUNK_CANCELLED, CHUNK_NOT_RUNNING, EXPIRED, F
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
 from workers.cache import ModelLoadError
 from workers.model_process import CallCancelled, ModelProcessDied, ModelTimeout
-from workers.outcomes import classify, error_body, queue_ms
+from workers.outcomes import classify, error_body, logged
 from workers.service import WorkerService
 
 _service: WorkerService | None = None
@@ -28,29 +28,6 @@ def service() -> WorkerService:
     if _service is None:
         raise RuntimeError("the worker service is not started")
     return _service
-
-
-def _failed(ctx: dict[str, Any], error: dict[str, str]) -> dict[str, Any]:
-    return {"job_id": ctx["job"]["job_id"], "status": FAILED, "error": error, "wake": _wake(ctx)}
-
-
-def _wake(ctx: dict[str, Any]) -> dict[str, Any]:
-    wake = {"attempts": ctx["attempts"], "started_at": ctx["started"]}
-    if "chunks" in ctx:
-        wake["chunks"] = ctx["chunks"]
-    return wake
-
-
-def _succeeded(svc: WorkerService, spec: Any, ctx: dict[str, Any], body: dict[str, Any],
-               timings: dict[str, Any]) -> dict[str, Any]:
-    job = ctx["job"]
-    timings = {"queue_ms": queue_ms(job, ctx["started"]), **timings}
-    if ctx.get("load_ms") is not None:
-        timings["load_ms"] = round(ctx["load_ms"], 3)
-    logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id")).info(
-        "inference succeeded: batch of {}, {:.1f} ms", timings.get("batch_size"), timings.get("inference_ms") or 0)
-    return {"job_id": job["job_id"], "status": SUCCEEDED, "timings": timings, "wake": _wake(ctx),
-            "result_json": svc.result_for(spec, job, body, timings)}
 
 
 def _stream_generation(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -78,32 +55,23 @@ def _stream_generation(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[st
             output = runtime.stream(job["inputs"], job.get("parameters") or {}, on_text)
         except CallCancelled:
             log.info("generation cancelled")
-            return {"job_id": job["job_id"], "status": CANCELLED, "wake": _wake(ctx),
+            return {"job_id": job["job_id"], "status": CANCELLED, "wake": svc.wake(ctx),
                     "error": error_body("cancelled", "the job was cancelled while it ran")}
         except (ModelProcessDied, ModelTimeout) as exc:
             crashes += 1
             if not runtime.revive_all():
-                return _failed(ctx, error_body("model_process_died", f"{exc}; the model could not be restarted"))
+                return svc.failed(ctx, error_body("model_process_died", f"{exc}; the model could not be restarted"))
             if crashes >= svc.settings.max_attempts:
-                return _failed(ctx, error_body("poison_job", f"the job brought down the process of model "
+                return svc.failed(ctx, error_body("poison_job", f"the job brought down the process of model "
                                                              f"{spec.id!r} {crashes} times ({exc}); it is not retried again"))
             log.warning("generation lost its model process ({}); generating again", exc)
             continue
         except Exception as exc:
-            return _failed(ctx, _logged(log, exc))
+            return svc.failed(ctx, logged(log, exc))
         inference_ms = (time.perf_counter() - begin) * 1000
         ctx["chunks"] = index
-        return _succeeded(svc, spec, ctx, {"output": output},
+        return svc.succeeded(spec, ctx, {"output": output},
                           {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": 1})
-
-
-def _logged(log: Any, exc: BaseException) -> dict[str, str]:
-    error = classify(exc)
-    if error["code"] == "internal_error":
-        log.opt(exception=exc).error("inference failed")
-    else:
-        log.info("inference failed: {}", error["message"])
-    return error
 
 
 def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +89,7 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[st
         outputs.append({"output": outcome.output})
         sizes.append(outcome.batch_size)
         inference_ms = max(inference_ms, outcome.inference_ms)
-    return _succeeded(svc, spec, ctx, {"outputs": outputs},
+    return svc.succeeded(spec, ctx, {"outputs": outputs},
                       {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)})
 
 
@@ -145,11 +113,11 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
         ctx = {"job": job, "attempts": delivery, "started": started}
         if delivery > svc.settings.max_attempts:
             # Delivered again and again because its worker died each time: a poison input.
-            refused.append(_failed(ctx, error_body(
+            refused.append(svc.failed(ctx, error_body(
                 "poison_job", f"the job was delivered {delivery - 1} times and its worker died each time; "
                 "it is not retried again (AETHERCORE_MAX_ATTEMPTS)")))
         elif job.get("deadline") and started > job["deadline"]:
-            refused.append({**_failed(ctx, error_body(
+            refused.append({**svc.failed(ctx, error_body(
                 "deadline_exceeded", f"the job waited {started - job['submitted_at']:.1f} s in the queue, longer "
                 f"than its timeout of {job['deadline'] - job['submitted_at']:.1f} s; it was not run")),
                 "status": EXPIRED})
@@ -164,14 +132,14 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
     spec = svc.models.get(model_id)
     if spec is None:
         error = error_body("model_not_found", f"model {model_id!r} is not configured")
-        svc.finish("inference", model_id, [_failed(ctx, error) for ctx in active])
+        svc.finish("inference", model_id, [svc.failed(ctx, error) for ctx in active])
         return
     try:
         runtime, load_ms = svc.runtime_for(spec)
     except Exception as exc:
         error = classify(exc)
         logger.bind(model_id=model_id).info("cannot serve: {}", error["message"])
-        svc.finish("inference", model_id, [_failed(ctx, error) for ctx in active])
+        svc.finish("inference", model_id, [svc.failed(ctx, error) for ctx in active])
         return
 
     # Hand every batchable job over first (so they share batches), then run the others here.
@@ -187,7 +155,7 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
         try:
             handed.append(svc.submit(spec, runtime, job["inputs"], job.get("parameters") or {}, ctx))
         except Exception as exc:  # unloaded meanwhile
-            refused.append(_failed(ctx, classify(exc)))
+            refused.append(svc.failed(ctx, classify(exc)))
     svc.finish("inference", model_id, refused)
     for ctx in own:
         if ctx["job"].get("batch"):

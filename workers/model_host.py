@@ -29,24 +29,11 @@ from typing import Any
 
 from config.models import TEXT_TASKS, ModelSpec
 from config.settings import Settings
+from workers.device import anon_bytes_of, rss_bytes_of
 
 
 class Cancelled(Exception):
     pass
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def _anon_bytes() -> int:
-    from workers.model_process import anon_bytes_of
-
-    return anon_bytes_of(os.getpid())
 
 
 def _gpu_bytes(device: str) -> int | None:
@@ -72,7 +59,7 @@ class _Host:
         from workers.device import pin_device
 
         pin_device(self.device, self.settings.gpu_index)
-        interpreter = _rss_bytes()
+        interpreter = rss_bytes_of()
         try:
             import importlib
 
@@ -89,7 +76,7 @@ class _Host:
                 from workers.runtimes.base import set_torch_threads
 
                 set_torch_threads(self.threads)  # this main thread runs every forward pass
-            baseline = _anon_bytes()
+            baseline = anon_bytes_of()
             self.runtime = create_runtime(self.spec, self.settings, self.device)
             self.runtime.load()
             release_memory(self.device)  # what loading allocated only transiently goes back
@@ -104,7 +91,7 @@ class _Host:
             "pid": os.getpid(),
             "anon_baseline_bytes": baseline,
             "rss_interpreter_bytes": interpreter,
-            "rss_bytes": _rss_bytes(),
+            "rss_bytes": rss_bytes_of(),
             "weights_bytes": weights,
             "gpu_memory_bytes": _gpu_bytes(self.device),
             "dtype": self.runtime.dtype_name,

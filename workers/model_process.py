@@ -26,6 +26,7 @@ from loguru import logger
 
 from config.models import ModelSpec
 from config.settings import REPO_ROOT, Settings
+from workers.device import anon_bytes_of, rss_bytes_of
 from workers.runtimes.base import InvalidInput, intra_op_threads
 
 STOP_GRACE_S = 5.0
@@ -47,28 +48,6 @@ class ModelTimeout(ModelProcessError):
 
 class CallCancelled(Exception):
     pass
-
-
-def anon_bytes_of(pid: int) -> int:
-    """A process's private memory in RAM (anonymous + shared-memory RSS). Unlike the whole RSS it leaves
-    out the pages of shared libraries (torch, MKL), which every process maps and the page cache shares."""
-    total = 0
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(("RssAnon:", "RssShmem:")):
-                    total += int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return 0
-    return total
-
-
-def _rss_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class ModelProcess:
@@ -147,7 +126,7 @@ class ModelProcess:
         return self._process is not None and self._process.poll() is None and not self._dead.is_set()
 
     def rss_bytes(self) -> int:
-        return _rss_of(self.pid) if self.alive else 0
+        return rss_bytes_of(self.pid) if self.alive else 0
 
     def memory_bytes(self) -> int:
         """What this instance takes for its model: the private memory it gained since its libraries were
@@ -271,7 +250,7 @@ class RemoteRuntime:
         self.settings = settings
         self.device = device
         self.instances: list[ModelProcess] = []
-        self.dtype_name = spec.dtype if device.startswith("cuda") else "float32"
+        self.dtype_name: str | None = None  # what the model process reports once loaded
         self._restart_lock = threading.Lock()
         self.restarts = 0
 
@@ -284,7 +263,7 @@ class RemoteRuntime:
         except Exception:
             self.close()
             raise
-        self.dtype_name = self.instances[0].info.get("dtype", self.dtype_name)
+        self.dtype_name = self.instances[0].info.get("dtype")
 
     def describe(self) -> dict[str, Any]:
         info = dict(self.instances[0].info.get("describe", {})) if self.instances else {}

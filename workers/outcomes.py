@@ -21,6 +21,16 @@ def classify(exc: BaseException) -> dict[str, str]:
     return error_body("internal_error", f"the worker failed to run the job ({type(exc).__name__}: {exc})")
 
 
+def logged(log: Any, exc: BaseException) -> dict[str, str]:
+    """Classify a job's failure and log it: a bug with its traceback, anything else in one line."""
+    error = classify(exc)
+    if error["code"] == "internal_error":
+        log.opt(exception=exc).error("inference failed")
+    else:
+        log.info("inference failed: {}", error["message"])
+    return error
+
+
 def queue_ms(job: dict[str, Any], started: float) -> float | None:
     submitted = job.get("submitted_at")
     return round((started - submitted) * 1000, 3) if submitted else None

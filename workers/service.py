@@ -39,7 +39,7 @@ from workers.batcher import ModelBatcher, Request
 from workers.cache import ModelCache, ModelLoadError
 from workers.device import device_memory
 from workers.model_process import RemoteRuntime
-from workers.outcomes import classify, queue_ms
+from workers.outcomes import logged, queue_ms
 
 
 def _base64_arrays(value: Any) -> Any:
@@ -202,13 +202,32 @@ class WorkerService:
                 self.metrics.observe(INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
 
     def _wake_note(self, item: dict[str, Any], finished_at: float) -> bytes:
-        """What a waiting API process needs to answer without reading the job back: its ending fields."""
-        wake = item.get("wake") or {}
-        result = item.get("result_json") or (encode(item["result"]) if item.get("result") is not None else b"null")
-        error = encode(item["error"]) if item.get("error") is not None else b"null"
-        head = encode({"job_id": item["job_id"], "status": item["status"], "worker": self.name,
-                       "finished_at": finished_at, **wake})
-        return head[:-1] + b',"result":' + result + b',"error":' + error + b"}"
+        """What a waiting API process needs to answer without reading the job back: its ending fields (the
+        Lua step that ends the job adds the result and the error it writes)."""
+        return encode({"job_id": item["job_id"], "status": item["status"], "worker": self.name,
+                       "finished_at": finished_at, **(item.get("wake") or {})})
+
+    # -- a job's end, built the same way wherever it ran (batch completion, task thread) -------------
+    @staticmethod
+    def wake(ctx: dict[str, Any]) -> dict[str, Any]:
+        wake = {"attempts": ctx["attempts"], "started_at": ctx["started"]}
+        if "chunks" in ctx:
+            wake["chunks"] = ctx["chunks"]
+        return wake
+
+    def failed(self, ctx: dict[str, Any], error: dict[str, str]) -> dict[str, Any]:
+        return {"job_id": ctx["job"]["job_id"], "status": FAILED, "error": error, "wake": self.wake(ctx)}
+
+    def succeeded(self, spec: ModelSpec, ctx: dict[str, Any], body: dict[str, Any],
+                  timings: dict[str, Any]) -> dict[str, Any]:
+        job = ctx["job"]
+        timings = {"queue_ms": queue_ms(job, ctx["started"]), **timings}
+        if ctx.get("load_ms") is not None:
+            timings["load_ms"] = round(ctx["load_ms"], 3)
+        logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id")).info(
+            "inference succeeded: batch of {}, {:.1f} ms", timings.get("batch_size"), timings.get("inference_ms") or 0)
+        return {"job_id": job["job_id"], "status": SUCCEEDED, "timings": timings, "wake": self.wake(ctx),
+                "result_json": self.result_for(spec, job, body, timings)}
 
     def _complete_batch(self, spec: ModelSpec, batch: list[Request]) -> None:
         """The batcher's completion: every job of a finished batch ended in one round trip."""
@@ -217,25 +236,15 @@ class WorkerService:
             ctx = request.context
             if ctx is None:
                 continue  # an item of a /serve/batch job: its task thread collects and ends the job
-            job = ctx["job"]
-            log = logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id"))
-            wake = {"attempts": ctx["attempts"], "started_at": ctx["started"]}
             if request.error is not None:
-                error = classify(request.error)
-                if error["code"] == "internal_error":
-                    log.opt(exception=request.error).error("inference failed")
-                else:
-                    log.info("inference failed: {}", error["message"])
-                outcomes.append({"job_id": job["job_id"], "status": FAILED, "error": error, "wake": wake})
+                job = ctx["job"]
+                log = logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id"))
+                outcomes.append(self.failed(ctx, logged(log, request.error)))
                 continue
             outcome = request.outcome
-            timings = {"queue_ms": queue_ms(job, ctx["started"]), "batch_wait_ms": round(outcome.batch_wait_ms, 3),
-                       "inference_ms": round(outcome.inference_ms, 3), "batch_size": outcome.batch_size}
-            if ctx.get("load_ms") is not None:
-                timings["load_ms"] = round(ctx["load_ms"], 3)
-            outcomes.append({"job_id": job["job_id"], "status": SUCCEEDED, "timings": timings, "wake": wake,
-                             "result_json": self.result_for(spec, job, {"output": outcome.output}, timings)})
-            log.info("inference succeeded: batch of {}, {:.1f} ms", outcome.batch_size, outcome.inference_ms)
+            outcomes.append(self.succeeded(spec, ctx, {"output": outcome.output}, {
+                "batch_wait_ms": round(outcome.batch_wait_ms, 3), "inference_ms": round(outcome.inference_ms, 3),
+                "batch_size": outcome.batch_size}))
         self.finish("inference", spec.id, outcomes)
 
     def record_batch(self, model_id: str, size: int) -> None:
