@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from flask import Flask, Response, g, request
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -75,15 +77,42 @@ class ClusterCollector:
 
         jobs = CounterMetricFamily(worker_metrics.JOBS_TOTAL, worker_metrics.HELP[worker_metrics.JOBS_TOTAL],
                                    labels=["kind", "model", "status"])
-        for (kind, model, status), value in sorted(counters.items()):
-            jobs.add_metric([kind, model, status], value)
+        tokens = CounterMetricFamily(worker_metrics.GENERATED_TOKENS, worker_metrics.HELP[worker_metrics.GENERATED_TOKENS],
+                                     labels=["model"])
+        for key, value in sorted(counters.items()):
+            if key[0] == worker_metrics.GENERATED_TOKENS:
+                tokens.add_metric([key[1]], value)
+            else:
+                jobs.add_metric(list(key), value)
         yield jobs
+        yield tokens
+        yield from self._decoding(workers)
         for metric in worker_metrics.BUCKETS:
             family = HistogramMetricFamily(metric, worker_metrics.HELP[metric], labels=["model"])
             for model, parts in sorted(histograms.get(metric, {}).items()):
                 family.add_metric([model], worker_metrics.cumulative_buckets(metric, parts),
                                   sum_value=parts.get("sum", 0.0))
             yield family
+
+
+    @staticmethod
+    def _decoding(workers: list[dict]) -> Any:
+        running = GaugeMetricFamily(worker_metrics.GENERATION_RUNNING,
+                                    worker_metrics.HELP[worker_metrics.GENERATION_RUNNING], labels=["model"])
+        waiting = GaugeMetricFamily(worker_metrics.GENERATION_WAITING,
+                                    worker_metrics.HELP[worker_metrics.GENERATION_WAITING], labels=["model"])
+        totals: dict[str, list[int]] = {}
+        for record in workers:
+            for model_id, info in record.get("models", {}).items():
+                if info.get("decoding"):
+                    total = totals.setdefault(model_id, [0, 0])
+                    total[0] += info["decoding"].get("running", 0)
+                    total[1] += info["decoding"].get("waiting", 0)
+        for model_id, (run, wait) in sorted(totals.items()):
+            running.add_metric([model_id], run)
+            waiting.add_metric([model_id], wait)
+        yield running
+        yield waiting
 
 
 class ApiMetrics:

@@ -18,7 +18,7 @@ POLL_MS = 250
 
 @dataclass
 class Event:
-    kind: str  # chunk | done | keepalive
+    kind: str  # chunk | status | done | keepalive
     id: str
     data: dict[str, Any]
 
@@ -52,6 +52,8 @@ def follow_job(jobs: JobStore, job_id: str, last_id: str = "0-0", alive: Callabl
             last_id = entry_id
             if data.get("type") == "chunk":
                 yield Event("chunk", entry_id, {"index": int(data["index"]), **json.loads(data["data"])})
+            elif data.get("type") == "status":
+                yield Event("status", entry_id, json.loads(data["data"]))
             elif data.get("type") == "done":
                 job = jobs.get(job_id) or {"job_id": job_id, "status": data.get("status")}
                 whole = whole_output_chunk(job)

@@ -97,7 +97,8 @@ def in_process_stream(tokens: int, runs: int = 5) -> tuple[float, float]:
     for _ in range(runs + 1):
         stamps: list[float] = []
         started = time.perf_counter()
-        runtime.generate("Tell me a story", tokens, on_text=lambda _piece: stamps.append(time.perf_counter()))
+        runtime.generate_all([{"text": "Tell me a story"}], {"max_length": tokens},
+                             on_text=lambda _index, _piece: stamps.append(time.perf_counter()))
         ttfc.append((stamps[0] - started) * 1000)
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return statistics.median(ttfc[1:]), statistics.median(rates[1:])

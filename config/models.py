@@ -31,14 +31,18 @@ SUPPORTED = {
 }
 TEXT_TASKS = {"feature-extraction", "text-generation", "text-classification"}
 DEFAULT_MAX_LENGTH = {"feature-extraction": 256, "text-classification": 256, "text-generation": 32, "tensor": 0}
-# Dynamic batching defaults per task: (max_batch_size, max_batch_delay_ms). Generation streams token
-# by token per job, so it runs one job per forward pass.
+# Dynamic batching defaults per task: (max_batch_size, max_batch_delay_ms). For text-generation
+# max_batch_size bounds the running batch of continuous batching (requests join and leave at every
+# decoding step, so there is no delay to wait).
 DEFAULT_BATCHING = {
     "feature-extraction": (32, 2.0),
     "text-classification": (32, 2.0),
     "tensor": (64, 1.0),
-    "text-generation": (1, 0.0),
+    "text-generation": (64, 0.0),
 }
+# The KV cache a text-generation model's running batch may hold (reserved in full: counted in the
+# model's memory and in the worker's LRU budget).
+DEFAULT_KV_CACHE_MEMORY = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class ModelSpec:
     # A model process that makes no progress (no batch result, no streamed token) for this long is
     # killed and restarted, and the jobs it held are retried.
     timeout_s: float = 60.0
+    # text-generation only: bytes of KV cache for the running batch (requests that do not fit wait).
+    kv_cache_memory: int | None = None
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
@@ -73,7 +79,7 @@ class ModelSpec:
 _KNOWN_FIELDS = {
     "name", "model_type", "source", "model_path", "task", "device", "max_memory",
     "providers", "tokenizer_path", "max_length", "max_length_limit", "description",
-    "max_batch_size", "max_batch_delay_ms", "instances", "dtype", "timeout_s",
+    "max_batch_size", "max_batch_delay_ms", "instances", "dtype", "timeout_s", "kv_cache_memory",
 }
 
 
@@ -140,9 +146,16 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     max_length = bounded_int("max_length", DEFAULT_MAX_LENGTH[task], 0, max_length_limit)
     default_size, default_delay = DEFAULT_BATCHING[task]
     max_batch_size = bounded_int("max_batch_size", default_size, 1, 4096)
-    if task == "text-generation" and max_batch_size != 1:
-        raise _fail(path, model_id, "max_batch_size", max_batch_size,
-                    "must be 1 for text-generation (each job streams its own tokens)")
+    kv_cache_memory = None
+    if task == "text-generation":
+        try:
+            kv_cache_memory = parse_size(raw.get("kv_cache_memory", DEFAULT_KV_CACHE_MEMORY))
+        except ValueError as exc:
+            raise _fail(path, model_id, "kv_cache_memory", raw["kv_cache_memory"], f"is invalid: {exc}") from None
+        if kv_cache_memory <= 0:
+            raise _fail(path, model_id, "kv_cache_memory", raw["kv_cache_memory"], "must be more than 0")
+    elif raw.get("kv_cache_memory") is not None:
+        raise _fail(path, model_id, "kv_cache_memory", raw["kv_cache_memory"], "applies to text-generation only")
     delay = raw.get("max_batch_delay_ms", default_delay)
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 10_000:
         raise _fail(path, model_id, "max_batch_delay_ms", delay, "must be a number of milliseconds from 0 to 10000")
@@ -176,6 +189,7 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         instances=bounded_int("instances", 1, 1, 64),
         dtype=one_of("dtype", DTYPES, "float32"),
         timeout_s=float(timeout),
+        kv_cache_memory=kv_cache_memory,
     )
 
 

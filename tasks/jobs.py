@@ -88,6 +88,14 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
+# A status note in a running job's stream (e.g. `queued`: it waits for room in the model's running batch).
+_APPEND_STATUS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'status', 'data', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
 # Cancel: a queued job ends at once (it will never run); a running one is asked to stop.
 _REQUEST_CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -161,6 +169,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
         self._append_chunk = client.register_script(_APPEND_CHUNK)
+        self._append_status = client.register_script(_APPEND_STATUS)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._watch = client.register_script(_WATCH)
         self._create_limited = client.register_script(_CREATE_LIMITED)
@@ -315,6 +324,22 @@ class JobStore:
     def append_chunk(self, job_id: str, index: int, chunk: dict[str, Any]) -> int:
         return int(self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)],
                                       args=[index, encode(chunk), self.ttl_s]))
+
+    def append_chunks(self, chunks: list[tuple[str, int, dict[str, Any]]]) -> list[int]:
+        """Append (job_id, index, chunk) items in one round trip; one outcome (CHUNK_*) per item, in order."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, index, chunk in chunks:
+            self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)], args=[index, encode(chunk), self.ttl_s],
+                               client=pipe)
+        return [int(outcome) for outcome in pipe.execute()]
+
+    def append_status(self, job_ids: list[str], status: dict[str, Any]) -> None:
+        """Add a status note to the streams of these running jobs, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._append_status(keys=[job_key(job_id), job_events_key(job_id)], args=[encode(status), self.ttl_s],
+                                client=pipe)
+        pipe.execute()
 
     def request_cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
         """Cancel a queued job (it never runs) or ask a running one to stop; False if it already ended."""

@@ -125,7 +125,8 @@ class ModelCache:
             models = {
                 mid: {"state": "loaded", "memory_bytes": e.memory_bytes, "loaded_at": e.loaded_at,
                       "last_used": e.last_used, "generation": e.generation, "load_ms": round(e.load_ms, 1),
-                      "gpu_memory_bytes": e.gpu_memory_bytes, "dtype": e.runtime.dtype_name, "info": e.info}
+                      "gpu_memory_bytes": e.gpu_memory_bytes, "dtype": e.runtime.dtype_name, "info": e.info,
+                      **_decoding(e.runtime)}
                 for mid, e in self._entries.items()
             }
             for mid, since in self._loading.items():
@@ -210,3 +211,9 @@ class ModelCache:
             # Withdraw it from the desired state first, so no reconcile pass loads it right back.
             self._on_evict(victim)
             self.unload(victim)
+
+
+def _decoding(runtime: Any) -> dict[str, Any]:
+    """A generation model's running batch as last reported (running, waiting, kv_cache_bytes)."""
+    stats = runtime.generation_stats() if hasattr(runtime, "generation_stats") else None
+    return {"decoding": stats} if stats else {}

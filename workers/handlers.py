@@ -9,11 +9,11 @@ from typing import Any
 from celery import Celery
 from loguru import logger
 
-from tasks.jobs import CANCELLED, CHUNK_CANCELLED, CHUNK_NOT_RUNNING, EXPIRED, FAILED, SUCCEEDED
+from tasks.jobs import EXPIRED, FAILED, SUCCEEDED
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
 from workers.cache import ModelLoadError
-from workers.model_process import CallCancelled, ModelProcessDied, ModelTimeout
-from workers.outcomes import classify, error_body, logged
+from workers.generation import run_generation_jobs
+from workers.outcomes import classify, error_body
 from workers.service import WorkerService
 
 _service: WorkerService | None = None
@@ -28,50 +28,6 @@ def service() -> WorkerService:
     if _service is None:
         raise RuntimeError("the worker service is not started")
     return _service
-
-
-def _stream_generation(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Generate for one job in its model process; each new piece of text is appended to the job's stream.
-
-    A crash or hang of the model process restarts it and generates again: chunks an earlier try already
-    published are skipped by index, so readers see every chunk once. A job that brings the model down
-    `max_attempts` times is failed as poison.
-    """
-    job = ctx["job"]
-    log = logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id"))
-    crashes = 0
-    while True:
-        index = 0
-
-        def on_text(piece: str) -> bool:
-            nonlocal index
-            outcome = svc.jobs.append_chunk(job["job_id"], index, {"text": piece})
-            index += 1
-            return outcome not in (CHUNK_CANCELLED, CHUNK_NOT_RUNNING)
-
-        svc.record_batch(spec.id, 1)
-        begin = time.perf_counter()
-        try:
-            output = runtime.stream(job["inputs"], job.get("parameters") or {}, on_text)
-        except CallCancelled:
-            log.info("generation cancelled")
-            return {"job_id": job["job_id"], "status": CANCELLED, "wake": svc.wake(ctx),
-                    "error": error_body("cancelled", "the job was cancelled while it ran")}
-        except (ModelProcessDied, ModelTimeout) as exc:
-            crashes += 1
-            if not runtime.revive_all():
-                return svc.failed(ctx, error_body("model_process_died", f"{exc}; the model could not be restarted"))
-            if crashes >= svc.settings.max_attempts:
-                return svc.failed(ctx, error_body("poison_job", f"the job brought down the process of model "
-                                                             f"{spec.id!r} {crashes} times ({exc}); it is not retried again"))
-            log.warning("generation lost its model process ({}); generating again", exc)
-            continue
-        except Exception as exc:
-            return svc.failed(ctx, logged(log, exc))
-        inference_ms = (time.perf_counter() - begin) * 1000
-        ctx["chunks"] = index
-        return svc.succeeded(spec, ctx, {"output": output},
-                          {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": 1})
 
 
 def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -142,14 +98,18 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
         svc.finish("inference", model_id, [svc.failed(ctx, error) for ctx in active])
         return
 
-    # Hand every batchable job over first (so they share batches), then run the others here.
+    for ctx in active:
+        ctx["load_ms"] = load_ms
+    if spec.task == "text-generation":
+        run_generation_jobs(svc, spec, runtime, active)
+        return
+    # Hand every batchable job over first (so they share batches), then run the batch requests here.
     handed: list[Future] = []
     own: list[dict[str, Any]] = []
     refused = []
     for ctx in active:
-        ctx["load_ms"] = load_ms
         job = ctx["job"]
-        if job.get("batch") or spec.task == "text-generation":
+        if job.get("batch"):
             own.append(ctx)
             continue
         try:
@@ -158,11 +118,7 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
             refused.append(svc.failed(ctx, classify(exc)))
     svc.finish("inference", model_id, refused)
     for ctx in own:
-        if ctx["job"].get("batch"):
-            outcome = _run_batch_request(svc, spec, runtime, ctx)
-        else:
-            outcome = _stream_generation(svc, spec, runtime, ctx)
-        svc.finish("inference", model_id, [outcome])
+        svc.finish("inference", model_id, [_run_batch_request(svc, spec, runtime, ctx)])
     for future in handed:
         try:
             future.result()

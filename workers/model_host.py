@@ -3,20 +3,26 @@
 Started by `workers/model_process.py` as `python -m workers.model_host FD` (a fresh interpreter, never a
 fork of a process that may hold a CUDA context), FD being its end of a socket pair. It receives
 (spec, settings, device, threads), pins its device, imports torch/onnxruntime, loads the model, reports
-`ready`, then answers requests from its one connection, in order:
+`ready`, then answers requests from its one connection:
 
     parent -> host   ("run", call_id, inputs, parameters)      one whole batch; -> ("result", call_id, outputs)
-                     ("stream", call_id, inputs, parameters)   one generation;  -> ("chunk", call_id, text)...
-                                                                                    then ("result", call_id, output)
-                     ("cancel", call_id)                        stop that generation at its next token
+                     ("generate", call_id, inputs, parameters, options)
+                                                                one generation request for the running batch
+                                                                (options: stream, exclusive, deadline)
+                     ("cancel", call_id)                        drop that generation at the next step
                      ("exit",)
     host -> parent   ("ready", info) | ("load_error", code, message) once, at start
-                     ("error", call_id, kind, message)          kind: invalid_input | error
-                     ("cancelled", call_id)
+                     ("result", call_id, output) | ("error", call_id, kind, message) | ("cancelled", call_id)
+                     ("events", [event, ...], stats)            one per decoding step: every row's new text
+                                                                ("chunk", call_id, text), ("queued", call_id),
+                                                                and the ends of the rows that finished
 
-Messages are pickled by multiprocessing's Connection (binary: texts in, float32 arrays out), one message
-per batch each way. No Celery, no Redis and no logging set-up here: the process only computes, so no other
-Python thread competes with the forward pass for the GIL.
+kind is invalid_input | deadline | error. Messages are pickled by multiprocessing's Connection (binary:
+texts in, float32 arrays out), one message per batch or decoding step each way. A text-generation model
+is served by continuous batching (workers/runtimes/decoding.py): between two decoding steps the loop
+takes in whatever the parent sent, so requests join and leave the running batch at every step. No
+Celery, no Redis and no logging set-up here: the process only computes, so no other Python thread
+competes with the forward pass for the GIL.
 """
 
 from __future__ import annotations
@@ -24,16 +30,11 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections import deque
 from typing import Any
 
 from config.models import TEXT_TASKS, ModelSpec
 from config.settings import Settings
 from workers.device import anon_bytes_of, rss_bytes_of
-
-
-class Cancelled(Exception):
-    pass
 
 
 def _gpu_bytes(device: str) -> int | None:
@@ -51,8 +52,6 @@ class _Host:
         self.settings = settings
         self.device = device
         self.threads = threads
-        self.deferred: deque[tuple] = deque()
-        self.cancelled: set[int] = set()
 
     # -- start-up -----------------------------------------------------------------------------
     def load(self) -> bool:
@@ -93,6 +92,8 @@ class _Host:
             "rss_interpreter_bytes": interpreter,
             "rss_bytes": rss_bytes_of(),
             "weights_bytes": weights,
+            # Reserved in full for the running batch of a generation model (allocated as rows join).
+            "kv_cache_budget_bytes": self.spec.kv_cache_memory or 0,
             "gpu_memory_bytes": _gpu_bytes(self.device),
             "dtype": self.runtime.dtype_name,
             "describe": describe,
@@ -100,57 +101,71 @@ class _Host:
         return True
 
     # -- the loop -----------------------------------------------------------------------------
-    def next_message(self) -> tuple:
-        return self.deferred.popleft() if self.deferred else self.conn.recv()
-
     def serve(self) -> None:
+        if hasattr(self.runtime, "continuous_batcher"):
+            self.serve_generation()
+            return
         while True:
             try:
-                message = self.next_message()
+                message = self.conn.recv()
             except (EOFError, OSError):
                 return  # the worker went away: nothing left to serve
             op = message[0]
             if op == "exit":
                 return
             if op == "cancel":
-                self.cancelled.add(message[1])
-                continue
-            _op, call_id, inputs, parameters = message
-            if call_id in self.cancelled:
-                self.cancelled.discard(call_id)
-                self.conn.send(("cancelled", call_id))
-                continue
+                continue  # a batch is never cancelled half-way; its call already ended
+            _op, call_id, inputs, parameters = message[:4]
             try:
-                if op == "run":
-                    reply = ("result", call_id, self.runtime.run_batch(inputs, parameters))
-                elif op == "stream":
-                    reply = ("result", call_id, self.runtime.stream(
-                        inputs, parameters, lambda text, cid=call_id: self._chunk(cid, text)))
-                else:
-                    reply = ("error", call_id, "error", f"unknown operation {op!r}")
-            except Cancelled:
-                reply = ("cancelled", call_id)
+                if op != "run":
+                    raise ValueError(f"operation {op!r} is not served by a {self.spec.task} model")
+                reply = ("result", call_id, self.runtime.run_batch(inputs, parameters))
             except Exception as exc:
-                from workers.runtimes.base import InvalidInput
-
-                kind = "invalid_input" if isinstance(exc, InvalidInput) else "error"
-                detail = str(exc) if kind == "invalid_input" else f"{type(exc).__name__}: {exc}"
-                if kind == "error":
-                    traceback.print_exc(file=sys.stderr)
-                reply = ("error", call_id, kind, detail)
+                reply = self._error(call_id, exc)
             self.conn.send(reply)
 
-    def _chunk(self, call_id: int, text: str) -> None:
-        """Send one piece of a generation; between tokens, take in what the parent sent meanwhile."""
-        self.conn.send(("chunk", call_id, text))
-        while self.conn.poll():
-            message = self.conn.recv()
-            if message[0] == "cancel":
-                if message[1] == call_id:
-                    raise Cancelled()
-                self.cancelled.add(message[1])
-            else:
-                self.deferred.append(message)
+    def serve_generation(self) -> None:
+        """Continuous batching: take in requests and cancels, run one step, send its events; repeat."""
+        batcher = self.runtime.continuous_batcher()
+        while True:
+            try:
+                # Block only when there is nothing to step; otherwise take what arrived since the last step.
+                while not batcher.has_work() or self.conn.poll():
+                    if not self._take(batcher, self.conn.recv()):
+                        return
+            except (EOFError, OSError):
+                return
+            events = batcher.step()
+            if events or batcher.has_work():
+                self.conn.send(("events", events, batcher.stats()))
+
+    def _take(self, batcher: Any, message: tuple) -> bool:
+        op = message[0]
+        if op == "exit":
+            return False
+        if op == "cancel":
+            if batcher.cancel(message[1]) is None:
+                pass  # it already ended: its end is on its way
+            return True
+        call_id = message[1]
+        try:
+            if op != "generate":
+                raise ValueError(f"operation {op!r} is not served by a text-generation model")
+            _op, _id, inputs, parameters, options = message
+            batcher.add(self.runtime.sequence(call_id, inputs, parameters, **options))
+        except Exception as exc:
+            self.conn.send(self._error(call_id, exc))
+        return True
+
+    @staticmethod
+    def _error(call_id: int, exc: Exception) -> tuple:
+        from workers.runtimes.base import InvalidInput
+
+        kind = "invalid_input" if isinstance(exc, InvalidInput) else "error"
+        detail = str(exc) if kind == "invalid_input" else f"{type(exc).__name__}: {exc}"
+        if kind == "error":
+            traceback.print_exc(file=sys.stderr)
+        return ("error", call_id, kind, detail)
 
 
 def main(conn: Any, spec: ModelSpec, settings: Settings, device: str, threads: int) -> None:

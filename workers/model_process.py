@@ -1,8 +1,12 @@
 """The Celery worker's handle on its model processes (see workers/model_host.py for the other side).
 
 `ModelProcess` is one spawned process holding one model instance: a pipe, a reader thread that
-routes replies to the calls waiting for them, and a watchdog per call (no reply or chunk within the
-model's `timeout_s` -> the process is killed and the call fails with `ModelTimeout`).
+routes replies to the futures of the calls waiting for them, and a watchdog (calls in flight but no
+message from the process within the model's `timeout_s` -> the process is killed and every call in it
+fails with `ModelTimeout`). A generation model answers with one `events` message per decoding step:
+the reader hands that step's text of every streamed call to the `StreamSink` in one go (one Redis
+round trip for the whole running batch), then resolves the calls that ended, so a job's last chunk is
+always written before its end.
 
 `RemoteRuntime` is what the model cache holds: it looks like a runtime (load, describe, memory,
 close) and owns the model's `instances` processes. The Celery worker process never imports torch or
@@ -13,14 +17,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from loguru import logger
 
@@ -50,22 +56,62 @@ class CallCancelled(Exception):
     pass
 
 
+class DeadlineExceeded(Exception):
+    """A generation ran past its job's deadline and was dropped from the batch."""
+
+
+class StreamSink(Protocol):
+    """Where the text of streamed generation calls goes (the worker service: the jobs' Redis Streams)."""
+
+    def publish(self, pieces: list[tuple[StreamTarget, str]]) -> list[bool]:
+        """Append each piece to its job's stream, in order; False for a job that should stop (cancelled)."""
+
+    def queued(self, targets: list[StreamTarget]) -> None:
+        """These jobs wait for room in the running batch."""
+
+
+@dataclass
+class StreamTarget:
+    """A streamed call's job: the next chunk index, and when its first piece was written."""
+
+    job_id: str
+    model_id: str
+    submitted_at: float | None = None
+    index: int = 0
+    first_piece_at: float | None = None
+
+
+@dataclass
+class _Call:
+    future: Future
+    stream: StreamTarget | None = None
+
+
 class ModelProcess:
-    def __init__(self, spec: ModelSpec, settings: Settings, device: str, instance: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, device: str, instance: int = 0,
+                 sink: StreamSink | None = None) -> None:
         self.spec = spec
         self.settings = settings
         self.device = device
         self.instance = instance
+        self.sink = sink
         self.info: dict[str, Any] = {}
+        self.generation: dict[str, int] = {}  # the running batch's last stats (running, waiting, kv bytes)
         self._conn: Any = None
         self._process: Any = None
         self._send_lock = threading.Lock()
-        self._calls: dict[int, queue.SimpleQueue] = {}
+        self._calls: dict[int, _Call] = {}
         self._calls_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._dead = threading.Event()
         self._stopping = False
-        self.busy = 0  # calls in flight (read without a lock: a hint for picking an instance)
+        self._timed_out = False
+        self._last_progress = time.monotonic()
+
+    @property
+    def busy(self) -> int:
+        """Calls in flight: a hint for picking an instance."""
+        return len(self._calls)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout_s: float) -> dict[str, Any]:
@@ -109,6 +155,8 @@ class ModelProcess:
         self.info = message[1]
         threading.Thread(target=self._read_loop, name=f"model-reader-{self.spec.id}-{self.instance}",
                          daemon=True).start()
+        threading.Thread(target=self._watch, name=f"model-watchdog-{self.spec.id}-{self.instance}",
+                         daemon=True).start()
         return self.info
 
     def _exit_code(self, wait_s: float) -> int | None:
@@ -132,7 +180,8 @@ class ModelProcess:
         """What this instance takes for its model: the private memory it gained since its libraries were
         imported (weights, tokenizer, activations, allocator caches), at least the weights themselves."""
         grown = (anon_bytes_of(self.pid) if self.alive else 0) - self.info.get("anon_baseline_bytes", 0)
-        return max(grown, self.info.get("weights_bytes", 0), 0)
+        reserved = self.info.get("weights_bytes", 0) + self.info.get("kv_cache_budget_bytes", 0)
+        return max(grown, reserved, 0)
 
     def stop(self) -> None:
         """Ask the process to exit; kill it if it does not within a few seconds. Its memory goes with it."""
@@ -160,8 +209,14 @@ class ModelProcess:
         self._dead.set()
         with self._calls_lock:
             calls, self._calls = self._calls, {}
-        for replies in calls.values():
-            replies.put(("died",))
+        for call in calls.values():
+            if self._timed_out:
+                error: Exception = ModelTimeout(
+                    f"model {self.spec.id!r} made no progress within its timeout_s of {self.spec.timeout_s:g} s; "
+                    "its process was restarted")
+            else:
+                error = ModelProcessDied(f"the process of model {self.spec.id!r} died while running this job")
+            _settle(call.future, error=error)
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -174,81 +229,143 @@ class ModelProcess:
                 message = self._conn.recv()
             except (EOFError, OSError, ValueError):
                 break
-            with self._calls_lock:
-                replies = self._calls.get(message[1])
-            if replies is not None:
-                replies.put(message)
+            self._last_progress = time.monotonic()
+            if message[0] == "events":
+                self._route_events(message[1])
+                self.generation = message[2]
+            else:
+                self._settle(message)
         if not self._dead.is_set() and not self._stopping:
             code = self._exit_code(1)
             log = logger.bind(model_id=self.spec.id)
             if code == -signal.SIGTERM:  # the whole worker is being stopped (its process group got SIGTERM)
                 log.info("model process {} (pid {}) stopped", self.instance, self.pid)
-            else:
+            elif not self._timed_out:
                 log.error("model process {} (pid {}) died (exit code {})", self.instance, self.pid, code)
         self._mark_dead()
 
-    # -- calls --------------------------------------------------------------------------------
-    def call(self, op: str, inputs: Any, parameters: dict[str, Any],
-             on_chunk: Callable[[str], bool] | None = None) -> Any:
-        """Run one operation; `on_chunk(text)` returning False cancels a stream."""
-        if self._dead.is_set():
-            raise ModelProcessDied(f"the process of model {self.spec.id!r} is not running")
-        call_id = next(self._ids)
-        replies: queue.SimpleQueue = queue.SimpleQueue()
+    def _route_events(self, events: list[tuple]) -> None:
+        """One decoding step: write every streamed piece first (one round trip), then settle the ends."""
+        pieces, queued, ends = [], [], []
         with self._calls_lock:
-            self._calls[call_id] = replies
-        self.busy += 1
-        try:
-            try:
-                with self._send_lock:
-                    self._conn.send((op, call_id, inputs, parameters))
-            except (OSError, ValueError) as exc:
-                raise ModelProcessDied(f"the process of model {self.spec.id!r} is gone ({exc})") from None
-            return self._await(call_id, replies, on_chunk)
-        finally:
-            self.busy -= 1
-            with self._calls_lock:
-                self._calls.pop(call_id, None)
+            for event in events:
+                call = self._calls.get(event[1])
+                if call is None:
+                    continue
+                if event[0] == "chunk":
+                    if call.stream is not None:
+                        pieces.append((event[1], call.stream, event[2]))
+                elif event[0] == "queued":
+                    if call.stream is not None:
+                        queued.append(call.stream)
+                else:
+                    ends.append(event)
+        if self.sink is not None and queued:
+            self.sink.queued(queued)
+        if self.sink is not None and pieces:
+            keep = self.sink.publish([(target, text) for _id, target, text in pieces])
+            for (call_id, _target, _text), going in zip(pieces, keep):
+                if not going:
+                    self._send_quietly(("cancel", call_id))
+        for event in ends:
+            self._settle(event)
 
-    def _await(self, call_id: int, replies: queue.SimpleQueue, on_chunk: Callable[[str], bool] | None) -> Any:
+    def _settle(self, message: tuple) -> None:
+        with self._calls_lock:
+            call = self._calls.pop(message[1], None)
+        if call is None:
+            return
+        kind = message[0]
+        if kind == "result":
+            _settle(call.future, result=message[2])
+        elif kind == "cancelled":
+            _settle(call.future, error=CallCancelled())
+        elif kind == "error" and message[2] == "invalid_input":
+            _settle(call.future, error=InvalidInput(message[3]))
+        elif kind == "error" and message[2] == "deadline":
+            _settle(call.future, error=DeadlineExceeded(message[3]))
+        else:
+            _settle(call.future, error=ModelProcessError(message[3] if kind == "error" else f"unexpected {kind!r}"))
+
+    def _watch(self) -> None:
+        """Kill the process when calls wait on it and it sent nothing for `timeout_s` (a hang)."""
         timeout = self.spec.timeout_s
-        while True:
-            try:
-                message = replies.get(timeout=timeout)
-            except queue.Empty:
+        while not self._dead.wait(min(1.0, timeout / 4)):
+            if self._calls and time.monotonic() - self._last_progress > timeout:
                 logger.bind(model_id=self.spec.id).error(
                     "model process {} (pid {}) made no progress for {} s (timeout_s); killing it",
                     self.instance, self.pid, timeout)
+                self._timed_out = True
                 self.kill()
-                raise ModelTimeout(f"model {self.spec.id!r} made no progress within its timeout_s of "
-                                   f"{timeout:g} s; its process was restarted") from None
-            kind = message[0]
-            if kind == "result":
-                return message[2]
-            if kind == "chunk":
-                if on_chunk is not None and on_chunk(message[2]) is False:
-                    with self._send_lock:
-                        try:
-                            self._conn.send(("cancel", call_id))
-                        except (OSError, ValueError):
-                            pass
-                continue
-            if kind == "cancelled":
-                raise CallCancelled()
-            if kind == "error":
-                if message[2] == "invalid_input":
-                    raise InvalidInput(message[3])
-                raise ModelProcessError(message[3])
-            raise ModelProcessDied(f"the process of model {self.spec.id!r} died while running this job")
+                return
+
+    def _send_quietly(self, message: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError):
+            pass
+
+    # -- calls --------------------------------------------------------------------------------
+    def submit(self, message: tuple, stream: StreamTarget | None = None) -> tuple[int, Future]:
+        """Send one request (its call id is filled in); its future resolves with the result or the error."""
+        future: Future = Future()
+        if self._dead.is_set():
+            future.set_exception(ModelProcessDied(f"the process of model {self.spec.id!r} is not running"))
+            return 0, future
+        call_id = next(self._ids)
+        with self._calls_lock:
+            if not self._calls:
+                self._last_progress = time.monotonic()  # an idle process owes no progress
+            self._calls[call_id] = _Call(future, stream)
+        try:
+            with self._send_lock:
+                self._conn.send((message[0], call_id, *message[1:]))
+        except (OSError, ValueError) as exc:
+            with self._calls_lock:
+                self._calls.pop(call_id, None)
+            _settle(future, error=ModelProcessDied(f"the process of model {self.spec.id!r} is gone ({exc})"))
+        return call_id, future
+
+    def call(self, op: str, inputs: Any, parameters: dict[str, Any]) -> Any:
+        """Run one operation and wait for its result."""
+        return self.submit((op, inputs, parameters))[1].result()
+
+    def cancel(self, call_id: int) -> None:
+        self._send_quietly(("cancel", call_id))
+
+
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+@dataclass
+class GenerationCall:
+    process: ModelProcess
+    call_id: int
+    future: Future
+    exclusive: bool
+
+    def cancel(self) -> None:
+        self.process.cancel(self.call_id)
 
 
 class RemoteRuntime:
     """The cache's view of a model whose instances run in their own processes."""
 
-    def __init__(self, spec: ModelSpec, settings: Settings, device: str) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, device: str, sink: StreamSink | None = None) -> None:
         self.spec = spec
         self.settings = settings
         self.device = device
+        self.sink = sink
         self.instances: list[ModelProcess] = []
         self.dtype_name: str | None = None  # what the model process reports once loaded
         self._restart_lock = threading.Lock()
@@ -257,7 +374,7 @@ class RemoteRuntime:
     def load(self) -> None:
         try:
             for index in range(self.spec.instances):
-                process = ModelProcess(self.spec, self.settings, self.device, index)
+                process = ModelProcess(self.spec, self.settings, self.device, index, self.sink)
                 process.start(self.settings.load_timeout)
                 self.instances.append(process)
         except Exception:
@@ -293,9 +410,21 @@ class RemoteRuntime:
             raise ModelProcessError(f"the model returned {len(outputs)} outputs for {len(inputs)} inputs")
         return outputs
 
-    def stream(self, inputs: Any, parameters: dict[str, Any], on_chunk: Callable[[str], bool]) -> Any:
+    def generate(self, inputs: Any, parameters: dict[str, Any], stream: StreamTarget | None = None, *,
+                 exclusive: bool = False, deadline: float | None = None) -> GenerationCall:
+        """Hand one generation request to the running batch of the least busy instance."""
         process = min(self.instances, key=lambda p: p.busy)
-        return process.call("stream", inputs, parameters, on_chunk)
+        options = {"stream": stream is not None, "exclusive": exclusive, "deadline": deadline}
+        call_id, future = process.submit(("generate", inputs, parameters, options), stream)
+        return GenerationCall(process, call_id, future, exclusive)
+
+    def generation_stats(self) -> dict[str, int]:
+        """The running batches of every instance, added up (for the heartbeat and the metrics)."""
+        total: dict[str, int] = {}
+        for process in self.instances:
+            for key, value in process.generation.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def revive(self, index: int) -> bool:
         """Replace a dead instance with a fresh process (the model is loaded again); False if that fails."""
@@ -304,7 +433,7 @@ class RemoteRuntime:
                 return False
             if self.instances[index].alive:
                 return True
-            process = ModelProcess(self.spec, self.settings, self.device, index)
+            process = ModelProcess(self.spec, self.settings, self.device, index, self.sink)
             try:
                 process.start(self.settings.load_timeout)
             except Exception as exc:

@@ -40,6 +40,7 @@ from workers.cache import ModelCache, ModelLoadError
 from workers.device import device_memory
 from workers.model_process import RemoteRuntime
 from workers.outcomes import logged, queue_ms
+from workers.streams import JobStreams
 
 
 def _base64_arrays(value: Any) -> Any:
@@ -68,12 +69,14 @@ class WorkerService:
         self.cluster = ClusterState(self.redis, settings.worker_ttl)
         self.cache = ModelCache(
             settings.model_cache_size, self.device,
-            factory=lambda spec: RemoteRuntime(spec, settings, self.device),
-            estimate=lambda spec: artifact_bytes(resolve_model_path(spec, settings)) * spec.instances,
+            factory=lambda spec: RemoteRuntime(spec, settings, self.device, self.streams),
+            estimate=lambda spec: (artifact_bytes(resolve_model_path(spec, settings))
+                                   + (spec.kv_cache_memory or 0)) * spec.instances,
             on_change=self.publish, on_evict=self._evicted, on_unload=self._close_batcher,
         )
         self._batchers: dict[str, ModelBatcher] = {}
         self.metrics = LocalMetrics()
+        self.streams = JobStreams(self.jobs, self.metrics)
         self._batchers_lock = threading.Lock()
         self.failures: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()

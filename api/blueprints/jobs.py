@@ -82,8 +82,10 @@ def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
 
 @blp.route("/jobs/<string:job_id>/stream")
 class JobStream(MethodView):
-    @blp.response(200, description="Server-Sent Events: `chunk` (id = position in the job's stream), then "
-                                   "`done` with the job, or `error`. Send Last-Event-ID to resume.",
+    @blp.response(200, description="Server-Sent Events: `chunk` (id = position in the job's stream), "
+                                   "`status` (e.g. {\"status\": \"queued\"} while a generation waits for room in "
+                                   "the model's running batch), then `done` with the job, or `error`. Send "
+                                   "Last-Event-ID to resume.",
                   content_type="text/event-stream")
     @blp.alt_response(404, description="Unknown or expired job")
     @requires(*JOBS)
@@ -107,8 +109,8 @@ class JobStream(MethodView):
             for event in follow_job(jobs, job["job_id"], last_id, keepalive_s=15):
                 if event.kind == "keepalive":
                     yield ": keepalive\n\n"
-                elif event.kind == "chunk":
-                    yield _sse("chunk", event.data, event.id)
+                elif event.kind in ("chunk", "status"):
+                    yield _sse(event.kind, event.data, event.id)
                 else:
                     finished = public_job(event.data)
                     if finished.get("status") == "failed":

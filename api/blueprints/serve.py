@@ -125,7 +125,8 @@ class ServeBatch(MethodView):
 
 
 def register_websocket(sock) -> None:
-    """WS /serve/stream: send the POST /serve body; receive queued, chunk..., then done (or error).
+    """WS /serve/stream: send the POST /serve body; receive queued, chunk... (and a `status` note while a
+    generation waits for room in the running batch), then done (or error).
 
     Closing the socket before the end cancels the job (a generation stops within a few tokens).
     """
@@ -166,6 +167,8 @@ def register_websocket(sock) -> None:
             for event in follow_job(svc.jobs, job_id, "0-0", alive=lambda: ws.connected):
                 if event.kind == "chunk":
                     ws.send(json.dumps({"type": "chunk", **event.data}))
+                elif event.kind == "status":
+                    ws.send(json.dumps({"type": "status", **event.data}))
                 elif event.kind == "done":
                     finished = public_job(event.data)
                     if finished["status"] == "failed":

@@ -82,10 +82,12 @@ def test_generation_produces_max_length_new_tokens(runtime, budget):
 
 
 def test_generation_streams_pieces_that_add_up_to_the_text(runtime):
-    pieces = []
-    out = runtime("tiny-gpt2").generate("Hello", 8, on_text=pieces.append)
-    assert len(pieces) >= 2
-    assert "".join(pieces) == out["text"]
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    results = runtime("tiny-gpt2").generate_all([{"text": "Hello"}, {"text": "Once upon a time there"}],
+                                               {"max_length": 8}, on_text=lambda i, piece: pieces[i].append(piece))
+    for index, out in results:
+        assert len(pieces[index]) >= 2
+        assert "".join(pieces[index]) == out["text"]
 
 
 def test_classification_scores_sum_to_one(runtime):

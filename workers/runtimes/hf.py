@@ -13,7 +13,7 @@ from transformers import (
 
 from model_store.paths import resolve_model_path
 from workers.runtimes.base import (
-    InvalidInput, TextRuntime, ensure_torch_threads, torch_module_bytes, torch_parameter_count,
+    TextRuntime, ensure_torch_threads, torch_module_bytes, torch_parameter_count,
 )
 from workers.runtimes.pooling import mean_pool_normalize
 
@@ -88,64 +88,52 @@ class TextClassification(_HFRuntime):
         return [{"name": "label", "datatype": "BYTES", "labels": list(self.model.config.id2label.values())}]
 
 
-class _CallbackStreamer:
-    """transformers streamer protocol (put/end) that hands each new piece of text to a callback."""
-
-    def __init__(self, tokenizer: Any, prompt_length: int, on_text: Callable[[str], None]) -> None:
-        self.tokenizer = tokenizer
-        self.on_text = on_text
-        self.prompt_length = prompt_length
-        self.ids: list[int] = []
-        self.sent = ""
-        self.skipped_prompt = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.skipped_prompt:  # generate() first puts the prompt itself
-            self.skipped_prompt = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > len(self.sent):
-            self.on_text(text[len(self.sent):])
-            self.sent = text
-
-    def end(self) -> None:
-        pass
-
-
 class TextGeneration(_HFRuntime):
+    """Served by continuous batching in the model process (workers/runtimes/decoding.py)."""
+
     auto_class = AutoModelForCausalLM
 
-    def generate(self, text: str, max_new_tokens: int,
-                 on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-        ensure_torch_threads(self.settings)
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt",
-                                     truncation=True, max_length=self.model.config.n_positions - max_new_tokens)
-        input_ids = encoded["input_ids"]
-        if input_ids.shape[1] == 0:
-            raise InvalidInput("inputs.text produced no tokens")
-        input_ids = input_ids.to(self.torch_device)
-        streamer = _CallbackStreamer(self.tokenizer, input_ids.shape[1], on_text) if on_text else None
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                min_new_tokens=0, streamer=streamer,
-            )
-        new_ids = output[0, input_ids.shape[1]:].tolist()
-        finish = "length" if len(new_ids) >= max_new_tokens else "stop"
-        with self._tokenizer_lock:
-            generated = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        return {"text": generated, "tokens": len(new_ids), "finish_reason": finish}
-
     def run_batch(self, inputs: list[dict[str, Any]], parameters: dict[str, Any]) -> list[dict[str, Any]]:
-        limit = self.max_length(parameters)
-        return [self.generate(text, limit) for text in self.texts(inputs)]
+        return [result for _key, result in self.generate_all(inputs, parameters)]
 
-    def stream(self, inputs: dict[str, Any], parameters: dict[str, Any],
-               on_text: Callable[[str], None]) -> dict[str, Any]:
-        """Generate for one job, handing each new piece of text to `on_text` as it is produced."""
-        return self.generate(self.texts([inputs])[0], self.max_length(parameters), on_text=on_text)
+    def generate_all(self, inputs: list[dict[str, Any]], parameters: dict[str, Any],
+                     on_text: Callable[[int, str], None] | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """In-process use (tests, the benchmark's reference): the inputs as one batch of the same scheduler;
+        `on_text(index, piece)` gets each input's text as it is produced."""
+        ensure_torch_threads(self.settings)
+        batcher = self.continuous_batcher()
+        for index, item in enumerate(inputs):
+            batcher.add(self.sequence(index, item, parameters, stream=on_text is not None))
+        results: dict[int, dict[str, Any]] = {}
+        while batcher.has_work():
+            for event in batcher.step():
+                if event[0] == "chunk" and on_text is not None:
+                    on_text(event[1], event[2])
+                elif event[0] == "result":
+                    results[event[1]] = event[2]
+                elif event[0] == "error":
+                    raise RuntimeError(event[3])
+        return sorted(results.items())
 
     def outputs(self) -> list[dict[str, Any]]:
         return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+
+    def continuous_batcher(self) -> Any:
+        """The scheduler a model process serves this model with (workers/runtimes/decoding.py)."""
+        from workers.runtimes.decoding import ContinuousBatcher
+
+        return ContinuousBatcher(self.model, self.tokenizer, max_batch_size=self.spec.max_batch_size,
+                                 kv_budget_bytes=self.spec.kv_cache_memory or 0, device=self.torch_device)
+
+    def sequence(self, key: Any, inputs: dict[str, Any], parameters: dict[str, Any], **options: Any) -> Any:
+        """One request for the continuous batcher; InvalidInput for a bad text or parameter."""
+        from workers.runtimes.decoding import Sampling, Sequence
+
+        text = self.texts([inputs])[0]
+        max_new = self.max_length(parameters)
+        sampling = Sampling.from_parameters(parameters, self.model.generation_config)
+        with self._tokenizer_lock:
+            prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        limit = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
+        prompt = prompt[:max(1, limit - max_new)]  # an over-long prompt is truncated as the tokenizer would
+        return Sequence(key=key, prompt=prompt, max_new=max_new, sampling=sampling, **options)

@@ -1,0 +1,195 @@
+"""Generation benchmark: N concurrent streams through the API beside in-process batched `generate`, one run.
+
+    python -m bench.generation [--streams 1,16,64] [--tokens 32] [--write]
+
+First the in-process reference on the same cores: transformers' `generate` on tiny-gpt2, left-padded,
+at batch 1 and at each N (what the hardware gives with batched decoding and no service around it).
+Then a worker and an API (as `manage.py up` runs them) and, for each N, N clients that each
+`POST /serve` a generation of `--tokens` new tokens and read its `GET /jobs/{id}/stream` (SSE), all
+at once, as a new user would. Reported per N: tokens/s over the wall time (first submit to last
+`done`), time to first chunk (from the client's POST) p50/p99, and the ratios the generation issue
+sets as targets:
+
+* N = 64 streams >= 0.5 x in-process batched generate at batch 64 (reach: 0.8); TTFC p99 <= 0.5 s;
+* 1 stream >= 0.8 x in-process batch-1 tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from http.client import HTTPConnection
+from pathlib import Path
+
+import yaml
+
+from bench.run import AUTH, start_system
+from tests.support import RedisServer
+
+MODEL = "tiny-gpt2"
+PROMPTS = ["Once upon a time", "The weather today is", "In a galaxy far away", "Tell me a story about",
+           "The best way to cook rice is", "My favourite animal is", "Yesterday I went to", "The answer is"]
+
+
+def in_process_generate(batch: int, tokens: int, repeats: int = 3) -> float:
+    """Tokens/s of transformers' generate on a left-padded batch (median of `repeats`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from config.models import load_models
+    from config.settings import Settings
+    from model_store.paths import resolve_model_path
+
+    settings = Settings.from_env()
+    path = resolve_model_path(load_models(settings.models_file)[MODEL], settings)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    torch.set_num_threads(os.cpu_count() or 1)
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    encoded = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    rates = []
+    with torch.inference_mode():
+        model.generate(**encoded, max_new_tokens=4)
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            out = model.generate(**encoded, max_new_tokens=tokens, min_new_tokens=tokens)
+            elapsed = time.perf_counter() - begin
+            rates.append((out.shape[1] - encoded["input_ids"].shape[1]) * batch / elapsed)
+    return statistics.median(rates)
+
+
+def one_stream(port: int, prompt: str, tokens: int, start: threading.Event, out: list) -> None:
+    conn = HTTPConnection("127.0.0.1", port, timeout=300)
+    start.wait()
+    begin = time.perf_counter()
+    body = json.dumps({"model_id": MODEL, "inputs": {"text": prompt}, "parameters": {"max_length": tokens}})
+    try:
+        conn.request("POST", "/serve", body, {"Content-Type": "application/json", **AUTH})
+        response = conn.getresponse()
+        job = json.loads(response.read())
+        if response.status != 202:
+            out.append({"error": f"{response.status} {job}"})
+            return
+        conn.request("GET", f"/jobs/{job['job_id']}/stream", headers=AUTH)
+        response = conn.getresponse()
+        first, event, generated = None, None, 0
+        while True:
+            line = response.fp.readline()
+            if not line:
+                break
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                if event == "chunk" and first is None:
+                    first = time.perf_counter() - begin
+                if event in ("done", "error"):
+                    finished = json.loads(line[6:])["job"]
+                    if finished["status"] != "succeeded":
+                        out.append({"error": finished.get("error")})
+                        return
+                    generated = finished["result"]["output"]["tokens"]
+                    break
+        out.append({"ttfc": first, "tokens": generated, "end": time.perf_counter()})
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: one client's failure is a data point
+        out.append({"error": repr(exc)})
+    finally:
+        conn.close()
+
+
+def served(port: int, streams: int, tokens: int) -> dict:
+    start, out = threading.Event(), []
+    threads = [threading.Thread(target=one_stream, args=(port, PROMPTS[i % len(PROMPTS)], tokens, start, out))
+               for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    begin = time.perf_counter()
+    start.set()
+    for thread in threads:
+        thread.join()
+    good = [r for r in out if "error" not in r]
+    errors = [r["error"] for r in out if "error" in r]
+    wall = max((r["end"] for r in good), default=begin) - begin
+    ttfc = sorted(r["ttfc"] for r in good if r["ttfc"] is not None)
+    return {
+        "streams": streams, "errors": errors, "wall_s": wall,
+        "tokens_per_s": sum(r["tokens"] for r in good) / wall if wall > 0 else 0.0,
+        "ttfc_p50": statistics.median(ttfc) if ttfc else float("nan"),
+        "ttfc_p99": ttfc[min(len(ttfc) - 1, int(round(0.99 * (len(ttfc) - 1))))] if ttfc else float("nan"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="1,16,64", help="concurrent stream counts, comma-separated")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.streams.split(",")]
+    lines: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"## Generation ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"`{MODEL}`, {args.tokens} new tokens per request)")
+    say()
+    reference = {n: in_process_generate(n, args.tokens) for n in sorted({1, *counts})}
+    results = []
+    redis = RedisServer().start()
+    with tempfile.TemporaryDirectory() as tmp:
+        # The largest N runs in one batch: max_batch_size at least N (the KV budget is ample for 32 tokens).
+        from config.settings import Settings
+
+        models = yaml.safe_load(Path(Settings.from_env().models_file).read_text())
+        models["models"][MODEL]["max_batch_size"] = max(counts + [models["models"][MODEL].get("max_batch_size", 64)])
+        models_file = Path(tmp) / "models.yaml"
+        models_file.write_text(yaml.safe_dump(models))
+        worker, api = start_system(redis, 0, str(models_file))
+        try:
+            served(api.port, 4, args.tokens)  # warm-up
+            for n in counts:
+                results.append(served(api.port, n, args.tokens))
+                result = results[-1]
+                print(f"  {n} streams: {result['tokens_per_s']:.0f} tokens/s, TTFC p50 {result['ttfc_p50']:.3f} s "
+                      f"p99 {result['ttfc_p99']:.3f} s, {len(result['errors'])} errors", flush=True)
+        finally:
+            api.stop()
+            worker.stop()
+            redis.stop()
+
+    say("| | tokens/s | ÷ in-process batched `generate` (same N) | ÷ in-process batch 1 | TTFC p50 / p99 | wall | errors |")
+    say("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
+    for n, rate in sorted(reference.items()):
+        say(f"| in-process `generate`, batch {n} | {rate:,.0f} | | | | | |")
+    for r in results:
+        n = r["streams"]
+        say(f"| served, {n} concurrent stream{'s' if n > 1 else ''} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s'] / reference[n]:.2f} | {r['tokens_per_s'] / reference[1]:.2f} | "
+            f"{r['ttfc_p50']:.3f} s / {r['ttfc_p99']:.3f} s | {r['wall_s']:.2f} s | {len(r['errors'])} |")
+    say()
+    by_n = {r["streams"]: r for r in results}
+    if 64 in by_n:
+        r = by_n[64]
+        say(f"Targets: 64 streams ÷ in-process batch 64 = **{r['tokens_per_s'] / reference[64]:.2f}** (≥ 0.5, reach 0.8); "
+            f"TTFC p99 at 64 = **{r['ttfc_p99']:.3f} s** (≤ 0.5 s)")
+    if 1 in by_n:
+        say(f"1 stream ÷ in-process batch 1 = **{by_n[1]['tokens_per_s'] / reference[1]:.2f}** (≥ 0.8)")
+    for r in results:
+        for error in r["errors"][:3]:
+            say(f"error at {r['streams']} streams: {error}")
+    if args.write:
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as handle:
+            handle.write("\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""Continuous batching for causal language models (iteration-level scheduling, as in vLLM and TGI).
+
+One running batch per model process. Every `step()`:
+  1. cancelled and timed-out requests leave;
+  2. waiting requests join while the batch has rows (`max_batch_size`) and KV-cache budget to spare: their
+     prompts are prefilled together in one forward pass (at most PREFILL_TOKENS_PER_STEP tokens, so the
+     running streams are held up by one short prefill, never by a queue of them) and their caches are
+     merged into the running one;
+  3. one decoding forward pass over every running row, each choosing its next token under its own
+     settings (greedy or sampled, temperature, top-k, top-p, seed, stop strings);
+  4. finished rows leave, and their results, like every row's new text, go out as events.
+
+The KV cache is transformers' DynamicCache, one tensor pair per layer shaped [rows, heads, length, dim].
+Rows are left-padded so that every row's newest token sits in the same (last) column: a decoding step
+appends one column for all rows at once, a joining row is padded on the left to the batch's length (or
+the batch to its), a leaving row is one index_select, and once long rows leave the columns no remaining
+row uses are cut off the left. Positions are passed per row, so padding never shifts a row's positions.
+
+Why not transformers' own ContinuousBatchingManager: measured on this project's CPU path (2 cores,
+tiny-gpt2, 64 requests of 32 tokens) it produced 284 tokens/s where padded `generate` at batch 64 gave
+2,435 — its paged-attention kernels are built for GPUs — and it owns its thread and request queue, while
+the model process must interleave the step with its pipe (cancel, new requests) on one thread. The
+scheduler here is small, runs the same on CPU and GPU, and is driven by the host's loop.
+
+Memory is bounded by admission, not by luck: a request reserves (prompt + max new tokens) tokens of
+cache for its whole life, and the batch admits a request only while rows x longest reservation fits the
+model's `kv_cache_memory` (padding included, since padded rows cost what the longest row costs).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers.runtimes.base import InvalidInput
+
+# Tokens prefilled in one iteration at most (the first request always gets in, however long).
+PREFILL_TOKENS_PER_STEP = 2048
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One request's decoding settings; defaults come from the model's generation_config."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, Any], config: Any) -> Sampling:
+        def number(name: str, default: Any, low: float, high: float, whole: bool = False) -> Any:
+            value = parameters.get(name, default)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or (whole and int(value) != value) or not low <= value <= high:
+                kind = "a whole number" if whole else "a number"
+                raise InvalidInput(f"parameters.{name} must be {kind} from {low:g} to {high:g}, got {value!r}")
+            return int(value) if whole else float(value)
+
+        do_sample = parameters.get("do_sample", bool(getattr(config, "do_sample", False)))
+        if not isinstance(do_sample, bool):
+            raise InvalidInput(f"parameters.do_sample must be true or false, got {do_sample!r}")
+        temperature = number("temperature", getattr(config, "temperature", None) or 1.0, 0.0, 100.0)
+        if "temperature" in parameters and "do_sample" not in parameters:
+            do_sample = temperature > 0  # OpenAI's convention: a temperature asks for sampling, 0 for greedy
+        stop = parameters.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or len(stop) > 8 \
+                or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop):
+            raise InvalidInput("parameters.stop must be a string or a list of at most 8 non-empty strings")
+        return cls(
+            do_sample=do_sample and temperature > 0,
+            temperature=temperature,
+            top_k=number("top_k", getattr(config, "top_k", None) or 0, 0, 1_000_000, whole=True),
+            top_p=number("top_p", getattr(config, "top_p", None) or 1.0, 0.0, 1.0),
+            seed=number("seed", None, 0, 2**63 - 1, whole=True),
+            stop=tuple(stop),
+        )
+
+
+@dataclass
+class Sequence:
+    key: Any  # the caller's id for this request
+    prompt: list[int]
+    max_new: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stream: bool = True  # send text as it is produced (else only the result)
+    exclusive: bool = False  # run alone: a retry after a crash, to find out whether this request caused it
+    deadline: float | None = None  # wall-clock time (time.time()) after which it is dropped
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already sent
+    told_queued: bool = False
+    cancelled: bool = False
+    stopped: bool = False  # a stop string ended it
+    generator: torch.Generator | None = None
+
+    @property
+    def horizon(self) -> int:
+        """Tokens of cache this request holds at most: its prompt and every token it may generate."""
+        return len(self.prompt) + self.max_new
+
+
+class ContinuousBatcher:
+    """The running batch of one causal LM; driven by the model process's loop (see module docstring)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int, kv_budget_bytes: int,
+                 device: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.kv_budget_bytes = kv_budget_bytes
+        self.device = device
+        config = model.config
+        generation = getattr(model, "generation_config", None)
+        self.generation_config = generation
+        eos = _first(getattr(generation, "eos_token_id", None), config.eos_token_id)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        pad = _first(getattr(generation, "pad_token_id", None), config.pad_token_id, eos, 0)
+        self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+        self.suppress = torch.tensor(list(getattr(generation, "suppress_tokens", None) or []), dtype=torch.long,
+                                     device=device)
+        self.no_repeat_ngram = int(getattr(generation, "no_repeat_ngram_size", 0) or 0)
+        self.repetition_penalty = float(getattr(generation, "repetition_penalty", 1.0) or 1.0)
+        self.bytes_per_token = kv_bytes_per_token(config, next(model.parameters()).element_size())
+        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        # transformers 5 names the cache argument `cache` for some models and `past_key_values` for others.
+        import inspect
+
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._reset_batch()
+
+    # -- requests -----------------------------------------------------------------------------
+    def add(self, sequence: Sequence) -> None:
+        """Queue a request; InvalidInput if it could never run (empty, too long, larger than the cache)."""
+        if not sequence.prompt:
+            raise InvalidInput("inputs.text produced no tokens")
+        if sequence.horizon > self.max_positions:
+            raise InvalidInput(f"the prompt ({len(sequence.prompt)} tokens) and max_length ({sequence.max_new}) "
+                               f"exceed the model's {self.max_positions} positions")
+        need = sequence.horizon * self.bytes_per_token
+        if need > self.kv_budget_bytes:
+            raise InvalidInput(f"the request needs {need / 2**20:.1f} MiB of KV cache, more than the model's "
+                               f"kv_cache_memory of {self.kv_budget_bytes / 2**20:.1f} MiB")
+        if sequence.sampling.seed is not None:
+            sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.sampling.seed)
+        self.waiting.append(sequence)
+
+    def cancel(self, key: Any) -> Sequence | None:
+        """Mark a request cancelled; it leaves at the next step. Returns it if it was still known."""
+        for sequence in (*self.running, *self.waiting):
+            if sequence.key == key:
+                sequence.cancelled = True
+                return sequence
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "kv_cache_bytes": self.kv_cache_bytes()}
+
+    def kv_cache_bytes(self) -> int:
+        return len(self.running) * self._columns() * self.bytes_per_token
+
+    # -- one iteration ------------------------------------------------------------------------
+    def step(self) -> list[tuple]:
+        """Run one iteration; return its events:
+        ("chunk", key, text) | ("queued", key) | ("result", key, output) | ("cancelled", key) |
+        ("error", key, kind, message) with kind deadline | error."""
+        events: list[tuple] = []
+        self._drop_leavers(events)
+        joining = self._admit(events)
+        try:
+            with torch.inference_mode():
+                if joining:
+                    self._prefill(joining, events)
+                    self._finish_rows(events)  # a request for one token is done with its prefill
+                if self.running:
+                    self._decode(events)
+        except Exception as exc:  # a failed forward pass fails the rows in it, not the process
+            traceback.print_exc(file=sys.stderr)
+            for sequence in {id(s): s for s in (*self.running, *joining)}.values():
+                events.append(("error", sequence.key, "error", f"{type(exc).__name__}: {exc}"))
+            self.running = []
+            self._reset_batch()
+            return events
+        self._finish_rows(events)
+        return events
+
+    def _drop_leavers(self, events: list[tuple]) -> None:
+        now = time.time()
+        waiting: deque[Sequence] = deque()
+        for sequence in self.waiting:
+            reason = self._leaving(sequence, now)
+            if reason:
+                events.append(reason)
+            else:
+                waiting.append(sequence)
+        self.waiting = waiting
+        keep = []
+        for index, sequence in enumerate(self.running):
+            reason = self._leaving(sequence, now)
+            if reason:
+                events.append(reason)
+            else:
+                keep.append(index)
+        if len(keep) != len(self.running):
+            self._select(keep)
+
+    @staticmethod
+    def _leaving(sequence: Sequence, now: float) -> tuple | None:
+        if sequence.cancelled:
+            return ("cancelled", sequence.key)
+        if sequence.deadline is not None and now > sequence.deadline:
+            return ("error", sequence.key, "deadline",
+                    f"the job ran past its timeout after {len(sequence.generated)} generated tokens")
+        return None
+
+    def _admit(self, events: list[tuple]) -> list[Sequence]:
+        joining: list[Sequence] = []
+        if any(s.exclusive for s in self.running):
+            return joining
+        horizon = max((s.horizon for s in self.running), default=0)
+        prefill = 0
+        while self.waiting and len(self.running) + len(joining) < self.max_batch_size:
+            candidate = self.waiting[0]
+            if candidate.exclusive and (self.running or joining):
+                break
+            rows = len(self.running) + len(joining) + 1
+            longest = max(horizon, candidate.horizon)
+            if rows * longest * self.bytes_per_token > self.kv_budget_bytes:
+                break
+            if joining and prefill + len(candidate.prompt) > PREFILL_TOKENS_PER_STEP:
+                break
+            joining.append(self.waiting.popleft())
+            horizon, prefill = longest, prefill + len(candidate.prompt)
+            if candidate.exclusive:
+                break
+        for sequence in self.waiting:
+            if not sequence.told_queued and sequence.stream:
+                sequence.told_queued = True
+                events.append(("queued", sequence.key))
+        return joining
+
+    # -- forward passes -----------------------------------------------------------------------
+    def _reset_batch(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # [rows, cache columns]
+        self.history = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # tokens, newest last
+        self.lengths = torch.zeros((0,), dtype=torch.long, device=self.device)  # real tokens in the cache
+
+    def _columns(self) -> int:
+        return int(self.mask.shape[1])
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **{self._cache_arg: cache})
+
+    def _prefill(self, joining: list[Sequence], events: list[tuple]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt) for s in joining)
+        ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(joining), width), dtype=torch.long)
+        for row, sequence in enumerate(joining):
+            ids[row, width - len(sequence.prompt):] = torch.tensor(sequence.prompt)
+            mask[row, width - len(sequence.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache).logits[:, -1, :]
+        chosen = self._choose(logits, ids, joining)
+        self._merge(cache, mask, torch.cat([ids, chosen[:, None]], dim=1), joining)
+        self._emit(joining, chosen, events)
+
+    def _decode(self, events: list[tuple]) -> None:
+        pending = self.history[:, -1:]
+        self.mask = torch.cat([self.mask, torch.ones_like(pending)], dim=1)
+        logits = self._forward(pending, self.mask, self.lengths[:, None], self.cache).logits[:, -1, :]
+        self.lengths += 1
+        chosen = self._choose(logits, self.history, self.running)
+        self.history = torch.cat([self.history, chosen[:, None]], dim=1)
+        self._emit(self.running, chosen, events)
+
+    def _merge(self, cache: Any, mask: torch.Tensor, history: torch.Tensor, joining: list[Sequence]) -> None:
+        """Append the prefilled rows to the running batch, left-padding whichever side is shorter."""
+        if not self.running:
+            self.cache, self.mask, self.history = cache, mask, history
+            self.lengths = mask.sum(-1)
+            self.running = list(joining)
+            return
+        columns = max(self._columns(), mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, columns, -2), _pad_left(new.keys, columns, -2)])
+            old.values = torch.cat([_pad_left(old.values, columns, -2), _pad_left(new.values, columns, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, columns, -1), _pad_left(mask, columns, -1)])
+        width = max(self.history.shape[1], history.shape[1])
+        self.history = torch.cat([_pad_left(self.history, width, -1, self.pad_id),
+                                  _pad_left(history, width, -1, self.pad_id)])
+        self.lengths = torch.cat([self.lengths, mask.sum(-1)])
+        self.running.extend(joining)
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only rows `keep`, then cut the cache columns no remaining row uses."""
+        self.running = [self.running[i] for i in keep]
+        if not self.running:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.lengths = self.lengths[index]
+        columns = int(self.lengths.max())
+        cut = self._columns() - columns
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, cut:, :]
+            layer.values = layer.values[index, :, cut:, :]
+        self.mask = self.mask[index, cut:]
+        self.history = self.history[index, max(0, self.history.shape[1] - columns - 1):]
+
+    # -- choosing tokens ----------------------------------------------------------------------
+    def _choose(self, logits: torch.Tensor, history: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+        scores = logits.float()
+        if self.suppress.numel():
+            scores[:, self.suppress] = -math.inf
+        if self.repetition_penalty != 1.0:
+            seen = scores.gather(1, history)
+            seen = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
+            scores.scatter_(1, history, seen)
+        if self.no_repeat_ngram == 1:
+            scores.scatter_(1, history, -math.inf)  # every token already present is banned
+        elif self.no_repeat_ngram > 1:
+            from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+            scores = NoRepeatNGramLogitsProcessor(self.no_repeat_ngram)(history, scores)
+        chosen = scores.argmax(dim=-1)
+        for row, sequence in enumerate(rows):
+            if sequence.sampling.do_sample:
+                chosen[row] = _sample(scores[row], sequence.sampling, sequence.generator)
+        return chosen
+
+    def _emit(self, rows: list[Sequence], chosen: torch.Tensor, events: list[tuple]) -> None:
+        for sequence, token in zip(rows, chosen.tolist()):
+            sequence.generated.append(token)
+            if sequence.stream or sequence.sampling.stop:
+                self._advance_text(sequence, events)
+
+    def _advance_text(self, sequence: Sequence, events: list[tuple]) -> None:
+        ids = [t for t in sequence.generated if t not in self.eos_ids]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in sequence.sampling.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text = text[:at]
+                sequence.stopped = True
+        sequence.text = text
+        if sequence.stream:
+            # Hold back what could be the start of a stop string, so a stop never shows half-sent.
+            hold = 0 if sequence.stopped else max((len(s) - 1 for s in sequence.sampling.stop),
+                                                                     default=0)
+            upto = max(sequence.sent, len(text) - hold)
+            if upto > sequence.sent:
+                events.append(("chunk", sequence.key, text[sequence.sent:upto]))
+                sequence.sent = upto
+
+    def _ended(self, sequence: Sequence) -> str | None:
+        if sequence.stopped or (sequence.generated and sequence.generated[-1] in self.eos_ids):
+            return "stop"
+        if len(sequence.generated) >= sequence.max_new:
+            return "length"
+        return None
+
+    def _finish_rows(self, events: list[tuple]) -> None:
+        keep = []
+        for index, sequence in enumerate(self.running):
+            reason = self._ended(sequence)
+            if reason is None:
+                keep.append(index)
+                continue
+            if not sequence.stream and not sequence.sampling.stop:
+                ids = [t for t in sequence.generated if t not in self.eos_ids]
+                sequence.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if sequence.stream and len(sequence.text) > sequence.sent:
+                events.append(("chunk", sequence.key, sequence.text[sequence.sent:]))
+                sequence.sent = len(sequence.text)
+            events.append(("result", sequence.key, {"text": sequence.text, "tokens": len(sequence.generated),
+                                                    "finish_reason": reason}))
+        if len(keep) != len(self.running):
+            self._select(keep)
+
+
+def kv_bytes_per_token(config: Any, element_size: int) -> int:
+    """Key and value, every layer, every KV head: the cache one token takes in one row."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return 2 * layers * kv_heads * head_dim * element_size
+
+
+def _first(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
+
+
+def _pad_left(tensor: torch.Tensor, size: int, dim: int, value: int = 0) -> torch.Tensor:
+    missing = size - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    pad = [0, 0] * (-dim - 1) + [missing, 0]
+    return F.pad(tensor, pad, value=value)
+
+
+def _sample(scores: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    scores = scores / max(sampling.temperature, 1e-5)
+    if sampling.top_k:
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1])).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) > sampling.top_p  # keep the smallest set reaching top_p
+        scores = scores.scatter(0, order[drop], -math.inf)
+    probabilities = scores.softmax(-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator))
