@@ -4,9 +4,10 @@
 
 First the in-process reference on the same cores: transformers' `generate` on tiny-gpt2, left-padded,
 at batch 1 and at each N (what the hardware gives with batched decoding and no service around it).
-Then a worker and an API (as `manage.py up` runs them) and, for each N, N clients that each
-`POST /serve` a generation of `--tokens` new tokens and read its `GET /jobs/{id}/stream` (SSE), all
-at once, as a new user would. Reported per N: tokens/s over the wall time (first submit to last
+Then a worker and an API (as `manage.py up` runs them), warmed up with one run at the largest N, and,
+for each N, `--repeat` runs (the median reported) of N clients that each `POST /serve` a generation
+of `--tokens` new tokens and read its `GET /jobs/{id}/stream` (SSE), all at once, as a new user
+would. Reported per N: tokens/s over the wall time (first submit to last
 `done`), time to first chunk (from the client's POST) p50/p99, and the ratios the generation issue
 sets as targets:
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.run import AUTH, start_system
+from bench.run import AUTH, Components, start_system
 from tests.support import RedisServer
 
 MODEL = "tiny-gpt2"
@@ -103,8 +104,9 @@ def one_stream(port: int, prompt: str, tokens: int, start: threading.Event, out:
         conn.close()
 
 
-def served(port: int, streams: int, tokens: int) -> dict:
+def served(port: int, streams: int, tokens: int, components: Components | None = None) -> dict:
     start, out = threading.Event(), []
+    cpu_before = components.cpu() if components else {}
     threads = [threading.Thread(target=one_stream, args=(port, PROMPTS[i % len(PROMPTS)], tokens, start, out))
                for i in range(streams)]
     for thread in threads:
@@ -114,12 +116,13 @@ def served(port: int, streams: int, tokens: int) -> dict:
     start.set()
     for thread in threads:
         thread.join()
+    cpu = {name: value - cpu_before[name] for name, value in components.cpu().items()} if components else {}
     good = [r for r in out if "error" not in r]
     errors = [r["error"] for r in out if "error" in r]
     wall = max((r["end"] for r in good), default=begin) - begin
     ttfc = sorted(r["ttfc"] for r in good if r["ttfc"] is not None)
     return {
-        "streams": streams, "errors": errors, "wall_s": wall,
+        "streams": streams, "errors": errors, "wall_s": wall, "cpu_s": cpu,
         "tokens_per_s": sum(r["tokens"] for r in good) / wall if wall > 0 else 0.0,
         "ttfc_p50": statistics.median(ttfc) if ttfc else float("nan"),
         "ttfc_p99": ttfc[min(len(ttfc) - 1, int(round(0.99 * (len(ttfc) - 1))))] if ttfc else float("nan"),
@@ -130,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="1,16,64", help="concurrent stream counts, comma-separated")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per N; the median run is reported")
     parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
@@ -155,9 +159,14 @@ def main() -> None:
         models_file.write_text(yaml.safe_dump(models))
         worker, api = start_system(redis, 0, str(models_file))
         try:
-            served(api.port, 4, args.tokens)  # warm-up
+            components = Components(api, worker, redis)
+            # Warm-up at the largest N: gunicorn's and Celery's threads, the allocator's arenas and the
+            # KV-cache sizes all grow on first use; a server is measured warm.
+            served(api.port, max(counts), args.tokens)
             for n in counts:
-                results.append(served(api.port, n, args.tokens))
+                runs = sorted((served(api.port, n, args.tokens, components) for _ in range(args.repeat)),
+                              key=lambda r: r["tokens_per_s"])
+                results.append(runs[len(runs) // 2])  # the median run
                 result = results[-1]
                 print(f"  {n} streams: {result['tokens_per_s']:.0f} tokens/s, TTFC p50 {result['ttfc_p50']:.3f} s "
                       f"p99 {result['ttfc_p99']:.3f} s, {len(result['errors'])} errors", flush=True)
@@ -175,6 +184,14 @@ def main() -> None:
         say(f"| served, {n} concurrent stream{'s' if n > 1 else ''} | {r['tokens_per_s']:,.0f} | "
             f"{r['tokens_per_s'] / reference[n]:.2f} | {r['tokens_per_s'] / reference[1]:.2f} | "
             f"{r['ttfc_p50']:.3f} s / {r['ttfc_p99']:.3f} s | {r['wall_s']:.2f} s | {len(r['errors'])} |")
+    say()
+    say("CPU seconds per component during each run (2 cores = 2 CPU-seconds per second of wall time):")
+    say()
+    names = list(results[0]["cpu_s"]) if results else []
+    say("| streams | " + " | ".join(names) + " | wall |")
+    say("| ---: | " + " | ".join("---:" for _ in names) + " | ---: |")
+    for r in results:
+        say(f"| {r['streams']} | " + " | ".join(f"{r['cpu_s'][name]:.2f}" for name in names) + f" | {r['wall_s']:.2f} |")
     say()
     by_n = {r["streams"]: r for r in results}
     if 64 in by_n:

@@ -116,6 +116,30 @@ def test_a_job_whose_worker_is_killed_is_redelivered_and_ends_once(env):
     assert sum(1 for _id, e in events if e["type"] == "done") == 1
 
 
+def test_a_worker_killed_under_a_full_running_batch_redelivers_every_stream_exactly_once(env):
+    """Jobs that joined the running batch at different times, some mid-stream, some waiting, when the
+    whole worker is SIGKILLed: every one is redelivered, and each stream still holds each chunk once."""
+    client = env["client"]
+    plan = [(f"Story number {i} begins", 48 + 24 * (i % 3)) for i in range(8)]
+    job_ids = [client.post("/serve", json={**GEN, "inputs": {"text": prompt}, "parameters": {"max_length": tokens}})
+               .get_json()["job_id"] for prompt, tokens in plan]
+    victim = next(w for w in reversed(env["workers"]) if w.proc.poll() is None)
+    r = raw(env)
+    wait_until(lambda: sum(int(r.hget(f"aethercore:job:{j}", "chunks") or 0) >= 3 for j in job_ids) >= 4,
+               60, 0.02, "the batch to be streaming")
+    victim.kill(signal.SIGKILL)
+    env["start_worker"]("rel-batch")
+    for job_id, (_prompt, tokens) in zip(job_ids, plan):
+        job = poll(client, job_id, timeout=120)
+        assert job["status"] == "succeeded", job
+        events = r.xrange(f"aethercore:job:{job_id}:events")
+        chunks = [e for _id, e in events if e["type"] == "chunk"]
+        assert [int(e["index"]) for e in chunks] == list(range(len(chunks)))
+        assert "".join(json.loads(e["data"])["text"] for e in chunks) == job["result"]["output"]["text"]
+        assert job["result"]["output"]["tokens"] == tokens
+        assert sum(1 for _id, e in events if e["type"] == "done") == 1
+
+
 def test_a_poison_job_fails_after_bounded_attempts_and_workers_keep_serving(env):
     client = env["client"]
     job_id = client.post("/serve", json=GEN).get_json()["job_id"]
