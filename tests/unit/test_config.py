@@ -44,6 +44,9 @@ def test_shipped_models_yaml_is_valid():
     assert {"minilm", "minilm-onnx", "tiny-gpt2", "tiny-mlp", "bert-base-uncased"} <= set(models)
     assert models["bert-base-uncased"].source == "huggingface"
     assert models["minilm-onnx"].providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    # Generation: a running batch of requests (continuous batching) and a KV-cache budget; encoders none.
+    assert models["tiny-gpt2"].max_batch_size == 64 and models["tiny-gpt2"].kv_cache_memory == 64_000_000
+    assert models["minilm"].kv_cache_memory is None
 
 
 @pytest.mark.parametrize("body,needle", [
@@ -59,6 +62,10 @@ def test_shipped_models_yaml_is_valid():
     ("models: [1, 2]\n", "top-level 'models:' mapping"),
     ("models:\n  m1: {model_type: onnx, model_path: m.onnx, task: feature-extraction}\n",
      "field 'tokenizer_path'"),
+    ("models:\n  m1: {model_type: transformer, model_path: x, task: text-generation, kv_cache_memory: lots}\n",
+     "model 'm1': field 'kv_cache_memory': 'lots'"),
+    ("models:\n  m1: {model_type: transformer, model_path: x, kv_cache_memory: 1GB}\n",
+     "field 'kv_cache_memory': '1GB' applies to text-generation only"),
 ])
 def test_bad_models_file_names_model_field_and_value(tmp_path, body, needle):
     path = tmp_path / "models.yaml"
