@@ -234,6 +234,9 @@ def up(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # A shell that starts `up` in the background without job control leaves SIGINT ignored; Ctrl-C (or a
+    # supervisor's SIGINT) must still stop everything.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         spawn("worker", "worker", "--device", device)
         spawn("api", "api")

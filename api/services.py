@@ -15,6 +15,7 @@ from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
 from api.ratelimit import InferenceRateLimit, caller_id
 from api.replies import ReplyListener
+from api.stream_hub import StreamHub
 from api.request_id import current_request_id
 from config.models import ModelSpec
 from config.settings import Settings
@@ -77,10 +78,12 @@ class Services:
     desired_cache: TTLCache = field(default_factory=lambda: TTLCache(DESIRED_CACHE_S))
     depth_cache: TTLCache = field(default_factory=lambda: TTLCache(QUEUE_DEPTH_CACHE_S))
     replies: ReplyListener = field(init=False)
+    streams: StreamHub = field(init=False)
     rate_limit: InferenceRateLimit = field(init=False)
 
     def __post_init__(self) -> None:
         self.replies = ReplyListener(self.jobs.redis, self.jobs, on_models_changed=self.desired_cache.clear)
+        self.streams = StreamHub(self.jobs.redis)
         self.rate_limit = InferenceRateLimit(self.settings.rate_limit)
         self.dispatcher.in_flight = self.replies.in_flight
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from api.stream_hub import StreamHub, Subscription
 from tasks.jobs import TERMINAL, JobStore
 
 POLL_MS = 250
@@ -24,15 +25,29 @@ class Event:
 
 
 def follow_job(jobs: JobStore, job_id: str, last_id: str = "0-0", alive: Callable[[], bool] = lambda: True,
-               keepalive_s: float | None = None) -> Iterator[Event]:
+               keepalive_s: float | None = None, hub: StreamHub | None = None) -> Iterator[Event]:
     """Yield chunk events after `last_id`, then one `done` event carrying the finished job.
 
     Stops early (without `done`) once `alive()` turns false; yields `keepalive` events every
-    `keepalive_s` of silence when asked.
+    `keepalive_s` of silence when asked. With a `hub` (the API process's one reader of every open
+    stream) the entries come from it; without, from a blocking read of our own.
     """
+    subscription = hub.subscribe(job_id, last_id) if hub is not None else None
+    try:
+        yield from _follow(jobs, job_id, last_id, alive, keepalive_s, subscription)
+    finally:
+        if subscription is not None:
+            hub.unsubscribe(subscription)
+
+
+def _follow(jobs: JobStore, job_id: str, last_id: str, alive: Callable[[], bool], keepalive_s: float | None,
+            subscription: Subscription | None) -> Iterator[Event]:
     silent_ms = 0
     while alive():
-        entries = jobs.events(job_id, last_id, POLL_MS)
+        if subscription is not None:
+            entries = subscription.read(POLL_MS)
+        else:
+            entries = jobs.events(job_id, last_id, POLL_MS)
         if not entries:
             silent_ms += POLL_MS
             if keepalive_s and silent_ms >= keepalive_s * 1000:

@@ -92,6 +92,7 @@ class JobStream(MethodView):
     def get(self, job_id: str):
         job = find_job(job_id)
         jobs = services().jobs
+        hub = services().streams
         last_id = request.headers.get("Last-Event-ID", "0-0")
         if not re.fullmatch(r"\d+-\d+", last_id):
             raise ApiError(400, "bad_request", "Last-Event-ID must be an id this stream sent (like 1712-0)")
@@ -106,7 +107,7 @@ class JobStream(MethodView):
                 gauge.dec()
 
         def _events():
-            for event in follow_job(jobs, job["job_id"], last_id, keepalive_s=15):
+            for event in follow_job(jobs, job["job_id"], last_id, keepalive_s=15, hub=hub):
                 if event.kind == "keepalive":
                     yield ": keepalive\n\n"
                 elif event.kind in ("chunk", "status"):

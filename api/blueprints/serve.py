@@ -164,7 +164,7 @@ def register_websocket(sock) -> None:
         job_id = job["job_id"]
         try:
             ws.send(json.dumps({"type": "queued", "job_id": job_id}))
-            for event in follow_job(svc.jobs, job_id, "0-0", alive=lambda: ws.connected):
+            for event in follow_job(svc.jobs, job_id, "0-0", alive=lambda: ws.connected, hub=svc.streams):
                 if event.kind == "chunk":
                     ws.send(json.dumps({"type": "chunk", **event.data}))
                 elif event.kind == "status":
