@@ -259,14 +259,15 @@ def ws_stream(base: str, tokens: int, runs: int = 5) -> tuple[float, float]:
     return statistics.median(ttfc[1:]), statistics.median(rates[1:])
 
 
-def start_system(redis: RedisServer, db: int, models_file: str | None = None) -> tuple[WorkerProcess, ApiProcess]:
+def start_system(redis: RedisServer, db: int, models_file: str | None = None,
+                 device: str = "cpu") -> tuple[WorkerProcess, ApiProcess]:
     """One worker (with its model processes) and one API (gunicorn), configured as `manage.py up` runs them."""
     # As deployed by default: INFO logs, authentication on, the per-caller rate limit on (high enough not to bite).
     env = {"AETHERCORE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"), "AETHERCORE_AUTH": "true",
            "AETHERCORE_RATE_LIMIT": "60000/minute"}
     if models_file:
         env["AETHERCORE_MODELS_FILE"] = models_file
-    worker = WorkerProcess(redis.url(db), name="bench-worker", **env).start()
+    worker = WorkerProcess(redis.url(db), name="bench-worker", device=device, **env).start()
     api = ApiProcess(redis.url(db), name="bench-api", **env).start()
     conn = HTTPConnection("127.0.0.1", api.port, timeout=120)
     for model_id in (MODEL, "tiny-gpt2"):

@@ -69,6 +69,9 @@ class StreamSink(Protocol):
     def queued(self, targets: list[StreamTarget]) -> None:
         """These jobs wait for room in the running batch."""
 
+    def stepped(self, model_id: str, stats: dict[str, int]) -> None:
+        """One decoding step ran with stats["running"] rows."""
+
 
 @dataclass
 class StreamTarget:
@@ -233,6 +236,8 @@ class ModelProcess:
             if message[0] == "events":
                 self._route_events(message[1])
                 self.generation = message[2]
+                if self.sink is not None:
+                    self.sink.stepped(self.spec.id, message[2])
             else:
                 self._settle(message)
         if not self._dead.is_set() and not self._stopping:

@@ -14,7 +14,7 @@ import redis
 from loguru import logger
 
 from tasks.jobs import CHUNK_CANCELLED, CHUNK_NOT_RUNNING, JobStore
-from tasks.metrics import TIME_TO_FIRST_TOKEN, LocalMetrics
+from tasks.metrics import BATCH_SIZE, TIME_TO_FIRST_TOKEN, LocalMetrics
 from workers.model_process import StreamTarget
 
 QUEUED_NOTE = {"status": "queued", "reason": "waiting for room in the model's running batch"}
@@ -49,3 +49,7 @@ class JobStreams:
             self.jobs.append_status([t.job_id for t in targets], QUEUED_NOTE)
         except redis.RedisError as exc:
             logger.warning("cannot note {} queued generation(s): {}", len(targets), exc)
+
+    def stepped(self, model_id: str, stats: dict[str, int]) -> None:
+        if stats.get("running"):
+            self.metrics.observe(BATCH_SIZE, model_id, stats["running"])  # rows in this decoding step

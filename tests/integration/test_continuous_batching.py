@@ -202,6 +202,26 @@ def test_generation_metrics_are_exported(system):
                 if line.startswith("aethercore_time_to_first_token_seconds_count")]
         gauges = [line for line in lines if line.startswith(("aethercore_generation_running",
                                                              "aethercore_generation_waiting"))]
-        return (tokens and tokens[0] >= 12 and ttft and ttft[0] >= 1 and len(gauges) == 2) and lines
+        steps = [float(line.split()[-1]) for line in lines if line.startswith("aethercore_batch_size_count")]
+        return (tokens and tokens[0] >= 12 and ttft and ttft[0] >= 1 and len(gauges) == 2
+                and steps and steps[0] >= 11) and lines  # one batch_size observation per decoding step
 
     assert wait_until(exported, 15, 0.5, "the generation metrics")
+
+
+def test_batch_and_plain_requests_share_the_running_batch_and_agree(system):
+    api, _worker, _r = system
+    items = [{"text": prompt} for prompt in PROMPTS[:3]]
+    batch = requests.post(f"{api.base}/serve/batch?wait=60", timeout=70, json={
+        "model_id": "tiny-gpt2", "inputs": items, "parameters": {"max_length": 10}}).json()
+    singles = [requests.post(f"{api.base}/serve?wait=60", timeout=70, json={
+        "model_id": "tiny-gpt2", "inputs": item, "parameters": {"max_length": 10}}).json() for item in items]
+    assert batch["status"] == "succeeded", batch
+    outputs = [entry["output"] for entry in batch["result"]["outputs"]]
+    assert [o["text"] for o in outputs] == [s["result"]["output"]["text"] for s in singles]
+    assert all(o["tokens"] == 10 for o in outputs)
+    # A bad sampling setting fails the job clearly, and the model keeps serving.
+    bad = requests.post(f"{api.base}/serve?wait=60", timeout=70, json={
+        "model_id": "tiny-gpt2", "inputs": items[0], "parameters": {"max_length": 4, "top_p": 7}}).json()
+    assert bad["status"] == "failed" and bad["error"]["code"] == "invalid_input" and "top_p" in bad["error"]["message"]
+    assert check_stream(follow_sse(api, submit(api, PROMPTS[0], 5)), 5)
