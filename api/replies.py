@@ -23,6 +23,7 @@ import orjson
 import redis
 from loguru import logger
 
+from api.per_process import PerProcessThread
 from tasks.jobs import TERMINAL, JobStore, iso
 from tasks.names import MODELS_CHANGED, reply_channel
 
@@ -59,9 +60,9 @@ class ReplyListener:
         self.on_models_changed = on_models_changed
         self._waiters: dict[str, Waiter] = {}
         self._lock = threading.Lock()
-        self._pid: int | None = None
         self._channel = ""
         self._ready = threading.Event()
+        self._thread = PerProcessThread("aethercore-replies", self._listen, self._reset)
 
     @property
     def channel(self) -> str:
@@ -105,19 +106,14 @@ class ReplyListener:
 
     # -- the listening thread -----------------------------------------------------------------
     def _ensure_started(self) -> None:
-        pid = os.getpid()
-        if self._pid == pid:
-            return
-        with self._lock:
-            if self._pid == pid:
-                return
-            # One channel per process (gunicorn forks its workers after the app exists).
-            self._channel = reply_channel(f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}")
-            self._waiters = {}
-            self._ready.clear()
-            threading.Thread(target=self._listen, name="aethercore-replies", daemon=True).start()
-            self._pid = pid
-        self._ready.wait(2.0)  # subscribed before the first job can be published
+        if self._thread.ensure():
+            self._ready.wait(2.0)  # subscribed before the first job can be published
+
+    def _reset(self) -> None:
+        # One channel per process.
+        self._channel = reply_channel(f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}")
+        self._waiters = {}
+        self._ready.clear()
 
     def _listen(self) -> None:
         failing = False

@@ -12,7 +12,6 @@ than that, which also bounds what an idle hub costs: a few cheap calls per secon
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import redis
 from loguru import logger
 
+from api.per_process import PerProcessThread
 from tasks.names import job_events_key
 
 BLOCK_MS = 20
@@ -58,10 +58,10 @@ class StreamHub:
         self._subscriptions: dict[str, list[Subscription]] = {}
         self._lock = threading.Lock()
         self._someone = threading.Event()
-        self._pid: int | None = None
+        self._thread = PerProcessThread("aethercore-stream-hub", self._run, self._subscriptions.clear)
 
     def subscribe(self, job_id: str, last_id: str) -> Subscription:
-        self._ensure_started()
+        self._thread.ensure()
         subscription = Subscription(job_events_key(job_id), last_id)
         with self._lock:
             self._subscriptions.setdefault(subscription.key, []).append(subscription)
@@ -80,17 +80,6 @@ class StreamHub:
         return sum(len(followers) for followers in self._subscriptions.values())
 
     # -- the reading thread -------------------------------------------------------------------
-    def _ensure_started(self) -> None:
-        pid = os.getpid()
-        if self._pid == pid:
-            return
-        with self._lock:
-            if self._pid == pid:
-                return
-            self._subscriptions = {}  # gunicorn forks its workers after the app exists: one hub per process
-            threading.Thread(target=self._run, name="aethercore-stream-hub", daemon=True).start()
-            self._pid = pid
-
     def _run(self) -> None:
         failing = False
         while True:
