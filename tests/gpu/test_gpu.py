@@ -72,3 +72,29 @@ def test_unload_returns_gpu_memory(gpu_cluster):
     wait_until(lambda: worker.record()["memory"]["gpu_allocated_bytes"] <= before, 15, 0.5,
                "GPU memory back to its level before the load")
     assert loaded > before
+
+
+def test_concurrent_generations_share_one_running_batch_on_the_gpu(gpu_cluster):
+    """Continuous batching on CUDA: the scheduler's tensors, cache and generators live on the GPU."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import redis
+
+    worker, client = gpu_cluster
+    assert client.post("/models/tiny-gpt2/load?wait=120").get_json()["status"] == "succeeded"
+    bodies = [{"model_id": "tiny-gpt2", "inputs": {"text": f"Story {i}"}, "parameters": {"max_length": 24}}
+              for i in range(16)]
+    bodies.append({"model_id": "tiny-gpt2", "inputs": {"text": "Story"},
+                   "parameters": {"max_length": 24, "do_sample": True, "temperature": 0.8, "seed": 3}})
+    with ThreadPoolExecutor(17) as pool:
+        jobs = list(pool.map(lambda body: client.post("/serve?wait=60", json=body).get_json(), bodies))
+    r = redis.Redis.from_url(worker.redis_url, decode_responses=True)
+    for job in jobs:
+        assert job["status"] == "succeeded" and job["result"]["device"] == "cuda:0", job
+        output = job["result"]["output"]
+        assert output["tokens"] == 24
+        chunks = [e for _id, e in r.xrange(f"aethercore:job:{job['job_id']}:events") if e["type"] == "chunk"]
+        assert [int(e["index"]) for e in chunks] == list(range(len(chunks)))
+        assert "".join(json.loads(e["data"])["text"] for e in chunks) == output["text"]
+    assert max(job["result"]["timings"]["batch_size"] for job in jobs) > 1
