@@ -364,6 +364,17 @@ def models_bootstrap(
     console.print(table)
 
 
+@models_app.command("manifest")
+def models_manifest(directory: Path = typer.Argument(..., help="A model's directory")) -> None:
+    """Write the directory's aethercore-manifest.json (sha256 of every file); declare `manifest: true`."""
+    from model_store.verify import write_manifest
+
+    if not directory.is_dir():
+        fail(f"{directory} is not a directory", 2)
+    path = write_manifest(directory)
+    console.print(f"wrote {path}; declare `manifest: true` for the model in models.yaml")
+
+
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
     """Every configured model with its state."""

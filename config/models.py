@@ -69,6 +69,11 @@ class ModelSpec:
     timeout_s: float = 60.0
     # text-generation only: bytes of KV cache for the running batch (requests that do not fit wait).
     kv_cache_memory: int | None = None
+    # Verified artifacts (model_store/verify.py): the digest of the one file, or a manifest of the directory
+    # (True: its aethercore-manifest.json; a string: a manifest path in the model store).
+    sha256: str | None = None
+    manifest: bool | str = False
+    allow_pickle: bool = False
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
@@ -80,6 +85,7 @@ _KNOWN_FIELDS = {
     "name", "model_type", "source", "model_path", "task", "device", "max_memory",
     "providers", "tokenizer_path", "max_length", "max_length_limit", "description",
     "max_batch_size", "max_batch_delay_ms", "instances", "dtype", "timeout_s", "kv_cache_memory",
+    "sha256", "manifest", "allow_pickle",
 }
 
 
@@ -164,6 +170,22 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.1 <= timeout <= 86_400:
         raise _fail(path, model_id, "timeout_s", timeout, "must be a number of seconds from 0.1 to 86400")
 
+    for name in ("model_path", "tokenizer_path", "manifest"):
+        value = raw.get(name)
+        if isinstance(value, str) and ".." in Path(value).parts:
+            raise _fail(path, model_id, name, value, "may not contain '..' (it must stay inside the model store)")
+    sha256 = raw.get("sha256")
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+        raise _fail(path, model_id, "sha256", sha256, "must be 64 hexadecimal digits")
+    manifest = raw.get("manifest", False)
+    if not isinstance(manifest, (bool, str)) or manifest == "":
+        raise _fail(path, model_id, "manifest", manifest, "must be true, false or a manifest file's path")
+    if sha256 and manifest:
+        raise _fail(path, model_id, "manifest", manifest, "and sha256 exclude each other (sha256: one file)")
+    allow_pickle = raw.get("allow_pickle", False)
+    if not isinstance(allow_pickle, bool):
+        raise _fail(path, model_id, "allow_pickle", allow_pickle, "must be true or false")
+
     tokenizer_path = raw.get("tokenizer_path")
     if tokenizer_path is not None and (not isinstance(tokenizer_path, str) or not tokenizer_path):
         raise _fail(path, model_id, "tokenizer_path", tokenizer_path, "must be a non-empty string")
@@ -190,6 +212,9 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         dtype=one_of("dtype", DTYPES, "float32"),
         timeout_s=float(timeout),
         kv_cache_memory=kv_cache_memory,
+        sha256=sha256.lower() if sha256 else None,
+        manifest=manifest,
+        allow_pickle=allow_pickle,
     )
 
 

@@ -72,6 +72,10 @@ def _path(value: str) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def _paths(value: str) -> tuple[Path, ...]:
+    return tuple(_path(part) for part in value.split(":") if part.strip())
+
+
 def _basic_auth(value: str) -> str:
     if value and any(":" not in pair for pair in value.split(",")):
         raise ValueError("must be user:password pairs separated by commas")
@@ -169,6 +173,9 @@ SETTINGS: tuple[Setting, ...] = (
             "The model declarations."),
     Setting("model_store", "AETHERCORE_MODEL_STORE", "model_store/artifacts", _path,
             "Directory that `source: local` model paths are relative to (relative paths: to the repository)."),
+    Setting("model_roots", "AETHERCORE_MODEL_ROOTS", "", _paths,
+            "More directories (separated by `:`) that `source: local` model paths may point into, besides the "
+            "model store; a path anywhere else is refused."),
     Setting("hf_download", "AETHERCORE_HF_DOWNLOAD", "false", parse_bool,
             "Allow `source: huggingface` models missing from the local cache to be downloaded."),
     Setting("result_ttl", "AETHERCORE_RESULT_TTL", "86400", _positive_int,
@@ -242,6 +249,7 @@ class Settings:
     autoload: bool
     models_file: Path
     model_store: Path
+    model_roots: tuple[Path, ...]
     hf_download: bool
     result_ttl: int
     max_wait: float

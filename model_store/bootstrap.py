@@ -14,7 +14,9 @@ from pathlib import Path
 
 from loguru import logger
 
-BUILD_VERSION = "1"
+from model_store.verify import write_manifest
+
+BUILD_VERSION = "2"  # 2: each model directory carries its manifest (model_store/verify.py)
 MARKER = ".aethercore-build"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SEED = 1234
@@ -177,6 +179,7 @@ def bootstrap(store: Path, names: list[str] | None = None, force: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         builder(store, tmp)
+        write_manifest(tmp)
         (tmp / MARKER).write_text(BUILD_VERSION)
         shutil.rmtree(store / name, ignore_errors=True)
         tmp.rename(store / name)

@@ -19,14 +19,28 @@ class ModelUnavailable(RuntimeError):
     code = "model_unavailable"
 
 
-def _local(settings: Settings, relative: str) -> Path:
+class ModelPathForbidden(RuntimeError):
+    """A `source: local` path that leads outside the model store and the configured model roots."""
+
+    code = "model_path_forbidden"
+
+
+def _local(settings: Settings, relative: str, spec_id: str = "") -> Path:
     path = Path(relative)
-    return path if path.is_absolute() else settings.model_store / path
+    path = path if path.is_absolute() else settings.model_store / path
+    # Resolved (symlinks followed) before the check, so no link or absolute path leads out of the roots.
+    real = path.resolve()
+    roots = [root.resolve() for root in (settings.model_store, *settings.model_roots)]
+    if not any(real == root or root in real.parents for root in roots):
+        raise ModelPathForbidden(
+            f"model {spec_id!r}: {relative} leads to {real}, outside the model store ({settings.model_store}) and "
+            "AETHERCORE_MODEL_ROOTS; add its directory to AETHERCORE_MODEL_ROOTS to allow it")
+    return path
 
 
 def resolve_model_path(spec: ModelSpec, settings: Settings) -> Path:
     if spec.source == "local":
-        path = _local(settings, spec.model_path)
+        path = _local(settings, spec.model_path, spec.id)
         if not path.exists():
             raise ModelUnavailable(
                 f"model {spec.id!r}: {path} does not exist; build the demo models with "
@@ -39,7 +53,7 @@ def resolve_model_path(spec: ModelSpec, settings: Settings) -> Path:
 def resolve_tokenizer_path(spec: ModelSpec, settings: Settings) -> Path:
     if not spec.tokenizer_path:
         return resolve_model_path(spec, settings)
-    path = _local(settings, spec.tokenizer_path)
+    path = _local(settings, spec.tokenizer_path, spec.id)
     if not path.exists():
         raise ModelUnavailable(f"model {spec.id!r}: tokenizer directory {path} does not exist")
     return path

@@ -76,6 +76,10 @@ class _Host:
 
                 set_torch_threads(self.threads)  # this main thread runs every forward pass
             baseline = anon_bytes_of()
+            from model_store.paths import resolve_model_path
+            from model_store.verify import verify_artifact
+
+            verify_artifact(self.spec, self.settings, resolve_model_path(self.spec, self.settings))
             self.runtime = create_runtime(self.spec, self.settings, self.device)
             self.runtime.load()
             release_memory(self.device)  # what loading allocated only transiently goes back

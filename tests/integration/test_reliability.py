@@ -2,6 +2,7 @@
 deadlines, a corrupt model file, and every Redis key bounded. Each fault is injected for real."""
 
 import json
+import shutil
 import signal
 import time
 
@@ -9,6 +10,7 @@ import pytest
 import redis
 import yaml
 
+from config.settings import Settings
 from tests.conftest import client_for, poll, settings_for
 from tests.support import REPO_ROOT, RedisServer, WorkerProcess, wait_until
 
@@ -29,6 +31,14 @@ def env(tmp_path_factory):
     models = yaml.safe_load((REPO_ROOT / "config" / "models.yaml").read_text())
     models["models"]["broken-onnx"] = {"model_type": "onnx", "source": "local", "task": "tensor",
                                        "model_path": str(tmp / "broken.onnx"), "device": "cpu"}
+    # A copy of tiny-mlp whose weights were changed after its manifest was written.
+    shutil.copytree(Settings.from_env().model_store / "tiny-mlp", tmp / "tampered-mlp")
+    with open(tmp / "tampered-mlp" / "model.pt2", "r+b") as archive:
+        archive.seek(100)
+        byte = archive.read(1)
+        archive.seek(100)
+        archive.write(bytes([byte[0] ^ 0xFF]))
+    models["models"]["tampered-mlp"] = {**models["models"]["tiny-mlp"], "model_path": str(tmp / "tampered-mlp")}
     models_file = tmp / "models.yaml"
     models_file.write_text(yaml.safe_dump(models))
     server = RedisServer(appendonly=True).start()
@@ -37,7 +47,8 @@ def env(tmp_path_factory):
     workers: list[WorkerProcess] = []
 
     def start_worker(name: str) -> WorkerProcess:
-        worker = WorkerProcess(url, name=name, AETHERCORE_MODELS_FILE=str(models_file), **WORKER_ENV).start()
+        worker = WorkerProcess(url, name=name, AETHERCORE_MODELS_FILE=str(models_file), AETHERCORE_MODEL_ROOTS=str(tmp),
+                               **WORKER_ENV).start()
         workers.append(worker)
         return worker
 
@@ -160,6 +171,14 @@ def test_a_corrupt_model_fails_its_load_and_the_worker_keeps_serving(env):
     assert "not a loadable ONNX model" in job["error"]["message"]
     wait_until(lambda: client.get("/models/broken-onnx/status").get_json()["state"] == "failed", 10, 0.1,
                "the model to show failed")
+    assert client.post("/serve?wait=60", json=MLP).get_json()["status"] == "succeeded"
+
+
+def test_a_tampered_model_is_refused_naming_the_file_and_the_worker_keeps_serving(env):
+    client = env["client"]
+    job = client.post("/models/tampered-mlp/load?wait=60").get_json()
+    assert job["status"] == "failed" and job["error"]["code"] == "model_artifact_rejected", job
+    assert "model.pt2 does not match" in job["error"]["message"]
     assert client.post("/serve?wait=60", json=MLP).get_json()["status"] == "succeeded"
 
 

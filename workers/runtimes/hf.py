@@ -24,7 +24,10 @@ class _HFRuntime(TextRuntime):
     def load(self) -> None:
         path = resolve_model_path(self.spec, self.settings)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = self.auto_class.from_pretrained(path, dtype=self.torch_dtype()).to(self.torch_device).eval()
+        # Safetensors only, unless the model is trusted with pickle (model_store/verify.py).
+        self.model = self.auto_class.from_pretrained(
+            path, dtype=self.torch_dtype(), use_safetensors=None if self.spec.allow_pickle else True,
+        ).to(self.torch_device).eval()
 
     def memory_bytes(self) -> int:
         return torch_module_bytes(self.model)
