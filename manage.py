@@ -193,7 +193,7 @@ def up(
 
     children: list[tuple[str, subprocess.Popen]] = []
     try:
-        redis_proc = ensure_redis(cfg.redis_url, REPO_ROOT / "var" / "redis")
+        redis_proc = ensure_redis(cfg.redis_url, REPO_ROOT / "var" / "redis", **cfg.redis_ssl())
     except RedisUnavailable as exc:
         fail(str(exc))
     if redis_proc is not None:
@@ -242,7 +242,7 @@ def up(
         spawn("api", "api")
         if not no_flower:
             spawn("flower", "flower", "--port", str(flower_port))
-        base = f"http://127.0.0.1:{api_port}"
+        base = f"{'https' if cfg.tls else 'http'}://127.0.0.1:{api_port}"
         with console.status("waiting for the API and a worker to report healthy..."):
             healthy = _wait_healthy(base, children, timeout_s=180)
         if healthy:
@@ -285,7 +285,7 @@ def _ensure_admin_key(cfg: Settings) -> Path:
     from api.auth import KeyStore, split_key
     from tasks.redis_client import make_redis
 
-    store = KeyStore(make_redis(cfg.redis_url, cfg.redis_sentinel_master))
+    store = KeyStore(make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl()))
     created: list[str] = []
 
     def make() -> str:
@@ -301,13 +301,17 @@ def _ensure_admin_key(cfg: Settings) -> Path:
 
 
 def _wait_healthy(base: str, children: list, timeout_s: float) -> bool:
+    import urllib3
+
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # the loopback probe below
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for name, proc in children:
             if proc.poll() is not None:
                 fail(f"{name} exited with code {proc.returncode} during start-up")
         try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+            # Only "is our own child answering on loopback yet": the certificate may name the public host.
+            if requests.get(f"{base}/health", timeout=2, verify=False).status_code == 200:
                 return True
         except requests.RequestException:
             pass
@@ -580,7 +584,7 @@ def system_services(as_json: bool = typer.Option(False, "--json")) -> None:
 
     probe_http("api", f"{cfg.url.rstrip('/')}/heartbeat")
     try:
-        make_redis(cfg.redis_url, cfg.redis_sentinel_master).ping()
+        make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl()).ping()
         rows.append({"service": "redis", "address": cfg.redis_url, "status": "up", "detail": "PONG"})
     except Exception as exc:
         rows.append({"service": "redis", "address": cfg.redis_url, "status": "down", "detail": type(exc).__name__})
@@ -638,7 +642,7 @@ def _key_store():
 
     cfg = settings()
     try:
-        client_ = make_redis(cfg.redis_url, cfg.redis_sentinel_master)
+        client_ = make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl())
         client_.ping()
     except Exception:
         fail(f"Redis is not reachable at {cfg.redis_url} (AETHERCORE_REDIS_URL)")

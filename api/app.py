@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         JSON_SORT_KEYS=False,
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
     )
-    redis_client = make_redis(settings.redis_url, settings.redis_sentinel_master)
+    redis_client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
     cluster = ClusterState(redis_client, settings.worker_ttl)
     celery = make_celery(settings)
     app.extensions["aethercore"] = Services(

@@ -51,7 +51,7 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
     if settings.rate_limit:
         Limiter(
             caller_id, app=app, default_limits=[settings.rate_limit], storage_uri=limiter_storage(settings),
-            storage_options={"socket_connect_timeout": 1, "socket_timeout": 2},
+            storage_options={"socket_connect_timeout": 1, "socket_timeout": 2, **settings.redis_ssl()},
             strategy="fixed-window", headers_enabled=True, swallow_errors=True,
             # Inference submissions are counted with the job's creation (api/ratelimit.py).
             default_limits_exempt_when=lambda: (_is_open(settings) or request.url_rule is None

@@ -46,6 +46,8 @@ class GunicornServer(BaseApplication):
             "child_exit": _child_exit,
             "loglevel": self.settings.log_level.lower() if self.settings.log_level != "TRACE" else "debug",
         }
+        if self.settings.tls:  # gunicorn's own TLS: HTTP, SSE and WebSocket all go over it
+            options.update(certfile=str(self.settings.tls_cert), keyfile=str(self.settings.tls_key))
         for key, value in options.items():
             self.cfg.set(key, value)
 
@@ -82,4 +84,9 @@ def run_api(settings: Settings) -> None:
 
     setup_logging("api", settings.log_level, settings.log_format)
     prepare_multiprocess_metrics(settings)
+    from loguru import logger
+
+    scheme = "https" if settings.tls else "http"
+    logger.info("API serving {} on {}://{}:{}{}", scheme.upper(), scheme, settings.host, settings.port,
+                f" (certificate {settings.tls_cert})" if settings.tls else "")
     GunicornServer(settings).run()

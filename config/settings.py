@@ -72,6 +72,15 @@ def _path(value: str) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def _optional_file(value: str) -> Path | None:
+    if not value.strip():
+        return None
+    path = _path(value)
+    if not path.is_file():
+        raise ValueError(f"{path} is not a readable file")
+    return path
+
+
 def _paths(value: str) -> tuple[Path, ...]:
     return tuple(_path(part) for part in value.split(":") if part.strip())
 
@@ -149,6 +158,9 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "AETHERCORE_HOST", "0.0.0.0", str, "Address the API binds to."),
     Setting("port", "AETHERCORE_PORT", "8001", _port, "Port the API listens on."),
+    Setting("tls_cert", "AETHERCORE_TLS_CERT", "", _optional_file,
+            "Certificate chain (PEM) the API serves HTTPS with, with AETHERCORE_TLS_KEY; empty: plain HTTP."),
+    Setting("tls_key", "AETHERCORE_TLS_KEY", "", _optional_file, "Private key (PEM) of AETHERCORE_TLS_CERT."),
     Setting("workers", "AETHERCORE_WORKERS", "1", _positive_int, "gunicorn worker processes for the API."),
     Setting("api_threads", "AETHERCORE_API_THREADS", "64", _positive_int,
             "Threads per API process: each request, open long poll (?wait) or open stream holds one."),
@@ -159,6 +171,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Redis for jobs, results, cluster state and (by default) the Celery broker."),
     Setting("redis_sentinel_master", "AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster", str,
             "Master name when AETHERCORE_REDIS_URL is `sentinel://host:26379[;sentinel://host2:26379][/db]`."),
+    Setting("redis_ca", "AETHERCORE_REDIS_CA", "", _optional_file,
+            "CA certificate (PEM) a `rediss://` Redis must present a certificate from (jobs, broker, limiter, "
+            "Flower); empty: the system's trusted CAs."),
+    Setting("redis_cert", "AETHERCORE_REDIS_CERT", "", _optional_file,
+            "Client certificate (PEM) for mutual TLS with Redis, with AETHERCORE_REDIS_KEY."),
+    Setting("redis_key", "AETHERCORE_REDIS_KEY", "", _optional_file, "Private key of AETHERCORE_REDIS_CERT."),
     Setting("broker_url", "AETHERCORE_BROKER_URL", "", _broker_url,
             "Celery broker; empty means the same as AETHERCORE_REDIS_URL."),
     Setting("gpu_enabled", "AETHERCORE_GPU_ENABLED", "auto", _choice("auto", "true", "false"),
@@ -231,18 +249,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_attempts", "AETHERCORE_MAX_ATTEMPTS", "3", _positive_int,
             "Deliveries of a job before it is failed as poison (it killed its worker each time)."),
 )
+_ENV = {spec.name: spec.env for spec in SETTINGS}
 
 
 @dataclass(frozen=True)
 class Settings:
     host: str
     port: int
+    tls_cert: Path | None
+    tls_key: Path | None
     workers: int
     api_threads: int
     log_level: str
     log_format: str
     redis_url: str
     redis_sentinel_master: str
+    redis_ca: Path | None
+    redis_cert: Path | None
+    redis_key: Path | None
     broker_url: str
     gpu_enabled: str
     model_cache_size: int
@@ -281,6 +305,21 @@ class Settings:
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def redis_ssl(self, url: str | None = None) -> dict[str, str]:
+        """redis-py's TLS options for a `rediss://` URL (the jobs' Redis by default); {} for plain redis://."""
+        if not (url or self.redis_url).startswith("rediss://"):
+            return {}
+        options = {"ssl_cert_reqs": "required"}
+        for option, path in (("ssl_ca_certs", self.redis_ca), ("ssl_certfile", self.redis_cert),
+                             ("ssl_keyfile", self.redis_key)):
+            if path is not None:
+                options[option] = str(path)
+        return options
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":
         env = os.environ if env is None else env
@@ -302,6 +341,9 @@ class Settings:
                 raise ConfigError(f"{spec.env}={raw!r} is invalid: {exc}") from None
         if overrides:
             raise TypeError(f"unknown settings: {', '.join(sorted(overrides))}")
+        for cert, key in (("tls_cert", "tls_key"), ("redis_cert", "redis_key")):
+            if (values.get(cert) is None) != (values.get(key) is None):
+                raise ConfigError(f"{_ENV[cert]} and {_ENV[key]} go together: set both or neither")
         return cls(**values)
 
     def with_overrides(self, **overrides: Any) -> "Settings":

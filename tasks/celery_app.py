@@ -46,6 +46,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_redirect_stdouts=False,
         broker_pool_limit=64,
     )
+    ssl = settings.redis_ssl(settings.effective_broker_url)
+    if ssl:  # rediss:// broker: kombu takes the same options as redis-py
+        import ssl as ssl_module
+
+        app.conf.broker_use_ssl = {**ssl, "ssl_cert_reqs": ssl_module.CERT_REQUIRED}
     if settings.effective_broker_url.startswith("sentinel://"):
         app.conf.broker_transport_options["master_name"] = settings.redis_sentinel_master
     return app

@@ -20,9 +20,9 @@ class RedisUnavailable(RuntimeError):
     pass
 
 
-def redis_answers(url: str) -> bool:
+def redis_answers(url: str, **ssl: str) -> bool:
     try:
-        return bool(make_redis(url).ping())
+        return bool(make_redis(url, **ssl).ping())
     except Exception:
         return False
 
@@ -38,11 +38,15 @@ def _install_redis() -> str | None:
     return shutil.which("redis-server")
 
 
-def ensure_redis(url: str, data_dir: Path) -> subprocess.Popen | None:
-    """None if Redis already answers; else the redis-server process started for `url`."""
-    if redis_answers(url):
+def ensure_redis(url: str, data_dir: Path, **ssl: str) -> subprocess.Popen | None:
+    """None if Redis already answers; else the redis-server process started for `url`.
+    `ssl`: redis-py's TLS options for a rediss:// URL (such a Redis is never started here)."""
+    if redis_answers(url, **ssl):
         return None
     parsed = urlparse(url)
+    if parsed.scheme == "rediss":
+        raise RedisUnavailable(f"Redis at {url} does not answer over TLS (check AETHERCORE_REDIS_CA/CERT/KEY); "
+                               "a TLS Redis is never started here")
     if parsed.scheme != "redis" or (parsed.hostname or "") not in LOCAL_HOSTS:
         raise RedisUnavailable(f"Redis at {url} does not answer, and it is not local, so it cannot be started here")
     binary = shutil.which("redis-server") or _install_redis()

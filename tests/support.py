@@ -181,9 +181,11 @@ class WorkerProcess(ManagedProcess):
         return f"{self.device.replace(':', '')}.{self.proc.pid}@{host}"
 
     def record(self) -> dict[str, Any] | None:
+        from config.settings import Settings
         from tasks.redis_client import make_redis
 
-        client = make_redis(self.redis_url, self.env.get("AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster"))
+        ssl = Settings.from_env(self.env).redis_ssl(self.redis_url)  # rediss:// with the worker's own CA and cert
+        client = make_redis(self.redis_url, self.env.get("AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster"), **ssl)
         raw = client.get(f"aethercore:worker:{self.name}")
         return json.loads(raw) if raw else None
 
@@ -191,9 +193,10 @@ class WorkerProcess(ManagedProcess):
 class ApiProcess(ManagedProcess):
     """`python manage.py api` (gunicorn, gthread) on a spare port: for WebSocket, SSE and multi-process tests."""
 
-    def __init__(self, redis_url: str, name: str = "api", **env: str) -> None:
+    def __init__(self, redis_url: str, name: str = "api", ca: str | None = None, **env: str) -> None:
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if env.get('AETHERCORE_TLS_CERT') else 'http'}://127.0.0.1:{self.port}"
+        self.verify: str | bool = ca or True  # the CA a TLS API's certificate is checked against
         # Feature tests speak plain HTTP/WebSocket without credentials; tests/integration/test_security.py
         # starts one with auth on to check the same endpoints refuse anonymous callers.
         env.setdefault("AETHERCORE_AUTH", "false")
@@ -209,7 +212,7 @@ class ApiProcess(ManagedProcess):
             if self._died():
                 raise RuntimeError(f"API exited:\n{self.log()}")
             try:
-                return requests.get(f"{self.base}/heartbeat", timeout=1).status_code == 200
+                return requests.get(f"{self.base}/heartbeat", timeout=1, verify=self.verify).status_code == 200
             except requests.RequestException:
                 return False
 

@@ -64,7 +64,7 @@ class WorkerService:
         self.queue = queue_for_device(self.device)
         self.started_at = time.time()
         self.models: dict[str, ModelSpec] = load_models(settings.models_file)
-        self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master)
+        self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
         self.jobs = JobStore(self.redis, settings.result_ttl)
         self.cluster = ClusterState(self.redis, settings.worker_ttl)
         self.cache = ModelCache(

@@ -23,7 +23,8 @@ NO_WORKER = "no live worker; start one with `python manage.py worker --device cp
 def health_checks(readiness: bool = False) -> tuple[bool, dict]:
     """Redis and workers (and, for readiness, every model meant to be loaded is loaded somewhere)."""
     svc = services()
-    checks: dict = {}
+    checks: dict = {"transport": {"status": "ok", "https": svc.settings.tls,
+                                  "redis_tls": svc.settings.redis_url.startswith("rediss://")}}
     started = time.perf_counter()
     try:
         svc.cluster.redis.ping()

@@ -29,11 +29,22 @@ def compose_default(value: str) -> str:
 
 @pytest.mark.skipif(not shutil.which("docker-compose"), reason="needs Debian's docker-compose (scripts/test.sh "
                                                                   "installs it)")
-@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]])
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"], ["-f", "docker-compose.tls.yml"],
+                                     ["-f", "docker-compose.tls.yml", "--profile", "gpu"]])
 def test_compose_file_is_valid(profile):
     out = subprocess.run(["docker-compose", "-f", "docker-compose.yml", *profile, "config", "-q"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_the_tls_override_encrypts_every_redis_client_and_the_api():
+    tls = yaml.safe_load((REPO_ROOT / "docker-compose.tls.yml").read_text())["services"]
+    for name in ("api", "worker", "worker-cuda0", "worker-cuda1", "flower"):
+        env = tls[name]["environment"]
+        assert env["AETHERCORE_REDIS_URL"].startswith("rediss://") and env["AETHERCORE_REDIS_CA"], name
+        assert "./certs:/certs:ro" in tls[name]["volumes"], name
+        assert set(env) <= {spec.env for spec in SETTINGS}, name
+    assert tls["api"]["environment"]["AETHERCORE_TLS_CERT"] and "--tls-auth-clients" in tls["redis"]["command"]
 
 
 def test_compose_services_and_shape():
