@@ -77,7 +77,7 @@ def test_the_running_batch_never_exceeds_max_batch_size_and_the_rest_are_told_th
     for key in range(5):
         scheduler.add(seq(gpt2, key, PROMPTS[key], 4))
     sizes = []
-    results, _, log = {}, {}, []
+    log = []
     while scheduler.has_work():
         events = scheduler.step()
         sizes.append(scheduler.stats()["running"] + sum(1 for e in events if e[0] == "result"))
