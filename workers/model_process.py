@@ -315,11 +315,13 @@ class ModelProcess:
     def submit(self, message: tuple, stream: StreamTarget | None = None) -> tuple[int, Future]:
         """Send one request (its call id is filled in); its future resolves with the result or the error."""
         future: Future = Future()
-        if self._dead.is_set():
-            future.set_exception(ModelProcessDied(f"the process of model {self.spec.id!r} is not running"))
-            return 0, future
         call_id = next(self._ids)
         with self._calls_lock:
+            # Checked under the lock that _mark_dead swaps the calls under: a call is either seen by it, or
+            # sees the process dead here; none is left waiting on a process that is gone.
+            if self._dead.is_set():
+                future.set_exception(ModelProcessDied(f"the process of model {self.spec.id!r} is not running"))
+                return 0, future
             if not self._calls:
                 self._last_progress = time.monotonic()  # an idle process owes no progress
             self._calls[call_id] = _Call(future, stream)
