@@ -18,6 +18,8 @@ class ServeRequestSchema(ma.Schema):
                                 metadata={"example": "minilm"})
     inputs = ma.fields.Dict(required=True, metadata={"example": {"text": "Hello world"}})
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 100}})
+    result_ttl = ma.fields.Integer(validate=validate.Range(min=1, max=7 * 86400), metadata={
+        "description": "Seconds this job and its result are kept after it ends (default AETHERCORE_RESULT_TTL)"})
     timeout = ma.fields.Float(validate=validate.Range(min=0.001, max=86400), metadata={
         "description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"})
     encoding_format = ma.fields.String(load_default="float", validate=validate.OneOf(("float", "base64")), metadata={
@@ -31,6 +33,8 @@ class BatchRequestSchema(ma.Schema):
     inputs = ma.fields.List(ma.fields.Dict(), required=True, validate=validate.Length(min=1),
                             metadata={"example": [{"text": "first"}, {"text": "second"}]})
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 128}})
+    result_ttl = ma.fields.Integer(validate=validate.Range(min=1, max=7 * 86400), metadata={
+        "description": "Seconds this job and its result are kept after it ends (default AETHERCORE_RESULT_TTL)"})
     timeout = ma.fields.Float(validate=validate.Range(min=0.001, max=86400), metadata={
         "description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"})
     encoding_format = ma.fields.String(load_default="float", validate=validate.OneOf(("float", "base64")), metadata={

@@ -28,6 +28,9 @@ from tasks.routing import NoDeviceAvailable, resolve_device
 DESIRED_CACHE_S = 1.0
 # Backpressure reads the queue length at most this often per device: a bound, not an exact count.
 QUEUE_DEPTH_CACHE_S = 0.25
+# New inference jobs are refused (503) once Redis uses this share of its maxmemory, read at most once a second.
+REDIS_MEMORY_LIMIT = 0.95
+REDIS_MEMORY_CACHE_S = 1.0
 
 
 class TTLCache:
@@ -77,6 +80,7 @@ class Services:
     dispatcher: InferenceDispatcher
     desired_cache: TTLCache = field(default_factory=lambda: TTLCache(DESIRED_CACHE_S))
     depth_cache: TTLCache = field(default_factory=lambda: TTLCache(QUEUE_DEPTH_CACHE_S))
+    memory_cache: TTLCache = field(default_factory=lambda: TTLCache(REDIS_MEMORY_CACHE_S))
     replies: ReplyListener = field(init=False)
     streams: StreamHub = field(init=False)
     rate_limit: InferenceRateLimit = field(init=False)
@@ -126,7 +130,8 @@ class Services:
         waiter = self.replies.expect(job_id) if wait_s > 0 else None
         record = {"kind": kind, "model_id": spec.id, "device": device, "request_id": request_id,
                   "owner": who.id if who is not None else None, "job_id": job_id,
-                  "notify": self.replies.channel if waiter is not None else None}
+                  "notify": self.replies.channel if waiter is not None else None,
+                  "ttl": payload.pop("result_ttl", None)}
         try:
             if kind == "inference" and self.rate_limit:
                 job = self._create_counted(record)
@@ -177,6 +182,7 @@ class Services:
             raise
 
     def _check_backpressure(self, device: str) -> None:
+        self._check_redis_memory()
         queue = queue_for_device(device)
         # The queue's length as last read, plus what this process queued since: exact for one API process,
         # a bound within QUEUE_DEPTH_CACHE_S for several.
@@ -185,6 +191,20 @@ class Services:
             raise ApiError(429, "queue_full", f"the {device} queue holds {depth} jobs, at its limit "
                            f"(AETHERCORE_MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry later",
                            {"queue": queue, "depth": depth}, headers={"Retry-After": "5"})
+
+    def _check_redis_memory(self) -> None:
+        """503 before Redis refuses writes: new jobs stop at REDIS_MEMORY_LIMIT of its maxmemory, so the jobs
+        already queued or running can still write their results (a full Redis would fail them half-way)."""
+        used, limit = self.memory_cache.get("redis", self._redis_memory)
+        if limit and used >= REDIS_MEMORY_LIMIT * limit:
+            raise ApiError(503, "redis_full", f"Redis holds {used / 2**20:.0f} MiB of its maxmemory of "
+                           f"{limit / 2**20:.0f} MiB; new jobs are refused until finished results expire "
+                           "(AETHERCORE_RESULT_TTL, or result_ttl per request) or Redis gets more memory",
+                           {"used_memory": used, "maxmemory": limit}, headers={"Retry-After": "30"})
+
+    def _redis_memory(self) -> tuple[int, int]:
+        info = self.cluster.redis.info("memory")
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
 
     def wait(self, job: dict[str, Any], wait_s: float) -> dict[str, Any]:
         """Wait for a job that may have been submitted anywhere (GET /jobs/{id}?wait)."""

@@ -37,9 +37,10 @@ if current == 'succeeded' or current == 'failed' or current == 'cancelled' or cu
 end
 if ARGV[1] == 'running' and current ~= 'queued' and current ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
+local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[2]  -- the job's own retention, if it asked for one
 if ARGV[1] == 'running' then
   local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ttl)
   return attempts
 end
 if ARGV[3] == 'done' then
@@ -54,8 +55,8 @@ if ARGV[3] == 'done' then
     for channel in string.gmatch(notify, '[^,]+') do redis.call('PUBLISH', channel, note) end
   end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
 
@@ -84,7 +85,7 @@ local published = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '0')
 if tonumber(ARGV[1]) < published then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'chunk', 'index', ARGV[1], 'data', ARGV[2])
 redis.call('HSET', KEYS[1], 'chunks', tonumber(ARGV[1]) + 1)
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], redis.call('HGET', KEYS[1], 'ttl') or ARGV[3])
 return 1
 """
 
@@ -92,7 +93,7 @@ return 1
 _APPEND_STATUS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'status', 'data', ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[2], redis.call('HGET', KEYS[1], 'ttl') or ARGV[2])
 return 1
 """
 
@@ -177,7 +178,7 @@ class JobStore:
 
     # -- writes ------------------------------------------------------------------------------
     def _fields(self, kind: str, model_id: str, device: str, request_id: str | None, owner: str | None,
-                job_id: str, notify: str | None, now: float) -> dict[str, str]:
+                job_id: str, notify: str | None, now: float, ttl: int | None = None) -> dict[str, str]:
         fields = {
             "job_id": job_id, "kind": kind, "model_id": model_id, "status": QUEUED,
             "device": device, "created_at": repr(now), "attempts": "0",
@@ -188,18 +189,20 @@ class JobStore:
             fields["owner"] = owner
         if notify:
             fields["notify"] = notify
+        if ttl:
+            fields["ttl"] = str(int(ttl))  # this job's retention (result_ttl), honoured by every transition
         return fields
 
     def create_limited(self, limits: list[tuple[str, int, int]], *, kind: str, model_id: str, device: str,
                        request_id: str | None = None, owner: str | None = None, job_id: str | None = None,
-                       notify: str | None = None) -> tuple[dict[str, Any], list[int]]:
+                       notify: str | None = None, ttl: int | None = None) -> tuple[dict[str, Any], list[int]]:
         """Count the caller against `limits` [(counter key, amount, window seconds)] and create the job, in
         one round trip; raise RateLimited (creating nothing) when a limit is already reached. Returns the job
         and the use of each limit."""
         job_id = job_id or new_job_id()
         now = time.time()
-        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now)
-        args: list[Any] = [self.ttl_s, repr(now), job_id, len(limits)]
+        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl)
+        args: list[Any] = [ttl or self.ttl_s, repr(now), job_id, len(limits)]
         for _key, amount, window in limits:
             args += [amount, window]
         for key, value in fields.items():
@@ -222,14 +225,15 @@ class JobStore:
             target.execute()
 
     def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None,
-               owner: str | None = None, job_id: str | None = None, notify: str | None = None) -> dict[str, Any]:
-        """Write a queued job (one round trip)."""
+               owner: str | None = None, job_id: str | None = None, notify: str | None = None,
+               ttl: int | None = None) -> dict[str, Any]:
+        """Write a queued job (one round trip); `ttl`: its own retention instead of the default."""
         job_id = job_id or new_job_id()
         now = time.time()
-        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now)
+        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), mapping=fields)
-        pipe.expire(job_key(job_id), self.ttl_s)
+        pipe.expire(job_key(job_id), ttl or self.ttl_s)
         # Index of recent jobs for listings, bounded by count and by the result TTL.
         pipe.zadd(RECENT_JOBS, {job_id: now})
         self._trim_recent(now, pipe)

@@ -80,6 +80,8 @@ def job_payload(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
         payload["timeout"] = body["timeout"]
     if body.get("encoding_format", "float") != "float":
         payload["encoding_format"] = body["encoding_format"]
+    if body.get("result_ttl"):
+        payload["result_ttl"] = body["result_ttl"]  # for the job record; services.submit takes it out
     return payload
 
 
