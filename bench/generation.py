@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.report import Report
 from bench.run import AUTH, Components, start_system
 from tests.support import RedisServer
 
@@ -139,14 +140,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--repeat", type=int, default=3, help="runs per N; the median run is reported")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:0 on a GPU host (worker and reference)")
-    parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md (replacing the last one)")
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
-    lines: list[str] = []
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = Report()
 
     say(f"## Generation ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"device {args.device}, `{MODEL}`, {args.tokens} new tokens per request)")
@@ -221,7 +218,7 @@ def main() -> None:
         path = Path(__file__).with_name("RESULTS.md")
         start, end = "<!-- generation: numbers -->", "<!-- generation: end of numbers -->"
         text = path.read_text() if path.exists() else ""
-        block = f"{start}\n" + "\n".join(lines) + f"\n{end}"
+        block = f"{start}\n" + "\n".join(say.lines) + f"\n{end}"
         if start in text and end in text:
             text = text.split(start, 1)[0] + block + text.split(end, 1)[1]
         else:

@@ -28,6 +28,7 @@ import yaml  # noqa: E402
 
 from bench import procstat  # noqa: E402
 from bench.corpus import corpus  # noqa: E402
+from bench.report import Report  # noqa: E402
 from workers.device import rss_bytes_of  # noqa: E402
 from tests.support import ADMIN_KEY, ApiProcess, RedisServer, WorkerProcess  # noqa: E402
 
@@ -286,11 +287,7 @@ def main() -> None:
     args = parser.parse_args()
 
     texts = corpus(3000)
-    lines: list[str] = []
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = Report()
 
     say(f"# AetherCore benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
         f"{os.cpu_count()} CPU cores, model `{MODEL}`, {len(texts)}-sentence corpus)")
@@ -403,7 +400,7 @@ def main() -> None:
         path = ROOT / "bench" / "RESULTS.md"
         marker = "<!-- analysis: kept across runs -->"
         kept = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
-        path.write_text("\n".join(lines) + "\n\n" + marker + kept)
+        path.write_text("\n".join(say.lines) + "\n\n" + marker + kept)
 
 
 if __name__ == "__main__":

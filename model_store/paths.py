@@ -25,7 +25,8 @@ class ModelPathForbidden(RuntimeError):
     code = "model_path_forbidden"
 
 
-def _local(settings: Settings, relative: str, spec_id: str = "") -> Path:
+def local_path(settings: Settings, relative: str, spec_id: str = "") -> Path:
+    """A `source: local` path in the model store, refused if it leads outside the configured roots."""
     path = Path(relative)
     path = path if path.is_absolute() else settings.model_store / path
     # Resolved (symlinks followed) before the check, so no link or absolute path leads out of the roots.
@@ -40,7 +41,7 @@ def _local(settings: Settings, relative: str, spec_id: str = "") -> Path:
 
 def resolve_model_path(spec: ModelSpec, settings: Settings) -> Path:
     if spec.source == "local":
-        path = _local(settings, spec.model_path, spec.id)
+        path = local_path(settings, spec.model_path, spec.id)
         if not path.exists():
             raise ModelUnavailable(
                 f"model {spec.id!r}: {path} does not exist; build the demo models with "
@@ -53,7 +54,7 @@ def resolve_model_path(spec: ModelSpec, settings: Settings) -> Path:
 def resolve_tokenizer_path(spec: ModelSpec, settings: Settings) -> Path:
     if not spec.tokenizer_path:
         return resolve_model_path(spec, settings)
-    path = _local(settings, spec.tokenizer_path, spec.id)
+    path = local_path(settings, spec.tokenizer_path, spec.id)
     if not path.exists():
         raise ModelUnavailable(f"model {spec.id!r}: tokenizer directory {path} does not exist")
     return path

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from config.models import ModelSpec
 from config.settings import Settings
+from model_store.paths import local_path
 
 MANIFEST_NAME = "aethercore-manifest.json"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".onnx", ".pt2", ".pt", ".pth", ".data", ".pkl", ".pickle", ".ckpt"}
@@ -67,9 +68,7 @@ def verify_artifact(spec: ModelSpec, settings: Settings, path: Path) -> None:
         if spec.manifest is True:
             manifest = directory / MANIFEST_NAME
         else:
-            from model_store.paths import _local
-
-            manifest = _local(settings, spec.manifest, spec.id)
+            manifest = local_path(settings, spec.manifest, spec.id)
         _check_manifest(spec, directory, manifest)
     if not spec.allow_pickle:
         _refuse_pickle(spec, path)

@@ -133,15 +133,14 @@ def _settle(svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, request
             return _item_or_job(svc, spec, request, batches, error)
         return {**svc.failed(ctx, error), "status": EXPIRED}
     except Exception as exc:
-        error = classify(exc) if request.item is not None else None
         if request.item is None:
             return svc.failed(ctx, logged(log, exc))
-        return _item_or_job(svc, spec, request, batches, error)
+        return _item_or_job(svc, spec, request, batches, classify(exc))
     svc.metrics.count_tokens(spec.id, int(output.get("tokens", 0)))
-    running = request.call.process.generation.get("running", 1)
     if request.item is not None:
         return _item_or_job(svc, spec, request, batches, None, output)
-    ctx["chunks"] = request.stream.index if request.stream else 0
+    running = request.call.process.generation.get("running", 1)
+    ctx["chunks"] = request.stream.index
     inference_ms = (time.perf_counter() - ctx["begin"]) * 1000
     return svc.succeeded(spec, ctx, {"output": output},
                          {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": running})

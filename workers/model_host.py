@@ -96,8 +96,6 @@ class _Host:
             "rss_interpreter_bytes": interpreter,
             "rss_bytes": rss_bytes_of(),
             "weights_bytes": weights,
-            # Reserved in full for the running batch of a generation model (allocated as rows join).
-            "kv_cache_budget_bytes": self.spec.kv_cache_memory or 0,
             "gpu_memory_bytes": _gpu_bytes(self.device),
             "dtype": self.runtime.dtype_name,
             "describe": describe,
@@ -148,8 +146,7 @@ class _Host:
         if op == "exit":
             return False
         if op == "cancel":
-            if batcher.cancel(message[1]) is None:
-                pass  # it already ended: its end is on its way
+            batcher.cancel(message[1])  # unknown: it already ended, and its end is on its way
             return True
         call_id = message[1]
         try:

@@ -183,7 +183,8 @@ class ModelProcess:
         """What this instance takes for its model: the private memory it gained since its libraries were
         imported (weights, tokenizer, activations, allocator caches), at least the weights themselves."""
         grown = (anon_bytes_of(self.pid) if self.alive else 0) - self.info.get("anon_baseline_bytes", 0)
-        reserved = self.info.get("weights_bytes", 0) + self.info.get("kv_cache_budget_bytes", 0)
+        # A generation model's KV-cache budget is reserved in full (allocated as rows join the batch).
+        reserved = self.info.get("weights_bytes", 0) + (self.spec.kv_cache_memory or 0)
         return max(grown, reserved, 0)
 
     def stop(self) -> None:
@@ -338,9 +339,6 @@ class ModelProcess:
         """Run one operation and wait for its result."""
         return self.submit((op, inputs, parameters))[1].result()
 
-    def cancel(self, call_id: int) -> None:
-        self._send_quietly(("cancel", call_id))
-
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
     if future.done():
@@ -357,12 +355,8 @@ def _settle(future: Future, result: Any = None, error: BaseException | None = No
 @dataclass
 class GenerationCall:
     process: ModelProcess
-    call_id: int
     future: Future
     exclusive: bool
-
-    def cancel(self) -> None:
-        self.process.cancel(self.call_id)
 
 
 class RemoteRuntime:
@@ -422,8 +416,8 @@ class RemoteRuntime:
         """Hand one generation request to the running batch of the least busy instance."""
         process = min(self.instances, key=lambda p: p.busy)
         options = {"stream": stream is not None, "exclusive": exclusive, "deadline": deadline}
-        call_id, future = process.submit(("generate", inputs, parameters, options), stream)
-        return GenerationCall(process, call_id, future, exclusive)
+        _call_id, future = process.submit(("generate", inputs, parameters, options), stream)
+        return GenerationCall(process, future, exclusive)
 
     def generation_stats(self) -> dict[str, int]:
         """The running batches of every instance, added up (for the heartbeat and the metrics)."""

@@ -164,7 +164,6 @@ class ContinuousBatcher:
         self.device = device
         config = model.config
         generation = getattr(model, "generation_config", None)
-        self.generation_config = generation
         eos = _first(getattr(generation, "eos_token_id", None), config.eos_token_id)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         pad = _first(getattr(generation, "pad_token_id", None), config.pad_token_id, eos, 0)
@@ -186,9 +185,11 @@ class ContinuousBatcher:
 
     # -- requests -----------------------------------------------------------------------------
     def add(self, sequence: Sequence) -> None:
-        """Queue a request; InvalidInput if it could never run (empty, too long, larger than the cache)."""
+        """Queue a request; InvalidInput if it could never run (empty, too long, larger than the cache).
+        An over-long prompt is cut to leave room for max_length new tokens, as the tokenizer would cut it."""
         if not sequence.prompt:
             raise InvalidInput("inputs.text produced no tokens")
+        sequence.prompt = sequence.prompt[:max(1, self.max_positions - sequence.max_new)]
         if sequence.horizon > self.max_positions:
             raise InvalidInput(f"the prompt ({len(sequence.prompt)} tokens) and max_length ({sequence.max_new}) "
                                f"exceed the model's {self.max_positions} positions")
@@ -408,9 +409,12 @@ class ContinuousBatcher:
             if sequence.stream or sequence.sampling.stop:
                 self._advance_text(sequence, events)
 
+    def _text(self, sequence: Sequence) -> str:
+        return self.tokenizer.decode([t for t in sequence.generated if t not in self.eos_ids],
+                                     skip_special_tokens=True)
+
     def _advance_text(self, sequence: Sequence, events: list[tuple]) -> None:
-        ids = [t for t in sequence.generated if t not in self.eos_ids]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self._text(sequence)
         for stop in sequence.sampling.stop:
             at = text.find(stop)
             if at >= 0:
@@ -419,8 +423,7 @@ class ContinuousBatcher:
         sequence.text = text
         if sequence.stream:
             # Hold back what could be the start of a stop string, so a stop never shows half-sent.
-            hold = 0 if sequence.stopped else max((len(s) - 1 for s in sequence.sampling.stop),
-                                                                     default=0)
+            hold = 0 if sequence.stopped else max((len(s) - 1 for s in sequence.sampling.stop), default=0)
             upto = max(sequence.sent, len(text) - hold)
             if upto > sequence.sent:
                 events.append(("chunk", sequence.key, text[sequence.sent:upto]))
@@ -441,8 +444,7 @@ class ContinuousBatcher:
                 keep.append(index)
                 continue
             if not sequence.stream and not sequence.sampling.stop:
-                ids = [t for t in sequence.generated if t not in self.eos_ids]
-                sequence.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                sequence.text = self._text(sequence)  # not decoded step by step
             if sequence.stream and len(sequence.text) > sequence.sent:
                 events.append(("chunk", sequence.key, sequence.text[sequence.sent:]))
                 sequence.sent = len(sequence.text)

@@ -137,6 +137,4 @@ class TextGeneration(_HFRuntime):
         sampling = Sampling.from_parameters(parameters, self.model.generation_config)
         with self._tokenizer_lock:
             prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        limit = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
-        prompt = prompt[:max(1, limit - max_new)]  # an over-long prompt is truncated as the tokenizer would
         return Sequence(key=key, prompt=prompt, max_new=max_new, sampling=sampling, **options)
