@@ -26,6 +26,11 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def json_text(value: Any) -> str:
+    """JSON text for SSE and WebSocket frames, as the responses write it (numpy arrays of results included)."""
+    return orjson.dumps(value, default=_default, option=_OPTIONS).decode()
+
+
 class OrjsonProvider(JSONProvider):
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         return orjson.dumps(obj, default=_default, option=_OPTIONS).decode()

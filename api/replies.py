@@ -26,6 +26,7 @@ from loguru import logger
 from api.per_process import PerProcessThread
 from tasks.jobs import TERMINAL, JobStore, iso
 from tasks.names import MODELS_CHANGED, reply_channel
+from tasks.results import expand
 
 RECHECK_S = 1.0
 
@@ -42,7 +43,7 @@ class Waiter:
 def merge(job: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
     """The job as the API knew it, with the ending fields the worker (or a cancelling API) published."""
     ended = dict(job)
-    ended.update(status=note["status"], result=note.get("result"), error=note.get("error"),
+    ended.update(status=note["status"], result=expand(note.get("result")), error=note.get("error"),
                  finished_at=iso(note.get("finished_at")))
     for name in ("worker", "attempts", "chunks"):
         if note.get(name) is not None:

@@ -20,8 +20,8 @@ from api.request_id import current_request_id
 from config.models import ModelSpec
 from config.settings import Settings
 from tasks.cluster import ClusterState
-from tasks.jobs import FAILED, TERMINAL, JobStore, RateLimited, new_job_id
-from tasks.names import TASK_FOR_KIND, queue_for_device
+from tasks.jobs import FAILED, TERMINAL, JobStore, RateLimited, new_job_id, requeue_payload
+from tasks.names import INFER, TASK_FOR_KIND, queue_for_device
 from tasks.routing import NoDeviceAvailable, resolve_device
 
 # A model's desired state is cached this long at most; every change also clears it at once (pub/sub).
@@ -126,18 +126,21 @@ class Services:
             self.desired_cache.clear(spec.id)
         wait_s = min(wait_s, self.settings.max_wait)
         who = g.get("principal")
-        job_id = new_job_id()
+        job_id, now = new_job_id(), time.time()
+        ttl = payload.pop("result_ttl", None)
+        task, kwargs = self._message(kind, spec, payload, job_id, now, request_id)
         waiter = self.replies.expect(job_id) if wait_s > 0 else None
         record = {"kind": kind, "model_id": spec.id, "device": device, "request_id": request_id,
                   "owner": who.id if who is not None else None, "job_id": job_id,
-                  "notify": self.replies.channel if waiter is not None else None,
-                  "ttl": payload.pop("result_ttl", None)}
+                  "notify": self.replies.channel if waiter is not None else None, "ttl": ttl, "now": now,
+                  # kept with the job until it starts: the reaper queues it again if its message is lost
+                  "payload": requeue_payload(task, queue_for_device(device), kwargs)}
         try:
             if kind == "inference" and self.rate_limit:
                 job = self._create_counted(record)
             else:
                 job = self.jobs.create(**record)
-            self._publish(kind, spec, device, payload, job, request_id)
+            self._publish(kind, spec, device, task, kwargs)
         except Exception:
             if waiter is not None:
                 self.replies.forget(waiter)
@@ -158,27 +161,31 @@ class Services:
         self.rate_limit.remember(used, self.rate_limit.items)
         return job
 
-    def _publish(self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any], job: dict[str, Any],
-                 request_id: str | None) -> None:
+    @staticmethod
+    def _message(kind: str, spec: ModelSpec, payload: dict[str, Any], job_id: str, now: float,
+                 request_id: str | None) -> tuple[str, dict[str, Any]]:
+        """The Celery task and arguments that carry the job to its worker."""
+        if kind != "inference":
+            return TASK_FOR_KIND[kind], {"job_id": job_id, "model_id": spec.id, "request_id": request_id, **payload}
+        work = {"job_id": job_id, "submitted_at": now, "request_id": request_id, **payload}
+        if work.get("timeout"):
+            work["deadline"] = now + work.pop("timeout")
+        work.pop("timeout", None)
+        return INFER, {"model_id": spec.id, "jobs": [work]}
+
+    def _publish(self, kind: str, spec: ModelSpec, device: str, task: str, kwargs: dict[str, Any]) -> None:
+        job_id = kwargs["job_id"] if kind != "inference" else kwargs["jobs"][0]["job_id"]
         try:
             if kind == "inference":
-                work = {"job_id": job["job_id"], "submitted_at": job["_created_ts"], "request_id": request_id,
-                        **payload}
-                if payload.get("timeout"):
-                    work["deadline"] = job["_created_ts"] + payload.pop("timeout")
-                    work.pop("timeout", None)
-                coalesce = spec.task != "text-generation" and not payload.get("batch")
+                work = kwargs["jobs"][0]
+                coalesce = spec.task != "text-generation" and not work.get("batch")
                 self.dispatcher.publish(spec.id, device, work, coalesce=coalesce)
             else:
-                self.celery.send_task(
-                    TASK_FOR_KIND[kind],
-                    kwargs={"job_id": job["job_id"], "model_id": spec.id, "request_id": request_id, **payload},
-                    queue=queue_for_device(device), task_id=job["job_id"],
-                    kwargsrepr=repr({"job_id": job["job_id"], "model_id": spec.id, "kind": kind}),
-                )
+                self.celery.send_task(task, kwargs=kwargs, queue=queue_for_device(device), task_id=job_id,
+                                      kwargsrepr=repr({"job_id": job_id, "model_id": spec.id, "kind": kind}))
         except Exception:
-            self.jobs.finish(job["job_id"], FAILED, error={"code": "broker_unavailable",
-                                                           "message": "the job could not be queued"})
+            self.jobs.finish(job_id, FAILED, error={"code": "broker_unavailable",
+                                                    "message": "the job could not be queued"})
             raise
 
     def _check_backpressure(self, device: str) -> None:

@@ -43,6 +43,19 @@ def follow_job(jobs: JobStore, job_id: str, last_id: str = "0-0", alive: Callabl
 def _follow(jobs: JobStore, job_id: str, last_id: str, alive: Callable[[], bool], keepalive_s: float | None,
             subscription: Subscription | None) -> Iterator[Event]:
     silent_ms = 0
+    state = jobs.follow(job_id)
+    if state is None:
+        return
+    status, has_stream = state
+    if status in TERMINAL and not has_stream:  # it ended without streaming before anyone followed it
+        job = jobs.get(job_id)
+        if job is None:
+            return
+        whole = whole_output_chunk(job)
+        if whole is not None:
+            yield Event("chunk", last_id, whole)
+        yield Event("done", last_id, job)
+        return
     while alive():
         if subscription is not None:
             entries = subscription.read(POLL_MS)

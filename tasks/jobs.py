@@ -18,37 +18,74 @@ from typing import Any
 import orjson
 import redis
 
-from tasks.names import RECENT_JOBS, RECENT_JOBS_MAX, job_events_key, job_key
+
+from tasks.results import expand
+from tasks.names import (
+    INFLIGHT_HOLDERS, INFLIGHT_PREFIX, QUEUED_PREFIX, RECENT_JOBS, RECENT_JOBS_MAX, inflight_key, job_events_key,
+    job_key, queued_key, worker_key,
+)
 
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, CANCELLED, EXPIRED = "succeeded", "failed", "cancelled", "expired"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 STATUSES = (QUEUED, RUNNING) + TERMINAL
+# A job that has not ended is kept at least this long, whatever its own (shorter) retention: the retention
+# counts from its end.
+KEEP_UNFINISHED_S = 3600
 
-# ARGV: status, ttl, event ('status' | 'done'), wake note ('' for none), then field/value pairs. A `done`
-# transition publishes the note — a JSON object of the job's ending fields, completed here with the `result`
-# and `error` values being written, so the result crosses the wire once — to every reply channel in the job's
-# `notify` (the API processes waiting for it), in the same step: only a job that really ended wakes anyone.
+# ARGV: status, ttl, event ('status' | 'done'), wake note ('' for none), holder, payload, then field/value pairs.
+#
+# `running`: the worker named `holder` takes the job, and `payload` (how to queue it again) goes into that
+# worker's in-flight hash, which the reaper requeues from if the worker dies. A job running on another
+# worker that is still alive is not taken (a second copy of its message: the broker redelivered it, or
+# the reaper requeued it from a worker only thought dead) -> 0, like a job that already ended.
+# A `done` transition removes the job from its holder's in-flight hash and publishes the note — a JSON
+# object of the job's ending fields, completed here with the `result` and `error` values being written, so
+# the result crosses the wire once — to every reply channel in the job's `notify` (the API processes
+# waiting for it), in the same step: only a job that really ended wakes anyone.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
 if current == 'succeeded' or current == 'failed' or current == 'cancelled' or current == 'expired' then
   return 0
 end
-if ARGV[1] == 'running' and current ~= 'queued' and current ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
+local job_id = string.sub(KEYS[1], JOB_PREFIX_LEN + 1)
+local holder = redis.call('HGET', KEYS[1], 'holder')
 local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[2]  -- the job's own retention, if it asked for one
 if ARGV[1] == 'running' then
+  if current ~= 'queued' and current ~= 'running' then return 0 end
+  if current == 'running' and holder and redis.call('EXISTS', 'WORKER_PREFIX' .. holder) == 1 then return 0 end
+end
+if current == 'queued' then  -- it leaves the queue: no longer a candidate for re-queueing
+  redis.call('ZREM', 'QUEUED_PREFIX' .. redis.call('HGET', KEYS[1], 'device'), job_id)
+  redis.call('HDEL', KEYS[1], 'payload')
+end
+if ARGV[1] == 'running' then
+  if holder and holder ~= ARGV[5] then redis.call('HDEL', 'INFLIGHT_PREFIX' .. holder, job_id) end
+  redis.call('HDEL', KEYS[1], 'pass')
+  redis.call('HSET', KEYS[1], 'status', 'running', 'holder', ARGV[5], unpack(ARGV, 7))
+  redis.call('HSET', 'INFLIGHT_PREFIX' .. ARGV[5], job_id, ARGV[6])
+  redis.call('SADD', 'INFLIGHT_HOLDERS', ARGV[5])
   local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  redis.call('EXPIRE', KEYS[1], ttl)
+  -- Kept while it runs even if its own retention is shorter (the retention counts from its end).
+  redis.call('EXPIRE', KEYS[1], math.max(tonumber(ttl), KEEP_UNFINISHED_S))
   return attempts
 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 7))
 if ARGV[3] == 'done' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', ARGV[1])
+  if holder then
+    redis.call('HDEL', 'INFLIGHT_PREFIX' .. holder, job_id)
+    redis.call('HDEL', KEYS[1], 'holder')
+  end
+  -- A job nobody follows that streamed nothing has no event stream: its `done` would cost ~4.7 KB of Redis
+  -- (a stream's first node) for no reader. A follower marks the job `followed` first (_FOLLOW).
+  if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('HEXISTS', KEYS[1], 'followed') == 1 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', ARGV[1])
+  end
   local notify = redis.call('HGET', KEYS[1], 'notify')
   if notify and ARGV[4] ~= '' then
     local result, err = 'null', 'null'
-    for i = 5, #ARGV - 1, 2 do
+    for i = 7, #ARGV - 1, 2 do
       if ARGV[i] == 'result' then result = ARGV[i + 1] elseif ARGV[i] == 'error' then err = ARGV[i + 1] end
     end
     local note = string.sub(ARGV[4], 1, -2) .. ',"result":' .. result .. ',"error":' .. err .. '}'
@@ -59,6 +96,64 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
+
+# A dead worker's in-flight jobs, taken over by the reaper in one atomic step (so two reapers never both
+# take them): every job it was running goes back to `queued`, with its payload and in its queue's index of
+# unstarted jobs again (so should the reaper die before it publishes them, or the message be lost, the
+# sweep of stale queued jobs finds them). A job that was in a forward pass of its own when its worker died
+# (`pass` = 'alone', written by the worker as it hands the pass to the model) is charged a crash: it may be
+# what killed it. Jobs in a shared pass, or not yet in one, are not. ARGV: dead worker, now.
+# Returns job id, payload, crashes per job taken.
+_REAP = """
+if redis.call('EXISTS', 'WORKER_PREFIX' .. ARGV[1]) == 1 then return {} end
+local entries = redis.call('HGETALL', 'INFLIGHT_PREFIX' .. ARGV[1])
+redis.call('DEL', 'INFLIGHT_PREFIX' .. ARGV[1])
+redis.call('SREM', 'INFLIGHT_HOLDERS', ARGV[1])
+local taken = {}
+for i = 1, #entries, 2 do
+  local key = 'JOB_PREFIX' .. entries[i]
+  if redis.call('HGET', key, 'status') == 'running' and redis.call('HGET', key, 'holder') == ARGV[1] then
+    local crashes = tonumber(redis.call('HGET', key, 'crashes') or '0')
+    if redis.call('HGET', key, 'pass') == 'alone' then crashes = redis.call('HINCRBY', key, 'crashes', 1) end
+    redis.call('HDEL', key, 'pass', 'holder')
+    redis.call('HSET', key, 'status', 'queued', 'payload', entries[i + 1])
+    redis.call('ZADD', 'QUEUED_PREFIX' .. redis.call('HGET', key, 'device'), ARGV[2], entries[i])
+    table.insert(taken, entries[i]); table.insert(taken, entries[i + 1]); table.insert(taken, crashes)
+  end
+end
+return taken
+"""
+
+# Jobs of one queue that have waited STALE seconds or more while the queue itself is empty: their message
+# is gone (a worker killed between taking it from the broker and starting it, or an API process between
+# creating the job and publishing it). Each is claimed for another STALE seconds (so several sweepers
+# queue it once) and returned with its payload. ARGV: queue, now, stale seconds, limit.
+_SWEEP_QUEUED = """
+if redis.call('LLEN', ARGV[1]) > 0 then return {} end
+local index = 'QUEUED_PREFIX' .. ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', index, '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]), 'LIMIT', 0, ARGV[4])
+local found = {}
+for _, id in ipairs(ids) do
+  local key = 'JOB_PREFIX' .. id
+  local payload = redis.call('HGET', key, 'payload')
+  if redis.call('HGET', key, 'status') == 'queued' and payload then
+    redis.call('ZADD', index, ARGV[2], id)
+    table.insert(found, id); table.insert(found, payload)
+  else
+    redis.call('ZREM', index, id)  -- started, ended or expired meanwhile
+  end
+end
+return found
+"""
+
+
+def _render(script: str) -> str:
+    """The Lua scripts name keys through the same helpers as the Python code (tasks/names.py)."""
+    return (script.replace("JOB_PREFIX_LEN", str(len(job_key(""))))
+            .replace("JOB_PREFIX", job_key("")).replace("WORKER_PREFIX", worker_key(""))
+            .replace("INFLIGHT_PREFIX", INFLIGHT_PREFIX).replace("INFLIGHT_HOLDERS", INFLIGHT_HOLDERS)
+            .replace("QUEUED_PREFIX", QUEUED_PREFIX).replace("KEEP_UNFINISHED_S", str(KEEP_UNFINISHED_S)))
+
 
 # Add a reply channel to a job that has not ended yet, and return the job: one atomic step, so either
 # the caller sees the job ended or the worker that ends it sees the channel.
@@ -73,6 +168,15 @@ if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' and st
   end
 end
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# A reader is about to follow the job's event stream: from now on its end is written there even if it streams
+# nothing. Returns {status, whether the stream exists}, or nothing for an unknown job.
+_FOLLOW = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return nil end
+redis.call('HSET', KEYS[1], 'followed', '1')
+return {status, redis.call('EXISTS', KEYS[2])}
 """
 
 # A streamed chunk is appended once: an index below the count already published (a redelivered job
@@ -107,30 +211,44 @@ return 0
 """
 
 # Create a job unless the caller is over a rate limit: the limit's counters and the job record in one
-# round trip. KEYS: job, recent-jobs index, then one counter per limit. ARGV: ttl, now, job id, number of
-# limits, (amount, window seconds) per limit, then the job's field/value pairs.
-# Returns {1, used...} created, or {0, limit index, ms until that window ends} refused.
+# round trip. KEYS: job, recent-jobs index, the queue's index of unstarted jobs, then one counter per limit.
+# ARGV: ttl, now, job id, number of limits, (amount, window seconds) per limit, then the job's field/value
+# pairs. Returns {1, used...} created, or {0, limit index, ms until that window ends} refused.
 _CREATE_LIMITED = """
 local n = tonumber(ARGV[4])
 for i = 1, n do
-  local used = tonumber(redis.call('GET', KEYS[2 + i]) or '0')
+  local used = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
   if used >= tonumber(ARGV[3 + 2 * i]) then
-    return {0, i, redis.call('PTTL', KEYS[2 + i])}
+    return {0, i, redis.call('PTTL', KEYS[3 + i])}
   end
 end
 local reply = {1}
 for i = 1, n do
-  local used = redis.call('INCR', KEYS[2 + i])
-  if used == 1 then redis.call('EXPIRE', KEYS[2 + i], ARGV[4 + 2 * i]) end
+  local used = redis.call('INCR', KEYS[3 + i])
+  if used == 1 then redis.call('EXPIRE', KEYS[3 + i], ARGV[4 + 2 * i]) end
   reply[i + 1] = used
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5 + 2 * n))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.max(tonumber(ARGV[1]), KEEP_UNFINISHED_S))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return reply
 """
 
 CHUNK_APPENDED, CHUNK_SKIPPED, CHUNK_NOT_RUNNING, CHUNK_CANCELLED = 1, 0, -1, -2
+
+
+def requeue_payload(task: str, queue: str, kwargs: dict[str, Any]) -> bytes:
+    """What the reaper needs to queue a job again: the Celery task, its queue and its arguments."""
+    return encode({"task": task, "queue": queue, "kwargs": kwargs})
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def new_job_id() -> str:
@@ -168,17 +286,21 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
-        self._transition = client.register_script(_TRANSITION)
+        self._transition = client.register_script(_render(_TRANSITION))
+        self._reap = client.register_script(_render(_REAP))
         self._append_chunk = client.register_script(_APPEND_CHUNK)
         self._append_status = client.register_script(_APPEND_STATUS)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._watch = client.register_script(_WATCH)
-        self._create_limited = client.register_script(_CREATE_LIMITED)
+        self._follow = client.register_script(_FOLLOW)
+        self._create_limited = client.register_script(_render(_CREATE_LIMITED))
+        self._sweep_queued = client.register_script(_render(_SWEEP_QUEUED))
         self._created = 0
 
     # -- writes ------------------------------------------------------------------------------
     def _fields(self, kind: str, model_id: str, device: str, request_id: str | None, owner: str | None,
-                job_id: str, notify: str | None, now: float, ttl: int | None = None) -> dict[str, str]:
+                job_id: str, notify: str | None, now: float, ttl: int | None = None,
+                payload: bytes | None = None) -> dict[str, Any]:
         fields = {
             "job_id": job_id, "kind": kind, "model_id": model_id, "status": QUEUED,
             "device": device, "created_at": repr(now), "attempts": "0",
@@ -191,23 +313,27 @@ class JobStore:
             fields["notify"] = notify
         if ttl:
             fields["ttl"] = str(int(ttl))  # this job's retention (result_ttl), honoured by every transition
+        if payload:
+            fields["payload"] = payload  # how to queue it again should its message be lost; dropped as it starts
         return fields
 
     def create_limited(self, limits: list[tuple[str, int, int]], *, kind: str, model_id: str, device: str,
                        request_id: str | None = None, owner: str | None = None, job_id: str | None = None,
-                       notify: str | None = None, ttl: int | None = None) -> tuple[dict[str, Any], list[int]]:
+                       notify: str | None = None, ttl: int | None = None, payload: bytes | None = None,
+                       now: float | None = None) -> tuple[dict[str, Any], list[int]]:
         """Count the caller against `limits` [(counter key, amount, window seconds)] and create the job, in
         one round trip; raise RateLimited (creating nothing) when a limit is already reached. Returns the job
         and the use of each limit."""
         job_id = job_id or new_job_id()
-        now = time.time()
-        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl)
+        now = now or time.time()
+        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl, payload)
         args: list[Any] = [ttl or self.ttl_s, repr(now), job_id, len(limits)]
         for _key, amount, window in limits:
             args += [amount, window]
         for key, value in fields.items():
             args += [key, value]
-        reply = self._create_limited(keys=[job_key(job_id), RECENT_JOBS, *(k for k, _a, _w in limits)], args=args)
+        reply = self._create_limited(keys=[job_key(job_id), RECENT_JOBS, queued_key(device),
+                                           *(k for k, _a, _w in limits)], args=args)
         if int(reply[0]) == 0:
             raise RateLimited(int(reply[1]) - 1, int(reply[2]))
         self._trim_recent(now)
@@ -226,14 +352,16 @@ class JobStore:
 
     def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None,
                owner: str | None = None, job_id: str | None = None, notify: str | None = None,
-               ttl: int | None = None) -> dict[str, Any]:
-        """Write a queued job (one round trip); `ttl`: its own retention instead of the default."""
+               ttl: int | None = None, payload: bytes | None = None, now: float | None = None) -> dict[str, Any]:
+        """Write a queued job (one round trip); `ttl`: its own retention instead of the default; `payload`:
+        how to queue it again if its message is lost (requeue_payload)."""
         job_id = job_id or new_job_id()
-        now = time.time()
-        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl)
+        now = now or time.time()
+        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl, payload)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), mapping=fields)
-        pipe.expire(job_key(job_id), ttl or self.ttl_s)
+        pipe.expire(job_key(job_id), max(ttl or self.ttl_s, KEEP_UNFINISHED_S))
+        pipe.zadd(queued_key(device), {job_id: now})
         # Index of recent jobs for listings, bounded by count and by the result TTL.
         pipe.zadd(RECENT_JOBS, {job_id: now})
         self._trim_recent(now, pipe)
@@ -262,20 +390,49 @@ class JobStore:
             start += page
         return found
 
-    def mark_running(self, job_id: str, worker: str) -> int:
-        """The job's delivery count (1 the first time), or 0 when it already ended (a redelivery after
-        its result was written, or it was cancelled)."""
-        return self.mark_running_many([job_id], worker)[0]
+    def mark_running(self, job_id: str, worker: str, payload: bytes) -> int:
+        """The job's delivery count (1 the first time), or 0 when it already ended (a redelivery after its
+        result was written, or it was cancelled) or a live worker runs it. `payload`: how to queue it again
+        (`requeue_payload`), kept in this worker's in-flight hash until the job ends."""
+        return self.mark_running_many([(job_id, payload)], worker)[0]
 
-    def mark_running_many(self, job_ids: list[str], worker: str) -> list[int]:
-        """One round trip for the jobs of one message: each job's delivery count, 0 if it already ended."""
+    def mark_running_many(self, jobs: list[tuple[str, bytes]], worker: str) -> list[int]:
+        """One round trip for the (job id, payload) pairs of one message: each job's delivery count, 0 if it
+        is not to run here."""
         started = repr(time.time())
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
+        for job_id, payload in jobs:
             self._transition(keys=[job_key(job_id), job_events_key(job_id)],
-                             args=[RUNNING, str(self.ttl_s), "status", "", "started_at", started, "worker", worker],
+                             args=[RUNNING, str(self.ttl_s), "status", "", worker, payload,
+                                   "started_at", started, "worker", worker],
                              client=pipe)
         return [max(0, int(outcome)) for outcome in pipe.execute()]
+
+    def mark_forward(self, job_ids: list[str], alone: bool) -> None:
+        """These running jobs are now in a forward pass, on their own or shared: if the worker dies before
+        they end, only a job that was alone is charged a crash (see _REAP)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hset(job_key(job_id), "pass", "alone" if alone else "shared")
+        pipe.execute()
+
+    def inflight_holders(self) -> list[str]:
+        """Workers that may hold in-flight jobs (dead ones included: that is what the reaper looks for)."""
+        return [h.decode() if isinstance(h, bytes) else h for h in self.redis.smembers(INFLIGHT_HOLDERS)]
+
+    def inflight(self, worker: str) -> dict[str, bytes]:
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in self.redis.hgetall(inflight_key(worker)).items()}
+
+    def reap(self, dead: str) -> list[tuple[str, bytes, int]]:
+        """Take the jobs a dead worker was running back to `queued` (see _REAP): (job id, payload, crashes)
+        for each; nothing if the worker is alive or another reaper was first."""
+        flat = self._reap(args=[dead, repr(time.time())])
+        return [(_text(flat[i]), _bytes(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    def sweep_queued(self, queue: str, stale_s: float, limit: int = 100) -> list[tuple[str, bytes]]:
+        """Jobs of `queue` whose message is lost (see _SWEEP_QUEUED), claimed for another `stale_s`."""
+        flat = self._sweep_queued(args=[queue, repr(time.time()), stale_s, limit])
+        return [(_text(flat[i]), _bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def finish_many(self, outcomes: list[dict[str, Any]]) -> list[bool]:
         """End several jobs in one round trip; each item: job_id, status, and result (an object, or its
@@ -311,7 +468,7 @@ class JobStore:
               client: Any = None) -> Any:
         if event == "done" and status not in TERMINAL:
             raise ValueError(f"{status!r} is not a final status")
-        args: list[Any] = [status, str(self.ttl_s), event, note]
+        args: list[Any] = [status, str(self.ttl_s), event, note, "", ""]
         for key, value in values.items():
             args += [key, value]
         return self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args, client=client)
@@ -324,6 +481,12 @@ class JobStore:
         fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                   for k, v in zip(flat[::2], flat[1::2])}
         return self._decode(fields)
+
+    def follow(self, job_id: str) -> tuple[str, bool] | None:
+        """Mark the job followed (its end goes into its event stream); its status and whether the stream
+        exists, or None for an unknown job."""
+        reply = self._follow(keys=[job_key(job_id), job_events_key(job_id)])
+        return (_text(reply[0]), bool(int(reply[1]))) if reply else None
 
     def append_chunk(self, job_id: str, index: int, chunk: dict[str, Any]) -> int:
         return int(self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)],
@@ -388,7 +551,7 @@ class JobStore:
             "created_at": iso(created),
             "started_at": iso(started),
             "finished_at": iso(finished),
-            "result": js("result"),
+            "result": expand(js("result")),
             "error": js("error"),
             "_created_ts": created,
         }

@@ -40,6 +40,24 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+def inflight_key(worker: str) -> str:
+    """Hash of the jobs a worker holds (job id -> how to queue it again): what the reaper requeues when the
+    worker dies, whatever the broker did with their messages."""
+    return f"{PREFIX}:inflight:{worker}"
+
+
+INFLIGHT_PREFIX = inflight_key("")
+
+
+def queued_key(queue: str) -> str:
+    """Sorted set of a device queue's jobs that have not started (job id -> when queued): what the reaper
+    queues again when their message was lost (a worker killed between taking it and starting it)."""
+    return f"{PREFIX}:queued:{queue}"
+
+
+QUEUED_PREFIX = queued_key("")
+INFLIGHT_HOLDERS = f"{PREFIX}:inflight-holders"  # set: workers that may have an in-flight hash
+
 DESIRED_MODELS = f"{PREFIX}:models:desired"  # hash: model id -> JSON {device, generation, ...}
 MODEL_ERRORS = f"{PREFIX}:models:errors"  # hash: model id -> JSON {message, worker, at}
 GENERATION_COUNTER = f"{PREFIX}:models:generation"

@@ -102,6 +102,7 @@ class Request:
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
     crashes: int = 0
+    exclusive: bool = False
     outcome: BatchOutcome | None = None
     error: BaseException | None = None
 
@@ -117,6 +118,7 @@ class ModelBatcher:
                  on_batch: Callable[[int], None] = lambda size: None,
                  on_complete: Callable[[list[Request]], None] | None = None,
                  on_model_dead: Callable[[BaseException], None] = lambda exc: None,
+                 on_forward: Callable[[list["Request"]], None] = lambda batch: None,
                  max_crashes: int = 3) -> None:
         self.executor = executor
         self.model_id = model_id
@@ -126,6 +128,7 @@ class ModelBatcher:
         self._on_batch = on_batch
         self._on_complete = on_complete
         self._on_model_dead = on_model_dead
+        self._on_forward = on_forward
         self._pending: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -140,9 +143,10 @@ class ModelBatcher:
         for thread in (*self._feeders, self._completer):
             thread.start()
 
-    def submit(self, inputs: Any, parameters: dict[str, Any], context: Any = None) -> Future:
+    def submit(self, inputs: Any, parameters: dict[str, Any], context: Any = None, exclusive: bool = False) -> Future:
+        """Queue one job's inputs; `exclusive`: it runs in a forward pass of its own."""
         request = Request(inputs, parameters, json.dumps(parameters, sort_keys=True, default=str), _length(inputs),
-                          context)
+                          context, exclusive=exclusive)
         with self._cond:
             if self._closed:
                 raise ModelUnavailable(f"model {self.model_id!r} was unloaded")
@@ -191,6 +195,9 @@ class ModelBatcher:
                 return
             groups: dict[str, list[Request]] = {}
             for request in requests:
+                if request.exclusive:
+                    self._run(index, [request])
+                    continue
                 groups.setdefault(request.key, []).append(request)
             for group in groups.values():
                 group.sort(key=lambda r: r.length)
@@ -206,6 +213,7 @@ class ModelBatcher:
         self._on_batch(len(batch))
         started = time.monotonic()
         try:
+            self._on_forward(batch)
             outputs = self.executor.run_batch_on(index, [r.inputs for r in batch], batch[0].parameters)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(batch)} inputs")

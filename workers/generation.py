@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from loguru import logger
 
 from config.models import ModelSpec
@@ -67,7 +68,8 @@ def run_generation_jobs(svc: WorkerService, spec: ModelSpec, runtime: RemoteRunt
 
     waiting: dict[Future, _Request] = {}
     for request in requests:
-        _send(runtime, request, exclusive=False)
+        # A job queued again after its worker died runs alone: it may be what killed it.
+        _send(svc, runtime, request, exclusive=bool(request.ctx["job"].get("isolate")))
         waiting[request.call.future] = request
     while waiting:
         done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
@@ -85,13 +87,18 @@ def run_generation_jobs(svc: WorkerService, spec: ModelSpec, runtime: RemoteRunt
 _AGAIN = object()
 
 
-def _send(runtime: RemoteRuntime, request: _Request, exclusive: bool) -> None:
+def _send(svc: WorkerService, runtime: RemoteRuntime, request: _Request, exclusive: bool) -> None:
     job = request.ctx["job"]
     if request.item is None:
         # A fresh target on every try: chunk indexes restart at 0, so what an earlier try already
         # published is skipped (by index) and readers see each chunk once.
         first = request.stream.first_piece_at if request.stream else None
         request.stream = StreamTarget(job["job_id"], runtime.spec.id, job.get("submitted_at"), first_piece_at=first)
+    if request.item is None:
+        try:  # what the reaper charges if the worker dies now: a row alone in its batch, never a companion
+            svc.jobs.mark_forward([job["job_id"]], alone=exclusive)
+        except redis.RedisError:
+            pass
     request.call = runtime.generate(request.inputs, job.get("parameters") or {}, request.stream,
                                     exclusive=exclusive, deadline=job.get("deadline"))
 
@@ -121,7 +128,7 @@ def _settle(svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, request
                 "poison_job", f"the job brought down the process of model {spec.id!r} {request.crashes} times "
                 f"when it ran alone ({exc}); it is not retried again"))
         log.warning("generation lost its model process ({}); trying it again alone", exc)
-        _send(runtime, request, exclusive=True)
+        _send(svc, runtime, request, exclusive=True)
         return _AGAIN
     except CallCancelled:
         log.info("generation cancelled")

@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery
 from loguru import logger
 
-from tasks.jobs import EXPIRED, FAILED, SUCCEEDED
+from tasks.jobs import EXPIRED, FAILED, SUCCEEDED, requeue_payload
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
 from workers.cache import ModelLoadError
 from workers.generation import run_generation_jobs
@@ -17,6 +17,8 @@ from workers.outcomes import classify, error_body
 from workers.service import WorkerService
 
 _service: WorkerService | None = None
+# A job started by this many workers per allowed attempt, each of which died under it, is not started again.
+MAX_TAKEOVERS_PER_ATTEMPT = 4
 
 
 def bind_service(service: WorkerService) -> None:
@@ -34,7 +36,8 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[st
     """A /serve/batch job: every item goes through the batcher; each gets its output or its own error."""
     job = ctx["job"]
     parameters = job.get("parameters") or {}
-    futures = [svc.submit(spec, runtime, item, parameters) for item in job["inputs"]]
+    futures = [svc.submit(spec, runtime, item, parameters, exclusive=bool(job.get("isolate")))
+               for item in job["inputs"]]
     outputs, sizes, inference_ms = [], [], 0.0
     for future in futures:
         try:
@@ -58,20 +61,23 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
     The message is acknowledged when this returns, i.e. after every result is written.
     """
     svc = service()
-    deliveries = svc.jobs.mark_running_many([j["job_id"] for j in jobs], svc.name)
+    deliveries = svc.jobs.mark_running_many(
+        [(j["job_id"], requeue_payload(INFER, svc.queue, {"model_id": model_id, "jobs": [j]})) for j in jobs], svc.name)
     if not all(deliveries):
-        logger.bind(model_id=model_id).info("{} job(s) already ended; skipping them", deliveries.count(0))
+        logger.bind(model_id=model_id).info("{} job(s) already ended or running elsewhere; skipping them",
+                                            deliveries.count(0))
     started = time.time()
     active, refused = [], []
     for job, delivery in zip(jobs, deliveries):
         if delivery == 0:
             continue
         ctx = {"job": job, "attempts": delivery, "started": started}
-        if delivery > svc.settings.max_attempts:
-            # Delivered again and again because its worker died each time: a poison input.
+        if delivery > MAX_TAKEOVERS_PER_ATTEMPT * svc.settings.max_attempts:
+            # Charges go to a job that was alone on a worker that died (workers/reaper.py); this bounds a job
+            # that takes its worker down while others are always beside it.
             refused.append(svc.failed(ctx, error_body(
-                "poison_job", f"the job was delivered {delivery - 1} times and its worker died each time; "
-                "it is not retried again (AETHERCORE_MAX_ATTEMPTS)")))
+                "poison_job", f"the job was started by {delivery} workers and each of them died before it "
+                "ended; it is not retried again (AETHERCORE_MAX_ATTEMPTS)")))
         elif job.get("deadline") and started > job["deadline"]:
             refused.append({**svc.failed(ctx, error_body(
                 "deadline_exceeded", f"the job waited {started - job['submitted_at']:.1f} s in the queue, longer "
@@ -113,7 +119,8 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
             own.append(ctx)
             continue
         try:
-            handed.append(svc.submit(spec, runtime, job["inputs"], job.get("parameters") or {}, ctx))
+            handed.append(svc.submit(spec, runtime, job["inputs"], job.get("parameters") or {}, ctx,
+                                     exclusive=bool(job.get("isolate"))))
         except Exception as exc:  # unloaded meanwhile
             refused.append(svc.failed(ctx, classify(exc)))
     svc.finish("inference", model_id, refused)
@@ -141,7 +148,8 @@ def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[di
 def run_load(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
     log = logger.bind(job_id=job_id, model_id=model_id, request_id=request_id)
-    attempts = svc.jobs.mark_running(job_id, svc.name)
+    attempts = svc.jobs.mark_running(job_id, svc.name, requeue_payload(LOAD_MODEL, svc.queue, {
+        "job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}))
     if not attempts:
         return
     wake = {"attempts": attempts, "started_at": time.time()}
@@ -171,7 +179,8 @@ def run_load(job_id: str, model_id: str, device: str, request_id: str | None = N
 
 def run_unload(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
-    attempts = svc.jobs.mark_running(job_id, svc.name)
+    attempts = svc.jobs.mark_running(job_id, svc.name, requeue_payload(UNLOAD_MODEL, svc.queue, {
+        "job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}))
     if not attempts:
         return
     wake = {"attempts": attempts, "started_at": time.time()}

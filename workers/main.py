@@ -48,7 +48,11 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
     def _shutdown(**_: object) -> None:
         service.stop()
 
-    service.start()
+    def send(task: str, queue: str, kwargs: dict, job_id: str) -> None:
+        app.send_task(task, kwargs=kwargs, queue=queue, task_id=job_id,
+                      kwargsrepr=repr({k: v for k, v in kwargs.items() if k != "jobs"} | {"job_ids": [job_id]}))
+
+    service.start(send)
     service.publish()
     # JSON logs: no ASCII banner on stdout, so every output line parses.
     quiet = ["--quiet"] if settings.log_format == "json" else []

@@ -16,6 +16,7 @@ Two background threads keep the cluster view true:
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import socket
 import threading
@@ -35,11 +36,13 @@ from tasks.jobs import FAILED, SUCCEEDED, JobStore, encode
 from tasks.metrics import BATCH_SIZE, INFERENCE_TIME, QUEUE_WAIT, LocalMetrics
 from tasks.names import control_channel, queue_for_device
 from tasks.redis_client import make_redis
+from tasks.results import compact
 from workers.batcher import ModelBatcher, Request
 from workers.cache import ModelCache, ModelLoadError
 from workers.device import device_memory
 from workers.model_process import RemoteRuntime
 from workers.outcomes import logged, queue_ms
+from workers.reaper import Reaper, Send
 from workers.streams import JobStreams
 
 
@@ -50,6 +53,10 @@ def _base64_arrays(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _base64_arrays(v) for k, v in value.items()}
     return value
+
+
+# How long a job's end is retried while Redis cannot take it (unreachable, or at its maxmemory).
+RESULT_WRITE_RETRY_S = 300
 
 
 class ModelNotLoaded(RuntimeError):
@@ -84,8 +91,14 @@ class WorkerService:
         self._publish_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        for target, label in ((self._heartbeat_loop, "heartbeat"), (self._reconcile_loop, "reconcile")):
+    def start(self, send: Send) -> None:
+        """Start the background threads; `send` queues a task (the reaper's way back into the broker)."""
+        broker = self.settings.effective_broker_url.split(":", 1)[0]
+        reaper = Reaper(self.jobs, self.name, self.queue, send, self.finish, max_attempts=self.settings.max_attempts,
+                        interval_s=self.settings.heartbeat_interval, worker_ttl_s=self.settings.worker_ttl,
+                        sweep_queue=broker in ("redis", "rediss", "sentinel"))
+        for target, label in ((self._heartbeat_loop, "heartbeat"), (self._reconcile_loop, "reconcile"),
+                              (lambda: reaper.run(self._stop), "reaper")):
             thread = threading.Thread(target=target, name=f"aethercore-{label}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -169,17 +182,17 @@ class WorkerService:
         return runtime, (time.perf_counter() - started) * 1000
 
     def submit(self, spec: ModelSpec, runtime: RemoteRuntime, inputs: Any, parameters: dict[str, Any],
-               context: dict[str, Any] | None = None) -> Future:
+               context: dict[str, Any] | None = None, exclusive: bool = False) -> Future:
         """Hand one job's inputs to the model's batcher. With `context` (the job), the batcher's completion
-        writes the job's end itself, together with the rest of its batch."""
-        return self._batcher(spec, runtime).submit(inputs, parameters, context)
+        writes the job's end itself, together with the rest of its batch. `exclusive`: a forward pass of its
+        own (a job requeued after its worker died)."""
+        return self._batcher(spec, runtime).submit(inputs, parameters, context, exclusive)
 
     # -- ending jobs -------------------------------------------------------------------------
     def result_for(self, spec: ModelSpec, job: dict[str, Any], body: dict[str, Any],
                    timings: dict[str, Any]) -> bytes:
         """A job's result as JSON bytes, encoded once (arrays straight from numpy, or base64 if asked)."""
-        if job.get("encoding_format") == "base64":
-            body = _base64_arrays(body)
+        body = _base64_arrays(body) if job.get("encoding_format") == "base64" else compact(body)
         return encode({"model_id": spec.id, "task": spec.task, "device": self.device, "worker": self.name,
                        "timings": timings, **body})
 
@@ -194,7 +207,7 @@ class WorkerService:
         now = time.time()
         for item in outcomes:
             item["note"] = self._wake_note(item, now)
-        for item, ended in zip(outcomes, self.jobs.finish_many(outcomes)):
+        for item, ended in zip(outcomes, self._write_ends(outcomes)):
             if not ended:
                 continue
             self.metrics.count_job(kind, model_id, item["status"])
@@ -203,6 +216,24 @@ class WorkerService:
                 self.metrics.observe(QUEUE_WAIT, model_id, timings["queue_ms"] / 1000)
             if timings.get("inference_ms") is not None:
                 self.metrics.observe(INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
+
+    def _write_ends(self, outcomes: list[dict[str, Any]]) -> list[bool]:
+        """Write the jobs' ends, retried while Redis is unreachable or refuses writes (at its maxmemory: results
+        expiring free room) for up to RESULT_WRITE_RETRY_S: the caller (a model's completion thread) waits, so
+        the model takes no new work meanwhile, and no job is left half-written. Each retry is safe: a job that
+        already ended is not ended twice."""
+        deadline = time.monotonic() + RESULT_WRITE_RETRY_S
+        for attempt in itertools.count():
+            try:
+                return self.jobs.finish_many(outcomes)
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                if attempt == 0:
+                    logger.warning("cannot write the end of {} job(s) ({}); retrying until Redis takes it",
+                                   len(outcomes), exc)
+                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     def _wake_note(self, item: dict[str, Any], finished_at: float) -> bytes:
         """What a waiting API process needs to answer without reading the job back: its ending fields (the
@@ -274,9 +305,21 @@ class WorkerService:
                                        on_batch=lambda size: self.record_batch(spec.id, size),
                                        on_complete=lambda batch: self._complete_batch(spec, batch),
                                        on_model_dead=lambda exc: self._model_died(spec.id, exc),
+                                       on_forward=self._in_forward_pass,
                                        max_crashes=self.settings.max_attempts)
                 self._batchers[spec.id] = batcher
             return batcher
+
+    def _in_forward_pass(self, batch: list[Request]) -> None:
+        """Note which jobs a forward pass holds before it runs: should the worker die in it, the reaper
+        charges only a job that was alone in it (workers/reaper.py)."""
+        job_ids = [r.context["job"]["job_id"] for r in batch if r.context is not None]
+        if not job_ids:
+            return
+        try:
+            self.jobs.mark_forward(job_ids, alone=len(batch) == 1)
+        except redis.RedisError as exc:  # the pass runs anyway; a death in it then charges no one
+            logger.warning("cannot note a forward pass: {}", exc)
 
     def _close_batcher(self, model_id: str) -> None:
         with self._batchers_lock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import json
 
 from flask import Response, current_app, request, stream_with_context
 from flask.views import MethodView
@@ -16,6 +15,7 @@ from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
 from api.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
 from api.services import services
+from api.json_provider import json_text
 from api.streaming import follow_job
 from tasks.jobs import TERMINAL
 
@@ -77,7 +77,7 @@ class Job(MethodView):
 
 def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
     head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+    return f"{head}event: {event}\ndata: {json_text(data)}\n\n"
 
 
 @blp.route("/jobs/<string:job_id>/stream")

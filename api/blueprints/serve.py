@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import marshmallow as ma
+import orjson
 from flask import current_app
 from flask.views import MethodView
 from flask_smorest import Blueprint
@@ -18,6 +18,7 @@ from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
 from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
 from api.services import Services, services
+from api.json_provider import json_text
 from api.streaming import follow_job
 from config.models import TEXT_TASKS, ModelSpec
 
@@ -150,7 +151,7 @@ def register_websocket(sock) -> None:
             if raw is None:
                 raise ApiError(408, "timeout", "send the request JSON within 30 s of connecting")
             try:
-                payload = json.loads(raw)
+                payload = orjson.loads(raw)
             except (TypeError, ValueError):
                 raise ApiError(400, "bad_request", "the message is not valid JSON") from None
             try:
@@ -160,23 +161,23 @@ def register_websocket(sock) -> None:
                                exc.messages) from None
             job = submit_inference(body)
         except ApiError as exc:
-            ws.send(json.dumps({"type": "error", "error": {"code": exc.code, "message": exc.message,
+            ws.send(json_text({"type": "error", "error": {"code": exc.code, "message": exc.message,
                                                             "details": exc.details}}))
             return
         job_id = job["job_id"]
         try:
-            ws.send(json.dumps({"type": "queued", "job_id": job_id}))
+            ws.send(json_text({"type": "queued", "job_id": job_id}))
             for event in follow_job(svc.jobs, job_id, "0-0", alive=lambda: ws.connected, hub=svc.streams):
                 if event.kind == "chunk":
-                    ws.send(json.dumps({"type": "chunk", **event.data}))
+                    ws.send(json_text({"type": "chunk", **event.data}))
                 elif event.kind == "status":
-                    ws.send(json.dumps({"type": "status", **event.data}))
+                    ws.send(json_text({"type": "status", **event.data}))
                 elif event.kind == "done":
                     finished = public_job(event.data)
                     if finished["status"] == "failed":
-                        ws.send(json.dumps({"type": "error", "error": finished["error"], "job": finished}))
+                        ws.send(json_text({"type": "error", "error": finished["error"], "job": finished}))
                     else:
-                        ws.send(json.dumps({"type": "done", "job": finished}))
+                        ws.send(json_text({"type": "done", "job": finished}))
                     return
         except ConnectionClosed:
             pass

@@ -11,6 +11,7 @@ import redis
 import yaml
 
 from config.settings import Settings
+from tasks.names import INFLIGHT_HOLDERS, inflight_key
 from tests.conftest import client_for, poll, settings_for
 from tests.support import REPO_ROOT, RedisServer, WorkerProcess, wait_until
 
@@ -154,13 +155,19 @@ def test_a_worker_killed_under_a_full_running_batch_redelivers_every_stream_exac
 def test_a_poison_job_fails_after_bounded_attempts_and_workers_keep_serving(env):
     client = env["client"]
     job_id = client.post("/serve", json=GEN).get_json()["job_id"]
-    for attempt in (1, 2):  # AETHERCORE_MAX_ATTEMPTS=2: it kills its worker twice
+    # It "kills its worker" each time it runs. The first death finds it in a shared running batch: no charge,
+    # it is queued again to run alone; then two deaths alone reach AETHERCORE_MAX_ATTEMPTS=2.
+    r = raw(env)
+    for attempt, place in ((1, "shared"), (2, "alone"), (3, "alone")):
         worker = next(w for w in reversed(env["workers"]) if w.proc.poll() is None)
-        kill_when_running(client, job_id, worker, attempt)
+        # Killed once it is in the model's batch on this attempt (not while its new worker loads the model).
+        wait_until(lambda: client.get(f"/jobs/{job_id}").get_json()["attempts"] == attempt
+                   and r.hget(f"aethercore:job:{job_id}", "pass") == place, 60, 0.02, f"attempt {attempt} to run")
+        worker.kill(signal.SIGKILL)
         env["start_worker"](f"rel-poison-{attempt}")
     job = poll(client, job_id, timeout=90)
-    assert job["status"] == "failed" and job["error"]["code"] == "poison_job"
-    assert "not retried" in job["error"]["message"]
+    assert job["status"] == "failed" and job["error"]["code"] == "poison_job", job
+    assert "not retried" in job["error"]["message"] and job["attempts"] == 3
     assert client.post("/serve?wait=60", json=MLP).get_json()["status"] == "succeeded"
 
 
@@ -190,7 +197,10 @@ def test_every_redis_key_is_bounded(env):
     # per API key, or trimmed (recent jobs, workers index), or Celery's own fixed set.
     bounded = {"aethercore:models:desired", "aethercore:models:errors", "aethercore:models:generation",
                "aethercore:jobs:recent", "aethercore:workers", "aethercore:metrics:counters",
-               "aethercore:metrics:histograms", "aethercore:auth:keys", "cpu", "unacked", "unacked_index"}
+               "aethercore:metrics:histograms", "aethercore:auth:keys", "cpu", "unacked", "unacked_index",
+               INFLIGHT_HOLDERS}  # one name per worker holding jobs, removed when it is reaped
+    # A worker's in-flight hash lives only while it holds jobs (an empty hash is no key).
+    assert not list(r.scan_iter(inflight_key("*")))
     unbounded = []
     for key in r.scan_iter(count=1000):
         # kombu's bookkeeping: one binding set per queue or exchange, and their deadlines.

@@ -148,3 +148,17 @@ def test_instances_run_batches_side_by_side():
     futures = [batcher.submit({"text": t}, {}) for t in ("x", "y")]
     assert [f.result(10).output["echo"] for f in futures] == ["x", "y"]
     batcher.close()
+
+
+def test_an_exclusive_job_runs_in_a_forward_pass_of_its_own():
+    executor = RecordingExecutor(delay=0.2)
+    seen = []
+    batcher = batcher_for(executor, on_forward=lambda batch: seen.append([r.inputs["text"] for r in batch]))
+    first = batcher.submit({"text": "first"}, {})
+    time.sleep(0.05)
+    futures = [batcher.submit({"text": t}, {}, exclusive=(t == "alone")) for t in ("a", "alone", "b", "c")]
+    assert first.result(5).batch_size == 1
+    assert [f.result(5).batch_size for f in futures] == [3, 1, 3, 3]
+    assert ["alone"] in executor.batches and sorted(executor.batches[-1] + executor.batches[-2]) == \
+        sorted(["a", "b", "c", "alone"])
+    assert seen == executor.batches  # every pass is announced before it runs
