@@ -10,11 +10,12 @@ replacement at once, as an orchestrator would. Workers run with a short heartbea
 jobs are taken over by the reaper (workers/reaper.py) within seconds; the broker's visibility timeout
 is left long (`--visibility-timeout`, default 300 s) so that it cannot be what saves them.
 
-With `--poison`, one more job is a stand-in for an input that takes its worker down: whenever it is
-running, the killer SIGKILLs the worker running it. It must end as `poison_job` and nothing else may.
+With `--poison`, one more job is a stand-in for an input that takes its worker down (a long tiny-gpt2
+generation): whenever it is in a forward pass, the killer SIGKILLs the worker running it. It must end as
+`poison_job` and nothing else may.
 
 Reports submitted / succeeded / failed by error code / never ended (still queued or running
-`--grace` s after the last kill), and how many jobs have a `done` event other than exactly one.
+`--grace` s after the last kill), and how many jobs have more than one `done` event.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A model server kee
              "Redis streams carry every chunk to the client.", "Workers die; the jobs they held must not.",
              "Batching turns many small requests into one forward pass.", "Nothing may be lost in a storm."]
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+# The stand-in for an input that takes its worker down: a generation long enough to be seen in the model.
+POISON = {"model_id": "tiny-gpt2", "inputs": {"text": "poison"}, "parameters": {"max_length": 256}}
 
 
 @dataclass
@@ -44,8 +47,9 @@ class StormResult:
     submitted: int = 0
     outcomes: Counter = field(default_factory=Counter)  # "succeeded" | "failed:<code>" | "never ended:<status>"
     kills: int = 0
+    poison_kills: int = 0  # workers the poison job took down
     client_errors: Counter = field(default_factory=Counter)  # what the clients saw go wrong (a refused POST...)
-    done_events_not_one: int = 0
+    duplicate_done_events: int = 0
     poison: str | None = None  # the poison job's outcome, if there was one
     seconds: float = 0.0
 
@@ -62,11 +66,11 @@ class StormResult:
         lines = [f"submitted {self.submitted} jobs; {self.kills} workers SIGKILLed; {self.seconds:.0f} s",
                  f"outcomes: {by_outcome}",
                  f"succeeded {self.outcomes['succeeded']} / failed {self.failed} / never ended {self.never_ended}; "
-                 f"jobs without exactly one `done` event: {self.done_events_not_one}"]
+                 f"jobs with more than one `done` event: {self.duplicate_done_events}"]
         if self.client_errors:
             lines.append("client errors: " + ", ".join(f"{k} {n}" for k, n in self.client_errors.most_common()))
         if self.poison is not None:
-            lines.append(f"the poison job: {self.poison}")
+            lines.append(f"the poison job: {self.poison} (it took down {self.poison_kills} workers)")
         return lines
 
 
@@ -132,20 +136,23 @@ class Storm:
             status = orjson.loads(conn.getresponse().read())["status"]
 
     def _killer(self, poison_id: str | None) -> None:
+        """`kills` SIGKILLs every `kill_every` s; and, as long as the poison job has not ended, its worker's
+        death whenever it is in a forward pass (those deaths are its doing, not the storm's: not counted)."""
         r = redis.Redis.from_url(self.url, decode_responses=True)
         next_kill = time.monotonic() + self.kill_every
         done = 0
-        while self.storming.is_set() and done < self.kills:
-            if poison_id:  # "the job takes its worker down": kill whoever runs it
+        poison_open = poison_id is not None
+        while self.storming.is_set() and (done < self.kills or poison_open):
+            if poison_open:
                 job = r.hgetall(f"aethercore:job:{poison_id}")
-                if job.get("status") == "running":
+                poison_open = job.get("status") not in TERMINAL
+                if job.get("status") == "running" and job.get("pass"):
                     victim = next((w for w in self._live() if w.name == job.get("worker")), None)
                     if victim is not None:
                         self._kill(victim)
                         self._start_worker(wait=False)
-                        done += 1
-                        self.result.kills += 1
-            if time.monotonic() >= next_kill:
+                        self.result.poison_kills += 1
+            if done < self.kills and time.monotonic() >= next_kill:
                 live = self._live()
                 if live:
                     self._kill(live[0])
@@ -166,17 +173,17 @@ class Storm:
             for _ in range(self.n_workers):
                 self._start_worker(wait=True)
             conn = HTTPConnection("127.0.0.1", api.port, timeout=120)
-            conn.request("POST", f"/models/{self.model}/load?wait=120")
-            response = conn.getresponse()
-            if response.status != 200:
-                raise RuntimeError(f"cannot load {self.model}: {response.read()!r}")
-            response.read()
+            for model in (self.model, *((POISON["model_id"],) if self.with_poison else ())):
+                conn.request("POST", f"/models/{model}/load?wait=120")
+                response = conn.getresponse()
+                if response.status != 200:
+                    raise RuntimeError(f"cannot load {model}: {response.read()!r}")
+                response.read()
             started = time.monotonic()
             self.storming.set()
             poison_id = None
             if self.with_poison:
-                conn.request("POST", "/serve", body=orjson.dumps({"model_id": self.model, "inputs": {"text": "poison"}}),
-                             headers={"Content-Type": "application/json"})
+                conn.request("POST", "/serve", body=orjson.dumps(POISON), headers={"Content-Type": "application/json"})
                 poison_id = orjson.loads(conn.getresponse().read())["job_id"]
             share = [self.jobs // self.clients + (1 if i < self.jobs % self.clients else 0) for i in range(self.clients)]
             threads = [threading.Thread(target=self._client, args=(i, n, api.port), daemon=True)
@@ -222,7 +229,7 @@ class Storm:
                 outcome = f"never ended:{status}"
             if status in TERMINAL:
                 dones = sum(1 for _id, e in r.xrange(f"aethercore:job:{job_id}:events") if e.get("type") == "done")
-                self.result.done_events_not_one += dones != 1
+                self.result.duplicate_done_events += dones > 1  # 0 when nobody followed it (no stream)
             if job_id == poison_id:
                 self.result.poison = outcome
                 continue

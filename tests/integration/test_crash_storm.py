@@ -18,4 +18,4 @@ def test_a_storm_of_worker_kills_loses_no_job_and_fails_none_as_poison():
     assert result.submitted == 200 and not result.client_errors
     assert result.never_ended == 0, result.outcomes
     assert result.outcomes["succeeded"] == 200, result.outcomes
-    assert result.done_events_not_one == 0
+    assert result.duplicate_done_events == 0
