@@ -155,7 +155,7 @@ def flower(port: Optional[int] = typer.Option(None, help="Port (default AETHERCO
         path = cfg.admin_key_file.parent / "flower.auth"
         basic_auth = _ensure_secret_file(path, lambda: f"admin:{secrets.token_urlsafe(12)}")
         err.print(f"Flower login (basic auth) is in {path}")
-    argv = ["flower", f"--port={port or cfg.flower_port}", "--address=0.0.0.0",
+    argv = ["flower", f"--port={port or cfg.flower_port}", "--address=0.0.0.0", f"--max_tasks={cfg.flower_max_tasks}",
             # kwargs show the model id and job ids of each task (never the inputs: see api/dispatch.py).
             "--tasks_columns=name,uuid,state,kwargs,received,runtime,worker"]
     if basic_auth:

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPSConnection
+from http.client import HTTPConnection, HTTPSConnection, RemoteDisconnected
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -75,15 +75,23 @@ class Client:
         return conn
 
     def request(self, method: str, path: str, body: Any = None, raw: bool = False) -> tuple[int, Any]:
-        conn = self._conn()
-        try:
-            conn.request(method, path, body=orjson.dumps(body) if body is not None else None, headers=self.headers)
-            response = conn.getresponse()
-            data = response.read()
-        except (OSError, ConnectionError) as exc:
-            conn.close()
-            self._local.conn = None
-            raise RequestFailed(f"connection: {type(exc).__name__}") from None
+        for attempt in (0, 1):
+            reused = getattr(self._local, "conn", None) is not None
+            conn = self._conn()
+            try:
+                conn.request(method, path, body=orjson.dumps(body) if body is not None else None, headers=self.headers)
+                response = conn.getresponse()
+                data = response.read()
+                break
+            except (OSError, ConnectionError, RemoteDisconnected) as exc:
+                conn.close()
+                self._local.conn = None
+                # A keep-alive connection the server closed while idle (gunicorn's keepalive) fails on its next
+                # send: what any pooled HTTP client does is open a new one and send again, once.
+                stale = reused and isinstance(exc, (BrokenPipeError, ConnectionResetError, RemoteDisconnected))
+                if attempt == 0 and stale:
+                    continue
+                raise RequestFailed(f"connection: {type(exc).__name__}") from None
         if raw:
             return response.status, data
         try:
@@ -293,9 +301,12 @@ def run(url: str, key: str | None, redis_url: str, *, minutes: float, fraction: 
     offerer.start()
     bar = _progress(progress, duration)
     try:
+        last = started
         while (elapsed := time.monotonic() - started) < duration:
             time.sleep(max(0.0, min(sample_s, duration - elapsed)))
-            row = _sample(soak, time.monotonic() - started, sample_s)
+            now = time.monotonic()
+            row = _sample(soak, now - started, now - last)
+            last = now
             rows.append(row)
             bar(row)
     finally:
@@ -309,12 +320,12 @@ def run(url: str, key: str | None, redis_url: str, *, minutes: float, fraction: 
     return verdict
 
 
-def _sample(soak: Soak, t: float, sample_s: float) -> dict[str, Any]:
+def _sample(soak: Soak, t: float, interval_s: float) -> dict[str, Any]:
     taken = soak.take_interval()
     lat = sorted(taken.latencies_ms)
     info = soak.redis.info("memory")
     rss = deployment_rss()
-    return {"t_s": round(t, 1), "requests_per_s": round(taken.requests / sample_s, 2),
+    return {"t_s": round(t, 1), "requests_per_s": round(taken.requests / max(interval_s, 1e-6), 2),
             "errors": sum(taken.errors.values()),
             "p50_ms": round(statistics.median(lat), 1) if lat else None,
             "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1) if lat else None,

@@ -218,8 +218,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat_interval", "AETHERCORE_HEARTBEAT_INTERVAL", "2", _non_negative_float,
             "Seconds between worker heartbeats."),
     Setting("worker_ttl", "AETHERCORE_WORKER_TTL", "10", _positive_int,
-            "Seconds without a heartbeat after which a worker counts as dead."),
+            "Seconds without a heartbeat after which a worker counts as dead and its running jobs are queued again."),
     Setting("flower_port", "AETHERCORE_FLOWER_PORT", "5555", _port, "Port of the Flower dashboard."),
+    Setting("flower_max_tasks", "AETHERCORE_FLOWER_MAX_TASKS", "10000", _positive_int,
+            "Tasks Flower keeps in memory (~8 KB each; its own default of 100,000 held 840 MB in the soak)."),
     Setting("flower_basic_auth", "AETHERCORE_FLOWER_BASIC_AUTH", "", _basic_auth,
             "`user:password[,user2:password2]` to put Flower behind basic auth; empty: no auth."),
     Setting("url", "AETHERCORE_URL", "http://127.0.0.1:8001", str, "Where `manage.py` finds the API."),
@@ -245,9 +247,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_queue_depth", "AETHERCORE_MAX_QUEUE_DEPTH", "10000", _positive_int,
             "Messages a device queue may hold; new submissions beyond it get 429 with Retry-After."),
     Setting("visibility_timeout", "AETHERCORE_VISIBILITY_TIMEOUT", "300", _positive_int,
-            "Seconds before an unacknowledged job (its worker died) is redelivered; longer than the longest job."),
+            "Seconds before the broker redelivers an unacknowledged message (a second line: the reaper queues a "
+            "dead worker's jobs again after AETHERCORE_WORKER_TTL); longer than the longest job."),
     Setting("max_attempts", "AETHERCORE_MAX_ATTEMPTS", "3", _positive_int,
-            "Deliveries of a job before it is failed as poison (it killed its worker each time)."),
+            "Crashes charged to a job (it was alone in a forward pass when its model process or worker died) before "
+            "it fails as `poison_job`."),
 )
 _ENV = {spec.name: spec.env for spec in SETTINGS}
 
@@ -286,6 +290,7 @@ class Settings:
     heartbeat_interval: float
     worker_ttl: int
     flower_port: int
+    flower_max_tasks: int
     flower_basic_auth: str
     url: str
     auth: bool

@@ -94,7 +94,6 @@ def _send(svc: WorkerService, runtime: RemoteRuntime, request: _Request, exclusi
         # published is skipped (by index) and readers see each chunk once.
         first = request.stream.first_piece_at if request.stream else None
         request.stream = StreamTarget(job["job_id"], runtime.spec.id, job.get("submitted_at"), first_piece_at=first)
-    if request.item is None:
         try:  # what the reaper charges if the worker dies now: a row alone in its batch, never a companion
             svc.jobs.mark_forward([job["job_id"]], alone=exclusive)
         except redis.RedisError:
