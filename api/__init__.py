@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from config.settings import Settings
 
 
-def create_app(settings: "Settings | None" = None) -> "Flask":
+def create_app(settings: Settings | None = None) -> Flask:
     # Imported on call, not with the package: `manage.py api` must set up prometheus-client's
     # multiprocess directory before anything imports prometheus_client (api/server.py).
     from api.app import create_app as _create_app

@@ -19,27 +19,28 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any, Callable
+from typing import Any
 
 import jwt
 import redis
 from flask import g, request
 
 from api.errors import ApiError
-from tasks.names import PREFIX
+from config.roles import ADMIN, OPERATOR, ROLES, USER
+from tasks.names import AUTH_KEYS
 
-ROLES = ("admin", "operator", "user", "viewer")
-KEYS_HASH = f"{PREFIX}:auth:keys"
+KEYS_HASH = AUTH_KEYS
 KEY_PREFIX = "ack_"
 KEY_CACHE_S = 5.0
 
-SERVE = ("admin", "user")
-MANAGE_MODELS = ("admin", "operator")
+SERVE = (ADMIN, USER)
+MANAGE_MODELS = (ADMIN, OPERATOR)
 READ_MODELS = ROLES
-READ_ALL_JOBS = ("admin", "operator")
-JOBS = ("admin", "operator", "user")
+READ_ALL_JOBS = (ADMIN, OPERATOR)
+JOBS = (ADMIN, OPERATOR, USER)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Principal:
         return self.role in READ_ALL_JOBS
 
 
-ANONYMOUS_ADMIN = Principal("anonymous", "admin")  # when AETHERCORE_AUTH=false
+ANONYMOUS_ADMIN = Principal("anonymous", ADMIN)  # when AETHERCORE_AUTH=false
 
 
 def _digest(secret: str) -> str:
@@ -83,12 +84,18 @@ class KeyStore:
         out = []
         for key_id, raw in sorted(self.redis.hgetall(KEYS_HASH).items()):
             entry = json.loads(raw)
-            out.append({"key_id": key_id, "role": entry["role"], "name": entry.get("name", ""),
-                        "created_at": entry.get("created_at")})
+            out.append(
+                {
+                    "key_id": key_id,
+                    "role": entry["role"],
+                    "name": entry.get("name", ""),
+                    "created_at": entry.get("created_at"),
+                }
+            )
         return out
 
     def lookup(self, key: str) -> Principal | None:
-        body = key[len(KEY_PREFIX):]
+        body = key[len(KEY_PREFIX) :]
         key_id, _, secret = body.partition(".")
         if not key_id or not secret:
             return None
@@ -102,7 +109,7 @@ class KeyStore:
 
 
 def split_key(key: str) -> tuple[str, str]:
-    body = key[len(KEY_PREFIX):]
+    body = key[len(KEY_PREFIX) :]
     key_id, _, secret = body.partition(".")
     return key_id, secret
 
@@ -125,12 +132,20 @@ class Authenticator:
             if scheme.lower() == "bearer":
                 credential = value.strip()
         if not credential:
-            raise ApiError(401, "unauthorized", "credentials required: send `Authorization: Bearer <API key or JWT>` "
-                           "or `X-API-Key: <API key>`", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "credentials required: send `Authorization: Bearer <API key or JWT>` or `X-API-Key: <API key>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         principal = self._resolve(credential)
         if principal is None:
-            raise ApiError(401, "unauthorized", "the API key or token is invalid, expired or revoked",
-                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "the API key or token is invalid, expired or revoked",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         return principal
 
     def _resolve(self, credential: str) -> Principal | None:

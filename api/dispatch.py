@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from celery import Celery
 
@@ -39,8 +40,13 @@ class _Pending:
 
 
 class InferenceDispatcher:
-    def __init__(self, celery: Celery, max_jobs: int = MAX_JOBS_PER_MESSAGE, linger_ms: float = 0.0,
-                 in_flight: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        celery: Celery,
+        max_jobs: int = MAX_JOBS_PER_MESSAGE,
+        linger_ms: float = 0.0,
+        in_flight: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.celery = celery
         self.max_jobs = max_jobs
         self.linger_s = linger_ms / 1000
@@ -65,7 +71,7 @@ class InferenceDispatcher:
                     self._publishing = True
                     if self.linger_s > 0 and len(self._waiting) < self.max_jobs and self.in_flight() >= LOAD_IN_FLIGHT:
                         self._cond.wait(self.linger_s)  # others queue meanwhile (the lock is released)
-                    group, self._waiting = self._waiting[:self.max_jobs], self._waiting[self.max_jobs:]
+                    group, self._waiting = self._waiting[: self.max_jobs], self._waiting[self.max_jobs :]
                     self._cond.release()
                     try:
                         self._send_group(group)
@@ -96,7 +102,9 @@ class InferenceDispatcher:
 
     def _send(self, model_id: str, device: str, jobs: list[dict[str, Any]]) -> None:
         self.celery.send_task(
-            INFER, kwargs={"model_id": model_id, "jobs": jobs}, queue=queue_for_device(device),
+            INFER,
+            kwargs={"model_id": model_id, "jobs": jobs},
+            queue=queue_for_device(device),
             # A message with one job carries the job's id, so Flower and the API name the same thing.
             task_id=jobs[0]["job_id"] if len(jobs) == 1 else None,
             # What Flower and logs show instead of the inputs themselves.

@@ -16,15 +16,30 @@ from loguru import logger
 from werkzeug.exceptions import HTTPException, NotFound
 
 DEFAULT_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
-    429: "too_many_requests", 500: "internal_error", 503: "service_unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "service_unavailable",
 }
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.details = details or {}
@@ -41,8 +56,9 @@ class ErrorSchema(ma.Schema):
     error = ma.fields.Nested(ErrorBodySchema, required=True)
 
 
-def error_response(status: int, code: str, message: str, details: dict | None = None,
-                   headers: dict[str, str] | None = None):
+def error_response(
+    status: int, code: str, message: str, details: dict | None = None, headers: dict[str, str] | None = None
+):
     response = jsonify({"error": {"code": code, "message": message, "details": details or {}}})
     response.status_code = status
     for key, value in (headers or {}).items():
@@ -76,8 +92,7 @@ def http_exception_response(exc: HTTPException):
         message = "the request body is larger than AETHERCORE_MAX_REQUEST_BYTES allows"
     if status >= 500:
         message = "internal error; the incident was logged"
-    return error_response(status, DEFAULT_CODES.get(status, "error"), message, details,
-                          headers=data.get("headers"))
+    return error_response(status, DEFAULT_CODES.get(status, "error"), message, details, headers=data.get("headers"))
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -88,16 +103,22 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: redis.RedisError):
         logger.warning("Redis unavailable: {}", exc)
-        return error_response(503, "redis_unavailable",
-                              "Redis is not reachable; the request was not accepted, retry shortly",
-                              headers={"Retry-After": "2"})
+        return error_response(
+            503,
+            "redis_unavailable",
+            "Redis is not reachable; the request was not accepted, retry shortly",
+            headers={"Retry-After": "2"},
+        )
 
     @app.errorhandler(OperationalError)
     def _broker_down(exc: OperationalError):
         logger.warning("broker unavailable: {}", exc)
-        return error_response(503, "broker_unavailable",
-                              "the job queue is not reachable; the request was not accepted, retry shortly",
-                              headers={"Retry-After": "2"})
+        return error_response(
+            503,
+            "broker_unavailable",
+            "the job queue is not reachable; the request was not accepted, retry shortly",
+            headers={"Retry-After": "2"},
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -40,5 +40,6 @@ class OrjsonProvider(JSONProvider):
 
     def response(self, *args: Any, **kwargs: Any):
         obj = self._prepare_response_obj(args, kwargs)
-        return self._app.response_class(orjson.dumps(obj, default=_default, option=_OPTIONS),
-                                        mimetype="application/json")
+        return self._app.response_class(
+            orjson.dumps(obj, default=_default, option=_OPTIONS), mimetype="application/json"
+        )

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from flask import Flask, Response, g, request
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -26,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tasks import metrics as worker_metrics
 from tasks.cluster import ClusterState
 from tasks.names import CPU_QUEUE, queue_for_device
+from tasks.states import LOADED
 
 REQUESTS_TOTAL = "aethercore_requests_total"
 REQUEST_DURATION = "aethercore_request_duration_seconds"
@@ -50,17 +50,21 @@ class ClusterCollector:
         try:
             workers = self.cluster.live_workers()
             counters, histograms = worker_metrics.read(self.cluster.redis)
-            devices = {CPU_QUEUE} | {w["device"] for w in workers} | \
-                {e["device"] for e in self.cluster.all_desired().values()}
+            devices = (
+                {CPU_QUEUE}
+                | {w["device"] for w in workers}
+                | {e["device"] for e in self.cluster.all_desired().values()}
+            )
             depths = {d: self.cluster.redis.llen(queue_for_device(d)) for d in sorted(devices)}
         except Exception:  # a scrape during a Redis outage still returns the API's own metrics
             return
-        memory = GaugeMetricFamily(MODEL_MEMORY, "Memory held by a resident model replica",
-                                   labels=["model", "worker", "device"])
+        memory = GaugeMetricFamily(
+            MODEL_MEMORY, "Memory held by a resident model replica", labels=["model", "worker", "device"]
+        )
         models = set()
         for record in workers:
             for model_id, info in record.get("models", {}).items():
-                if info.get("state") == "loaded":
+                if info.get("state") == LOADED:
                     models.add(model_id)
                     memory.add_metric([model_id, record["name"], record["device"]], info.get("memory_bytes", 0))
         yield memory
@@ -75,10 +79,14 @@ class ClusterCollector:
             depth.add_metric([queue_for_device(device)], value)
         yield depth
 
-        jobs = CounterMetricFamily(worker_metrics.JOBS_TOTAL, worker_metrics.HELP[worker_metrics.JOBS_TOTAL],
-                                   labels=["kind", "model", "status"])
-        tokens = CounterMetricFamily(worker_metrics.GENERATED_TOKENS, worker_metrics.HELP[worker_metrics.GENERATED_TOKENS],
-                                     labels=["model"])
+        jobs = CounterMetricFamily(
+            worker_metrics.JOBS_TOTAL,
+            worker_metrics.HELP[worker_metrics.JOBS_TOTAL],
+            labels=["kind", "model", "status"],
+        )
+        tokens = CounterMetricFamily(
+            worker_metrics.GENERATED_TOKENS, worker_metrics.HELP[worker_metrics.GENERATED_TOKENS], labels=["model"]
+        )
         for key, value in sorted(counters.items()):
             if key[0] == worker_metrics.GENERATED_TOKENS:
                 tokens.add_metric([key[1]], value)
@@ -90,17 +98,19 @@ class ClusterCollector:
         for metric in worker_metrics.BUCKETS:
             family = HistogramMetricFamily(metric, worker_metrics.HELP[metric], labels=["model"])
             for model, parts in sorted(histograms.get(metric, {}).items()):
-                family.add_metric([model], worker_metrics.cumulative_buckets(metric, parts),
-                                  sum_value=parts.get("sum", 0.0))
+                family.add_metric(
+                    [model], worker_metrics.cumulative_buckets(metric, parts), sum_value=parts.get("sum", 0.0)
+                )
             yield family
-
 
     @staticmethod
     def _decoding(workers: list[dict]) -> Any:
-        running = GaugeMetricFamily(worker_metrics.GENERATION_RUNNING,
-                                    worker_metrics.HELP[worker_metrics.GENERATION_RUNNING], labels=["model"])
-        waiting = GaugeMetricFamily(worker_metrics.GENERATION_WAITING,
-                                    worker_metrics.HELP[worker_metrics.GENERATION_WAITING], labels=["model"])
+        running = GaugeMetricFamily(
+            worker_metrics.GENERATION_RUNNING, worker_metrics.HELP[worker_metrics.GENERATION_RUNNING], labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            worker_metrics.GENERATION_WAITING, worker_metrics.HELP[worker_metrics.GENERATION_WAITING], labels=["model"]
+        )
         totals: dict[str, list[int]] = {}
         for record in workers:
             for model_id, info in record.get("models", {}).items():
@@ -122,13 +132,23 @@ class ApiMetrics:
         # values go to the shared directory and are read back by MultiProcessCollector at scrape.
         self.registry = None if self.multiprocess else CollectorRegistry()
         self.cluster_collector = ClusterCollector(cluster)
-        self.requests_total = Counter(REQUESTS_TOTAL, "HTTP requests handled", ["method", "endpoint", "status"],
-                                      registry=self.registry)
-        self.duration = Histogram(REQUEST_DURATION, "HTTP request duration", ["method", "endpoint"],
-                                  registry=self.registry,
-                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-        self.streams = Gauge(STREAMS_OPEN, "Open streaming connections (WebSocket and SSE)", ["kind"],
-                             registry=self.registry, multiprocess_mode="livesum")
+        self.requests_total = Counter(
+            REQUESTS_TOTAL, "HTTP requests handled", ["method", "endpoint", "status"], registry=self.registry
+        )
+        self.duration = Histogram(
+            REQUEST_DURATION,
+            "HTTP request duration",
+            ["method", "endpoint"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.streams = Gauge(
+            STREAMS_OPEN,
+            "Open streaming connections (WebSocket and SSE)",
+            ["kind"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         if self.registry is not None:
             self.registry.register(self.cluster_collector)
 

@@ -41,8 +41,11 @@ class InferenceRateLimit:
         """Headers for this response, like flask-limiter's: the tightest limit's use."""
         left = [(amount - count, amount, window) for count, (amount, window) in zip(used, items)]
         remaining, amount, window = min(left)
-        g.rate_limit_headers = {"X-RateLimit-Limit": str(amount), "X-RateLimit-Remaining": str(max(0, remaining)),
-                                "X-RateLimit-Window": str(window)}
+        g.rate_limit_headers = {
+            "X-RateLimit-Limit": str(amount),
+            "X-RateLimit-Remaining": str(max(0, remaining)),
+            "X-RateLimit-Window": str(window),
+        }
 
 
 def init_rate_limit_headers(app: Flask) -> None:

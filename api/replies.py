@@ -17,16 +17,18 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import redis
 from loguru import logger
 
 from api.per_process import PerProcessThread
-from tasks.jobs import TERMINAL, JobStore, iso
+from tasks.jobs import JobStore, iso
 from tasks.names import MODELS_CHANGED, reply_channel
 from tasks.results import expand
+from tasks.states import TERMINAL
 
 RECHECK_S = 1.0
 
@@ -43,8 +45,12 @@ class Waiter:
 def merge(job: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
     """The job as the API knew it, with the ending fields the worker (or a cancelling API) published."""
     ended = dict(job)
-    ended.update(status=note["status"], result=expand(note.get("result")), error=note.get("error"),
-                 finished_at=iso(note.get("finished_at")))
+    ended.update(
+        status=note["status"],
+        result=expand(note.get("result")),
+        error=note.get("error"),
+        finished_at=iso(note.get("finished_at")),
+    )
     for name in ("worker", "attempts", "chunks"):
         if note.get(name) is not None:
             ended[name] = note[name]
@@ -54,8 +60,12 @@ def merge(job: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
 
 
 class ReplyListener:
-    def __init__(self, client: redis.Redis, jobs: JobStore,
-                 on_models_changed: Callable[[str | None], None] = lambda model_id: None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        jobs: JobStore,
+        on_models_changed: Callable[[str | None], None] = lambda model_id: None,
+    ) -> None:
         self.redis = client
         self.jobs = jobs
         self.on_models_changed = on_models_changed

@@ -6,46 +6,58 @@ import marshmallow as ma
 from marshmallow import validate
 
 from config.models import MODEL_ID_RE
-from tasks.cluster import MODEL_STATES
-from tasks.jobs import STATUSES
-from tasks.names import JOB_KINDS
+from tasks.states import JOB_KINDS, MODEL_STATES, STATUSES
 
 JOB_ID_RE = r"^[0-9a-f]{32}$"
 
 
-class ServeRequestSchema(ma.Schema):
-    model_id = ma.fields.String(required=True, validate=validate.Regexp(MODEL_ID_RE.pattern),
-                                metadata={"example": "minilm"})
+class _InferenceRequest(ma.Schema):
+    """What every inference body carries besides its inputs and parameters."""
+
+    model_id = ma.fields.String(
+        required=True, validate=validate.Regexp(MODEL_ID_RE.pattern), metadata={"example": "minilm"}
+    )
+    result_ttl = ma.fields.Integer(
+        validate=validate.Range(min=1, max=7 * 86400),
+        metadata={
+            "description": "Seconds this job and its result are kept after it ends (default AETHERCORE_RESULT_TTL)"
+        },
+    )
+    timeout = ma.fields.Float(
+        validate=validate.Range(min=0.001, max=86400),
+        metadata={"description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"},
+    )
+    encoding_format = ma.fields.String(
+        load_default="float",
+        validate=validate.OneOf(("float", "base64")),
+        metadata={
+            "description": "How embeddings are returned: JSON numbers (`float`) or `base64` of their "
+            "little-endian float32 bytes (a quarter of the size, and exact)"
+        },
+    )
+
+
+class ServeRequestSchema(_InferenceRequest):
     inputs = ma.fields.Dict(required=True, metadata={"example": {"text": "Hello world"}})
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 100}})
-    result_ttl = ma.fields.Integer(validate=validate.Range(min=1, max=7 * 86400), metadata={
-        "description": "Seconds this job and its result are kept after it ends (default AETHERCORE_RESULT_TTL)"})
-    timeout = ma.fields.Float(validate=validate.Range(min=0.001, max=86400), metadata={
-        "description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"})
-    encoding_format = ma.fields.String(load_default="float", validate=validate.OneOf(("float", "base64")), metadata={
-        "description": "How embeddings are returned: JSON numbers (`float`) or `base64` of their "
-                       "little-endian float32 bytes (a quarter of the size, and exact)"})
 
 
-class BatchRequestSchema(ma.Schema):
-    model_id = ma.fields.String(required=True, validate=validate.Regexp(MODEL_ID_RE.pattern),
-                                metadata={"example": "minilm"})
-    inputs = ma.fields.List(ma.fields.Dict(), required=True, validate=validate.Length(min=1),
-                            metadata={"example": [{"text": "first"}, {"text": "second"}]})
+class BatchRequestSchema(_InferenceRequest):
+    inputs = ma.fields.List(
+        ma.fields.Dict(),
+        required=True,
+        validate=validate.Length(min=1),
+        metadata={"example": [{"text": "first"}, {"text": "second"}]},
+    )
     parameters = ma.fields.Dict(load_default=dict, metadata={"example": {"max_length": 128}})
-    result_ttl = ma.fields.Integer(validate=validate.Range(min=1, max=7 * 86400), metadata={
-        "description": "Seconds this job and its result are kept after it ends (default AETHERCORE_RESULT_TTL)"})
-    timeout = ma.fields.Float(validate=validate.Range(min=0.001, max=86400), metadata={
-        "description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"})
-    encoding_format = ma.fields.String(load_default="float", validate=validate.OneOf(("float", "base64")), metadata={
-        "description": "How embeddings are returned: JSON numbers (`float`) or `base64` of their "
-                       "little-endian float32 bytes (a quarter of the size, and exact)"})
 
 
 class WaitQuerySchema(ma.Schema):
-    wait = ma.fields.Float(load_default=0.0, validate=validate.Range(min=0, max=3600),
-                           metadata={"description": "Seconds to wait for the job to finish (capped by "
-                                                    "AETHERCORE_MAX_WAIT)"})
+    wait = ma.fields.Float(
+        load_default=0.0,
+        validate=validate.Range(min=0, max=3600),
+        metadata={"description": "Seconds to wait for the job to finish (capped by AETHERCORE_MAX_WAIT)"},
+    )
 
 
 class JobErrorSchema(ma.Schema):

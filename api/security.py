@@ -29,8 +29,7 @@ def limiter_storage(settings: Settings) -> str:
     if not settings.redis_url.startswith("sentinel://"):
         return settings.redis_url
     hosts, db = sentinel_hosts(settings.redis_url)
-    return (f"redis+sentinel://{','.join(f'{h}:{p}' for h, p in hosts)}/{settings.redis_sentinel_master}"
-            f"?db={db}")
+    return f"redis+sentinel://{','.join(f'{h}:{p}' for h, p in hosts)}/{settings.redis_sentinel_master}?db={db}"
 
 
 def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authenticator:
@@ -40,9 +39,11 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
     @app.before_request
     def _gate() -> None:
         if request.method in {"POST", "PUT", "PATCH"} and request.content_length and not request.is_json:
-            raise ApiError(415, "unsupported_media_type",
-                           f"send the body as JSON with Content-Type: application/json, not "
-                           f"{request.mimetype or 'no type'}")
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send the body as JSON with Content-Type: application/json, not {request.mimetype or 'no type'}",
+            )
         if request.url_rule is None or _is_open(settings):
             return
         g.principal = authenticator.authenticate()
@@ -50,11 +51,17 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
     init_rate_limit_headers(app)
     if settings.rate_limit:
         Limiter(
-            caller_id, app=app, default_limits=[settings.rate_limit], storage_uri=limiter_storage(settings),
+            caller_id,
+            app=app,
+            default_limits=[settings.rate_limit],
+            storage_uri=limiter_storage(settings),
             storage_options={"socket_connect_timeout": 1, "socket_timeout": 2, **settings.redis_ssl()},
-            strategy="fixed-window", headers_enabled=True, swallow_errors=True,
+            strategy="fixed-window",
+            headers_enabled=True,
+            swallow_errors=True,
             # Inference submissions are counted with the job's creation (api/ratelimit.py).
-            default_limits_exempt_when=lambda: (_is_open(settings) or request.url_rule is None
-                                                or request.endpoint in INFERENCE_ENDPOINTS),
+            default_limits_exempt_when=lambda: (
+                _is_open(settings) or request.url_rule is None or request.endpoint in INFERENCE_ENDPOINTS
+            ),
         )
     return authenticator

@@ -11,7 +11,6 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
 from config.logging import InterceptHandler
-
 from config.settings import REPO_ROOT, Settings
 
 
@@ -52,9 +51,8 @@ class GunicornServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        from config.logging import setup_logging
-
         from api import create_app
+        from config.logging import setup_logging
 
         setup_logging("api", self.settings.log_level, self.settings.log_format)
         return create_app(self.settings)
@@ -71,8 +69,9 @@ def prepare_multiprocess_metrics(settings: Settings) -> Path:
     """prometheus-client multiprocess mode: every gunicorn worker writes its metric values to files in
     one directory, and /metrics (answered by any worker) adds them up. Must be set before
     prometheus_client is imported, i.e. before the workers are forked; emptied at each start."""
-    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or
-                     REPO_ROOT / "var" / "prometheus" / f"api-{settings.port}")
+    directory = Path(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR") or REPO_ROOT / "var" / "prometheus" / f"api-{settings.port}"
+    )
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
@@ -87,6 +86,12 @@ def run_api(settings: Settings) -> None:
     from loguru import logger
 
     scheme = "https" if settings.tls else "http"
-    logger.info("API serving {} on {}://{}:{}{}", scheme.upper(), scheme, settings.host, settings.port,
-                f" (certificate {settings.tls_cert})" if settings.tls else "")
+    logger.info(
+        "API serving {} on {}://{}:{}{}",
+        scheme.upper(),
+        scheme,
+        settings.host,
+        settings.port,
+        f" (certificate {settings.tls_cert})" if settings.tls else "",
+    )
     GunicornServer(settings).run()

@@ -15,14 +15,15 @@ from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
 from api.ratelimit import InferenceRateLimit, caller_id
 from api.replies import ReplyListener
-from api.stream_hub import StreamHub
 from api.request_id import current_request_id
+from api.stream_hub import StreamHub
 from config.models import ModelSpec
 from config.settings import Settings
 from tasks.cluster import ClusterState
-from tasks.jobs import FAILED, TERMINAL, JobStore, RateLimited, new_job_id, requeue_payload
+from tasks.jobs import JobStore, RateLimited, new_job_id, requeue_payload
 from tasks.names import INFER, TASK_FOR_KIND, queue_for_device
 from tasks.routing import NoDeviceAvailable, resolve_device
+from tasks.states import FAILED, INFERENCE, TERMINAL
 
 # A model's desired state is cached this long at most; every change also clears it at once (pub/sub).
 DESIRED_CACHE_S = 1.0
@@ -98,8 +99,12 @@ class Services:
     def spec(self, model_id: str) -> ModelSpec:
         spec = self.models.get(model_id)
         if spec is None:
-            raise ApiError(404, "model_not_found", f"model {model_id!r} is not configured; GET /models lists "
-                           "the configured models", {"model_id": model_id})
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"model {model_id!r} is not configured; GET /models lists the configured models",
+                {"model_id": model_id},
+            )
         return spec
 
     def device_for(self, spec: ModelSpec, *desired: dict[str, Any] | None) -> str:
@@ -109,8 +114,9 @@ class Services:
         except NoDeviceAvailable as exc:
             raise ApiError(503, "no_device", str(exc), headers={"Retry-After": "5"}) from None
 
-    def submit(self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any],
-               wait_s: float = 0.0) -> dict[str, Any]:
+    def submit(
+        self, kind: str, spec: ModelSpec, device: str, payload: dict[str, Any], wait_s: float = 0.0
+    ) -> dict[str, Any]:
         """Create the job record and queue it on the device's queue; with `wait_s`, wait for its end.
 
         Load and unload jobs are one Celery task each (task id = job id). Inference jobs go through the
@@ -120,7 +126,7 @@ class Services:
         ends it wakes this request directly.
         """
         request_id = current_request_id()
-        if kind == "inference":
+        if kind == INFERENCE:
             self._check_backpressure(device)
         else:
             self.desired_cache.clear(spec.id)
@@ -130,13 +136,21 @@ class Services:
         ttl = payload.pop("result_ttl", None)
         task, kwargs = self._message(kind, spec, payload, job_id, now, request_id)
         waiter = self.replies.expect(job_id) if wait_s > 0 else None
-        record = {"kind": kind, "model_id": spec.id, "device": device, "request_id": request_id,
-                  "owner": who.id if who is not None else None, "job_id": job_id,
-                  "notify": self.replies.channel if waiter is not None else None, "ttl": ttl, "now": now,
-                  # kept with the job until it starts: the reaper queues it again if its message is lost
-                  "payload": requeue_payload(task, queue_for_device(device), kwargs)}
+        record = {
+            "kind": kind,
+            "model_id": spec.id,
+            "device": device,
+            "request_id": request_id,
+            "owner": who.id if who is not None else None,
+            "job_id": job_id,
+            "notify": self.replies.channel if waiter is not None else None,
+            "ttl": ttl,
+            "now": now,
+            # kept with the job until it starts: the reaper queues it again if its message is lost
+            "payload": requeue_payload(task, queue_for_device(device), kwargs),
+        }
         try:
-            if kind == "inference" and self.rate_limit:
+            if kind == INFERENCE and self.rate_limit:
                 job = self._create_counted(record)
             else:
                 job = self.jobs.create(**record)
@@ -155,17 +169,22 @@ class Services:
             job, used = self.jobs.create_limited(self.rate_limit.counters(caller_id()), **record)
         except RateLimited as exc:
             amount, window = self.rate_limit.items[exc.index]
-            raise ApiError(429, "too_many_requests",
-                           f"rate limit exceeded ({amount} per {window} s for inference); retry after the "
-                           "Retry-After header's seconds", headers={"Retry-After": str(exc.retry_after_s)}) from None
+            raise ApiError(
+                429,
+                "too_many_requests",
+                f"rate limit exceeded ({amount} per {window} s for inference); retry after the "
+                "Retry-After header's seconds",
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
         self.rate_limit.remember(used, self.rate_limit.items)
         return job
 
     @staticmethod
-    def _message(kind: str, spec: ModelSpec, payload: dict[str, Any], job_id: str, now: float,
-                 request_id: str | None) -> tuple[str, dict[str, Any]]:
+    def _message(
+        kind: str, spec: ModelSpec, payload: dict[str, Any], job_id: str, now: float, request_id: str | None
+    ) -> tuple[str, dict[str, Any]]:
         """The Celery task and arguments that carry the job to its worker."""
-        if kind != "inference":
+        if kind != INFERENCE:
             return TASK_FOR_KIND[kind], {"job_id": job_id, "model_id": spec.id, "request_id": request_id, **payload}
         work = {"job_id": job_id, "submitted_at": now, "request_id": request_id, **payload}
         if work.get("timeout"):
@@ -174,18 +193,24 @@ class Services:
         return INFER, {"model_id": spec.id, "jobs": [work]}
 
     def _publish(self, kind: str, spec: ModelSpec, device: str, task: str, kwargs: dict[str, Any]) -> None:
-        job_id = kwargs["job_id"] if kind != "inference" else kwargs["jobs"][0]["job_id"]
+        job_id = kwargs["job_id"] if kind != INFERENCE else kwargs["jobs"][0]["job_id"]
         try:
-            if kind == "inference":
+            if kind == INFERENCE:
                 work = kwargs["jobs"][0]
                 coalesce = spec.task != "text-generation" and not work.get("batch")
                 self.dispatcher.publish(spec.id, device, work, coalesce=coalesce)
             else:
-                self.celery.send_task(task, kwargs=kwargs, queue=queue_for_device(device), task_id=job_id,
-                                      kwargsrepr=repr({"job_id": job_id, "model_id": spec.id, "kind": kind}))
+                self.celery.send_task(
+                    task,
+                    kwargs=kwargs,
+                    queue=queue_for_device(device),
+                    task_id=job_id,
+                    kwargsrepr=repr({"job_id": job_id, "model_id": spec.id, "kind": kind}),
+                )
         except Exception:
-            self.jobs.finish(job_id, FAILED, error={"code": "broker_unavailable",
-                                                    "message": "the job could not be queued"})
+            self.jobs.finish(
+                job_id, FAILED, error={"code": "broker_unavailable", "message": "the job could not be queued"}
+            )
             raise
 
     def _check_backpressure(self, device: str) -> None:
@@ -195,19 +220,29 @@ class Services:
         # a bound within QUEUE_DEPTH_CACHE_S for several.
         depth = self.depth_cache.get(queue, lambda: self.cluster.redis.llen(queue)) + self.depth_cache.bump(queue)
         if depth >= self.settings.max_queue_depth:
-            raise ApiError(429, "queue_full", f"the {device} queue holds {depth} jobs, at its limit "
-                           f"(AETHERCORE_MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry later",
-                           {"queue": queue, "depth": depth}, headers={"Retry-After": "5"})
+            raise ApiError(
+                429,
+                "queue_full",
+                f"the {device} queue holds {depth} jobs, at its limit "
+                f"(AETHERCORE_MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry later",
+                {"queue": queue, "depth": depth},
+                headers={"Retry-After": "5"},
+            )
 
     def _check_redis_memory(self) -> None:
         """503 before Redis refuses writes: new jobs stop at REDIS_MEMORY_LIMIT of its maxmemory, so the jobs
         already queued or running can still write their results (a full Redis would fail them half-way)."""
         used, limit = self.memory_cache.get("redis", self._redis_memory)
         if limit and used >= REDIS_MEMORY_LIMIT * limit:
-            raise ApiError(503, "redis_full", f"Redis holds {used / 2**20:.0f} MiB of its maxmemory of "
-                           f"{limit / 2**20:.0f} MiB; new jobs are refused until finished results expire "
-                           "(AETHERCORE_RESULT_TTL, or result_ttl per request) or Redis gets more memory",
-                           {"used_memory": used, "maxmemory": limit}, headers={"Retry-After": "30"})
+            raise ApiError(
+                503,
+                "redis_full",
+                f"Redis holds {used / 2**20:.0f} MiB of its maxmemory of "
+                f"{limit / 2**20:.0f} MiB; new jobs are refused until finished results expire "
+                "(AETHERCORE_RESULT_TTL, or result_ttl per request) or Redis gets more memory",
+                {"used_memory": used, "maxmemory": limit},
+                headers={"Retry-After": "30"},
+            )
 
     def _redis_memory(self) -> tuple[int, int]:
         info = self.cluster.redis.info("memory")
@@ -228,4 +263,3 @@ class Services:
 
 def services() -> Services:
     return current_app.extensions["aethercore"]
-

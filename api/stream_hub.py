@@ -84,8 +84,11 @@ class StreamHub:
         failing = False
         while True:
             with self._lock:
-                streams = {key: min((s.position for s in followers), key=_position)
-                           for key, followers in self._subscriptions.items() if followers}
+                streams = {
+                    key: min((s.position for s in followers), key=_position)
+                    for key, followers in self._subscriptions.items()
+                    if followers
+                }
             if not streams:
                 self._someone.wait(1.0)
                 self._someone.clear()

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.stream_hub import StreamHub, Subscription
-from tasks.jobs import TERMINAL, JobStore
+from tasks.jobs import JobStore
+from tasks.states import SUCCEEDED, TERMINAL
 
 POLL_MS = 250
 
@@ -24,8 +25,14 @@ class Event:
     data: dict[str, Any]
 
 
-def follow_job(jobs: JobStore, job_id: str, last_id: str = "0-0", alive: Callable[[], bool] = lambda: True,
-               keepalive_s: float | None = None, hub: StreamHub | None = None) -> Iterator[Event]:
+def follow_job(
+    jobs: JobStore,
+    job_id: str,
+    last_id: str = "0-0",
+    alive: Callable[[], bool] = lambda: True,
+    keepalive_s: float | None = None,
+    hub: StreamHub | None = None,
+) -> Iterator[Event]:
     """Yield chunk events after `last_id`, then one `done` event carrying the finished job.
 
     Stops early (without `done`) once `alive()` turns false; yields `keepalive` events every
@@ -40,8 +47,14 @@ def follow_job(jobs: JobStore, job_id: str, last_id: str = "0-0", alive: Callabl
             hub.unsubscribe(subscription)
 
 
-def _follow(jobs: JobStore, job_id: str, last_id: str, alive: Callable[[], bool], keepalive_s: float | None,
-            subscription: Subscription | None) -> Iterator[Event]:
+def _follow(
+    jobs: JobStore,
+    job_id: str,
+    last_id: str,
+    alive: Callable[[], bool],
+    keepalive_s: float | None,
+    subscription: Subscription | None,
+) -> Iterator[Event]:
     silent_ms = 0
     state = jobs.follow(job_id)
     if state is None:
@@ -95,7 +108,7 @@ def whole_output_chunk(job: dict[str, Any]) -> dict[str, Any] | None:
     """A model that does not stream sends its whole output as chunk 0. The output is stored once, in the
     job's result, so the chunk is made from it here rather than kept a second time in the stream."""
     result = job.get("result")
-    if job.get("chunks") or job.get("status") != "succeeded" or not isinstance(result, dict):
+    if job.get("chunks") or job.get("status") != SUCCEEDED or not isinstance(result, dict):
         return None
     if "output" in result:
         return {"index": 0, "output": result["output"]}

@@ -31,13 +31,21 @@ from pathlib import Path
 
 import yaml
 
+from bench.processes import RedisServer
 from bench.report import Report
 from bench.run import AUTH, Components, start_system
-from tests.support import RedisServer
 
 MODEL = "tiny-gpt2"
-PROMPTS = ["Once upon a time", "The weather today is", "In a galaxy far away", "Tell me a story about",
-           "The best way to cook rice is", "My favourite animal is", "Yesterday I went to", "The answer is"]
+PROMPTS = [
+    "Once upon a time",
+    "The weather today is",
+    "In a galaxy far away",
+    "Tell me a story about",
+    "The best way to cook rice is",
+    "My favourite animal is",
+    "Yesterday I went to",
+    "The answer is",
+]
 
 
 def in_process_generate(batch: int, tokens: int, device: str = "cpu", repeats: int = 3) -> float:
@@ -112,8 +120,10 @@ def one_stream(port: int, prompt: str, tokens: int, start: threading.Event, out:
 def served(port: int, streams: int, tokens: int, components: Components | None = None) -> dict:
     start, out = threading.Event(), []
     cpu_before = components.cpu() if components else {}
-    threads = [threading.Thread(target=one_stream, args=(port, PROMPTS[i % len(PROMPTS)], tokens, start, out))
-               for i in range(streams)]
+    threads = [
+        threading.Thread(target=one_stream, args=(port, PROMPTS[i % len(PROMPTS)], tokens, start, out))
+        for i in range(streams)
+    ]
     for thread in threads:
         thread.start()
     time.sleep(0.2)
@@ -127,7 +137,10 @@ def served(port: int, streams: int, tokens: int, components: Components | None =
     wall = max((r["end"] for r in good), default=begin) - begin
     ttfc = sorted(r["ttfc"] for r in good if r["ttfc"] is not None)
     return {
-        "streams": streams, "errors": errors, "wall_s": wall, "cpu_s": cpu,
+        "streams": streams,
+        "errors": errors,
+        "wall_s": wall,
+        "cpu_s": cpu,
         "tokens_per_s": sum(r["tokens"] for r in good) / wall if wall > 0 else 0.0,
         "ttfc_p50": statistics.median(ttfc) if ttfc else float("nan"),
         "ttfc_p99": ttfc[min(len(ttfc) - 1, int(round(0.99 * (len(ttfc) - 1))))] if ttfc else float("nan"),
@@ -140,13 +153,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--repeat", type=int, default=3, help="runs per N; the median run is reported")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:0 on a GPU host (worker and reference)")
-    parser.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md (replacing the last one)")
+    parser.add_argument(
+        "--write", action="store_true", help="put the table into bench/RESULTS.md (replacing the last one)"
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
     say = Report()
 
-    say(f"## Generation ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"device {args.device}, `{MODEL}`, {args.tokens} new tokens per request)")
+    say(
+        f"## Generation ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"device {args.device}, `{MODEL}`, {args.tokens} new tokens per request)"
+    )
     say()
     sizes = sorted({1, *counts})
     before = {n: in_process_generate(n, args.tokens, args.device) for n in sizes}
@@ -167,12 +184,17 @@ def main() -> None:
             # KV-cache sizes all grow on first use; a server is measured warm.
             served(api.port, max(counts), args.tokens)
             for n in counts:
-                runs = sorted((served(api.port, n, args.tokens, components) for _ in range(args.repeat)),
-                              key=lambda r: r["tokens_per_s"])
+                runs = sorted(
+                    (served(api.port, n, args.tokens, components) for _ in range(args.repeat)),
+                    key=lambda r: r["tokens_per_s"],
+                )
                 results.append(runs[len(runs) // 2])  # the median run
                 result = results[-1]
-                print(f"  {n} streams: {result['tokens_per_s']:.0f} tokens/s, TTFC p50 {result['ttfc_p50']:.3f} s "
-                      f"p99 {result['ttfc_p99']:.3f} s, {len(result['errors'])} errors", flush=True)
+                print(
+                    f"  {n} streams: {result['tokens_per_s']:.0f} tokens/s, TTFC p50 {result['ttfc_p50']:.3f} s "
+                    f"p99 {result['ttfc_p99']:.3f} s, {len(result['errors'])} errors",
+                    flush=True,
+                )
         finally:
             api.stop()
             worker.stop()
@@ -182,16 +204,23 @@ def main() -> None:
     after = {n: in_process_generate(n, args.tokens, args.device) for n in sizes}
     reference = {n: max(before[n], after[n]) for n in sizes}
 
-    say("| | tokens/s | ÷ in-process batched `generate` (same N) | ÷ in-process batch 1 | TTFC p50 / p99 | wall | errors |")
+    say(
+        "| | tokens/s | ÷ in-process batched `generate` (same N) | ÷ in-process batch 1 | TTFC p50 / p99 "
+        "| wall | errors |"
+    )
     say("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
     for n, rate in sorted(reference.items()):
-        say(f"| in-process `generate`, batch {n} (before / after the served runs: {before[n]:,.0f} / "
-            f"{after[n]:,.0f}) | {rate:,.0f} | | | | | |")
+        say(
+            f"| in-process `generate`, batch {n} (before / after the served runs: {before[n]:,.0f} / "
+            f"{after[n]:,.0f}) | {rate:,.0f} | | | | | |"
+        )
     for r in results:
         n = r["streams"]
-        say(f"| served, {n} concurrent stream{'s' if n > 1 else ''} | {r['tokens_per_s']:,.0f} | "
+        say(
+            f"| served, {n} concurrent stream{'s' if n > 1 else ''} | {r['tokens_per_s']:,.0f} | "
             f"{r['tokens_per_s'] / reference[n]:.2f} | {r['tokens_per_s'] / reference[1]:.2f} | "
-            f"{r['ttfc_p50']:.3f} s / {r['ttfc_p99']:.3f} s | {r['wall_s']:.2f} s | {len(r['errors'])} |")
+            f"{r['ttfc_p50']:.3f} s / {r['ttfc_p99']:.3f} s | {r['wall_s']:.2f} s | {len(r['errors'])} |"
+        )
     say()
     say("CPU seconds per component during each run (2 cores = 2 CPU-seconds per second of wall time):")
     say()
@@ -199,13 +228,18 @@ def main() -> None:
     say("| streams | " + " | ".join(names) + " | wall |")
     say("| ---: | " + " | ".join("---:" for _ in names) + " | ---: |")
     for r in results:
-        say(f"| {r['streams']} | " + " | ".join(f"{r['cpu_s'][name]:.2f}" for name in names) + f" | {r['wall_s']:.2f} |")
+        say(
+            f"| {r['streams']} | " + " | ".join(f"{r['cpu_s'][name]:.2f}" for name in names) + f" | {r['wall_s']:.2f} |"
+        )
     say()
     by_n = {r["streams"]: r for r in results}
     if 64 in by_n:
         r = by_n[64]
-        say(f"Targets: 64 streams ÷ in-process batch 64 = **{r['tokens_per_s'] / reference[64]:.2f}** (≥ 0.5, reach 0.8); "
-            f"TTFC p99 at 64 = **{r['ttfc_p99']:.3f} s** (≤ 0.5 s)")
+        say(
+            f"Targets: 64 streams ÷ in-process batch 64 = **{r['tokens_per_s'] / reference[64]:.2f}** "
+            "(≥ 0.5, reach 0.8); "
+            f"TTFC p99 at 64 = **{r['ttfc_p99']:.3f} s** (≤ 0.5 s)"
+        )
     if 256 in by_n:
         say(f"256 streams ÷ in-process batch 256 = **{by_n[256]['tokens_per_s'] / reference[256]:.2f}** (GPU target)")
     if 1 in by_n:

@@ -14,7 +14,7 @@ def _stat(pid: int) -> list[str] | None:
     except OSError:
         return None
     # The command name may hold spaces: fields resume after its closing parenthesis.
-    return raw[raw.rindex(")") + 2:].split()
+    return raw[raw.rindex(")") + 2 :].split()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -28,9 +28,12 @@ import yaml  # noqa: E402
 
 from bench import procstat  # noqa: E402
 from bench.corpus import corpus  # noqa: E402
+from bench.processes import AUTH, RedisServer  # noqa: E402
+from bench.processes import api as bench_api
+from bench.processes import worker as bench_worker
 from bench.report import Report  # noqa: E402
+from cli.supervise import Api, Worker  # noqa: E402
 from workers.device import rss_bytes_of  # noqa: E402
-from tests.support import ADMIN_KEY, ApiProcess, RedisServer, WorkerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = os.environ.get("BENCH_MODEL", "minilm")
@@ -55,7 +58,7 @@ def in_process_throughput(runtime, texts: list[str], batch_size: int, sort: bool
     runtime.run_batch([{"text": t} for t in items[:batch_size]], {})  # warm-up
     started = time.perf_counter()
     for i in range(0, len(items), batch_size):
-        runtime.run_batch([{"text": t} for t in items[i:i + batch_size]], {})
+        runtime.run_batch([{"text": t} for t in items[i : i + batch_size]], {})
     return len(items) / (time.perf_counter() - started)
 
 
@@ -85,7 +88,7 @@ def thread_effect(runtime, texts: list[str]) -> dict[str, float]:
     out = {"main thread": raw(os.cpu_count())}
     for label, n_threads in (("new thread, default", None), ("new thread, set_num_threads", os.cpu_count())):
         result = {}
-        thread = threading.Thread(target=lambda: result.setdefault("v", raw(n_threads)))
+        thread = threading.Thread(target=lambda result=result, n=n_threads: result.setdefault("v", raw(n)))
         thread.start()
         thread.join()
         out[label] = result["v"]
@@ -98,8 +101,11 @@ def in_process_stream(tokens: int, runs: int = 5) -> tuple[float, float]:
     for _ in range(runs + 1):
         stamps: list[float] = []
         started = time.perf_counter()
-        runtime.generate_all([{"text": "Tell me a story"}], {"max_length": tokens},
-                             on_text=lambda _index, _piece: stamps.append(time.perf_counter()))
+        runtime.generate_all(
+            [{"text": "Tell me a story"}],
+            {"max_length": tokens},
+            on_text=lambda _index, _piece, stamps=stamps: stamps.append(time.perf_counter()),
+        )
         ttfc.append((stamps[0] - started) * 1000)
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return statistics.median(ttfc[1:]), statistics.median(rates[1:])
@@ -130,9 +136,6 @@ class LoadResult:
         return data[min(len(data) - 1, int(q * len(data)))] if data else float("nan")
 
 
-AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
 def _one_request(conn: HTTPConnection, mode: str, text: str) -> bool:
     body = json.dumps({"model_id": MODEL, "inputs": {"text": text}})
     headers = {"Content-Type": "application/json", **AUTH}
@@ -155,7 +158,7 @@ def _one_request(conn: HTTPConnection, mode: str, text: str) -> bool:
 class Components:
     """The processes of a running system, grouped the way the CPU accounting reports them."""
 
-    def __init__(self, api: ApiProcess, worker: WorkerProcess, redis: RedisServer) -> None:
+    def __init__(self, api: Api, worker: Worker, redis: RedisServer) -> None:
         self.api, self.worker, self.redis = api, worker, redis
 
     def pids(self) -> dict[str, list[int]]:
@@ -179,14 +182,22 @@ class Components:
         return {name: sum(rss_bytes_of(p) for p in pids) for name, pids in self.pids().items()}
 
 
-def closed_loop(port: int, texts: list[str], clients: int, mode: str, seconds: float,
-                warmup: float = 1.5, components: Components | None = None) -> LoadResult:
+def closed_loop(
+    port: int,
+    texts: list[str],
+    clients: int,
+    mode: str,
+    seconds: float,
+    warmup: float = 1.5,
+    components: Components | None = None,
+) -> LoadResult:
     result = LoadResult(clients, mode)
     cpu_at: dict[str, dict[str, float]] = {}
 
     def sample(label: str) -> None:
         if components is not None:
             cpu_at[label] = components.cpu()
+
     lock = threading.Lock()
     start_at = time.monotonic() + warmup
     stop_at = start_at + seconds
@@ -220,8 +231,10 @@ def closed_loop(port: int, texts: list[str], clients: int, mode: str, seconds: f
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
-    timers = [threading.Timer(max(0.0, start_at - time.monotonic()), sample, ("start",)),
-              threading.Timer(max(0.0, stop_at - time.monotonic()), sample, ("stop",))]
+    timers = [
+        threading.Timer(max(0.0, start_at - time.monotonic()), sample, ("start",)),
+        threading.Timer(max(0.0, stop_at - time.monotonic()), sample, ("stop",)),
+    ]
     for timer in timers:
         timer.start()
     for thread in threads:
@@ -242,8 +255,11 @@ def ws_stream(base: str, tokens: int, runs: int = 5) -> tuple[float, float]:
     for _ in range(runs + 1):
         ws = simple_websocket.Client.connect(url, headers=AUTH)
         started = time.perf_counter()
-        ws.send(json.dumps({"model_id": "tiny-gpt2", "inputs": {"text": "Tell me a story"},
-                            "parameters": {"max_length": tokens}}))
+        ws.send(
+            json.dumps(
+                {"model_id": "tiny-gpt2", "inputs": {"text": "Tell me a story"}, "parameters": {"max_length": tokens}}
+            )
+        )
         stamps = []
         while True:
             message = json.loads(ws.receive(timeout=60))
@@ -260,16 +276,20 @@ def ws_stream(base: str, tokens: int, runs: int = 5) -> tuple[float, float]:
     return statistics.median(ttfc[1:]), statistics.median(rates[1:])
 
 
-def start_system(redis: RedisServer, db: int, models_file: str | None = None,
-                 device: str = "cpu") -> tuple[WorkerProcess, ApiProcess]:
+def start_system(
+    redis: RedisServer, db: int, models_file: str | None = None, device: str = "cpu"
+) -> tuple[Worker, Api]:
     """One worker (with its model processes) and one API (gunicorn), configured as `manage.py up` runs them."""
     # As deployed by default: INFO logs, authentication on, the per-caller rate limit on (high enough not to bite).
-    env = {"AETHERCORE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"), "AETHERCORE_AUTH": "true",
-           "AETHERCORE_RATE_LIMIT": "60000/minute"}
+    env = {
+        "AETHERCORE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
+        "AETHERCORE_AUTH": "true",
+        "AETHERCORE_RATE_LIMIT": "60000/minute",
+    }
     if models_file:
         env["AETHERCORE_MODELS_FILE"] = models_file
-    worker = WorkerProcess(redis.url(db), name="bench-worker", device=device, **env).start()
-    api = ApiProcess(redis.url(db), name="bench-api", **env).start()
+    worker = bench_worker(redis.url(db), "bench-worker", device, **env).start()
+    api = bench_api(redis.url(db), "bench-api", **env).start()
     conn = HTTPConnection("127.0.0.1", api.port, timeout=120)
     for model_id in (MODEL, "tiny-gpt2"):
         conn.request("POST", f"/models/{model_id}/load?wait=60", headers=AUTH)
@@ -289,8 +309,10 @@ def main() -> None:
     texts = corpus(3000)
     say = Report()
 
-    say(f"# AetherCore benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, model `{MODEL}`, {len(texts)}-sentence corpus)")
+    say(
+        f"# AetherCore benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, model `{MODEL}`, {len(texts)}-sentence corpus)"
+    )
     say()
     runtime = load_runtime(MODEL)
     inproc = {
@@ -358,8 +380,10 @@ def main() -> None:
     say("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, group in (("on", runs), ("off (max_batch_size 1)", off)):
         for r in group:
-            say(f"| {label} | {r.mode} | {r.clients} | {r.throughput:.1f} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} "
-                f"| {r.errors} |")
+            say(
+                f"| {label} | {r.mode} | {r.clients} | {r.throughput:.1f} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} "
+                f"| {r.errors} |"
+            )
     say()
     say("## Where the CPU goes (CPU milliseconds per request, `wait` mode, this run)")
     say()
@@ -370,9 +394,11 @@ def main() -> None:
         server = sum(r.cpu_ms_per_request(n) for n in names if not n.startswith("load generator"))
         say(f"| {r.clients} | " + " | ".join(f"{r.cpu_ms_per_request(n):.2f}" for n in names) + f" | {server:.2f} |")
     say()
-    say("Resident memory with `minilm` and `tiny-gpt2` loaded (RSS, MB): " + ", ".join(
-        f"{name} {value / 1e6:.0f}" for name, value in resident_rss.items()) +
-        f"; total {sum(resident_rss.values()) / 1e6:.0f}.")
+    say(
+        "Resident memory with `minilm` and `tiny-gpt2` loaded (RSS, MB): "
+        + ", ".join(f"{name} {value / 1e6:.0f}" for name, value in resident_rss.items())
+        + f"; total {sum(resident_rss.values()) / 1e6:.0f}."
+    )
     say()
     say("## Streaming (`tiny-gpt2`, 64 new tokens, median of 5)")
     say()
@@ -389,10 +415,14 @@ def main() -> None:
     say()
     say("| ratio | value | target |")
     say("| --- | ---: | --- |")
-    say(f"| end-to-end at 32 clients ÷ in-process batch 32 (arrival order) | "
-        f"{on32.throughput / inproc['batch 32 (arrival order)']:.2f} | ≥ 0.8 |")
-    say(f"| batching on ÷ off at 32 clients | {on32.throughput / off32.throughput:.2f} | ≥ 2.5 "
-        f"(in-process batch 32 ÷ batch 1 = {inproc['batch 32 (arrival order)'] / inproc['batch 1']:.2f}) |")
+    say(
+        f"| end-to-end at 32 clients ÷ in-process batch 32 (arrival order) | "
+        f"{on32.throughput / inproc['batch 32 (arrival order)']:.2f} | ≥ 0.8 |"
+    )
+    say(
+        f"| batching on ÷ off at 32 clients | {on32.throughput / off32.throughput:.2f} | ≥ 2.5 "
+        f"(in-process batch 32 ÷ batch 1 = {inproc['batch 32 (arrival order)'] / inproc['batch 1']:.2f}) |"
+    )
     say(f"| end-to-end p50 at 1 client − in-process single forward | {on1.pct(0.5) - single_ms:.1f} ms | ≤ 5 ms |")
     say(f"| WebSocket chunks/s ÷ in-process pieces/s | {stream_e2e[1] / stream_inproc[1]:.2f} | |")
     if args.write:

@@ -29,26 +29,38 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPSConnection, RemoteDisconnected
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import orjson
 import psutil
 import redis
 
-SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A model server keeps models resident in memory.",
-             "Redis streams carry every chunk to the client.", "Nothing may leak in a long run.",
-             "Batching turns many small requests into one forward pass.", "The soak runs for half an hour."]
+from tasks.states import SUCCEEDED, TERMINAL
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A model server keeps models resident in memory.",
+    "Redis streams carry every chunk to the client.",
+    "Nothing may leak in a long run.",
+    "Batching turns many small requests into one forward pass.",
+    "The soak runs for half an hour.",
+]
 MIX = (("serve", 0.7), ("batch", 0.1), ("poll", 0.1), ("stream", 0.1))
 CYCLE_MODEL = "minilm-onnx"
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 # Which processes belong to the deployment, by a fragment of their command line.
-ROLES = (("api", "manage.py api"), ("worker", "manage.py worker"), ("model", "workers.model_host"),
-         ("flower", "manage.py flower"), ("redis", "redis-server"))
+ROLES = (
+    ("api", "manage.py api"),
+    ("worker", "manage.py worker"),
+    ("model", "workers.model_host"),
+    ("flower", "manage.py flower"),
+    ("redis", "redis-server"),
+)
 
 
 class RequestFailed(Exception):
@@ -129,8 +141,11 @@ class Soak:
             status, job = self.client.request("POST", "/serve?wait=60", self._body(n))
             self._check(status, job, 200)
         elif kind == "batch":
-            body = {"model_id": "minilm", "inputs": [{"text": SENTENCES[(n + i) % len(SENTENCES)]} for i in range(4)],
-                    "result_ttl": self.result_ttl}
+            body = {
+                "model_id": "minilm",
+                "inputs": [{"text": SENTENCES[(n + i) % len(SENTENCES)]} for i in range(4)],
+                "result_ttl": self.result_ttl,
+            }
             status, job = self.client.request("POST", "/serve/batch?wait=60", body)
             self._check(status, job, 200)
         elif kind == "poll":
@@ -144,8 +159,12 @@ class Soak:
                 self._check(status, job, 200, terminal=False)
             self._check(200, job, 200)
         else:
-            body = {"model_id": "tiny-gpt2", "inputs": {"text": SENTENCES[n % len(SENTENCES)]},
-                    "parameters": {"max_length": 16}, "result_ttl": self.result_ttl}
+            body = {
+                "model_id": "tiny-gpt2",
+                "inputs": {"text": SENTENCES[n % len(SENTENCES)]},
+                "parameters": {"max_length": 16},
+                "result_ttl": self.result_ttl,
+            }
             status, job = self.client.request("POST", "/serve", body)
             self._check(status, job, 202, terminal=False)
             with self._lock:
@@ -165,7 +184,7 @@ class Soak:
         if status != expected:
             code = job.get("error", {}).get("code") if isinstance(job, dict) else None
             raise RequestFailed(f"HTTP {status} {code or ''}".strip())
-        if terminal and job.get("status") != "succeeded":
+        if terminal and job.get("status") != SUCCEEDED:
             raise RequestFailed(f"job {job.get('status')}: {(job.get('error') or {}).get('code')}")
 
     def timed(self, kind: str, n: int) -> None:
@@ -201,6 +220,7 @@ class Soak:
                 n += clients
                 with self._lock:
                     done[0] += 1
+
         threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(clients)]
         began = time.monotonic()
         for thread in threads:
@@ -223,8 +243,7 @@ class Soak:
         try:
             status, job = self.client.request("POST", f"/models/{CYCLE_MODEL}/load?wait=60")
             self._check(status, job, 200)
-            status, job = self.client.request("POST", "/serve?wait=60",
-                                              {**self._body(0), "model_id": CYCLE_MODEL})
+            status, job = self.client.request("POST", "/serve?wait=60", {**self._body(0), "model_id": CYCLE_MODEL})
             self._check(status, job, 200)
             status, job = self.client.request("POST", f"/models/{CYCLE_MODEL}/unload?wait=120")
             self._check(status, job, 200)
@@ -262,13 +281,39 @@ def deployment_rss() -> dict[str, int]:
     return rss
 
 
-COLUMNS = ["t_s", "requests_per_s", "errors", "p50_ms", "p99_ms", "open_streams", "redis_used_bytes", "redis_keys",
-           "rss_api", "rss_worker", "rss_model", "rss_flower", "rss_redis"]
+COLUMNS = [
+    "t_s",
+    "requests_per_s",
+    "errors",
+    "p50_ms",
+    "p99_ms",
+    "open_streams",
+    "redis_used_bytes",
+    "redis_keys",
+    "rss_api",
+    "rss_worker",
+    "rss_model",
+    "rss_flower",
+    "rss_redis",
+]
 
 
-def run(url: str, key: str | None, redis_url: str, *, minutes: float, fraction: float, sample_s: float,
-        result_ttl: int, cycle_every_s: float, calibrate_s: float, out: Path, warmup_fraction: float = 0.2,
-        say: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+def run(
+    url: str,
+    key: str | None,
+    redis_url: str,
+    *,
+    minutes: float,
+    fraction: float,
+    sample_s: float,
+    result_ttl: int,
+    cycle_every_s: float,
+    calibrate_s: float,
+    out: Path,
+    warmup_fraction: float = 0.2,
+    say: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
     soak = Soak(url, key, redis_url, result_ttl, say)
     maximum = soak.calibrate(calibrate_s)
     rate = max(0.5, fraction * maximum)
@@ -325,12 +370,17 @@ def _sample(soak: Soak, t: float, interval_s: float) -> dict[str, Any]:
     lat = sorted(taken.latencies_ms)
     info = soak.redis.info("memory")
     rss = deployment_rss()
-    return {"t_s": round(t, 1), "requests_per_s": round(taken.requests / max(interval_s, 1e-6), 2),
-            "errors": sum(taken.errors.values()),
-            "p50_ms": round(statistics.median(lat), 1) if lat else None,
-            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1) if lat else None,
-            "open_streams": soak.open_streams, "redis_used_bytes": int(info["used_memory"]),
-            "redis_keys": soak.redis.dbsize(), **{f"rss_{role}": rss.get(role, 0) for role, _f in ROLES}}
+    return {
+        "t_s": round(t, 1),
+        "requests_per_s": round(taken.requests / max(interval_s, 1e-6), 2),
+        "errors": sum(taken.errors.values()),
+        "p50_ms": round(statistics.median(lat), 1) if lat else None,
+        "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1) if lat else None,
+        "open_streams": soak.open_streams,
+        "redis_used_bytes": int(info["used_memory"]),
+        "redis_keys": soak.redis.dbsize(),
+        **{f"rss_{role}": rss.get(role, 0) for role, _f in ROLES},
+    }
 
 
 def _progress(enabled: bool, duration: float) -> Callable[[dict[str, Any] | None], None]:
@@ -346,17 +396,30 @@ def _progress(enabled: bool, duration: float) -> Callable[[dict[str, Any] | None
         if row is None:
             progress.stop()
             return
-        progress.update(task, completed=row["t_s"], status=(
-            f"{row['requests_per_s']:.0f} req/s, p99 {row['p99_ms']} ms, errors {row['errors']}, "
-            f"redis {row['redis_used_bytes'] / 2**20:.0f} MiB / {row['redis_keys']} keys, "
-            f"RSS {sum(v for k, v in row.items() if k.startswith('rss_')) / 2**20:.0f} MiB"))
+        progress.update(
+            task,
+            completed=row["t_s"],
+            status=(
+                f"{row['requests_per_s']:.0f} req/s, p99 {row['p99_ms']} ms, errors {row['errors']}, "
+                f"redis {row['redis_used_bytes'] / 2**20:.0f} MiB / {row['redis_keys']} keys, "
+                f"RSS {sum(v for k, v in row.items() if k.startswith('rss_')) / 2**20:.0f} MiB"
+            ),
+        )
+
     return update
 
 
-def _verdict(rows: list[dict[str, Any]], soak: Soak, keys_start: int, memory_start: int, warmup_fraction: float,
-             result_ttl: int, rate: float) -> dict[str, Any]:
+def _verdict(
+    rows: list[dict[str, Any]],
+    soak: Soak,
+    keys_start: int,
+    memory_start: int,
+    warmup_fraction: float,
+    result_ttl: int,
+    rate: float,
+) -> dict[str, Any]:
     hours = rows[-1]["t_s"] / 3600 if rows else 0
-    after = rows[int(len(rows) * warmup_fraction):] or rows
+    after = rows[int(len(rows) * warmup_fraction) :] or rows
     growth: dict[str, dict[str, float]] = {}
     for role, _fragment in ROLES:
         column = f"rss_{role}"
@@ -375,15 +438,25 @@ def _verdict(rows: list[dict[str, Any]], soak: Soak, keys_start: int, memory_sta
     per_job = (memory_end - memory_start) / retained if retained else 0.0
     errors = sum(soak.total_errors.values())
     worst = max(growth.items(), key=lambda kv: kv[1]["percent"], default=("-", {"percent": 0.0}))
-    line = (f"verdict: {soak.total_requests} requests ({soak.cycles} load/unload cycles), {errors} errors"
-            f"{' (' + ', '.join(f'{k} {n}' for k, n in soak.total_errors.most_common()) + ')' if errors else ''}; "
-            f"p99 {min(p99, default=0):.0f}–{max(p99, default=0):.0f} ms after warm-up; RSS growth after warm-up "
-            + ", ".join(f"{role} {g['percent']:+.1f} % ({g['mb_per_hour']:+.1f} MB/h)" for role, g in growth.items())
-            + f"; Redis keys {keys_start} -> {keys_end}, {per_job / 1024:.1f} KB per retained job; "
-            f"{'PASS' if errors == 0 and worst[1]['percent'] < 5 else 'FAIL'}")
-    return {"line": line, "requests": soak.total_requests, "errors": dict(soak.total_errors), "rss_growth": growth,
-            "keys_start": keys_start, "keys_end": keys_end, "bytes_per_job": per_job, "hours": hours,
-            "p99_ms": (min(p99, default=0), max(p99, default=0))}
+    line = (
+        f"verdict: {soak.total_requests} requests ({soak.cycles} load/unload cycles), {errors} errors"
+        f"{' (' + ', '.join(f'{k} {n}' for k, n in soak.total_errors.most_common()) + ')' if errors else ''}; "
+        f"p99 {min(p99, default=0):.0f}–{max(p99, default=0):.0f} ms after warm-up; RSS growth after warm-up "
+        + ", ".join(f"{role} {g['percent']:+.1f} % ({g['mb_per_hour']:+.1f} MB/h)" for role, g in growth.items())
+        + f"; Redis keys {keys_start} -> {keys_end}, {per_job / 1024:.1f} KB per retained job; "
+        f"{'PASS' if errors == 0 and worst[1]['percent'] < 5 else 'FAIL'}"
+    )
+    return {
+        "line": line,
+        "requests": soak.total_requests,
+        "errors": dict(soak.total_errors),
+        "rss_growth": growth,
+        "keys_start": keys_start,
+        "keys_end": keys_end,
+        "bytes_per_job": per_job,
+        "hours": hours,
+        "p99_ms": (min(p99, default=0), max(p99, default=0)),
+    }
 
 
 def _write(out: Path, rows: list[dict[str, Any]], verdict: dict[str, Any]) -> None:
@@ -443,9 +516,18 @@ def main() -> None:
     parser.add_argument("--calibrate", type=float, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench/soak"))
     args = parser.parse_args()
-    run(args.url, _default_key(), args.redis_url, minutes=args.minutes, fraction=args.fraction,
-        sample_s=args.sample, result_ttl=args.result_ttl, cycle_every_s=args.cycle_every,
-        calibrate_s=args.calibrate, out=args.out)
+    run(
+        args.url,
+        _default_key(),
+        args.redis_url,
+        minutes=args.minutes,
+        fraction=args.fraction,
+        sample_s=args.sample,
+        result_ttl=args.result_ttl,
+        cycle_every_s=args.cycle_every,
+        calibrate_s=args.calibrate,
+        out=args.out,
+    )
 
 
 if __name__ == "__main__":

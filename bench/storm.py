@@ -28,16 +28,26 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.client import HTTPConnection
+
 import orjson
 import redis
 
+from bench.processes import RedisServer
+from bench.processes import api as bench_api
+from bench.processes import worker as bench_worker
 from bench.report import Report
-from tests.support import ApiProcess, RedisServer, WorkerProcess
+from cli.supervise import Worker
+from tasks.names import job_events_key, job_key
+from tasks.states import SUCCEEDED, TERMINAL
 
-SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A model server keeps models resident in memory.",
-             "Redis streams carry every chunk to the client.", "Workers die; the jobs they held must not.",
-             "Batching turns many small requests into one forward pass.", "Nothing may be lost in a storm."]
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A model server keeps models resident in memory.",
+    "Redis streams carry every chunk to the client.",
+    "Workers die; the jobs they held must not.",
+    "Batching turns many small requests into one forward pass.",
+    "Nothing may be lost in a storm.",
+]
 # The stand-in for an input that takes its worker down: a generation long enough to be seen in the model.
 POISON = {"model_id": "tiny-gpt2", "inputs": {"text": "poison"}, "parameters": {"max_length": 256}}
 
@@ -63,10 +73,12 @@ class StormResult:
 
     def lines(self) -> list[str]:
         by_outcome = ", ".join(f"{k} {n}" for k, n in sorted(self.outcomes.items()))
-        lines = [f"submitted {self.submitted} jobs; {self.kills} workers SIGKILLed; {self.seconds:.0f} s",
-                 f"outcomes: {by_outcome}",
-                 f"succeeded {self.outcomes['succeeded']} / failed {self.failed} / never ended {self.never_ended}; "
-                 f"jobs with more than one `done` event: {self.duplicate_done_events}"]
+        lines = [
+            f"submitted {self.submitted} jobs; {self.kills} workers SIGKILLed; {self.seconds:.0f} s",
+            f"outcomes: {by_outcome}",
+            f"succeeded {self.outcomes['succeeded']} / failed {self.failed} / never ended {self.never_ended}; "
+            f"jobs with more than one `done` event: {self.duplicate_done_events}",
+        ]
         if self.client_errors:
             lines.append("client errors: " + ", ".join(f"{k} {n}" for k, n in self.client_errors.most_common()))
         if self.poison is not None:
@@ -75,17 +87,32 @@ class StormResult:
 
 
 class Storm:
-    def __init__(self, *, jobs: int, clients: int, workers: int, kill_every: float, kills: int, model: str,
-                 poison: bool, grace: float, visibility_timeout: int, worker_ttl: int = 3,
-                 say=print) -> None:
+    def __init__(
+        self,
+        *,
+        jobs: int,
+        clients: int,
+        workers: int,
+        kill_every: float,
+        kills: int,
+        model: str,
+        poison: bool,
+        grace: float,
+        visibility_timeout: int,
+        worker_ttl: int = 3,
+        say=print,
+    ) -> None:
         self.jobs, self.clients, self.n_workers = jobs, clients, workers
         self.kill_every, self.kills, self.model = kill_every, kills, model
         self.with_poison, self.grace = poison, grace
         self.say = say
-        self.env = {"AETHERCORE_VISIBILITY_TIMEOUT": str(visibility_timeout),
-                    "AETHERCORE_WORKER_TTL": str(worker_ttl), "AETHERCORE_HEARTBEAT_INTERVAL": "0.5",
-                    "AETHERCORE_LOG_LEVEL": "WARNING"}
-        self.workers: list[WorkerProcess] = []
+        self.env = {
+            "AETHERCORE_VISIBILITY_TIMEOUT": str(visibility_timeout),
+            "AETHERCORE_WORKER_TTL": str(worker_ttl),
+            "AETHERCORE_HEARTBEAT_INTERVAL": "0.5",
+            "AETHERCORE_LOG_LEVEL": "WARNING",
+        }
+        self.workers: list[Worker] = []
         self.job_ids: list[str] = []
         self._lock = threading.Lock()
         self.storming = threading.Event()
@@ -93,13 +120,13 @@ class Storm:
 
     # -- processes ---------------------------------------------------------------------------
     def _start_worker(self, wait: bool) -> None:
-        worker = WorkerProcess(self.url, name="storm-worker", **self.env).start(wait=wait)
+        worker = bench_worker(self.url, "storm-worker", **self.env).start(wait=wait)
         self.workers.append(worker)
 
-    def _live(self) -> list[WorkerProcess]:
+    def _live(self) -> list[Worker]:
         return [w for w in self.workers if w.proc.poll() is None]
 
-    def _kill(self, worker: WorkerProcess) -> None:
+    def _kill(self, worker: Worker) -> None:
         # The worker process only, as the OOM killer or a node failure would: its model processes see their
         # pipe close and exit on their own.
         try:
@@ -144,7 +171,7 @@ class Storm:
         poison_open = poison_id is not None
         while self.storming.is_set() and (done < self.kills or poison_open):
             if poison_open:
-                job = r.hgetall(f"aethercore:job:{poison_id}")
+                job = r.hgetall(job_key(poison_id))
                 poison_open = job.get("status") not in TERMINAL
                 if job.get("status") == "running" and job.get("pass"):
                     victim = next((w for w in self._live() if w.name == job.get("worker")), None)
@@ -167,7 +194,9 @@ class Storm:
         self.result = StormResult()
         redis_server = RedisServer().start()
         self.url = redis_server.url(0)
-        api = ApiProcess(self.url, name="storm-api", AETHERCORE_LOG_LEVEL="WARNING")
+        api = bench_api(
+            self.url, "storm-api", AETHERCORE_LOG_LEVEL="WARNING", AETHERCORE_AUTH="false", AETHERCORE_RATE_LIMIT=""
+        )
         try:
             api.start()
             for _ in range(self.n_workers):
@@ -185,22 +214,27 @@ class Storm:
             if self.with_poison:
                 conn.request("POST", "/serve", body=orjson.dumps(POISON), headers={"Content-Type": "application/json"})
                 poison_id = orjson.loads(conn.getresponse().read())["job_id"]
-            share = [self.jobs // self.clients + (1 if i < self.jobs % self.clients else 0) for i in range(self.clients)]
-            threads = [threading.Thread(target=self._client, args=(i, n, api.port), daemon=True)
-                       for i, n in enumerate(share)]
+            share = [
+                self.jobs // self.clients + (1 if i < self.jobs % self.clients else 0) for i in range(self.clients)
+            ]
+            threads = [
+                threading.Thread(target=self._client, args=(i, n, api.port), daemon=True) for i, n in enumerate(share)
+            ]
             killer = threading.Thread(target=self._killer, args=(poison_id,), daemon=True)
             for thread in (*threads, killer):
                 thread.start()
             killer.join()
-            self.say(f"storm over after {time.monotonic() - started:.0f} s ({self.result.kills} kills); "
-                     f"waiting up to {self.grace:.0f} s for the jobs to end")
+            self.say(
+                f"storm over after {time.monotonic() - started:.0f} s ({self.result.kills} kills); "
+                f"waiting up to {self.grace:.0f} s for the jobs to end"
+            )
             deadline = time.monotonic() + self.grace
             r = redis.Redis.from_url(self.url, decode_responses=True)
             ids = lambda: list(self.job_ids) + ([poison_id] if poison_id else [])  # noqa: E731
             while time.monotonic() < deadline:
                 pipe = r.pipeline(transaction=False)
                 for job_id in ids():
-                    pipe.hget(f"aethercore:job:{job_id}", "status")
+                    pipe.hget(job_key(job_id), "status")
                 open_jobs = sum(1 for s in pipe.execute() if s not in TERMINAL)
                 if open_jobs == 0 and all(not t.is_alive() for t in threads):
                     break
@@ -219,16 +253,16 @@ class Storm:
 
     def _tally(self, r: redis.Redis, job_ids: list[str], poison_id: str | None) -> None:
         for job_id in job_ids:
-            job = r.hgetall(f"aethercore:job:{job_id}")
+            job = r.hgetall(job_key(job_id))
             status = job.get("status", "missing")
-            if status == "succeeded":
+            if status == SUCCEEDED:
                 outcome = "succeeded"
             elif status in TERMINAL:
                 outcome = f"{status}:{orjson.loads(job.get('error') or '{}').get('code')}"
             else:
                 outcome = f"never ended:{status}"
             if status in TERMINAL:
-                dones = sum(1 for _id, e in r.xrange(f"aethercore:job:{job_id}:events") if e.get("type") == "done")
+                dones = sum(1 for _id, e in r.xrange(job_events_key(job_id)) if e.get("type") == "done")
                 self.result.duplicate_done_events += dones > 1  # 0 when nobody followed it (no stream)
             if job_id == poison_id:
                 self.result.poison = outcome
@@ -250,9 +284,18 @@ def main() -> None:
     parser.add_argument("--visibility-timeout", type=int, default=300)
     args = parser.parse_args()
     say = Report()
-    storm = Storm(jobs=args.jobs, clients=args.clients, workers=args.workers, kill_every=args.kill_every,
-                  kills=args.kills, model=args.model, poison=args.poison, grace=args.grace,
-                  visibility_timeout=args.visibility_timeout, say=say)
+    storm = Storm(
+        jobs=args.jobs,
+        clients=args.clients,
+        workers=args.workers,
+        kill_every=args.kill_every,
+        kills=args.kills,
+        model=args.model,
+        poison=args.poison,
+        grace=args.grace,
+        visibility_timeout=args.visibility_timeout,
+        say=say,
+    )
     for line in storm.run().lines():
         say(line)
 

@@ -65,11 +65,19 @@ def setup_logging(component: str, level: str = "INFO", fmt: str = "text") -> Non
     # Filter in stdlib too: a record below the level is then never built (Celery and kombu log at DEBUG on
     # every message; building and routing those records cost the worker measurable CPU per job).
     std_level = logging.getLevelName(level) if level not in {"TRACE"} else logging.DEBUG
-    logging.basicConfig(handlers=[InterceptHandler()], level=std_level if isinstance(std_level, int) else 0,
-                        force=True)
+    logging.basicConfig(handlers=[InterceptHandler()], level=std_level if isinstance(std_level, int) else 0, force=True)
     logging.captureWarnings(True)  # Python warnings become log lines too (JSON when JSON is on)
-    for name in ("celery", "kombu", "werkzeug", "gunicorn", "gunicorn.error", "gunicorn.access", "flask", "tornado",
-                 "py.warnings"):
+    for name in (
+        "celery",
+        "kombu",
+        "werkzeug",
+        "gunicorn",
+        "gunicorn.error",
+        "gunicorn.access",
+        "flask",
+        "tornado",
+        "py.warnings",
+    ):
         lib_logger = logging.getLogger(name)
         lib_logger.handlers = [InterceptHandler()]
         lib_logger.propagate = False
@@ -77,6 +85,14 @@ def setup_logging(component: str, level: str = "INFO", fmt: str = "text") -> Non
     # ("Task ... received", "... succeeded in") repeat what the job's own line says with its job id, model
     # and request id, and cost the worker CPU on every message.
     if level not in {"DEBUG", "TRACE"}:
-        for name in ("urllib3", "filelock", "httpx", "huggingface_hub", "transformers", "torch",
-                     "celery.app.trace", "celery.worker.strategy"):
+        for name in (
+            "urllib3",
+            "filelock",
+            "httpx",
+            "huggingface_hub",
+            "transformers",
+            "torch",
+            "celery.app.trace",
+            "celery.worker.strategy",
+        ):
             logging.getLogger(name).setLevel(logging.WARNING)

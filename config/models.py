@@ -82,10 +82,27 @@ class ModelSpec:
 
 
 _KNOWN_FIELDS = {
-    "name", "model_type", "source", "model_path", "task", "device", "max_memory",
-    "providers", "tokenizer_path", "max_length", "max_length_limit", "description",
-    "max_batch_size", "max_batch_delay_ms", "instances", "dtype", "timeout_s", "kv_cache_memory",
-    "sha256", "manifest", "allow_pickle",
+    "name",
+    "model_type",
+    "source",
+    "model_path",
+    "task",
+    "device",
+    "max_memory",
+    "providers",
+    "tokenizer_path",
+    "max_length",
+    "max_length_limit",
+    "description",
+    "max_batch_size",
+    "max_batch_delay_ms",
+    "instances",
+    "dtype",
+    "timeout_s",
+    "kv_cache_memory",
+    "sha256",
+    "manifest",
+    "allow_pickle",
 }
 
 
@@ -95,15 +112,15 @@ def _fail(path: Path, model_id: str, field_name: str, value: Any, why: str) -> C
 
 def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     if not MODEL_ID_RE.match(str(model_id)):
-        raise ConfigError(
-            f"{path}: model id {model_id!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'"
-        )
+        raise ConfigError(f"{path}: model id {model_id!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: model {model_id!r} must be a mapping of fields, not {type(raw).__name__}")
     unknown = set(raw) - _KNOWN_FIELDS
     if unknown:
         name = sorted(unknown)[0]
-        raise _fail(path, model_id, name, raw[name], f"is not a known field (known: {', '.join(sorted(_KNOWN_FIELDS))})")
+        raise _fail(
+            path, model_id, name, raw[name], f"is not a known field (known: {', '.join(sorted(_KNOWN_FIELDS))})"
+        )
 
     def required(name: str) -> str:
         value = raw.get(name)
@@ -122,8 +139,13 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     default_task = "tensor" if model_type == "pytorch" else "feature-extraction"
     task = one_of("task", TASKS, default_task)
     if task not in SUPPORTED[model_type]:
-        raise _fail(path, model_id, "task", task,
-                    f"is not served by model_type {model_type!r} (it serves {', '.join(sorted(SUPPORTED[model_type]))})")
+        raise _fail(
+            path,
+            model_id,
+            "task",
+            task,
+            f"is not served by model_type {model_type!r} (it serves {', '.join(sorted(SUPPORTED[model_type]))})",
+        )
     if source == "huggingface" and model_type != "transformer":
         raise _fail(path, model_id, "source", source, "is only supported for model_type 'transformer'")
 
@@ -190,8 +212,9 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     if tokenizer_path is not None and (not isinstance(tokenizer_path, str) or not tokenizer_path):
         raise _fail(path, model_id, "tokenizer_path", tokenizer_path, "must be a non-empty string")
     if model_type == "onnx" and task in TEXT_TASKS and not tokenizer_path:
-        raise _fail(path, model_id, "tokenizer_path", tokenizer_path,
-                    f"is required for an onnx model with task {task!r}")
+        raise _fail(
+            path, model_id, "tokenizer_path", tokenizer_path, f"is required for an onnx model with task {task!r}"
+        )
 
     return ModelSpec(
         id=str(model_id),

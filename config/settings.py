@@ -1,19 +1,22 @@
 """Every AetherCore setting: one env var each, a default that works on a laptop, validated at start-up.
 
-`SETTINGS` is the single source of truth; README's configuration table and `.env.example`
-are checked against it by the test suite.
+Each setting is declared once, as a field of `Settings` (`setting(default, parser, doc)`; its env var is
+AETHERCORE_<NAME>). `SETTINGS` is derived from those fields; README's configuration table and `.env.example`
+are generated from it (scripts/sync-config-docs.sh) and checked against it by the test suite.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
+from config.roles import ROLES
 from config.units import parse_bool, parse_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,15 +94,12 @@ def _basic_auth(value: str) -> str:
     return value
 
 
-_ROLES = ("admin", "operator", "user", "viewer")
-
-
 def _api_keys(value: str) -> dict[str, str]:
     keys: dict[str, str] = {}
     for pair in filter(None, (p.strip() for p in value.split(","))):
         key, sep, role = pair.rpartition(":")
-        if not sep or not key or role not in _ROLES:
-            raise ValueError(f"each entry must be key:role with role one of {', '.join(_ROLES)}")
+        if not sep or not key or role not in ROLES:
+            raise ValueError(f"each entry must be key:role with role one of {', '.join(ROLES)}")
         if len(key) < 16:
             raise ValueError("API keys must be at least 16 characters")
         keys[key] = role
@@ -155,156 +155,173 @@ class Setting:
     doc: str
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("host", "AETHERCORE_HOST", "0.0.0.0", str, "Address the API binds to."),
-    Setting("port", "AETHERCORE_PORT", "8001", _port, "Port the API listens on."),
-    Setting("tls_cert", "AETHERCORE_TLS_CERT", "", _optional_file,
-            "Certificate chain (PEM) the API serves HTTPS with, with AETHERCORE_TLS_KEY; empty: plain HTTP."),
-    Setting("tls_key", "AETHERCORE_TLS_KEY", "", _optional_file, "Private key (PEM) of AETHERCORE_TLS_CERT."),
-    Setting("workers", "AETHERCORE_WORKERS", "1", _positive_int, "gunicorn worker processes for the API."),
-    Setting("api_threads", "AETHERCORE_API_THREADS", "64", _positive_int,
-            "Threads per API process: each request, open long poll (?wait) or open stream holds one."),
-    Setting("log_level", "AETHERCORE_LOG_LEVEL", "INFO", _log_level, "Log level of every process."),
-    Setting("log_format", "AETHERCORE_LOG_FORMAT", "text", _choice("text", "json"),
-            "`text` for people, `json` for one JSON object per line."),
-    Setting("redis_url", "AETHERCORE_REDIS_URL", "redis://127.0.0.1:6379/0", _redis_url,
-            "Redis for jobs, results, cluster state and (by default) the Celery broker."),
-    Setting("redis_sentinel_master", "AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster", str,
-            "Master name when AETHERCORE_REDIS_URL is `sentinel://host:26379[;sentinel://host2:26379][/db]`."),
-    Setting("redis_ca", "AETHERCORE_REDIS_CA", "", _optional_file,
-            "CA certificate (PEM) a `rediss://` Redis must present a certificate from (jobs, broker, limiter, "
-            "Flower); empty: the system's trusted CAs."),
-    Setting("redis_cert", "AETHERCORE_REDIS_CERT", "", _optional_file,
-            "Client certificate (PEM) for mutual TLS with Redis, with AETHERCORE_REDIS_KEY."),
-    Setting("redis_key", "AETHERCORE_REDIS_KEY", "", _optional_file, "Private key of AETHERCORE_REDIS_CERT."),
-    Setting("broker_url", "AETHERCORE_BROKER_URL", "", _broker_url,
-            "Celery broker; empty means the same as AETHERCORE_REDIS_URL."),
-    Setting("gpu_enabled", "AETHERCORE_GPU_ENABLED", "auto", _choice("auto", "true", "false"),
-            "`auto` uses GPU workers when some are alive; `false` routes `device: auto` models to the CPU."),
-    Setting("model_cache_size", "AETHERCORE_MODEL_CACHE_SIZE", "1GB", parse_size,
-            "Memory budget for resident models per worker, each model counted by what its model process holds "
-            "for it (weights, tokenizer, activations; not the shared libraries); the least recently used model is "
-            "evicted beyond it."),
-    Setting("autoload", "AETHERCORE_AUTOLOAD", "true", parse_bool,
-            "Serving a model that is not loaded loads it first; `false` answers 409 instead."),
-    Setting("models_file", "AETHERCORE_MODELS_FILE", "config/models.yaml", _path,
-            "The model declarations."),
-    Setting("model_store", "AETHERCORE_MODEL_STORE", "model_store/artifacts", _path,
-            "Directory that `source: local` model paths are relative to (relative paths: to the repository)."),
-    Setting("model_roots", "AETHERCORE_MODEL_ROOTS", "", _paths,
-            "More directories (separated by `:`) that `source: local` model paths may point into, besides the "
-            "model store; a path anywhere else is refused."),
-    Setting("hf_download", "AETHERCORE_HF_DOWNLOAD", "false", parse_bool,
-            "Allow `source: huggingface` models missing from the local cache to be downloaded."),
-    Setting("result_ttl", "AETHERCORE_RESULT_TTL", "3600", _positive_int,
-            "Seconds a finished job and its result are kept in Redis (per request: `result_ttl`)."),
-    Setting("max_wait", "AETHERCORE_MAX_WAIT", "60", _non_negative_float,
-            "Upper bound in seconds for `?wait=` on job endpoints."),
-    Setting("max_batch_inputs", "AETHERCORE_MAX_BATCH_INPUTS", "256", _positive_int,
-            "Most inputs one POST /serve/batch request may carry (413 beyond)."),
-    Setting("load_timeout", "AETHERCORE_LOAD_TIMEOUT", "300", _non_negative_float,
-            "Seconds a load job waits for every replica of its device to report."),
-    Setting("device", "AETHERCORE_DEVICE", "cpu", parse_worker_device,
-            "Device a worker is pinned to (`cpu`, `cuda:N`); `manage.py worker --device` sets it."),
-    Setting("gpu_index", "AETHERCORE_GPU_INDEX", "", _optional_index,
-            "Physical GPU a `cuda:N` worker uses (CUDA_VISIBLE_DEVICES); empty: N. In a container that sees "
-            "only its reserved GPU, set 0."),
-    Setting("worker_concurrency", "AETHERCORE_WORKER_CONCURRENCY", "64", _positive_int,
-            "Task threads per worker process, and so the jobs it takes from its queue at once; at least the "
-            "largest max_batch_size, so a batch can fill (models are shared by the threads, one copy each)."),
-    Setting("torch_threads", "AETHERCORE_TORCH_THREADS", "0", int,
-            "Intra-op threads of each model process's forward passes; 0 means the CPU cores shared out among "
-            "the model's instances."),
-    Setting("heartbeat_interval", "AETHERCORE_HEARTBEAT_INTERVAL", "2", _non_negative_float,
-            "Seconds between worker heartbeats."),
-    Setting("worker_ttl", "AETHERCORE_WORKER_TTL", "10", _positive_int,
-            "Seconds without a heartbeat after which a worker counts as dead and its running jobs are queued again."),
-    Setting("flower_port", "AETHERCORE_FLOWER_PORT", "5555", _port, "Port of the Flower dashboard."),
-    Setting("flower_max_tasks", "AETHERCORE_FLOWER_MAX_TASKS", "10000", _positive_int,
-            "Tasks Flower keeps in memory (~8 KB each; its own default of 100,000 held 840 MB in the soak)."),
-    Setting("flower_basic_auth", "AETHERCORE_FLOWER_BASIC_AUTH", "", _basic_auth,
-            "`user:password[,user2:password2]` to put Flower behind basic auth; empty: no auth."),
-    Setting("url", "AETHERCORE_URL", "http://127.0.0.1:8001", str, "Where `manage.py` finds the API."),
-    Setting("auth", "AETHERCORE_AUTH", "true", parse_bool,
-            "Require an API key or JWT on every endpoint but /heartbeat, /health*, /docs and /openapi.json."),
-    Setting("api_keys", "AETHERCORE_API_KEYS", "", _api_keys,
-            "Static API keys, `key:role` pairs separated by commas (roles: admin, operator, user, viewer)."),
-    Setting("jwt_secret", "AETHERCORE_JWT_SECRET", "", _jwt_secret,
-            "HS256 secret for JWTs (`sub`, `role`, `exp` checked); empty: JWTs are not accepted."),
-    Setting("metrics_auth", "AETHERCORE_METRICS_AUTH", "false", parse_bool,
-            "Require credentials (any role) for /metrics."),
-    Setting("rate_limit", "AETHERCORE_RATE_LIMIT", "60000/minute", _rate_limit,
-            "Requests per caller (API key, JWT subject, or address) in flask-limiter syntax; empty: no limit."),
-    Setting("admin_key_file", "AETHERCORE_ADMIN_KEY_FILE", "var/admin.key", _path,
-            "Where `manage.py up` keeps the admin key it creates on first run (mode 600)."),
-    Setting("max_request_bytes", "AETHERCORE_MAX_REQUEST_BYTES", "10MB", parse_size,
-            "Largest request body; larger ones are refused with 413."),
-    Setting("max_input_chars", "AETHERCORE_MAX_INPUT_CHARS", "20000", _positive_int,
-            "Longest `inputs.text` accepted (422 beyond)."),
-    Setting("dispatch_linger_ms", "AETHERCORE_DISPATCH_LINGER_MS", "1", _non_negative_float,
-            "Under load (several requests of an API process waiting), how long a submission waits for others to "
-            "leave in the same Celery message; 0: never. At low load a submission never waits."),
-    Setting("max_queue_depth", "AETHERCORE_MAX_QUEUE_DEPTH", "10000", _positive_int,
-            "Messages a device queue may hold; new submissions beyond it get 429 with Retry-After."),
-    Setting("visibility_timeout", "AETHERCORE_VISIBILITY_TIMEOUT", "300", _positive_int,
-            "Seconds before the broker redelivers an unacknowledged message (a second line: the reaper queues a "
-            "dead worker's jobs again after AETHERCORE_WORKER_TTL); longer than the longest job."),
-    Setting("max_attempts", "AETHERCORE_MAX_ATTEMPTS", "3", _positive_int,
-            "Crashes charged to a job (it was alone in a forward pass when its model process or worker died) before "
-            "it fails as `poison_job`."),
-)
-_ENV = {spec.name: spec.env for spec in SETTINGS}
+def setting(default: str, parse: Callable[[str], Any], doc: str) -> Any:
+    """One setting, declared once: its field here; its env var is AETHERCORE_<NAME>, `default` is what an unset
+    variable means, `parse` validates the text, `doc` is its line in README and .env.example."""
+    return field(metadata={"default": default, "parse": parse, "doc": doc})
 
 
 @dataclass(frozen=True)
 class Settings:
-    host: str
-    port: int
-    tls_cert: Path | None
-    tls_key: Path | None
-    workers: int
-    api_threads: int
-    log_level: str
-    log_format: str
-    redis_url: str
-    redis_sentinel_master: str
-    redis_ca: Path | None
-    redis_cert: Path | None
-    redis_key: Path | None
-    broker_url: str
-    gpu_enabled: str
-    model_cache_size: int
-    autoload: bool
-    models_file: Path
-    model_store: Path
-    model_roots: tuple[Path, ...]
-    hf_download: bool
-    result_ttl: int
-    max_wait: float
-    max_batch_inputs: int
-    load_timeout: float
-    device: str
-    gpu_index: int | None
-    worker_concurrency: int
-    torch_threads: int
-    heartbeat_interval: float
-    worker_ttl: int
-    flower_port: int
-    flower_max_tasks: int
-    flower_basic_auth: str
-    url: str
-    auth: bool
-    api_keys: dict
-    jwt_secret: str
-    metrics_auth: bool
-    rate_limit: str
-    admin_key_file: Path
-    max_request_bytes: int
-    max_input_chars: int
-    dispatch_linger_ms: float
-    max_queue_depth: int
-    visibility_timeout: int
-    max_attempts: int
+    host: str = setting("0.0.0.0", str, "Address the API binds to.")
+    port: int = setting("8001", _port, "Port the API listens on.")
+    tls_cert: Path | None = setting(
+        "",
+        _optional_file,
+        "Certificate chain (PEM) the API serves HTTPS with, with AETHERCORE_TLS_KEY; empty: plain HTTP.",
+    )
+    tls_key: Path | None = setting("", _optional_file, "Private key (PEM) of AETHERCORE_TLS_CERT.")
+    workers: int = setting("1", _positive_int, "gunicorn worker processes for the API.")
+    api_threads: int = setting(
+        "64", _positive_int, "Threads per API process: each request, open long poll (?wait) or open stream holds one."
+    )
+    log_level: str = setting("INFO", _log_level, "Log level of every process.")
+    log_format: str = setting(
+        "text", _choice("text", "json"), "`text` for people, `json` for one JSON object per line."
+    )
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        _redis_url,
+        "Redis for jobs, results, cluster state and (by default) the Celery broker.",
+    )
+    redis_sentinel_master: str = setting(
+        "mymaster",
+        str,
+        "Master name when AETHERCORE_REDIS_URL is `sentinel://host:26379[;sentinel://host2:26379][/db]`.",
+    )
+    redis_ca: Path | None = setting(
+        "",
+        _optional_file,
+        "CA certificate (PEM) a `rediss://` Redis must present a certificate from (jobs, broker, limiter, "
+        "Flower); empty: the system's trusted CAs.",
+    )
+    redis_cert: Path | None = setting(
+        "", _optional_file, "Client certificate (PEM) for mutual TLS with Redis, with AETHERCORE_REDIS_KEY."
+    )
+    redis_key: Path | None = setting("", _optional_file, "Private key of AETHERCORE_REDIS_CERT.")
+    broker_url: str = setting("", _broker_url, "Celery broker; empty means the same as AETHERCORE_REDIS_URL.")
+    gpu_enabled: str = setting(
+        "auto",
+        _choice("auto", "true", "false"),
+        "`auto` uses GPU workers when some are alive; `false` routes `device: auto` models to the CPU.",
+    )
+    model_cache_size: int = setting(
+        "1GB",
+        parse_size,
+        "Memory budget for resident models per worker, each model counted by what its model process holds "
+        "for it (weights, tokenizer, activations; not the shared libraries); the least recently used model is "
+        "evicted beyond it.",
+    )
+    autoload: bool = setting(
+        "true", parse_bool, "Serving a model that is not loaded loads it first; `false` answers 409 instead."
+    )
+    models_file: Path = setting("config/models.yaml", _path, "The model declarations.")
+    model_store: Path = setting(
+        "model_store/artifacts",
+        _path,
+        "Directory that `source: local` model paths are relative to (relative paths: to the repository).",
+    )
+    model_roots: tuple[Path, ...] = setting(
+        "",
+        _paths,
+        "More directories (separated by `:`) that `source: local` model paths may point into, besides the "
+        "model store; a path anywhere else is refused.",
+    )
+    hf_download: bool = setting(
+        "false", parse_bool, "Allow `source: huggingface` models missing from the local cache to be downloaded."
+    )
+    result_ttl: int = setting(
+        "3600", _positive_int, "Seconds a finished job and its result are kept in Redis (per request: `result_ttl`)."
+    )
+    max_wait: float = setting("60", _non_negative_float, "Upper bound in seconds for `?wait=` on job endpoints.")
+    max_batch_inputs: int = setting(
+        "256", _positive_int, "Most inputs one POST /serve/batch request may carry (413 beyond)."
+    )
+    load_timeout: float = setting(
+        "300", _non_negative_float, "Seconds a load job waits for every replica of its device to report."
+    )
+    device: str = setting(
+        "cpu",
+        parse_worker_device,
+        "Device a worker is pinned to (`cpu`, `cuda:N`); `manage.py worker --device` sets it.",
+    )
+    gpu_index: int | None = setting(
+        "",
+        _optional_index,
+        "Physical GPU a `cuda:N` worker uses (CUDA_VISIBLE_DEVICES); empty: N. In a container that sees "
+        "only its reserved GPU, set 0.",
+    )
+    worker_concurrency: int = setting(
+        "64",
+        _positive_int,
+        "Task threads per worker process, and so the jobs it takes from its queue at once; at least the "
+        "largest max_batch_size, so a batch can fill (models are shared by the threads, one copy each).",
+    )
+    torch_threads: int = setting(
+        "0",
+        int,
+        "Intra-op threads of each model process's forward passes; 0 means the CPU cores shared out among "
+        "the model's instances.",
+    )
+    heartbeat_interval: float = setting("2", _non_negative_float, "Seconds between worker heartbeats.")
+    worker_ttl: int = setting(
+        "10",
+        _positive_int,
+        "Seconds without a heartbeat after which a worker counts as dead and its running jobs are queued again.",
+    )
+    flower_port: int = setting("5555", _port, "Port of the Flower dashboard.")
+    flower_max_tasks: int = setting(
+        "10000",
+        _positive_int,
+        "Tasks Flower keeps in memory (~8 KB each; its own default of 100,000 held 840 MB in the soak).",
+    )
+    flower_basic_auth: str = setting(
+        "", _basic_auth, "`user:password[,user2:password2]` to put Flower behind basic auth; empty: no auth."
+    )
+    url: str = setting("http://127.0.0.1:8001", str, "Where `manage.py` finds the API.")
+    auth: bool = setting(
+        "true",
+        parse_bool,
+        "Require an API key or JWT on every endpoint but /heartbeat, /health*, /docs and /openapi.json.",
+    )
+    api_keys: dict = setting(
+        "", _api_keys, "Static API keys, `key:role` pairs separated by commas (roles: admin, operator, user, viewer)."
+    )
+    jwt_secret: str = setting(
+        "", _jwt_secret, "HS256 secret for JWTs (`sub`, `role`, `exp` checked); empty: JWTs are not accepted."
+    )
+    metrics_auth: bool = setting("false", parse_bool, "Require credentials (any role) for /metrics.")
+    rate_limit: str = setting(
+        "60000/minute",
+        _rate_limit,
+        "Requests per caller (API key, JWT subject, or address) in flask-limiter syntax; empty: no limit.",
+    )
+    admin_key_file: Path = setting(
+        "var/admin.key", _path, "Where `manage.py up` keeps the admin key it creates on first run (mode 600)."
+    )
+    max_request_bytes: int = setting("10MB", parse_size, "Largest request body; larger ones are refused with 413.")
+    max_input_chars: int = setting("20000", _positive_int, "Longest `inputs.text` accepted (422 beyond).")
+    dispatch_linger_ms: float = setting(
+        "1",
+        _non_negative_float,
+        "Under load (several requests of an API process waiting), how long a submission waits for others to "
+        "leave in the same Celery message; 0: never. At low load a submission never waits.",
+    )
+    max_queue_depth: int = setting(
+        "10000", _positive_int, "Messages a device queue may hold; new submissions beyond it get 429 with Retry-After."
+    )
+    visibility_timeout: int = setting(
+        "300",
+        _positive_int,
+        "Seconds before the broker redelivers an unacknowledged message (a second line: the reaper queues a "
+        "dead worker's jobs again after AETHERCORE_WORKER_TTL); longer than the longest job.",
+    )
+    max_attempts: int = setting(
+        "3",
+        _positive_int,
+        "Crashes charged to a job (it was alone in a forward pass when its model process or worker died) before "
+        "it fails as `poison_job`.",
+    )
 
     @property
     def effective_broker_url(self) -> str:
@@ -319,14 +336,17 @@ class Settings:
         if not (url or self.redis_url).startswith("rediss://"):
             return {}
         options = {"ssl_cert_reqs": "required"}
-        for option, path in (("ssl_ca_certs", self.redis_ca), ("ssl_certfile", self.redis_cert),
-                             ("ssl_keyfile", self.redis_key)):
+        for option, path in (
+            ("ssl_ca_certs", self.redis_ca),
+            ("ssl_certfile", self.redis_cert),
+            ("ssl_keyfile", self.redis_key),
+        ):
             if path is not None:
                 options[option] = str(path)
         return options
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for spec in SETTINGS:
@@ -351,10 +371,17 @@ class Settings:
                 raise ConfigError(f"{_ENV[cert]} and {_ENV[key]} go together: set both or neither")
         return cls(**values)
 
-    def with_overrides(self, **overrides: Any) -> "Settings":
+    def with_overrides(self, **overrides: Any) -> Settings:
         current = {f.name: getattr(self, f.name) for f in fields(self)}
         current.update(overrides)
         return Settings(**current)
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, f"AETHERCORE_{f.name.upper()}", f.metadata["default"], f.metadata["parse"], f.metadata["doc"])
+    for f in fields(Settings)
+)
+_ENV = {spec.name: spec.env for spec in SETTINGS}
 
 
 @lru_cache(maxsize=1)

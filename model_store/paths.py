@@ -35,7 +35,8 @@ def local_path(settings: Settings, relative: str, spec_id: str = "") -> Path:
     if not any(real == root or root in real.parents for root in roots):
         raise ModelPathForbidden(
             f"model {spec_id!r}: {relative} leads to {real}, outside the model store ({settings.model_store}) and "
-            "AETHERCORE_MODEL_ROOTS; add its directory to AETHERCORE_MODEL_ROOTS to allow it")
+            "AETHERCORE_MODEL_ROOTS; add its directory to AETHERCORE_MODEL_ROOTS to allow it"
+        )
     return path
 
 
@@ -69,8 +70,11 @@ def _huggingface_snapshot(spec: ModelSpec, settings: Settings) -> Path:
         return Path(snapshot_download(spec.model_path, local_files_only=offline))
     except LocalEntryNotFoundError:
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        why = ("downloads are off (AETHERCORE_HF_DOWNLOAD=false)" if not settings.hf_download
-               else "the hub is unreachable or HF_HUB_OFFLINE is set")
+        why = (
+            "downloads are off (AETHERCORE_HF_DOWNLOAD=false)"
+            if not settings.hf_download
+            else "the hub is unreachable or HF_HUB_OFFLINE is set"
+        )
         raise ModelUnavailable(
             f"model {spec.id!r}: {spec.model_path!r} is not in the local Hugging Face cache ({cache}) and "
             f"{why}; copy the model into the cache or point model_path at a local copy with source: local"

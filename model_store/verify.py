@@ -60,8 +60,10 @@ def verify_artifact(spec: ModelSpec, settings: Settings, path: Path) -> None:
     """Raise ArtifactRejected, naming the file, if the model's files are not what it declares."""
     if spec.sha256:
         if not path.is_file():
-            raise ArtifactRejected(f"model {spec.id!r}: sha256 is for a single file, but {path} is a directory "
-                                   "(use manifest for a directory)")
+            raise ArtifactRejected(
+                f"model {spec.id!r}: sha256 is for a single file, but {path} is a directory "
+                "(use manifest for a directory)"
+            )
         _check(spec, path, spec.sha256)
     if spec.manifest:
         directory = path if path.is_dir() else path.parent
@@ -77,16 +79,20 @@ def verify_artifact(spec: ModelSpec, settings: Settings, path: Path) -> None:
 def _check(spec: ModelSpec, path: Path, expected: str) -> None:
     actual = file_sha256(path)
     if actual != expected.lower():
-        raise ArtifactRejected(f"model {spec.id!r}: {path} does not match its declared sha256 "
-                               f"(expected {expected[:12]}…, found {actual[:12]}…); it was not loaded")
+        raise ArtifactRejected(
+            f"model {spec.id!r}: {path} does not match its declared sha256 "
+            f"(expected {expected[:12]}…, found {actual[:12]}…); it was not loaded"
+        )
 
 
 def _check_manifest(spec: ModelSpec, directory: Path, manifest: Path) -> None:
     try:
         listed = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactRejected(f"model {spec.id!r}: cannot read its manifest {manifest}: {exc}; "
-                               "`manage.py models bootstrap` writes it for the demo models") from None
+        raise ArtifactRejected(
+            f"model {spec.id!r}: cannot read its manifest {manifest}: {exc}; "
+            "`manage.py models bootstrap` writes it for the demo models"
+        ) from None
     for relative, expected in sorted(listed.items()):
         file = directory / relative
         if not file.is_file():
@@ -94,20 +100,25 @@ def _check_manifest(spec: ModelSpec, directory: Path, manifest: Path) -> None:
         _check(spec, file, expected)
     for file in _files(directory):
         if file.suffix in WEIGHT_SUFFIXES and file.relative_to(directory).as_posix() not in listed:
-            raise ArtifactRejected(f"model {spec.id!r}: {file} holds weights but is not in {manifest.name}; "
-                                   "it was not loaded")
+            raise ArtifactRejected(
+                f"model {spec.id!r}: {file} holds weights but is not in {manifest.name}; it was not loaded"
+            )
 
 
 def _refuse_pickle(spec: ModelSpec, path: Path) -> None:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
-            raise ArtifactRejected(f"model {spec.id!r}: {path} is pickle-based (loading it can run code); "
-                                   "convert it to safetensors, ONNX or torch.export, or set allow_pickle: true")
+            raise ArtifactRejected(
+                f"model {spec.id!r}: {path} is pickle-based (loading it can run code); "
+                "convert it to safetensors, ONNX or torch.export, or set allow_pickle: true"
+            )
         return
     files = _files(path)
     if any(f.suffix in {".safetensors", ".onnx", ".pt2"} for f in files):
         return  # the safe format is there and is what gets loaded (transformers: use_safetensors=True)
     pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
     if pickled:
-        raise ArtifactRejected(f"model {spec.id!r}: {pickled[0]} is pickle-based (loading it can run code) and "
-                               "there is no safetensors file; convert it, or set allow_pickle: true to trust it")
+        raise ArtifactRejected(
+            f"model {spec.id!r}: {pickled[0]} is pickle-based (loading it can run code) and "
+            "there is no safetensors file; convert it, or set allow_pickle: true to trust it"
+        )

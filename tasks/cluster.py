@@ -16,11 +16,15 @@ from typing import Any
 import redis
 
 from tasks.names import (
-    DESIRED_MODELS, GENERATION_COUNTER, MODEL_ERRORS, MODELS_CHANGED, WORKERS_INDEX, control_channel, worker_key,
+    DESIRED_MODELS,
+    GENERATION_COUNTER,
+    MODEL_ERRORS,
+    MODELS_CHANGED,
+    WORKERS_INDEX,
+    control_channel,
+    worker_key,
 )
-
-LOADED, LOADING, UNLOADING, UNLOADED, FAILED = "loaded", "loading", "unloading", "unloaded", "failed"
-MODEL_STATES = (UNLOADED, LOADING, LOADED, UNLOADING, FAILED)
+from tasks.states import LOADED, LOADING, MODEL_FAILED, UNLOADED, UNLOADING
 
 
 class ClusterState:
@@ -96,8 +100,9 @@ class ClusterState:
         return {mid: json.loads(raw) for mid, raw in self.redis.hgetall(DESIRED_MODELS).items()}
 
     def record_error(self, model_id: str, message: str, code: str, worker: str) -> None:
-        self.redis.hset(MODEL_ERRORS, model_id,
-                        json.dumps({"message": message, "code": code, "worker": worker, "at": time.time()}))
+        self.redis.hset(
+            MODEL_ERRORS, model_id, json.dumps({"message": message, "code": code, "worker": worker, "at": time.time()})
+        )
 
     def model_error(self, model_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(MODEL_ERRORS, model_id)
@@ -130,7 +135,7 @@ class ClusterState:
         elif LOADED in states:
             state = UNLOADING  # no longer wanted; replicas are dropping it
         elif error:
-            state = FAILED  # (a replica may still be finishing a load it started; it drops it next)
+            state = MODEL_FAILED  # (a replica may still be finishing a load it started; it drops it next)
         else:
             state = UNLOADED
         return {

@@ -10,25 +10,30 @@ after the last transition.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import redis
 
-
-from tasks.results import expand
 from tasks.names import (
-    INFLIGHT_HOLDERS, INFLIGHT_PREFIX, QUEUED_PREFIX, RECENT_JOBS, RECENT_JOBS_MAX, inflight_key, job_events_key,
-    job_key, queued_key, worker_key,
+    INFLIGHT_HOLDERS,
+    INFLIGHT_PREFIX,
+    QUEUED_PREFIX,
+    RECENT_JOBS,
+    RECENT_JOBS_MAX,
+    inflight_key,
+    job_events_key,
+    job_key,
+    queued_key,
+    worker_key,
 )
+from tasks.results import expand
+from tasks.states import CANCELLED, QUEUED, RUNNING, TERMINAL
 
-QUEUED, RUNNING = "queued", "running"
-SUCCEEDED, FAILED, CANCELLED, EXPIRED = "succeeded", "failed", "cancelled", "expired"
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
-STATUSES = (QUEUED, RUNNING) + TERMINAL
 # A job that has not ended is kept at least this long, whatever its own (shorter) retention: the retention
 # counts from its end.
 KEEP_UNFINISHED_S = 3600
@@ -46,24 +51,24 @@ KEEP_UNFINISHED_S = 3600
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
-if current == 'succeeded' or current == 'failed' or current == 'cancelled' or current == 'expired' then
+if $IS_TERMINAL(current) then
   return 0
 end
 local job_id = string.sub(KEYS[1], JOB_PREFIX_LEN + 1)
 local holder = redis.call('HGET', KEYS[1], 'holder')
 local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[2]  -- the job's own retention, if it asked for one
-if ARGV[1] == 'running' then
-  if current ~= 'queued' and current ~= 'running' then return 0 end
-  if current == 'running' and holder and redis.call('EXISTS', 'WORKER_PREFIX' .. holder) == 1 then return 0 end
+if ARGV[1] == $RUNNING then
+  if current ~= $QUEUED and current ~= $RUNNING then return 0 end
+  if current == $RUNNING and holder and redis.call('EXISTS', 'WORKER_PREFIX' .. holder) == 1 then return 0 end
 end
-if current == 'queued' then  -- it leaves the queue: no longer a candidate for re-queueing
+if current == $QUEUED then  -- it leaves the queue: no longer a candidate for re-queueing
   redis.call('ZREM', 'QUEUED_PREFIX' .. redis.call('HGET', KEYS[1], 'device'), job_id)
   redis.call('HDEL', KEYS[1], 'payload')
 end
-if ARGV[1] == 'running' then
+if ARGV[1] == $RUNNING then
   if holder and holder ~= ARGV[5] then redis.call('HDEL', 'INFLIGHT_PREFIX' .. holder, job_id) end
   redis.call('HDEL', KEYS[1], 'pass')
-  redis.call('HSET', KEYS[1], 'status', 'running', 'holder', ARGV[5], unpack(ARGV, 7))
+  redis.call('HSET', KEYS[1], 'status', $RUNNING, 'holder', ARGV[5], unpack(ARGV, 7))
   redis.call('HSET', 'INFLIGHT_PREFIX' .. ARGV[5], job_id, ARGV[6])
   redis.call('SADD', 'INFLIGHT_HOLDERS', ARGV[5])
   local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -112,11 +117,11 @@ redis.call('SREM', 'INFLIGHT_HOLDERS', ARGV[1])
 local taken = {}
 for i = 1, #entries, 2 do
   local key = 'JOB_PREFIX' .. entries[i]
-  if redis.call('HGET', key, 'status') == 'running' and redis.call('HGET', key, 'holder') == ARGV[1] then
+  if redis.call('HGET', key, 'status') == $RUNNING and redis.call('HGET', key, 'holder') == ARGV[1] then
     local crashes = tonumber(redis.call('HGET', key, 'crashes') or '0')
     if redis.call('HGET', key, 'pass') == 'alone' then crashes = redis.call('HINCRBY', key, 'crashes', 1) end
     redis.call('HDEL', key, 'pass', 'holder')
-    redis.call('HSET', key, 'status', 'queued', 'payload', entries[i + 1])
+    redis.call('HSET', key, 'status', $QUEUED, 'payload', entries[i + 1])
     redis.call('ZADD', 'QUEUED_PREFIX' .. redis.call('HGET', key, 'device'), ARGV[2], entries[i])
     table.insert(taken, entries[i]); table.insert(taken, entries[i + 1]); table.insert(taken, crashes)
   end
@@ -136,7 +141,7 @@ local found = {}
 for _, id in ipairs(ids) do
   local key = 'JOB_PREFIX' .. id
   local payload = redis.call('HGET', key, 'payload')
-  if redis.call('HGET', key, 'status') == 'queued' and payload then
+  if redis.call('HGET', key, 'status') == $QUEUED and payload then
     redis.call('ZADD', index, ARGV[2], id)
     table.insert(found, id); table.insert(found, payload)
   else
@@ -148,11 +153,23 @@ return found
 
 
 def _render(script: str) -> str:
-    """The Lua scripts name keys through the same helpers as the Python code (tasks/names.py)."""
-    return (script.replace("JOB_PREFIX_LEN", str(len(job_key(""))))
-            .replace("JOB_PREFIX", job_key("")).replace("WORKER_PREFIX", worker_key(""))
-            .replace("INFLIGHT_PREFIX", INFLIGHT_PREFIX).replace("INFLIGHT_HOLDERS", INFLIGHT_HOLDERS)
-            .replace("QUEUED_PREFIX", QUEUED_PREFIX).replace("KEEP_UNFINISHED_S", str(KEEP_UNFINISHED_S)))
+    """The Lua scripts name states and keys through the same constants as the Python code (tasks/states.py,
+    tasks/names.py): `$QUEUED`, `$RUNNING`, `$IS_TERMINAL(var)` and the key prefixes are filled in here."""
+    script = re.sub(
+        r"\$IS_TERMINAL\((\w+)\)",
+        lambda m: "(" + " or ".join(f"{m.group(1)} == '{state}'" for state in TERMINAL) + ")",
+        script,
+    )
+    script = script.replace("$QUEUED", f"'{QUEUED}'").replace("$RUNNING", f"'{RUNNING}'")
+    return (
+        script.replace("JOB_PREFIX_LEN", str(len(job_key(""))))
+        .replace("JOB_PREFIX", job_key(""))
+        .replace("WORKER_PREFIX", worker_key(""))
+        .replace("INFLIGHT_PREFIX", INFLIGHT_PREFIX)
+        .replace("INFLIGHT_HOLDERS", INFLIGHT_HOLDERS)
+        .replace("QUEUED_PREFIX", QUEUED_PREFIX)
+        .replace("KEEP_UNFINISHED_S", str(KEEP_UNFINISHED_S))
+    )
 
 
 # Add a reply channel to a job that has not ended yet, and return the job: one atomic step, so either
@@ -160,7 +177,7 @@ def _render(script: str) -> str:
 _WATCH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {} end
-if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' and status ~= 'expired' then
+if not $IS_TERMINAL(status) then
   local notify = redis.call('HGET', KEYS[1], 'notify') or ''
   if not string.find(',' .. notify .. ',', ',' .. ARGV[1] .. ',', 1, true) then
     if notify == '' then notify = ARGV[1] else notify = notify .. ',' .. ARGV[1] end
@@ -183,7 +200,7 @@ return {status, redis.call('EXISTS', KEYS[2])}
 # generating again) is skipped. Returns 1 appended, 0 skipped, -1 job not running, -2 cancel requested.
 _APPEND_CHUNK = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' then return -1 end
+if status ~= $RUNNING then return -1 end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return -2 end
 local published = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '0')
 if tonumber(ARGV[1]) < published then return 0 end
@@ -195,7 +212,7 @@ return 1
 
 # A status note in a running job's stream (e.g. `queued`: it waits for room in the model's running batch).
 _APPEND_STATUS = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= $RUNNING then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'status', 'data', ARGV[1])
 redis.call('EXPIRE', KEYS[2], redis.call('HGET', KEYS[1], 'ttl') or ARGV[2])
 return 1
@@ -205,8 +222,8 @@ return 1
 _REQUEST_CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
-if status == 'queued' then return 2 end
-if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1'); return 1 end
+if status == $QUEUED then return 2 end
+if status == $RUNNING then redis.call('HSET', KEYS[1], 'cancel_requested', '1'); return 1 end
 return 0
 """
 
@@ -258,7 +275,7 @@ def new_job_id() -> str:
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JobNotFound(KeyError):
@@ -288,22 +305,37 @@ class JobStore:
         self.ttl_s = ttl_s
         self._transition = client.register_script(_render(_TRANSITION))
         self._reap = client.register_script(_render(_REAP))
-        self._append_chunk = client.register_script(_APPEND_CHUNK)
-        self._append_status = client.register_script(_APPEND_STATUS)
-        self._request_cancel = client.register_script(_REQUEST_CANCEL)
-        self._watch = client.register_script(_WATCH)
-        self._follow = client.register_script(_FOLLOW)
+        self._append_chunk = client.register_script(_render(_APPEND_CHUNK))
+        self._append_status = client.register_script(_render(_APPEND_STATUS))
+        self._request_cancel = client.register_script(_render(_REQUEST_CANCEL))
+        self._watch = client.register_script(_render(_WATCH))
+        self._follow = client.register_script(_render(_FOLLOW))
         self._create_limited = client.register_script(_render(_CREATE_LIMITED))
         self._sweep_queued = client.register_script(_render(_SWEEP_QUEUED))
         self._created = 0
 
     # -- writes ------------------------------------------------------------------------------
-    def _fields(self, kind: str, model_id: str, device: str, request_id: str | None, owner: str | None,
-                job_id: str, notify: str | None, now: float, ttl: int | None = None,
-                payload: bytes | None = None) -> dict[str, Any]:
+    def _fields(
+        self,
+        kind: str,
+        model_id: str,
+        device: str,
+        request_id: str | None,
+        owner: str | None,
+        job_id: str,
+        notify: str | None,
+        now: float,
+        ttl: int | None = None,
+        payload: bytes | None = None,
+    ) -> dict[str, Any]:
         fields = {
-            "job_id": job_id, "kind": kind, "model_id": model_id, "status": QUEUED,
-            "device": device, "created_at": repr(now), "attempts": "0",
+            "job_id": job_id,
+            "kind": kind,
+            "model_id": model_id,
+            "status": QUEUED,
+            "device": device,
+            "created_at": repr(now),
+            "attempts": "0",
         }
         if request_id:
             fields["request_id"] = request_id
@@ -317,10 +349,21 @@ class JobStore:
             fields["payload"] = payload  # how to queue it again should its message be lost; dropped as it starts
         return fields
 
-    def create_limited(self, limits: list[tuple[str, int, int]], *, kind: str, model_id: str, device: str,
-                       request_id: str | None = None, owner: str | None = None, job_id: str | None = None,
-                       notify: str | None = None, ttl: int | None = None, payload: bytes | None = None,
-                       now: float | None = None) -> tuple[dict[str, Any], list[int]]:
+    def create_limited(
+        self,
+        limits: list[tuple[str, int, int]],
+        *,
+        kind: str,
+        model_id: str,
+        device: str,
+        request_id: str | None = None,
+        owner: str | None = None,
+        job_id: str | None = None,
+        notify: str | None = None,
+        ttl: int | None = None,
+        payload: bytes | None = None,
+        now: float | None = None,
+    ) -> tuple[dict[str, Any], list[int]]:
         """Count the caller against `limits` [(counter key, amount, window seconds)] and create the job, in
         one round trip; raise RateLimited (creating nothing) when a limit is already reached. Returns the job
         and the use of each limit."""
@@ -332,8 +375,9 @@ class JobStore:
             args += [amount, window]
         for key, value in fields.items():
             args += [key, value]
-        reply = self._create_limited(keys=[job_key(job_id), RECENT_JOBS, queued_key(device),
-                                           *(k for k, _a, _w in limits)], args=args)
+        reply = self._create_limited(
+            keys=[job_key(job_id), RECENT_JOBS, queued_key(device), *(k for k, _a, _w in limits)], args=args
+        )
         if int(reply[0]) == 0:
             raise RateLimited(int(reply[1]) - 1, int(reply[2]))
         self._trim_recent(now)
@@ -350,9 +394,20 @@ class JobStore:
         if pipe is None:
             target.execute()
 
-    def create(self, *, kind: str, model_id: str, device: str, request_id: str | None = None,
-               owner: str | None = None, job_id: str | None = None, notify: str | None = None,
-               ttl: int | None = None, payload: bytes | None = None, now: float | None = None) -> dict[str, Any]:
+    def create(
+        self,
+        *,
+        kind: str,
+        model_id: str,
+        device: str,
+        request_id: str | None = None,
+        owner: str | None = None,
+        job_id: str | None = None,
+        notify: str | None = None,
+        ttl: int | None = None,
+        payload: bytes | None = None,
+        now: float | None = None,
+    ) -> dict[str, Any]:
         """Write a queued job (one round trip); `ttl`: its own retention instead of the default; `payload`:
         how to queue it again if its message is lost (requeue_payload)."""
         job_id = job_id or new_job_id()
@@ -402,10 +457,11 @@ class JobStore:
         started = repr(time.time())
         pipe = self.redis.pipeline(transaction=False)
         for job_id, payload in jobs:
-            self._transition(keys=[job_key(job_id), job_events_key(job_id)],
-                             args=[RUNNING, str(self.ttl_s), "status", "", worker, payload,
-                                   "started_at", started, "worker", worker],
-                             client=pipe)
+            self._transition(
+                keys=[job_key(job_id), job_events_key(job_id)],
+                args=[RUNNING, str(self.ttl_s), "status", "", worker, payload, "started_at", started, "worker", worker],
+                client=pipe,
+            )
         return [max(0, int(outcome)) for outcome in pipe.execute()]
 
     def mark_forward(self, job_ids: list[str], alone: bool) -> None:
@@ -421,7 +477,9 @@ class JobStore:
         return [h.decode() if isinstance(h, bytes) else h for h in self.redis.smembers(INFLIGHT_HOLDERS)]
 
     def inflight(self, worker: str) -> dict[str, bytes]:
-        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in self.redis.hgetall(inflight_key(worker)).items()}
+        return {
+            (k.decode() if isinstance(k, bytes) else k): v for k, v in self.redis.hgetall(inflight_key(worker)).items()
+        }
 
     def reap(self, dead: str) -> list[tuple[str, bytes, int]]:
         """Take the jobs a dead worker was running back to `queued` (see _REAP): (job id, payload, crashes)
@@ -441,9 +499,14 @@ class JobStore:
         ends now. Returns, per job, whether it ended now."""
         pipe = self.redis.pipeline(transaction=False)
         for item in outcomes:
-            self._call(item["job_id"], item["status"], "done",
-                       self._final_values(item.get("result_json") or item.get("result"), item.get("error")),
-                       note=item.get("note") or b"", client=pipe)
+            self._call(
+                item["job_id"],
+                item["status"],
+                "done",
+                self._final_values(item.get("result_json") or item.get("result"), item.get("error")),
+                note=item.get("note") or b"",
+                client=pipe,
+            )
         return [outcome == 1 for outcome in pipe.execute()]
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None) -> bool:
@@ -464,8 +527,9 @@ class JobStore:
             values["error"] = encode(error)
         return values
 
-    def _call(self, job_id: str, status: str, event: str, values: dict[str, Any], note: bytes = b"",
-              client: Any = None) -> Any:
+    def _call(
+        self, job_id: str, status: str, event: str, values: dict[str, Any], note: bytes = b"", client: Any = None
+    ) -> Any:
         if event == "done" and status not in TERMINAL:
             raise ValueError(f"{status!r} is not a final status")
         args: list[Any] = [status, str(self.ttl_s), event, note, "", ""]
@@ -478,8 +542,10 @@ class JobStore:
         flat = self._watch(keys=[job_key(job_id)], args=[channel])
         if not flat:
             return None
-        fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                  for k, v in zip(flat[::2], flat[1::2])}
+        fields = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in zip(flat[::2], flat[1::2])
+        }
         return self._decode(fields)
 
     def follow(self, job_id: str) -> tuple[str, bool] | None:
@@ -489,23 +555,26 @@ class JobStore:
         return (_text(reply[0]), bool(int(reply[1]))) if reply else None
 
     def append_chunk(self, job_id: str, index: int, chunk: dict[str, Any]) -> int:
-        return int(self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)],
-                                      args=[index, encode(chunk), self.ttl_s]))
+        return int(
+            self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)], args=[index, encode(chunk), self.ttl_s])
+        )
 
     def append_chunks(self, chunks: list[tuple[str, int, dict[str, Any]]]) -> list[int]:
         """Append (job_id, index, chunk) items in one round trip; one outcome (CHUNK_*) per item, in order."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, index, chunk in chunks:
-            self._append_chunk(keys=[job_key(job_id), job_events_key(job_id)], args=[index, encode(chunk), self.ttl_s],
-                               client=pipe)
+            self._append_chunk(
+                keys=[job_key(job_id), job_events_key(job_id)], args=[index, encode(chunk), self.ttl_s], client=pipe
+            )
         return [int(outcome) for outcome in pipe.execute()]
 
     def append_status(self, job_ids: list[str], status: dict[str, Any]) -> None:
         """Add a status note to the streams of these running jobs, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            self._append_status(keys=[job_key(job_id), job_events_key(job_id)], args=[encode(status), self.ttl_s],
-                                client=pipe)
+            self._append_status(
+                keys=[job_key(job_id), job_events_key(job_id)], args=[encode(status), self.ttl_s], client=pipe
+            )
         pipe.execute()
 
     def request_cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
@@ -514,8 +583,9 @@ class JobStore:
         if outcome == -1:
             raise JobNotFound(job_id)
         if outcome == 2:
-            return self.finish(job_id, CANCELLED, error={"code": "cancelled", "message": reason}) or \
-                self.request_cancel(job_id, reason)  # it started meanwhile: ask it to stop
+            return self.finish(
+                job_id, CANCELLED, error={"code": "cancelled", "message": reason}
+            ) or self.request_cancel(job_id, reason)  # it started meanwhile: ask it to stop
         return outcome == 1
 
     def events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:

@@ -15,10 +15,10 @@ import threading
 from collections import Counter, defaultdict
 from typing import Any
 
-from tasks.names import PREFIX
+from tasks.names import METRICS_COUNTERS, METRICS_HISTOGRAMS
 
-COUNTERS_KEY = f"{PREFIX}:metrics:counters"
-HISTOGRAMS_KEY = f"{PREFIX}:metrics:histograms"
+COUNTERS_KEY = METRICS_COUNTERS
+HISTOGRAMS_KEY = METRICS_HISTOGRAMS
 
 JOBS_TOTAL = "aethercore_jobs_total"
 QUEUE_WAIT = "aethercore_queue_wait_seconds"
@@ -31,10 +31,10 @@ GENERATION_RUNNING = "aethercore_generation_running"
 GENERATION_WAITING = "aethercore_generation_waiting"
 
 BUCKETS: dict[str, tuple[float, ...]] = {
-    QUEUE_WAIT: (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
-    INFERENCE_TIME: (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+    QUEUE_WAIT: (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    INFERENCE_TIME: (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     BATCH_SIZE: (1, 2, 4, 8, 16, 32, 64, 128, 256),
-    TIME_TO_FIRST_TOKEN: (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
+    TIME_TO_FIRST_TOKEN: (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 }
 HELP = {
     JOBS_TOTAL: "Jobs that ended, by kind, model and final status",

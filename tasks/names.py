@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from tasks.states import INFERENCE, LOAD, UNLOAD
+
 # Celery task names (readable in Flower).
 INFER = "aethercore.infer"
 LOAD_MODEL = "aethercore.load_model"
 UNLOAD_MODEL = "aethercore.unload_model"
 
-JOB_KINDS = ("inference", "load", "unload")
-TASK_FOR_KIND = {"inference": INFER, "load": LOAD_MODEL, "unload": UNLOAD_MODEL}
+TASK_FOR_KIND = {INFERENCE: INFER, LOAD: LOAD_MODEL, UNLOAD: UNLOAD_MODEL}
+KIND_OF_TASK = {task: kind for kind, task in TASK_FOR_KIND.items()}
 
 CPU_QUEUE = "cpu"
 
@@ -75,6 +77,11 @@ def reply_channel(owner: str) -> str:
 
 # Pub/sub channel on which every change of the desired model state is announced (API caches listen).
 MODELS_CHANGED = f"{PREFIX}:models:changed"
+
+
+AUTH_KEYS = f"{PREFIX}:auth:keys"  # hash: API key id -> JSON {digest, role, name, created_at}
+METRICS_COUNTERS = f"{PREFIX}:metrics:counters"  # hash: every worker's job counters, added up
+METRICS_HISTOGRAMS = f"{PREFIX}:metrics:histograms"  # hash: every worker's histogram buckets, added up
 
 
 def rate_limit_key(caller: str, amount: int, window_s: int) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,7 +17,7 @@ from config.settings import Settings  # noqa: E402
 from tests.support import ADMIN_KEY, RedisServer, WorkerProcess, base_env  # noqa: E402
 
 # Redis databases of the session server, one per group of tests that needs its own cluster state.
-DB_MAIN, DB_SCALING, DB_EVICTION, DB_E2E, DB_MISC = 0, 1, 2, 3, 4
+DB_MAIN, DB_SCALING, DB_EVICTION, DB_E2E, DB_MISC, DB_SCRATCH = 0, 1, 2, 3, 4, 9
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +25,15 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture()
+def scratch_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A database of the session's redis-server of the test's own: empty before it, emptied after it."""
+    client = redis.Redis.from_url(redis_server.url(DB_SCRATCH), decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
 
 
 def settings_for(redis_url: str, **overrides: Any) -> Settings:

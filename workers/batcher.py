@@ -29,9 +29,10 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 
@@ -114,12 +115,19 @@ def _length(inputs: Any) -> int:
 
 
 class ModelBatcher:
-    def __init__(self, executor: Executor, model_id: str, max_batch_size: int, max_batch_delay_ms: float, *,
-                 on_batch: Callable[[int], None] = lambda size: None,
-                 on_complete: Callable[[list[Request]], None] | None = None,
-                 on_model_dead: Callable[[BaseException], None] = lambda exc: None,
-                 on_forward: Callable[[list["Request"]], None] = lambda batch: None,
-                 max_crashes: int = 3) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        model_id: str,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        *,
+        on_batch: Callable[[int], None] = lambda size: None,
+        on_complete: Callable[[list[Request]], None] | None = None,
+        on_model_dead: Callable[[BaseException], None] = lambda exc: None,
+        on_forward: Callable[[list[Request]], None] = lambda batch: None,
+        max_crashes: int = 3,
+    ) -> None:
         self.executor = executor
         self.model_id = model_id
         self.max_batch_size = max_batch_size
@@ -137,16 +145,24 @@ class ModelBatcher:
         self._done: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
         count = max(1, len(executor.instances))
         self._feeders_left = count
-        self._feeders = [threading.Thread(target=self._feed, args=(i,), name=f"batcher-{model_id}-{i}", daemon=True)
-                         for i in range(count)]
+        self._feeders = [
+            threading.Thread(target=self._feed, args=(i,), name=f"batcher-{model_id}-{i}", daemon=True)
+            for i in range(count)
+        ]
         self._completer = threading.Thread(target=self._complete_loop, name=f"complete-{model_id}", daemon=True)
         for thread in (*self._feeders, self._completer):
             thread.start()
 
     def submit(self, inputs: Any, parameters: dict[str, Any], context: Any = None, exclusive: bool = False) -> Future:
         """Queue one job's inputs; `exclusive`: it runs in a forward pass of its own."""
-        request = Request(inputs, parameters, json.dumps(parameters, sort_keys=True, default=str), _length(inputs),
-                          context, exclusive=exclusive)
+        request = Request(
+            inputs,
+            parameters,
+            json.dumps(parameters, sort_keys=True, default=str),
+            _length(inputs),
+            context,
+            exclusive=exclusive,
+        )
         with self._cond:
             if self._closed:
                 raise ModelUnavailable(f"model {self.model_id!r} was unloaded")
@@ -225,7 +241,8 @@ class ModelBatcher:
                 self._settle(batch, error=exc)
                 return
             logger.bind(model_id=self.model_id).info(
-                "batch of {} failed ({}); retrying its jobs one by one", len(batch), exc)
+                "batch of {} failed ({}); retrying its jobs one by one", len(batch), exc
+            )
             for request in batch:
                 self._run(index, [request])
             return
@@ -238,8 +255,7 @@ class ModelBatcher:
         log = logger.bind(model_id=self.model_id)
         if not self.executor.revive(index):
             log.error("model process {} could not be restarted; failing {} job(s)", index, len(batch))
-            error = ModelUnavailable(f"the process of model {self.model_id!r} died ({exc}) and could not be "
-                                     "restarted")
+            error = ModelUnavailable(f"the process of model {self.model_id!r} died ({exc}) and could not be restarted")
             self._settle(batch, error=error)
             self._on_model_dead(error)
             return
@@ -252,12 +268,17 @@ class ModelBatcher:
         request = batch[0]
         request.crashes += 1
         if request.crashes >= self.max_crashes:
-            self._settle(batch, error=PoisonInput(
-                f"the job brought down the process of model {self.model_id!r} {request.crashes} times when run "
-                f"alone ({exc}); it is not retried again"))
+            self._settle(
+                batch,
+                error=PoisonInput(
+                    f"the job brought down the process of model {self.model_id!r} {request.crashes} times when run "
+                    f"alone ({exc}); it is not retried again"
+                ),
+            )
             return
-        log.warning("a job alone lost its model process ({}); retrying it ({} of {})", exc, request.crashes,
-                    self.max_crashes)
+        log.warning(
+            "a job alone lost its model process ({}); retrying it ({} of {})", exc, request.crashes, self.max_crashes
+        )
         self._run(index, batch)
 
     def _settle(self, batch: list[Request], error: BaseException) -> None:

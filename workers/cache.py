@@ -19,13 +19,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
 from config.models import ModelSpec
 from config.units import format_size
+from tasks.states import LOADED, LOADING
 from workers.runtimes.base import Runtime
 
 
@@ -63,11 +65,16 @@ def release_memory(device: str) -> None:
 
 
 class ModelCache:
-    def __init__(self, budget_bytes: int, device: str, factory: Callable[[ModelSpec], Runtime],
-                 estimate: Callable[[ModelSpec], int],
-                 on_change: Callable[[], None] = lambda: None,
-                 on_evict: Callable[[str], None] = lambda model_id: None,
-                 on_unload: Callable[[str], None] = lambda model_id: None) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        device: str,
+        factory: Callable[[ModelSpec], Runtime],
+        estimate: Callable[[ModelSpec], int],
+        on_change: Callable[[], None] = lambda: None,
+        on_evict: Callable[[str], None] = lambda model_id: None,
+        on_unload: Callable[[str], None] = lambda model_id: None,
+    ) -> None:
         self.budget_bytes = budget_bytes
         self.device = device
         self._factory = factory
@@ -123,14 +130,22 @@ class ModelCache:
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             models = {
-                mid: {"state": "loaded", "memory_bytes": e.memory_bytes, "loaded_at": e.loaded_at,
-                      "last_used": e.last_used, "generation": e.generation, "load_ms": round(e.load_ms, 1),
-                      "gpu_memory_bytes": e.gpu_memory_bytes, "dtype": e.runtime.dtype_name, "info": e.info,
-                      **_decoding(e.runtime)}
+                mid: {
+                    "state": LOADED,
+                    "memory_bytes": e.memory_bytes,
+                    "loaded_at": e.loaded_at,
+                    "last_used": e.last_used,
+                    "generation": e.generation,
+                    "load_ms": round(e.load_ms, 1),
+                    "gpu_memory_bytes": e.gpu_memory_bytes,
+                    "dtype": e.runtime.dtype_name,
+                    "info": e.info,
+                    **_decoding(e.runtime),
+                }
                 for mid, e in self._entries.items()
             }
             for mid, since in self._loading.items():
-                models.setdefault(mid, {"state": "loading", "memory_bytes": 0, "since": since})
+                models.setdefault(mid, {"state": LOADING, "memory_bytes": 0, "since": since})
             return models
 
     # -- load / unload -----------------------------------------------------------------------
@@ -161,14 +176,17 @@ class ModelCache:
                 logger.bind(model_id=spec.id).warning("loading failed: {}", exc)
                 if isinstance(exc, ModelLoadError):
                     raise
-                raise ModelLoadError(str(exc) if spec.id in str(exc) else f"model {spec.id!r} failed to load: {exc}",
-                                     getattr(exc, "code", "model_load_failed")) from exc
+                raise ModelLoadError(
+                    str(exc) if spec.id in str(exc) else f"model {spec.id!r} failed to load: {exc}",
+                    getattr(exc, "code", "model_load_failed"),
+                ) from exc
             load_ms = (time.perf_counter() - started) * 1000
             gpu_bytes = getattr(runtime, "gpu_memory_bytes", lambda: None)()
             with self._lock:
                 self._loading.pop(spec.id, None)
-                self._entries[spec.id] = Entry(runtime, memory, generation, load_ms=load_ms, info=info,
-                                               gpu_memory_bytes=gpu_bytes)
+                self._entries[spec.id] = Entry(
+                    runtime, memory, generation, load_ms=load_ms, info=info, gpu_memory_bytes=gpu_bytes
+                )
             logger.bind(model_id=spec.id).info("model resident: {} in {:.0f} ms", format_size(memory), load_ms)
             self._on_change()
             return runtime
@@ -194,11 +212,15 @@ class ModelCache:
         if spec.max_memory is not None and estimate > spec.max_memory:
             raise ModelLoadError(
                 f"model {spec.id!r} needs about {format_size(estimate)}, more than its max_memory of "
-                f"{format_size(spec.max_memory)}", "model_too_large")
+                f"{format_size(spec.max_memory)}",
+                "model_too_large",
+            )
         if estimate > self.budget_bytes:
             raise ModelLoadError(
                 f"model {spec.id!r} needs about {format_size(estimate)}, more than the whole model cache "
-                f"(AETHERCORE_MODEL_CACHE_SIZE={format_size(self.budget_bytes)})", "model_too_large")
+                f"(AETHERCORE_MODEL_CACHE_SIZE={format_size(self.budget_bytes)})",
+                "model_too_large",
+            )
         return estimate
 
     def _make_room(self, model_id: str, needed: int) -> None:

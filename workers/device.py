@@ -57,8 +57,17 @@ def _gpu_memory(physical_index: int) -> dict[str, int]:
     except Exception:
         pass
     try:
-        out = subprocess.run(["nvidia-smi", f"--id={physical_index}", "--query-gpu=memory.free,memory.total",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=2)
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                f"--id={physical_index}",
+                "--query-gpu=memory.free,memory.total",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=2,
+        )
         free, total = (int(v) * 2**20 for v in out.stdout.strip().split(","))
         return {"gpu_free_bytes": free, "gpu_total_bytes": total}
     except Exception:

@@ -23,9 +23,15 @@ import redis
 from loguru import logger
 
 from config.models import ModelSpec
-from tasks.jobs import CANCELLED, EXPIRED
+from tasks.states import CANCELLED, EXPIRED, INFERENCE
 from workers.model_process import (
-    CallCancelled, DeadlineExceeded, GenerationCall, ModelProcessDied, ModelTimeout, RemoteRuntime, StreamTarget,
+    CallCancelled,
+    DeadlineExceeded,
+    GenerationCall,
+    ModelProcessDied,
+    ModelTimeout,
+    RemoteRuntime,
+    StreamTarget,
 )
 from workers.outcomes import classify, error_body, logged
 from workers.service import WorkerService
@@ -51,8 +57,9 @@ class _BatchJob:
     begin: float = field(default_factory=time.perf_counter)
 
 
-def run_generation_jobs(svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime,
-                        contexts: list[dict[str, Any]]) -> None:
+def run_generation_jobs(
+    svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, contexts: list[dict[str, Any]]
+) -> None:
     requests: list[_Request] = []
     batches: dict[str, _BatchJob] = {}
     for ctx in contexts:
@@ -64,7 +71,7 @@ def run_generation_jobs(svc: WorkerService, spec: ModelSpec, runtime: RemoteRunt
         else:
             requests.append(_Request(ctx, job["inputs"]))
     ended = [outcome for outcome in (_empty_batch(svc, spec, ctx, batches) for ctx in contexts) if outcome]
-    svc.finish("inference", spec.id, ended)
+    svc.finish(INFERENCE, spec.id, ended)
 
     waiting: dict[Future, _Request] = {}
     for request in requests:
@@ -81,7 +88,7 @@ def run_generation_jobs(svc: WorkerService, spec: ModelSpec, runtime: RemoteRunt
                 waiting[request.call.future] = request
             elif outcome is not None:
                 outcomes.append(outcome)
-        svc.finish("inference", spec.id, outcomes)
+        svc.finish(INFERENCE, spec.id, outcomes)
 
 
 _AGAIN = object()
@@ -98,8 +105,9 @@ def _send(svc: WorkerService, runtime: RemoteRuntime, request: _Request, exclusi
             svc.jobs.mark_forward([job["job_id"]], alone=exclusive)
         except redis.RedisError:
             pass
-    request.call = runtime.generate(request.inputs, job.get("parameters") or {}, request.stream,
-                                    exclusive=exclusive, deadline=job.get("deadline"))
+    request.call = runtime.generate(
+        request.inputs, job.get("parameters") or {}, request.stream, exclusive=exclusive, deadline=job.get("deadline")
+    )
 
 
 def _empty_batch(svc: WorkerService, spec: ModelSpec, ctx: dict[str, Any], batches: dict[str, _BatchJob]) -> Any:
@@ -109,8 +117,9 @@ def _empty_batch(svc: WorkerService, spec: ModelSpec, ctx: dict[str, Any], batch
     return svc.succeeded(spec, ctx, {"outputs": []}, {"inference_ms": 0.0, "batch_size": 0})
 
 
-def _settle(svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, request: _Request,
-            batches: dict[str, _BatchJob]) -> Any:
+def _settle(
+    svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, request: _Request, batches: dict[str, _BatchJob]
+) -> Any:
     """The end of one request: the job's outcome to write, _AGAIN if it was sent again, or None."""
     ctx, job = request.ctx, request.ctx["job"]
     log = logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id"))
@@ -120,21 +129,40 @@ def _settle(svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, request
         if request.call.exclusive:
             request.crashes += 1
         if not runtime.revive_all():
-            return _item_or_job(svc, spec, request, batches,
-                                error_body("model_process_died", f"{exc}; the model could not be restarted"))
+            return _item_or_job(
+                svc,
+                spec,
+                request,
+                batches,
+                error_body("model_process_died", f"{exc}; the model could not be restarted"),
+            )
         if request.crashes >= svc.settings.max_attempts:
-            return _item_or_job(svc, spec, request, batches, error_body(
-                "poison_job", f"the job brought down the process of model {spec.id!r} {request.crashes} times "
-                f"when it ran alone ({exc}); it is not retried again"))
+            return _item_or_job(
+                svc,
+                spec,
+                request,
+                batches,
+                error_body(
+                    "poison_job",
+                    f"the job brought down the process of model {spec.id!r} {request.crashes} times "
+                    f"when it ran alone ({exc}); it is not retried again",
+                ),
+            )
         log.warning("generation lost its model process ({}); trying it again alone", exc)
         _send(svc, runtime, request, exclusive=True)
         return _AGAIN
     except CallCancelled:
         log.info("generation cancelled")
-        return {"job_id": job["job_id"], "status": CANCELLED, "wake": svc.wake(ctx),
-                "error": error_body("cancelled", "the job was cancelled while it ran")}
+        return {
+            "job_id": job["job_id"],
+            "status": CANCELLED,
+            "wake": svc.wake(ctx),
+            "error": error_body("cancelled", "the job was cancelled while it ran"),
+        }
     except DeadlineExceeded as exc:
-        error = error_body("deadline_exceeded", f"{exc} (its timeout was {job['deadline'] - job['submitted_at']:.1f} s)")
+        error = error_body(
+            "deadline_exceeded", f"{exc} (its timeout was {job['deadline'] - job['submitted_at']:.1f} s)"
+        )
         if request.item is not None:
             return _item_or_job(svc, spec, request, batches, error)
         return {**svc.failed(ctx, error), "status": EXPIRED}
@@ -148,12 +176,22 @@ def _settle(svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, request
     running = request.call.process.generation.get("running", 1)
     ctx["chunks"] = request.stream.index
     inference_ms = (time.perf_counter() - ctx["begin"]) * 1000
-    return svc.succeeded(spec, ctx, {"output": output},
-                         {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": running})
+    return svc.succeeded(
+        spec,
+        ctx,
+        {"output": output},
+        {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": running},
+    )
 
 
-def _item_or_job(svc: WorkerService, spec: ModelSpec, request: _Request, batches: dict[str, _BatchJob],
-                 error: dict[str, Any] | None, output: Any = None) -> Any:
+def _item_or_job(
+    svc: WorkerService,
+    spec: ModelSpec,
+    request: _Request,
+    batches: dict[str, _BatchJob],
+    error: dict[str, Any] | None,
+    output: Any = None,
+) -> Any:
     """A request's end: the job's own end, or one item of a batch job (which ends with its last item)."""
     ctx = request.ctx
     if request.item is None:
@@ -164,5 +202,9 @@ def _item_or_job(svc: WorkerService, spec: ModelSpec, request: _Request, batches
     if batch.left:
         return None
     inference_ms = (time.perf_counter() - ctx["begin"]) * 1000
-    return svc.succeeded(spec, ctx, {"outputs": batch.outputs},
-                         {"inference_ms": round(inference_ms, 3), "batch_size": len(batch.outputs)})
+    return svc.succeeded(
+        spec,
+        ctx,
+        {"outputs": batch.outputs},
+        {"inference_ms": round(inference_ms, 3), "batch_size": len(batch.outputs)},
+    )

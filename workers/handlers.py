@@ -9,8 +9,9 @@ from typing import Any
 from celery import Celery
 from loguru import logger
 
-from tasks.jobs import EXPIRED, FAILED, SUCCEEDED, requeue_payload
+from tasks.jobs import requeue_payload
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
+from tasks.states import EXPIRED, FAILED, INFERENCE, LOAD, LOADED, SUCCEEDED, UNLOAD, UNLOADED, UNLOADING
 from workers.cache import ModelLoadError
 from workers.generation import run_generation_jobs
 from workers.outcomes import classify, error_body
@@ -36,8 +37,9 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[st
     """A /serve/batch job: every item goes through the batcher; each gets its output or its own error."""
     job = ctx["job"]
     parameters = job.get("parameters") or {}
-    futures = [svc.submit(spec, runtime, item, parameters, exclusive=bool(job.get("isolate")))
-               for item in job["inputs"]]
+    futures = [
+        svc.submit(spec, runtime, item, parameters, exclusive=bool(job.get("isolate"))) for item in job["inputs"]
+    ]
     outputs, sizes, inference_ms = [], [], 0.0
     for future in futures:
         try:
@@ -48,8 +50,9 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[st
         outputs.append({"output": outcome.output})
         sizes.append(outcome.batch_size)
         inference_ms = max(inference_ms, outcome.inference_ms)
-    return svc.succeeded(spec, ctx, {"outputs": outputs},
-                      {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)})
+    return svc.succeeded(
+        spec, ctx, {"outputs": outputs}, {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)}
+    )
 
 
 def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
@@ -62,10 +65,12 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
     """
     svc = service()
     deliveries = svc.jobs.mark_running_many(
-        [(j["job_id"], requeue_payload(INFER, svc.queue, {"model_id": model_id, "jobs": [j]})) for j in jobs], svc.name)
+        [(j["job_id"], requeue_payload(INFER, svc.queue, {"model_id": model_id, "jobs": [j]})) for j in jobs], svc.name
+    )
     if not all(deliveries):
-        logger.bind(model_id=model_id).info("{} job(s) already ended or running elsewhere; skipping them",
-                                            deliveries.count(0))
+        logger.bind(model_id=model_id).info(
+            "{} job(s) already ended or running elsewhere; skipping them", deliveries.count(0)
+        )
     started = time.time()
     active, refused = [], []
     for job, delivery in zip(jobs, deliveries):
@@ -75,33 +80,50 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
         if delivery > MAX_TAKEOVERS_PER_ATTEMPT * svc.settings.max_attempts:
             # Charges go to a job that was alone on a worker that died (workers/reaper.py); this bounds a job
             # that takes its worker down while others are always beside it.
-            refused.append(svc.failed(ctx, error_body(
-                "poison_job", f"the job was started by {delivery} workers and each of them died before it "
-                "ended; it is not retried again (AETHERCORE_MAX_ATTEMPTS)")))
+            refused.append(
+                svc.failed(
+                    ctx,
+                    error_body(
+                        "poison_job",
+                        f"the job was started by {delivery} workers and each of them died before it "
+                        "ended; it is not retried again (AETHERCORE_MAX_ATTEMPTS)",
+                    ),
+                )
+            )
         elif job.get("deadline") and started > job["deadline"]:
-            refused.append({**svc.failed(ctx, error_body(
-                "deadline_exceeded", f"the job waited {started - job['submitted_at']:.1f} s in the queue, longer "
-                f"than its timeout of {job['deadline'] - job['submitted_at']:.1f} s; it was not run")),
-                "status": EXPIRED})
+            refused.append(
+                {
+                    **svc.failed(
+                        ctx,
+                        error_body(
+                            "deadline_exceeded",
+                            f"the job waited {started - job['submitted_at']:.1f} s in the queue, longer "
+                            f"than its timeout of {job['deadline'] - job['submitted_at']:.1f} s; it was not run",
+                        ),
+                    ),
+                    "status": EXPIRED,
+                }
+            )
         else:
             active.append(ctx)
     if refused:
-        logger.bind(model_id=model_id).warning("{} job(s) refused: {}", len(refused),
-                                               ", ".join(f"{r['job_id']} {r['error']['code']}" for r in refused))
-        svc.finish("inference", model_id, refused)
+        logger.bind(model_id=model_id).warning(
+            "{} job(s) refused: {}", len(refused), ", ".join(f"{r['job_id']} {r['error']['code']}" for r in refused)
+        )
+        svc.finish(INFERENCE, model_id, refused)
     if not active:
         return
     spec = svc.models.get(model_id)
     if spec is None:
         error = error_body("model_not_found", f"model {model_id!r} is not configured")
-        svc.finish("inference", model_id, [svc.failed(ctx, error) for ctx in active])
+        svc.finish(INFERENCE, model_id, [svc.failed(ctx, error) for ctx in active])
         return
     try:
         runtime, load_ms = svc.runtime_for(spec)
     except Exception as exc:
         error = classify(exc)
         logger.bind(model_id=model_id).info("cannot serve: {}", error["message"])
-        svc.finish("inference", model_id, [svc.failed(ctx, error) for ctx in active])
+        svc.finish(INFERENCE, model_id, [svc.failed(ctx, error) for ctx in active])
         return
 
     for ctx in active:
@@ -119,13 +141,16 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
             own.append(ctx)
             continue
         try:
-            handed.append(svc.submit(spec, runtime, job["inputs"], job.get("parameters") or {}, ctx,
-                                     exclusive=bool(job.get("isolate"))))
+            handed.append(
+                svc.submit(
+                    spec, runtime, job["inputs"], job.get("parameters") or {}, ctx, exclusive=bool(job.get("isolate"))
+                )
+            )
         except Exception as exc:  # unloaded meanwhile
             refused.append(svc.failed(ctx, classify(exc)))
-    svc.finish("inference", model_id, refused)
+    svc.finish(INFERENCE, model_id, refused)
     for ctx in own:
-        svc.finish("inference", model_id, [_run_batch_request(svc, spec, runtime, ctx)])
+        svc.finish(INFERENCE, model_id, [_run_batch_request(svc, spec, runtime, ctx)])
     for future in handed:
         try:
             future.result()
@@ -148,15 +173,30 @@ def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[di
 def run_load(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
     log = logger.bind(job_id=job_id, model_id=model_id, request_id=request_id)
-    attempts = svc.jobs.mark_running(job_id, svc.name, requeue_payload(LOAD_MODEL, svc.queue, {
-        "job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}))
+    attempts = svc.jobs.mark_running(
+        job_id,
+        svc.name,
+        requeue_payload(
+            LOAD_MODEL, svc.queue, {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}
+        ),
+    )
     if not attempts:
         return
     wake = {"attempts": attempts, "started_at": time.time()}
     spec = svc.models.get(model_id)
     if spec is None:
-        svc.finish("load", model_id, [{"job_id": job_id, "status": FAILED, "wake": wake,
-                                       "error": error_body("model_not_found", f"model {model_id!r} is not configured")}])
+        svc.finish(
+            LOAD,
+            model_id,
+            [
+                {
+                    "job_id": job_id,
+                    "status": FAILED,
+                    "wake": wake,
+                    "error": error_body("model_not_found", f"model {model_id!r} is not configured"),
+                }
+            ],
+        )
         return
     begin = time.perf_counter()
     generation = svc.cluster.desire(model_id, svc.device, job_id)
@@ -165,22 +205,38 @@ def run_load(job_id: str, model_id: str, device: str, request_id: str | None = N
         svc.ensure_loaded(spec, generation)
     except ModelLoadError as exc:
         svc.model_failed(model_id, str(exc), exc.code)
-        svc.finish("load", model_id, [{"job_id": job_id, "status": FAILED, "wake": wake,
-                                       "error": error_body(exc.code, str(exc))}])
+        svc.finish(
+            LOAD,
+            model_id,
+            [{"job_id": job_id, "status": FAILED, "wake": wake, "error": error_body(exc.code, str(exc))}],
+        )
         log.warning("load failed: {}", exc)
         return
     workers = svc.wait_for_replicas(model_id, generation, loaded=True, timeout_s=svc.settings.load_timeout)
     replicas, failures = _replica_view(model_id, workers)
-    result = {"model_id": model_id, "state": "loaded", "device": svc.device, "replicas": replicas,
-              "failed_replicas": failures, "load_ms": round((time.perf_counter() - begin) * 1000, 1)}
-    svc.finish("load", model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result, "wake": wake}])
+    result = {
+        "model_id": model_id,
+        "state": LOADED,
+        "device": svc.device,
+        "replicas": replicas,
+        "failed_replicas": failures,
+        "load_ms": round((time.perf_counter() - begin) * 1000, 1),
+    }
+    svc.finish(LOAD, model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result, "wake": wake}])
     log.info("model loaded on {} replica(s)", len(replicas))
 
 
 def run_unload(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
-    attempts = svc.jobs.mark_running(job_id, svc.name, requeue_payload(UNLOAD_MODEL, svc.queue, {
-        "job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}))
+    attempts = svc.jobs.mark_running(
+        job_id,
+        svc.name,
+        requeue_payload(
+            UNLOAD_MODEL,
+            svc.queue,
+            {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id},
+        ),
+    )
     if not attempts:
         return
     wake = {"attempts": attempts, "started_at": time.time()}
@@ -189,9 +245,13 @@ def run_unload(job_id: str, model_id: str, device: str, request_id: str | None =
     svc.cache.unload(model_id)
     workers = svc.wait_for_replicas(model_id, 0, loaded=False, timeout_s=svc.settings.load_timeout)
     replicas, _ = _replica_view(model_id, workers)
-    result = {"model_id": model_id, "state": "unloaded" if not replicas else "unloading", "device": svc.device,
-              "replicas": replicas}
-    svc.finish("unload", model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result, "wake": wake}])
+    result = {
+        "model_id": model_id,
+        "state": UNLOADED if not replicas else UNLOADING,
+        "device": svc.device,
+        "replicas": replicas,
+    }
+    svc.finish(UNLOAD, model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result, "wake": wake}])
     logger.bind(job_id=job_id, model_id=model_id, request_id=request_id).info("model unloaded")
 
 

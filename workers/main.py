@@ -49,16 +49,34 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
         service.stop()
 
     def send(task: str, queue: str, kwargs: dict, job_id: str) -> None:
-        app.send_task(task, kwargs=kwargs, queue=queue, task_id=job_id,
-                      kwargsrepr=repr({k: v for k, v in kwargs.items() if k != "jobs"} | {"job_ids": [job_id]}))
+        app.send_task(
+            task,
+            kwargs=kwargs,
+            queue=queue,
+            task_id=job_id,
+            kwargsrepr=repr({k: v for k, v in kwargs.items() if k != "jobs"} | {"job_ids": [job_id]}),
+        )
 
     service.start(send)
     service.publish()
     # JSON logs: no ASCII banner on stdout, so every output line parses.
     quiet = ["--quiet"] if settings.log_format == "json" else []
-    app.worker_main([
-        *quiet, "worker", "--queues", queue_for_device(device), "--pool", "threads",
-        "--concurrency", str(settings.worker_concurrency), "--hostname", nodename,
-        "--loglevel", settings.log_level if settings.log_level != "TRACE" else "DEBUG",
-        "--without-gossip", "--without-mingle", "--task-events",
-    ])
+    app.worker_main(
+        [
+            *quiet,
+            "worker",
+            "--queues",
+            queue_for_device(device),
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(settings.worker_concurrency),
+            "--hostname",
+            nodename,
+            "--loglevel",
+            settings.log_level if settings.log_level != "TRACE" else "DEBUG",
+            "--without-gossip",
+            "--without-mingle",
+            "--task-events",
+        ]
+    )

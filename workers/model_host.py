@@ -70,7 +70,7 @@ class _Host:
             importlib.import_module(RUNTIME_MODULES[self.spec.model_type])
             if self.spec.task in TEXT_TASKS:
                 # The tokenizer's library, for every text model (transformers imports lazily: touch the class).
-                getattr(importlib.import_module("transformers"), "AutoTokenizer")
+                _ = importlib.import_module("transformers").AutoTokenizer
             if self.spec.model_type != "onnx":
                 from workers.runtimes.base import set_torch_threads
 
@@ -90,16 +90,21 @@ class _Host:
             message = str(exc) if self.spec.id in str(exc) else f"model {self.spec.id!r} failed to load: {exc}"
             self.conn.send(("load_error", code, message))
             return False
-        self.conn.send(("ready", {
-            "pid": os.getpid(),
-            "anon_baseline_bytes": baseline,
-            "rss_interpreter_bytes": interpreter,
-            "rss_bytes": rss_bytes_of(),
-            "weights_bytes": weights,
-            "gpu_memory_bytes": _gpu_bytes(self.device),
-            "dtype": self.runtime.dtype_name,
-            "describe": describe,
-        }))
+        self.conn.send(
+            (
+                "ready",
+                {
+                    "pid": os.getpid(),
+                    "anon_baseline_bytes": baseline,
+                    "rss_interpreter_bytes": interpreter,
+                    "rss_bytes": rss_bytes_of(),
+                    "weights_bytes": weights,
+                    "gpu_memory_bytes": _gpu_bytes(self.device),
+                    "dtype": self.runtime.dtype_name,
+                    "describe": describe,
+                },
+            )
+        )
         return True
 
     # -- the loop -----------------------------------------------------------------------------

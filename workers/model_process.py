@@ -91,8 +91,9 @@ class _Call:
 
 
 class ModelProcess:
-    def __init__(self, spec: ModelSpec, settings: Settings, device: str, instance: int = 0,
-                 sink: StreamSink | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, settings: Settings, device: str, instance: int = 0, sink: StreamSink | None = None
+    ) -> None:
         self.spec = spec
         self.settings = settings
         self.device = device
@@ -133,8 +134,11 @@ class ModelProcess:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "workers.model_host", str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                cwd=REPO_ROOT, env=env)
+                [sys.executable, "-m", "workers.model_host", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                cwd=REPO_ROOT,
+                env=env,
+            )
         finally:
             theirs.close()
         self._conn = Connection(ours.detach())
@@ -146,20 +150,23 @@ class ModelProcess:
         except (EOFError, OSError):
             code = self._exit_code(5)
             self.kill()
-            raise ModelLoadError(f"the process loading model {self.spec.id!r} died (exit code {code})",
-                                 "model_load_failed") from None
+            raise ModelLoadError(
+                f"the process loading model {self.spec.id!r} died (exit code {code})", "model_load_failed"
+            ) from None
         if message is None:
             self.kill()
-            raise ModelLoadError(f"model {self.spec.id!r} did not load within {timeout_s:.0f} s "
-                                 "(AETHERCORE_LOAD_TIMEOUT)", "model_load_timeout")
+            raise ModelLoadError(
+                f"model {self.spec.id!r} did not load within {timeout_s:.0f} s (AETHERCORE_LOAD_TIMEOUT)",
+                "model_load_timeout",
+            )
         if message[0] != "ready":
             self.stop()
             raise ModelLoadError(message[2], message[1])
         self.info = message[1]
-        threading.Thread(target=self._read_loop, name=f"model-reader-{self.spec.id}-{self.instance}",
-                         daemon=True).start()
-        threading.Thread(target=self._watch, name=f"model-watchdog-{self.spec.id}-{self.instance}",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._read_loop, name=f"model-reader-{self.spec.id}-{self.instance}", daemon=True
+        ).start()
+        threading.Thread(target=self._watch, name=f"model-watchdog-{self.spec.id}-{self.instance}", daemon=True).start()
         return self.info
 
     def _exit_code(self, wait_s: float) -> int | None:
@@ -217,7 +224,8 @@ class ModelProcess:
             if self._timed_out:
                 error: Exception = ModelTimeout(
                     f"model {self.spec.id!r} made no progress within its timeout_s of {self.spec.timeout_s:g} s; "
-                    "its process was restarted")
+                    "its process was restarted"
+                )
             else:
                 error = ModelProcessDied(f"the process of model {self.spec.id!r} died while running this job")
             _settle(call.future, error=error)
@@ -300,7 +308,10 @@ class ModelProcess:
             if self._calls and time.monotonic() - self._last_progress > timeout:
                 logger.bind(model_id=self.spec.id).error(
                     "model process {} (pid {}) made no progress for {} s (timeout_s); killing it",
-                    self.instance, self.pid, timeout)
+                    self.instance,
+                    self.pid,
+                    timeout,
+                )
                 self._timed_out = True
                 self.kill()
                 return
@@ -411,8 +422,15 @@ class RemoteRuntime:
             raise ModelProcessError(f"the model returned {len(outputs)} outputs for {len(inputs)} inputs")
         return outputs
 
-    def generate(self, inputs: Any, parameters: dict[str, Any], stream: StreamTarget | None = None, *,
-                 exclusive: bool = False, deadline: float | None = None) -> GenerationCall:
+    def generate(
+        self,
+        inputs: Any,
+        parameters: dict[str, Any],
+        stream: StreamTarget | None = None,
+        *,
+        exclusive: bool = False,
+        deadline: float | None = None,
+    ) -> GenerationCall:
         """Hand one generation request to the running batch of the least busy instance."""
         process = min(self.instances, key=lambda p: p.busy)
         options = {"stream": stream is not None, "exclusive": exclusive, "deadline": deadline}

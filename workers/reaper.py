@@ -5,8 +5,9 @@ again) by the same Lua step that marks it running, and leaves it in the step tha
 (tasks/jobs.py). Every worker runs this reaper: each `interval` it looks for holders of in-flight jobs
 whose heartbeat key has expired (no heartbeat for AETHERCORE_WORKER_TTL seconds) and takes their jobs
 over atomically (one reaper wins): each goes back to `queued` and is sent again on its device's queue
-with `isolate`: it runs in a forward pass of its own (it may be what killed the worker). A job is charged a crash only when it
-was the one job its dead worker was running; after AETHERCORE_MAX_ATTEMPTS charges it fails as
+with `isolate`: it runs in a forward pass of its own (it may be what killed the worker). A job is charged a
+crash only when it was alone in the forward pass its dead worker was running (the worker notes each pass
+before it runs); after AETHERCORE_MAX_ATTEMPTS charges it fails as
 `poison_job`. So a dead worker's jobs run again within worker TTL + interval (+ the time to run them),
 not after the broker's visibility timeout, and a storm of worker deaths charges no bystander.
 
@@ -25,25 +26,36 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import redis
 from loguru import logger
 
-from tasks.jobs import FAILED, JobStore
-from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL, worker_key
+from tasks.jobs import JobStore
+from tasks.names import INFER, KIND_OF_TASK, worker_key
+from tasks.states import FAILED, INFERENCE
 from workers.outcomes import error_body
-
-KIND_OF_TASK = {INFER: "inference", LOAD_MODEL: "load", UNLOAD_MODEL: "unload"}
 
 Send = Callable[[str, str, dict[str, Any], str], None]  # (task, queue, kwargs, job id)
 Finish = Callable[[str, str, list[dict[str, Any]]], None]  # (kind, model id, outcomes): WorkerService.finish
 
 
 class Reaper:
-    def __init__(self, jobs: JobStore, name: str, queue: str, send: Send, finish: Finish, *, max_attempts: int,
-                 interval_s: float, worker_ttl_s: float, sweep_queue: bool = True) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        name: str,
+        queue: str,
+        send: Send,
+        finish: Finish,
+        *,
+        max_attempts: int,
+        interval_s: float,
+        worker_ttl_s: float,
+        sweep_queue: bool = True,
+    ) -> None:
         self.jobs = jobs
         self.name = name
         self.queue = queue
@@ -98,10 +110,21 @@ class Reaper:
         log = logger.bind(job_id=job_id, model_id=kwargs.get("model_id"))
         if crashes >= self.max_attempts:
             log.error("job was running alone on {} dead worker(s); failing it as poison", crashes)
-            self.finish(KIND_OF_TASK.get(task, "inference"), kwargs.get("model_id", ""), [{
-                "job_id": job_id, "status": FAILED, "error": error_body(
-                    "poison_job", f"the job was the only one running on its worker when the worker died, "
-                    f"{crashes} times; it is not retried again (AETHERCORE_MAX_ATTEMPTS)")}])
+            self.finish(
+                KIND_OF_TASK.get(task, INFERENCE),
+                kwargs.get("model_id", ""),
+                [
+                    {
+                        "job_id": job_id,
+                        "status": FAILED,
+                        "error": error_body(
+                            "poison_job",
+                            f"the job was the only one running on its worker when the worker died, "
+                            f"{crashes} times; it is not retried again (AETHERCORE_MAX_ATTEMPTS)",
+                        ),
+                    }
+                ],
+            )
             return
         if task == INFER and why.startswith("worker"):
             kwargs = {**kwargs, "jobs": [{**job, "isolate": True} for job in kwargs["jobs"]]}

@@ -31,12 +31,13 @@ from loguru import logger
 from config.models import ModelSpec, load_models
 from config.settings import Settings
 from model_store.paths import artifact_bytes, resolve_model_path
-from tasks.cluster import LOADED, ClusterState
-from tasks.jobs import FAILED, SUCCEEDED, JobStore, encode
+from tasks.cluster import ClusterState
+from tasks.jobs import JobStore, encode
 from tasks.metrics import BATCH_SIZE, INFERENCE_TIME, QUEUE_WAIT, LocalMetrics
 from tasks.names import control_channel, queue_for_device
 from tasks.redis_client import make_redis
 from tasks.results import compact
+from tasks.states import FAILED, INFERENCE, LOADED, SUCCEEDED
 from workers.batcher import ModelBatcher, Request
 from workers.cache import ModelCache, ModelLoadError
 from workers.device import device_memory
@@ -75,11 +76,15 @@ class WorkerService:
         self.jobs = JobStore(self.redis, settings.result_ttl)
         self.cluster = ClusterState(self.redis, settings.worker_ttl)
         self.cache = ModelCache(
-            settings.model_cache_size, self.device,
+            settings.model_cache_size,
+            self.device,
             factory=lambda spec: RemoteRuntime(spec, settings, self.device, self.streams),
-            estimate=lambda spec: (artifact_bytes(resolve_model_path(spec, settings))
-                                   + (spec.kv_cache_memory or 0)) * spec.instances,
-            on_change=self.publish, on_evict=self._evicted, on_unload=self._close_batcher,
+            estimate=lambda spec: (
+                (artifact_bytes(resolve_model_path(spec, settings)) + (spec.kv_cache_memory or 0)) * spec.instances
+            ),
+            on_change=self.publish,
+            on_evict=self._evicted,
+            on_unload=self._close_batcher,
         )
         self._batchers: dict[str, ModelBatcher] = {}
         self.metrics = LocalMetrics()
@@ -94,16 +99,32 @@ class WorkerService:
     def start(self, send: Send) -> None:
         """Start the background threads; `send` queues a task (the reaper's way back into the broker)."""
         broker = self.settings.effective_broker_url.split(":", 1)[0]
-        reaper = Reaper(self.jobs, self.name, self.queue, send, self.finish, max_attempts=self.settings.max_attempts,
-                        interval_s=self.settings.heartbeat_interval, worker_ttl_s=self.settings.worker_ttl,
-                        sweep_queue=broker in ("redis", "rediss", "sentinel"))
-        for target, label in ((self._heartbeat_loop, "heartbeat"), (self._reconcile_loop, "reconcile"),
-                              (lambda: reaper.run(self._stop), "reaper")):
+        reaper = Reaper(
+            self.jobs,
+            self.name,
+            self.queue,
+            send,
+            self.finish,
+            max_attempts=self.settings.max_attempts,
+            interval_s=self.settings.heartbeat_interval,
+            worker_ttl_s=self.settings.worker_ttl,
+            sweep_queue=broker in ("redis", "rediss", "sentinel"),
+        )
+        for target, label in (
+            (self._heartbeat_loop, "heartbeat"),
+            (self._reconcile_loop, "reconcile"),
+            (lambda: reaper.run(self._stop), "reaper"),
+        ):
             thread = threading.Thread(target=target, name=f"aethercore-{label}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        logger.info("worker {} serving device {} (queue {!r}), model cache {} bytes",
-                    self.name, self.device, self.queue, self.settings.model_cache_size)
+        logger.info(
+            "worker {} serving device {} (queue {!r}), model cache {} bytes",
+            self.name,
+            self.device,
+            self.queue,
+            self.settings.model_cache_size,
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -155,8 +176,12 @@ class WorkerService:
         try:
             runtime = self.cache.load(spec, generation)
         except ModelLoadError as exc:
-            self.failures[spec.id] = {"generation": generation, "message": str(exc), "code": exc.code,
-                                      "at": time.time()}
+            self.failures[spec.id] = {
+                "generation": generation,
+                "message": str(exc),
+                "code": exc.code,
+                "at": time.time(),
+            }
             self.publish()
             raise
         self.failures.pop(spec.id, None)
@@ -181,20 +206,34 @@ class WorkerService:
             raise
         return runtime, (time.perf_counter() - started) * 1000
 
-    def submit(self, spec: ModelSpec, runtime: RemoteRuntime, inputs: Any, parameters: dict[str, Any],
-               context: dict[str, Any] | None = None, exclusive: bool = False) -> Future:
+    def submit(
+        self,
+        spec: ModelSpec,
+        runtime: RemoteRuntime,
+        inputs: Any,
+        parameters: dict[str, Any],
+        context: dict[str, Any] | None = None,
+        exclusive: bool = False,
+    ) -> Future:
         """Hand one job's inputs to the model's batcher. With `context` (the job), the batcher's completion
         writes the job's end itself, together with the rest of its batch. `exclusive`: a forward pass of its
         own (a job requeued after its worker died)."""
         return self._batcher(spec, runtime).submit(inputs, parameters, context, exclusive)
 
     # -- ending jobs -------------------------------------------------------------------------
-    def result_for(self, spec: ModelSpec, job: dict[str, Any], body: dict[str, Any],
-                   timings: dict[str, Any]) -> bytes:
+    def result_for(self, spec: ModelSpec, job: dict[str, Any], body: dict[str, Any], timings: dict[str, Any]) -> bytes:
         """A job's result as JSON bytes, encoded once (arrays straight from numpy, or base64 if asked)."""
         body = _base64_arrays(body) if job.get("encoding_format") == "base64" else compact(body)
-        return encode({"model_id": spec.id, "task": spec.task, "device": self.device, "worker": self.name,
-                       "timings": timings, **body})
+        return encode(
+            {
+                "model_id": spec.id,
+                "task": spec.task,
+                "device": self.device,
+                "worker": self.name,
+                "timings": timings,
+                **body,
+            }
+        )
 
     def finish(self, kind: str, model_id: str, outcomes: list[dict[str, Any]]) -> None:
         """End jobs in one round trip that also wakes the API processes waiting for them; count them (in memory).
@@ -230,16 +269,24 @@ class WorkerService:
                 if time.monotonic() > deadline or self._stop.is_set():
                     raise
                 if attempt == 0:
-                    logger.warning("cannot write the end of {} job(s) ({}); retrying until Redis takes it",
-                                   len(outcomes), exc)
-                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+                    logger.warning(
+                        "cannot write the end of {} job(s) ({}); retrying until Redis takes it", len(outcomes), exc
+                    )
+                time.sleep(min(2.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")
 
     def _wake_note(self, item: dict[str, Any], finished_at: float) -> bytes:
         """What a waiting API process needs to answer without reading the job back: its ending fields (the
         Lua step that ends the job adds the result and the error it writes)."""
-        return encode({"job_id": item["job_id"], "status": item["status"], "worker": self.name,
-                       "finished_at": finished_at, **(item.get("wake") or {})})
+        return encode(
+            {
+                "job_id": item["job_id"],
+                "status": item["status"],
+                "worker": self.name,
+                "finished_at": finished_at,
+                **(item.get("wake") or {}),
+            }
+        )
 
     # -- a job's end, built the same way wherever it ran (batch completion, task thread) -------------
     @staticmethod
@@ -252,16 +299,23 @@ class WorkerService:
     def failed(self, ctx: dict[str, Any], error: dict[str, str]) -> dict[str, Any]:
         return {"job_id": ctx["job"]["job_id"], "status": FAILED, "error": error, "wake": self.wake(ctx)}
 
-    def succeeded(self, spec: ModelSpec, ctx: dict[str, Any], body: dict[str, Any],
-                  timings: dict[str, Any]) -> dict[str, Any]:
+    def succeeded(
+        self, spec: ModelSpec, ctx: dict[str, Any], body: dict[str, Any], timings: dict[str, Any]
+    ) -> dict[str, Any]:
         job = ctx["job"]
         timings = {"queue_ms": queue_ms(job, ctx["started"]), **timings}
         if ctx.get("load_ms") is not None:
             timings["load_ms"] = round(ctx["load_ms"], 3)
         logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id")).info(
-            "inference succeeded: batch of {}, {:.1f} ms", timings.get("batch_size"), timings.get("inference_ms") or 0)
-        return {"job_id": job["job_id"], "status": SUCCEEDED, "timings": timings, "wake": self.wake(ctx),
-                "result_json": self.result_for(spec, job, body, timings)}
+            "inference succeeded: batch of {}, {:.1f} ms", timings.get("batch_size"), timings.get("inference_ms") or 0
+        )
+        return {
+            "job_id": job["job_id"],
+            "status": SUCCEEDED,
+            "timings": timings,
+            "wake": self.wake(ctx),
+            "result_json": self.result_for(spec, job, body, timings),
+        }
 
     def _complete_batch(self, spec: ModelSpec, batch: list[Request]) -> None:
         """The batcher's completion: every job of a finished batch ended in one round trip."""
@@ -276,10 +330,19 @@ class WorkerService:
                 outcomes.append(self.failed(ctx, logged(log, request.error)))
                 continue
             outcome = request.outcome
-            outcomes.append(self.succeeded(spec, ctx, {"output": outcome.output}, {
-                "batch_wait_ms": round(outcome.batch_wait_ms, 3), "inference_ms": round(outcome.inference_ms, 3),
-                "batch_size": outcome.batch_size}))
-        self.finish("inference", spec.id, outcomes)
+            outcomes.append(
+                self.succeeded(
+                    spec,
+                    ctx,
+                    {"output": outcome.output},
+                    {
+                        "batch_wait_ms": round(outcome.batch_wait_ms, 3),
+                        "inference_ms": round(outcome.inference_ms, 3),
+                        "batch_size": outcome.batch_size,
+                    },
+                )
+            )
+        self.finish(INFERENCE, spec.id, outcomes)
 
     def record_batch(self, model_id: str, size: int) -> None:
         """Count a forward pass of `size` jobs; flushed to Redis with the next heartbeat."""
@@ -301,12 +364,17 @@ class WorkerService:
             if batcher is None or batcher.executor is not runtime:
                 if batcher is not None:
                     batcher.close()
-                batcher = ModelBatcher(runtime, spec.id, spec.max_batch_size, spec.max_batch_delay_ms,
-                                       on_batch=lambda size: self.record_batch(spec.id, size),
-                                       on_complete=lambda batch: self._complete_batch(spec, batch),
-                                       on_model_dead=lambda exc: self._model_died(spec.id, exc),
-                                       on_forward=self._in_forward_pass,
-                                       max_crashes=self.settings.max_attempts)
+                batcher = ModelBatcher(
+                    runtime,
+                    spec.id,
+                    spec.max_batch_size,
+                    spec.max_batch_delay_ms,
+                    on_batch=lambda size: self.record_batch(spec.id, size),
+                    on_complete=lambda batch: self._complete_batch(spec, batch),
+                    on_model_dead=lambda exc: self._model_died(spec.id, exc),
+                    on_forward=self._in_forward_pass,
+                    max_crashes=self.settings.max_attempts,
+                )
                 self._batchers[spec.id] = batcher
             return batcher
 
@@ -344,8 +412,11 @@ class WorkerService:
 
     def reconcile(self) -> None:
         snapshot_at = time.time()
-        desired = {mid: entry for mid, entry in self.cluster.all_desired().items()
-                   if entry["device"] == self.device and mid in self.models}
+        desired = {
+            mid: entry
+            for mid, entry in self.cluster.all_desired().items()
+            if entry["device"] == self.device and mid in self.models
+        }
         for model_id, entry in desired.items():
             if model_id in self.cache.resident():
                 continue
@@ -385,8 +456,9 @@ class WorkerService:
                 logger.exception("reconcile pass failed")
                 self._stop.wait(1.0)
 
-    def wait_for_replicas(self, model_id: str, generation: int, *, loaded: bool,
-                          timeout_s: float) -> list[dict[str, Any]]:
+    def wait_for_replicas(
+        self, model_id: str, generation: int, *, loaded: bool, timeout_s: float
+    ) -> list[dict[str, Any]]:
         """Wait until every live worker of this device has reached the state; return their records."""
         deadline = time.monotonic() + timeout_s
         while True:

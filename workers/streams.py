@@ -15,9 +15,10 @@ from loguru import logger
 
 from tasks.jobs import CHUNK_CANCELLED, CHUNK_NOT_RUNNING, JobStore
 from tasks.metrics import BATCH_SIZE, TIME_TO_FIRST_TOKEN, LocalMetrics
+from tasks.states import QUEUED
 from workers.model_process import StreamTarget
 
-QUEUED_NOTE = {"status": "queued", "reason": "waiting for room in the model's running batch"}
+QUEUED_NOTE = {"status": QUEUED, "reason": "waiting for room in the model's running batch"}
 
 
 class JobStreams:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.jobs import TERMINAL
+from tasks.states import TERMINAL
 
 
 def public_job(job: dict[str, Any]) -> dict[str, Any]:

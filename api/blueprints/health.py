@@ -12,8 +12,8 @@ from flask_smorest import Blueprint
 from api.auth import READ_MODELS, requires
 from api.schemas import HealthSchema, WorkersSchema
 from api.services import services
-from tasks.cluster import LOADED
 from tasks.names import CPU_QUEUE, queue_for_device
+from tasks.states import LOADED
 
 blp = Blueprint("health", __name__, description="Health and monitoring")
 
@@ -23,29 +23,41 @@ NO_WORKER = "no live worker; start one with `python manage.py worker --device cp
 def health_checks(readiness: bool = False) -> tuple[bool, dict]:
     """Redis and workers (and, for readiness, every model meant to be loaded is loaded somewhere)."""
     svc = services()
-    checks: dict = {"transport": {"status": "ok", "https": svc.settings.tls,
-                                  "redis_tls": svc.settings.redis_url.startswith("rediss://")}}
+    checks: dict = {
+        "transport": {
+            "status": "ok",
+            "https": svc.settings.tls,
+            "redis_tls": svc.settings.redis_url.startswith("rediss://"),
+        }
+    }
     started = time.perf_counter()
     try:
         svc.cluster.redis.ping()
         checks["redis"] = {"status": "ok", "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
         workers = svc.cluster.live_workers()
         checks["workers"] = {
-            "status": "ok" if workers else "fail", "live": len(workers),
+            "status": "ok" if workers else "fail",
+            "live": len(workers),
             "by_device": dict(Counter(w["device"] for w in workers)),
             "oldest_heartbeat_age_s": max((w["heartbeat_age_s"] for w in workers), default=None),
         }
         if not workers:
             checks["workers"]["error"] = NO_WORKER
         devices = {CPU_QUEUE} | {w["device"] for w in workers}
-        checks["queues"] = {"status": "ok",
-                            "depth": {d: svc.cluster.redis.llen(queue_for_device(d)) for d in sorted(devices)}}
+        checks["queues"] = {
+            "status": "ok",
+            "depth": {d: svc.cluster.redis.llen(queue_for_device(d)) for d in sorted(devices)},
+        }
         if readiness:
             desired = svc.cluster.all_desired()
-            missing = sorted(mid for mid in desired
-                             if not any(r["state"] == LOADED for r in svc.cluster.replicas(mid, workers)))
-            checks["models"] = {"status": "fail" if missing else "ok", "desired": sorted(desired),
-                                "not_loaded": missing}
+            missing = sorted(
+                mid for mid in desired if not any(r["state"] == LOADED for r in svc.cluster.replicas(mid, workers))
+            )
+            checks["models"] = {
+                "status": "fail" if missing else "ok",
+                "desired": sorted(desired),
+                "not_loaded": missing,
+            }
             if missing:
                 checks["models"]["error"] = f"meant to be loaded but not resident anywhere: {', '.join(missing)}"
     except Exception as exc:
@@ -76,8 +88,11 @@ class Live(MethodView):
 
 @blp.route("/health/ready")
 class Ready(MethodView):
-    @blp.response(200, HealthSchema, description="Redis answers, a worker is alive, every model meant to be "
-                                                  "loaded is resident somewhere")
+    @blp.response(
+        200,
+        HealthSchema,
+        description="Redis answers, a worker is alive, every model meant to be loaded is resident somewhere",
+    )
     @blp.alt_response(503, schema=HealthSchema, description="Not ready: the failing check is named")
     def get(self):
         return _reply(*health_checks(readiness=True))
@@ -92,20 +107,28 @@ class Heartbeat(MethodView):
 
 @blp.route("/workers")
 class Workers(MethodView):
-    @blp.response(200, WorkersSchema, description="Live workers with device, heartbeat age, resident models "
-                                                  "and memory")
+    @blp.response(200, WorkersSchema, description="Live workers with device, heartbeat age, resident models and memory")
     @requires(*READ_MODELS)
     def get(self):
         workers = services().cluster.live_workers()
         out = []
         for w in workers:
-            out.append({
-                "name": w["name"], "device": w["device"], "queue": w["queue"], "hostname": w["hostname"],
-                "pid": w["pid"], "started_at": w["started_at"], "heartbeat_age_s": w["heartbeat_age_s"],
-                "concurrency": w.get("concurrency"), "memory": w.get("memory", {}),
-                "models": {mid: {k: v for k, v in info.items() if k != "info"}
-                           for mid, info in w.get("models", {}).items()},
-            })
+            out.append(
+                {
+                    "name": w["name"],
+                    "device": w["device"],
+                    "queue": w["queue"],
+                    "hostname": w["hostname"],
+                    "pid": w["pid"],
+                    "started_at": w["started_at"],
+                    "heartbeat_age_s": w["heartbeat_age_s"],
+                    "concurrency": w.get("concurrency"),
+                    "memory": w.get("memory", {}),
+                    "models": {
+                        mid: {k: v for k, v in info.items() if k != "info"} for mid, info in w.get("models", {}).items()
+                    },
+                }
+            )
         return {"workers": out}
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-
 from flask import Response, current_app, request, stream_with_context
 from flask.views import MethodView
 from flask_smorest import Blueprint
@@ -13,11 +12,12 @@ from flask_smorest import Blueprint
 from api.auth import JOBS, principal, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
+from api.json_provider import json_text
 from api.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
 from api.services import services
-from api.json_provider import json_text
 from api.streaming import follow_job
-from tasks.jobs import TERMINAL
+from config.roles import ADMIN, USER
+from tasks.states import FAILED, TERMINAL
 
 blp = Blueprint("jobs", __name__, description="Submitted jobs")
 _JOB_ID = re.compile(JOB_ID_RE)
@@ -30,8 +30,7 @@ def find_job(job_id: str) -> dict[str, Any]:
     if job is not None and not who.sees_all_jobs and job.get("owner") != who.id:
         job = None  # someone else's job: exactly as if it did not exist
     if job is None:
-        raise ApiError(404, "job_not_found", f"job {job_id!r} does not exist or has expired",
-                       {"job_id": job_id[:64]})
+        raise ApiError(404, "job_not_found", f"job {job_id!r} does not exist or has expired", {"job_id": job_id[:64]})
     return job
 
 
@@ -60,18 +59,25 @@ class Job(MethodView):
         return job_reply(services().wait(job, query["wait"]))
 
     @blp.response(200, JobSchema, description="Cancelled: a queued job never runs")
-    @blp.alt_response(202, schema=JobSchema, description="Running: asked to stop (a stream stops within a few "
-                                                          "tokens; a forward pass in progress completes)")
+    @blp.alt_response(
+        202,
+        schema=JobSchema,
+        description="Running: asked to stop (a stream stops within a few tokens; a forward pass in progress completes)",
+    )
     @blp.alt_response(404, description="Unknown or expired job")
     @blp.alt_response(409, description="The job already ended")
-    @requires("admin", "user")
+    @requires(ADMIN, USER)
     def delete(self, job_id: str):
         job = find_job(job_id)
         jobs = services().jobs
         if job["status"] in TERMINAL or not jobs.request_cancel(job["job_id"], "cancelled with DELETE /jobs"):
             current = jobs.get(job["job_id"]) or job
-            raise ApiError(409, "job_ended", f"job {job_id} already ended ({current['status']}); nothing to cancel",
-                           {"status": current["status"]})
+            raise ApiError(
+                409,
+                "job_ended",
+                f"job {job_id} already ended ({current['status']}); nothing to cancel",
+                {"status": current["status"]},
+            )
         return job_reply(jobs.get(job["job_id"]) or job)
 
 
@@ -82,11 +88,14 @@ def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
 
 @blp.route("/jobs/<string:job_id>/stream")
 class JobStream(MethodView):
-    @blp.response(200, description="Server-Sent Events: `chunk` (id = position in the job's stream), "
-                                   "`status` (e.g. {\"status\": \"queued\"} while a generation waits for room in "
-                                   "the model's running batch), then `done` with the job, or `error`. Send "
-                                   "Last-Event-ID to resume.",
-                  content_type="text/event-stream")
+    @blp.response(
+        200,
+        description="Server-Sent Events: `chunk` (id = position in the job's stream), "
+        '`status` (e.g. {"status": "queued"} while a generation waits for room in '
+        "the model's running batch), then `done` with the job, or `error`. Send "
+        "Last-Event-ID to resume.",
+        content_type="text/event-stream",
+    )
     @blp.alt_response(404, description="Unknown or expired job")
     @requires(*JOBS)
     def get(self, job_id: str):
@@ -114,10 +123,13 @@ class JobStream(MethodView):
                     yield _sse(event.kind, event.data, event.id)
                 else:
                     finished = public_job(event.data)
-                    if finished.get("status") == "failed":
+                    if finished.get("status") == FAILED:
                         yield _sse("error", {"error": finished.get("error"), "job": finished}, event.id)
                     else:
                         yield _sse("done", {"job": finished}, event.id)
 
-        return Response(stream_with_context(events()), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Response(
+            stream_with_context(events()),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

@@ -11,6 +11,7 @@ from api.auth import MANAGE_MODELS, READ_MODELS, requires
 from api.blueprints.common import job_reply
 from api.schemas import JobSchema, ModelInfoSchema, ModelListSchema, ModelStatusSchema, WaitQuerySchema
 from api.services import services
+from tasks.states import LOAD, UNLOAD
 
 blp = Blueprint("models", __name__, description="Model management")
 
@@ -25,8 +26,16 @@ class Models(MethodView):
         out = []
         for spec in svc.models.values():
             status = svc.cluster.model_status(spec.id, workers)
-            out.append({**status, "name": spec.name, "model_type": spec.model_type, "task": spec.task,
-                        "source": spec.source, "configured_device": spec.device})
+            out.append(
+                {
+                    **status,
+                    "name": spec.name,
+                    "model_type": spec.model_type,
+                    "task": spec.task,
+                    "source": spec.source,
+                    "configured_device": spec.device,
+                }
+            )
         return {"models": out}
 
 
@@ -47,12 +56,12 @@ def _job_endpoint(kind: str):
 
 @blp.route("/models/<string:model_id>/load")
 class LoadModel(MethodView):
-    post = _job_endpoint("load")
+    post = _job_endpoint(LOAD)
 
 
 @blp.route("/models/<string:model_id>/unload")
 class UnloadModel(MethodView):
-    post = _job_endpoint("unload")
+    post = _job_endpoint(UNLOAD)
 
 
 @blp.route("/models/<string:model_id>/status")

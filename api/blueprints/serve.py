@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import marshmallow as ma
@@ -16,26 +15,28 @@ from simple_websocket import ConnectionClosed
 from api.auth import SERVE, check_role, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
+from api.json_provider import json_text
 from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
 from api.services import Services, services
-from api.json_provider import json_text
 from api.streaming import follow_job
 from config.models import TEXT_TASKS, ModelSpec
+from config.parameters import parameter_errors as declared_parameter_errors
+from config.parameters import text_error
+from tasks.states import FAILED, INFERENCE
 
 blp = Blueprint("serve", __name__, description="Inference serving")
 
 
 def input_errors(spec: ModelSpec, inputs: Any, prefix: str = "inputs") -> dict[str, list[str]]:
+    """A text model's input against its declared rules (config/parameters.py); tensor inputs are checked
+    against the model's signature by the model process."""
     if not isinstance(inputs, dict):
         return {prefix: ["must be an object"]}
     errors: dict[str, list[str]] = {}
     if spec.task in TEXT_TASKS:
-        text = inputs.get("text")
-        limit = services().settings.max_input_chars
-        if not isinstance(text, str) or not text.strip():
-            errors[f"{prefix}.text"] = ["a non-empty string is required"]
-        elif len(text) > limit:
-            errors[f"{prefix}.text"] = [f"at most {limit} characters (AETHERCORE_MAX_INPUT_CHARS), got {len(text)}"]
+        problem = text_error(inputs.get("text"), services().settings.max_input_chars)
+        if problem:
+            errors[f"{prefix}.text"] = [problem]
         unknown = sorted(set(inputs) - {"text"})
         if unknown:
             errors[prefix] = [f"unknown input(s) {unknown}; this model takes only 'text'"]
@@ -43,13 +44,7 @@ def input_errors(spec: ModelSpec, inputs: Any, prefix: str = "inputs") -> dict[s
 
 
 def parameter_errors(spec: ModelSpec, parameters: dict[str, Any]) -> dict[str, list[str]]:
-    if "max_length" not in parameters:
-        return {}
-    value = parameters["max_length"]
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or int(value) != value or not 1 <= value <= spec.max_length_limit):
-        return {"parameters.max_length": [f"must be a whole number from 1 to {spec.max_length_limit}"]}
-    return {}
+    return declared_parameter_errors(spec.task, parameters, spec.max_length_limit)
 
 
 def raise_if(errors: dict[str, list[str]]) -> None:
@@ -62,9 +57,11 @@ def route(svc: Services, spec: ModelSpec) -> str:
     desired = svc.desired(spec.id)
     device = svc.device_for(spec, desired)
     if not svc.settings.autoload and desired is None:
-        raise ApiError(409, "model_not_loaded",
-                       f"model {spec.id!r} is not loaded and autoload is off; "
-                       f"load it first with POST /models/{spec.id}/load")
+        raise ApiError(
+            409,
+            "model_not_loaded",
+            f"model {spec.id!r} is not loaded and autoload is off; load it first with POST /models/{spec.id}/load",
+        )
     return device
 
 
@@ -72,7 +69,7 @@ def submit_inference(body: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any
     svc = services()
     spec = svc.spec(body["model_id"])
     raise_if({**input_errors(spec, body["inputs"]), **parameter_errors(spec, body["parameters"])})
-    return svc.submit("inference", spec, route(svc, spec), job_payload(body), wait_s=wait_s)
+    return svc.submit(INFERENCE, spec, route(svc, spec), job_payload(body), wait_s=wait_s)
 
 
 def job_payload(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -117,14 +114,19 @@ class ServeBatch(MethodView):
         items = body["inputs"]
         limit = svc.settings.max_batch_inputs
         if len(items) > limit:
-            raise ApiError(413, "too_many_inputs", f"a batch may carry at most {limit} inputs, got {len(items)}; "
-                           "split it into several requests", {"limit": limit, "inputs": len(items)})
+            raise ApiError(
+                413,
+                "too_many_inputs",
+                f"a batch may carry at most {limit} inputs, got {len(items)}; split it into several requests",
+                {"limit": limit, "inputs": len(items)},
+            )
         errors: dict[str, list[str]] = {}
         for i, item in enumerate(items):
             errors.update(input_errors(spec, item, f"inputs.{i}"))
         raise_if({**errors, **parameter_errors(spec, body["parameters"])})
-        return job_reply(svc.submit("inference", spec, route(svc, spec), job_payload(body, batch=True),
-                                    wait_s=query["wait"]))
+        return job_reply(
+            svc.submit(INFERENCE, spec, route(svc, spec), job_payload(body, batch=True), wait_s=query["wait"])
+        )
 
 
 def register_websocket(sock) -> None:
@@ -157,12 +159,16 @@ def register_websocket(sock) -> None:
             try:
                 body = ServeRequestSchema().load(payload)
             except ma.ValidationError as exc:
-                raise ApiError(422, "validation_error", "the request is invalid; see details for each field",
-                               exc.messages) from None
+                raise ApiError(
+                    422, "validation_error", "the request is invalid; see details for each field", exc.messages
+                ) from None
             job = submit_inference(body)
         except ApiError as exc:
-            ws.send(json_text({"type": "error", "error": {"code": exc.code, "message": exc.message,
-                                                            "details": exc.details}}))
+            ws.send(
+                json_text(
+                    {"type": "error", "error": {"code": exc.code, "message": exc.message, "details": exc.details}}
+                )
+            )
             return
         job_id = job["job_id"]
         try:
@@ -174,7 +180,7 @@ def register_websocket(sock) -> None:
                     ws.send(json_text({"type": "status", **event.data}))
                 elif event.kind == "done":
                     finished = public_job(event.data)
-                    if finished["status"] == "failed":
+                    if finished["status"] == FAILED:
                         ws.send(json_text({"type": "error", "error": finished["error"], "job": finished}))
                     else:
                         ws.send(json_text({"type": "done", "job": finished}))

@@ -14,8 +14,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="needs Debian's chromium and chromium-driver (scripts/test.sh installs them)"),
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="needs Debian's chromium and chromium-driver (scripts/test.sh installs them)",
+    ),
 ]
 USER, PASSWORD = "ops", "s3cret-flower"
 
@@ -23,8 +25,10 @@ USER, PASSWORD = "ops", "s3cret-flower"
 @pytest.fixture(scope="module")
 def flower(main_redis_url, main_worker):
     port = free_port()
-    flower = ManagedProcess("flower", base_env(main_redis_url, AETHERCORE_FLOWER_PORT=str(port),
-                                               AETHERCORE_FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}"))
+    flower = ManagedProcess(
+        "flower",
+        base_env(main_redis_url, AETHERCORE_FLOWER_PORT=str(port), AETHERCORE_FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}"),
+    )
     flower.spawn("flower")
     base = f"http://127.0.0.1:{port}"
 
@@ -47,9 +51,17 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-dev-shm-usage", "--no-first-run", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield driver

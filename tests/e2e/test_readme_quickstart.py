@@ -11,7 +11,7 @@ import tempfile
 import pytest
 import requests
 
-from tests.support import REPO_ROOT, ManagedProcess, base_env, free_port, wait_until
+from tests.support import ADMIN_KEY, JWT_SECRET, REPO_ROOT, ManagedProcess, base_env, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +39,13 @@ def system():
     """`manage.py up` against a Redis URL where nothing listens: `up` must start redis-server itself."""
     redis_port, api_port, flower_port = free_port(), free_port(), free_port()
     key_dir = tempfile.mkdtemp(prefix="aethercore-e2e-")
-    env = base_env(f"redis://127.0.0.1:{redis_port}/0", AETHERCORE_PORT=str(api_port),
-                   AETHERCORE_FLOWER_PORT=str(flower_port), AETHERCORE_URL=f"http://127.0.0.1:{api_port}",
-                   AETHERCORE_ADMIN_KEY_FILE=f"{key_dir}/admin.key")
+    env = base_env(
+        f"redis://127.0.0.1:{redis_port}/0",
+        AETHERCORE_PORT=str(api_port),
+        AETHERCORE_FLOWER_PORT=str(flower_port),
+        AETHERCORE_URL=f"http://127.0.0.1:{api_port}",
+        AETHERCORE_ADMIN_KEY_FILE=f"{key_dir}/admin.key",
+    )
     up = ManagedProcess("e2e-up", env)
     up.spawn("up")
     proc = up.proc
@@ -58,9 +62,17 @@ def system():
     key_file = os.path.join(key_dir, "admin.key")
     assert oct(os.stat(key_file).st_mode & 0o777) == "0o600"
     key = open(key_file).read().strip()
-    yield {"proc": proc, "base": base, "api_port": api_port, "flower_port": flower_port,
-           "redis_port": redis_port, "env": dict(env, AETHERCORE_API_KEY=key), "key": key,
-           "headers": {"Authorization": f"Bearer {key}"}, "key_dir": key_dir}
+    yield {
+        "proc": proc,
+        "base": base,
+        "api_port": api_port,
+        "flower_port": flower_port,
+        "redis_port": redis_port,
+        "env": dict(env, AETHERCORE_API_KEY=key),
+        "key": key,
+        "headers": {"Authorization": f"Bearer {key}"},
+        "key_dir": key_dir,
+    }
     if proc.poll() is None:
         up.kill(signal.SIGINT)  # Ctrl-C, as a person stops it
     up.stop()
@@ -68,8 +80,14 @@ def system():
 
 def run_curl(command: str, system: dict) -> tuple[int, dict]:
     command = command.replace("localhost:8001", f"localhost:{system['api_port']}")
-    out = subprocess.run(f"{command} -sS -w '\\n%{{http_code}}'", shell=True, capture_output=True, text=True,
-                         timeout=30, env=dict(os.environ, AETHERCORE_API_KEY=system["key"]))
+    out = subprocess.run(
+        f"{command} -sS -w '\\n%{{http_code}}'",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, AETHERCORE_API_KEY=system["key"]),
+    )
     assert out.returncode == 0, out.stderr
     body, _, code = out.stdout.rpartition("\n")
     return int(code), json.loads(body)
@@ -91,8 +109,10 @@ def test_readme_curl_examples_work_verbatim(system):
     code, health = run_curl(health_cmd, system)
     assert code == 200 and health["status"] == "ok"
 
-    assert requests.get(f"{system['base']}/models/minilm/status", timeout=5,
-                        headers=system["headers"]).json()["state"] == "loaded"
+    assert (
+        requests.get(f"{system['base']}/models/minilm/status", timeout=5, headers=system["headers"]).json()["state"]
+        == "loaded"
+    )
     # Without the key: 401 in the API's JSON error shape.
     anonymous = requests.get(f"{system['base']}/models", timeout=5)
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
@@ -104,15 +124,79 @@ def test_flower_and_cli_see_the_system(system):
     flower_url = f"http://127.0.0.1:{system['flower_port']}"
     assert requests.get(f"{flower_url}/workers", timeout=5).status_code == 401  # behind basic auth
     assert requests.get(f"{flower_url}/workers", auth=tuple(flower_auth), timeout=5).status_code == 200
-    out = subprocess.run([sys.executable, "manage.py", "system", "services", "--json"], cwd=REPO_ROOT,
-                         env=system["env"], capture_output=True, text=True, timeout=60)
+    # Flower starts after the worker, so its own first look already finds it (no forced refresh).
+    workers = wait_until(
+        lambda: requests.get(f"{flower_url}/api/workers", auth=tuple(flower_auth), timeout=5).json(),
+        30,
+        0.5,
+        "Flower to list the worker",
+    )
+    assert any(name.startswith("cpu.") for name in workers), workers
+    out = subprocess.run(
+        [sys.executable, "manage.py", "system", "services", "--json"],
+        cwd=REPO_ROOT,
+        env=system["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     services = {row["service"]: row["status"] for row in json.loads(out.stdout)}
     assert services == {"api": "up", "redis": "up", "flower": "up"}
-    out = subprocess.run([sys.executable, "manage.py", "serve", "minilm", "--text", "hi", "--json"], cwd=REPO_ROOT,
-                         env=system["env"], capture_output=True, text=True, timeout=90)
+    out = subprocess.run(
+        [sys.executable, "manage.py", "serve", "minilm", "--text", "hi", "--json"],
+        cwd=REPO_ROOT,
+        env=system["env"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "succeeded"
+
+
+def manage(system: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO_ROOT,
+        env=system["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_the_seeds_verbs_and_the_deployment_context(system):
+    # `aethercore ...` is what the seed documents (heimnetz_cli.py): the same commands, the same output.
+    seed, ours = manage(system, "aethercore", "models", "--json"), manage(system, "models", "list", "--json")
+    assert seed.returncode == ours.returncode == 0, seed.stderr
+
+    # (memory figures refresh with every heartbeat: compare what does not change between the two calls)
+    def stable(out: str) -> list:
+        return [(m["model_id"], m["state"], m["task"]) for m in json.loads(out)["models"]]
+
+    assert stable(seed.stdout) == stable(ours.stdout)
+    assert manage(system, "aethercore", "health").returncode == 0
+
+    out = manage(system, "context", "info", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["api_reachable"] and info["workers_by_device"].get("cpu")
+    assert info["settings"]["AETHERCORE_JWT_SECRET"] == "***" and info["settings"]["AETHERCORE_API_KEYS"] == "***"
+    assert JWT_SECRET not in out.stdout and ADMIN_KEY not in out.stdout  # secrets never printed
+
+    out = manage(system, "context", "health", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {row["dependency"]: row for row in json.loads(out.stdout)}
+    assert {"api", "redis", "workers", "flower"} <= set(rows)
+    assert all(row["status"] == "up" and row["latency_ms"] is not None for row in rows.values())
+
+    out = manage(system, "context", "test", "all")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("embeddings", "generation", "stream", "load-unload", "auth"):
+        assert re.search(rf"pass {re.escape(name)}\s+\d+ ms", out.stdout), out.stdout
+    bad = manage(system, "context", "test", "embeddings", "--embedding-model", "no-such-model")
+    assert bad.returncode == 1 and "FAIL embeddings" in bad.stdout
 
 
 def test_ctrl_c_stops_everything(system):
@@ -120,13 +204,19 @@ def test_ctrl_c_stops_everything(system):
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(60) == 0
     for port in (system["api_port"], system["flower_port"], system["redis_port"]):
-        wait_until(lambda: not port_open(port), 20, 0.2, f"port {port} to close")
+        wait_until(lambda port=port: not port_open(port), 20, 0.2, f"port {port} to close")
 
 
 def test_cli_reports_an_unreachable_api_clearly():
     env = base_env("redis://127.0.0.1:1/0", AETHERCORE_URL=f"http://127.0.0.1:{free_port()}")
-    out = subprocess.run([sys.executable, "manage.py", "models", "list"], cwd=REPO_ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "manage.py", "models", "list"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "not reachable" in out.stderr and "AETHERCORE_URL" in out.stderr
     assert "Traceback" not in out.stderr

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from tasks.names import job_events_key
+
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -36,9 +38,10 @@ def _onnxruntime_has_cuda() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-@pytest.mark.skipif(not _onnxruntime_has_cuda(),
-                    reason="this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu, "
-                           "requirements/worker-gpu.txt)")
+@pytest.mark.skipif(
+    not _onnxruntime_has_cuda(),
+    reason="this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu, requirements/worker-gpu.txt)",
+)
 def test_onnx_runs_with_the_cuda_provider(gpu_cluster):
     worker, client = gpu_cluster
     client.post("/models/minilm-onnx/load?wait=120")
@@ -69,8 +72,12 @@ def test_unload_returns_gpu_memory(gpu_cluster):
     client.post("/models/minilm/unload?wait=60")
     from tests.support import wait_until
 
-    wait_until(lambda: worker.record()["memory"]["gpu_allocated_bytes"] <= before, 15, 0.5,
-               "GPU memory back to its level before the load")
+    wait_until(
+        lambda: worker.record()["memory"]["gpu_allocated_bytes"] <= before,
+        15,
+        0.5,
+        "GPU memory back to its level before the load",
+    )
     assert loaded > before
 
 
@@ -83,10 +90,16 @@ def test_concurrent_generations_share_one_running_batch_on_the_gpu(gpu_cluster):
 
     worker, client = gpu_cluster
     assert client.post("/models/tiny-gpt2/load?wait=120").get_json()["status"] == "succeeded"
-    bodies = [{"model_id": "tiny-gpt2", "inputs": {"text": f"Story {i}"}, "parameters": {"max_length": 24}}
-              for i in range(16)]
-    bodies.append({"model_id": "tiny-gpt2", "inputs": {"text": "Story"},
-                   "parameters": {"max_length": 24, "do_sample": True, "temperature": 0.8, "seed": 3}})
+    bodies = [
+        {"model_id": "tiny-gpt2", "inputs": {"text": f"Story {i}"}, "parameters": {"max_length": 24}} for i in range(16)
+    ]
+    bodies.append(
+        {
+            "model_id": "tiny-gpt2",
+            "inputs": {"text": "Story"},
+            "parameters": {"max_length": 24, "do_sample": True, "temperature": 0.8, "seed": 3},
+        }
+    )
     with ThreadPoolExecutor(17) as pool:
         jobs = list(pool.map(lambda body: client.post("/serve?wait=60", json=body).get_json(), bodies))
     r = redis.Redis.from_url(worker.redis_url, decode_responses=True)
@@ -94,7 +107,7 @@ def test_concurrent_generations_share_one_running_batch_on_the_gpu(gpu_cluster):
         assert job["status"] == "succeeded" and job["result"]["device"] == "cuda:0", job
         output = job["result"]["output"]
         assert output["tokens"] == 24
-        chunks = [e for _id, e in r.xrange(f"aethercore:job:{job['job_id']}:events") if e["type"] == "chunk"]
+        chunks = [e for _id, e in r.xrange(job_events_key(job["job_id"])) if e["type"] == "chunk"]
         assert [int(e["index"]) for e in chunks] == list(range(len(chunks)))
         assert "".join(json.loads(e["data"])["text"] for e in chunks) == output["text"]
     assert max(job["result"]["timings"]["batch_size"] for job in jobs) > 1

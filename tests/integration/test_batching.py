@@ -15,8 +15,9 @@ def test_concurrent_jobs_are_batched_and_equal_single_results(client):
         assert job["result"]["timings"]["batch_size"] == 1
         alone[text] = np.array(job["result"]["output"]["embedding"])
     # Submit all at once without waiting: the worker sees many queued jobs and batches them.
-    job_ids = [client.post("/serve", json={"model_id": "minilm", "inputs": {"text": t}}).get_json()["job_id"]
-               for t in TEXTS]
+    job_ids = [
+        client.post("/serve", json={"model_id": "minilm", "inputs": {"text": t}}).get_json()["job_id"] for t in TEXTS
+    ]
     jobs = [poll(client, job_id) for job_id in job_ids]
     assert all(j["status"] == "succeeded" for j in jobs)
     sizes = [j["result"]["timings"]["batch_size"] for j in jobs]
@@ -44,8 +45,7 @@ def test_batch_endpoint_keeps_order_and_isolates_bad_inputs(client):
 
 def test_batch_endpoint_text_order(client):
     texts = ["alpha", "a much longer sentence about beta and gamma", "delta"]
-    response = client.post("/serve/batch?wait=60", json={"model_id": "minilm",
-                                                          "inputs": [{"text": t} for t in texts]})
+    response = client.post("/serve/batch?wait=60", json={"model_id": "minilm", "inputs": [{"text": t} for t in texts]})
     outputs = response.get_json()["result"]["outputs"]
     for text, item in zip(texts, outputs):
         alone = submit_and_wait(client, {"model_id": "minilm", "inputs": {"text": text}})

@@ -14,6 +14,7 @@ import requests
 import simple_websocket
 import yaml
 
+from tasks.names import job_events_key, job_key
 from tests.integration.test_streaming import close_quietly, read_sse
 from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, wait_until
 
@@ -32,8 +33,9 @@ def system(redis_server, tmp_path_factory):
     models_file.write_text(yaml.safe_dump(models))
     url = redis_server.url(DB_GENERATION)
     redis.Redis.from_url(url).flushdb()
-    worker = WorkerProcess(url, name="generation", AETHERCORE_MODELS_FILE=str(models_file),
-                           AETHERCORE_HEARTBEAT_INTERVAL="1").start()
+    worker = WorkerProcess(
+        url, name="generation", AETHERCORE_MODELS_FILE=str(models_file), AETHERCORE_HEARTBEAT_INTERVAL="1"
+    ).start()
     api = ApiProcess(url, name="generation-api", AETHERCORE_MODELS_FILE=str(models_file)).start()
     loaded = requests.post(f"{api.base}/models/tiny-gpt2/load?wait=120", timeout=130).json()
     assert loaded["status"] == "succeeded", loaded
@@ -43,8 +45,11 @@ def system(redis_server, tmp_path_factory):
 
 
 def submit(api, prompt: str, tokens: int, **extra) -> str:
-    response = requests.post(f"{api.base}/serve", timeout=10, json={
-        "model_id": "tiny-gpt2", "inputs": {"text": prompt}, "parameters": {"max_length": tokens}, **extra})
+    response = requests.post(
+        f"{api.base}/serve",
+        timeout=10,
+        json={"model_id": "tiny-gpt2", "inputs": {"text": prompt}, "parameters": {"max_length": tokens}, **extra},
+    )
     assert response.status_code == 202, response.text
     return response.json()["job_id"]
 
@@ -65,8 +70,12 @@ def follow_sse(api, job_id: str) -> dict:
 
 def follow_curl(api, job_id: str) -> dict:
     """A second client: curl reading the same SSE stream, parsed from its raw output."""
-    out = subprocess.run(["curl", "-sN", "--max-time", "120", f"{api.base}/jobs/{job_id}/stream"],
-                         capture_output=True, text=True, timeout=130).stdout
+    out = subprocess.run(
+        ["curl", "-sN", "--max-time", "120", f"{api.base}/jobs/{job_id}/stream"],
+        capture_output=True,
+        text=True,
+        timeout=130,
+    ).stdout
     chunks, final = [], None
     for block in out.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
@@ -111,7 +120,7 @@ def test_streams_joining_and_leaving_a_full_running_batch_each_get_every_chunk_o
     api, _worker, _r = system
     results: dict[str, dict] = {}
     plan = [(PROMPTS[i % len(PROMPTS)], 8 + 6 * (i % 5)) for i in range(16)]  # 8..32 tokens: rows leave at
-    lengths: dict[str, int] = {}                                              # different steps, others join
+    lengths: dict[str, int] = {}  # different steps, others join
 
     def sse(i: int) -> None:
         prompt, tokens = plan[i]
@@ -158,18 +167,32 @@ def test_a_cancelled_or_expired_generation_leaves_the_batch_and_the_others_finis
     others = [submit(api, PROMPTS[i % 4], 64) for i in range(4)]
     victim = submit(api, PROMPTS[0], 256)
     expiring = submit(api, PROMPTS[1], 256, timeout=0.5)  # 256 tokens take longer than that here
-    wait_until(lambda: int(r.hget(f"aethercore:job:{victim}", "chunks") or 0) >= 3, 60, 0.05, "the victim to stream")
+    wait_until(lambda: int(r.hget(job_key(victim), "chunks") or 0) >= 3, 60, 0.05, "the victim to stream")
     assert requests.delete(f"{api.base}/jobs/{victim}", timeout=10).status_code == 202  # asked to stop
-    cancelled = wait_until(lambda: (j := requests.get(f"{api.base}/jobs/{victim}", timeout=5).json())["status"]
-                           in ("cancelled", "succeeded") and j, 30, 0.1, "the cancel")
+    cancelled = wait_until(
+        lambda: (
+            (j := requests.get(f"{api.base}/jobs/{victim}", timeout=5).json())["status"] in ("cancelled", "succeeded")
+            and j
+        ),
+        30,
+        0.1,
+        "the cancel",
+    )
     assert cancelled["status"] == "cancelled"
-    assert int(r.hget(f"aethercore:job:{victim}", "chunks")) < 256  # it stopped, it did not run to the end
-    expired = wait_until(lambda: (j := requests.get(f"{api.base}/jobs/{expiring}", timeout=5).json())["status"]
-                         not in ("queued", "running") and j, 60, 0.1, "the deadline")
+    assert int(r.hget(job_key(victim), "chunks")) < 256  # it stopped, it did not run to the end
+    expired = wait_until(
+        lambda: (
+            (j := requests.get(f"{api.base}/jobs/{expiring}", timeout=5).json())["status"] not in ("queued", "running")
+            and j
+        ),
+        60,
+        0.1,
+        "the deadline",
+    )
     assert expired["status"] == "expired" and expired["error"]["code"] == "deadline_exceeded", expired
     # Dropped mid-generation (or, on a machine too busy to start it within 0.5 s, before it ran: the
     # scheduler's own test covers the drop mid-batch deterministically).
-    assert int(r.hget(f"aethercore:job:{expiring}", "chunks") or 0) < 256
+    assert int(r.hget(job_key(expiring), "chunks") or 0) < 256
     for job_id in others:
         check_stream(follow_sse(api, job_id), 64)
 
@@ -180,16 +203,24 @@ def test_a_model_process_killed_mid_batch_restarts_and_every_stream_stays_exactl
     pid, restarts = model["processes"][0]["pid"], model["restarts"]
     plan = [(PROMPTS[i % 4], 24 + 8 * (i % 3)) for i in range(8)]
     job_ids = [submit(api, prompt, tokens) for prompt, tokens in plan]
-    wait_until(lambda: sum(int(r.hget(f"aethercore:job:{j}", "chunks") or 0) >= 4 for j in job_ids) >= 3,
-               60, 0.02, "the batch to be streaming")
+    wait_until(
+        lambda: sum(int(r.hget(job_key(j), "chunks") or 0) >= 4 for j in job_ids) >= 3,
+        60,
+        0.02,
+        "the batch to be streaming",
+    )
     os.kill(pid, signal.SIGKILL)
     for job_id, (_prompt, tokens) in zip(job_ids, plan):
         job = check_stream(follow_sse(api, job_id), tokens)
-        events = r.xrange(f"aethercore:job:{job_id}:events")
+        events = r.xrange(job_events_key(job_id))
         assert sum(1 for _id, e in events if e["type"] == "done") == 1
         assert job["attempts"] == 1  # retried inside the worker, not redelivered
-    after = wait_until(lambda: (m := worker.record()["models"]["tiny-gpt2"]["info"])["restarts"] > restarts and m,
-                       30, 0.2, "the restart to be reported")
+    after = wait_until(
+        lambda: (m := worker.record()["models"]["tiny-gpt2"]["info"])["restarts"] > restarts and m,
+        30,
+        0.2,
+        "the restart to be reported",
+    )
     assert after["processes"][0]["pid"] != pid
 
 
@@ -201,13 +232,18 @@ def test_generation_metrics_are_exported(system):
         text = requests.get(f"{api.base}/metrics", timeout=10).text
         lines = [line for line in text.splitlines() if 'model="tiny-gpt2"' in line]
         tokens = [float(line.split()[-1]) for line in lines if line.startswith("aethercore_generated_tokens_total")]
-        ttft = [float(line.split()[-1]) for line in lines
-                if line.startswith("aethercore_time_to_first_token_seconds_count")]
-        gauges = [line for line in lines if line.startswith(("aethercore_generation_running",
-                                                             "aethercore_generation_waiting"))]
+        ttft = [
+            float(line.split()[-1]) for line in lines if line.startswith("aethercore_time_to_first_token_seconds_count")
+        ]
+        gauges = [
+            line
+            for line in lines
+            if line.startswith(("aethercore_generation_running", "aethercore_generation_waiting"))
+        ]
         steps = [float(line.split()[-1]) for line in lines if line.startswith("aethercore_batch_size_count")]
-        return (tokens and tokens[0] >= 12 and ttft and ttft[0] >= 1 and len(gauges) == 2
-                and steps and steps[0] >= 11) and lines  # one batch_size observation per decoding step
+        return (
+            tokens and tokens[0] >= 12 and ttft and ttft[0] >= 1 and len(gauges) == 2 and steps and steps[0] >= 11
+        ) and lines  # one batch_size observation per decoding step
 
     assert wait_until(exported, 15, 0.5, "the generation metrics")
 
@@ -215,16 +251,29 @@ def test_generation_metrics_are_exported(system):
 def test_batch_and_plain_requests_share_the_running_batch_and_agree(system):
     api, _worker, _r = system
     items = [{"text": prompt} for prompt in PROMPTS[:3]]
-    batch = requests.post(f"{api.base}/serve/batch?wait=60", timeout=70, json={
-        "model_id": "tiny-gpt2", "inputs": items, "parameters": {"max_length": 10}}).json()
-    singles = [requests.post(f"{api.base}/serve?wait=60", timeout=70, json={
-        "model_id": "tiny-gpt2", "inputs": item, "parameters": {"max_length": 10}}).json() for item in items]
+    batch = requests.post(
+        f"{api.base}/serve/batch?wait=60",
+        timeout=70,
+        json={"model_id": "tiny-gpt2", "inputs": items, "parameters": {"max_length": 10}},
+    ).json()
+    singles = [
+        requests.post(
+            f"{api.base}/serve?wait=60",
+            timeout=70,
+            json={"model_id": "tiny-gpt2", "inputs": item, "parameters": {"max_length": 10}},
+        ).json()
+        for item in items
+    ]
     assert batch["status"] == "succeeded", batch
     outputs = [entry["output"] for entry in batch["result"]["outputs"]]
     assert [o["text"] for o in outputs] == [s["result"]["output"]["text"] for s in singles]
     assert all(o["tokens"] == 10 for o in outputs)
-    # A bad sampling setting fails the job clearly, and the model keeps serving.
-    bad = requests.post(f"{api.base}/serve?wait=60", timeout=70, json={
-        "model_id": "tiny-gpt2", "inputs": items[0], "parameters": {"max_length": 4, "top_p": 7}}).json()
-    assert bad["status"] == "failed" and bad["error"]["code"] == "invalid_input" and "top_p" in bad["error"]["message"]
+    # A bad sampling setting is refused before it is queued (422 naming it: the declared rules in
+    # config/parameters.py), and the model keeps serving.
+    bad = requests.post(
+        f"{api.base}/serve?wait=60",
+        timeout=70,
+        json={"model_id": "tiny-gpt2", "inputs": items[0], "parameters": {"max_length": 4, "top_p": 7}},
+    )
+    assert bad.status_code == 422 and "parameters.top_p" in bad.json()["error"]["details"], bad.text
     assert check_stream(follow_sse(api, submit(api, PROMPTS[0], 5)), 5)

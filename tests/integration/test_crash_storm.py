@@ -10,8 +10,17 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_storm_of_worker_kills_loses_no_job_and_fails_none_as_poison():
-    storm = Storm(jobs=200, clients=8, workers=2, kill_every=1.5, kills=8, model="minilm-onnx", poison=False,
-                  grace=45, visibility_timeout=300)
+    storm = Storm(
+        jobs=200,
+        clients=8,
+        workers=2,
+        kill_every=1.5,
+        kills=8,
+        model="minilm-onnx",
+        poison=False,
+        grace=45,
+        visibility_timeout=300,
+    )
     result = storm.run()
     print("\n" + "\n".join(result.lines()))
     assert result.kills == 8

@@ -21,8 +21,12 @@ def small_cache(redis_server):
 def test_loading_beyond_the_budget_evicts_the_lru_model(small_cache):
     worker, client = small_cache
     assert client.post("/models/minilm/load?wait=60").get_json()["status"] == "succeeded"
-    minilm_pid = wait_until(lambda: (worker.record()["models"].get("minilm") or {}).get("info", {}).get(
-        "processes", [{}])[0].get("pid"), 10, 0.2, "minilm's model process in the heartbeat")
+    minilm_pid = wait_until(
+        lambda: (worker.record()["models"].get("minilm") or {}).get("info", {}).get("processes", [{}])[0].get("pid"),
+        10,
+        0.2,
+        "minilm's model process in the heartbeat",
+    )
     assert client.post("/models/minilm-onnx/load?wait=60").get_json()["status"] == "succeeded"
     assert client.get("/models/minilm-onnx/status").get_json()["state"] == "loaded"
     evicted = client.get("/models/minilm/status").get_json()

@@ -20,9 +20,13 @@ def test_autoload_off_answers_409_until_the_model_is_loaded(main_redis_url, main
 
 def test_unreachable_redis_is_a_quick_503():
     dead = client_for(settings_for(f"redis://127.0.0.1:{free_port()}/0"))
-    for method, path, body in [("post", "/serve", {"model_id": "minilm", "inputs": {"text": "x"}}),
-                               ("post", "/models/minilm/load", None), ("get", "/models/minilm/status", None),
-                               ("get", f"/jobs/{'a' * 32}", None), ("get", "/models", None)]:
+    for method, path, body in [
+        ("post", "/serve", {"model_id": "minilm", "inputs": {"text": "x"}}),
+        ("post", "/models/minilm/load", None),
+        ("get", "/models/minilm/status", None),
+        ("get", f"/jobs/{'a' * 32}", None),
+        ("get", "/models", None),
+    ]:
         started = time.monotonic()
         response = getattr(dead, method)(path, json=body)
         elapsed = time.monotonic() - started

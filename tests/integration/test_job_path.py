@@ -16,8 +16,9 @@ def embed(client, model_id, text, **parameters):
 
 
 def test_submit_returns_202_and_location_then_poll(client):
-    response = client.post("/serve", json={"model_id": "minilm", "inputs": {"text": "Hello world"},
-                                           "parameters": {"max_length": 100}})
+    response = client.post(
+        "/serve", json={"model_id": "minilm", "inputs": {"text": "Hello world"}, "parameters": {"max_length": 100}}
+    )
     assert response.status_code == 202
     body = response.get_json()
     assert re.fullmatch(r"[0-9a-f]{32}", body["job_id"])
@@ -51,8 +52,9 @@ def test_onnx_agrees_with_pytorch_through_the_api(client):
 
 def test_generation_respects_max_length(client):
     for budget in (3, 12):
-        job = submit_and_wait(client, {"model_id": "tiny-gpt2", "inputs": {"text": "Once"},
-                                       "parameters": {"max_length": budget}})
+        job = submit_and_wait(
+            client, {"model_id": "tiny-gpt2", "inputs": {"text": "Once"}, "parameters": {"max_length": budget}}
+        )
         output = job["result"]["output"]
         assert output["tokens"] == budget and output["finish_reason"] == "length"
         assert output["text"]
@@ -66,8 +68,9 @@ def test_classification_and_tensor_outputs(client):
 
 
 def test_wait_on_jobs_endpoint_and_202_while_pending(client):
-    response = client.post("/serve", json={"model_id": "tiny-gpt2", "inputs": {"text": "x"},
-                                           "parameters": {"max_length": 64}})
+    response = client.post(
+        "/serve", json={"model_id": "tiny-gpt2", "inputs": {"text": "x"}, "parameters": {"max_length": 64}}
+    )
     job_id = response.get_json()["job_id"]
     finished = client.get(f"/jobs/{job_id}?wait=60")
     assert finished.status_code == 200
@@ -147,12 +150,21 @@ def test_bad_tensor_input_fails_only_that_job(client, main_worker):
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_input"
     assert "shape" in job["error"]["message"]
     assert main_worker.proc.poll() is None
-    assert submit_and_wait(client, {"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}})[
-        "status"] == "succeeded"
+    assert (
+        submit_and_wait(client, {"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}})["status"]
+        == "succeeded"
+    )
 
 
-@pytest.mark.parametrize("path,method", [("/models/nope/status", "get"), ("/models/nope/info", "get"),
-                                         ("/models/nope/load", "post"), ("/models/nope/unload", "post")])
+@pytest.mark.parametrize(
+    "path,method",
+    [
+        ("/models/nope/status", "get"),
+        ("/models/nope/info", "get"),
+        ("/models/nope/load", "post"),
+        ("/models/nope/unload", "post"),
+    ],
+)
 def test_unknown_model_is_404(client, path, method):
     response = getattr(client, method)(path)
     assert response.status_code == 404
@@ -167,16 +179,19 @@ def test_unknown_model_on_serve_and_unknown_job(client):
         assert response.status_code == 404 and response.get_json()["error"]["code"] == "job_not_found"
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"inputs": {"text": "x"}}, "model_id"),
-    ({"model_id": "minilm"}, "inputs"),
-    ({"model_id": "minilm", "inputs": "text"}, "inputs"),
-    ({"model_id": "minilm", "inputs": {"text": "x"}, "extra": 1}, "extra"),
-    ({"model_id": "minilm", "inputs": {"text": ""}}, "inputs.text"),
-    ({"model_id": "minilm", "inputs": {"text": "x"}, "parameters": {"max_length": -1}}, "parameters.max_length"),
-    ({"model_id": "minilm", "inputs": {"text": "x"}, "parameters": {"max_length": 10**9}}, "parameters.max_length"),
-    ({"model_id": "../etc", "inputs": {"text": "x"}}, "model_id"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"inputs": {"text": "x"}}, "model_id"),
+        ({"model_id": "minilm"}, "inputs"),
+        ({"model_id": "minilm", "inputs": "text"}, "inputs"),
+        ({"model_id": "minilm", "inputs": {"text": "x"}, "extra": 1}, "extra"),
+        ({"model_id": "minilm", "inputs": {"text": ""}}, "inputs.text"),
+        ({"model_id": "minilm", "inputs": {"text": "x"}, "parameters": {"max_length": -1}}, "parameters.max_length"),
+        ({"model_id": "minilm", "inputs": {"text": "x"}, "parameters": {"max_length": 10**9}}, "parameters.max_length"),
+        ({"model_id": "../etc", "inputs": {"text": "x"}}, "model_id"),
+    ],
+)
 def test_invalid_body_is_422_with_field_errors(client, body, field):
     response = client.post("/serve", json=body)
     assert response.status_code == 422, response.get_json()
@@ -205,8 +220,11 @@ def test_health_heartbeat_metrics(client):
     metrics = client.get("/metrics").get_data(as_text=True)
     assert re.search(r'aethercore_requests_total\{endpoint="/health",method="GET",status="200"\} [1-9]', metrics)
     assert "aethercore_request_duration_seconds_bucket" in metrics
-    memory = re.search(r'aethercore_model_memory_usage_bytes\{device="cpu",model="minilm",worker="cpu\.[^"]+"\} '
-                       r'(\S+)', metrics)
+    memory = re.search(
+        r'aethercore_model_memory_usage_bytes\{device="cpu",model="minilm",worker="cpu\.[^"]+"\} '
+        r"(\S+)",
+        metrics,
+    )
     # Measured in the model process: the private memory loading it added (91 MB of weights, the tokenizer,
     # allocator caches), not the shared torch libraries every process maps.
     assert memory and 80e6 < float(memory.group(1)) < 200e6

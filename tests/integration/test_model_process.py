@@ -11,6 +11,7 @@ import pytest
 import redis
 import yaml
 
+from tasks.names import job_events_key
 from tests.conftest import client_for, settings_for
 from tests.support import REPO_ROOT, WorkerProcess, wait_until
 
@@ -49,13 +50,19 @@ def alive(pid):
 
 
 def done_events(r, job_id):
-    return sum(1 for _id, e in r.xrange(f"aethercore:job:{job_id}:events") if e["type"] == "done")
+    return sum(1 for _id, e in r.xrange(job_events_key(job_id)) if e["type"] == "done")
 
 
 def submit_many(client, n):
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(lambda i: client.post("/serve", json={
-            "model_id": "minilm", "inputs": {"text": f"{i} {LONG}"}}).get_json()["job_id"], range(n)))
+        return list(
+            pool.map(
+                lambda i: client.post(
+                    "/serve", json={"model_id": "minilm", "inputs": {"text": f"{i} {LONG}"}}
+                ).get_json()["job_id"],
+                range(n),
+            )
+        )
 
 
 def finished(client, job_ids, timeout=90):
@@ -78,8 +85,12 @@ def test_a_model_process_killed_mid_batch_is_restarted_and_its_jobs_end_once(clu
     worker, client, r = cluster
     pid = model_pid(worker)
     job_ids = submit_many(client, 96)
-    wait_until(lambda: any(client.get(f"/jobs/{j}").get_json()["status"] == "running" for j in job_ids),
-               30, 0.01, "the first batch to run")
+    wait_until(
+        lambda: any(client.get(f"/jobs/{j}").get_json()["status"] == "running" for j in job_ids),
+        30,
+        0.01,
+        "the first batch to run",
+    )
     os.kill(pid, signal.SIGKILL)
     jobs = finished(client, job_ids)
     assert [j["status"] for j in jobs] == ["succeeded"] * 96, [j["error"] for j in jobs if j["error"]]
@@ -111,20 +122,30 @@ def test_a_hung_model_process_is_killed_after_its_timeout_and_its_jobs_retried(c
 def test_unload_ends_the_model_process_and_gives_its_memory_back(cluster):
     worker, client, _r = cluster
     # The heartbeat after the last restart: the live model process with its memory.
-    before = wait_until(lambda: (m := worker.record()["memory"])["model_processes_rss_bytes"] > 0 and m, 10, 0.2,
-                        "a heartbeat with the model process")
+    before = wait_until(
+        lambda: (m := worker.record()["memory"])["model_processes_rss_bytes"] > 0 and m,
+        10,
+        0.2,
+        "a heartbeat with the model process",
+    )
     pid = model_pid(worker)
     assert before["model_processes_rss_bytes"] > 100e6 and before["cache_used_bytes"] > 80e6
     assert client.post("/models/minilm/unload?wait=60").get_json()["status"] == "succeeded"
     wait_until(lambda: not alive(pid), 10, 0.1, "the model process to exit")
-    after = wait_until(lambda: (m := worker.record()["memory"])["model_processes_rss_bytes"] == 0 and m, 10, 0.2,
-                       "the heartbeat after the unload")
+    after = wait_until(
+        lambda: (m := worker.record()["memory"])["model_processes_rss_bytes"] == 0 and m,
+        10,
+        0.2,
+        "the heartbeat after the unload",
+    )
     assert after["cache_used_bytes"] == 0
     # The worker process itself held no model: its own RSS did not grow with the model's.
     assert after["rss_bytes"] <= before["rss_bytes"] * 1.1
     # Loaded again: a fresh process serves it.
-    assert client.post("/serve?wait=120", json={"model_id": "minilm", "inputs": {"text": "back"}}).get_json()[
-        "status"] == "succeeded"
+    assert (
+        client.post("/serve?wait=120", json={"model_id": "minilm", "inputs": {"text": "back"}}).get_json()["status"]
+        == "succeeded"
+    )
     assert model_pid(worker) not in (None, pid)
 
 

@@ -21,10 +21,15 @@ def test_request_counter_adds_up_across_gunicorn_workers(main_redis_url, main_wo
             response = requests.get(f"{api.base}/heartbeat", headers={"Connection": "close"}, timeout=5)
             assert response.status_code == 200
         text = requests.get(f"{api.base}/metrics", timeout=5).text
-        for name, labels in (("aethercore_requests_total", {"status": "200"}),
-                             ("aethercore_request_duration_seconds_count", {})):
-            assert metric(text, name, endpoint="/heartbeat", **labels) - \
-                metric(before, name, endpoint="/heartbeat", **labels) == 60
+        for name, labels in (
+            ("aethercore_requests_total", {"status": "200"}),
+            ("aethercore_request_duration_seconds_count", {}),
+        ):
+            assert (
+                metric(text, name, endpoint="/heartbeat", **labels)
+                - metric(before, name, endpoint="/heartbeat", **labels)
+                == 60
+            )
         workers = subprocess.run(["pgrep", "-P", str(api.proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 3
     finally:
@@ -32,8 +37,11 @@ def test_request_counter_adds_up_across_gunicorn_workers(main_redis_url, main_wo
 
 
 def test_request_id_is_echoed_stored_and_logged_by_the_worker(client, main_worker):
-    response = client.post("/serve?wait=60", json={"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}},
-                           headers={"X-Request-ID": "req-7f3a-operations"})
+    response = client.post(
+        "/serve?wait=60",
+        json={"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}},
+        headers={"X-Request-ID": "req-7f3a-operations"},
+    )
     assert response.headers["X-Request-ID"] == "req-7f3a-operations"
     job = response.get_json()
     assert job["request_id"] == "req-7f3a-operations"
@@ -42,7 +50,9 @@ def test_request_id_is_echoed_stored_and_logged_by_the_worker(client, main_worke
     assert job["job_id"] in line and "model_id=tiny-mlp" in line
     generated = client.get("/heartbeat").headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
-    hostile = client.get("/heartbeat", headers={"X-Request-ID": "bad id with spaces and {braces}"}).headers["X-Request-ID"]
+    hostile = client.get("/heartbeat", headers={"X-Request-ID": "bad id with spaces and {braces}"}).headers[
+        "X-Request-ID"
+    ]
     assert re.fullmatch(r"[0-9a-f]{32}", hostile)
 
 
@@ -52,16 +62,22 @@ def test_worker_metrics_count_every_job_once(client):
 
     client.post("/models/minilm/load?wait=60")
     before = scrape()
-    job_ids = [client.post("/serve", json={"model_id": "minilm", "inputs": {"text": f"count me {i}"}})
-               .get_json()["job_id"] for i in range(20)]
+    job_ids = [
+        client.post("/serve", json={"model_id": "minilm", "inputs": {"text": f"count me {i}"}}).get_json()["job_id"]
+        for i in range(20)
+    ]
     assert all(poll(client, job_id)["status"] == "succeeded" for job_id in job_ids)
 
     def delta(name, **labels):
         return metric(scrape(), name, **labels) - metric(before, name, **labels)
 
     # Workers count in memory and flush with the heartbeat: within a heartbeat every job is counted, once.
-    wait_until(lambda: delta("aethercore_jobs_total", kind="inference", model="minilm", status="succeeded") >= 20,
-               10, 0.2, "the jobs to be counted")
+    wait_until(
+        lambda: delta("aethercore_jobs_total", kind="inference", model="minilm", status="succeeded") >= 20,
+        10,
+        0.2,
+        "the jobs to be counted",
+    )
     assert delta("aethercore_jobs_total", kind="inference", model="minilm", status="succeeded") == 20
     assert delta("aethercore_queue_wait_seconds_count", model="minilm") == 20
     assert delta("aethercore_inference_seconds_count", model="minilm") == 20
@@ -85,8 +101,11 @@ def json_worker(redis_server):
 
 def test_json_log_lines_parse_and_carry_the_job(json_worker):
     worker, client = json_worker
-    job = client.post("/serve?wait=60", json={"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}},
-                      headers={"X-Request-ID": "json-req-1"}).get_json()
+    job = client.post(
+        "/serve?wait=60",
+        json={"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}},
+        headers={"X-Request-ID": "json-req-1"},
+    ).get_json()
     assert job["status"] == "succeeded"
     wait_until(lambda: job["job_id"] in worker.log(), 10, 0.1, "the job in the worker's log")
     records = [json.loads(line) for line in worker.log().splitlines() if line.strip()]
@@ -113,14 +132,19 @@ def test_readiness_flips_when_the_only_worker_stops(json_worker):
 
 def run_cli(api_server, *args):
     env = dict(api_server.env, AETHERCORE_URL=api_server.base, COLUMNS="200")
-    out = subprocess.run([sys.executable, "manage.py", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     return out
 
 
 def test_cli_jobs_and_system_status(api_server):
-    job = requests.post(f"{api_server.base}/serve?wait=60", timeout=70, headers={"X-Request-ID": "cli-test"},
-                        json={"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}}).json()
+    job = requests.post(
+        f"{api_server.base}/serve?wait=60",
+        timeout=70,
+        headers={"X-Request-ID": "cli-test"},
+        json={"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}},
+    ).json()
     out = run_cli(api_server, "jobs", "list", "--model", "tiny-mlp", "--json")
     assert out.returncode == 0, out.stderr
     assert job["job_id"] in [j["job_id"] for j in json.loads(out.stdout)["jobs"]]

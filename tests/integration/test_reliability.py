@@ -11,7 +11,20 @@ import redis
 import yaml
 
 from config.settings import Settings
-from tasks.names import INFLIGHT_HOLDERS, inflight_key
+from tasks.names import (
+    AUTH_KEYS,
+    DESIRED_MODELS,
+    GENERATION_COUNTER,
+    INFLIGHT_HOLDERS,
+    METRICS_COUNTERS,
+    METRICS_HISTOGRAMS,
+    MODEL_ERRORS,
+    RECENT_JOBS,
+    WORKERS_INDEX,
+    inflight_key,
+    job_events_key,
+    job_key,
+)
 from tests.conftest import client_for, poll, settings_for
 from tests.support import REPO_ROOT, RedisServer, WorkerProcess, wait_until
 
@@ -30,8 +43,13 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     (tmp / "broken.onnx").write_bytes(b"this is not an onnx model")
     models = yaml.safe_load((REPO_ROOT / "config" / "models.yaml").read_text())
-    models["models"]["broken-onnx"] = {"model_type": "onnx", "source": "local", "task": "tensor",
-                                       "model_path": str(tmp / "broken.onnx"), "device": "cpu"}
+    models["models"]["broken-onnx"] = {
+        "model_type": "onnx",
+        "source": "local",
+        "task": "tensor",
+        "model_path": str(tmp / "broken.onnx"),
+        "device": "cpu",
+    }
     # A copy of tiny-mlp whose weights were changed after its manifest was written.
     shutil.copytree(Settings.from_env().model_store / "tiny-mlp", tmp / "tampered-mlp")
     with open(tmp / "tampered-mlp" / "model.pt2", "r+b") as archive:
@@ -48,13 +66,19 @@ def env(tmp_path_factory):
     workers: list[WorkerProcess] = []
 
     def start_worker(name: str) -> WorkerProcess:
-        worker = WorkerProcess(url, name=name, AETHERCORE_MODELS_FILE=str(models_file), AETHERCORE_MODEL_ROOTS=str(tmp),
-                               **WORKER_ENV).start()
+        worker = WorkerProcess(
+            url, name=name, AETHERCORE_MODELS_FILE=str(models_file), AETHERCORE_MODEL_ROOTS=str(tmp), **WORKER_ENV
+        ).start()
         workers.append(worker)
         return worker
 
-    yield {"server": server, "url": url, "client": client_for(settings), "start_worker": start_worker,
-           "workers": workers}
+    yield {
+        "server": server,
+        "url": url,
+        "client": client_for(settings),
+        "start_worker": start_worker,
+        "workers": workers,
+    }
     for worker in workers:
         worker.stop()
     server.cleanup()
@@ -102,8 +126,16 @@ def test_api_and_workers_ride_out_a_redis_outage(env):
 
 
 def kill_when_running(client, job_id: str, worker: WorkerProcess, attempt: int) -> None:
-    wait_until(lambda: (j := client.get(f"/jobs/{job_id}").get_json())["status"] == "running"
-               and j["attempts"] == attempt and j["chunks"] >= 3, 60, 0.02, f"attempt {attempt} to run")
+    wait_until(
+        lambda: (
+            (j := client.get(f"/jobs/{job_id}").get_json())["status"] == "running"
+            and j["attempts"] == attempt
+            and j["chunks"] >= 3
+        ),
+        60,
+        0.02,
+        f"attempt {attempt} to run",
+    )
     worker.kill(signal.SIGKILL)
 
 
@@ -117,10 +149,12 @@ def test_a_job_whose_worker_is_killed_is_redelivered_and_ends_once(env):
     env["start_worker"]("rel-3")
     job = poll(client, job_id, timeout=90)
     redelivered_after = time.monotonic() - killed_at
-    print(f"\nredelivered and finished {redelivered_after:.1f} s after the kill "
-          f"(visibility timeout {WORKER_ENV['AETHERCORE_VISIBILITY_TIMEOUT']} s)")
+    print(
+        f"\nredelivered and finished {redelivered_after:.1f} s after the kill "
+        f"(visibility timeout {WORKER_ENV['AETHERCORE_VISIBILITY_TIMEOUT']} s)"
+    )
     assert job["status"] == "succeeded" and job["attempts"] == 2
-    events = raw(env).xrange(f"aethercore:job:{job_id}:events")
+    events = raw(env).xrange(job_events_key(job_id))
     chunks = [json.loads(e["data"])["text"] for _id, e in events if e["type"] == "chunk"]
     indices = [int(e["index"]) for _id, e in events if e["type"] == "chunk"]
     assert indices == list(range(256))  # every chunk exactly once, in order, across both attempts
@@ -133,18 +167,26 @@ def test_a_worker_killed_under_a_full_running_batch_redelivers_every_stream_exac
     whole worker is SIGKILLed: every one is redelivered, and each stream still holds each chunk once."""
     client = env["client"]
     plan = [(f"Story number {i} begins", 48 + 24 * (i % 3)) for i in range(8)]
-    job_ids = [client.post("/serve", json={**GEN, "inputs": {"text": prompt}, "parameters": {"max_length": tokens}})
-               .get_json()["job_id"] for prompt, tokens in plan]
+    job_ids = [
+        client.post(
+            "/serve", json={**GEN, "inputs": {"text": prompt}, "parameters": {"max_length": tokens}}
+        ).get_json()["job_id"]
+        for prompt, tokens in plan
+    ]
     victim = next(w for w in reversed(env["workers"]) if w.proc.poll() is None)
     r = raw(env)
-    wait_until(lambda: sum(int(r.hget(f"aethercore:job:{j}", "chunks") or 0) >= 3 for j in job_ids) >= 4,
-               60, 0.02, "the batch to be streaming")
+    wait_until(
+        lambda: sum(int(r.hget(job_key(j), "chunks") or 0) >= 3 for j in job_ids) >= 4,
+        60,
+        0.02,
+        "the batch to be streaming",
+    )
     victim.kill(signal.SIGKILL)
     env["start_worker"]("rel-batch")
     for job_id, (_prompt, tokens) in zip(job_ids, plan):
         job = poll(client, job_id, timeout=120)
         assert job["status"] == "succeeded", job
-        events = r.xrange(f"aethercore:job:{job_id}:events")
+        events = r.xrange(job_events_key(job_id))
         chunks = [e for _id, e in events if e["type"] == "chunk"]
         assert [int(e["index"]) for e in chunks] == list(range(len(chunks)))
         assert "".join(json.loads(e["data"])["text"] for e in chunks) == job["result"]["output"]["text"]
@@ -161,8 +203,15 @@ def test_a_poison_job_fails_after_bounded_attempts_and_workers_keep_serving(env)
     for attempt, place in ((1, "shared"), (2, "alone"), (3, "alone")):
         worker = next(w for w in reversed(env["workers"]) if w.proc.poll() is None)
         # Killed once it is in the model's batch on this attempt (not while its new worker loads the model).
-        wait_until(lambda: client.get(f"/jobs/{job_id}").get_json()["attempts"] == attempt
-                   and r.hget(f"aethercore:job:{job_id}", "pass") == place, 60, 0.02, f"attempt {attempt} to run")
+        wait_until(
+            lambda attempt=attempt, place=place: (
+                client.get(f"/jobs/{job_id}").get_json()["attempts"] == attempt
+                and r.hget(job_key(job_id), "pass") == place
+            ),
+            60,
+            0.02,
+            f"attempt {attempt} to run",
+        )
         worker.kill(signal.SIGKILL)
         env["start_worker"](f"rel-poison-{attempt}")
     job = poll(client, job_id, timeout=90)
@@ -176,8 +225,12 @@ def test_a_corrupt_model_fails_its_load_and_the_worker_keeps_serving(env):
     job = client.post("/models/broken-onnx/load?wait=60").get_json()
     assert job["status"] == "failed" and job["error"]["code"] == "model_load_failed"
     assert "not a loadable ONNX model" in job["error"]["message"]
-    wait_until(lambda: client.get("/models/broken-onnx/status").get_json()["state"] == "failed", 10, 0.1,
-               "the model to show failed")
+    wait_until(
+        lambda: client.get("/models/broken-onnx/status").get_json()["state"] == "failed",
+        10,
+        0.1,
+        "the model to show failed",
+    )
     assert client.post("/serve?wait=60", json=MLP).get_json()["status"] == "succeeded"
 
 
@@ -195,10 +248,20 @@ def test_every_redis_key_is_bounded(env):
     r = raw(env)
     # Keys without a TTL must be bounded by construction: one per configured model, per device queue,
     # per API key, or trimmed (recent jobs, workers index), or Celery's own fixed set.
-    bounded = {"aethercore:models:desired", "aethercore:models:errors", "aethercore:models:generation",
-               "aethercore:jobs:recent", "aethercore:workers", "aethercore:metrics:counters",
-               "aethercore:metrics:histograms", "aethercore:auth:keys", "cpu", "unacked", "unacked_index",
-               INFLIGHT_HOLDERS}  # one name per worker holding jobs, removed when it is reaped
+    bounded = {
+        DESIRED_MODELS,
+        MODEL_ERRORS,
+        GENERATION_COUNTER,
+        RECENT_JOBS,
+        WORKERS_INDEX,
+        METRICS_COUNTERS,
+        METRICS_HISTOGRAMS,
+        AUTH_KEYS,
+        "cpu",
+        "unacked",
+        "unacked_index",
+        INFLIGHT_HOLDERS,
+    }  # one name per worker holding jobs, removed when it is reaped
     # A worker's in-flight hash lives only while it holds jobs (an empty hash is no key).
     assert not list(r.scan_iter(inflight_key("*")))
     unbounded = []
@@ -209,6 +272,6 @@ def test_every_redis_key_is_bounded(env):
         if r.ttl(key) == -1 and key not in bounded:
             unbounded.append(key)
     assert unbounded == [], unbounded
-    assert r.zcard("aethercore:jobs:recent") <= 10_000
-    job_keys = [k for k in r.scan_iter("aethercore:job:*", count=1000)]
+    assert r.zcard(RECENT_JOBS) <= 10_000
+    job_keys = [k for k in r.scan_iter(job_key("*"), count=1000)]
     assert job_keys and all(0 < r.ttl(k) <= 86400 for k in job_keys)

@@ -7,7 +7,9 @@ import time
 import redis
 
 from api.replies import ReplyListener
-from tasks.jobs import CANCELLED, SUCCEEDED, JobStore
+from tasks.jobs import JobStore
+from tasks.names import reply_channel
+from tasks.states import CANCELLED, SUCCEEDED
 from tests.conftest import DB_MISC
 
 
@@ -34,8 +36,9 @@ def test_a_lost_wake_up_costs_at_most_the_recheck_interval(redis_server):
     # The job names no reply channel, so its end publishes nothing: as if the message had been lost.
     job = jobs.create(kind="inference", model_id="m", device="cpu", job_id="b" * 32)
     waiter = listener.expect(job["job_id"])
-    threading.Timer(0.2, lambda: jobs.finish(job["job_id"], CANCELLED,
-                                             error={"code": "cancelled", "message": "x"})).start()
+    threading.Timer(
+        0.2, lambda: jobs.finish(job["job_id"], CANCELLED, error={"code": "cancelled", "message": "x"})
+    ).start()
     started = time.monotonic()
     ended = listener.wait(waiter, job, 10)
     assert ended["status"] == "cancelled" and ended["error"]["code"] == "cancelled"
@@ -45,7 +48,7 @@ def test_a_lost_wake_up_costs_at_most_the_recheck_interval(redis_server):
 def test_a_waiter_on_a_job_submitted_elsewhere_is_woken_through_watch(redis_server):
     jobs = store(redis_server)
     listener = ReplyListener(jobs.redis, jobs)
-    job = jobs.create(kind="inference", model_id="m", device="cpu", job_id="c" * 32, notify="aethercore:reply:other")
+    job = jobs.create(kind="inference", model_id="m", device="cpu", job_id="c" * 32, notify=reply_channel("other"))
     waiter = listener.expect(job["job_id"])
     current = jobs.watch(job["job_id"], listener.channel)  # what GET /jobs/{id}?wait does
     assert current["status"] == "queued"

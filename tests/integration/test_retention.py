@@ -5,6 +5,7 @@ import time
 
 import redis
 
+from tasks.names import job_events_key, job_key
 from tests.conftest import client_for, poll, settings_for
 from tests.support import RedisServer, WorkerProcess, wait_until
 
@@ -17,11 +18,11 @@ def test_a_job_keeps_its_own_retention_on_its_record_and_its_stream(client, main
     short = client.post("/serve?wait=60", json={**GEN, "result_ttl": 30}).get_json()
     default = client.post("/serve?wait=60", json=MLP).get_json()
     assert short["status"] == default["status"] == "succeeded" and short["chunks"] == 4
-    for key in (f"aethercore:job:{short['job_id']}", f"aethercore:job:{short['job_id']}:events"):
+    for key in (job_key(short["job_id"]), job_events_key(short["job_id"])):
         assert 0 < r.ttl(key) <= 30, key  # kept through the worker's transitions, not reset to the default
-    assert 60 < r.ttl(f"aethercore:job:{default['job_id']}") <= 3600  # AETHERCORE_RESULT_TTL's default: 1 h
+    assert 60 < r.ttl(job_key(default["job_id"])) <= 3600  # AETHERCORE_RESULT_TTL's default: 1 h
     # Nobody followed it and it streamed nothing: no event stream at all (it would cost ~4.7 KB for nothing).
-    assert not r.exists(f"aethercore:job:{default['job_id']}:events")
+    assert not r.exists(job_events_key(default["job_id"]))
     bad = client.post("/serve", json={**MLP, "result_ttl": 0})
     assert bad.status_code == 422 and "result_ttl" in bad.get_json()["error"]["details"]
 
@@ -57,7 +58,7 @@ def test_a_worker_keeps_a_jobs_end_until_a_full_redis_takes_it():
         client = client_for(settings_for(url))
         r = redis.Redis.from_url(url, decode_responses=True)
         job_id = client.post("/serve", json={**GEN, "parameters": {"max_length": 48}}).get_json()["job_id"]
-        wait_until(lambda: int(r.hget(f"aethercore:job:{job_id}", "chunks") or 0) >= 2, 60, 0.02, "streaming")
+        wait_until(lambda: int(r.hget(job_key(job_id), "chunks") or 0) >= 2, 60, 0.02, "streaming")
         r.config_set("maxmemory", 1)  # every write refused from now on (noeviction)
         time.sleep(3)  # the 48 tokens are done meanwhile; their end cannot be written
         assert client.get(f"/jobs/{job_id}").get_json()["status"] == "running"

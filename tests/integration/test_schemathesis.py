@@ -27,6 +27,7 @@ def test_api_conforms_to_its_schema(main_redis_url, main_worker):
 
     modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)  # valid requests, then hostile ones
     for operation, mode in [(op, mode) for op in operations for mode in modes]:
+
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case):

@@ -9,6 +9,7 @@ import requests
 import simple_websocket
 
 from api.auth import KeyStore
+from tasks.names import AUTH_KEYS, RECENT_JOBS
 from tasks.redis_client import make_redis
 from tests.conftest import DB_MISC, client_for, settings_for
 from tests.support import (
@@ -52,19 +53,22 @@ def test_x_api_key_header_works(main_redis_url, main_worker):
     assert client.get("/models", headers={"X-API-Key": VIEWER_KEY}).status_code == 200
 
 
-@pytest.mark.parametrize("key,method,path,expected", [
-    (VIEWER_KEY, "get", "/models", 200),
-    (VIEWER_KEY, "get", "/models/minilm/status", 200),
-    (VIEWER_KEY, "post", "/serve", 403),
-    (VIEWER_KEY, "get", "/jobs", 403),
-    (VIEWER_KEY, "post", "/models/tiny-mlp/load", 403),
-    (USER_KEY, "post", "/models/tiny-mlp/load", 403),
-    (USER_KEY, "get", "/models", 200),
-    (OPERATOR_KEY, "post", "/serve", 403),
-    (OPERATOR_KEY, "post", "/models/tiny-mlp/load?wait=30", 200),
-    (OPERATOR_KEY, "get", "/jobs", 200),
-    (ADMIN_KEY, "post", "/models/tiny-mlp/load?wait=30", 200),
-])
+@pytest.mark.parametrize(
+    "key,method,path,expected",
+    [
+        (VIEWER_KEY, "get", "/models", 200),
+        (VIEWER_KEY, "get", "/models/minilm/status", 200),
+        (VIEWER_KEY, "post", "/serve", 403),
+        (VIEWER_KEY, "get", "/jobs", 403),
+        (VIEWER_KEY, "post", "/models/tiny-mlp/load", 403),
+        (USER_KEY, "post", "/models/tiny-mlp/load", 403),
+        (USER_KEY, "get", "/models", 200),
+        (OPERATOR_KEY, "post", "/serve", 403),
+        (OPERATOR_KEY, "post", "/models/tiny-mlp/load?wait=30", 200),
+        (OPERATOR_KEY, "get", "/jobs", 200),
+        (ADMIN_KEY, "post", "/models/tiny-mlp/load?wait=30", 200),
+    ],
+)
 def test_roles(as_role, key, method, path, expected):
     response = getattr(as_role(key), method)(path, json=TEXT if path == "/serve" else None)
     assert response.status_code == expected, response.get_json()
@@ -106,7 +110,7 @@ def test_stored_keys_are_hashed_and_revocable(main_redis_url, main_worker):
     redis_client = make_redis(main_redis_url)
     store = KeyStore(redis_client)
     key_id, key = store.create("user", "test")
-    assert key not in json.dumps(redis_client.hgetall("aethercore:auth:keys"))  # only a digest is stored
+    assert key not in json.dumps(redis_client.hgetall(AUTH_KEYS))  # only a digest is stored
     settings = settings_for(main_redis_url)
     assert client_for(settings, key).post("/serve?wait=60", json=TEXT).get_json()["status"] == "succeeded"
     assert store.revoke(key_id)
@@ -125,16 +129,20 @@ def test_rate_limit_answers_429_with_retry_after(main_redis_url, main_worker):
 
 def test_hostile_input(main_redis_url, main_worker):
     client = client_for(settings_for(main_redis_url, max_request_bytes=2048, max_input_chars=100))
-    too_big = client.post("/serve", data=json.dumps({**TEXT, "inputs": {"text": "x" * 5000}}),
-                          content_type="application/json")
+    too_big = client.post(
+        "/serve", data=json.dumps({**TEXT, "inputs": {"text": "x" * 5000}}), content_type="application/json"
+    )
     assert too_big.status_code == 413 and too_big.get_json()["error"]["code"] == "payload_too_large"
     form = client.post("/serve", data="model_id=minilm", content_type="application/x-www-form-urlencoded")
     assert form.status_code == 415 and form.get_json()["error"]["code"] == "unsupported_media_type"
     assert client.post("/serve", data="{not json", content_type="application/json").status_code == 400
     long_text = client.post("/serve", json={**TEXT, "inputs": {"text": "y" * 101}})
     assert long_text.status_code == 422 and "100" in json.dumps(long_text.get_json())
-    nan = client.post("/serve", data='{"model_id": "minilm", "inputs": {"text": "x"}, "parameters": '
-                                     '{"max_length": NaN}}', content_type="application/json")
+    nan = client.post(
+        "/serve",
+        data='{"model_id": "minilm", "inputs": {"text": "x"}, "parameters": {"max_length": NaN}}',
+        content_type="application/json",
+    )
     assert nan.status_code == 422
     for bad_id in ("../../etc/passwd", "a" * 200, "job:*"):
         assert client.get(f"/jobs/{bad_id}").status_code == 404
@@ -195,11 +203,11 @@ def test_inference_rate_limit_is_counted_with_the_job_and_refuses_without_creati
 
     limited = client_for(settings_for(main_redis_url, rate_limit="3/minute"), OTHER_USER_KEY)
     body = {"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}}
-    before = redis_lib.Redis.from_url(main_redis_url).zcard("aethercore:jobs:recent")
+    before = redis_lib.Redis.from_url(main_redis_url).zcard(RECENT_JOBS)
     answers = [limited.post("/serve", json=body) for _ in range(4)]
     assert [a.status_code for a in answers] == [202, 202, 202, 429]
     assert [a.headers.get("X-RateLimit-Remaining") for a in answers[:3]] == ["2", "1", "0"]
     refused = answers[3]
     assert refused.get_json()["error"]["code"] == "too_many_requests" and int(refused.headers["Retry-After"]) > 0
-    after = redis_lib.Redis.from_url(main_redis_url).zcard("aethercore:jobs:recent")
+    after = redis_lib.Redis.from_url(main_redis_url).zcard(RECENT_JOBS)
     assert after - before == 3  # the refused request created no job

@@ -19,8 +19,7 @@ def sentinel():
     workdir = tempfile.mkdtemp(prefix="aethercore-sentinel-")
     conf = f"{workdir}/sentinel.conf"
     with open(conf, "w") as handle:
-        handle.write(f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
-                     f"sentinel monitor aether 127.0.0.1 {master.port} 1\n")
+        handle.write(f"port {port}\nbind 127.0.0.1\ndir {workdir}\nsentinel monitor aether 127.0.0.1 {master.port} 1\n")
     proc = subprocess.Popen([shutil.which("redis-server"), conf, "--sentinel"], stdout=subprocess.DEVNULL)
     import redis
 

@@ -21,8 +21,19 @@ def test_a_short_soak_runs_the_mix_without_errors_and_writes_its_csv_and_chart(t
         api = ApiProcess(url, name="soak-api").start()
         for model in ("minilm", "tiny-gpt2"):
             assert requests.post(f"{api.base}/models/{model}/load?wait=120", timeout=130).status_code == 200
-        verdict = soak.run(api.base, None, url, minutes=20 / 60, fraction=0.5, sample_s=2, result_ttl=30,
-                           cycle_every_s=8, calibrate_s=4, out=tmp_path, progress=False)
+        verdict = soak.run(
+            api.base,
+            None,
+            url,
+            minutes=20 / 60,
+            fraction=0.5,
+            sample_s=2,
+            result_ttl=30,
+            cycle_every_s=8,
+            calibrate_s=4,
+            out=tmp_path,
+            progress=False,
+        )
         print("\n" + verdict["line"])
         assert verdict["errors"] == {} and verdict["requests"] > 20
         rows = list(csv.DictReader(open(tmp_path / "soak.csv")))

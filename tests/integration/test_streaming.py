@@ -39,8 +39,9 @@ def read_sse(response):
 
 def sse_collect(api_server, job_id, headers=None):
     chunks, final = [], None
-    with requests.get(f"{api_server.base}/jobs/{job_id}/stream", stream=True, timeout=120,
-                      headers=headers or {}) as response:
+    with requests.get(
+        f"{api_server.base}/jobs/{job_id}/stream", stream=True, timeout=120, headers=headers or {}
+    ) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         for event, event_id, data in read_sse(response):
@@ -53,8 +54,11 @@ def sse_collect(api_server, job_id, headers=None):
 
 
 def start_generation(api_server, tokens):
-    response = requests.post(f"{api_server.base}/serve", timeout=10, json={
-        "model_id": "tiny-gpt2", "inputs": {"text": "Tell me a story"}, "parameters": {"max_length": tokens}})
+    response = requests.post(
+        f"{api_server.base}/serve",
+        timeout=10,
+        json={"model_id": "tiny-gpt2", "inputs": {"text": "Tell me a story"}, "parameters": {"max_length": tokens}},
+    )
     assert response.status_code == 202
     return response.json()["job_id"]
 
@@ -116,8 +120,16 @@ def test_disconnecting_cancels_the_generation(api_server):
     for _ in range(3):
         assert json.loads(ws.receive(timeout=60))["type"] == "chunk"
     ws.close()
-    job = wait_until(lambda: (j := requests.get(f"{api_server.base}/jobs/{job_id}", timeout=5).json())["status"]
-                     in {"cancelled", "succeeded"} and j, 60, 0.1, "the job to end")
+    job = wait_until(
+        lambda: (
+            (j := requests.get(f"{api_server.base}/jobs/{job_id}", timeout=5).json())["status"]
+            in {"cancelled", "succeeded"}
+            and j
+        ),
+        60,
+        0.1,
+        "the job to end",
+    )
     assert job["status"] == "cancelled"
     assert job["chunks"] < 256
 
@@ -125,8 +137,12 @@ def test_disconnecting_cancels_the_generation(api_server):
 def test_sse_late_and_after_the_end_subscribers_get_everything(api_server):
     job_id = start_generation(api_server, 120)
     # Join once generation is under way...
-    wait_until(lambda: requests.get(f"{api_server.base}/jobs/{job_id}", timeout=5).json()["chunks"] >= 5, 60, 0.02,
-               "the first chunks")
+    wait_until(
+        lambda: requests.get(f"{api_server.base}/jobs/{job_id}", timeout=5).json()["chunks"] >= 5,
+        60,
+        0.02,
+        "the first chunks",
+    )
     live_chunks, live_final = sse_collect(api_server, job_id)
     # ...and again after it finished.
     after_chunks, after_final = sse_collect(api_server, job_id)
@@ -173,10 +189,19 @@ def test_cli_serve_stream_prints_the_generated_text(api_server):
     from tests.support import REPO_ROOT
 
     env = dict(api_server.env, AETHERCORE_URL=api_server.base)
-    out = subprocess.run([sys.executable, "manage.py", "serve", "tiny-gpt2", "--text", "Once", "--max-length", "10",
-                          "--stream"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "manage.py", "serve", "tiny-gpt2", "--text", "Once", "--max-length", "10", "--stream"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     printed = out.stdout.strip()
-    reference = requests.post(f"{api_server.base}/serve?wait=60", timeout=70, json={
-        "model_id": "tiny-gpt2", "inputs": {"text": "Once"}, "parameters": {"max_length": 10}}).json()
+    reference = requests.post(
+        f"{api_server.base}/serve?wait=60",
+        timeout=70,
+        json={"model_id": "tiny-gpt2", "inputs": {"text": "Once"}, "parameters": {"max_length": 10}},
+    ).json()
     assert printed == reference["result"]["output"]["text"].strip()

@@ -15,9 +15,12 @@ import simple_websocket
 
 from tests.support import ApiProcess, WorkerProcess, free_port, wait_until
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not shutil.which("openssl") or not shutil.which("redis-server"),
-                                 reason="needs the openssl CLI and redis-server")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not shutil.which("openssl") or not shutil.which("redis-server"), reason="needs the openssl CLI and redis-server"
+    ),
+]
 
 
 def openssl(*args: str, cwd) -> None:
@@ -28,30 +31,98 @@ def openssl(*args: str, cwd) -> None:
 def certs(tmp_path_factory):
     """ca.crt signs server.crt (for 127.0.0.1) and client.crt."""
     d = tmp_path_factory.mktemp("tls")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=aethercore test CA", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=aethercore test CA",
+        cwd=d,
+    )
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN=aethercore {name}", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2", *ext, cwd=d)
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN=aethercore {name}",
+            cwd=d,
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *ext,
+            cwd=d,
+        )
     return d
 
 
 @pytest.fixture(scope="module")
 def system(certs):
     port = free_port()
-    server = subprocess.Popen([
-        "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-        "--tls-cert-file", str(certs / "server.crt"), "--tls-key-file", str(certs / "server.key"),
-        "--tls-ca-cert-file", str(certs / "ca.crt"), "--tls-auth-clients", "yes",
-        "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(certs / "server.crt"),
+            "--tls-key-file",
+            str(certs / "server.key"),
+            "--tls-ca-cert-file",
+            str(certs / "ca.crt"),
+            "--tls-auth-clients",
+            "yes",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"rediss://127.0.0.1:{port}/0"
-    tls_env = {"AETHERCORE_REDIS_CA": str(certs / "ca.crt"), "AETHERCORE_REDIS_CERT": str(certs / "client.crt"),
-               "AETHERCORE_REDIS_KEY": str(certs / "client.key")}
-    client = redis.Redis.from_url(url, ssl_ca_certs=str(certs / "ca.crt"), ssl_certfile=str(certs / "client.crt"),
-                                  ssl_keyfile=str(certs / "client.key"), decode_responses=True)
+    tls_env = {
+        "AETHERCORE_REDIS_CA": str(certs / "ca.crt"),
+        "AETHERCORE_REDIS_CERT": str(certs / "client.crt"),
+        "AETHERCORE_REDIS_KEY": str(certs / "client.key"),
+    }
+    client = redis.Redis.from_url(
+        url,
+        ssl_ca_certs=str(certs / "ca.crt"),
+        ssl_certfile=str(certs / "client.crt"),
+        ssl_keyfile=str(certs / "client.key"),
+        decode_responses=True,
+    )
 
     def answers() -> bool:
         try:
@@ -61,9 +132,15 @@ def system(certs):
 
     wait_until(answers, 15, 0.1, "the TLS redis-server")
     worker = WorkerProcess(url, name="tls-worker", **tls_env).start()
-    api = ApiProcess(url, name="tls-api", ca=str(certs / "ca.crt"), AETHERCORE_TLS_CERT=str(certs / "server.crt"),
-                     AETHERCORE_TLS_KEY=str(certs / "server.key"), AETHERCORE_RATE_LIMIT="6000/minute",
-                     **tls_env).start()
+    api = ApiProcess(
+        url,
+        name="tls-api",
+        ca=str(certs / "ca.crt"),
+        AETHERCORE_TLS_CERT=str(certs / "server.crt"),
+        AETHERCORE_TLS_KEY=str(certs / "server.key"),
+        AETHERCORE_RATE_LIMIT="6000/minute",
+        **tls_env,
+    ).start()
     yield {"api": api, "worker": worker, "certs": certs, "url": url, "port": port, "redis": client}
     api.stop()
     worker.stop()
@@ -77,8 +154,12 @@ def test_a_job_runs_end_to_end_over_https_and_tls_redis(system):
     health = requests.get(f"{api.base}/health", verify=ca, timeout=10).json()
     assert health["checks"]["transport"] == {"status": "ok", "https": True, "redis_tls": True}
     assert health["status"] == "ok", health
-    job = requests.post(f"{api.base}/serve?wait=120", verify=ca, timeout=130, json={
-        "model_id": "tiny-gpt2", "inputs": {"text": "Over TLS"}, "parameters": {"max_length": 6}}).json()
+    job = requests.post(
+        f"{api.base}/serve?wait=120",
+        verify=ca,
+        timeout=130,
+        json={"model_id": "tiny-gpt2", "inputs": {"text": "Over TLS"}, "parameters": {"max_length": 6}},
+    ).json()
     assert job["status"] == "succeeded" and job["result"]["output"]["tokens"] == 6, job
     assert "API serving HTTPS" in api.log()
     # The per-caller rate limit (flask-limiter's Redis storage) counts over the same TLS connection options.
@@ -88,8 +169,12 @@ def test_a_job_runs_end_to_end_over_https_and_tls_redis(system):
 
 def test_streams_work_over_https_and_wss(system):
     api, ca = system["api"], str(system["certs"] / "ca.crt")
-    job_id = requests.post(f"{api.base}/serve", verify=ca, timeout=10, json={
-        "model_id": "tiny-gpt2", "inputs": {"text": "Stream it"}, "parameters": {"max_length": 8}}).json()["job_id"]
+    job_id = requests.post(
+        f"{api.base}/serve",
+        verify=ca,
+        timeout=10,
+        json={"model_id": "tiny-gpt2", "inputs": {"text": "Stream it"}, "parameters": {"max_length": 8}},
+    ).json()["job_id"]
     with requests.get(f"{api.base}/jobs/{job_id}/stream", verify=ca, stream=True, timeout=60) as response:
         text = "".join(line.decode() + "\n" for line in response.iter_lines())
     assert "event: chunk" in text and "event: done" in text
@@ -122,7 +207,8 @@ def test_clients_without_the_ca_or_the_client_certificate_are_refused(system):
     no_client_cert = redis.Redis.from_url(system["url"], ssl_ca_certs=str(certs / "ca.crt"), socket_timeout=5)
     with pytest.raises(redis.RedisError):
         no_client_cert.ping()  # the server wants a client certificate (mutual TLS)
-    no_ca = redis.Redis.from_url(system["url"], ssl_certfile=str(certs / "client.crt"),
-                                 ssl_keyfile=str(certs / "client.key"), socket_timeout=5)
+    no_ca = redis.Redis.from_url(
+        system["url"], ssl_certfile=str(certs / "client.crt"), ssl_keyfile=str(certs / "client.key"), socket_timeout=5
+    )
     with pytest.raises(redis.RedisError):
         no_ca.ping()  # our CA is not trusted by default

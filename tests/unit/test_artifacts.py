@@ -26,8 +26,15 @@ def settings_for(store, roots=()):
 
 
 def spec(model_path="gpt", **fields) -> ModelSpec:
-    return ModelSpec(id="m", name="m", model_type="transformer", source="local", model_path=model_path,
-                     task="text-generation", **fields)
+    return ModelSpec(
+        id="m",
+        name="m",
+        model_type="transformer",
+        source="local",
+        model_path=model_path,
+        task="text-generation",
+        **fields,
+    )
 
 
 def test_a_verified_directory_passes_and_every_tampering_is_named(store):
@@ -95,11 +102,13 @@ def test_model_paths_cannot_leave_the_model_store(store, tmp_path):
 
 
 def test_models_yaml_refuses_dot_dot_and_bad_digests(tmp_path):
-    for fields, needle in (("model_path: ../secrets", "may not contain '..'"),
-                           ("model_path: a/../../b", "may not contain '..'"),
-                           ("model_path: x\n    sha256: abc", "64 hexadecimal digits"),
-                           ("model_path: x\n    allow_pickle: 'yes'", "true or false"),
-                           (f"model_path: x\n    manifest: true\n    sha256: {'a' * 64}", "exclude each other")):
+    for fields, needle in (
+        ("model_path: ../secrets", "may not contain '..'"),
+        ("model_path: a/../../b", "may not contain '..'"),
+        ("model_path: x\n    sha256: abc", "64 hexadecimal digits"),
+        ("model_path: x\n    allow_pickle: 'yes'", "true or false"),
+        (f"model_path: x\n    manifest: true\n    sha256: {'a' * 64}", "exclude each other"),
+    ):
         path = tmp_path / "models.yaml"
         path.write_text(f"models:\n  m:\n    model_type: transformer\n    {fields}\n")
         with pytest.raises(ConfigError, match=needle):

@@ -36,8 +36,9 @@ class RecordingExecutor:
 
 
 def batcher_for(executor, **kwargs):
-    return ModelBatcher(executor, "rec", kwargs.pop("max_batch_size", 8), kwargs.pop("max_batch_delay_ms", 50),
-                        **kwargs)
+    return ModelBatcher(
+        executor, "rec", kwargs.pop("max_batch_size", 8), kwargs.pop("max_batch_delay_ms", 50), **kwargs
+    )
 
 
 def test_split_by_length_groups_similar_lengths():
@@ -159,6 +160,7 @@ def test_an_exclusive_job_runs_in_a_forward_pass_of_its_own():
     futures = [batcher.submit({"text": t}, {}, exclusive=(t == "alone")) for t in ("a", "alone", "b", "c")]
     assert first.result(5).batch_size == 1
     assert [f.result(5).batch_size for f in futures] == [3, 1, 3, 3]
-    assert ["alone"] in executor.batches and sorted(executor.batches[-1] + executor.batches[-2]) == \
-        sorted(["a", "b", "c", "alone"])
+    assert ["alone"] in executor.batches and sorted(executor.batches[-1] + executor.batches[-2]) == sorted(
+        ["a", "b", "c", "alone"]
+    )
     assert seen == executor.batches  # every pass is announced before it runs

@@ -24,7 +24,8 @@ def models(settings):
 
 def make_cache(settings, budget, evicted=None):
     return ModelCache(
-        budget, "cpu",
+        budget,
+        "cpu",
         factory=lambda spec: create_runtime(spec, settings, "cpu"),
         estimate=lambda spec: artifact_bytes(resolve_model_path(spec, settings)),
         on_evict=(evicted.append if evicted is not None else lambda _: None),

@@ -18,13 +18,16 @@ def test_defaults_match_the_seed():
     assert s.effective_broker_url == s.redis_url
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"AETHERCORE_PORT": "99999"}, "AETHERCORE_PORT='99999'"),
-    ({"AETHERCORE_MODEL_CACHE_SIZE": "lots"}, "AETHERCORE_MODEL_CACHE_SIZE='lots'"),
-    ({"AETHERCORE_GPU_ENABLED": "maybe"}, "AETHERCORE_GPU_ENABLED='maybe'"),
-    ({"AETHERCORE_REDIS_URL": "http://x"}, "AETHERCORE_REDIS_URL='http://x'"),
-    ({"AETHERCORE_AUTOLOAD": "perhaps"}, "AETHERCORE_AUTOLOAD='perhaps'"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"AETHERCORE_PORT": "99999"}, "AETHERCORE_PORT='99999'"),
+        ({"AETHERCORE_MODEL_CACHE_SIZE": "lots"}, "AETHERCORE_MODEL_CACHE_SIZE='lots'"),
+        ({"AETHERCORE_GPU_ENABLED": "maybe"}, "AETHERCORE_GPU_ENABLED='maybe'"),
+        ({"AETHERCORE_REDIS_URL": "http://x"}, "AETHERCORE_REDIS_URL='http://x'"),
+        ({"AETHERCORE_AUTOLOAD": "perhaps"}, "AETHERCORE_AUTOLOAD='perhaps'"),
+    ],
+)
 def test_bad_setting_names_the_variable_and_value(env, needle):
     with pytest.raises(ConfigError, match=needle.replace("?", r"\?")):
         Settings.from_env(env)
@@ -49,24 +52,37 @@ def test_shipped_models_yaml_is_valid():
     assert models["minilm"].kv_cache_memory is None
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("models:\n  m1:\n    model_type: keras\n    model_path: x\n", "model 'm1': field 'model_type': 'keras'"),
-    ("models:\n  m1:\n    model_type: onnx\n    model_path: x\n    device: tpu\n", "model 'm1': field 'device': 'tpu'"),
-    ("models:\n  m1:\n    model_type: pytorch\n    model_path: x\n    task: text-generation\n",
-     "model 'm1': field 'task': 'text-generation'"),
-    ("models:\n  m1:\n    model_type: transformer\n", "model 'm1': field 'model_path': None"),
-    ("models:\n  m1:\n    model_type: transformer\n    model_path: x\n    max_memory: huge\n",
-     "model 'm1': field 'max_memory': 'huge'"),
-    ("models:\n  m1:\n    model_type: transformer\n    model_path: x\n    colour: red\n", "field 'colour'"),
-    ("models:\n  'bad id!':\n    model_type: transformer\n    model_path: x\n", "model id 'bad id!'"),
-    ("models: [1, 2]\n", "top-level 'models:' mapping"),
-    ("models:\n  m1: {model_type: onnx, model_path: m.onnx, task: feature-extraction}\n",
-     "field 'tokenizer_path'"),
-    ("models:\n  m1: {model_type: transformer, model_path: x, task: text-generation, kv_cache_memory: lots}\n",
-     "model 'm1': field 'kv_cache_memory': 'lots'"),
-    ("models:\n  m1: {model_type: transformer, model_path: x, kv_cache_memory: 1GB}\n",
-     "field 'kv_cache_memory': '1GB' applies to text-generation only"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("models:\n  m1:\n    model_type: keras\n    model_path: x\n", "model 'm1': field 'model_type': 'keras'"),
+        (
+            "models:\n  m1:\n    model_type: onnx\n    model_path: x\n    device: tpu\n",
+            "model 'm1': field 'device': 'tpu'",
+        ),
+        (
+            "models:\n  m1:\n    model_type: pytorch\n    model_path: x\n    task: text-generation\n",
+            "model 'm1': field 'task': 'text-generation'",
+        ),
+        ("models:\n  m1:\n    model_type: transformer\n", "model 'm1': field 'model_path': None"),
+        (
+            "models:\n  m1:\n    model_type: transformer\n    model_path: x\n    max_memory: huge\n",
+            "model 'm1': field 'max_memory': 'huge'",
+        ),
+        ("models:\n  m1:\n    model_type: transformer\n    model_path: x\n    colour: red\n", "field 'colour'"),
+        ("models:\n  'bad id!':\n    model_type: transformer\n    model_path: x\n", "model id 'bad id!'"),
+        ("models: [1, 2]\n", "top-level 'models:' mapping"),
+        ("models:\n  m1: {model_type: onnx, model_path: m.onnx, task: feature-extraction}\n", "field 'tokenizer_path'"),
+        (
+            "models:\n  m1: {model_type: transformer, model_path: x, task: text-generation, kv_cache_memory: lots}\n",
+            "model 'm1': field 'kv_cache_memory': 'lots'",
+        ),
+        (
+            "models:\n  m1: {model_type: transformer, model_path: x, kv_cache_memory: 1GB}\n",
+            "field 'kv_cache_memory': '1GB' applies to text-generation only",
+        ),
+    ],
+)
 def test_bad_models_file_names_model_field_and_value(tmp_path, body, needle):
     path = tmp_path / "models.yaml"
     path.write_text(body)

@@ -10,8 +10,14 @@ from config.settings import Settings
 from workers.runtimes import InvalidInput, create_runtime
 from workers.runtimes.decoding import ContinuousBatcher, Sequence
 
-PROMPTS = ["Once upon a time", "The weather today is", "In a galaxy far away there lived a very small",
-           "Hello", "A list of things: apples, pears, plums, and", "Why"]
+PROMPTS = [
+    "Once upon a time",
+    "The weather today is",
+    "In a galaxy far away there lived a very small",
+    "Hello",
+    "A list of things: apples, pears, plums, and",
+    "Why",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,7 @@ def reference(gpt2, prompt: str, tokens: int) -> str:
     ids = torch.tensor([gpt2.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     with torch.inference_mode():
         out = gpt2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=0)
-    return gpt2.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return gpt2.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def batcher(gpt2, **overrides) -> ContinuousBatcher:
@@ -58,10 +64,12 @@ def seq(gpt2, key, prompt: str, tokens: int, **parameters) -> Sequence:
 
 def test_requests_joining_and_leaving_mid_batch_get_what_generate_gives_alone(gpt2):
     # Six requests of different lengths join at different steps, so rows are padded, merged and cut.
-    arrivals = {0: [seq(gpt2, 0, PROMPTS[0], 12), seq(gpt2, 1, PROMPTS[1], 3)],
-                2: [seq(gpt2, 2, PROMPTS[2], 20)],
-                5: [seq(gpt2, 3, PROMPTS[3], 1), seq(gpt2, 4, PROMPTS[4], 9)],
-                9: [seq(gpt2, 5, PROMPTS[5], 16)]}
+    arrivals = {
+        0: [seq(gpt2, 0, PROMPTS[0], 12), seq(gpt2, 1, PROMPTS[1], 3)],
+        2: [seq(gpt2, 2, PROMPTS[2], 20)],
+        5: [seq(gpt2, 3, PROMPTS[3], 1), seq(gpt2, 4, PROMPTS[4], 9)],
+        9: [seq(gpt2, 5, PROMPTS[5], 16)],
+    }
     tokens = {0: 12, 1: 3, 2: 20, 3: 1, 4: 9, 5: 16}
     results, texts, _ = drain(batcher(gpt2), arrivals)
     for key, budget in tokens.items():
@@ -143,7 +151,7 @@ def test_a_stop_string_ends_the_row_and_is_never_streamed(gpt2):
     results, texts, _ = drain(batcher(gpt2), {0: [seq(gpt2, 0, PROMPTS[0], 16, stop=[stop])]})
     output = results[0][2]
     assert output["finish_reason"] == "stop"
-    assert output["text"] == full[:full.find(stop)]
+    assert output["text"] == full[: full.find(stop)]
     assert texts.get(0, "") == output["text"]
 
 

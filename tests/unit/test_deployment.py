@@ -18,8 +18,12 @@ from tests.support import REPO_ROOT
 
 KNOWN_ENV = {s.env for s in SETTINGS}
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
-K8S = [doc for path in sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml"))
-       for doc in yaml.safe_load_all(path.read_text()) if doc]
+K8S = [
+    doc
+    for path in sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml"))
+    for doc in yaml.safe_load_all(path.read_text())
+    if doc
+]
 
 
 def compose_default(value: str) -> str:
@@ -27,13 +31,21 @@ def compose_default(value: str) -> str:
     return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
 
 
-@pytest.mark.skipif(not shutil.which("docker-compose"), reason="needs Debian's docker-compose (scripts/test.sh "
-                                                                  "installs it)")
-@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"], ["-f", "docker-compose.tls.yml"],
-                                     ["-f", "docker-compose.tls.yml", "--profile", "gpu"]])
+@pytest.mark.skipif(
+    not shutil.which("docker-compose"), reason="needs Debian's docker-compose (scripts/test.sh installs it)"
+)
+@pytest.mark.parametrize(
+    "profile",
+    [[], ["--profile", "gpu"], ["-f", "docker-compose.tls.yml"], ["-f", "docker-compose.tls.yml", "--profile", "gpu"]],
+)
 def test_compose_file_is_valid(profile):
-    out = subprocess.run(["docker-compose", "-f", "docker-compose.yml", *profile, "config", "-q"], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["docker-compose", "-f", "docker-compose.yml", *profile, "config", "-q"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -71,17 +83,18 @@ def commands():
             if "manage.py" in container.get("command", []):
                 yield f"k8s:{doc['metadata']['name']}", container["command"]
     for dockerfile in ("Dockerfile.api", "Dockerfile.worker"):
-        for match in re.finditer(r'^CMD (\[.*\])$', (REPO_ROOT / dockerfile).read_text(), re.M):
+        for match in re.finditer(r"^CMD (\[.*\])$", (REPO_ROOT / dockerfile).read_text(), re.M):
             yield dockerfile, json.loads(match.group(1))
 
 
 @pytest.mark.parametrize("where,command", list(commands()), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_service_command_is_a_real_manage_py_command(where, command):
-    args = command[command.index("manage.py") + 1:]
+    args = command[command.index("manage.py") + 1 :]
     if "--device" in args:
         parse_worker_device(args[args.index("--device") + 1])
-    out = subprocess.run([sys.executable, "manage.py", *args, "--help"], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "manage.py", *args, "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, f"{where}: {command}: {out.stderr}"
 
 
@@ -122,9 +135,17 @@ def test_prometheus_scrapes_the_api_and_flower():
 
 
 def test_grafana_dashboard_uses_metrics_that_exist():
-    exported = {api_metrics.REQUESTS_TOTAL, api_metrics.REQUEST_DURATION, api_metrics.MODEL_MEMORY,
-                api_metrics.ACTIVE_MODELS, api_metrics.QUEUE_DEPTH, api_metrics.LIVE_WORKERS,
-                api_metrics.STREAMS_OPEN, worker_metrics.JOBS_TOTAL, *worker_metrics.BUCKETS}
+    exported = {
+        api_metrics.REQUESTS_TOTAL,
+        api_metrics.REQUEST_DURATION,
+        api_metrics.MODEL_MEMORY,
+        api_metrics.ACTIVE_MODELS,
+        api_metrics.QUEUE_DEPTH,
+        api_metrics.LIVE_WORKERS,
+        api_metrics.STREAMS_OPEN,
+        worker_metrics.JOBS_TOTAL,
+        *worker_metrics.BUCKETS,
+    }
     dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "dashboards" / "aethercore.json").read_text())
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("request rate", "queue depth", "queue wait", "inference", "batch size", "memory"):
@@ -156,9 +177,11 @@ def test_kubernetes_manifests():
 def test_images_keep_their_roles():
     api_image = (REPO_ROOT / "Dockerfile.api").read_text()
     assert "requirements/api.txt" in api_image
-    api_requirements = [line.split("==")[0].lower() for line in
-                        (REPO_ROOT / "requirements" / "api.txt").read_text().splitlines()
-                        if line and not line.startswith(("#", "-r"))]
+    api_requirements = [
+        line.split("==")[0].lower()
+        for line in (REPO_ROOT / "requirements" / "api.txt").read_text().splitlines()
+        if line and not line.startswith(("#", "-r"))
+    ]
     assert not {"torch", "transformers", "onnxruntime", "onnxruntime-gpu"} & set(api_requirements)
     assert "COPY workers/" not in api_image and "HEALTHCHECK" in api_image and "/health/live" in api_image
     assert re.search(r"^USER (?!root)", api_image, re.M)
@@ -167,3 +190,5 @@ def test_images_keep_their_roles():
     assert "manage.py models bootstrap" in worker_image  # demo models built at image build time
     assert "AS worker-cpu" in worker_image and "AS worker-gpu" in worker_image
     assert len(re.findall(r"^USER (?!root)", worker_image, re.M)) == 2
+    # manage.py is a thin entry point over cli/: every image that runs it carries the package.
+    assert "COPY cli/ cli/" in api_image and worker_image.count("COPY cli/ cli/") == 2

@@ -17,8 +17,9 @@ class RecordingCelery:
 
 
 def publish_concurrently(dispatcher, count):
-    threads = [threading.Thread(target=dispatcher.publish, args=("m", "cpu", {"job_id": f"j{i}"}))
-               for i in range(count)]
+    threads = [
+        threading.Thread(target=dispatcher.publish, args=("m", "cpu", {"job_id": f"j{i}"})) for i in range(count)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

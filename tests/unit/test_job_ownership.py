@@ -5,18 +5,15 @@ import time
 
 import orjson
 import pytest
-import redis
 
-from tasks.jobs import FAILED, JobStore, requeue_payload
+from tasks.jobs import JobStore, requeue_payload
 from tasks.names import INFER, inflight_key, job_key, queued_key, worker_key
+from tasks.states import FAILED
 
 
 @pytest.fixture()
-def jobs(redis_server):
-    client = redis.Redis.from_url(redis_server.url(9), decode_responses=True)
-    client.flushdb()
-    yield JobStore(client, ttl_s=60)
-    client.flushdb()
+def jobs(scratch_redis):
+    return JobStore(scratch_redis, ttl_s=60)
 
 
 def alive(jobs, *names):

@@ -83,8 +83,11 @@ def test_generation_produces_max_length_new_tokens(runtime, budget):
 
 def test_generation_streams_pieces_that_add_up_to_the_text(runtime):
     pieces: dict[int, list[str]] = {0: [], 1: []}
-    results = runtime("tiny-gpt2").generate_all([{"text": "Hello"}, {"text": "Once upon a time there"}],
-                                               {"max_length": 8}, on_text=lambda i, piece: pieces[i].append(piece))
+    results = runtime("tiny-gpt2").generate_all(
+        [{"text": "Hello"}, {"text": "Once upon a time there"}],
+        {"max_length": 8},
+        on_text=lambda i, piece: pieces[i].append(piece),
+    )
     for index, out in results:
         assert len(pieces[index]) >= 2
         assert "".join(pieces[index]) == out["text"]
@@ -110,18 +113,21 @@ def test_tensor_model_takes_named_tensors(runtime):
     assert mlp.describe()["inputs"] == [{"name": "features", "shape": [-1, 4], "datatype": "FP32"}]
 
 
-@pytest.mark.parametrize("model_id,inputs,parameters", [
-    ("minilm", {"text": ""}, {}),
-    ("minilm", {"txt": "x"}, {}),
-    ("minilm", {"text": "x"}, {"max_length": -3}),
-    ("minilm", {"text": "x"}, {"max_length": float("nan")}),
-    ("tiny-gpt2", {"text": "x"}, {"max_length": 10**9}),
-    ("tiny-mlp", {"features": [[1, 2, 3]]}, {}),
-    ("tiny-mlp", {"other": [[1, 2, 3, 4]]}, {}),
-    ("tiny-mlp", {"features": [[1, 2, "x", 4]]}, {}),
-    ("tiny-mlp", {"features": [[1, 2, float("nan"), 4]]}, {}),
-    ("tiny-mlp", {"features": {"shape": [2, 4], "data": [1, 2]}}, {}),
-])
+@pytest.mark.parametrize(
+    "model_id,inputs,parameters",
+    [
+        ("minilm", {"text": ""}, {}),
+        ("minilm", {"txt": "x"}, {}),
+        ("minilm", {"text": "x"}, {"max_length": -3}),
+        ("minilm", {"text": "x"}, {"max_length": float("nan")}),
+        ("tiny-gpt2", {"text": "x"}, {"max_length": 10**9}),
+        ("tiny-mlp", {"features": [[1, 2, 3]]}, {}),
+        ("tiny-mlp", {"other": [[1, 2, 3, 4]]}, {}),
+        ("tiny-mlp", {"features": [[1, 2, "x", 4]]}, {}),
+        ("tiny-mlp", {"features": [[1, 2, float("nan"), 4]]}, {}),
+        ("tiny-mlp", {"features": {"shape": [2, 4], "data": [1, 2]}}, {}),
+    ],
+)
 def test_bad_inputs_raise_invalid_input(runtime, model_id, inputs, parameters):
     with pytest.raises(InvalidInput):
         runtime(model_id).run(inputs, parameters)

@@ -6,10 +6,12 @@ from config.models import ModelSpec
 from config.settings import Settings
 from workers.runtimes.base import InvalidInput, Runtime
 
-
 # The module each model_type's runtimes live in (imported only inside a model process).
-RUNTIME_MODULES = {"transformer": "workers.runtimes.hf", "onnx": "workers.runtimes.onnx",
-                   "pytorch": "workers.runtimes.torch_tensor"}
+RUNTIME_MODULES = {
+    "transformer": "workers.runtimes.hf",
+    "onnx": "workers.runtimes.onnx",
+    "pytorch": "workers.runtimes.torch_tensor",
+}
 
 
 def create_runtime(spec: ModelSpec, settings: Settings, device: str) -> Runtime:
@@ -25,7 +27,8 @@ def create_runtime(spec: ModelSpec, settings: Settings, device: str) -> Runtime:
         from workers.runtimes import onnx
 
         return {"feature-extraction": onnx.OnnxFeatureExtraction, "tensor": onnx.OnnxTensor}[spec.task](
-            spec, settings, device)
+            spec, settings, device
+        )
     if spec.model_type == "pytorch":
         from workers.runtimes.torch_tensor import TorchExportTensor
 

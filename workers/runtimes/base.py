@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
 from config.models import ModelSpec
+from config.parameters import MAX_LENGTH, checked, text_error
 from config.settings import Settings
 
 
@@ -48,7 +48,7 @@ class Runtime(ABC):
     def describe(self) -> dict[str, Any]:
         """parameter_count, inputs, outputs: what /models/{id}/info shows once loaded."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- a default that does nothing, not a method every runtime must write
         """Drop references to the model; the cache collects garbage afterwards."""
 
 
@@ -64,18 +64,17 @@ class TextRuntime(Runtime):
         texts = []
         for item in inputs:
             text = item.get("text") if isinstance(item, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidInput("inputs.text must be a non-empty string")
+            problem = text_error(text)  # the rules the API checked (config/parameters.py)
+            if problem:
+                raise InvalidInput(f"inputs.text {problem}")
             texts.append(text)
         return texts
 
     def max_length(self, parameters: dict[str, Any]) -> int:
-        value = parameters.get("max_length", self.spec.max_length)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or int(value) != value or not 1 <= value <= self.spec.max_length_limit:
-            raise InvalidInput(
-                f"parameters.max_length must be a whole number from 1 to {self.spec.max_length_limit}, got {value!r}")
-        return int(value)
+        try:
+            return checked(MAX_LENGTH, parameters.get("max_length", self.spec.max_length), self.spec.max_length_limit)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
 
 
 _thread_state = threading.local()

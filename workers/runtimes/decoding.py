@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from config.parameters import SAMPLING, checked
 from workers.runtimes.base import InvalidInput
 
 # Tokens prefilled in one iteration at most (the first request always gets in, however long).
@@ -97,35 +98,30 @@ class Sampling:
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, Any], config: Any) -> Sampling:
-        def number(name: str, default: Any, low: float, high: float, whole: bool = False) -> Any:
-            value = parameters.get(name, default)
-            if value is None:
-                return default
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or (whole and int(value) != value) or not low <= value <= high:
-                kind = "a whole number" if whole else "a number"
-                raise InvalidInput(f"parameters.{name} must be {kind} from {low:g} to {high:g}, got {value!r}")
-            return int(value) if whole else float(value)
+        """The request's settings, checked against their declarations (config/parameters.py); what it leaves out
+        comes from the model's generation_config."""
+        declared = {p.name: p for p in SAMPLING}
 
-        do_sample = parameters.get("do_sample", bool(getattr(config, "do_sample", False)))
-        if not isinstance(do_sample, bool):
-            raise InvalidInput(f"parameters.do_sample must be true or false, got {do_sample!r}")
-        temperature = number("temperature", getattr(config, "temperature", None) or 1.0, 0.0, 100.0)
+        def value(name: str, default: Any) -> Any:
+            given = parameters.get(name)
+            if given is None:
+                return default
+            try:
+                return checked(declared[name], given)
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
+
+        temperature = value("temperature", getattr(config, "temperature", None) or 1.0)
+        do_sample = value("do_sample", bool(getattr(config, "do_sample", False)))
         if "temperature" in parameters and "do_sample" not in parameters:
             do_sample = temperature > 0  # OpenAI's convention: a temperature asks for sampling, 0 for greedy
-        stop = parameters.get("stop") or ()
-        if isinstance(stop, str):
-            stop = (stop,)
-        if not isinstance(stop, (list, tuple)) or len(stop) > 8 \
-                or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop):
-            raise InvalidInput("parameters.stop must be a string or a list of at most 8 non-empty strings")
         return cls(
             do_sample=do_sample and temperature > 0,
             temperature=temperature,
-            top_k=number("top_k", getattr(config, "top_k", None) or 0, 0, 1_000_000, whole=True),
-            top_p=number("top_p", getattr(config, "top_p", None) or 1.0, 0.0, 1.0),
-            seed=number("seed", None, 0, 2**63 - 1, whole=True),
-            stop=tuple(stop),
+            top_k=value("top_k", getattr(config, "top_k", None) or 0),
+            top_p=value("top_p", getattr(config, "top_p", None) or 1.0),
+            seed=value("seed", None),
+            stop=value("stop", ()),
         )
 
 
@@ -155,8 +151,7 @@ class Sequence:
 class ContinuousBatcher:
     """The running batch of one causal LM; driven by the model process's loop (see module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int, kv_budget_bytes: int,
-                 device: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int, kv_budget_bytes: int, device: str) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -168,8 +163,9 @@ class ContinuousBatcher:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         pad = _first(getattr(generation, "pad_token_id", None), config.pad_token_id, eos, 0)
         self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
-        self.suppress = torch.tensor(list(getattr(generation, "suppress_tokens", None) or []), dtype=torch.long,
-                                     device=device)
+        self.suppress = torch.tensor(
+            list(getattr(generation, "suppress_tokens", None) or []), dtype=torch.long, device=device
+        )
         self.no_repeat_ngram = int(getattr(generation, "no_repeat_ngram_size", 0) or 0)
         self.repetition_penalty = float(getattr(generation, "repetition_penalty", 1.0) or 1.0)
         self.bytes_per_token = kv_bytes_per_token(config, next(model.parameters()).element_size())
@@ -189,14 +185,18 @@ class ContinuousBatcher:
         An over-long prompt is cut to leave room for max_length new tokens, as the tokenizer would cut it."""
         if not sequence.prompt:
             raise InvalidInput("inputs.text produced no tokens")
-        sequence.prompt = sequence.prompt[:max(1, self.max_positions - sequence.max_new)]
+        sequence.prompt = sequence.prompt[: max(1, self.max_positions - sequence.max_new)]
         if sequence.horizon > self.max_positions:
-            raise InvalidInput(f"the prompt ({len(sequence.prompt)} tokens) and max_length ({sequence.max_new}) "
-                               f"exceed the model's {self.max_positions} positions")
+            raise InvalidInput(
+                f"the prompt ({len(sequence.prompt)} tokens) and max_length ({sequence.max_new}) "
+                f"exceed the model's {self.max_positions} positions"
+            )
         need = sequence.horizon * self.bytes_per_token
         if need > self.kv_budget_bytes:
-            raise InvalidInput(f"the request needs {need / 2**20:.1f} MiB of KV cache, more than the model's "
-                               f"kv_cache_memory of {self.kv_budget_bytes / 2**20:.1f} MiB")
+            raise InvalidInput(
+                f"the request needs {need / 2**20:.1f} MiB of KV cache, more than the model's "
+                f"kv_cache_memory of {self.kv_budget_bytes / 2**20:.1f} MiB"
+            )
         if sequence.sampling.seed is not None:
             sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.sampling.seed)
         self.waiting.append(sequence)
@@ -213,8 +213,7 @@ class ContinuousBatcher:
         return bool(self.running or self.waiting)
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": len(self.waiting),
-                "kv_cache_bytes": self.kv_cache_bytes()}
+        return {"running": len(self.running), "waiting": len(self.waiting), "kv_cache_bytes": self.kv_cache_bytes()}
 
     def kv_cache_bytes(self) -> int:
         return len(self.running) * self._columns() * self.bytes_per_token
@@ -269,8 +268,12 @@ class ContinuousBatcher:
         if sequence.cancelled:
             return ("cancelled", sequence.key)
         if sequence.deadline is not None and now > sequence.deadline:
-            return ("error", sequence.key, "deadline",
-                    f"the job ran past its timeout after {len(sequence.generated)} generated tokens")
+            return (
+                "error",
+                sequence.key,
+                "deadline",
+                f"the job ran past its timeout after {len(sequence.generated)} generated tokens",
+            )
         return None
 
     def _admit(self, events: list[tuple]) -> list[Sequence]:
@@ -312,8 +315,14 @@ class ContinuousBatcher:
         return int(self.mask.shape[1])
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          logits_to_keep=1, **{self._cache_arg: cache})
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
 
     def _prefill(self, joining: list[Sequence], events: list[tuple]) -> None:
         from transformers import DynamicCache
@@ -322,8 +331,8 @@ class ContinuousBatcher:
         ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(joining), width), dtype=torch.long)
         for row, sequence in enumerate(joining):
-            ids[row, width - len(sequence.prompt):] = torch.tensor(sequence.prompt)
-            mask[row, width - len(sequence.prompt):] = 1
+            ids[row, width - len(sequence.prompt) :] = torch.tensor(sequence.prompt)
+            mask[row, width - len(sequence.prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -361,8 +370,9 @@ class ContinuousBatcher:
             old.values = torch.cat([_pad_left(old.values, columns, -2), _pad_left(new.values, columns, -2)])
         self.mask = torch.cat([_pad_left(self.mask, columns, -1), _pad_left(mask, columns, -1)])
         width = max(self.history.shape[1], history.shape[1])
-        self.history = torch.cat([_pad_left(self.history, width, -1, self.pad_id),
-                                  _pad_left(history, width, -1, self.pad_id)])
+        self.history = torch.cat(
+            [_pad_left(self.history, width, -1, self.pad_id), _pad_left(history, width, -1, self.pad_id)]
+        )
         self.lengths = torch.cat([self.lengths, mask.sum(-1)])
         self.running.extend(joining)
 
@@ -380,7 +390,7 @@ class ContinuousBatcher:
             layer.keys = layer.keys[index, :, cut:, :]
             layer.values = layer.values[index, :, cut:, :]
         self.mask = self.mask[index, cut:]
-        self.history = self.history[index, max(0, self.history.shape[1] - columns - 1):]
+        self.history = self.history[index, max(0, self.history.shape[1] - columns - 1) :]
 
     # -- choosing tokens ----------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor, history: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
@@ -410,8 +420,7 @@ class ContinuousBatcher:
                 self._advance_text(sequence, events)
 
     def _text(self, sequence: Sequence) -> str:
-        return self.tokenizer.decode([t for t in sequence.generated if t not in self.eos_ids],
-                                     skip_special_tokens=True)
+        return self.tokenizer.decode([t for t in sequence.generated if t not in self.eos_ids], skip_special_tokens=True)
 
     def _advance_text(self, sequence: Sequence, events: list[tuple]) -> None:
         text = self._text(sequence)
@@ -426,7 +435,7 @@ class ContinuousBatcher:
             hold = 0 if sequence.stopped else max((len(s) - 1 for s in sequence.sampling.stop), default=0)
             upto = max(sequence.sent, len(text) - hold)
             if upto > sequence.sent:
-                events.append(("chunk", sequence.key, text[sequence.sent:upto]))
+                events.append(("chunk", sequence.key, text[sequence.sent : upto]))
                 sequence.sent = upto
 
     def _ended(self, sequence: Sequence) -> str | None:
@@ -446,20 +455,25 @@ class ContinuousBatcher:
             if not sequence.stream and not sequence.sampling.stop:
                 sequence.text = self._text(sequence)  # not decoded step by step
             if sequence.stream and len(sequence.text) > sequence.sent:
-                events.append(("chunk", sequence.key, sequence.text[sequence.sent:]))
+                events.append(("chunk", sequence.key, sequence.text[sequence.sent :]))
                 sequence.sent = len(sequence.text)
-            events.append(("result", sequence.key, {"text": sequence.text, "tokens": len(sequence.generated),
-                                                    "finish_reason": reason}))
+            events.append(
+                (
+                    "result",
+                    sequence.key,
+                    {"text": sequence.text, "tokens": len(sequence.generated), "finish_reason": reason},
+                )
+            )
         if len(keep) != len(self.running):
             self._select(keep)
 
 
 def kv_bytes_per_token(config: Any, element_size: int) -> int:
     """Key and value, every layer, every KV head: the cache one token takes in one row."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return 2 * layers * kv_heads * head_dim * element_size
 

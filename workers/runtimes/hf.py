@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import gc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import (
-    AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
 )
 
 from model_store.paths import resolve_model_path
 from workers.runtimes.base import (
-    TextRuntime, ensure_torch_threads, torch_module_bytes, torch_parameter_count,
+    TextRuntime,
+    ensure_torch_threads,
+    torch_module_bytes,
+    torch_parameter_count,
 )
 from workers.runtimes.pooling import mean_pool_normalize
 
@@ -25,9 +32,15 @@ class _HFRuntime(TextRuntime):
         path = resolve_model_path(self.spec, self.settings)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # Safetensors only, unless the model is trusted with pickle (model_store/verify.py).
-        self.model = self.auto_class.from_pretrained(
-            path, dtype=self.torch_dtype(), use_safetensors=None if self.spec.allow_pickle else True,
-        ).to(self.torch_device).eval()
+        self.model = (
+            self.auto_class.from_pretrained(
+                path,
+                dtype=self.torch_dtype(),
+                use_safetensors=None if self.spec.allow_pickle else True,
+            )
+            .to(self.torch_device)
+            .eval()
+        )
 
     def memory_bytes(self) -> int:
         return torch_module_bytes(self.model)
@@ -39,8 +52,7 @@ class _HFRuntime(TextRuntime):
 
     def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         with self._tokenizer_lock:
-            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                                   return_tensors="pt")
+            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {k: v.to(self.torch_device) for k, v in batch.items()}
 
     def describe(self) -> dict[str, Any]:
@@ -80,11 +92,13 @@ class TextClassification(_HFRuntime):
         results = []
         for row in probabilities:
             best = int(np.argmax(row))
-            results.append({
-                "label": labels[best],
-                "score": float(row[best]),
-                "scores": {labels[i]: float(p) for i, p in enumerate(row)},
-            })
+            results.append(
+                {
+                    "label": labels[best],
+                    "score": float(row[best]),
+                    "scores": {labels[i]: float(p) for i, p in enumerate(row)},
+                }
+            )
         return results
 
     def outputs(self) -> list[dict[str, Any]]:
@@ -99,8 +113,12 @@ class TextGeneration(_HFRuntime):
     def run_batch(self, inputs: list[dict[str, Any]], parameters: dict[str, Any]) -> list[dict[str, Any]]:
         return [result for _key, result in self.generate_all(inputs, parameters)]
 
-    def generate_all(self, inputs: list[dict[str, Any]], parameters: dict[str, Any],
-                     on_text: Callable[[int, str], None] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    def generate_all(
+        self,
+        inputs: list[dict[str, Any]],
+        parameters: dict[str, Any],
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[tuple[int, dict[str, Any]]]:
         """In-process use (tests, the benchmark's reference): the inputs as one batch of the same scheduler;
         `on_text(index, piece)` gets each input's text as it is produced."""
         ensure_torch_threads(self.settings)
@@ -125,8 +143,13 @@ class TextGeneration(_HFRuntime):
         """The scheduler a model process serves this model with (workers/runtimes/decoding.py)."""
         from workers.runtimes.decoding import ContinuousBatcher
 
-        return ContinuousBatcher(self.model, self.tokenizer, max_batch_size=self.spec.max_batch_size,
-                                 kv_budget_bytes=self.spec.kv_cache_memory or 0, device=self.torch_device)
+        return ContinuousBatcher(
+            self.model,
+            self.tokenizer,
+            max_batch_size=self.spec.max_batch_size,
+            kv_budget_bytes=self.spec.kv_cache_memory or 0,
+            device=self.torch_device,
+        )
 
     def sequence(self, key: Any, inputs: dict[str, Any], parameters: dict[str, Any], **options: Any) -> Any:
         """One request for the continuous batcher; InvalidInput for a bad text or parameter."""

@@ -14,9 +14,14 @@ from workers.runtimes.pooling import mean_pool_normalize
 from workers.runtimes.tensors import check_shape, decode_tensor, encode_tensor
 
 _ORT_TYPES = {
-    "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
-    "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(int8)": "INT8",
-    "tensor(uint8)": "UINT8", "tensor(bool)": "BOOL",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
 }
 
 
@@ -45,11 +50,20 @@ class _OnnxSession:
 
     def io_description(self) -> dict[str, Any]:
         def describe(items: Any) -> list[dict[str, Any]]:
-            return [{"name": i.name, "datatype": _ORT_TYPES.get(i.type, i.type),
-                     "shape": [d if isinstance(d, int) else -1 for d in i.shape]} for i in items]
+            return [
+                {
+                    "name": i.name,
+                    "datatype": _ORT_TYPES.get(i.type, i.type),
+                    "shape": [d if isinstance(d, int) else -1 for d in i.shape],
+                }
+                for i in items
+            ]
 
-        return {"inputs": describe(self.session.get_inputs()), "outputs": describe(self.session.get_outputs()),
-                "providers": self.providers}
+        return {
+            "inputs": describe(self.session.get_inputs()),
+            "outputs": describe(self.session.get_outputs()),
+            "providers": self.providers,
+        }
 
     def parameter_count(self) -> int | None:
         import onnx
@@ -68,8 +82,13 @@ class OnnxFeatureExtraction(_OnnxSession, TextRuntime):
 
     def run_batch(self, inputs: list[dict[str, Any]], parameters: dict[str, Any]) -> list[dict[str, Any]]:
         with self._tokenizer_lock:
-            batch = self.tokenizer(self.texts(inputs), padding=True, truncation=True,
-                                   max_length=self.max_length(parameters), return_tensors="np")
+            batch = self.tokenizer(
+                self.texts(inputs),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length(parameters),
+                return_tensors="np",
+            )
         feed = {k: v.astype(np.int64) for k, v in batch.items() if k in self.input_names}
         hidden = self.session.run(None, feed)[0]
         vectors = mean_pool_normalize(hidden.astype(np.float32), batch["attention_mask"])
@@ -79,8 +98,11 @@ class OnnxFeatureExtraction(_OnnxSession, TextRuntime):
         return artifact_bytes(self.path)
 
     def describe(self) -> dict[str, Any]:
-        return {"parameter_count": self.parameter_count(), **self.io_description(),
-                "outputs_served": [{"name": "embedding", "datatype": "FP32"}]}
+        return {
+            "parameter_count": self.parameter_count(),
+            **self.io_description(),
+            "outputs_served": [{"name": "embedding", "datatype": "FP32"}],
+        }
 
     def close(self) -> None:
         self.session = None
@@ -99,7 +121,7 @@ class OnnxTensor(_OnnxSession, Runtime):
         names = [o["name"] for o in self.signature["outputs"]]
         results, start = [], 0
         for size in sizes:
-            results.append({n: encode_tensor(o[start:start + size]) for n, o in zip(names, outputs)})
+            results.append({n: encode_tensor(o[start : start + size]) for n, o in zip(names, outputs)})
             start += size
         return results
 
@@ -109,8 +131,9 @@ class OnnxTensor(_OnnxSession, Runtime):
         expected = {i["name"]: i for i in self.signature["inputs"]}
         missing, unknown = set(expected) - set(item), set(item) - set(expected)
         if missing or unknown:
-            raise InvalidInput(f"inputs must name exactly {sorted(expected)}; missing {sorted(missing)}, "
-                               f"unknown {sorted(unknown)}")
+            raise InvalidInput(
+                f"inputs must name exactly {sorted(expected)}; missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
         arrays = {}
         for name, meta in expected.items():
             array = decode_tensor(name, item[name], meta["datatype"])

@@ -9,8 +9,14 @@ import numpy as np
 from workers.runtimes.base import InvalidInput
 
 DATATYPES = {
-    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16,
-    "INT64": np.int64, "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
 }
 NAMES = {np.dtype(v): k for k, v in DATATYPES.items()}
 MAX_ELEMENTS = 10_000_000

@@ -10,7 +10,11 @@ import torch
 
 from model_store.paths import resolve_model_path
 from workers.runtimes.base import (
-    InvalidInput, Runtime, ensure_torch_threads, torch_module_bytes, torch_parameter_count,
+    InvalidInput,
+    Runtime,
+    ensure_torch_threads,
+    torch_module_bytes,
+    torch_parameter_count,
 )
 from workers.runtimes.tensors import check_shape, decode_tensor, encode_tensor
 
@@ -33,18 +37,21 @@ class TorchExportTensor(Runtime):
         ensure_torch_threads(self.settings)
         decoded = [self._decode(item) for item in inputs]
         sizes = [a[0].shape[0] for a in decoded]
-        args = [self._to_model(torch.from_numpy(np.concatenate([d[i] for d in decoded])))
-                for i in range(len(self.signature["inputs"]))]
+        args = [
+            self._to_model(torch.from_numpy(np.concatenate([d[i] for d in decoded])))
+            for i in range(len(self.signature["inputs"]))
+        ]
         with torch.inference_mode():
             outputs = self.module(*args)
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
-        arrays = [o.detach().float().cpu().numpy() if o.is_floating_point() else o.detach().cpu().numpy()
-                  for o in outputs]
+        arrays = [
+            o.detach().float().cpu().numpy() if o.is_floating_point() else o.detach().cpu().numpy() for o in outputs
+        ]
         names = [o["name"] for o in self.signature["outputs"]]
         results, start = [], 0
         for size in sizes:
-            results.append({n: encode_tensor(a[start:start + size]) for n, a in zip(names, arrays)})
+            results.append({n: encode_tensor(a[start : start + size]) for n, a in zip(names, arrays)})
             start += size
         return results
 
@@ -59,8 +66,9 @@ class TorchExportTensor(Runtime):
         expected = [i["name"] for i in self.signature["inputs"]]
         missing, unknown = set(expected) - set(item), set(item) - set(expected)
         if missing or unknown:
-            raise InvalidInput(f"inputs must name exactly {expected}; missing {sorted(missing)}, "
-                               f"unknown {sorted(unknown)}")
+            raise InvalidInput(
+                f"inputs must name exactly {expected}; missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
         arrays = []
         for meta in self.signature["inputs"]:
             array = decode_tensor(meta["name"], item[meta["name"]], meta["datatype"])

@@ -1,0 +1,40 @@
+"""The benchmarks' own deployments: cli/supervise.py's processes with the benchmarks' environment and admin key
+(never the tests'), their logs in var/bench-logs/."""
+
+from __future__ import annotations
+
+import os
+
+from cli.supervise import Api, RedisServer, Worker
+from config.settings import REPO_ROOT
+
+__all__ = ["AUTH", "BENCH_KEY", "RedisServer", "api", "bench_env", "worker"]
+
+BENCH_KEY = "bench-admin-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
+LOGS = REPO_ROOT / "var" / "bench-logs"
+
+
+def bench_env(redis_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("AETHERCORE_API_KEY", None)
+    env.update(
+        {
+            "AETHERCORE_API_KEYS": f"{BENCH_KEY}:admin",
+            "AETHERCORE_REDIS_URL": redis_url,
+            "AETHERCORE_BROKER_URL": "",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "AETHERCORE_LOG_LEVEL": "INFO",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def worker(redis_url: str, name: str, device: str = "cpu", **env: str) -> Worker:
+    return Worker(redis_url, bench_env(redis_url, **env), name, device, LOGS)
+
+
+def api(redis_url: str, name: str, **env: str) -> Api:
+    return Api(bench_env(redis_url, **env), name, log_dir=LOGS)

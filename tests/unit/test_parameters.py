@@ -1,0 +1,60 @@
+"""The declared request rules (config/parameters.py) the API and the model processes both check against."""
+
+import pytest
+
+from config.parameters import MAX_LENGTH, SAMPLING, checked, parameter_errors, parameters_for, text_error
+
+
+def test_each_task_takes_only_its_declared_parameters():
+    assert set(parameters_for("feature-extraction")) == {"max_length"}
+    assert set(parameters_for("text-generation")) == {
+        "max_length",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "stop",
+    }
+    assert parameters_for("tensor") == {}
+    errors = parameter_errors("feature-extraction", {"max_length": 8, "temperature": 0.5}, 512)
+    assert list(errors) == ["parameters"] and "temperature" in errors["parameters"][0]
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("max_length", 0),
+        ("max_length", 513),
+        ("max_length", 1.5),
+        ("max_length", True),
+        ("temperature", "hot"),
+        ("temperature", float("nan")),
+        ("top_p", 2),
+        ("top_k", 1.5),
+        ("seed", -1),
+        ("do_sample", "yes"),
+        ("stop", [""]),
+        ("stop", ["x"] * 9),
+        ("stop", 3),
+    ],
+)
+def test_a_bad_value_is_named_with_its_range(name, value):
+    errors = parameter_errors("text-generation", {name: value}, 512)
+    assert list(errors) == [f"parameters.{name}"] and errors[f"parameters.{name}"][0].startswith("must be")
+
+
+def test_good_values_pass_and_come_back_in_their_type():
+    good = {"max_length": 16, "temperature": 0, "top_k": 40, "top_p": 0.9, "seed": 7, "do_sample": True, "stop": "\n"}
+    assert parameter_errors("text-generation", good, 512) == {}
+    by_name = {p.name: p for p in SAMPLING}
+    assert checked(by_name["stop"], "\n") == ("\n",) and checked(by_name["top_p"], 1) == 1.0
+    assert checked(MAX_LENGTH, 16.0, 512) == 16
+    with pytest.raises(ValueError, match=r"parameters.max_length must be a whole number from 1 to 512, got 600"):
+        checked(MAX_LENGTH, 600, 512)
+
+
+def test_text_inputs():
+    assert text_error("hello", 10) is None
+    assert text_error("   ") == text_error(None) == "must be a non-empty string"
+    assert "at most 3 characters" in text_error("hello", 3)
