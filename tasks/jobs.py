@@ -394,34 +394,9 @@ class JobStore:
         if pipe is None:
             target.execute()
 
-    def create(
-        self,
-        *,
-        kind: str,
-        model_id: str,
-        device: str,
-        request_id: str | None = None,
-        owner: str | None = None,
-        job_id: str | None = None,
-        notify: str | None = None,
-        ttl: int | None = None,
-        payload: bytes | None = None,
-        now: float | None = None,
-    ) -> dict[str, Any]:
-        """Write a queued job (one round trip); `ttl`: its own retention instead of the default; `payload`:
-        how to queue it again if its message is lost (requeue_payload)."""
-        job_id = job_id or new_job_id()
-        now = now or time.time()
-        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl, payload)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(job_key(job_id), mapping=fields)
-        pipe.expire(job_key(job_id), max(ttl or self.ttl_s, KEEP_UNFINISHED_S))
-        pipe.zadd(queued_key(device), {job_id: now})
-        # Index of recent jobs for listings, bounded by count and by the result TTL.
-        pipe.zadd(RECENT_JOBS, {job_id: now})
-        self._trim_recent(now, pipe)
-        pipe.execute()
-        return self._decode(fields)
+    def create(self, **fields: Any) -> dict[str, Any]:
+        """Write a queued job (one round trip) with no rate limit to count; the arguments of create_limited."""
+        return self.create_limited([], **fields)[0]
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
         """Newest first; `filters` match job fields exactly (status, model_id, kind)."""
