@@ -6,6 +6,7 @@ from flask import Flask
 from flask_smorest import Api
 from flask_sock import Sock
 
+from api.auth import CREDENTIALS, SECURITY_SCHEMES
 from api.blueprints import health, jobs, models, serve
 from api.dispatch import InferenceDispatcher
 from api.docs import ASSETS_URL, docs_assets
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_SWAGGER_UI_PATH="/docs",
         OPENAPI_SWAGGER_UI_URL=ASSETS_URL,
         JSON_SORT_KEYS=False,
+        # Every operation needs credentials unless it says otherwise (health, metrics, the docs themselves).
+        API_SPEC_OPTIONS={"security": CREDENTIALS},
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
     )
     redis_client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
@@ -65,6 +68,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_security(app, settings, redis_client)
 
     api = AetherApi(app)
+    for name, scheme in SECURITY_SCHEMES.items():
+        api.spec.components.security_scheme(name, scheme)
     for module in (health, serve, jobs, models):
         api.register_blueprint(module.blp)
     app.register_blueprint(docs_assets)

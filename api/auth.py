@@ -194,8 +194,22 @@ def principal() -> Principal:
     return g.principal
 
 
+# The OpenAPI security schemes the API accepts (api/app.py declares them; every operation that needs a role names
+# them, the open ones say `security: []`): Swagger UI's Authorize button and generated clients use these.
+SECURITY_SCHEMES = {
+    "bearerAuth": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (AETHERCORE_API_KEYS, or `manage.py auth create-key`) or a JWT",
+    },
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "An API key"},
+}
+CREDENTIALS = [{name: []} for name in SECURITY_SCHEMES]  # either scheme will do
+
+
 def requires(*roles: str) -> Callable:
-    """View decorator: 403 unless the caller's role is one of `roles` (authentication happened before)."""
+    """View decorator: 403 unless the caller's role is one of `roles` (authentication happened before). The
+    operation's OpenAPI entry says so: the credentials it takes, the roles (`x-required-roles`), 401 and 403."""
 
     def decorator(view: Callable) -> Callable:
         @wraps(view)
@@ -203,6 +217,16 @@ def requires(*roles: str) -> Callable:
             check_role(roles)
             return view(*args, **kwargs)
 
+        wrapper._apidoc = {  # flask-smorest merges the blueprint's own decorators' documentation into this
+            "manual_doc": {
+                "security": CREDENTIALS,
+                "x-required-roles": list(roles),
+                "responses": {
+                    "401": {"description": "No or unknown credentials (when AETHERCORE_AUTH is on)"},
+                    "403": {"description": f"The caller's role is not one of: {', '.join(roles)}"},
+                },
+            }
+        }
         return wrapper
 
     return decorator

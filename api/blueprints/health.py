@@ -73,6 +73,7 @@ def _reply(healthy: bool, checks: dict):
 
 @blp.route("/health")
 class Health(MethodView):
+    @blp.doc(security=[])  # open: probes and Prometheus need no credentials (see api/security.py)
     @blp.response(200, HealthSchema, description="Redis answers and at least one worker is alive")
     @blp.alt_response(503, schema=HealthSchema, description="Degraded: the failing check is named")
     def get(self):
@@ -81,6 +82,7 @@ class Health(MethodView):
 
 @blp.route("/health/live")
 class Live(MethodView):
+    @blp.doc(security=[])  # open: probes and Prometheus need no credentials (see api/security.py)
     @blp.response(200, HealthSchema, description="The API process is alive (no dependency is checked)")
     def get(self):
         return {"status": "ok", "checks": {"api": {"status": "ok"}}}
@@ -88,6 +90,7 @@ class Live(MethodView):
 
 @blp.route("/health/ready")
 class Ready(MethodView):
+    @blp.doc(security=[])  # open: probes and Prometheus need no credentials (see api/security.py)
     @blp.response(
         200,
         HealthSchema,
@@ -100,6 +103,7 @@ class Ready(MethodView):
 
 @blp.route("/heartbeat")
 class Heartbeat(MethodView):
+    @blp.doc(security=[])  # open: probes and Prometheus need no credentials (see api/security.py)
     @blp.response(200, HealthSchema, description="The API process is alive")
     def get(self):
         return {"status": "ok", "checks": {"api": {"status": "ok", "time": time.time()}}}
@@ -134,6 +138,7 @@ class Workers(MethodView):
 
 @blp.route("/metrics")
 class Metrics(MethodView):
+    @blp.doc(security=[])  # open: probes and Prometheus need no credentials (see api/security.py)
     @blp.response(200, description="Prometheus text exposition format", content_type="text/plain")
     def get(self):
         return current_app.extensions["aethercore_metrics"].response()

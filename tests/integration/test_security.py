@@ -8,7 +8,9 @@ import pytest
 import requests
 import simple_websocket
 
-from api.auth import KeyStore
+from api.auth import SECURITY_SCHEMES, KeyStore
+from api.security import OPEN_PATHS
+from config.roles import ADMIN, ROLES, USER
 from tasks.names import AUTH_KEYS, RECENT_JOBS
 from tasks.redis_client import make_redis
 from tests.conftest import DB_MISC, client_for, settings_for
@@ -211,3 +213,30 @@ def test_inference_rate_limit_is_counted_with_the_job_and_refuses_without_creati
     assert refused.get_json()["error"]["code"] == "too_many_requests" and int(refused.headers["Retry-After"]) > 0
     after = redis_lib.Redis.from_url(main_redis_url).zcard(RECENT_JOBS)
     assert after - before == 3  # the refused request created no job
+
+
+def test_the_openapi_document_declares_the_credentials_and_the_role_of_every_operation(client):
+    """Swagger UI's Authorize button and generated clients work from this: each operation either needs no
+    credentials (probes, metrics) or names the schemes it takes and the roles allowed."""
+    spec = client.get("/openapi.json").get_json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": SECURITY_SCHEMES["bearerAuth"]["description"],
+    }
+    assert spec["components"]["securitySchemes"]["apiKeyHeader"]["name"] == "X-API-Key"
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method == "parameters":  # the path's own parameters, not an operation
+                continue
+            if path in (*OPEN_PATHS, "/metrics"):  # /metrics: open unless AETHERCORE_METRICS_AUTH
+                assert operation["security"] == [], (method, path)
+                continue
+            assert operation["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}], (method, path)
+            assert set(operation["x-required-roles"]) <= set(ROLES), (method, path)
+            assert {"401", "403"} <= set(operation["responses"]), (method, path)
+    assert spec["paths"]["/serve"]["post"]["x-required-roles"] == [ADMIN, USER]
+    # What the document says is what the API does: a viewer may read models but not serve.
+    viewer = client_for(settings_for(client.application.extensions["aethercore"].settings.redis_url), VIEWER_KEY)
+    assert viewer.get("/models").status_code == 200
+    assert viewer.post("/serve", json={"model_id": "minilm", "inputs": {"text": "x"}}).status_code == 403
