@@ -85,6 +85,14 @@ SAMPLING = (
     Parameter("top_p", "number", 0, 1, "Nucleus sampling: keep the most likely tokens up to this mass."),
     Parameter("seed", "integer", 0, 2**63 - 1, "Seed of this request's sampling: same seed and inputs, same text."),
     Parameter(
+        "repetition_penalty",
+        "number",
+        0.01,
+        10,
+        "Divide the scores of tokens already in the text by "
+        "this (> 1 repeats less; default: the model's generation_config, else 1).",
+    ),
+    Parameter(
         "stop",
         "strings",
         doc="Stop when one of these strings is generated (it is not returned); finish_reason is then `stop`.",

@@ -15,6 +15,7 @@ def test_each_task_takes_only_its_declared_parameters():
         "top_p",
         "seed",
         "stop",
+        "repetition_penalty",
     }
     assert parameters_for("tensor") == {}
     errors = parameter_errors("feature-extraction", {"max_length": 8, "temperature": 0.5}, 512)

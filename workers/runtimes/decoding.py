@@ -95,6 +95,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, Any], config: Any) -> Sampling:
@@ -122,6 +123,7 @@ class Sampling:
             top_p=value("top_p", getattr(config, "top_p", None) or 1.0),
             seed=value("seed", None),
             stop=value("stop", ()),
+            repetition_penalty=value("repetition_penalty", getattr(config, "repetition_penalty", None) or 1.0),
         )
 
 
@@ -167,7 +169,6 @@ class ContinuousBatcher:
             list(getattr(generation, "suppress_tokens", None) or []), dtype=torch.long, device=device
         )
         self.no_repeat_ngram = int(getattr(generation, "no_repeat_ngram_size", 0) or 0)
-        self.repetition_penalty = float(getattr(generation, "repetition_penalty", 1.0) or 1.0)
         self.bytes_per_token = kv_bytes_per_token(config, next(model.parameters()).element_size())
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
         # transformers 5 names the cache argument `cache` for some models and `past_key_values` for others.
@@ -397,9 +398,11 @@ class ContinuousBatcher:
         scores = logits.float()
         if self.suppress.numel():
             scores[:, self.suppress] = -math.inf
-        if self.repetition_penalty != 1.0:
+        penalties = [sequence.sampling.repetition_penalty for sequence in rows]  # each row its own
+        if any(p != 1.0 for p in penalties):
+            penalty = torch.tensor(penalties, dtype=scores.dtype, device=scores.device)[:, None]
             seen = scores.gather(1, history)
-            seen = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
+            seen = torch.where(seen < 0, seen * penalty, seen / penalty)
             scores.scatter_(1, history, seen)
         if self.no_repeat_ngram == 1:
             scores.scatter_(1, history, -math.inf)  # every token already present is banned
