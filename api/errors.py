@@ -6,11 +6,12 @@ no traceback ever reaches a client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import marshmallow as ma
 import redis
-from flask import Flask, jsonify, request
+from flask import Flask, has_request_context, jsonify, request
 from kombu.exceptions import OperationalError
 from loguru import logger
 from werkzeug.exceptions import HTTPException, NotFound
@@ -56,10 +57,45 @@ class ErrorSchema(ma.Schema):
     error = ma.fields.Nested(ErrorBodySchema, required=True)
 
 
+# Protocols with an error shape of their own (OIP: {"error": "..."}; OpenAI: {"error": {message, type, param,
+# code}}), by path prefix: every error on their routes, routing and auth errors included, takes their shape.
+ErrorBody = Callable[[int, str, str, dict[str, Any]], dict[str, Any]]
+_DIALECTS: list[tuple[str, ErrorBody]] = []
+
+
+def register_error_dialect(prefix: str, body: ErrorBody) -> None:
+    _DIALECTS.append((prefix, body))
+
+
+def field_errors(details: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, problem) pairs of a validation error's details ({"field": ["problem", ...]}), in order."""
+    pairs = []
+    for field, problems in details.items():
+        if isinstance(problems, list) and all(isinstance(p, str) for p in problems):
+            pairs.extend((field, p) for p in problems)
+    return pairs
+
+
+def one_line(message: str, details: dict[str, Any]) -> str:
+    """The message with its field errors spelled out, for protocols whose errors are a single string."""
+    fields = field_errors(details)
+    if not fields:
+        return message
+    return "; ".join(f"{field}: {problem}" for field, problem in fields)
+
+
+def error_body(status: int, code: str, message: str, details: dict | None = None) -> dict[str, Any]:
+    path = request.path if has_request_context() else ""
+    for prefix, body in _DIALECTS:
+        if path == prefix or path.startswith(prefix + "/"):
+            return body(status, code, message, details or {})
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
 def error_response(
     status: int, code: str, message: str, details: dict | None = None, headers: dict[str, str] | None = None
 ):
-    response = jsonify({"error": {"code": code, "message": message, "details": details or {}}})
+    response = jsonify(error_body(status, code, message, details))
     response.status_code = status
     for key, value in (headers or {}).items():
         response.headers[key] = value

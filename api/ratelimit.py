@@ -17,7 +17,7 @@ from flask_limiter.util import get_remote_address
 from tasks.names import rate_limit_key
 
 # The endpoints whose submissions are counted here rather than by flask-limiter.
-INFERENCE_ENDPOINTS = frozenset({"serve.Serve", "serve.ServeBatch", "serve_stream"})
+INFERENCE_ENDPOINTS = frozenset({"serve.Serve", "serve.ServeBatch", "serve_stream", "oip.Infer", "oip.InferVersion"})
 
 
 def caller_id() -> str:

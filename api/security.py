@@ -13,8 +13,19 @@ from config.settings import Settings
 from tasks.redis_client import sentinel_hosts
 
 # Open without credentials: probes, and the API's own documentation.
-OPEN_PATHS = ("/heartbeat", "/health", "/health/live", "/health/ready", "/openapi.json", "/docs")
+OPEN_PATHS = (
+    "/heartbeat",
+    "/health",
+    "/health/live",
+    "/health/ready",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/openapi.json",
+    "/docs",
+)
 OPEN_PREFIXES = ("/docs/assets/",)
+# OIP's binary data extension sends a JSON header followed by raw tensor bytes, with no JSON content type.
+ANY_BODY_PREFIXES = ("/v2/",)
 
 
 def _is_open(settings: Settings) -> bool:
@@ -38,7 +49,12 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
 
     @app.before_request
     def _gate() -> None:
-        if request.method in {"POST", "PUT", "PATCH"} and request.content_length and not request.is_json:
+        if (
+            request.method in {"POST", "PUT", "PATCH"}
+            and request.content_length
+            and not request.is_json
+            and not request.path.startswith(ANY_BODY_PREFIXES)
+        ):
             raise ApiError(
                 415,
                 "unsupported_media_type",

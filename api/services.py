@@ -19,6 +19,7 @@ from api.request_id import current_request_id
 from api.stream_hub import StreamHub
 from config.models import ModelSpec
 from config.settings import Settings
+from config.signatures import ARTIFACT, Signature, task_signature
 from tasks.cluster import ClusterState
 from tasks.jobs import JobStore, RateLimited, new_job_id, requeue_payload
 from tasks.names import INFER, TASK_FOR_KIND, queue_for_device
@@ -32,6 +33,8 @@ QUEUE_DEPTH_CACHE_S = 0.25
 # New inference jobs are refused (503) once Redis uses this share of its maxmemory, read at most once a second.
 REDIS_MEMORY_LIMIT = 0.95
 REDIS_MEMORY_CACHE_S = 1.0
+# The signatures the workers read from the artifacts, re-read at most this often.
+SIGNATURES_CACHE_S = 5.0
 
 
 class TTLCache:
@@ -82,6 +85,7 @@ class Services:
     desired_cache: TTLCache = field(default_factory=lambda: TTLCache(DESIRED_CACHE_S))
     depth_cache: TTLCache = field(default_factory=lambda: TTLCache(QUEUE_DEPTH_CACHE_S))
     memory_cache: TTLCache = field(default_factory=lambda: TTLCache(REDIS_MEMORY_CACHE_S))
+    signatures_cache: TTLCache = field(default_factory=lambda: TTLCache(SIGNATURES_CACHE_S))
     replies: ReplyListener = field(init=False)
     streams: StreamHub = field(init=False)
     rate_limit: InferenceRateLimit = field(init=False)
@@ -106,6 +110,16 @@ class Services:
                 {"model_id": model_id},
             )
         return spec
+
+    def signature(self, spec: ModelSpec) -> Signature | None:
+        """What the model takes and gives, loaded or not (config/signatures.py): declared in models.yaml, read
+        from its artifact by the workers, or (text models) given by its task; None if nothing says yet."""
+        if spec.signature is not None:
+            return spec.signature
+        published = self.signatures_cache.get("all", self.cluster.signatures).get(spec.id)
+        if published is not None:
+            return Signature.from_public(published, ARTIFACT)
+        return task_signature(spec.task)
 
     def device_for(self, spec: ModelSpec, *desired: dict[str, Any] | None) -> str:
         """`desired` (optional): the model's desired-state entry, if the caller already read it."""

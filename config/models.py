@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from config.settings import ConfigError
+from config.signatures import DECLARED, Signature, declared_tensors
 from config.units import parse_size
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -74,10 +75,16 @@ class ModelSpec:
     sha256: str | None = None
     manifest: bool | str = False
     allow_pickle: bool = False
+    # The signature declared in models.yaml (`inputs` and `outputs`), if any (config/signatures.py).
+    signature: Signature | None = None
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
         data["providers"] = list(self.providers)
+        data.pop("signature")
+        if self.signature is not None:
+            data["inputs"] = [t.public() for t in self.signature.inputs]
+            data["outputs"] = [t.public() for t in self.signature.outputs]
         return data
 
 
@@ -103,6 +110,8 @@ _KNOWN_FIELDS = {
     "sha256",
     "manifest",
     "allow_pickle",
+    "inputs",
+    "outputs",
 }
 
 
@@ -208,6 +217,18 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     if not isinstance(allow_pickle, bool):
         raise _fail(path, model_id, "allow_pickle", allow_pickle, "must be true or false")
 
+    signature = None
+    if "inputs" in raw or "outputs" in raw:
+        parts = {}
+        for name in ("inputs", "outputs"):
+            try:
+                parts[name] = declared_tensors(raw.get(name))
+            except ValueError as exc:
+                raise _fail(
+                    path, model_id, name, raw.get(name), f"is invalid: {exc} (declare inputs and outputs together)"
+                ) from None
+        signature = Signature(parts["inputs"], parts["outputs"], DECLARED)
+
     tokenizer_path = raw.get("tokenizer_path")
     if tokenizer_path is not None and (not isinstance(tokenizer_path, str) or not tokenizer_path):
         raise _fail(path, model_id, "tokenizer_path", tokenizer_path, "must be a non-empty string")
@@ -238,6 +259,7 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         sha256=sha256.lower() if sha256 else None,
         manifest=manifest,
         allow_pickle=allow_pickle,
+        signature=signature,
     )
 
 

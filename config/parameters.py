@@ -143,3 +143,32 @@ def text_error(text: Any, max_chars: int | None = None) -> str | None:
     if max_chars is not None and len(text) > max_chars:
         return f"must have at most {max_chars} characters (AETHERCORE_MAX_INPUT_CHARS), got {len(text)}"
     return None
+
+
+# Chat (text-generation models): `inputs.messages` instead of `inputs.text`, rendered into the prompt by the
+# tokenizer's chat template in the worker, or by this one when the tokenizer has none (plain "Role: text" lines,
+# then "Assistant:" for the model to go on from).
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
+MAX_MESSAGES = 256
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def messages_error(messages: Any, max_chars: int | None = None) -> str | None:
+    """Why `inputs.messages` is refused (a phrase to follow the field's name), or None."""
+    if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES:
+        return f"must be a list of 1 to {MAX_MESSAGES} messages"
+    total = 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content", "name"}:
+            return f"[{index}] must be an object with role and content (and optionally name)"
+        if message.get("role") not in CHAT_ROLES:
+            return f"[{index}].role must be one of {', '.join(CHAT_ROLES)}"
+        if not isinstance(message.get("content"), str):
+            return f"[{index}].content must be a string"
+        total += len(message["content"])
+    if max_chars is not None and total > max_chars:
+        return f"must have at most {max_chars} characters in all (AETHERCORE_MAX_INPUT_CHARS), got {total}"
+    return None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from model_store.signatures import write_signature
 from model_store.verify import write_manifest
 
 BUILD_VERSION = "2"  # 2: each model directory carries its manifest (model_store/verify.py)
@@ -169,6 +170,16 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
 }
 
 
+# (model_type, task) of each demo model, for the signature stored beside it (model_store/signatures.py).
+DEMO_KINDS = {
+    "minilm": ("transformer", "feature-extraction"),
+    "minilm-onnx": ("onnx", "feature-extraction"),
+    "tiny-gpt2": ("transformer", "text-generation"),
+    "tiny-classifier": ("transformer", "text-classification"),
+    "tiny-mlp": ("pytorch", "tensor"),
+}
+
+
 def is_built(store: Path, name: str) -> bool:
     marker = store / name / MARKER
     return marker.exists() and marker.read_text().strip() == BUILD_VERSION
@@ -183,7 +194,9 @@ def bootstrap(
     for name, builder in BUILDERS.items():
         if names and name not in names:
             continue
+        model_type, task = DEMO_KINDS[name]
         if is_built(store, name) and not force:
+            write_signature(store / name, task, model_type)  # stores built before signatures had none
             outcome[name] = "present"
             if progress:
                 progress(name, "present")
@@ -194,6 +207,7 @@ def bootstrap(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         builder(store, tmp)
+        write_signature(tmp, task, model_type)
         write_manifest(tmp)
         (tmp / MARKER).write_text(BUILD_VERSION)
         shutil.rmtree(store / name, ignore_errors=True)

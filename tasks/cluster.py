@@ -20,6 +20,7 @@ from tasks.names import (
     GENERATION_COUNTER,
     MODEL_ERRORS,
     MODELS_CHANGED,
+    SIGNATURES,
     WORKERS_INDEX,
     control_channel,
     worker_key,
@@ -107,6 +108,13 @@ class ClusterState:
     def model_error(self, model_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(MODEL_ERRORS, model_id)
         return json.loads(raw) if raw else None
+
+    def publish_signatures(self, signatures: dict[str, dict[str, Any]]) -> None:
+        if signatures:
+            self.redis.hset(SIGNATURES, mapping={mid: json.dumps(sig) for mid, sig in signatures.items()})
+
+    def signatures(self) -> dict[str, dict[str, Any]]:
+        return {mid: json.loads(raw) for mid, raw in self.redis.hgetall(SIGNATURES).items()}
 
     def notify(self, device: str) -> None:
         self.redis.publish(control_channel(device), "reconcile")

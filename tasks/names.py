@@ -63,6 +63,9 @@ INFLIGHT_HOLDERS = f"{PREFIX}:inflight-holders"  # set: workers that may have an
 DESIRED_MODELS = f"{PREFIX}:models:desired"  # hash: model id -> JSON {device, generation, ...}
 MODEL_ERRORS = f"{PREFIX}:models:errors"  # hash: model id -> JSON {message, worker, at}
 GENERATION_COUNTER = f"{PREFIX}:models:generation"
+# hash: model id -> JSON {inputs, outputs}: the signature read from its artifact (model_store/signatures.py),
+# published by every worker at start so the API (which has no model store) knows it without loading the model
+SIGNATURES = f"{PREFIX}:models:signatures"
 
 
 def control_channel(device: str) -> str:

@@ -101,3 +101,13 @@ def api_server(main_redis_url: str, main_worker):
     server = ApiProcess(main_redis_url).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_api_server(main_redis_url: str, main_worker):
+    """An API process with authentication on (as deployed): for the stock protocol clients (OIP, OpenAI)."""
+    from tests.support import ApiProcess
+
+    server = ApiProcess(main_redis_url, name="api-auth-protocols", AETHERCORE_AUTH="true").start()
+    yield server
+    server.stop()

@@ -31,6 +31,7 @@ from loguru import logger
 from config.models import ModelSpec, load_models
 from config.settings import Settings
 from model_store.paths import artifact_bytes, resolve_model_path
+from model_store.signatures import artifact_signature
 from tasks.cluster import ClusterState
 from tasks.jobs import JobStore, encode
 from tasks.metrics import BATCH_SIZE, INFERENCE_TIME, QUEUE_WAIT, LocalMetrics
@@ -111,6 +112,7 @@ class WorkerService:
             sweep_queue=broker in ("redis", "rediss", "sentinel"),
         )
         for target, label in (
+            (self._publish_signatures, "signatures"),
             (self._heartbeat_loop, "heartbeat"),
             (self._reconcile_loop, "reconcile"),
             (lambda: reaper.run(self._stop), "reaper"),
@@ -125,6 +127,24 @@ class WorkerService:
             self.queue,
             self.settings.model_cache_size,
         )
+
+    def _publish_signatures(self) -> None:
+        """What each configured model takes and gives, read from its files (not loaded), for the API."""
+        found = {}
+        for spec in self.models.values():
+            if spec.signature is not None:
+                continue  # declared in models.yaml: the API reads it there
+            try:
+                signature = artifact_signature(spec, self.settings)
+            except ValueError as exc:
+                logger.warning("model {}: {}", spec.id, exc)
+                continue
+            if signature is not None:
+                found[spec.id] = signature.public()
+        try:
+            self.cluster.publish_signatures(found)
+        except redis.RedisError as exc:
+            logger.warning("cannot publish the model signatures: {}", exc)
 
     def stop(self) -> None:
         self._stop.set()

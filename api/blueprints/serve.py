@@ -15,72 +15,14 @@ from simple_websocket import ConnectionClosed
 from api.auth import SERVE, check_role, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
+from api.inference import input_errors, job_payload, parameter_errors, raise_if, route, submit_inference
 from api.json_provider import json_text
 from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
-from api.services import Services, services
+from api.services import services
 from api.streaming import follow_job
-from config.models import TEXT_TASKS, ModelSpec
-from config.parameters import parameter_errors as declared_parameter_errors
-from config.parameters import text_error
 from tasks.states import FAILED, INFERENCE
 
 blp = Blueprint("serve", __name__, description="Inference serving")
-
-
-def input_errors(spec: ModelSpec, inputs: Any, prefix: str = "inputs") -> dict[str, list[str]]:
-    """A text model's input against its declared rules (config/parameters.py); tensor inputs are checked
-    against the model's signature by the model process."""
-    if not isinstance(inputs, dict):
-        return {prefix: ["must be an object"]}
-    errors: dict[str, list[str]] = {}
-    if spec.task in TEXT_TASKS:
-        problem = text_error(inputs.get("text"), services().settings.max_input_chars)
-        if problem:
-            errors[f"{prefix}.text"] = [problem]
-        unknown = sorted(set(inputs) - {"text"})
-        if unknown:
-            errors[prefix] = [f"unknown input(s) {unknown}; this model takes only 'text'"]
-    return errors
-
-
-def parameter_errors(spec: ModelSpec, parameters: dict[str, Any]) -> dict[str, list[str]]:
-    return declared_parameter_errors(spec.task, parameters, spec.max_length_limit)
-
-
-def raise_if(errors: dict[str, list[str]]) -> None:
-    if errors:
-        raise ApiError(422, "validation_error", "the request is invalid; see details for each field", errors)
-
-
-def route(svc: Services, spec: ModelSpec) -> str:
-    """The device queue for this model's inference; 409 when it must be loaded first."""
-    desired = svc.desired(spec.id)
-    device = svc.device_for(spec, desired)
-    if not svc.settings.autoload and desired is None:
-        raise ApiError(
-            409,
-            "model_not_loaded",
-            f"model {spec.id!r} is not loaded and autoload is off; load it first with POST /models/{spec.id}/load",
-        )
-    return device
-
-
-def submit_inference(body: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any]:
-    svc = services()
-    spec = svc.spec(body["model_id"])
-    raise_if({**input_errors(spec, body["inputs"]), **parameter_errors(spec, body["parameters"])})
-    return svc.submit(INFERENCE, spec, route(svc, spec), job_payload(body), wait_s=wait_s)
-
-
-def job_payload(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    payload = {"inputs": body["inputs"], "parameters": body["parameters"], **extra}
-    if body.get("timeout"):
-        payload["timeout"] = body["timeout"]
-    if body.get("encoding_format", "float") != "float":
-        payload["encoding_format"] = body["encoding_format"]
-    if body.get("result_ttl"):
-        payload["result_ttl"] = body["result_ttl"]  # for the job record; services.submit takes it out
-    return payload
 
 
 @blp.route("/serve")

@@ -464,7 +464,12 @@ class ContinuousBatcher:
                 (
                     "result",
                     sequence.key,
-                    {"text": sequence.text, "tokens": len(sequence.generated), "finish_reason": reason},
+                    {
+                        "text": sequence.text,
+                        "tokens": len(sequence.generated),
+                        "prompt_tokens": len(sequence.prompt),
+                        "finish_reason": reason,
+                    },
                 )
             )
         if len(keep) != len(self.running):

@@ -15,8 +15,10 @@ from transformers import (
     AutoTokenizer,
 )
 
+from config.parameters import DEFAULT_CHAT_TEMPLATE, messages_error
 from model_store.paths import resolve_model_path
 from workers.runtimes.base import (
+    InvalidInput,
     TextRuntime,
     ensure_torch_threads,
     torch_module_bytes,
@@ -73,8 +75,10 @@ class FeatureExtraction(_HFRuntime):
         batch = self.encode(self.texts(inputs), self.max_length(parameters))
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state
-        vectors = mean_pool_normalize(hidden.float().cpu().numpy(), batch["attention_mask"].cpu().numpy())
-        return [{"embedding": vector} for vector in vectors]  # float32 rows, encoded once by the worker
+        mask = batch["attention_mask"].cpu().numpy()
+        vectors = mean_pool_normalize(hidden.float().cpu().numpy(), mask)
+        # float32 rows, encoded once by the worker; `tokens`: the input's length after truncation (usage)
+        return [{"embedding": vector, "tokens": int(n)} for vector, n in zip(vectors, mask.sum(axis=1))]
 
     def outputs(self) -> list[dict[str, Any]]:
         return [{"name": "embedding", "datatype": "FP32", "shape": [self.model.config.hidden_size]}]
@@ -139,6 +143,20 @@ class TextGeneration(_HFRuntime):
     def outputs(self) -> list[dict[str, Any]]:
         return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
 
+    def prompt_text(self, inputs: dict[str, Any]) -> str:
+        """`inputs.text`, or `inputs.messages` rendered by the tokenizer's chat template (a plain default when it
+        has none: config/parameters.py DEFAULT_CHAT_TEMPLATE), ending where the assistant's answer begins."""
+        if not isinstance(inputs, dict) or "messages" not in inputs:
+            return self.texts([inputs])[0]
+        problem = messages_error(inputs["messages"])  # the rules the API checked
+        if problem:
+            raise InvalidInput(f"inputs.messages {problem}")
+        template = getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        with self._tokenizer_lock:
+            return self.tokenizer.apply_chat_template(
+                inputs["messages"], chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+
     def continuous_batcher(self) -> Any:
         """The scheduler a model process serves this model with (workers/runtimes/decoding.py)."""
         from workers.runtimes.decoding import ContinuousBatcher
@@ -155,7 +173,7 @@ class TextGeneration(_HFRuntime):
         """One request for the continuous batcher; InvalidInput for a bad text or parameter."""
         from workers.runtimes.decoding import Sampling, Sequence
 
-        text = self.texts([inputs])[0]
+        text = self.prompt_text(inputs)
         max_new = self.max_length(parameters)
         sampling = Sampling.from_parameters(parameters, self.model.generation_config)
         with self._tokenizer_lock:

@@ -92,7 +92,8 @@ class OnnxFeatureExtraction(_OnnxSession, TextRuntime):
         feed = {k: v.astype(np.int64) for k, v in batch.items() if k in self.input_names}
         hidden = self.session.run(None, feed)[0]
         vectors = mean_pool_normalize(hidden.astype(np.float32), batch["attention_mask"])
-        return [{"embedding": vector} for vector in vectors]  # float32 rows, encoded once by the worker
+        # float32 rows, encoded once by the worker; `tokens`: the input's length after truncation (usage)
+        return [{"embedding": v, "tokens": int(n)} for v, n in zip(vectors, batch["attention_mask"].sum(axis=1))]
 
     def memory_bytes(self) -> int:
         return artifact_bytes(self.path)

@@ -1,0 +1,152 @@
+"""The one inference path every protocol takes (/serve, /serve/batch, the WebSocket, OIP v2, OpenAI /v1):
+check the request against the model's declarations (inputs, parameters, signature) before anything is queued,
+route it to its device's queue, record and queue the job, and, for the protocols that answer only at the end,
+wait for it and say what an ended job means in HTTP terms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.errors import ApiError
+from api.services import Services, services
+from config.models import TEXT_TASKS, ModelSpec
+from config.parameters import messages_error, text_error
+from config.parameters import parameter_errors as declared_parameter_errors
+from config.signatures import tensor_input_errors
+from tasks.states import CANCELLED, EXPIRED, FAILED, INFERENCE, SUCCEEDED, TERMINAL
+
+# What an ended job that did not succeed means to an HTTP client, by its error code.
+STATUS_FOR_ERROR = {
+    "invalid_input": 400,
+    "model_not_found": 404,
+    "model_unavailable": 503,
+    "model_load_failed": 503,
+    "model_path_forbidden": 503,
+    "artifact_mismatch": 503,
+    "no_device": 503,
+    "model_process_died": 503,
+    "expired": 504,
+    "deadline": 504,
+    "deadline_exceeded": 504,
+    "cancelled": 504,
+    "poison_job": 500,
+}
+
+
+def input_errors(spec: ModelSpec, inputs: Any, prefix: str = "inputs") -> dict[str, list[str]]:
+    """An input against the model's declarations: a text model's rules (config/parameters.py), a tensor
+    model's signature (names, datatypes, shapes; config/signatures.py) when it is known."""
+    if not isinstance(inputs, dict):
+        return {prefix: ["must be an object"]}
+    errors: dict[str, list[str]] = {}
+    max_chars = services().settings.max_input_chars
+    if spec.task == "text-generation" and "messages" in inputs:
+        problem = messages_error(inputs["messages"], max_chars)
+        if problem:
+            errors[f"{prefix}.messages"] = [problem]
+        if set(inputs) != {"messages"}:
+            errors[prefix] = ["takes either 'text' or 'messages', nothing else"]
+    elif spec.task in TEXT_TASKS:
+        problem = text_error(inputs.get("text"), max_chars)
+        if problem:
+            errors[f"{prefix}.text"] = [problem]
+        unknown = sorted(set(inputs) - {"text"})
+        if unknown:
+            takes = "'text' (or 'messages')" if spec.task == "text-generation" else "only 'text'"
+            errors[prefix] = [f"unknown input(s) {unknown}; this model takes {takes}"]
+    else:
+        signature = services().signature(spec)
+        if signature is not None:
+            errors.update(tensor_input_errors(signature, inputs, prefix))
+    return errors
+
+
+def parameter_errors(spec: ModelSpec, parameters: dict[str, Any], prefix: str = "parameters") -> dict[str, list[str]]:
+    errors = declared_parameter_errors(spec.task, parameters, spec.max_length_limit)
+    if prefix == "parameters":
+        return errors
+    return {prefix + key[len("parameters") :]: value for key, value in errors.items()}
+
+
+def raise_if(errors: dict[str, list[str]]) -> None:
+    if errors:
+        raise ApiError(422, "validation_error", "the request is invalid; see details for each field", errors)
+
+
+def check_batch_size(svc: Services, count: int) -> None:
+    limit = svc.settings.max_batch_inputs
+    if count > limit:
+        raise ApiError(
+            413,
+            "too_many_inputs",
+            f"a batch may carry at most {limit} inputs, got {count}; split it into several requests",
+            {"limit": limit, "inputs": count},
+        )
+
+
+def route(svc: Services, spec: ModelSpec) -> str:
+    """The device queue for this model's inference; 409 when it must be loaded first."""
+    desired = svc.desired(spec.id)
+    device = svc.device_for(spec, desired)
+    if not svc.settings.autoload and desired is None:
+        raise ApiError(
+            409,
+            "model_not_loaded",
+            f"model {spec.id!r} is not loaded and autoload is off; load it first with POST /models/{spec.id}/load",
+        )
+    return device
+
+
+def job_payload(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    payload = {"inputs": body["inputs"], "parameters": body["parameters"], **extra}
+    if body.get("timeout"):
+        payload["timeout"] = body["timeout"]
+    if body.get("encoding_format", "float") != "float":
+        payload["encoding_format"] = body["encoding_format"]
+    if body.get("result_ttl"):
+        payload["result_ttl"] = body["result_ttl"]  # for the job record; services.submit takes it out
+    return payload
+
+
+def submit_inference(body: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any]:
+    svc = services()
+    spec = svc.spec(body["model_id"])
+    raise_if({**input_errors(spec, body["inputs"]), **parameter_errors(spec, body["parameters"])})
+    return svc.submit(INFERENCE, spec, route(svc, spec), job_payload(body), wait_s=wait_s)
+
+
+def run_to_end(spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
+    """Queue an (already checked) inference job and wait for its end, at most AETHERCORE_MAX_WAIT: the job's
+    result, or ApiError with the status its failure means. A job still unfinished then is cancelled (nobody
+    is left to read its result) and the caller gets 504 naming it."""
+    svc = services()
+    bound = svc.settings.max_wait
+    payload.setdefault("timeout", bound)  # not started within the wait: it expires rather than runs for no one
+    job = svc.submit(INFERENCE, spec, route(svc, spec), payload, wait_s=bound)
+    if job["status"] not in TERMINAL:
+        svc.jobs.request_cancel(job["job_id"], "the protocol client's wait ended (AETHERCORE_MAX_WAIT)")
+        raise ApiError(
+            504,
+            "timeout",
+            f"the inference did not finish within {bound:g} s (AETHERCORE_MAX_WAIT); job {job['job_id']} was cancelled",
+            {"job_id": job["job_id"]},
+        )
+    if job["status"] == SUCCEEDED:
+        return job
+    raise ended_error(job)
+
+
+def ended_error(job: dict[str, Any]) -> ApiError:
+    error = job.get("error") or {}
+    code = error.get("code") or {EXPIRED: "expired", CANCELLED: "cancelled", FAILED: "internal_error"}.get(
+        job["status"], "internal_error"
+    )
+    message = error.get("message") or f"the job ended {job['status']}"
+    return ApiError(STATUS_FOR_ERROR.get(code, 500), code, message, {"job_id": job["job_id"]})
+
+
+def item_error(item: dict[str, Any], job: dict[str, Any]) -> ApiError:
+    """The error of one item of a batch job."""
+    error = item.get("error") or {}
+    code = error.get("code", "internal_error")
+    return ApiError(STATUS_FOR_ERROR.get(code, 500), code, error.get("message", "failed"), {"job_id": job["job_id"]})

@@ -1,0 +1,162 @@
+"""A model's signature: the named, typed, shaped tensors it takes and gives, known without loading it.
+
+Where it comes from, first that applies:
+1. `inputs:` / `outputs:` in models.yaml (like Triton's config.pbtxt);
+2. the artifact: `signature.json` beside it (written by `models bootstrap`), or read from the files (an ONNX
+   graph's inputs, a transformers config.json); every worker publishes what it reads at start
+   (model_store/signatures.py), so the API knows it without the model store;
+3. the task: text models take one BYTES tensor `text` of shape [-1] (a batch of strings).
+
+The same signature documents the model (GET /models/{id}/info, OIP model metadata) and checks a request
+before it is queued: a tensor with a wrong name, datatype or shape gets 422 naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# OIP datatypes a tensor model may declare (BYTES is the text datatype).
+TENSOR_DATATYPES = ("BOOL", "UINT8", "INT8", "INT32", "INT64", "FP16", "FP32", "FP64")
+DATATYPES = (*TENSOR_DATATYPES, "BYTES")
+MAX_RANK = 8
+
+DECLARED, ARTIFACT, TASK = "models.yaml", "artifact", "task"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1: any size
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    source: str  # DECLARED | ARTIFACT | TASK
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.public() for t in self.inputs],
+            "outputs": [t.public() for t in self.outputs],
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_public(cls, data: dict[str, Any], source: str) -> Signature:
+        return cls(
+            tuple(tensor_spec(t) for t in data.get("inputs", ())),
+            tuple(tensor_spec(t) for t in data.get("outputs", ())),
+            source,
+        )
+
+
+def tensor_spec(raw: Any) -> TensorSpec:
+    """One `{name, datatype, shape}` entry; ValueError saying what is wrong with it."""
+    if not isinstance(raw, dict):
+        raise ValueError("each tensor must be a mapping with name, datatype and shape")
+    name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a tensor's name must be a non-empty string, got {name!r}")
+    if datatype not in DATATYPES:
+        raise ValueError(f"tensor {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape)
+    ):
+        raise ValueError(f"tensor {name!r}: shape must be a list of whole numbers >= -1 (-1: any size), got {shape!r}")
+    return TensorSpec(name, datatype, tuple(shape))
+
+
+def declared_tensors(raw: Any) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("must be a non-empty list of {name, datatype, shape}")
+    tensors = tuple(tensor_spec(t) for t in raw)
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"names a tensor twice: {names}")
+    return tensors
+
+
+TEXT_INPUT = TensorSpec("text", "BYTES", (-1,))
+
+
+def task_outputs(task: str, hidden_size: int = -1, labels: int = -1) -> tuple[TensorSpec, ...]:
+    """What a text task gives for a batch of N strings (the OIP outputs; /serve returns the same per row)."""
+    if task == "feature-extraction":
+        return (TensorSpec("embedding", "FP32", (-1, hidden_size)),)
+    if task == "text-classification":
+        return (
+            TensorSpec("label", "BYTES", (-1,)),
+            TensorSpec("score", "FP32", (-1,)),
+            TensorSpec("scores", "FP32", (-1, labels)),
+        )
+    if task == "text-generation":
+        return (TensorSpec("text", "BYTES", (-1,)), TensorSpec("finish_reason", "BYTES", (-1,)))
+    return ()
+
+
+def task_signature(task: str, hidden_size: int = -1, labels: int = -1, source: str = TASK) -> Signature | None:
+    """A text model's signature from its task alone; None for a tensor model (its names come from the artifact)."""
+    outputs = task_outputs(task, hidden_size, labels)
+    return Signature((TEXT_INPUT,), outputs, source) if outputs else None
+
+
+def shape_error(name: str, shape: list[int] | tuple[int, ...], expected: tuple[int, ...]) -> str | None:
+    if len(shape) != len(expected) or any(e not in (-1, a) for e, a in zip(expected, shape)):
+        return f"has shape {list(shape)}, the model takes {list(expected)} (-1: any size)"
+    return None
+
+
+def nested_shape(data: Any) -> list[int] | None:
+    """The shape of a nested list, following first elements (rectangularity is numpy's check, in the worker);
+    None if it is not a list of lists/numbers."""
+    shape = []
+    while isinstance(data, list):
+        shape.append(len(data))
+        if not data:
+            break
+        data = data[0]
+    if not shape or isinstance(data, (dict, list, str)) or data is None:
+        return None
+    return shape
+
+
+def tensor_input_errors(signature: Signature, inputs: Any, prefix: str = "inputs") -> dict[str, list[str]]:
+    """A /serve tensor request (`{name: [[...]] | {shape, datatype, data}}`) against the signature."""
+    if not isinstance(inputs, dict):
+        return {prefix: ["must be an object of named tensors"]}
+    expected = {t.name: t for t in signature.inputs}
+    missing, unknown = sorted(set(expected) - set(inputs)), sorted(set(inputs) - set(expected))
+    if missing or unknown:
+        return {
+            prefix: [f"must name exactly the model's inputs {sorted(expected)}; missing {missing}, unknown {unknown}"]
+        }
+    errors: dict[str, list[str]] = {}
+    for name, spec in expected.items():
+        value, field = inputs[name], f"{prefix}.{name}"
+        if isinstance(value, dict):
+            datatype, data, shape = value.get("datatype", spec.datatype), value.get("data"), value.get("shape")
+            if datatype != spec.datatype:
+                errors[f"{field}.datatype"] = [f"is {datatype!r}, the model takes {spec.datatype!r}"]
+                continue
+            if shape is None:
+                shape = nested_shape(data)
+            elif not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                errors[f"{field}.shape"] = ["must be a list of non-negative whole numbers"]
+                continue
+        else:
+            shape = nested_shape(value)
+        if shape is None:
+            errors[field] = ["must be a nested list of numbers or {shape, datatype, data}"]
+            continue
+        problem = shape_error(name, shape, spec.shape)
+        if problem:
+            errors[field] = [problem]
+    return errors
