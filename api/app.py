@@ -7,7 +7,7 @@ from flask_smorest import Api
 from flask_sock import Sock
 
 from api.auth import CREDENTIALS, SECURITY_SCHEMES
-from api.blueprints import health, jobs, models, oip, serve
+from api.blueprints import health, jobs, models, oip, openai_compat, serve
 from api.dispatch import InferenceDispatcher
 from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     api = AetherApi(app)
     for name, scheme in SECURITY_SCHEMES.items():
         api.spec.components.security_scheme(name, scheme)
-    for module in (health, serve, jobs, models, oip):
+    for module in (health, serve, jobs, models, oip, openai_compat):
         api.register_blueprint(module.blp)
     app.register_blueprint(docs_assets)
     serve.register_websocket(Sock(app))

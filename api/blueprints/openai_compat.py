@@ -1,0 +1,389 @@
+"""An OpenAI-compatible API under /v1, on the same job path as /serve (jobs recorded, batching, auth, metrics,
+rate limits): models, embeddings, completions and chat completions, streamed as Server-Sent Events ending with
+`data: [DONE]`. The `openai` package works unchanged with `base_url=.../v1` and an AetherCore API key as its
+`api_key`. Errors take OpenAI's shape. What is served and what is not: docs/PROTOCOLS.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import marshmallow as ma
+import numpy as np
+from flask import Response, current_app, stream_with_context
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from loguru import logger
+from marshmallow import validate
+
+from api.auth import READ_MODELS, SERVE, requires
+from api.errors import ApiError, field_errors, register_error_dialect
+from api.inference import check_batch_size, ended_error, item_error, parameter_errors, raise_if, route, run_to_end
+from api.json_provider import json_text
+from api.services import services
+from api.streaming import follow_job
+from config.models import ModelSpec
+from config.parameters import messages_error, text_error
+from tasks.states import INFERENCE, SUCCEEDED
+
+blp = Blueprint(
+    "openai",
+    __name__,
+    url_prefix="/v1",
+    description="OpenAI-compatible API (models, embeddings, completions, chat completions)",
+)
+
+# OpenAI's request fields -> the model parameters they set (config/parameters.py); top_k and repetition_penalty
+# are extensions many OpenAI-compatible servers take too.
+PARAMETER_NAMES = {
+    "max_tokens": "max_length",
+    "max_completion_tokens": "max_length",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "stop": "stop",
+    "repetition_penalty": "repetition_penalty",
+}
+OPENAI_NAME = {ours: theirs for theirs, ours in PARAMETER_NAMES.items() if theirs != "max_completion_tokens"}
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def _openai_error(status: int, code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
+    fields = field_errors(details)
+    param = None
+    if fields:
+        name = fields[0][0].split(".")[-1] if fields[0][0].startswith("parameters.") else fields[0][0]
+        param = OPENAI_NAME.get(name, name)
+        message = "; ".join(f"{OPENAI_NAME.get(f.split('.')[-1], f)}: {p}" for f, p in fields)
+    kind = ERROR_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+register_error_dialect("/v1", _openai_error)
+
+
+# -- request bodies (validation and the OpenAPI document from the same schemas) ------------------------------
+class _Request(ma.Schema):
+    class Meta:
+        unknown = ma.RAISE  # an unknown field is a 422 naming it, never silently ignored
+
+    model = ma.fields.String(required=True, metadata={"example": "tiny-gpt2"})
+    user = ma.fields.String(allow_none=True, metadata={"description": "Your end user's id (logged with the job)"})
+
+
+class EmbeddingsRequest(_Request):
+    model = ma.fields.String(required=True, metadata={"example": "minilm"})
+    input = ma.fields.Raw(required=True, metadata={"description": "A string or a list of strings"})
+    encoding_format = ma.fields.String(
+        allow_none=True, validate=validate.OneOf(("float", "base64")), metadata={"description": "float or base64"}
+    )
+
+
+class _GenerationRequest(_Request):
+    max_tokens = ma.fields.Integer(allow_none=True, metadata={"description": "New tokens (max_length)"})
+    temperature = ma.fields.Float(allow_none=True)
+    top_p = ma.fields.Float(allow_none=True)
+    top_k = ma.fields.Integer(allow_none=True, metadata={"description": "Extension: keep the k most likely tokens"})
+    seed = ma.fields.Integer(allow_none=True, metadata={"description": "Same seed and input: same text"})
+    stop = ma.fields.Raw(allow_none=True, metadata={"description": "A string or up to 8 strings"})
+    repetition_penalty = ma.fields.Float(allow_none=True, metadata={"description": "Extension (> 1 repeats less)"})
+    n = ma.fields.Integer(allow_none=True, validate=validate.Equal(1, error="only n=1 is supported"))
+    stream = ma.fields.Boolean(load_default=False, allow_none=True)
+    stream_options = ma.fields.Dict(allow_none=True, metadata={"description": "{include_usage: true}"})
+    frequency_penalty = ma.fields.Float(
+        allow_none=True, validate=validate.Equal(0, error="only 0 is supported (see repetition_penalty)")
+    )
+    presence_penalty = ma.fields.Float(
+        allow_none=True, validate=validate.Equal(0, error="only 0 is supported (see repetition_penalty)")
+    )
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt = ma.fields.Raw(required=True, metadata={"description": "A string (or a list of strings, not streamed)"})
+    echo = ma.fields.Boolean(allow_none=True, validate=validate.Equal(False, error="echo is not supported"))
+    logprobs = ma.fields.Raw(allow_none=True, validate=validate.Equal(None, error="logprobs are not supported"))
+
+
+class ChatRequest(_GenerationRequest):
+    messages = ma.fields.List(ma.fields.Dict(), required=True, validate=validate.Length(min=1))
+    max_completion_tokens = ma.fields.Integer(allow_none=True, metadata={"description": "Same as max_tokens"})
+    logprobs = ma.fields.Boolean(allow_none=True, validate=validate.Equal(False, error="logprobs are not supported"))
+
+
+class OpenAIModel(ma.Schema):
+    id = ma.fields.String()
+    object = ma.fields.String()
+    created = ma.fields.Integer()
+    owned_by = ma.fields.String()
+    task = ma.fields.String(metadata={"description": "Extension: the model's task"})
+
+
+class OpenAIModelList(ma.Schema):
+    object = ma.fields.String()
+    data = ma.fields.List(ma.fields.Nested(OpenAIModel))
+
+
+def _model_object(spec: ModelSpec) -> dict[str, Any]:
+    return {"id": spec.id, "object": "model", "created": 0, "owned_by": "aethercore", "task": spec.task}
+
+
+def _spec_for(model: str, task: str, endpoint: str) -> ModelSpec:
+    spec = services().spec(model)
+    if spec.task != task:
+        raise ApiError(
+            400,
+            "model_not_supported",
+            f"model {model!r} is a {spec.task} model; {endpoint} serves {task} models",
+            {"model": [f"is a {spec.task} model"]},
+        )
+    return spec
+
+
+def _texts(value: Any, field: str) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(t, str) for t in items):
+        raise_if({field: ["must be a string or a non-empty list of strings (token arrays are not supported)"]})
+    check_batch_size(services(), len(items))
+    max_chars = services().settings.max_input_chars
+    raise_if({f"{field}.{i}": [p] for i, t in enumerate(items) if (p := text_error(t, max_chars))})
+    return items
+
+
+def _text_payload(texts: list[str], parameters: dict[str, Any]) -> dict[str, Any]:
+    if len(texts) == 1:
+        return {"inputs": {"text": texts[0]}, "parameters": parameters}
+    return {"inputs": [{"text": t} for t in texts], "parameters": parameters, "batch": True}
+
+
+def _rows(job: dict[str, Any]) -> list[dict[str, Any]]:
+    result = job.get("result") or {}
+    if "outputs" not in result:
+        return [result.get("output") or {}]
+    rows = []
+    for item in result["outputs"]:
+        if "error" in item:
+            raise item_error(item, job)
+        rows.append(item["output"])
+    return rows
+
+
+def _generation_parameters(spec: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
+    parameters = {PARAMETER_NAMES[k]: v for k, v in body.items() if k in PARAMETER_NAMES and v is not None}
+    raise_if(parameter_errors(spec, parameters))
+    return parameters
+
+
+def _log_user(body: dict[str, Any], spec: ModelSpec) -> None:
+    if body.get("user"):
+        logger.bind(model_id=spec.id).info("OpenAI request for end user {!r}", body["user"])
+
+
+@blp.route("/models")
+class Models(MethodView):
+    @blp.response(200, OpenAIModelList)
+    @requires(*READ_MODELS)
+    def get(self):
+        return {"object": "list", "data": [_model_object(spec) for spec in services().models.values()]}
+
+
+@blp.route("/models/<string:model>")
+class Model(MethodView):
+    @blp.response(200, OpenAIModel)
+    @blp.alt_response(404, description="Unknown model")
+    @requires(*READ_MODELS)
+    def get(self, model: str):
+        return _model_object(services().spec(model))
+
+
+@blp.route("/embeddings")
+class Embeddings(MethodView):
+    @blp.arguments(EmbeddingsRequest)
+    @blp.response(200, description="OpenAI's embedding list, with usage (prompt tokens after truncation)")
+    @blp.alt_response(400, description="Not an embedding model")
+    @blp.alt_response(404, description="Unknown model")
+    @blp.alt_response(422, description="Invalid body: the field is named in error.param")
+    @requires(*SERVE)
+    def post(self, body: dict[str, Any]):
+        spec = _spec_for(body["model"], "feature-extraction", "/v1/embeddings")
+        texts = _texts(body["input"], "input")
+        _log_user(body, spec)
+        job = run_to_end(spec, _text_payload(texts, {}))
+        rows = _rows(job)
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, row in enumerate(rows):
+            vector = np.asarray(row["embedding"], dtype="<f4")
+            encoded = base64.b64encode(vector.tobytes()).decode("ascii") if as_base64 else vector
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(int(row.get("tokens", 0)) for row in rows)
+        return {
+            "object": "list",
+            "data": data,
+            "model": spec.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+
+@blp.route("/completions")
+class Completions(MethodView):
+    @blp.arguments(CompletionRequest)
+    @blp.response(200, description="A text_completion, or with `stream` Server-Sent Events ending in [DONE]")
+    @blp.alt_response(400, description="Not a text-generation model")
+    @blp.alt_response(404, description="Unknown model")
+    @blp.alt_response(422, description="Invalid body: the field is named in error.param")
+    @requires(*SERVE)
+    def post(self, body: dict[str, Any]):
+        spec = _spec_for(body["model"], "text-generation", "/v1/completions")
+        prompts = _texts(body["prompt"], "prompt")
+        parameters = _generation_parameters(spec, body)
+        _log_user(body, spec)
+        if body.get("stream"):
+            if len(prompts) != 1:
+                raise_if({"prompt": ["stream takes one prompt"]})
+            return _stream(spec, {"text": prompts[0]}, parameters, body, chat=False)
+        job = run_to_end(spec, _text_payload(prompts, parameters))
+        rows = _rows(job)
+        choices = [
+            {"index": i, "text": row["text"], "finish_reason": row["finish_reason"], "logprobs": None}
+            for i, row in enumerate(rows)
+        ]
+        return {
+            "id": f"cmpl-{job['job_id']}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": spec.id,
+            "choices": choices,
+            "usage": _usage(rows),
+        }
+
+
+@blp.route("/chat/completions")
+class ChatCompletions(MethodView):
+    @blp.arguments(ChatRequest)
+    @blp.response(200, description="A chat.completion, or with `stream` Server-Sent Events ending in [DONE]")
+    @blp.alt_response(400, description="Not a text-generation model")
+    @blp.alt_response(404, description="Unknown model")
+    @blp.alt_response(422, description="Invalid body: the field is named in error.param")
+    @requires(*SERVE)
+    def post(self, body: dict[str, Any]):
+        spec = _spec_for(body["model"], "text-generation", "/v1/chat/completions")
+        messages = _messages(body["messages"])
+        parameters = _generation_parameters(spec, body)
+        _log_user(body, spec)
+        if body.get("stream"):
+            return _stream(spec, {"messages": messages}, parameters, body, chat=True)
+        job = run_to_end(spec, {"inputs": {"messages": messages}, "parameters": parameters})
+        row = _rows(job)[0]
+        return {
+            "id": f"chatcmpl-{job['job_id']}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": spec.id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": row["text"]},
+                    "finish_reason": row["finish_reason"],
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage([row]),
+        }
+
+
+def _messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages as the worker's chat template takes them: text content (a string, or text parts joined)."""
+    messages = []
+    for index, message in enumerate(raw):
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
+            if not all(isinstance(t, str) for t in texts):
+                raise_if({f"messages.{index}.content": ["only text parts ({type: text, text}) are supported"]})
+            content = "".join(texts)
+        messages.append({**{k: v for k, v in message.items() if v is not None}, "content": content})
+    problem = messages_error(messages, services().settings.max_input_chars)
+    if problem:
+        raise_if({"messages": [problem]})
+    return messages
+
+
+def _usage(rows: list[dict[str, Any]]) -> dict[str, int]:
+    prompt = sum(int(r.get("prompt_tokens", 0)) for r in rows)
+    completion = sum(int(r.get("tokens", 0)) for r in rows)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json_text(data)}\n\n"
+
+
+def _stream(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any], body: dict[str, Any], chat: bool):
+    """Queue the generation, then relay its chunks as OpenAI's stream events; a client that goes away before
+    the end cancels the job (as a closed WebSocket does)."""
+    svc = services()
+    job = svc.submit(INFERENCE, spec, route(svc, spec), {"inputs": inputs, "parameters": parameters})
+    job_id = job["job_id"]
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
+    created = int(time.time())
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    gauge = current_app.extensions["aethercore_metrics"].streams.labels("sse")
+
+    def frame(delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if chat:
+            payload = {} if delta is None else {"content": delta}
+            if first:
+                payload = {"role": "assistant", "content": ""}
+            choice = {"index": 0, "delta": payload, "finish_reason": finish, "logprobs": None}
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            kind = "text_completion"
+        return {"id": ident, "object": kind, "created": created, "model": spec.id, "choices": [choice]}
+
+    def events() -> Iterator[str]:
+        ended = False
+        gauge.inc()
+        try:
+            if chat:
+                yield _sse(frame(None, None, first=True))
+            for event in follow_job(svc.jobs, job_id, "0-0", keepalive_s=15, hub=svc.streams):
+                if event.kind == "keepalive":
+                    yield ": keepalive\n\n"
+                elif event.kind == "chunk" and event.data.get("text"):
+                    yield _sse(frame(event.data["text"], None))
+                elif event.kind == "done":
+                    ended = True
+                    finished = event.data
+                    if finished.get("status") != SUCCEEDED:
+                        error = ended_error(finished)
+                        yield _sse(_openai_error(error.status, error.code, error.message, {}))
+                        return
+                    row = (finished.get("result") or {}).get("output") or {}
+                    yield _sse(frame(None, row.get("finish_reason", "stop")))
+                    if include_usage:
+                        yield _sse({**frame(None, None), "choices": [], "usage": _usage([row])})
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            gauge.dec()
+            if not ended:
+                _cancel(svc, job_id, spec)
+
+    return Response(
+        stream_with_context(events()),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _cancel(svc: Any, job_id: str, spec: ModelSpec) -> None:
+    try:
+        if svc.jobs.request_cancel(job_id, "the streaming client disconnected"):
+            logger.bind(job_id=job_id, model_id=spec.id).info("stream closed by the client; cancelling")
+    except Exception as exc:  # the job may have expired meanwhile; nothing is left to stop
+        logger.bind(job_id=job_id).debug("cancel after disconnect: {}", exc)
