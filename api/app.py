@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Flask
+import json
+
+from flask import Flask, current_app
 from flask_smorest import Api
 from flask_sock import Sock
 
@@ -13,6 +15,7 @@ from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
 from api.json_provider import OrjsonProvider
 from api.metrics import init_metrics
+from api.openapi_inputs import document_inputs
 from api.request_id import init_request_id
 from api.security import init_security
 from api.services import Services
@@ -33,6 +36,13 @@ class AetherApi(Api):
 
     def handle_http_exception(self, error):
         return http_exception_response(error)
+
+    def _openapi_json(self):
+        """The document with /serve's bodies per configured model (api/openapi_inputs.py), built when served so
+        the signatures workers published since start are in it."""
+        svc = current_app.extensions["aethercore"]
+        document = document_inputs(self.spec.to_dict(), svc.models, svc.signature, svc.settings.max_input_chars)
+        return current_app.response_class(json.dumps(document, indent=2, sort_keys=False), mimetype="application/json")
 
 
 def create_app(settings: Settings | None = None) -> Flask:

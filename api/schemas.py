@@ -118,6 +118,13 @@ class ModelInfoSchema(ma.Schema):
     model_id = ma.fields.String()
     config = ma.fields.Dict()
     state = ma.fields.String()
+    signature = ma.fields.Dict(
+        allow_none=True,
+        metadata={
+            "description": "Inputs and outputs ({name, datatype, shape}; -1: any size), loaded or not, and where "
+            "they come from: models.yaml, the artifact, or the task; null while nothing says yet"
+        },
+    )
     loaded = ma.fields.Dict(allow_none=True, metadata={"description": "What the loaded model reports"})
 
 

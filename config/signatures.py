@@ -13,6 +13,7 @@ before it is queued: a tensor with a wrong name, datatype or shape gets 422 nami
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,18 +115,46 @@ def shape_error(name: str, shape: list[int] | tuple[int, ...], expected: tuple[i
     return None
 
 
-def nested_shape(data: Any) -> list[int] | None:
-    """The shape of a nested list, following first elements (rectangularity is numpy's check, in the worker);
-    None if it is not a list of lists/numbers."""
-    shape = []
-    while isinstance(data, list):
-        shape.append(len(data))
-        if not data:
+INTEGER_DATATYPES = {"UINT8", "INT8", "INT32", "INT64"}
+
+
+def _element_error(value: Any, datatype: str) -> bool:
+    if datatype == "BOOL":
+        return not isinstance(value, bool)
+    if isinstance(value, bool):
+        return True
+    if datatype in INTEGER_DATATYPES:
+        return not isinstance(value, int)
+    return not isinstance(value, (int, float))
+
+
+def array_shape(data: Any, datatype: str) -> tuple[list[int] | None, str | None]:
+    """The shape of a nested list whose every element is of `datatype` (checked all through, so nothing the
+    worker would refuse is queued), or (None, why not)."""
+    if not isinstance(data, list):
+        return None, "must be a (nested) list of numbers"
+    shape: list[int] = []
+    level = data
+    while isinstance(level, list):
+        shape.append(len(level))
+        if not level:
             break
-        data = data[0]
-    if not shape or isinstance(data, (dict, list, str)) or data is None:
+        level = level[0]
+    kind = "true/false" if datatype == "BOOL" else "whole numbers" if datatype in INTEGER_DATATYPES else "numbers"
+
+    def check(node: Any, depth: int) -> str | None:
+        if depth == len(shape):
+            return f"must hold only {kind} ({datatype})" if _element_error(node, datatype) else None
+        if not isinstance(node, list) or len(node) != shape[depth]:
+            return f"is not rectangular (shape {shape} from its first elements)"
+        for child in node:
+            problem = check(child, depth + 1)
+            if problem:
+                return problem
         return None
-    return shape
+
+    problem = check(data, 0)
+    return (None, problem) if problem else (shape, None)
 
 
 def tensor_input_errors(signature: Signature, inputs: Any, prefix: str = "inputs") -> dict[str, list[str]]:
@@ -141,22 +170,30 @@ def tensor_input_errors(signature: Signature, inputs: Any, prefix: str = "inputs
     errors: dict[str, list[str]] = {}
     for name, spec in expected.items():
         value, field = inputs[name], f"{prefix}.{name}"
+        given_shape = None
         if isinstance(value, dict):
-            datatype, data, shape = value.get("datatype", spec.datatype), value.get("data"), value.get("shape")
+            datatype = value.get("datatype", spec.datatype)
             if datatype != spec.datatype:
                 errors[f"{field}.datatype"] = [f"is {datatype!r}, the model takes {spec.datatype!r}"]
                 continue
-            if shape is None:
-                shape = nested_shape(data)
-            elif not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            given_shape, value = value.get("shape"), value.get("data")
+            if given_shape is not None and (
+                not isinstance(given_shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in given_shape)
+            ):
                 errors[f"{field}.shape"] = ["must be a list of non-negative whole numbers"]
                 continue
-        else:
-            shape = nested_shape(value)
-        if shape is None:
-            errors[field] = ["must be a nested list of numbers or {shape, datatype, data}"]
+        shape, problem = array_shape(value, spec.datatype)
+        if problem:
+            errors[field] = [problem]
             continue
-        problem = shape_error(name, shape, spec.shape)
+        if given_shape is not None:
+            count = math.prod(shape)
+            if math.prod(given_shape) != count:
+                errors[f"{field}.shape"] = [f"{given_shape} does not hold the {count} elements of data"]
+                continue
+            shape = given_shape
+        problem = shape_error(name, shape, spec.shape) or ("has no elements" if 0 in shape else None)
         if problem:
             errors[field] = [problem]
     return errors

@@ -84,4 +84,11 @@ class ModelInfo(MethodView):
         spec = svc.spec(model_id)
         status = svc.cluster.model_status(spec.id)
         loaded = next((r.get("info") for r in status["replicas"] if r.get("info")), None)
-        return {"model_id": spec.id, "config": spec.public(), "state": status["state"], "loaded": loaded}
+        signature = svc.signature(spec)
+        return {
+            "model_id": spec.id,
+            "config": spec.public(),
+            "state": status["state"],
+            "signature": signature.public() if signature is not None else None,
+            "loaded": loaded,
+        }

@@ -172,12 +172,12 @@ class ServerReady(MethodView):
         security=[],
         responses={
             "200": _json({"type": "object"}, "Redis answers, a worker is alive, the models meant to be loaded are"),
-            "400": _json({"type": "object"}, "Not ready (OIP: a 4xx status means false)"),
+            "503": _json({"type": "object"}, "Not ready (any status but 200 means false; 503 as KServe's server)"),
         },
     )
     def get(self):
         ready, _checks = health_checks(readiness=True)
-        return {"ready": ready}, 200 if ready else 400
+        return {"ready": ready}, 200 if ready else 503
 
 
 def _metadata_doc(view):
@@ -199,7 +199,7 @@ class ModelReady(MethodView):
     @blp.doc(
         responses={
             "200": _json({"type": "object"}, "Loaded, or AETHERCORE_AUTOLOAD is on and a worker can take it"),
-            "400": _json({"type": "object"}, "Not ready (OIP: a 4xx status means false)"),
+            "503": _json({"type": "object"}, "Not ready (any status but 200 means false; 503 as KServe's server)"),
             **_errors(404),
         }
     )
@@ -207,7 +207,7 @@ class ModelReady(MethodView):
     def get(self, model_name: str, model_version: str | None = None):
         spec = _spec(model_name, model_version)
         ready = model_ready(spec)
-        return {"name": spec.id, "ready": ready}, 200 if ready else 400
+        return {"name": spec.id, "ready": ready}, 200 if ready else 503
 
 
 @blp.route("/v2/models/<string:model_name>/infer")
