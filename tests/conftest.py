@@ -111,3 +111,21 @@ def auth_api_server(main_redis_url: str, main_worker):
     server = ApiProcess(main_redis_url, name="api-auth-protocols", AETHERCORE_AUTH="true").start()
     yield server
     server.stop()
+
+
+@pytest.fixture()
+def client_without_signatures(main_redis_url: str, main_worker):
+    """A client of an API that does not know the models' signatures yet (no worker has published them): the
+    worker's own checks are then what stands between a bad tensor and the model."""
+    import redis
+
+    from tasks.names import SIGNATURES
+
+    store = redis.Redis.from_url(main_redis_url, decode_responses=True)
+    saved = store.hgetall(SIGNATURES)
+    store.delete(SIGNATURES)
+    try:
+        yield client_for(settings_for(main_redis_url))
+    finally:
+        if saved:
+            store.hset(SIGNATURES, mapping=saved)

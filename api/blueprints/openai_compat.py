@@ -26,7 +26,7 @@ from api.json_provider import json_text
 from api.services import services
 from api.streaming import follow_job
 from config.models import ModelSpec
-from config.parameters import messages_error, text_error
+from config.parameters import MAX_STOP_CHARS, MAX_STOP_STRINGS, messages_error, parameters_for, text_error
 from tasks.states import INFERENCE, SUCCEEDED
 
 blp = Blueprint(
@@ -67,6 +67,42 @@ register_error_dialect("/v1", _openai_error)
 
 
 # -- request bodies (validation and the OpenAPI document from the same schemas) ------------------------------
+TEXTS = {
+    "oneOf": [
+        {"type": "string", "minLength": 1, "pattern": r"\S"},
+        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1, "pattern": r"\S"}},
+    ]
+}
+
+
+def _declared(name: str, description: str = "") -> ma.fields.Field:
+    """An OpenAI field that sets one of the task's declared parameters (config/parameters.py), with its type and
+    range in the OpenAPI document (the checked range of max_length is the model's own max_length_limit)."""
+    parameter = parameters_for("text-generation")[PARAMETER_NAMES[name]]
+    metadata = {"description": description or parameter.doc}
+    if parameter.kind == "strings":
+        return ma.fields.Raw(allow_none=True, metadata={**metadata, **STOP_SCHEMA})
+    field = ma.fields.Integer if parameter.kind == "integer" else ma.fields.Float
+    low = parameter.low if parameter.low is not None else 0
+    # the same words as the declaration's own check (config/parameters.py), whichever check speaks first
+    problem = parameter.error(float("nan")) if parameter.high is not None else None
+    return field(
+        allow_none=True, validate=validate.Range(min=low, max=parameter.high, error=problem), metadata=metadata
+    )
+
+
+STOP_SCHEMA = {
+    "oneOf": [
+        {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+        {
+            "type": "array",
+            "maxItems": MAX_STOP_STRINGS,
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+        },
+    ]
+}
+
+
 class _Request(ma.Schema):
     class Meta:
         unknown = ma.RAISE  # an unknown field is a 422 naming it, never silently ignored
@@ -77,20 +113,20 @@ class _Request(ma.Schema):
 
 class EmbeddingsRequest(_Request):
     model = ma.fields.String(required=True, metadata={"example": "minilm"})
-    input = ma.fields.Raw(required=True, metadata={"description": "A string or a list of strings"})
+    input = ma.fields.Raw(required=True, metadata={"description": "A string or a list of strings", **TEXTS})
     encoding_format = ma.fields.String(
         allow_none=True, validate=validate.OneOf(("float", "base64")), metadata={"description": "float or base64"}
     )
 
 
 class _GenerationRequest(_Request):
-    max_tokens = ma.fields.Integer(allow_none=True, metadata={"description": "New tokens (max_length)"})
-    temperature = ma.fields.Float(allow_none=True)
-    top_p = ma.fields.Float(allow_none=True)
-    top_k = ma.fields.Integer(allow_none=True, metadata={"description": "Extension: keep the k most likely tokens"})
-    seed = ma.fields.Integer(allow_none=True, metadata={"description": "Same seed and input: same text"})
-    stop = ma.fields.Raw(allow_none=True, metadata={"description": "A string or up to 8 strings"})
-    repetition_penalty = ma.fields.Float(allow_none=True, metadata={"description": "Extension (> 1 repeats less)"})
+    max_tokens = _declared("max_tokens", "New tokens to generate (max_length), up to the model's max_length_limit")
+    temperature = _declared("temperature")
+    top_p = _declared("top_p")
+    top_k = _declared("top_k", "Extension: keep the k most likely tokens (0: all)")
+    seed = _declared("seed")
+    stop = _declared("stop")
+    repetition_penalty = _declared("repetition_penalty", "Extension: > 1 repeats less")
     n = ma.fields.Integer(allow_none=True, validate=validate.Equal(1, error="only n=1 is supported"))
     stream = ma.fields.Boolean(load_default=False, allow_none=True)
     stream_options = ma.fields.Dict(allow_none=True, metadata={"description": "{include_usage: true}"})
@@ -103,14 +139,16 @@ class _GenerationRequest(_Request):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt = ma.fields.Raw(required=True, metadata={"description": "A string (or a list of strings, not streamed)"})
+    prompt = ma.fields.Raw(
+        required=True, metadata={"description": "A string (or a list of strings, not streamed)", **TEXTS}
+    )
     echo = ma.fields.Boolean(allow_none=True, validate=validate.Equal(False, error="echo is not supported"))
     logprobs = ma.fields.Raw(allow_none=True, validate=validate.Equal(None, error="logprobs are not supported"))
 
 
 class ChatRequest(_GenerationRequest):
     messages = ma.fields.List(ma.fields.Dict(), required=True, validate=validate.Length(min=1))
-    max_completion_tokens = ma.fields.Integer(allow_none=True, metadata={"description": "Same as max_tokens"})
+    max_completion_tokens = _declared("max_completion_tokens", "Same as max_tokens")
     logprobs = ma.fields.Boolean(allow_none=True, validate=validate.Equal(False, error="logprobs are not supported"))
 
 

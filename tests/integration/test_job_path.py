@@ -145,7 +145,9 @@ def test_unavailable_huggingface_model_fails_fast_with_clear_error(client):
     assert served["status"] == "failed" and served["error"]["code"] == "model_unavailable"
 
 
-def test_bad_tensor_input_fails_only_that_job(client, main_worker):
+def test_bad_tensor_input_fails_only_that_job(client_without_signatures, main_worker):
+    # The signature unknown to the API (no worker published it yet), the worker's check is what fails the job.
+    client = client_without_signatures
     job = submit_and_wait(client, {"model_id": "tiny-mlp", "inputs": {"features": [[1, 2]]}})
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_input"
     assert "shape" in job["error"]["message"]

@@ -39,8 +39,10 @@ def test_health_and_server_metadata(triton):
 
 
 def test_model_metadata_is_known_without_loading(triton, auth_api_server):
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    requests.post(f"{auth_api_server.base}/models/tiny-classifier/unload?wait=30", headers=admin, timeout=40)
     status = requests.get(f"{auth_api_server.base}/models/tiny-classifier/status", headers=auth(), timeout=10).json()
-    assert status["state"] == "unloaded"  # nothing in this session loads it before this test
+    assert status["state"] == "unloaded"
     classifier = triton.get_model_metadata("tiny-classifier", headers=auth())
     assert classifier["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert {"name": "scores", "datatype": "FP32", "shape": [-1, 2]} in classifier["outputs"]
@@ -101,6 +103,10 @@ def test_generation_takes_validated_parameters(triton):
         )
         return result.as_numpy("text")[0].decode(), result.as_numpy("finish_reason")[0].decode()
 
+    rows = triton.infer(
+        "tiny-gpt2", [text_input(["One", "Two", "Three"])], headers=auth(), parameters={"max_length": 3}
+    )
+    assert rows.as_numpy("text").shape == (3,) and set(rows.as_numpy("finish_reason")) <= {b"length", b"stop"}
     first = generate(7)
     assert first == generate(7) and first[1] == "length"  # same seed and input: same text
     with pytest.raises(InferenceServerException) as bad:

@@ -7,7 +7,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import submit_and_wait
+from tests.conftest import client_for, settings_for, submit_and_wait
 from tests.support import USER_KEY, VIEWER_KEY
 
 
@@ -50,6 +50,9 @@ def test_completions_seeded_streamed_and_stopped(oai):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 8  # include_usage: a last chunk with usage, no choices
+
+    several = oai.completions.create(model="tiny-gpt2", prompt=["Once upon a time", "x"], max_tokens=8, temperature=0)
+    assert [c.index for c in several.choices] == [0, 1] and several.choices[0].text == greedy  # one batch job
 
     stop = greedy[3:6]
     assert stop.strip(), f"the greedy text {greedy!r} is too short to cut a stop string from"
@@ -108,3 +111,15 @@ def test_errors_in_openai_shape(oai, auth_api_server):
     )
     error = raw.json()["error"]
     assert raw.status_code == 422 and error["type"] == "invalid_request_error" and error["param"] == "messages"
+
+
+def test_protocol_requests_share_the_inference_rate_limit(main_redis_url, main_worker):
+    limited = client_for(settings_for(main_redis_url, rate_limit="2/minute"), USER_KEY)
+    first = limited.post("/v1/embeddings", json={"model": "minilm", "input": "one"})
+    oip = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["two"]}]}
+    second = limited.post("/v2/models/minilm/infer", json=oip)
+    third = limited.post("/v1/embeddings", json={"model": "minilm", "input": "three"})
+    fourth = limited.post("/v2/models/minilm/infer", json=oip)
+    assert (first.status_code, second.status_code, third.status_code, fourth.status_code) == (200, 200, 429, 429)
+    assert third.get_json()["error"]["type"] == "rate_limit_error" and int(third.headers["Retry-After"]) > 0
+    assert "rate limit" in fourth.get_json()["error"]  # OIP's shape: one string
