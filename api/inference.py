@@ -145,8 +145,27 @@ def ended_error(job: dict[str, Any]) -> ApiError:
     return ApiError(STATUS_FOR_ERROR.get(code, 500), code, message, {"job_id": job["job_id"]})
 
 
-def item_error(item: dict[str, Any], job: dict[str, Any]) -> ApiError:
-    """The error of one item of a batch job."""
-    error = item.get("error") or {}
-    code = error.get("code", "internal_error")
-    return ApiError(STATUS_FOR_ERROR.get(code, 500), code, error.get("message", "failed"), {"job_id": job["job_id"]})
+def text_payload(texts: list[str], parameters: dict[str, Any]) -> dict[str, Any]:
+    """N strings as one job: a plain job for one (coalesced with /serve traffic), a batch job for several (its
+    items go through the worker's batcher with everyone else's)."""
+    if len(texts) == 1:
+        return {"inputs": {"text": texts[0]}, "parameters": parameters}
+    return {"inputs": [{"text": t} for t in texts], "parameters": parameters, "batch": True}
+
+
+def output_rows(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """A succeeded job's output per input row (one, or a batch job's in order); the first failed row's error
+    is raised (a protocol answers for the whole request)."""
+    result = job.get("result") or {}
+    if "outputs" not in result:
+        return [result.get("output") or {}]
+    rows = []
+    for item in result["outputs"]:
+        if "error" in item:
+            error = item["error"] or {}
+            code = error.get("code", "internal_error")
+            raise ApiError(
+                STATUS_FOR_ERROR.get(code, 500), code, error.get("message", "failed"), {"job_id": job["job_id"]}
+            )
+        rows.append(item["output"])
+    return rows

@@ -20,7 +20,7 @@ from flask_smorest import Blueprint
 from api.auth import READ_MODELS, SERVE, requires
 from api.blueprints.health import health_checks
 from api.errors import ApiError, one_line, register_error_dialect
-from api.inference import check_batch_size, item_error, parameter_errors, raise_if, run_to_end
+from api.inference import check_batch_size, output_rows, parameter_errors, raise_if, run_to_end, text_payload
 from api.protocols.oip import NUMERIC, InferRequest, Tensor, encode_response, parse_request
 from api.services import services
 from config.models import TEXT_TASKS, ModelSpec
@@ -288,11 +288,7 @@ def _payload(spec: ModelSpec, signature: Signature | None, parsed: InferRequest)
     if spec.task in TEXT_TASKS:
         texts = _texts(signature, parsed.inputs)
         check_batch_size(services(), len(texts))
-        if len(texts) == 1:
-            payload["inputs"] = {"text": texts[0]}
-        else:
-            payload.update(inputs=[{"text": t} for t in texts], batch=True)
-        return payload
+        return {**payload, **text_payload(texts, parameters)}
     payload["inputs"] = _tensors(signature, parsed.inputs)
     return payload
 
@@ -346,20 +342,8 @@ def _tensors(signature: Signature | None, inputs: list[Tensor]) -> dict[str, Any
     return {t.name: {"shape": t.shape, "datatype": t.datatype, "data": t.array.reshape(-1).tolist()} for t in inputs}
 
 
-def _rows(job: dict[str, Any]) -> list[dict[str, Any]]:
-    result = job.get("result") or {}
-    if "outputs" not in result:
-        return [result.get("output") or {}]
-    rows = []
-    for item in result["outputs"]:
-        if "error" in item:
-            raise item_error(item, job)
-        rows.append(item["output"])
-    return rows
-
-
 def _outputs(spec: ModelSpec, job: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
-    rows = _rows(job)
+    rows = output_rows(job)
     if spec.task == "feature-extraction":
         return [("embedding", np.stack([np.asarray(r["embedding"], dtype="<f4") for r in rows]))]
     if spec.task == "text-classification":

@@ -21,7 +21,16 @@ from marshmallow import validate
 
 from api.auth import READ_MODELS, SERVE, requires
 from api.errors import ApiError, field_errors, register_error_dialect
-from api.inference import check_batch_size, ended_error, item_error, parameter_errors, raise_if, route, run_to_end
+from api.inference import (
+    check_batch_size,
+    ended_error,
+    output_rows,
+    parameter_errors,
+    raise_if,
+    route,
+    run_to_end,
+    text_payload,
+)
 from api.json_provider import json_text
 from api.services import services
 from api.streaming import follow_job
@@ -191,24 +200,6 @@ def _texts(value: Any, field: str) -> list[str]:
     return items
 
 
-def _text_payload(texts: list[str], parameters: dict[str, Any]) -> dict[str, Any]:
-    if len(texts) == 1:
-        return {"inputs": {"text": texts[0]}, "parameters": parameters}
-    return {"inputs": [{"text": t} for t in texts], "parameters": parameters, "batch": True}
-
-
-def _rows(job: dict[str, Any]) -> list[dict[str, Any]]:
-    result = job.get("result") or {}
-    if "outputs" not in result:
-        return [result.get("output") or {}]
-    rows = []
-    for item in result["outputs"]:
-        if "error" in item:
-            raise item_error(item, job)
-        rows.append(item["output"])
-    return rows
-
-
 def _generation_parameters(spec: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
     parameters = {PARAMETER_NAMES[k]: v for k, v in body.items() if k in PARAMETER_NAMES and v is not None}
     raise_if(parameter_errors(spec, parameters))
@@ -218,6 +209,21 @@ def _generation_parameters(spec: ModelSpec, body: dict[str, Any]) -> dict[str, A
 def _log_user(body: dict[str, Any], spec: ModelSpec) -> None:
     if body.get("user"):
         logger.bind(model_id=spec.id).info("OpenAI request for end user {!r}", body["user"])
+
+
+def _refusals(wrong_task: str):
+    """The errors every generation or embedding operation documents."""
+
+    def document(view):
+        for status, description in (
+            (400, wrong_task),
+            (404, "Unknown model"),
+            (422, "Invalid body: the field is named in error.param"),
+        ):
+            view = blp.alt_response(status, description=description)(view)
+        return view
+
+    return document
 
 
 @blp.route("/models")
@@ -241,16 +247,14 @@ class Model(MethodView):
 class Embeddings(MethodView):
     @blp.arguments(EmbeddingsRequest)
     @blp.response(200, description="OpenAI's embedding list, with usage (prompt tokens after truncation)")
-    @blp.alt_response(400, description="Not an embedding model")
-    @blp.alt_response(404, description="Unknown model")
-    @blp.alt_response(422, description="Invalid body: the field is named in error.param")
+    @_refusals("Not an embedding model")
     @requires(*SERVE)
     def post(self, body: dict[str, Any]):
         spec = _spec_for(body["model"], "feature-extraction", "/v1/embeddings")
         texts = _texts(body["input"], "input")
         _log_user(body, spec)
-        job = run_to_end(spec, _text_payload(texts, {}))
-        rows = _rows(job)
+        job = run_to_end(spec, text_payload(texts, {}))
+        rows = output_rows(job)
         as_base64 = body.get("encoding_format") == "base64"
         data = []
         for index, row in enumerate(rows):
@@ -270,9 +274,7 @@ class Embeddings(MethodView):
 class Completions(MethodView):
     @blp.arguments(CompletionRequest)
     @blp.response(200, description="A text_completion, or with `stream` Server-Sent Events ending in [DONE]")
-    @blp.alt_response(400, description="Not a text-generation model")
-    @blp.alt_response(404, description="Unknown model")
-    @blp.alt_response(422, description="Invalid body: the field is named in error.param")
+    @_refusals("Not a text-generation model")
     @requires(*SERVE)
     def post(self, body: dict[str, Any]):
         spec = _spec_for(body["model"], "text-generation", "/v1/completions")
@@ -283,8 +285,8 @@ class Completions(MethodView):
             if len(prompts) != 1:
                 raise_if({"prompt": ["stream takes one prompt"]})
             return _stream(spec, {"text": prompts[0]}, parameters, body, chat=False)
-        job = run_to_end(spec, _text_payload(prompts, parameters))
-        rows = _rows(job)
+        job = run_to_end(spec, text_payload(prompts, parameters))
+        rows = output_rows(job)
         choices = [
             {"index": i, "text": row["text"], "finish_reason": row["finish_reason"], "logprobs": None}
             for i, row in enumerate(rows)
@@ -303,9 +305,7 @@ class Completions(MethodView):
 class ChatCompletions(MethodView):
     @blp.arguments(ChatRequest)
     @blp.response(200, description="A chat.completion, or with `stream` Server-Sent Events ending in [DONE]")
-    @blp.alt_response(400, description="Not a text-generation model")
-    @blp.alt_response(404, description="Unknown model")
-    @blp.alt_response(422, description="Invalid body: the field is named in error.param")
+    @_refusals("Not a text-generation model")
     @requires(*SERVE)
     def post(self, body: dict[str, Any]):
         spec = _spec_for(body["model"], "text-generation", "/v1/chat/completions")
@@ -315,7 +315,7 @@ class ChatCompletions(MethodView):
         if body.get("stream"):
             return _stream(spec, {"messages": messages}, parameters, body, chat=True)
         job = run_to_end(spec, {"inputs": {"messages": messages}, "parameters": parameters})
-        row = _rows(job)[0]
+        row = output_rows(job)[0]
         return {
             "id": f"chatcmpl-{job['job_id']}",
             "object": "chat.completion",
