@@ -99,6 +99,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Malformed request (OIP error)",
         404: "Unknown model or version",
+        409: "Model not loaded and AETHERCORE_AUTOLOAD=false",
         413: "Too many rows or elements",
         422: "Tensor names, datatypes or shapes, or parameters, do not match the model",
         429: "Rate limit or queue full",
@@ -232,7 +233,7 @@ class Infer(MethodView):
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
             },
-            **_errors(400, 404, 413, 422, 429, 503, 504),
+            **_errors(400, 404, 409, 413, 422, 429, 503, 504),
         },
     )
     @requires(*SERVE)

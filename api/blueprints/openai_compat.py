@@ -218,6 +218,7 @@ def _refusals(wrong_task: str):
         for status, description in (
             (400, wrong_task),
             (404, "Unknown model"),
+            (409, "Model not loaded and AETHERCORE_AUTOLOAD=false"),
             (422, "Invalid body: the field is named in error.param"),
         ):
             view = blp.alt_response(status, description=description)(view)
