@@ -92,6 +92,10 @@ def test_tensor_model_infer_binary_and_json(triton, client):
     assert [o["name"] for o in response["outputs"]] == ["probabilities"] and "data" in response["outputs"][0]
     assert np.allclose(chosen.as_numpy("probabilities"), probabilities, atol=1e-6)
 
+    for algorithm in ("gzip", "deflate"):  # the client's request compression
+        packed = triton.infer("tiny-mlp", [tensor], headers=auth(), request_compression_algorithm=algorithm)
+        assert np.allclose(packed.as_numpy("logits"), logits, atol=1e-6)
+
 
 def test_generation_takes_validated_parameters(triton):
     def generate(seed: int) -> tuple[str, str]:
