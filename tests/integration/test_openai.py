@@ -4,10 +4,11 @@ both streaming, generation parameters, and errors in OpenAI's shape mapped to th
 
 import numpy as np
 import openai
+import orjson
 import pytest
 import requests
 
-from tests.conftest import client_for, settings_for, submit_and_wait
+from tests.conftest import client_for, poll, settings_for, submit_and_wait
 from tests.support import USER_KEY, VIEWER_KEY
 
 
@@ -123,3 +124,16 @@ def test_protocol_requests_share_the_inference_rate_limit(main_redis_url, main_w
     assert (first.status_code, second.status_code, third.status_code, fourth.status_code) == (200, 200, 429, 429)
     assert third.get_json()["error"]["type"] == "rate_limit_error" and int(third.headers["Retry-After"]) > 0
     assert "rate limit" in fourth.get_json()["error"]  # OIP's shape: one string
+
+
+def test_closing_a_stream_early_cancels_its_job(client):
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-gpt2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 256, "stream": True},
+        buffered=False,
+    )
+    first = next(iter(response.response))  # the role delta, sent as soon as the job is queued
+    job_id = orjson.loads(first.removeprefix(b"data: "))["id"].removeprefix("chatcmpl-")
+    response.close()  # the client goes away: the stream's generator is closed
+    job = poll(client, job_id)
+    assert job["status"] == "cancelled", job
