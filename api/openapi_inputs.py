@@ -13,7 +13,15 @@ from copy import deepcopy
 from typing import Any
 
 from config.models import TEXT_TASKS, ModelSpec
-from config.parameters import CHAT_ROLES, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, Parameter, parameters_for
+from config.parameters import (
+    CHAT_ROLES,
+    MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    NOT_BLANK_PATTERN,
+    Parameter,
+    parameters_for,
+)
 from config.signatures import Signature, TensorSpec
 
 INTEGER_TYPES = {"INT64", "INT32", "INT8", "UINT8"}
@@ -48,7 +56,9 @@ def text_inputs_schema(max_chars: int) -> dict[str, Any]:
         "type": "object",
         "required": ["text"],
         "additionalProperties": False,
-        "properties": {"text": {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": r"\S"}},
+        "properties": {
+            "text": {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": NOT_BLANK_PATTERN}
+        },
     }
 
 

@@ -136,6 +136,12 @@ def checked(parameter: Parameter, value: Any, high: float | None = None) -> Any:
     return parameter.value(value)
 
 
+# The OpenAPI pattern of a text that is not blank, as `text_error` decides it (Python's str.strip()). JSON Schema
+# patterns are ECMA regexes, whose \s lacks \x1c-\x1f and \x85 (Python whitespace) and has \ufeff (not Python
+# whitespace): both are spelt out, so the document and the check agree on every character under either reading.
+NOT_BLANK_PATTERN = r"[^\s\x1c-\x1f\x85]|\ufeff"
+
+
 def text_error(text: Any, max_chars: int | None = None) -> str | None:
     """Why `inputs.text` is refused (a phrase to follow the field's name), or None."""
     if not isinstance(text, str) or not text.strip():

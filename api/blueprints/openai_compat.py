@@ -35,7 +35,14 @@ from api.json_provider import json_text
 from api.services import services
 from api.streaming import follow_job
 from config.models import ModelSpec
-from config.parameters import MAX_STOP_CHARS, MAX_STOP_STRINGS, messages_error, parameters_for, text_error
+from config.parameters import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    NOT_BLANK_PATTERN,
+    messages_error,
+    parameters_for,
+    text_error,
+)
 from tasks.states import INFERENCE, SUCCEEDED
 
 blp = Blueprint(
@@ -78,8 +85,8 @@ register_error_dialect("/v1", _openai_error)
 # -- request bodies (validation and the OpenAPI document from the same schemas) ------------------------------
 TEXTS = {
     "oneOf": [
-        {"type": "string", "minLength": 1, "pattern": r"\S"},
-        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1, "pattern": r"\S"}},
+        {"type": "string", "minLength": 1, "pattern": NOT_BLANK_PATTERN},
+        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1, "pattern": NOT_BLANK_PATTERN}},
     ]
 }
 

@@ -5,6 +5,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
 from tests.conftest import settings_for
@@ -12,6 +13,13 @@ from tests.support import ADMIN_KEY
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+READINESS = (
+    "/health/ready",
+    "/v2/health/ready",
+    "/health",
+    "/v2/models/{model_name}/ready",
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+)
 
 
 def test_api_conforms_to_its_schema(main_redis_url, main_worker):
@@ -32,8 +40,12 @@ def test_api_conforms_to_its_schema(main_redis_url, main_worker):
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case):
             calls["n"] += 1
-            response = case.call_and_validate(headers=AUTH)
-            calls["statuses"].add(response.status_code)
+            # 503 is a readiness probe's documented "not ready" (a fuzzed load of a model whose files are not here
+            # leaves it meant to be loaded and absent), not a server error; its body is still validated.
+            probe = case.path in READINESS
+            response = case.call_and_validate(headers=AUTH, excluded_checks=[not_a_server_error] if probe else [])
+            if not (probe and response.status_code == 503):
+                calls["statuses"].add(response.status_code)
 
         try:
             fuzz()

@@ -59,3 +59,19 @@ def test_text_inputs():
     assert text_error("hello", 10) is None
     assert text_error("   ") == text_error(None) == "must be a non-empty string"
     assert "at most 3 characters" in text_error("hello", 3)
+
+
+def test_the_documented_not_blank_pattern_agrees_with_the_check_on_every_character():
+    import re
+
+    from config.parameters import NOT_BLANK_PATTERN
+
+    pattern = re.compile(NOT_BLANK_PATTERN)
+    disagree = [
+        hex(code)
+        for code in range(0x10000)
+        if not 0xD800 <= code <= 0xDFFF and bool(pattern.search(chr(code))) != (text_error(chr(code)) is None)
+    ]
+    assert disagree == []
+    # ECMA's \s (what a JSON Schema tool may read) has \ufeff and lacks \x1c-\x1f and \x85: spelt out in the pattern
+    assert pattern.search("\ufeff") and not any(pattern.search(c) for c in "\x1c\x1d\x1e\x1f\x85")
