@@ -84,6 +84,15 @@ def check_batch_size(svc: Services, count: int) -> None:
         )
 
 
+def check_texts(texts: list[str], field: str) -> None:
+    """A protocol's batch of strings: at most AETHERCORE_MAX_BATCH_INPUTS, each by the text rules (422 naming
+    `field[i]`)."""
+    svc = services()
+    check_batch_size(svc, len(texts))
+    max_chars = svc.settings.max_input_chars
+    raise_if({f"{field}[{i}]": [p] for i, t in enumerate(texts) if (p := text_error(t, max_chars))})
+
+
 def route(svc: Services, spec: ModelSpec) -> str:
     """The device queue for this model's inference; 409 when it must be loaded first."""
     desired = svc.desired(spec.id)

@@ -22,9 +22,7 @@ from config.parameters import (
     Parameter,
     parameters_for,
 )
-from config.signatures import Signature, TensorSpec
-
-INTEGER_TYPES = {"INT64", "INT32", "INT8", "UINT8"}
+from config.signatures import INTEGER_DATATYPES, Signature, TensorSpec
 
 
 def parameter_schema(parameter: Parameter, high: float | None) -> dict[str, Any]:
@@ -83,7 +81,7 @@ def chat_inputs_schema(max_chars: int) -> dict[str, Any]:
 
 
 def _nested(tensor: TensorSpec) -> dict[str, Any]:
-    item: dict[str, Any] = {"type": "integer" if tensor.datatype in INTEGER_TYPES else "number"}
+    item: dict[str, Any] = {"type": "integer" if tensor.datatype in INTEGER_DATATYPES else "number"}
     if tensor.datatype == "BOOL":
         item = {"type": "boolean"}
     for size in reversed(tensor.shape):

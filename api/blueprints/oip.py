@@ -20,11 +20,10 @@ from flask_smorest import Blueprint
 from api.auth import READ_MODELS, SERVE, requires
 from api.blueprints.health import health_checks
 from api.errors import ApiError, one_line, register_error_dialect
-from api.inference import check_batch_size, output_rows, parameter_errors, raise_if, run_to_end, text_payload
+from api.inference import check_texts, output_rows, parameter_errors, raise_if, run_to_end, text_payload
 from api.protocols.oip import NUMERIC, InferRequest, Tensor, encode_response, parse_request
 from api.services import services
 from config.models import TEXT_TASKS, ModelSpec
-from config.parameters import text_error
 from config.signatures import Signature, shape_error
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import LOADED
@@ -288,7 +287,6 @@ def _payload(spec: ModelSpec, signature: Signature | None, parsed: InferRequest)
     payload["parameters"] = parameters
     if spec.task in TEXT_TASKS:
         texts = _texts(signature, parsed.inputs)
-        check_batch_size(services(), len(texts))
         return {**payload, **text_payload(texts, parameters)}
     payload["inputs"] = _tensors(signature, parsed.inputs)
     return payload
@@ -304,18 +302,13 @@ def _texts(signature: Signature | None, inputs: list[Tensor]) -> list[str]:
         raise_if({f"inputs.{name}.datatype": [f"is {tensor.datatype}, the model takes BYTES"]})
     if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1) or tensor.shape[0] < 1:
         raise_if({f"inputs.{name}.shape": [f"is {tensor.shape}, the model takes [N] or [N, 1] strings (N >= 1)"]})
-    texts, errors = [], {}
-    max_chars = services().settings.max_input_chars
+    texts = []
     for index, raw in enumerate(tensor.array.reshape(-1)):
         try:
-            text = raw.decode("utf-8")
+            texts.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise ApiError(400, "bad_request", f"inputs.{name}[{index}] is not UTF-8 text") from None
-        problem = text_error(text, max_chars)
-        if problem:
-            errors[f"inputs.{name}[{index}]"] = [problem]
-        texts.append(text)
-    raise_if(errors)
+    check_texts(texts, f"inputs.{name}")
     return texts
 
 

@@ -22,7 +22,7 @@ from marshmallow import validate
 from api.auth import READ_MODELS, SERVE, requires
 from api.errors import ApiError, field_errors, register_error_dialect
 from api.inference import (
-    check_batch_size,
+    check_texts,
     ended_error,
     output_rows,
     parameter_errors,
@@ -41,7 +41,6 @@ from config.parameters import (
     NOT_BLANK_PATTERN,
     messages_error,
     parameters_for,
-    text_error,
 )
 from tasks.states import INFERENCE, SUCCEEDED
 
@@ -201,9 +200,7 @@ def _texts(value: Any, field: str) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(t, str) for t in items):
         raise_if({field: ["must be a string or a non-empty list of strings (token arrays are not supported)"]})
-    check_batch_size(services(), len(items))
-    max_chars = services().settings.max_input_chars
-    raise_if({f"{field}.{i}": [p] for i, t in enumerate(items) if (p := text_error(t, max_chars))})
+    check_texts(items, field)
     return items
 
 
