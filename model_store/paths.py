@@ -11,18 +11,19 @@ from pathlib import Path
 
 from config.models import ModelSpec
 from config.settings import Settings
+from tasks.errors import MODEL_PATH_FORBIDDEN, MODEL_UNAVAILABLE
 
 
 class ModelUnavailable(RuntimeError):
     """The model's files are not on this machine (or are unreadable)."""
 
-    code = "model_unavailable"
+    code = MODEL_UNAVAILABLE
 
 
 class ModelPathForbidden(RuntimeError):
     """A `source: local` path that leads outside the model store and the configured model roots."""
 
-    code = "model_path_forbidden"
+    code = MODEL_PATH_FORBIDDEN
 
 
 def local_path(settings: Settings, relative: str, spec_id: str = "") -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from config.models import ModelSpec
 from config.settings import Settings
 from model_store.paths import local_path
+from tasks.errors import MODEL_ARTIFACT_REJECTED
 
 MANIFEST_NAME = "aethercore-manifest.json"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".onnx", ".pt2", ".pt", ".pth", ".data", ".pkl", ".pickle", ".ckpt"}
@@ -33,7 +34,7 @@ IGNORED = {MANIFEST_NAME, ".aethercore-build"}
 class ArtifactRejected(RuntimeError):
     """The model's files failed verification; nothing was loaded."""
 
-    code = "model_artifact_rejected"
+    code = MODEL_ARTIFACT_REJECTED
 
 
 def file_sha256(path: Path) -> str:

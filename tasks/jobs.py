@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 import redis
 
+from tasks.errors import CANCELLED as CANCELLED_CODE
+from tasks.errors import error_body
 from tasks.names import (
     INFLIGHT_HOLDERS,
     INFLIGHT_PREFIX,
@@ -127,6 +129,27 @@ for i = 1, #entries, 2 do
   end
 end
 return taken
+"""
+
+# A running job whose live holder has stopped working on it (workers/reaper.py decides that from the holder's
+# published active jobs), taken back to `queued` like a dead worker's job, with a crash charged: whatever
+# dropped it may do so again, and AETHERCORE_MAX_ATTEMPTS bounds how often. Only if it is still running on that
+# holder, still in its in-flight hash, and was not started again since the reaper looked (started_at).
+# ARGV: holder, job id, now, the started_at the reaper saw. Returns {payload, crashes}, or nothing.
+_RECLAIM = """
+local key = 'JOB_PREFIX' .. ARGV[2]
+local payload = redis.call('HGET', 'INFLIGHT_PREFIX' .. ARGV[1], ARGV[2])
+if not payload then return nil end
+if redis.call('HGET', key, 'status') ~= $RUNNING or redis.call('HGET', key, 'holder') ~= ARGV[1]
+   or redis.call('HGET', key, 'started_at') ~= ARGV[4] then
+  return nil
+end
+redis.call('HDEL', 'INFLIGHT_PREFIX' .. ARGV[1], ARGV[2])
+local crashes = redis.call('HINCRBY', key, 'crashes', 1)
+redis.call('HDEL', key, 'pass', 'holder')
+redis.call('HSET', key, 'status', $QUEUED, 'payload', payload)
+redis.call('ZADD', 'QUEUED_PREFIX' .. redis.call('HGET', key, 'device'), ARGV[3], ARGV[2])
+return {payload, crashes}
 """
 
 # Jobs of one queue that have waited STALE seconds or more while the queue itself is empty: their message
@@ -305,6 +328,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._transition = client.register_script(_render(_TRANSITION))
         self._reap = client.register_script(_render(_REAP))
+        self._reclaim = client.register_script(_render(_RECLAIM))
         self._append_chunk = client.register_script(_render(_APPEND_CHUNK))
         self._append_status = client.register_script(_render(_APPEND_STATUS))
         self._request_cancel = client.register_script(_render(_REQUEST_CANCEL))
@@ -462,6 +486,19 @@ class JobStore:
         flat = self._reap(args=[dead, repr(time.time())])
         return [(_text(flat[i]), _bytes(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
 
+    def running_since(self, job_ids: list[str]) -> list[str | None]:
+        """Each job's `started_at` as stored (the running try's start, epoch seconds as text), None if gone."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(job_key(job_id), "started_at")
+        return [_text(v) if v is not None else None for v in pipe.execute()]
+
+    def reclaim(self, holder: str, job_id: str, started_at: str) -> tuple[bytes, int] | None:
+        """Take a job its live holder no longer works on back to `queued` (see _RECLAIM): (payload, crashes), or
+        None if it ended, moved or started again meanwhile."""
+        reply = self._reclaim(args=[holder, job_id, repr(time.time()), started_at])
+        return (_bytes(reply[0]), int(reply[1])) if reply else None
+
     def sweep_queued(self, queue: str, stale_s: float, limit: int = 100) -> list[tuple[str, bytes]]:
         """Jobs of `queue` whose message is lost (see _SWEEP_QUEUED), claimed for another `stale_s`."""
         flat = self._sweep_queued(args=[queue, repr(time.time()), stale_s, limit])
@@ -558,9 +595,8 @@ class JobStore:
         if outcome == -1:
             raise JobNotFound(job_id)
         if outcome == 2:
-            return self.finish(
-                job_id, CANCELLED, error={"code": "cancelled", "message": reason}
-            ) or self.request_cancel(job_id, reason)  # it started meanwhile: ask it to stop
+            ended = self.finish(job_id, CANCELLED, error=error_body(CANCELLED_CODE, reason))
+            return ended or self.request_cancel(job_id, reason)  # it started meanwhile: ask it to stop
         return outcome == 1
 
     def events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:

@@ -51,6 +51,13 @@ def inflight_key(worker: str) -> str:
 INFLIGHT_PREFIX = inflight_key("")
 
 
+def active_jobs_key(worker: str) -> str:
+    """JSON {at, jobs}: the jobs a worker's task threads were working on at `at` (its clock), written with each
+    heartbeat (expires with it): the reaper reclaims a job of the in-flight hash that its live holder no longer
+    works on (workers/reaper.py)."""
+    return f"{PREFIX}:active:{worker}"
+
+
 def queued_key(queue: str) -> str:
     """Sorted set of a device queue's jobs that have not started (job id -> when queued): what the reaper
     queues again when their message was lost (a worker killed between taking it and starting it)."""
@@ -63,6 +70,14 @@ INFLIGHT_HOLDERS = f"{PREFIX}:inflight-holders"  # set: workers that may have an
 DESIRED_MODELS = f"{PREFIX}:models:desired"  # hash: model id -> JSON {device, generation, ...}
 MODEL_ERRORS = f"{PREFIX}:models:errors"  # hash: model id -> JSON {message, worker, at}
 GENERATION_COUNTER = f"{PREFIX}:models:generation"
+
+
+def forced_unload_key(model_id: str) -> str:
+    """Set (with a short TTL) by a forced unload, for the other replicas that reconcile to it: end the model's
+    running jobs at once instead of draining them."""
+    return f"{PREFIX}:models:forced-unload:{model_id}"
+
+
 # hash: model id -> JSON {inputs, outputs}: the signature read from its artifact (model_store/signatures.py),
 # published by every worker at start so the API (which has no model store) knows it without loading the model
 SIGNATURES = f"{PREFIX}:models:signatures"
@@ -85,6 +100,12 @@ MODELS_CHANGED = f"{PREFIX}:models:changed"
 AUTH_KEYS = f"{PREFIX}:auth:keys"  # hash: API key id -> JSON {digest, role, name, created_at}
 METRICS_COUNTERS = f"{PREFIX}:metrics:counters"  # hash: every worker's job counters, added up
 METRICS_HISTOGRAMS = f"{PREFIX}:metrics:histograms"  # hash: every worker's histogram buckets, added up
+
+
+def auth_failures_key(kind: str, who: str) -> str:
+    """Counter of failed authentications in the current window, per client address (`addr`) or per presented API
+    key id (`key`), api/auth.py `FailedAuthLimit`."""
+    return f"{PREFIX}:authfail:{kind}:{who}"
 
 
 def rate_limit_key(caller: str, amount: int, window_s: int) -> str:

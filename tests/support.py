@@ -3,8 +3,11 @@ spare port, `manage.py` workers and APIs, from cli/supervise.py), with each chil
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Iterator
+from typing import Any
 
 from cli.supervise import Api, Child, RedisServer, Worker, free_port, wait_until
 from config.settings import REPO_ROOT
@@ -18,6 +21,8 @@ __all__ = [
     "free_port",
     "wait_until",
     "metric",
+    "read_sse",
+    "read_until",
     "base_env",
     "ManagedProcess",
     "WorkerProcess",
@@ -38,6 +43,32 @@ def metric(text: str, name: str, **labels) -> float:
     return total
 
 
+def read_sse(response) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """(event, id, data) from a streaming `requests` response of Server-Sent Events."""
+    event, event_id, data = None, None, []
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if event:
+                yield event, event_id, json.loads("\n".join(data))
+            event, event_id, data = None, None, []
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+
+
+def read_until(subscription, count: int, timeout_ms: int = 5000) -> list:
+    """Entries a stream hub subscription delivers, until `count` of them or `timeout_ms`."""
+    got = []
+    for _ in range(timeout_ms // 50):
+        got += subscription.read(50)
+        if len(got) >= count:
+            break
+    return got
+
+
 # Test credentials (AETHERCORE_API_KEYS of every process the tests start).
 ADMIN_KEY = "test-admin-key-0123456789"
 OPERATOR_KEY = "test-operator-key-0123456789"
@@ -56,6 +87,9 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
             f"{OTHER_USER_KEY}:user,{VIEWER_KEY}:viewer",
             "AETHERCORE_JWT_SECRET": JWT_SECRET,
             "AETHERCORE_RATE_LIMIT": "",
+            # The suite makes hundreds of deliberate failed authentications from 127.0.0.1 (schemathesis alone sends
+            # them by the dozen); the limit on them is tested where it is set (tests/hostile/test_security.py).
+            "AETHERCORE_AUTH_FAILURE_LIMIT": "0",
             "AETHERCORE_REDIS_URL": redis_url,
             "AETHERCORE_BROKER_URL": "",
             "HF_HUB_OFFLINE": "1",

@@ -15,8 +15,11 @@ dynamic batcher:
 * `instances` feeder threads, one per model process, run batches side by side;
 * if a batch fails, its jobs are retried one by one, so one bad input fails only its own job;
 * if the model process dies or hangs (killed after the model's `timeout_s`), it is restarted and
-  the batch's jobs are retried each on its own: only a job that crashes the model when run alone
-  is charged, and after `max_crashes` such crashes it fails as `poison_job`.
+  the batch's jobs are retried each on its own (workers/retry.py: only a job that crashes the model
+  when run alone is charged, and after `max_attempts` such crashes it fails as `poison_job`); a
+  process that cannot be restarted fails the batch (`model_process_died`) and the model is unloaded;
+* when the model goes away (unload, eviction: `close(gone, drain_s)`), nothing new is taken, the jobs
+  already handed over may run for `drain_s`, and those still pending then end with `gone`'s code.
 
 Messages stay unacknowledged until their job's result is written (the task thread returns only
 then), so a job waiting in a batch is redelivered if the worker dies.
@@ -36,7 +39,9 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from workers.model_process import ModelProcessDied, ModelTimeout
+from tasks.errors import POISON_JOB
+from workers.model_process import ModelGone, ModelProcessDied, ModelTimeout, unloaded
+from workers.retry import RetryPolicy
 
 # The fixed cost of one forward pass, in characters of input (~80 tokens): measured on minilm (2 cores), a
 # batch-1 forward costs about as much as 60-80 more padded tokens in a larger batch (~8 ms).
@@ -78,11 +83,7 @@ class Executor(Protocol):
 
 
 class PoisonInput(RuntimeError):
-    code = "poison_job"
-
-
-class ModelUnavailable(RuntimeError):
-    code = "model_process_died"
+    code = POISON_JOB
 
 
 @dataclass
@@ -124,15 +125,16 @@ class ModelBatcher:
         *,
         on_batch: Callable[[int], None] = lambda size: None,
         on_complete: Callable[[list[Request]], None] | None = None,
-        on_model_dead: Callable[[BaseException], None] = lambda exc: None,
+        on_model_dead: Callable[[ModelGone], None] = lambda gone: None,
         on_forward: Callable[[list[Request]], None] = lambda batch: None,
         max_crashes: int = 3,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.executor = executor
         self.model_id = model_id
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_batch_delay_ms / 1000.0
-        self.max_crashes = max_crashes
+        self.policy = policy or RetryPolicy(max_crashes)
         self._on_batch = on_batch
         self._on_complete = on_complete
         self._on_model_dead = on_model_dead
@@ -140,6 +142,8 @@ class ModelBatcher:
         self._pending: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._gone: ModelGone | None = None
+        self._open = 0  # requests handed over and not yet completed (their futures unresolved)
         self._last_size = 0
         self._last_end = 0.0
         self._done: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
@@ -165,16 +169,33 @@ class ModelBatcher:
         )
         with self._cond:
             if self._closed:
-                raise ModelUnavailable(f"model {self.model_id!r} was unloaded")
+                gone = self._gone or unloaded(self.model_id)
+                raise ModelGone(gone.code, str(gone))
             self._pending.append(request)
+            self._open += 1
             self._cond.notify()
         return request.future
 
-    def close(self) -> None:
-        """Stop after the jobs already handed over have run."""
+    def close(self, gone: ModelGone | None = None, drain_s: float | None = None) -> None:
+        """Take nothing new. Without `gone`: the jobs already handed over still run. With it (the model goes
+        away): they may run for `drain_s` seconds; those still pending then end with `gone` (the ones in a
+        forward pass end when the runtime closes)."""
         with self._cond:
             self._closed = True
+            self._gone = gone
             self._cond.notify_all()
+        if gone is None:
+            return
+        deadline = time.monotonic() + (drain_s or 0.0)
+        with self._cond:
+            while self._open and time.monotonic() < deadline:
+                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            left = list(self._pending)
+            self._pending.clear()
+            if left:  # settled before a feeder can see the queue empty and end the completion thread
+                self._settle(left, error=gone)
+        if left:
+            logger.bind(model_id=self.model_id).warning("{} pending job(s) ended: {}", len(left), gone.code)
 
     # -- forming batches ----------------------------------------------------------------------
     def _target(self) -> int:
@@ -233,6 +254,9 @@ class ModelBatcher:
             outputs = self.executor.run_batch_on(index, [r.inputs for r in batch], batch[0].parameters)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(batch)} inputs")
+        except ModelGone as exc:  # the model went away under the batch: final, not a crash
+            self._settle(batch, error=exc)
+            return
         except (ModelProcessDied, ModelTimeout) as exc:
             self._crashed(index, batch, exc)
             return
@@ -253,11 +277,12 @@ class ModelBatcher:
 
     def _crashed(self, index: int, batch: list[Request], exc: BaseException) -> None:
         log = logger.bind(model_id=self.model_id)
-        if not self.executor.revive(index):
-            log.error("model process {} could not be restarted; failing {} job(s)", index, len(batch))
-            error = ModelUnavailable(f"the process of model {self.model_id!r} died ({exc}) and could not be restarted")
-            self._settle(batch, error=error)
-            self._on_model_dead(error)
+        gone = self.policy.restart(self.executor, self.model_id, exc, index)
+        if gone is not None:
+            log.error("model process {} is not running again ({}); ending {} job(s)", index, gone.code, len(batch))
+            self._settle(batch, error=gone)
+            if self.policy.cannot_restart(gone):
+                self._on_model_dead(gone)
             return
         if len(batch) > 1:
             # Only the job that kills the model when run alone is to blame; the others are innocent.
@@ -266,18 +291,16 @@ class ModelBatcher:
                 self._run(index, [request])
             return
         request = batch[0]
-        request.crashes += 1
-        if request.crashes >= self.max_crashes:
-            self._settle(
-                batch,
-                error=PoisonInput(
-                    f"the job brought down the process of model {self.model_id!r} {request.crashes} times when run "
-                    f"alone ({exc}); it is not retried again"
-                ),
-            )
+        verdict = self.policy.charge(self.model_id, exc, request.crashes + 1)
+        request.crashes = verdict.crashes
+        if not verdict.retry:
+            self._settle(batch, error=PoisonInput(verdict.error["message"] if verdict.error else str(exc)))
             return
         log.warning(
-            "a job alone lost its model process ({}); retrying it ({} of {})", exc, request.crashes, self.max_crashes
+            "a job alone lost its model process ({}); retrying it ({} of {})",
+            exc,
+            request.crashes,
+            self.policy.max_attempts,
         )
         self._run(index, batch)
 
@@ -305,3 +328,6 @@ class ModelBatcher:
                     request.future.set_exception(request.error)
                 else:
                     request.future.set_result(request.outcome)
+            with self._cond:
+                self._open -= len(batch)
+                self._cond.notify_all()

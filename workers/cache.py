@@ -1,6 +1,8 @@
 """The resident model cache of one worker process: at most one copy of each model, an LRU memory budget.
 
-Loading is serialised per model (two threads asking for the same model load it once). Before a
+Loading is serialised per model (two threads asking for the same model load it once, and a thread that
+waited for a load that failed gets that failure rather than trying again: concurrent jobs share one load
+attempt, so a failing or timing-out load ends all of them within one AETHERCORE_LOAD_TIMEOUT). Before a
 load, the model's size on disk is the memory estimate: a model larger than its own
 `max_memory` or than the whole budget is refused before anything is read; otherwise the least
 recently used models are evicted until the estimate fits. Once loaded, a model's memory is what it
@@ -27,6 +29,7 @@ from loguru import logger
 
 from config.models import ModelSpec
 from config.units import format_size
+from tasks.errors import MODEL_EVICTED, MODEL_LOAD_FAILED, MODEL_TOO_LARGE, MODEL_UNAVAILABLE, MODEL_UNLOADED
 from tasks.states import LOADED, LOADING
 from workers.runtimes.base import Runtime
 
@@ -34,7 +37,7 @@ from workers.runtimes.base import Runtime
 class ModelLoadError(RuntimeError):
     """A model could not be made resident; `code` is the API error code."""
 
-    def __init__(self, message: str, code: str = "model_load_failed") -> None:
+    def __init__(self, message: str, code: str = MODEL_LOAD_FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -73,8 +76,10 @@ class ModelCache:
         estimate: Callable[[ModelSpec], int],
         on_change: Callable[[], None] = lambda: None,
         on_evict: Callable[[str], None] = lambda model_id: None,
-        on_unload: Callable[[str], None] = lambda model_id: None,
+        on_unload: Callable[[str, Any, str, float], None] = lambda model_id, runtime, reason, drain_s: None,
     ) -> None:
+        """`on_unload(model_id, runtime, reason, drain_s)` runs before a runtime is closed: `reason` is
+        MODEL_UNLOADED or MODEL_EVICTED (tasks/errors.py), `drain_s` how long its jobs in flight may still run."""
         self.budget_bytes = budget_bytes
         self.device = device
         self._factory = factory
@@ -86,6 +91,8 @@ class ModelCache:
         self._loading: dict[str, float] = {}
         self._lock = threading.RLock()
         self._model_locks: dict[str, threading.Lock] = {}
+        self._attempts: dict[str, int] = {}  # loads started, per model
+        self._last_error: dict[str, ModelLoadError] = {}  # the last load's failure, per model (None: it loaded)
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, model_id: str) -> Runtime | None:
@@ -152,51 +159,72 @@ class ModelCache:
     def load(self, spec: ModelSpec, generation: int = 0) -> Runtime:
         with self._lock:
             lock = self._model_locks.setdefault(spec.id, threading.Lock())
+            seen = self._attempts.get(spec.id, 0)
         with lock:
             runtime = self.get(spec.id)
             if runtime is not None:
                 return runtime
-            estimate = self._check_fits(spec)
-            self._make_room(spec.id, estimate)
+            failed = self._last_error.get(spec.id)
+            if failed is not None and self._attempts.get(spec.id, 0) != seen:
+                raise ModelLoadError(str(failed), failed.code)  # the load this thread waited for failed
             with self._lock:
-                self._loading[spec.id] = time.time()
-            self._on_change()
-            started = time.perf_counter()
+                self._attempts[spec.id] = self._attempts.get(spec.id, 0) + 1
             try:
-                runtime = self._factory(spec)
-                runtime.load()
-                memory = runtime.memory_bytes()
-                info = runtime.describe()
-            except Exception as exc:
-                with self._lock:
-                    self._loading.pop(spec.id, None)
-                runtime = None
-                release_memory(self.device)
-                self._on_change()
-                logger.bind(model_id=spec.id).warning("loading failed: {}", exc)
-                if isinstance(exc, ModelLoadError):
-                    raise
-                raise ModelLoadError(
-                    str(exc) if spec.id in str(exc) else f"model {spec.id!r} failed to load: {exc}",
-                    getattr(exc, "code", "model_load_failed"),
-                ) from exc
-            load_ms = (time.perf_counter() - started) * 1000
-            gpu_bytes = getattr(runtime, "gpu_memory_bytes", lambda: None)()
-            with self._lock:
-                self._loading.pop(spec.id, None)
-                self._entries[spec.id] = Entry(
-                    runtime, memory, generation, load_ms=load_ms, info=info, gpu_memory_bytes=gpu_bytes
-                )
-            logger.bind(model_id=spec.id).info("model resident: {} in {:.0f} ms", format_size(memory), load_ms)
-            self._on_change()
+                runtime = self._load(spec, generation)
+            except ModelLoadError as exc:
+                self._last_error[spec.id] = exc
+                raise
+            self._last_error.pop(spec.id, None)
             return runtime
 
-    def unload(self, model_id: str) -> bool:
+    def _load(self, spec: ModelSpec, generation: int) -> Runtime:
+        """The body of load(), under the model's lock."""
+        estimate = self._check_fits(spec)
+        self._make_room(spec.id, estimate)
+        with self._lock:
+            self._loading[spec.id] = time.time()
+        self._on_change()
+        started = time.perf_counter()
+        try:
+            runtime = self._factory(spec)
+            runtime.load()
+            memory = runtime.memory_bytes()
+            info = runtime.describe()
+        except Exception as exc:
+            with self._lock:
+                self._loading.pop(spec.id, None)
+            runtime = None
+            release_memory(self.device)
+            self._on_change()
+            logger.bind(model_id=spec.id).warning("loading failed: {}", exc)
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(
+                str(exc) if spec.id in str(exc) else f"model {spec.id!r} failed to load: {exc}",
+                getattr(exc, "code", MODEL_LOAD_FAILED),
+            ) from exc
+        load_ms = (time.perf_counter() - started) * 1000
+        gpu_bytes = getattr(runtime, "gpu_memory_bytes", lambda: None)()
+        with self._lock:
+            self._loading.pop(spec.id, None)
+            self._entries[spec.id] = Entry(
+                runtime, memory, generation, load_ms=load_ms, info=info, gpu_memory_bytes=gpu_bytes
+            )
+        logger.bind(model_id=spec.id).info("model resident: {} in {:.0f} ms", format_size(memory), load_ms)
+        self._on_change()
+        return runtime
+
+    def unload(self, model_id: str, reason: str = MODEL_UNLOADED, drain_s: float = 0.0) -> bool:
+        """Take the model out of the cache (nothing new finds it), let `on_unload` drain or end its jobs, then
+        close it: its memory goes."""
         with self._lock:
             entry = self._entries.pop(model_id, None)
         if entry is None:
             return False
-        self._on_unload(model_id)
+        try:
+            self._on_unload(model_id, entry.runtime, reason, drain_s)
+        except Exception:
+            logger.bind(model_id=model_id).exception("ending the jobs of an unloaded model failed")
         entry.runtime.close()
         del entry
         release_memory(self.device)
@@ -208,18 +236,18 @@ class ModelCache:
         try:
             estimate = self._estimate(spec)
         except Exception as exc:  # files missing or unreadable: nothing was loaded
-            raise ModelLoadError(str(exc), getattr(exc, "code", "model_unavailable")) from exc
+            raise ModelLoadError(str(exc), getattr(exc, "code", MODEL_UNAVAILABLE)) from exc
         if spec.max_memory is not None and estimate > spec.max_memory:
             raise ModelLoadError(
                 f"model {spec.id!r} needs about {format_size(estimate)}, more than its max_memory of "
                 f"{format_size(spec.max_memory)}",
-                "model_too_large",
+                MODEL_TOO_LARGE,
             )
         if estimate > self.budget_bytes:
             raise ModelLoadError(
                 f"model {spec.id!r} needs about {format_size(estimate)}, more than the whole model cache "
                 f"(AETHERCORE_MODEL_CACHE_SIZE={format_size(self.budget_bytes)})",
-                "model_too_large",
+                MODEL_TOO_LARGE,
             )
         return estimate
 
@@ -230,9 +258,10 @@ class ModelCache:
                     return
                 victim = next(iter(self._entries))
             logger.bind(model_id=victim).info("evicting least recently used model to make room for {}", model_id)
-            # Withdraw it from the desired state first, so no reconcile pass loads it right back.
+            # Withdraw it from the desired state first, so no reconcile pass loads it right back. Its running jobs
+            # end at once (model_evicted): the load that needs the room waits for nothing.
             self._on_evict(victim)
-            self.unload(victim)
+            self.unload(victim, MODEL_EVICTED)
 
 
 def _decoding(runtime: Any) -> dict[str, Any]:

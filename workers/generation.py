@@ -8,8 +8,10 @@ straight to the jobs' streams (workers/streams.py); the message stays unacknowle
 of it has ended, so a worker crash redelivers them and the chunk index keeps the stream exactly-once.
 
 A crash or hang of the model process fails every request in its batch: each is tried again on a fresh
-process *alone* (`exclusive`: it runs with no companions), so only a job that brings the model down
-when it runs alone is charged, and after `max_attempts` such crashes it fails as `poison_job`.
+process *alone* (workers/retry.py: only a job that brings the model down when it runs alone is charged;
+after `max_attempts` such crashes it fails as `poison_job`). A model that goes away (unload past its drain,
+eviction, a process that cannot be restarted) ends each request with its reason; a request that cannot even
+be handed over ends the same way. Nothing leaves this loop without its job's end.
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from loguru import logger
 
 from config.models import ModelSpec
-from tasks.states import CANCELLED, EXPIRED, INFERENCE
+from tasks.errors import CANCELLED, DEADLINE_EXCEEDED, error_body
+from tasks.states import INFERENCE
+from workers.completion import Ending, JobContext, classify, logged
 from workers.model_process import (
     CallCancelled,
     DeadlineExceeded,
     GenerationCall,
+    ModelGone,
     ModelProcessDied,
     ModelTimeout,
     RemoteRuntime,
     StreamTarget,
 )
-from workers.outcomes import classify, error_body, logged
 from workers.service import WorkerService
 
 
@@ -41,7 +44,7 @@ from workers.service import WorkerService
 class _Request:
     """One request in the running batch: a job, or one item of a /serve/batch job."""
 
-    ctx: dict[str, Any]
+    ctx: JobContext
     inputs: Any
     item: int | None = None  # index in a batch job's items; None for a job of its own
     call: GenerationCall | None = None
@@ -53,158 +56,150 @@ class _Request:
 class _BatchJob:
     outputs: list[Any]
     left: int
-    tokens_max: int = 0
     begin: float = field(default_factory=time.perf_counter)
 
 
-def run_generation_jobs(
-    svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, contexts: list[dict[str, Any]]
-) -> None:
-    requests: list[_Request] = []
-    batches: dict[str, _BatchJob] = {}
-    for ctx in contexts:
-        job = ctx["job"]
-        ctx["begin"] = time.perf_counter()
-        if job.get("batch"):
-            batches[job["job_id"]] = _BatchJob([None] * len(job["inputs"]), len(job["inputs"]))
-            requests += [_Request(ctx, item, index) for index, item in enumerate(job["inputs"])]
-        else:
-            requests.append(_Request(ctx, job["inputs"]))
-    ended = [outcome for outcome in (_empty_batch(svc, spec, ctx, batches) for ctx in contexts) if outcome]
-    svc.finish(INFERENCE, spec.id, ended)
+class _Run:
+    """The generation jobs of one message, from hand-over to their ends."""
 
-    waiting: dict[Future, _Request] = {}
-    for request in requests:
-        # A job queued again after its worker died runs alone: it may be what killed it.
-        _send(svc, runtime, request, exclusive=bool(request.ctx["job"].get("isolate")))
-        waiting[request.call.future] = request
-    while waiting:
-        done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
-        outcomes = []
-        for future in done:
-            request = waiting.pop(future)
-            outcome = _settle(svc, spec, runtime, request, batches)
-            if outcome is _AGAIN:
+    def __init__(self, svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime) -> None:
+        self.svc = svc
+        self.spec = spec
+        self.runtime = runtime
+        self.batches: dict[str, _BatchJob] = {}
+
+    def run(self, contexts: list[JobContext]) -> None:
+        requests: list[_Request] = []
+        ended: list[Ending] = []
+        for ctx in contexts:
+            if ctx.is_batch:
+                items = ctx.job["inputs"]
+                self.batches[ctx.job_id] = _BatchJob([None] * len(items), len(items))
+                requests += [_Request(ctx, item, index) for index, item in enumerate(items)]
+                if not items:
+                    ended.append(self._batch_end(ctx))
+            else:
+                requests.append(_Request(ctx, ctx.job["inputs"]))
+        waiting: dict[Future, _Request] = {}
+        for request in requests:
+            # A job queued again after its worker died runs alone: it may be what killed it.
+            outcome = self._send(request, exclusive=request.ctx.isolate)
+            if outcome is _SENT:
                 waiting[request.call.future] = request
-            elif outcome is not None:
-                outcomes.append(outcome)
-        svc.finish(INFERENCE, spec.id, outcomes)
+            elif isinstance(outcome, Ending):
+                ended.append(outcome)
+        self.svc.completion.finish(INFERENCE, self.spec.id, ended)
+        while waiting:
+            done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
+            endings = []
+            for future in done:
+                request = waiting.pop(future)
+                outcome = self._settle(request)
+                if outcome is _AGAIN:
+                    waiting[request.call.future] = request
+                elif outcome is not None:
+                    endings.append(outcome)
+            self.svc.completion.finish(INFERENCE, self.spec.id, endings)
 
-
-_AGAIN = object()
-
-
-def _send(svc: WorkerService, runtime: RemoteRuntime, request: _Request, exclusive: bool) -> None:
-    job = request.ctx["job"]
-    if request.item is None:
-        # A fresh target on every try: chunk indexes restart at 0, so what an earlier try already
-        # published is skipped (by index) and readers see each chunk once.
-        first = request.stream.first_piece_at if request.stream else None
-        request.stream = StreamTarget(job["job_id"], runtime.spec.id, job.get("submitted_at"), first_piece_at=first)
-        try:  # what the reaper charges if the worker dies now: a row alone in its batch, never a companion
-            svc.jobs.mark_forward([job["job_id"]], alone=exclusive)
-        except redis.RedisError:
-            pass
-    request.call = runtime.generate(
-        request.inputs, job.get("parameters") or {}, request.stream, exclusive=exclusive, deadline=job.get("deadline")
-    )
-
-
-def _empty_batch(svc: WorkerService, spec: ModelSpec, ctx: dict[str, Any], batches: dict[str, _BatchJob]) -> Any:
-    batch = batches.get(ctx["job"]["job_id"])
-    if batch is None or batch.left:
-        return None
-    return svc.succeeded(spec, ctx, {"outputs": []}, {"inference_ms": 0.0, "batch_size": 0})
-
-
-def _settle(
-    svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, request: _Request, batches: dict[str, _BatchJob]
-) -> Any:
-    """The end of one request: the job's outcome to write, _AGAIN if it was sent again, or None."""
-    ctx, job = request.ctx, request.ctx["job"]
-    log = logger.bind(job_id=job["job_id"], model_id=spec.id, request_id=job.get("request_id"))
-    try:
-        output = request.call.future.result()
-    except (ModelProcessDied, ModelTimeout) as exc:
-        if request.call.exclusive:
-            request.crashes += 1
-        if not runtime.revive_all():
-            return _item_or_job(
-                svc,
-                spec,
-                request,
-                batches,
-                error_body("model_process_died", f"{exc}; the model could not be restarted"),
-            )
-        if request.crashes >= svc.settings.max_attempts:
-            return _item_or_job(
-                svc,
-                spec,
-                request,
-                batches,
-                error_body(
-                    "poison_job",
-                    f"the job brought down the process of model {spec.id!r} {request.crashes} times "
-                    f"when it ran alone ({exc}); it is not retried again",
-                ),
-            )
-        log.warning("generation lost its model process ({}); trying it again alone", exc)
-        _send(svc, runtime, request, exclusive=True)
-        return _AGAIN
-    except CallCancelled:
-        log.info("generation cancelled")
-        return {
-            "job_id": job["job_id"],
-            "status": CANCELLED,
-            "wake": svc.wake(ctx),
-            "error": error_body("cancelled", "the job was cancelled while it ran"),
-        }
-    except DeadlineExceeded as exc:
-        error = error_body(
-            "deadline_exceeded", f"{exc} (its timeout was {job['deadline'] - job['submitted_at']:.1f} s)"
-        )
-        if request.item is not None:
-            return _item_or_job(svc, spec, request, batches, error)
-        return {**svc.failed(ctx, error), "status": EXPIRED}
-    except Exception as exc:
+    def _send(self, request: _Request, exclusive: bool) -> Ending | None | object:
+        """Hand the request to the running batch: _SENT when it was, else its end (as `_end` returns it)."""
+        ctx = request.ctx
         if request.item is None:
-            return svc.failed(ctx, logged(log, exc))
-        return _item_or_job(svc, spec, request, batches, classify(exc))
-    svc.metrics.count_tokens(spec.id, int(output.get("tokens", 0)))
-    if request.item is not None:
-        return _item_or_job(svc, spec, request, batches, None, output)
-    running = request.call.process.generation.get("running", 1)
-    ctx["chunks"] = request.stream.index
-    inference_ms = (time.perf_counter() - ctx["begin"]) * 1000
-    return svc.succeeded(
-        spec,
-        ctx,
-        {"output": output},
-        {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": running},
-    )
+            # A fresh target on every try: chunk indexes restart at 0, so what an earlier try already
+            # published is skipped (by index) and readers see each chunk once.
+            first = request.stream.first_piece_at if request.stream else None
+            request.stream = StreamTarget(ctx.job_id, self.spec.id, ctx.job.get("submitted_at"), first_piece_at=first)
+            try:  # what the reaper charges if the worker dies now: a row alone in its batch, never a companion
+                self.svc.jobs.mark_forward([ctx.job_id], alone=exclusive)
+            except redis.RedisError:
+                pass
+        try:
+            request.call = self.runtime.generate(
+                request.inputs, ctx.parameters, request.stream, exclusive=exclusive, deadline=ctx.job.get("deadline")
+            )
+        except Exception as exc:  # the model is going away, or has no process: the request ends here
+            return self._end(request, classify(exc))
+        return _SENT
+
+    def _settle(self, request: _Request) -> Any:
+        """The end of one request: its job's Ending, _AGAIN if it was sent again, or None (an item whose batch
+        job has more to come)."""
+        ctx = request.ctx
+        log = ctx.log(self.spec.id)
+        try:
+            output = request.call.future.result()
+        except ModelGone as exc:
+            log.info("generation ended: {}", exc)
+            return self._end(request, classify(exc))
+        except (ModelProcessDied, ModelTimeout) as exc:
+            return self._crashed(request, exc)
+        except CallCancelled:
+            log.info("generation cancelled")
+            return self.svc.completion.cancelled(ctx, error_body(CANCELLED, "the job was cancelled while it ran"))
+        except DeadlineExceeded as exc:
+            error = error_body(
+                DEADLINE_EXCEEDED, f"{exc} (its timeout was {ctx.job['deadline'] - ctx.job['submitted_at']:.1f} s)"
+            )
+            if request.item is not None:
+                return self._end(request, error)
+            return self.svc.completion.expired(ctx, error)
+        except Exception as exc:
+            return self._end(request, logged(log, exc) if request.item is None else classify(exc))
+        self.svc.metrics.count_tokens(self.spec.id, int(output.get("tokens", 0)))
+        if request.item is not None:
+            return self._end(request, None, output)
+        running = request.call.process.generation.get("running", 1)
+        ctx.chunks = request.stream.index
+        inference_ms = (time.perf_counter() - ctx.begin) * 1000
+        return self.svc.completion.succeeded(
+            self.spec,
+            ctx,
+            {"output": output},
+            {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": running},
+        )
+
+    def _crashed(self, request: _Request, exc: BaseException) -> Any:
+        """Its model process died or hung: restart it and send the request again alone, or end it."""
+        policy = self.svc.policy
+        gone = policy.restart(self.runtime, self.spec.id, exc)
+        if gone is not None:
+            if policy.cannot_restart(gone):
+                self.svc.model_died(self.spec.id, gone)
+            return self._end(request, classify(gone))
+        verdict = policy.charge(self.spec.id, exc, request.crashes + (1 if request.call.exclusive else 0))
+        request.crashes = verdict.crashes
+        if not verdict.retry:
+            return self._end(request, verdict.error)
+        request.ctx.log(self.spec.id).warning("generation lost its model process ({}); trying it again alone", exc)
+        outcome = self._send(request, exclusive=True)
+        return _AGAIN if outcome is _SENT else outcome
+
+    def _end(self, request: _Request, error: dict[str, str] | None, output: Any = None) -> Ending | None:
+        """A request's end: the job's own end, or one item of a batch job (which ends with its last item)."""
+        ctx = request.ctx
+        if request.item is None:
+            return self.svc.completion.failed(ctx, error)
+        batch = self.batches[ctx.job_id]
+        batch.outputs[request.item] = {"error": error} if error is not None else {"output": output}
+        batch.left -= 1
+        return None if batch.left else self._batch_end(ctx)
+
+    def _batch_end(self, ctx: JobContext) -> Ending:
+        outputs = self.batches[ctx.job_id].outputs
+        inference_ms = (time.perf_counter() - ctx.begin) * 1000
+        return self.svc.completion.succeeded(
+            self.spec,
+            ctx,
+            {"outputs": outputs},
+            {"inference_ms": round(inference_ms, 3), "batch_size": len(outputs)},
+        )
 
 
-def _item_or_job(
-    svc: WorkerService,
-    spec: ModelSpec,
-    request: _Request,
-    batches: dict[str, _BatchJob],
-    error: dict[str, Any] | None,
-    output: Any = None,
-) -> Any:
-    """A request's end: the job's own end, or one item of a batch job (which ends with its last item)."""
-    ctx = request.ctx
-    if request.item is None:
-        return svc.failed(ctx, error)
-    batch = batches[ctx["job"]["job_id"]]
-    batch.outputs[request.item] = {"error": error} if error is not None else {"output": output}
-    batch.left -= 1
-    if batch.left:
-        return None
-    inference_ms = (time.perf_counter() - ctx["begin"]) * 1000
-    return svc.succeeded(
-        spec,
-        ctx,
-        {"outputs": batch.outputs},
-        {"inference_ms": round(inference_ms, 3), "batch_size": len(batch.outputs)},
-    )
+_AGAIN = object()  # sent again: wait for it
+_SENT = object()  # handed to the running batch
+
+
+def run_generation_jobs(
+    svc: WorkerService, spec: ModelSpec, runtime: RemoteRuntime, contexts: list[JobContext]
+) -> None:
+    _Run(svc, spec, runtime).run(contexts)

@@ -1,4 +1,10 @@
-"""The Celery tasks a worker runs. Every outcome ends up in the job record; no exception kills the worker."""
+"""The Celery tasks a worker runs. Every outcome ends up in the job record; no exception kills the worker.
+
+Each task holds its jobs in the worker's `ActiveJobs` from before it marks them running until it returns
+(workers/reaper.py: a job its live worker no longer holds is reclaimed), and ends every job it marked running:
+a job that cannot be served ends with the reason (workers/completion.py), and should a bug escape the serving
+path, the jobs not yet ended end `internal_error` rather than staying `running`.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +15,19 @@ from typing import Any
 from celery import Celery
 from loguru import logger
 
+from tasks.errors import DEADLINE_EXCEEDED, MODEL_NOT_FOUND, error_body
 from tasks.jobs import requeue_payload
-from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
-from tasks.states import EXPIRED, FAILED, INFERENCE, LOAD, LOADED, SUCCEEDED, UNLOAD, UNLOADED, UNLOADING
+from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL, forced_unload_key
+from tasks.states import FAILED, INFERENCE, LOAD, LOADED, SUCCEEDED, UNLOAD, UNLOADED, UNLOADING
 from workers.cache import ModelLoadError
+from workers.completion import Ending, JobContext, classify
 from workers.generation import run_generation_jobs
-from workers.outcomes import classify, error_body
+from workers.residency import ModelNotLoaded
 from workers.service import WorkerService
 
 _service: WorkerService | None = None
-# A job started by this many workers per allowed attempt, each of which died under it, is not started again.
-MAX_TAKEOVERS_PER_ATTEMPT = 4
+# How long a forced unload's mark stays for the replicas that reconcile to it.
+FORCED_UNLOAD_MARK_S = 60
 
 
 def bind_service(service: WorkerService) -> None:
@@ -33,15 +41,19 @@ def service() -> WorkerService:
     return _service
 
 
-def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: JobContext) -> Ending:
     """A /serve/batch job: every item goes through the batcher; each gets its output or its own error."""
-    job = ctx["job"]
-    parameters = job.get("parameters") or {}
-    futures = [
-        svc.submit(spec, runtime, item, parameters, exclusive=bool(job.get("isolate"))) for item in job["inputs"]
-    ]
+    futures: list[Future | dict[str, str]] = []
+    for item in ctx.job["inputs"]:
+        try:
+            futures.append(svc.submit(spec, runtime, item, ctx.parameters, exclusive=ctx.isolate))
+        except Exception as exc:  # the model is going away
+            futures.append(classify(exc))
     outputs, sizes, inference_ms = [], [], 0.0
     for future in futures:
+        if isinstance(future, dict):
+            outputs.append({"error": future})
+            continue
         try:
             outcome = future.result()
         except Exception as exc:
@@ -50,7 +62,7 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: dict[st
         outputs.append({"output": outcome.output})
         sizes.append(outcome.batch_size)
         inference_ms = max(inference_ms, outcome.inference_ms)
-    return svc.succeeded(
+    return svc.completion.succeeded(
         spec, ctx, {"outputs": outputs}, {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)}
     )
 
@@ -64,6 +76,19 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
     The message is acknowledged when this returns, i.e. after every result is written.
     """
     svc = service()
+    with svc.active.holding(job["job_id"] for job in jobs):
+        active = _start(svc, model_id, jobs)
+        if not active:
+            return
+        try:
+            _serve(svc, model_id, active)
+        except Exception as exc:  # a bug: no job it marked running is left so
+            logger.bind(model_id=model_id).opt(exception=exc).error("serving a message failed; ending its jobs")
+            svc.completion.finish(INFERENCE, model_id, [svc.completion.failed(ctx, classify(exc)) for ctx in active])
+
+
+def _start(svc: WorkerService, model_id: str, jobs: list[dict[str, Any]]) -> list[JobContext]:
+    """Mark the message's jobs running (one round trip); end at once those that may not run. The rest."""
     deliveries = svc.jobs.mark_running_many(
         [(j["job_id"], requeue_payload(INFER, svc.queue, {"model_id": model_id, "jobs": [j]})) for j in jobs], svc.name
     )
@@ -72,85 +97,79 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
             "{} job(s) already ended or running elsewhere; skipping them", deliveries.count(0)
         )
     started = time.time()
-    active, refused = [], []
+    active: list[JobContext] = []
+    refused: list[Ending] = []
     for job, delivery in zip(jobs, deliveries):
         if delivery == 0:
             continue
-        ctx = {"job": job, "attempts": delivery, "started": started}
-        if delivery > MAX_TAKEOVERS_PER_ATTEMPT * svc.settings.max_attempts:
-            # Charges go to a job that was alone on a worker that died (workers/reaper.py); this bounds a job
-            # that takes its worker down while others are always beside it.
-            refused.append(
-                svc.failed(
-                    ctx,
-                    error_body(
-                        "poison_job",
-                        f"the job was started by {delivery} workers and each of them died before it "
-                        "ended; it is not retried again (AETHERCORE_MAX_ATTEMPTS)",
-                    ),
-                )
-            )
+        ctx = JobContext(job, delivery, started)
+        poison = svc.policy.refuse_delivery(delivery)
+        if poison is not None:
+            refused.append(svc.completion.failed(ctx, poison))
         elif job.get("deadline") and started > job["deadline"]:
             refused.append(
-                {
-                    **svc.failed(
-                        ctx,
-                        error_body(
-                            "deadline_exceeded",
-                            f"the job waited {started - job['submitted_at']:.1f} s in the queue, longer "
-                            f"than its timeout of {job['deadline'] - job['submitted_at']:.1f} s; it was not run",
-                        ),
+                svc.completion.expired(
+                    ctx,
+                    error_body(
+                        DEADLINE_EXCEEDED,
+                        f"the job waited {started - job['submitted_at']:.1f} s in the queue, longer "
+                        f"than its timeout of {job['deadline'] - job['submitted_at']:.1f} s; it was not run",
                     ),
-                    "status": EXPIRED,
-                }
+                )
             )
         else:
             active.append(ctx)
     if refused:
         logger.bind(model_id=model_id).warning(
-            "{} job(s) refused: {}", len(refused), ", ".join(f"{r['job_id']} {r['error']['code']}" for r in refused)
+            "{} job(s) refused: {}", len(refused), ", ".join(f"{r.job_id} {r.code}" for r in refused)
         )
-        svc.finish(INFERENCE, model_id, refused)
-    if not active:
-        return
+        svc.completion.finish(INFERENCE, model_id, refused)
+    return active
+
+
+def _serve(svc: WorkerService, model_id: str, active: list[JobContext]) -> None:
+    finish = svc.completion.finish
     spec = svc.models.get(model_id)
     if spec is None:
-        error = error_body("model_not_found", f"model {model_id!r} is not configured")
-        svc.finish(INFERENCE, model_id, [svc.failed(ctx, error) for ctx in active])
+        error = error_body(MODEL_NOT_FOUND, f"model {model_id!r} is not configured")
+        finish(INFERENCE, model_id, [svc.completion.failed(ctx, error) for ctx in active])
         return
     try:
-        runtime, load_ms = svc.runtime_for(spec)
+        try:
+            runtime, load_ms = svc.residency.runtime_for(spec, autoload=False)
+        except ModelNotLoaded as exc:
+            # Only the jobs whose callers may have the model loaded (`autoload`) load it; the others end here.
+            finish(INFERENCE, model_id, [svc.completion.failed(c, classify(exc)) for c in active if not c.autoload])
+            active = [ctx for ctx in active if ctx.autoload]
+            if not active:
+                return
+            runtime, load_ms = svc.residency.runtime_for(spec, autoload=True)
     except Exception as exc:
         error = classify(exc)
         logger.bind(model_id=model_id).info("cannot serve: {}", error["message"])
-        svc.finish(INFERENCE, model_id, [svc.failed(ctx, error) for ctx in active])
+        finish(INFERENCE, model_id, [svc.completion.failed(ctx, error) for ctx in active])
         return
 
     for ctx in active:
-        ctx["load_ms"] = load_ms
+        ctx.load_ms = load_ms
     if spec.task == "text-generation":
         run_generation_jobs(svc, spec, runtime, active)
         return
     # Hand every batchable job over first (so they share batches), then run the batch requests here.
     handed: list[Future] = []
-    own: list[dict[str, Any]] = []
-    refused = []
+    own: list[JobContext] = []
+    refused: list[Ending] = []
     for ctx in active:
-        job = ctx["job"]
-        if job.get("batch"):
+        if ctx.is_batch:
             own.append(ctx)
             continue
         try:
-            handed.append(
-                svc.submit(
-                    spec, runtime, job["inputs"], job.get("parameters") or {}, ctx, exclusive=bool(job.get("isolate"))
-                )
-            )
-        except Exception as exc:  # unloaded meanwhile
-            refused.append(svc.failed(ctx, classify(exc)))
-    svc.finish(INFERENCE, model_id, refused)
+            handed.append(svc.submit(spec, runtime, ctx.job["inputs"], ctx.parameters, ctx, exclusive=ctx.isolate))
+        except Exception as exc:  # the model is going away
+            refused.append(svc.completion.failed(ctx, classify(exc)))
+    finish(INFERENCE, model_id, refused)
     for ctx in own:
-        svc.finish(INFERENCE, model_id, [_run_batch_request(svc, spec, runtime, ctx)])
+        finish(INFERENCE, model_id, [_run_batch_request(svc, spec, runtime, ctx)])
     for future in handed:
         try:
             future.result()
@@ -170,49 +189,41 @@ def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[di
     return replicas, failures
 
 
+def _mark_running(svc: WorkerService, task: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """A load or unload job marked running: the wake fields of its end, or None when it is not to run here."""
+    attempts = svc.jobs.mark_running(kwargs["job_id"], svc.name, requeue_payload(task, svc.queue, kwargs))
+    return {"attempts": attempts, "started_at": time.time()} if attempts else None
+
+
 def run_load(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
+    with svc.active.holding([job_id]):
+        _load(svc, job_id, model_id, device, request_id)
+
+
+def _load(svc: WorkerService, job_id: str, model_id: str, device: str, request_id: str | None) -> None:
     log = logger.bind(job_id=job_id, model_id=model_id, request_id=request_id)
-    attempts = svc.jobs.mark_running(
-        job_id,
-        svc.name,
-        requeue_payload(
-            LOAD_MODEL, svc.queue, {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}
-        ),
-    )
-    if not attempts:
+    kwargs = {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}
+    wake = _mark_running(svc, LOAD_MODEL, kwargs)
+    if wake is None:
         return
-    wake = {"attempts": attempts, "started_at": time.time()}
     spec = svc.models.get(model_id)
     if spec is None:
-        svc.finish(
-            LOAD,
-            model_id,
-            [
-                {
-                    "job_id": job_id,
-                    "status": FAILED,
-                    "wake": wake,
-                    "error": error_body("model_not_found", f"model {model_id!r} is not configured"),
-                }
-            ],
-        )
+        error = error_body(MODEL_NOT_FOUND, f"model {model_id!r} is not configured")
+        svc.completion.finish(LOAD, model_id, [Ending(job_id, FAILED, error=error, wake=wake)])
         return
     begin = time.perf_counter()
     generation = svc.cluster.desire(model_id, svc.device, job_id)
     svc.cluster.notify(svc.device)
     try:
-        svc.ensure_loaded(spec, generation)
+        svc.residency.ensure_loaded(spec, generation)
     except ModelLoadError as exc:
-        svc.model_failed(model_id, str(exc), exc.code)
-        svc.finish(
-            LOAD,
-            model_id,
-            [{"job_id": job_id, "status": FAILED, "wake": wake, "error": error_body(exc.code, str(exc))}],
-        )
+        svc.residency.model_failed(model_id, str(exc), exc.code)
+        error = error_body(exc.code, str(exc))
+        svc.completion.finish(LOAD, model_id, [Ending(job_id, FAILED, error=error, wake=wake)])
         log.warning("load failed: {}", exc)
         return
-    workers = svc.wait_for_replicas(model_id, generation, loaded=True, timeout_s=svc.settings.load_timeout)
+    workers = svc.residency.wait_for_replicas(model_id, generation, loaded=True, timeout_s=svc.settings.load_timeout)
     replicas, failures = _replica_view(model_id, workers)
     result = {
         "model_id": model_id,
@@ -222,36 +233,41 @@ def run_load(job_id: str, model_id: str, device: str, request_id: str | None = N
         "failed_replicas": failures,
         "load_ms": round((time.perf_counter() - begin) * 1000, 1),
     }
-    svc.finish(LOAD, model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result, "wake": wake}])
+    svc.completion.finish(LOAD, model_id, [Ending(job_id, SUCCEEDED, result=result, wake=wake)])
     log.info("model loaded on {} replica(s)", len(replicas))
 
 
-def run_unload(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
+def run_unload(job_id: str, model_id: str, device: str, request_id: str | None = None, force: bool = False) -> None:
+    """Unload the model from every worker of the device. Its running jobs are drained (they may end for
+    AETHERCORE_UNLOAD_DRAIN seconds; the rest fail `model_unloaded`), or with `force` ended at once."""
     svc = service()
-    attempts = svc.jobs.mark_running(
-        job_id,
-        svc.name,
-        requeue_payload(
-            UNLOAD_MODEL,
-            svc.queue,
-            {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id},
-        ),
-    )
-    if not attempts:
+    with svc.active.holding([job_id]):
+        _unload(svc, job_id, model_id, device, request_id, force)
+
+
+def _unload(svc: WorkerService, job_id: str, model_id: str, device: str, request_id: str | None, force: bool) -> None:
+    kwargs = {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id, "force": force}
+    wake = _mark_running(svc, UNLOAD_MODEL, kwargs)
+    if wake is None:
         return
-    wake = {"attempts": attempts, "started_at": time.time()}
     svc.cluster.undesire(model_id)
+    if force:  # the other replicas, reconciling to it, end the model's jobs at once too
+        svc.redis.set(forced_unload_key(model_id), "1", ex=FORCED_UNLOAD_MARK_S)
+    else:
+        svc.redis.delete(forced_unload_key(model_id))
     svc.cluster.notify(svc.device)
-    svc.cache.unload(model_id)
-    workers = svc.wait_for_replicas(model_id, 0, loaded=False, timeout_s=svc.settings.load_timeout)
+    svc.residency.unload(model_id, force)
+    drain = 0.0 if force else svc.settings.unload_drain
+    workers = svc.residency.wait_for_replicas(model_id, 0, loaded=False, timeout_s=svc.settings.load_timeout + drain)
     replicas, _ = _replica_view(model_id, workers)
     result = {
         "model_id": model_id,
         "state": UNLOADED if not replicas else UNLOADING,
         "device": svc.device,
         "replicas": replicas,
+        "force": force,
     }
-    svc.finish(UNLOAD, model_id, [{"job_id": job_id, "status": SUCCEEDED, "result": result, "wake": wake}])
+    svc.completion.finish(UNLOAD, model_id, [Ending(job_id, SUCCEEDED, result=result, wake=wake)])
     logger.bind(job_id=job_id, model_id=model_id, request_id=request_id).info("model unloaded")
 
 

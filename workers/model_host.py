@@ -3,26 +3,15 @@
 Started by `workers/model_process.py` as `python -m workers.model_host FD` (a fresh interpreter, never a
 fork of a process that may hold a CUDA context), FD being its end of a socket pair. It receives
 (spec, settings, device, threads), pins its device, imports torch/onnxruntime, loads the model, reports
-`ready`, then answers requests from its one connection:
+`ready`, then answers requests from its one connection. Every message kind, both ways, is in
+workers/wire.py: a batch model answers RUN with RESULT or ERROR; a text-generation model takes GENERATE
+and CANCEL and answers with one EVENTS message per decoding step; EXIT ends either.
 
-    parent -> host   ("run", call_id, inputs, parameters)      one whole batch; -> ("result", call_id, outputs)
-                     ("generate", call_id, inputs, parameters, options)
-                                                                one generation request for the running batch
-                                                                (options: stream, exclusive, deadline)
-                     ("cancel", call_id)                        drop that generation at the next step
-                     ("exit",)
-    host -> parent   ("ready", info) | ("load_error", code, message) once, at start
-                     ("result", call_id, output) | ("error", call_id, kind, message) | ("cancelled", call_id)
-                     ("events", [event, ...], stats)            one per decoding step: every row's new text
-                                                                ("chunk", call_id, text), ("queued", call_id),
-                                                                and the ends of the rows that finished
-
-kind is invalid_input | deadline | error. Messages are pickled by multiprocessing's Connection (binary:
-texts in, float32 arrays out), one message per batch or decoding step each way. A text-generation model
-is served by continuous batching (workers/runtimes/decoding.py): between two decoding steps the loop
-takes in whatever the parent sent, so requests join and leave the running batch at every step. No
-Celery, no Redis and no logging set-up here: the process only computes, so no other Python thread
-competes with the forward pass for the GIL.
+Messages are pickled by multiprocessing's Connection (binary: texts in, float32 arrays out), one message
+per batch or decoding step each way. A text-generation model is served by continuous batching
+(workers/runtimes/decoding.py): between two decoding steps the loop takes in whatever the parent sent, so
+requests join and leave the running batch at every step. No Celery, no Redis and no logging set-up here:
+the process only computes, so no other Python thread competes with the forward pass for the GIL.
 """
 
 from __future__ import annotations
@@ -34,6 +23,8 @@ from typing import Any
 
 from config.models import TEXT_TASKS, ModelSpec
 from config.settings import Settings
+from tasks.errors import MODEL_LOAD_FAILED
+from workers import wire
 from workers.device import anon_bytes_of, rss_bytes_of
 
 
@@ -86,13 +77,12 @@ class _Host:
             describe = self.runtime.describe()
             weights = self.runtime.memory_bytes()
         except Exception as exc:
-            code = getattr(exc, "code", "model_load_failed")
+            code = getattr(exc, "code", MODEL_LOAD_FAILED)
             message = str(exc) if self.spec.id in str(exc) else f"model {self.spec.id!r} failed to load: {exc}"
-            self.conn.send(("load_error", code, message))
+            self.conn.send(wire.load_error(code, message))
             return False
         self.conn.send(
-            (
-                "ready",
+            wire.ready(
                 {
                     "pid": os.getpid(),
                     "anon_baseline_bytes": baseline,
@@ -118,15 +108,16 @@ class _Host:
             except (EOFError, OSError):
                 return  # the worker went away: nothing left to serve
             op = message[0]
-            if op == "exit":
+            if op == wire.EXIT:
                 return
-            if op == "cancel":
+            if op == wire.CANCEL:
                 continue  # a batch is never cancelled half-way; its call already ended
-            _op, call_id, inputs, parameters = message[:4]
+            call_id = message[1]
             try:
-                if op != "run":
+                if op != wire.RUN:
                     raise ValueError(f"operation {op!r} is not served by a {self.spec.task} model")
-                reply = ("result", call_id, self.runtime.run_batch(inputs, parameters))
+                _op, _id, inputs, parameters = message
+                reply = wire.result(call_id, self.runtime.run_batch(inputs, parameters))
             except Exception as exc:
                 reply = self._error(call_id, exc)
             self.conn.send(reply)
@@ -144,18 +135,18 @@ class _Host:
                 return
             events = batcher.step()
             if events or batcher.has_work():
-                self.conn.send(("events", events, batcher.stats()))
+                self.conn.send(wire.events(events, batcher.stats()))
 
     def _take(self, batcher: Any, message: tuple) -> bool:
         op = message[0]
-        if op == "exit":
+        if op == wire.EXIT:
             return False
-        if op == "cancel":
+        if op == wire.CANCEL:
             batcher.cancel(message[1])  # unknown: it already ended, and its end is on its way
             return True
         call_id = message[1]
         try:
-            if op != "generate":
+            if op != wire.GENERATE:
                 raise ValueError(f"operation {op!r} is not served by a text-generation model")
             _op, _id, inputs, parameters, options = message
             batcher.add(self.runtime.sequence(call_id, inputs, parameters, **options))
@@ -167,11 +158,11 @@ class _Host:
     def _error(call_id: int, exc: Exception) -> tuple:
         from workers.runtimes.base import InvalidInput
 
-        kind = "invalid_input" if isinstance(exc, InvalidInput) else "error"
-        detail = str(exc) if kind == "invalid_input" else f"{type(exc).__name__}: {exc}"
-        if kind == "error":
+        kind = wire.INVALID_INPUT if isinstance(exc, InvalidInput) else wire.FAILURE
+        detail = str(exc) if kind == wire.INVALID_INPUT else f"{type(exc).__name__}: {exc}"
+        if kind == wire.FAILURE:
             traceback.print_exc(file=sys.stderr)
-        return ("error", call_id, kind, detail)
+        return wire.error(call_id, kind, detail)
 
 
 def main(conn: Any, spec: ModelSpec, settings: Settings, device: str, threads: int) -> None:

@@ -32,6 +32,17 @@ from loguru import logger
 
 from config.models import ModelSpec
 from config.settings import REPO_ROOT, Settings
+from tasks.errors import (
+    CODES,
+    INTERNAL_ERROR,
+    MODEL_EVICTED,
+    MODEL_LOAD_FAILED,
+    MODEL_LOAD_TIMEOUT,
+    MODEL_PROCESS_DIED,
+    MODEL_TIMEOUT,
+    MODEL_UNLOADED,
+)
+from workers import wire
 from workers.device import anon_bytes_of, rss_bytes_of
 from workers.runtimes.base import InvalidInput, intra_op_threads
 
@@ -41,15 +52,38 @@ STOP_GRACE_S = 5.0
 class ModelProcessError(RuntimeError):
     """The model process failed the call (a bug or a crash inside the model, not the caller's input)."""
 
-    code = "internal_error"
+    code = INTERNAL_ERROR
 
 
 class ModelProcessDied(ModelProcessError):
-    code = "model_process_died"
+    """The process died under the call (crash, OOM kill): the call may be tried again on a restarted one."""
+
+    code = MODEL_PROCESS_DIED
 
 
 class ModelTimeout(ModelProcessError):
-    code = "model_timeout"
+    code = MODEL_TIMEOUT
+
+
+class ModelGone(RuntimeError):
+    """The model was taken away while the call waited or ran: unloaded, evicted, or its process could not be
+    started again. Final: the call is not tried again on this worker; its job ends with `code`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def unloaded(model_id: str, why: str = "it was unloaded (POST /models/{id}/unload)") -> ModelGone:
+    return ModelGone(MODEL_UNLOADED, f"model {model_id!r} went away while the job ran: {why.format(id=model_id)}")
+
+
+def evicted(model_id: str) -> ModelGone:
+    return ModelGone(
+        MODEL_EVICTED,
+        f"model {model_id!r} was evicted (least recently used) to make room for another model while the job "
+        "ran; send it again (AETHERCORE_MODEL_CACHE_SIZE bounds the models a worker keeps)",
+    )
 
 
 class CallCancelled(Exception):
@@ -109,6 +143,7 @@ class ModelProcess:
         self._ids = itertools.count(1)
         self._dead = threading.Event()
         self._stopping = False
+        self._gone: ModelGone | None = None  # why it was stopped: what the calls in flight end with
         self._timed_out = False
         self._last_progress = time.monotonic()
 
@@ -124,7 +159,7 @@ class ModelProcess:
         from workers.cache import ModelLoadError
 
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
+        env = Settings.model_process_env(os.environ)  # no secret crosses into a model process
         # OpenMP's worker threads otherwise spin for milliseconds after every parallel region, burning the
         # cores the worker, the API and Redis need between batches. Measured on 2 cores (minilm, 32 clients):
         # passive waiting served ~20 % more requests per second than the default spin. An operator's own
@@ -144,30 +179,43 @@ class ModelProcess:
         self._conn = Connection(ours.detach())
         threads = intra_op_threads(self.settings, self.spec.instances)
         try:
-            self._conn.send((self.spec, self.settings, self.device, threads))
+            self._conn.send((self.spec, self.settings.for_model_process(), self.device, threads))
             ready = self._conn.poll(timeout_s if timeout_s > 0 else None)
             message = self._conn.recv() if ready else None
         except (EOFError, OSError):
             code = self._exit_code(5)
             self.kill()
             raise ModelLoadError(
-                f"the process loading model {self.spec.id!r} died (exit code {code})", "model_load_failed"
+                f"the process loading model {self.spec.id!r} died (exit code {code})", MODEL_LOAD_FAILED
             ) from None
         if message is None:
             self.kill()
             raise ModelLoadError(
-                f"model {self.spec.id!r} did not load within {timeout_s:.0f} s (AETHERCORE_LOAD_TIMEOUT)",
-                "model_load_timeout",
+                f"model {self.spec.id!r} did not load within {timeout_s:g} s (AETHERCORE_LOAD_TIMEOUT)",
+                MODEL_LOAD_TIMEOUT,
             )
-        if message[0] != "ready":
+        try:
+            self.info = self.loaded(message)
+        except ModelLoadError:
             self.stop()
-            raise ModelLoadError(message[2], message[1])
-        self.info = message[1]
+            raise
         threading.Thread(
             target=self._read_loop, name=f"model-reader-{self.spec.id}-{self.instance}", daemon=True
         ).start()
         threading.Thread(target=self._watch, name=f"model-watchdog-{self.spec.id}-{self.instance}", daemon=True).start()
         return self.info
+
+    @staticmethod
+    def loaded(message: tuple) -> dict[str, Any]:
+        """The model process's answer to the load (wire.START_REPLIES): its info, or ModelLoadError."""
+        from workers.cache import ModelLoadError
+
+        if message[0] == wire.READY:
+            return message[1]
+        if message[0] == wire.LOAD_ERROR:
+            return_code, text = message[1], message[2]
+            raise ModelLoadError(text, return_code if return_code in CODES else MODEL_LOAD_FAILED)
+        raise ModelLoadError(f"the model process answered its load with {message[0]!r}", MODEL_LOAD_FAILED)
 
     def _exit_code(self, wait_s: float) -> int | None:
         try:
@@ -194,14 +242,16 @@ class ModelProcess:
         reserved = self.info.get("weights_bytes", 0) + (self.spec.kv_cache_memory or 0)
         return max(grown, reserved, 0)
 
-    def stop(self) -> None:
-        """Ask the process to exit; kill it if it does not within a few seconds. Its memory goes with it."""
+    def stop(self, gone: ModelGone | None = None) -> None:
+        """Ask the process to exit; kill it if it does not within a few seconds (STOP_GRACE_S). Its memory goes
+        with it; calls still in flight fail with `gone` (why the model went away)."""
         if self._process is None:
             return
         self._stopping = True
+        self._gone = gone
         try:
             with self._send_lock:
-                self._conn.send(("exit",))
+                self._conn.send(wire.exit_())
         except (OSError, ValueError, BrokenPipeError):
             pass
         self._exit_code(STOP_GRACE_S)
@@ -221,8 +271,10 @@ class ModelProcess:
         with self._calls_lock:
             calls, self._calls = self._calls, {}
         for call in calls.values():
-            if self._timed_out:
-                error: Exception = ModelTimeout(
+            if self._gone is not None:
+                error: Exception = self._gone
+            elif self._timed_out:
+                error = ModelTimeout(
                     f"model {self.spec.id!r} made no progress within its timeout_s of {self.spec.timeout_s:g} s; "
                     "its process was restarted"
                 )
@@ -242,7 +294,7 @@ class ModelProcess:
             except (EOFError, OSError, ValueError):
                 break
             self._last_progress = time.monotonic()
-            if message[0] == "events":
+            if message[0] == wire.EVENTS:
                 self._route_events(message[1])
                 self.generation = message[2]
                 if self.sink is not None:
@@ -266,10 +318,10 @@ class ModelProcess:
                 call = self._calls.get(event[1])
                 if call is None:
                     continue
-                if event[0] == "chunk":
+                if event[0] == wire.CHUNK:
                     if call.stream is not None:
                         pieces.append((event[1], call.stream, event[2]))
-                elif event[0] == "queued":
+                elif event[0] == wire.QUEUED:
                     if call.stream is not None:
                         queued.append(call.stream)
                 else:
@@ -280,26 +332,27 @@ class ModelProcess:
             keep = self.sink.publish([(target, text) for _id, target, text in pieces])
             for (call_id, _target, _text), going in zip(pieces, keep):
                 if not going:
-                    self._send_quietly(("cancel", call_id))
+                    self._send_quietly(wire.cancel(call_id))
         for event in ends:
             self._settle(event)
 
     def _settle(self, message: tuple) -> None:
+        """A call's end (wire.CALL_ENDS): its future resolved with the output or the matching error."""
         with self._calls_lock:
             call = self._calls.pop(message[1], None)
         if call is None:
             return
         kind = message[0]
-        if kind == "result":
+        if kind == wire.RESULT:
             _settle(call.future, result=message[2])
-        elif kind == "cancelled":
+        elif kind == wire.CANCELLED:
             _settle(call.future, error=CallCancelled())
-        elif kind == "error" and message[2] == "invalid_input":
+        elif kind == wire.ERROR and message[2] == wire.INVALID_INPUT:
             _settle(call.future, error=InvalidInput(message[3]))
-        elif kind == "error" and message[2] == "deadline":
+        elif kind == wire.ERROR and message[2] == wire.DEADLINE:
             _settle(call.future, error=DeadlineExceeded(message[3]))
         else:
-            _settle(call.future, error=ModelProcessError(message[3] if kind == "error" else f"unexpected {kind!r}"))
+            _settle(call.future, error=ModelProcessError(message[3] if kind == wire.ERROR else f"unexpected {kind!r}"))
 
     def _watch(self) -> None:
         """Kill the process when calls wait on it and it sent nothing for `timeout_s` (a hang)."""
@@ -325,14 +378,17 @@ class ModelProcess:
 
     # -- calls --------------------------------------------------------------------------------
     def submit(self, message: tuple, stream: StreamTarget | None = None) -> tuple[int, Future]:
-        """Send one request (its call id is filled in); its future resolves with the result or the error."""
+        """Send one request (a wire.RUN or wire.GENERATE message without its call id, which is filled in here);
+        its future resolves with the result or the error."""
         future: Future = Future()
         call_id = next(self._ids)
         with self._calls_lock:
             # Checked under the lock that _mark_dead swaps the calls under: a call is either seen by it, or
             # sees the process dead here; none is left waiting on a process that is gone.
             if self._dead.is_set():
-                future.set_exception(ModelProcessDied(f"the process of model {self.spec.id!r} is not running"))
+                future.set_exception(
+                    self._gone or ModelProcessDied(f"the process of model {self.spec.id!r} is not running")
+                )
                 return 0, future
             if not self._calls:
                 self._last_progress = time.monotonic()  # an idle process owes no progress
@@ -371,7 +427,12 @@ class GenerationCall:
 
 
 class RemoteRuntime:
-    """The cache's view of a model whose instances run in their own processes."""
+    """The cache's view of a model whose instances run in their own processes.
+
+    Taking the model away is two steps: `retire(gone)` refuses new work (a GENERATE, a restart) while the
+    calls in flight may still end (an unload's drain), then `close()` stops the processes and every call still
+    in flight fails with `gone` (model_unloaded, model_evicted, or model_process_died when a restart failed).
+    """
 
     def __init__(self, spec: ModelSpec, settings: Settings, device: str, sink: StreamSink | None = None) -> None:
         self.spec = spec
@@ -380,7 +441,9 @@ class RemoteRuntime:
         self.sink = sink
         self.instances: list[ModelProcess] = []
         self.dtype_name: str | None = None  # what the model process reports once loaded
-        self._restart_lock = threading.Lock()
+        self._restart_lock = threading.Lock()  # one restart at a time
+        self._lock = threading.Lock()  # `instances` and `_gone` change together
+        self._gone: ModelGone | None = None
         self.restarts = 0
 
     def load(self) -> None:
@@ -395,29 +458,59 @@ class RemoteRuntime:
         self.dtype_name = self.instances[0].info.get("dtype")
 
     def describe(self) -> dict[str, Any]:
-        info = dict(self.instances[0].info.get("describe", {})) if self.instances else {}
-        info["processes"] = [{"pid": p.pid, "rss_bytes": p.rss_bytes()} for p in self.instances]
+        instances = list(self.instances)
+        info = dict(instances[0].info.get("describe", {})) if instances else {}
+        info["processes"] = [{"pid": p.pid, "rss_bytes": p.rss_bytes()} for p in instances]
         info["restarts"] = self.restarts
         return info
 
     def memory_bytes(self) -> int:
-        return sum(p.memory_bytes() for p in self.instances)
+        return sum(p.memory_bytes() for p in list(self.instances))
 
     def process_rss_bytes(self) -> int:
-        return sum(p.rss_bytes() for p in self.instances)
+        return sum(p.rss_bytes() for p in list(self.instances))
 
     def gpu_memory_bytes(self) -> int | None:
-        values = [p.info.get("gpu_memory_bytes") for p in self.instances]
+        values = [p.info.get("gpu_memory_bytes") for p in list(self.instances)]
         return sum(values) if values and all(v is not None for v in values) else None
 
+    # -- going away ---------------------------------------------------------------------------
+    @property
+    def gone(self) -> ModelGone | None:
+        """Why the model is going (or went) away; None while it serves."""
+        return self._gone
+
+    def retire(self, gone: ModelGone) -> None:
+        """Refuse new work from now on (the first reason given wins); the calls in flight go on until close()."""
+        with self._lock:
+            if self._gone is None:
+                self._gone = gone
+
+    def check_open(self) -> None:
+        """Raise ModelGone (a fresh copy, for this caller's traceback) once the model is going away."""
+        gone = self._gone
+        if gone is not None:
+            raise ModelGone(gone.code, str(gone))
+
+    def in_flight(self) -> int:
+        return sum(p.busy for p in list(self.instances))
+
     def close(self) -> None:
-        instances, self.instances = self.instances, []
+        """Stop every process; the calls still in flight fail with why the model went away."""
+        with self._lock:
+            if self._gone is None:
+                self._gone = unloaded(self.spec.id)
+            instances, self.instances = self.instances, []
         for process in instances:
-            process.stop()
+            process.stop(self._gone)
 
     # -- calls --------------------------------------------------------------------------------
     def run_batch_on(self, index: int, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        outputs = self.instances[index].call("run", inputs, parameters)
+        instances = self.instances
+        if index >= len(instances):
+            self.check_open()
+            raise ModelProcessDied(f"model {self.spec.id!r} has no process {index}")
+        outputs = instances[index].call(wire.RUN, inputs, parameters)
         if len(outputs) != len(inputs):
             raise ModelProcessError(f"the model returned {len(outputs)} outputs for {len(inputs)} inputs")
         return outputs
@@ -431,40 +524,61 @@ class RemoteRuntime:
         exclusive: bool = False,
         deadline: float | None = None,
     ) -> GenerationCall:
-        """Hand one generation request to the running batch of the least busy instance."""
-        process = min(self.instances, key=lambda p: p.busy)
+        """Hand one generation request to the running batch of the least busy instance (ModelGone once the
+        model is going away: nothing new joins a batch that is draining)."""
+        self.check_open()
+        instances = self.instances
+        if not instances:
+            raise ModelProcessDied(f"model {self.spec.id!r} has no running process")
+        process = min(instances, key=lambda p: p.busy)
         options = {"stream": stream is not None, "exclusive": exclusive, "deadline": deadline}
-        _call_id, future = process.submit(("generate", inputs, parameters, options), stream)
+        _call_id, future = process.submit((wire.GENERATE, inputs, parameters, options), stream)
         return GenerationCall(process, future, exclusive)
 
     def generation_stats(self) -> dict[str, int]:
         """The running batches of every instance, added up (for the heartbeat and the metrics)."""
         total: dict[str, int] = {}
-        for process in self.instances:
+        for process in list(self.instances):
             for key, value in process.generation.items():
                 total[key] = total.get(key, 0) + value
         return total
 
     def revive(self, index: int) -> bool:
-        """Replace a dead instance with a fresh process (the model is loaded again); False if that fails."""
+        """Replace a dead instance with a fresh process (the model is loaded again). False if the model is going
+        away, or if the restart failed: then the model retires with `model_process_died` (see `gone`)."""
         with self._restart_lock:
-            if index >= len(self.instances):
-                return False
-            if self.instances[index].alive:
-                return True
+            with self._lock:
+                if self._gone is not None or index >= len(self.instances):
+                    return False
+                if self.instances[index].alive:
+                    return True
             process = ModelProcess(self.spec, self.settings, self.device, index, self.sink)
             try:
                 process.start(self.settings.load_timeout)
             except Exception as exc:
                 logger.bind(model_id=self.spec.id).error("could not restart model process {}: {}", index, exc)
+                self.retire(
+                    ModelGone(
+                        MODEL_PROCESS_DIED,
+                        f"the process of model {self.spec.id!r} died and could not be started again ({exc}); "
+                        f"the model was unloaded: load it again with POST /models/{self.spec.id}/load",
+                    )
+                )
                 return False
-            self.instances[index] = process
+            with self._lock:
+                placed = self._gone is None and index < len(self.instances)
+                if placed:
+                    self.instances[index] = process
+            if not placed:  # the model went away while it restarted
+                process.stop(self._gone)
+                return False
             self.restarts += 1
             logger.bind(model_id=self.spec.id).warning("model process {} restarted (pid {})", index, process.pid)
             return True
 
     def revive_all(self) -> bool:
-        return all(self.revive(i) for i in range(len(self.instances)))
+        return all(self.revive(i) for i in range(len(self.instances))) and self._gone is None
 
     def alive(self) -> bool:
-        return bool(self.instances) and all(p.alive for p in self.instances)
+        instances = self.instances
+        return bool(instances) and all(p.alive for p in instances)

@@ -164,3 +164,42 @@ def test_an_exclusive_job_runs_in_a_forward_pass_of_its_own():
         ["a", "b", "c", "alone"]
     )
     assert seen == executor.batches  # every pass is announced before it runs
+
+
+def test_a_model_going_away_drains_then_ends_what_is_still_pending():
+    from workers.model_process import ModelGone, unloaded
+
+    executor = RecordingExecutor(delay=0.3)
+    batcher = batcher_for(executor, max_batch_size=1, max_batch_delay_ms=0)
+    futures = [batcher.submit({"text": f"t{i}"}, {}) for i in range(4)]
+    time.sleep(0.05)
+    batcher.close(unloaded("rec"), drain_s=0.4)  # time for the first one or two, not for all four
+    ended = [f.exception(5) for f in futures]
+    assert ended[0] is None  # drained: it ran to its end
+    assert isinstance(ended[-1], ModelGone) and ended[-1].code == "model_unloaded"
+    with pytest.raises(ModelGone):  # nothing new is taken
+        batcher.submit({"text": "late"}, {})
+
+
+def test_a_drained_batcher_ends_nothing_when_everything_finishes_in_time():
+    from workers.model_process import evicted
+
+    batcher = batcher_for(RecordingExecutor(delay=0.05), max_batch_size=1, max_batch_delay_ms=0)
+    futures = [batcher.submit({"text": f"t{i}"}, {}) for i in range(3)]
+    batcher.close(evicted("rec"), drain_s=5)
+    assert [f.result(5).output["echo"] for f in futures] == ["t0", "t1", "t2"]
+
+
+def test_a_process_that_cannot_restart_ends_the_batch_and_reports_the_model_dead():
+    from workers.model_process import ModelGone
+
+    class Unrevivable(RecordingExecutor):
+        def revive(self, index):
+            return False
+
+    dead = []
+    batcher = batcher_for(Unrevivable(crash_on="x"), on_model_dead=dead.append)
+    with pytest.raises(ModelGone) as ended:
+        batcher.submit({"text": "x"}, {}).result(5)
+    assert ended.value.code == "model_process_died" and dead == [ended.value]
+    batcher.close()

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from config.parameters import SAMPLING, checked
+from workers import wire
 from workers.runtimes.base import InvalidInput
 
 # Tokens prefilled in one iteration at most (the first request always gets in, however long).
@@ -222,8 +223,7 @@ class ContinuousBatcher:
     # -- one iteration ------------------------------------------------------------------------
     def step(self) -> list[tuple]:
         """Run one iteration; return its events:
-        ("chunk", key, text) | ("queued", key) | ("result", key, output) | ("cancelled", key) |
-        ("error", key, kind, message) with kind deadline | error."""
+        chunk, queued, result, cancelled or error (kind deadline | error), as workers/wire.py builds them."""
         events: list[tuple] = []
         self._drop_leavers(events)
         joining = self._admit(events)
@@ -237,7 +237,7 @@ class ContinuousBatcher:
         except Exception as exc:  # a failed forward pass fails the rows in it, not the process
             traceback.print_exc(file=sys.stderr)
             for sequence in {id(s): s for s in (*self.running, *joining)}.values():
-                events.append(("error", sequence.key, "error", f"{type(exc).__name__}: {exc}"))
+                events.append(wire.error(sequence.key, wire.FAILURE, f"{type(exc).__name__}: {exc}"))
             self.running = []
             self._reset_batch()
             return events
@@ -267,12 +267,11 @@ class ContinuousBatcher:
     @staticmethod
     def _leaving(sequence: Sequence, now: float) -> tuple | None:
         if sequence.cancelled:
-            return ("cancelled", sequence.key)
+            return wire.cancelled(sequence.key)
         if sequence.deadline is not None and now > sequence.deadline:
-            return (
-                "error",
+            return wire.error(
                 sequence.key,
-                "deadline",
+                wire.DEADLINE,
                 f"the job ran past its timeout after {len(sequence.generated)} generated tokens",
             )
         return None
@@ -300,7 +299,7 @@ class ContinuousBatcher:
         for sequence in self.waiting:
             if not sequence.told_queued and sequence.stream:
                 sequence.told_queued = True
-                events.append(("queued", sequence.key))
+                events.append(wire.queued(sequence.key))
         return joining
 
     # -- forward passes -----------------------------------------------------------------------
@@ -438,7 +437,7 @@ class ContinuousBatcher:
             hold = 0 if sequence.stopped else max((len(s) - 1 for s in sequence.sampling.stop), default=0)
             upto = max(sequence.sent, len(text) - hold)
             if upto > sequence.sent:
-                events.append(("chunk", sequence.key, text[sequence.sent : upto]))
+                events.append(wire.chunk(sequence.key, text[sequence.sent : upto]))
                 sequence.sent = upto
 
     def _ended(self, sequence: Sequence) -> str | None:
@@ -458,11 +457,10 @@ class ContinuousBatcher:
             if not sequence.stream and not sequence.sampling.stop:
                 sequence.text = self._text(sequence)  # not decoded step by step
             if sequence.stream and len(sequence.text) > sequence.sent:
-                events.append(("chunk", sequence.key, sequence.text[sequence.sent :]))
+                events.append(wire.chunk(sequence.key, sequence.text[sequence.sent :]))
                 sequence.sent = len(sequence.text)
             events.append(
-                (
-                    "result",
+                wire.result(
                     sequence.key,
                     {
                         "text": sequence.text,

@@ -41,8 +41,16 @@ class TorchExportTensor(Runtime):
             self._to_model(torch.from_numpy(np.concatenate([d[i] for d in decoded])))
             for i in range(len(self.signature["inputs"]))
         ]
-        with torch.inference_mode():
-            outputs = self.module(*args)
+        try:
+            with torch.inference_mode():
+                outputs = self.module(*args)
+        except AssertionError as exc:
+            # torch.export's input guards (e.g. "Guard failed: features.size()[0] <= 65536", the traced range of a
+            # dynamic dimension): the request's fault, not the model's. A batch of several jobs is then retried
+            # one by one by the batcher, so only a job too large on its own fails, with invalid_input.
+            raise InvalidInput(
+                f"the model refuses these inputs: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            ) from None
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         arrays = [

@@ -1,0 +1,111 @@
+"""How a job ends (workers/completion.py), against a real redis-server: the typed job context, each kind of end,
+the wake note for the waiting API process, the metrics, and how an exception becomes a job's error."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import orjson
+import pytest
+
+from tasks.errors import INTERNAL_ERROR, INVALID_INPUT, MODEL_EVICTED, MODEL_UNLOADED, error_body
+from tasks.jobs import JobStore, requeue_payload
+from tasks.metrics import LocalMetrics
+from tasks.names import INFER, inflight_key
+from tasks.states import EXPIRED, FAILED, INFERENCE, SUCCEEDED
+from workers.completion import Completion, JobContext, classify
+from workers.model_process import ModelGone, evicted, unloaded
+from workers.runtimes.base import InvalidInput
+
+SPEC = SimpleNamespace(id="m", task="feature-extraction")
+
+
+@pytest.fixture()
+def jobs(scratch_redis):
+    return JobStore(scratch_redis, ttl_s=60)
+
+
+@pytest.fixture()
+def completion(jobs):
+    return Completion(jobs, LocalMetrics(), "worker-a", "cpu", threading.Event())
+
+
+def running(jobs, **job) -> JobContext:
+    record = jobs.create(kind=INFERENCE, model_id="m", device="cpu", notify="chan")
+    work = {"job_id": record["job_id"], "submitted_at": time.time() - 0.5, **job}
+    attempts = jobs.mark_running(
+        record["job_id"], "worker-a", requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": [work]})
+    )
+    return JobContext(work, attempts, time.time())
+
+
+def test_a_success_is_written_once_with_its_result_timings_and_metrics(jobs, completion, scratch_redis):
+    ctx = running(jobs)
+    ctx.load_ms = 12.5
+    pubsub = scratch_redis.pubsub()
+    pubsub.subscribe("chan")
+    pubsub.get_message(timeout=1)
+    ending = completion.succeeded(SPEC, ctx, {"output": {"embedding": np.ones(2, "f4")}}, {"inference_ms": 3.0})
+    completion.finish(INFERENCE, "m", [ending])
+    job = jobs.get(ctx.job_id)
+    assert job["status"] == SUCCEEDED and list(job["result"]["output"]["embedding"]) == [1.0, 1.0]
+    assert job["result"]["timings"]["load_ms"] == 12.5 and job["result"]["timings"]["queue_ms"] >= 0
+    assert not scratch_redis.exists(inflight_key("worker-a"))
+    note = orjson.loads(pubsub.get_message(timeout=2)["data"])
+    assert note["status"] == SUCCEEDED and note["attempts"] == 1 and note["worker"] == "worker-a"
+    taken = completion.metrics.take()
+    assert taken  # counted in memory, flushed with the heartbeat
+    completion.finish(INFERENCE, "m", [completion.failed(ctx, error_body(INTERNAL_ERROR, "late"))])
+    assert jobs.get(ctx.job_id)["status"] == SUCCEEDED  # a job ends once
+
+
+def test_a_failure_and_an_expiry_carry_their_code(jobs, completion):
+    failed, late = running(jobs), running(jobs)
+    completion.finish(
+        INFERENCE,
+        "m",
+        [
+            completion.failed(failed, classify(unloaded("m"))),
+            completion.expired(late, error_body("deadline_exceeded", "too late")),
+        ],
+    )
+    assert jobs.get(failed.job_id)["status"] == FAILED
+    assert jobs.get(failed.job_id)["error"]["code"] == MODEL_UNLOADED
+    assert jobs.get(late.job_id)["status"] == EXPIRED
+
+
+def test_a_batch_of_ends_is_one_call_and_each_job_ends():
+    class Store:
+        calls = []
+
+        def finish_many(self, items):
+            self.calls.append([i["job_id"] for i in items])
+            return [True] * len(items)
+
+    store = Store()
+    completion = Completion(store, LocalMetrics(), "w", "cpu", threading.Event())
+    contexts = [JobContext({"job_id": f"j{i}"}, 1, time.time()) for i in range(3)]
+    completion.finish(INFERENCE, "m", [completion.failed(c, error_body(INVALID_INPUT, "x")) for c in contexts])
+    assert store.calls == [["j0", "j1", "j2"]]
+
+
+def test_the_job_context_reads_its_job():
+    ctx = JobContext({"job_id": "j", "batch": True, "isolate": True, "parameters": None}, 2, 1.0)
+    assert ctx.job_id == "j" and ctx.is_batch and ctx.isolate and ctx.parameters == {}
+    assert not ctx.autoload  # a job without the field may not load a model
+    assert JobContext({"job_id": "k", "autoload": True}, 1, 1.0).autoload
+
+
+def test_an_exception_becomes_the_jobs_error():
+    assert classify(InvalidInput("too long"))["code"] == INVALID_INPUT
+    assert classify(evicted("m"))["code"] == MODEL_EVICTED
+    assert classify(ModelGone(MODEL_UNLOADED, "gone")) == {"code": MODEL_UNLOADED, "message": "gone"}
+
+    class Foreign(Exception):
+        code = "ECONNRESET"  # a code of someone else's: not ours to answer with
+
+    assert classify(Foreign("x"))["code"] == INTERNAL_ERROR
+    assert classify(ValueError("bug"))["code"] == INTERNAL_ERROR

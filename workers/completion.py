@@ -1,0 +1,244 @@
+"""How a job ends: written once, whichever path ran it (batch completion, generation, task thread, reaper).
+
+A job's end is one Lua transition (tasks/jobs.py): `finish` writes the ends of several jobs in one round trip
+that also wakes the API processes waiting for them, retried while Redis cannot take it, and counts them in
+the worker's metrics. Each end is built here from the job's typed context (`JobContext`): `succeeded` (its
+result encoded once: arrays straight from numpy, or base64 if asked), `failed`, `expired`, `cancelled`.
+`classify` turns the exception a job failed with into its `error` (a code of tasks/errors.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+from loguru import logger
+
+from config.models import ModelSpec
+from tasks.errors import CODES, INTERNAL_ERROR, INVALID_INPUT, error_body
+from tasks.jobs import JobStore, encode
+from tasks.metrics import INFERENCE_TIME, QUEUE_WAIT, LocalMetrics
+from tasks.results import compact
+from tasks.states import CANCELLED, EXPIRED, FAILED, SUCCEEDED
+from workers.runtimes.base import InvalidInput
+
+# How long a job's end is retried while Redis cannot take it (unreachable, or at its maxmemory).
+RESULT_WRITE_RETRY_S = 300
+
+
+@dataclass
+class JobContext:
+    """One job as its worker runs it: the job of the Celery message, and what the worker learnt starting it."""
+
+    job: dict[str, Any]  # job_id, inputs, parameters, submitted_at, deadline, batch, isolate, autoload, ...
+    attempts: int  # its delivery count (1 the first time)
+    started: float  # epoch seconds, when this worker marked it running
+    load_ms: float | None = None  # the lazy load it waited for
+    chunks: int | None = None  # streamed chunks, for the waiting API process
+    begin: float = field(default_factory=time.perf_counter)
+
+    @property
+    def job_id(self) -> str:
+        return self.job["job_id"]
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return self.job.get("parameters") or {}
+
+    @property
+    def is_batch(self) -> bool:
+        """A /serve/batch job: its inputs are items, each with its own output or error."""
+        return bool(self.job.get("batch"))
+
+    @property
+    def isolate(self) -> bool:
+        """Queued again after its worker died: it runs alone (it may be what killed it)."""
+        return bool(self.job.get("isolate"))
+
+    @property
+    def autoload(self) -> bool:
+        """Its caller may have a model loaded for it (set by the API; absent: no)."""
+        return bool(self.job.get("autoload"))
+
+    def log(self, model_id: str) -> Any:
+        return logger.bind(job_id=self.job_id, model_id=model_id, request_id=self.job.get("request_id"))
+
+
+@dataclass
+class Ending:
+    """One job's end, as `finish` writes it."""
+
+    job_id: str
+    status: str
+    error: dict[str, str] | None = None
+    result: Any = None  # an object (load/unload jobs)
+    result_json: bytes | None = None  # an inference result, encoded once
+    timings: dict[str, Any] | None = None  # for the metrics
+    wake: dict[str, Any] = field(default_factory=dict)  # what a waiting API process needs besides result/error
+
+    @property
+    def code(self) -> str | None:
+        return self.error["code"] if self.error else None
+
+
+def classify(exc: BaseException) -> dict[str, str]:
+    """The job's `error`: the caller's fault (invalid_input), a known condition (its own code), or a bug."""
+    if isinstance(exc, InvalidInput):
+        return error_body(INVALID_INPUT, str(exc))
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in CODES and code != INTERNAL_ERROR:
+        return error_body(code, str(exc))
+    return error_body(INTERNAL_ERROR, f"the worker failed to run the job ({type(exc).__name__}: {exc})")
+
+
+def logged(log: Any, exc: BaseException) -> dict[str, str]:
+    """Classify a job's failure and log it: a bug with its traceback, anything else in one line."""
+    error = classify(exc)
+    if error["code"] == INTERNAL_ERROR:
+        log.opt(exception=exc).error("inference failed")
+    else:
+        log.info("inference failed: {}", error["message"])
+    return error
+
+
+def queue_ms(job: dict[str, Any], started: float) -> float | None:
+    submitted = job.get("submitted_at")
+    return round((started - submitted) * 1000, 3) if submitted else None
+
+
+def _base64_arrays(value: Any) -> Any:
+    """Float arrays in an output as base64 of their little-endian float32 bytes (`encoding_format: base64`)."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return base64.b64encode(value.astype("<f4").tobytes()).decode("ascii")
+    if isinstance(value, dict):
+        return {k: _base64_arrays(v) for k, v in value.items()}
+    return value
+
+
+class Completion:
+    """Builds and writes jobs' ends for one worker (`name`, on `device`)."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        metrics: LocalMetrics,
+        name: str,
+        device: str,
+        stop: threading.Event,
+    ) -> None:
+        self.jobs = jobs
+        self.metrics = metrics
+        self.name = name
+        self.device = device
+        self._stop = stop
+
+    # -- building ends ---------------------------------------------------------------------------
+    @staticmethod
+    def wake(ctx: JobContext) -> dict[str, Any]:
+        wake: dict[str, Any] = {"attempts": ctx.attempts, "started_at": ctx.started}
+        if ctx.chunks is not None:
+            wake["chunks"] = ctx.chunks
+        return wake
+
+    def failed(self, ctx: JobContext, error: dict[str, str], status: str = FAILED) -> Ending:
+        return Ending(ctx.job_id, status, error=error, wake=self.wake(ctx))
+
+    def expired(self, ctx: JobContext, error: dict[str, str]) -> Ending:
+        return self.failed(ctx, error, EXPIRED)
+
+    def cancelled(self, ctx: JobContext, error: dict[str, str]) -> Ending:
+        return self.failed(ctx, error, CANCELLED)
+
+    def succeeded(self, spec: ModelSpec, ctx: JobContext, body: dict[str, Any], timings: dict[str, Any]) -> Ending:
+        timings = {"queue_ms": queue_ms(ctx.job, ctx.started), **timings}
+        if ctx.load_ms is not None:
+            timings["load_ms"] = round(ctx.load_ms, 3)
+        ctx.log(spec.id).info(
+            "inference succeeded: batch of {}, {:.1f} ms", timings.get("batch_size"), timings.get("inference_ms") or 0
+        )
+        return Ending(
+            ctx.job_id,
+            SUCCEEDED,
+            timings=timings,
+            wake=self.wake(ctx),
+            result_json=self.result_for(spec, ctx.job, body, timings),
+        )
+
+    def result_for(self, spec: ModelSpec, job: dict[str, Any], body: dict[str, Any], timings: dict[str, Any]) -> bytes:
+        """A job's result as JSON bytes, encoded once (arrays straight from numpy, or base64 if asked)."""
+        body = _base64_arrays(body) if job.get("encoding_format") == "base64" else compact(body)
+        return encode(
+            {
+                "model_id": spec.id,
+                "task": spec.task,
+                "device": self.device,
+                "worker": self.name,
+                "timings": timings,
+                **body,
+            }
+        )
+
+    # -- writing them ----------------------------------------------------------------------------
+    def finish(self, kind: str, model_id: str, endings: list[Ending]) -> None:
+        """End jobs in one round trip that also wakes the API processes waiting for them; count them (in memory)."""
+        if not endings:
+            return
+        now = time.time()
+        items = [
+            {
+                "job_id": e.job_id,
+                "status": e.status,
+                "error": e.error,
+                "result": e.result,
+                "result_json": e.result_json,
+                "note": self._wake_note(e, now),
+            }
+            for e in endings
+        ]
+        for ending, ended in zip(endings, self._write_ends(items)):
+            if not ended:
+                continue
+            self.metrics.count_job(kind, model_id, ending.status)
+            timings = ending.timings or {}
+            if timings.get("queue_ms") is not None:
+                self.metrics.observe(QUEUE_WAIT, model_id, timings["queue_ms"] / 1000)
+            if timings.get("inference_ms") is not None:
+                self.metrics.observe(INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
+
+    def _write_ends(self, items: list[dict[str, Any]]) -> list[bool]:
+        """Write the jobs' ends, retried while Redis is unreachable or refuses writes (at its maxmemory: results
+        expiring free room) for up to RESULT_WRITE_RETRY_S: the caller (a model's completion thread) waits, so
+        the model takes no new work meanwhile, and no job is left half-written. Each retry is safe: a job that
+        already ended is not ended twice."""
+        deadline = time.monotonic() + RESULT_WRITE_RETRY_S
+        for attempt in itertools.count():
+            try:
+                return self.jobs.finish_many(items)
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                if attempt == 0:
+                    logger.warning(
+                        "cannot write the end of {} job(s) ({}); retrying until Redis takes it", len(items), exc
+                    )
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _wake_note(self, ending: Ending, finished_at: float) -> bytes:
+        """What a waiting API process needs to answer without reading the job back: its ending fields (the
+        Lua step that ends the job adds the result and the error it writes)."""
+        return encode(
+            {
+                "job_id": ending.job_id,
+                "status": ending.status,
+                "worker": self.name,
+                "finished_at": finished_at,
+                **ending.wake,
+            }
+        )
