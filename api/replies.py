@@ -34,12 +34,13 @@ RECHECK_S = 1.0
 
 
 class Waiter:
-    __slots__ = ("job_id", "event", "note")
+    __slots__ = ("job_id", "event", "note", "release")
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, release: Callable[[], None] = lambda: None) -> None:
         self.job_id = job_id
         self.event = threading.Event()
         self.note: dict[str, Any] | None = None
+        self.release = release  # gives back the admission the wait took (api/limits.py), once it ends
 
 
 def merge(job: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
@@ -65,10 +66,13 @@ class ReplyListener:
         client: redis.Redis,
         jobs: JobStore,
         on_models_changed: Callable[[str | None], None] = lambda model_id: None,
+        admit: Callable[[], Any] | None = None,
     ) -> None:
         self.redis = client
         self.jobs = jobs
         self.on_models_changed = on_models_changed
+        # A waiting request holds a thread: `admit()` takes its slot (api/limits.py) or raises the refusal.
+        self.admit = admit
         self._waiters: dict[str, Waiter] = {}
         self._lock = threading.Lock()
         self._channel = ""
@@ -82,9 +86,12 @@ class ReplyListener:
 
     # -- waiting ------------------------------------------------------------------------------
     def expect(self, job_id: str) -> Waiter:
-        """Register before the job can end (i.e. before its message is published)."""
+        """Register before the job can end (i.e. before its message is published), and before the job exists:
+        with `admit`, a request the process may not let wait is refused here (429/503), having created nothing.
+        Every expect() is ended by forget() (wait() ends with it)."""
         self._ensure_started()
-        waiter = Waiter(job_id)
+        slot = self.admit() if self.admit is not None else None
+        waiter = Waiter(job_id, slot.release) if slot is not None else Waiter(job_id)
         with self._lock:
             self._waiters[job_id] = waiter
         return waiter
@@ -97,6 +104,7 @@ class ReplyListener:
         with self._lock:
             if self._waiters.get(waiter.job_id) is waiter:
                 del self._waiters[waiter.job_id]
+        waiter.release()
 
     def wait(self, waiter: Waiter, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """The job once it ended, or as it stands after `timeout_s`."""

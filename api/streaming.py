@@ -1,7 +1,8 @@
 """Follow a job's event stream (Redis Stream per job): replay from any id, then live, until `done`.
 
 Any number of readers, joining at any time, each get every chunk exactly once and in order,
-because they read the same append-only stream from where they stand.
+because they read the same append-only stream from where they stand. Where a reader stands (a client's
+Last-Event-ID) is checked once, by `resume_from`, before anything reads from it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from api.stream_hub import StreamHub, Subscription
+from api.errors import ApiError
+from api.stream_hub import InvalidPosition, StreamHub, Subscription, canonical
 from tasks.jobs import JobStore
 from tasks.states import SUCCEEDED, TERMINAL
 
 POLL_MS = 250
+
+
+def resume_from(last_event_id: str | None) -> str:
+    """The stream position a client asks to resume after (SSE's Last-Event-ID), checked: 400 unless it is a
+    position of a Redis Stream (`<ms>-<seq>`, each part at most 2^64-1). The text is never echoed back."""
+    if last_event_id is None:
+        return "0-0"
+    try:
+        return canonical(last_event_id.strip())
+    except InvalidPosition as exc:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"Last-Event-ID must be an id this stream sent (like 1712-0): {exc}; leave it out to read from the start",
+        ) from None
 
 
 @dataclass
@@ -37,7 +54,8 @@ def follow_job(
 
     Stops early (without `done`) once `alive()` turns false; yields `keepalive` events every
     `keepalive_s` of silence when asked. With a `hub` (the API process's one reader of every open
-    stream) the entries come from it; without, from a blocking read of our own.
+    stream) the entries come from it; without, from a blocking read of our own. `last_id` must be a checked
+    position (`resume_from`); a stream Redis refuses to read raises SubscriptionFailed.
     """
     subscription = hub.subscribe(job_id, last_id) if hub is not None else None
     try:

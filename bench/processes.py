@@ -28,6 +28,11 @@ def bench_env(redis_url: str, **extra: str) -> dict[str, str]:
             "AETHERCORE_LOG_LEVEL": "INFO",
         }
     )
+    # The benchmark's clients are one caller holding as many streams and waits as it measures (up to 256
+    # generation streams): neither the per-caller cap nor the process's admission may refuse them (api/limits.py).
+    # gthread starts threads as they are needed, so a high ceiling costs nothing below it.
+    env.setdefault("AETHERCORE_MAX_STREAMS_PER_CALLER", "100000")
+    env.setdefault("AETHERCORE_API_THREADS", "264")
     env.update(extra)
     return env
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import Response, current_app, request, stream_with_context
+from flask import request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from api.auth import JOBS, principal, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
-from api.json_provider import json_text
+from api.json_provider import Blueprint
+from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_event, sse_response
 from api.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
 from api.services import services
-from api.streaming import follow_job
+from api.streaming import resume_from
 from config.roles import ADMIN, USER
 from tasks.states import FAILED, TERMINAL
 
@@ -81,9 +81,26 @@ class Job(MethodView):
         return job_reply(jobs.get(job["job_id"]) or job)
 
 
-def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
-    head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {event}\ndata: {json_text(data)}\n\n"
+class JobEvents(Frames):
+    """`/jobs/{id}/stream`'s Server-Sent Events. Only watching: a client that goes away cancels nothing."""
+
+    keepalive_s = 15
+    keepalive = SSE_KEEPALIVE
+
+    def chunk(self, data: dict[str, Any], event_id: str) -> str:
+        return sse_event("chunk", data, event_id)
+
+    def status(self, data: dict[str, Any], event_id: str) -> str:
+        return sse_event("status", data, event_id)
+
+    def done(self, job: dict[str, Any], event_id: str) -> list[str]:
+        finished = public_job(job)
+        if finished.get("status") == FAILED:
+            return [sse_event("error", {"error": finished.get("error"), "job": finished}, event_id)]
+        return [sse_event("done", {"job": finished}, event_id)]
+
+    def error(self, error: ApiError) -> str:
+        return sse_event("error", {"error": {"code": error.code, "message": error.message, "details": error.details}})
 
 
 @blp.route("/jobs/<string:job_id>/stream")
@@ -96,40 +113,13 @@ class JobStream(MethodView):
         "Last-Event-ID to resume.",
         content_type="text/event-stream",
     )
+    @blp.alt_response(400, description="Last-Event-ID is not a position of this stream")
     @blp.alt_response(404, description="Unknown or expired job")
+    @blp.alt_response(429, description="The caller holds AETHERCORE_MAX_STREAMS_PER_CALLER streams and waits")
+    @blp.alt_response(503, description="The API process holds all the streams and waits it admits")
     @requires(*JOBS)
     def get(self, job_id: str):
         job = find_job(job_id)
-        jobs = services().jobs
-        hub = services().streams
-        last_id = request.headers.get("Last-Event-ID", "0-0")
-        if not re.fullmatch(r"\d+-\d+", last_id):
-            raise ApiError(400, "bad_request", "Last-Event-ID must be an id this stream sent (like 1712-0)")
-
-        gauge = current_app.extensions["aethercore_metrics"].streams.labels("sse")
-
-        def events():
-            gauge.inc()
-            try:
-                yield from _events()
-            finally:
-                gauge.dec()
-
-        def _events():
-            for event in follow_job(jobs, job["job_id"], last_id, keepalive_s=15, hub=hub):
-                if event.kind == "keepalive":
-                    yield ": keepalive\n\n"
-                elif event.kind in ("chunk", "status"):
-                    yield _sse(event.kind, event.data, event.id)
-                else:
-                    finished = public_job(event.data)
-                    if finished.get("status") == FAILED:
-                        yield _sse("error", {"error": finished.get("error"), "job": finished}, event.id)
-                    else:
-                        yield _sse("done", {"job": finished}, event.id)
-
-        return Response(
-            stream_with_context(events()),
-            mimetype="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        last_id = resume_from(request.headers.get("Last-Event-ID"))
+        with admitted() as slot:
+            return sse_response(Relay(job, JobEvents(), last_id), slot)

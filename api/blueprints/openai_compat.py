@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import marshmallow as ma
 import numpy as np
-from flask import Response, current_app, stream_with_context
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from loguru import logger
 from marshmallow import validate
 
@@ -31,9 +28,9 @@ from api.inference import (
     run_to_end,
     text_payload,
 )
-from api.json_provider import json_text
+from api.json_provider import Blueprint
+from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_data, sse_response
 from api.services import services
-from api.streaming import follow_job
 from config.models import ModelSpec
 from config.parameters import (
     MAX_STOP_CHARS,
@@ -222,7 +219,7 @@ def _refusals(wrong_task: str):
         for status, description in (
             (400, wrong_task),
             (404, "Unknown model"),
-            (409, "Model not loaded and AETHERCORE_AUTOLOAD=false"),
+            (409, "Model not loaded, and this caller may not load it (AETHERCORE_AUTOLOAD, `autoload` in models.yaml)"),
             (422, "Invalid body: the field is named in error.param"),
         ):
             view = blp.alt_response(status, description=description)(view)
@@ -361,23 +358,21 @@ def _usage(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _sse(data: Any) -> str:
-    return f"data: {json_text(data)}\n\n"
+class CompletionChunks(Frames):
+    """OpenAI's stream events (chat.completion.chunk or text_completion), ending with `data: [DONE]`; a client
+    that goes away before the end cancels the job (as a closed WebSocket does)."""
 
+    keepalive_s = 15
+    keepalive = SSE_KEEPALIVE
+    cancel_on_disconnect = True
 
-def _stream(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any], body: dict[str, Any], chat: bool):
-    """Queue the generation, then relay its chunks as OpenAI's stream events; a client that goes away before
-    the end cancels the job (as a closed WebSocket does)."""
-    svc = services()
-    job = svc.submit(INFERENCE, spec, route(svc, spec), {"inputs": inputs, "parameters": parameters})
-    job_id = job["job_id"]
-    ident = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
-    created = int(time.time())
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    gauge = current_app.extensions["aethercore_metrics"].streams.labels("sse")
+    def __init__(self, spec: ModelSpec, job_id: str, chat: bool, include_usage: bool) -> None:
+        self.model, self.chat, self.include_usage = spec.id, chat, include_usage
+        self.ident = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
+        self.created = int(time.time())
 
-    def frame(delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-        if chat:
+    def frame(self, delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
             payload = {} if delta is None else {"content": delta}
             if first:
                 payload = {"role": "assistant", "content": ""}
@@ -386,47 +381,32 @@ def _stream(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any],
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
             kind = "text_completion"
-        return {"id": ident, "object": kind, "created": created, "model": spec.id, "choices": [choice]}
+        return {"id": self.ident, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
 
-    def events() -> Iterator[str]:
-        ended = False
-        gauge.inc()
-        try:
-            if chat:
-                yield _sse(frame(None, None, first=True))
-            for event in follow_job(svc.jobs, job_id, "0-0", keepalive_s=15, hub=svc.streams):
-                if event.kind == "keepalive":
-                    yield ": keepalive\n\n"
-                elif event.kind == "chunk" and event.data.get("text"):
-                    yield _sse(frame(event.data["text"], None))
-                elif event.kind == "done":
-                    ended = True
-                    finished = event.data
-                    if finished.get("status") != SUCCEEDED:
-                        error = ended_error(finished)
-                        yield _sse(_openai_error(error.status, error.code, error.message, {}))
-                        return
-                    row = (finished.get("result") or {}).get("output") or {}
-                    yield _sse(frame(None, row.get("finish_reason", "stop")))
-                    if include_usage:
-                        yield _sse({**frame(None, None), "choices": [], "usage": _usage([row])})
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:
-            gauge.dec()
-            if not ended:
-                _cancel(svc, job_id, spec)
+    def opening(self) -> list[str]:
+        return [sse_data(self.frame(None, None, first=True))] if self.chat else []
 
-    return Response(
-        stream_with_context(events()),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    def chunk(self, data: dict[str, Any], event_id: str) -> str | None:
+        return sse_data(self.frame(data["text"], None)) if data.get("text") else None
+
+    def done(self, job: dict[str, Any], event_id: str) -> list[str]:
+        if job.get("status") != SUCCEEDED:
+            return [self.error(ended_error(job))]
+        row = (job.get("result") or {}).get("output") or {}
+        frames = [sse_data(self.frame(None, row.get("finish_reason", "stop")))]
+        if self.include_usage:
+            frames.append(sse_data({**self.frame(None, None), "choices": [], "usage": _usage([row])}))
+        return [*frames, "data: [DONE]\n\n"]
+
+    def error(self, error: ApiError) -> str:
+        return sse_data(_openai_error(error.status, error.code, error.message, {}))
 
 
-def _cancel(svc: Any, job_id: str, spec: ModelSpec) -> None:
-    try:
-        if svc.jobs.request_cancel(job_id, "the streaming client disconnected"):
-            logger.bind(job_id=job_id, model_id=spec.id).info("stream closed by the client; cancelling")
-    except Exception as exc:  # the job may have expired meanwhile; nothing is left to stop
-        logger.bind(job_id=job_id).debug("cancel after disconnect: {}", exc)
+def _stream(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any], body: dict[str, Any], chat: bool):
+    """Queue the generation (once the process admits one more stream: api/limits.py), then relay its chunks as
+    OpenAI's stream events (api/relay.py)."""
+    svc = services()
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    with admitted() as slot:
+        job = svc.submit(INFERENCE, spec, route(svc, spec), {"inputs": inputs, "parameters": parameters})
+        return sse_response(Relay(job, CompletionChunks(spec, job["job_id"], chat, include_usage)), slot)

@@ -5,21 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import marshmallow as ma
-import orjson
-from flask import current_app
+from flask import Flask
 from flask.views import MethodView
-from flask_smorest import Blueprint
-from loguru import logger
-from simple_websocket import ConnectionClosed
 
 from api.auth import SERVE, check_role, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
 from api.inference import input_errors, job_payload, parameter_errors, raise_if, route, submit_inference
-from api.json_provider import json_text
+from api.json_provider import Blueprint, json_text, parse_body
+from api.relay import Frames, Relay, relay_to_socket
 from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
 from api.services import services
-from api.streaming import follow_job
+from api.websocket import RequestSocket, websocket_route
 from tasks.states import FAILED, INFERENCE
 
 blp = Blueprint("serve", __name__, description="Inference serving")
@@ -32,7 +29,7 @@ class Serve(MethodView):
     @blp.response(202, JobSchema, description="Queued (or still running after ?wait)")
     @blp.alt_response(200, schema=JobSchema, description="Finished within ?wait")
     @blp.alt_response(404, description="Unknown model")
-    @blp.alt_response(409, description="Model not loaded and AETHERCORE_AUTOLOAD=false")
+    @blp.alt_response(409, description="Model not loaded, and this caller may not load it (see `autoload`)")
     @blp.alt_response(422, description="Invalid body")
     @blp.alt_response(503, description="Redis or the queue unavailable")
     @requires(*SERVE)
@@ -71,64 +68,63 @@ class ServeBatch(MethodView):
         )
 
 
-def register_websocket(sock) -> None:
-    """WS /serve/stream: send the POST /serve body; receive queued, chunk... (and a `status` note while a
-    generation waits for room in the running batch), then done (or error).
+class SocketFrames(Frames):
+    """WS /serve/stream's messages: queued, chunk... (and `status` notes), then done or error. Closing the socket
+    before the end cancels the job (a generation stops within a few tokens)."""
 
-    Closing the socket before the end cancels the job (a generation stops within a few tokens).
-    """
+    transport = "websocket"
+    cancel_on_disconnect = True
 
-    @sock.route("/serve/stream")
-    def serve_stream(ws) -> None:
-        gauge = current_app.extensions["aethercore_metrics"].streams.labels("websocket")
-        gauge.inc()
-        try:
-            _serve_stream(ws)
-        finally:
-            gauge.dec()
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
 
-    def _serve_stream(ws) -> None:
-        svc = services()
+    def opening(self) -> list[str]:
+        return [json_text({"type": "queued", "job_id": self.job_id})]
+
+    def chunk(self, data: dict[str, Any], event_id: str) -> str:
+        return json_text({"type": "chunk", **data})
+
+    def status(self, data: dict[str, Any], event_id: str) -> str:
+        return json_text({"type": "status", **data})
+
+    def done(self, job: dict[str, Any], event_id: str) -> list[str]:
+        finished = public_job(job)
+        if finished["status"] == FAILED:
+            return [json_text({"type": "error", "error": finished["error"], "job": finished})]
+        return [json_text({"type": "done", "job": finished})]
+
+    def error(self, error: ApiError) -> str:
+        return socket_error(error)
+
+
+def socket_error(error: ApiError) -> str:
+    return json_text(
+        {"type": "error", "error": {"code": error.code, "message": error.message, "details": error.details}}
+    )
+
+
+def register_websocket(app: Flask) -> None:
+    """WS /serve/stream: send the POST /serve body as one message (nothing after it: api/websocket.py); receive
+    queued, chunk... (and a `status` note while a generation waits for room in the running batch), then done
+    (or error)."""
+    websocket_route(app, "/serve/stream", "serve_stream", serve_stream)
+
+
+def serve_stream(ws: RequestSocket) -> None:
+    try:
+        check_role(SERVE)
+        raw = ws.receive(timeout=30)
+        if raw is None:
+            raise ApiError(408, "timeout", "send the request JSON within 30 s of connecting")
+        payload = parse_body(raw, "the message")  # bounded like every body (api/json_provider.py)
         try:
-            check_role(SERVE)
-            raw = ws.receive(timeout=30)
-            if raw is None:
-                raise ApiError(408, "timeout", "send the request JSON within 30 s of connecting")
-            try:
-                payload = orjson.loads(raw)
-            except (TypeError, ValueError):
-                raise ApiError(400, "bad_request", "the message is not valid JSON") from None
-            try:
-                body = ServeRequestSchema().load(payload)
-            except ma.ValidationError as exc:
-                raise ApiError(
-                    422, "validation_error", "the request is invalid; see details for each field", exc.messages
-                ) from None
-            job = submit_inference(body)
-        except ApiError as exc:
-            ws.send(
-                json_text(
-                    {"type": "error", "error": {"code": exc.code, "message": exc.message, "details": exc.details}}
-                )
-            )
-            return
-        job_id = job["job_id"]
-        try:
-            ws.send(json_text({"type": "queued", "job_id": job_id}))
-            for event in follow_job(svc.jobs, job_id, "0-0", alive=lambda: ws.connected, hub=svc.streams):
-                if event.kind == "chunk":
-                    ws.send(json_text({"type": "chunk", **event.data}))
-                elif event.kind == "status":
-                    ws.send(json_text({"type": "status", **event.data}))
-                elif event.kind == "done":
-                    finished = public_job(event.data)
-                    if finished["status"] == FAILED:
-                        ws.send(json_text({"type": "error", "error": finished["error"], "job": finished}))
-                    else:
-                        ws.send(json_text({"type": "done", "job": finished}))
-                    return
-        except ConnectionClosed:
-            pass
-        # The client went away before the end: stop the work it asked for.
-        if svc.jobs.request_cancel(job_id, "the streaming client disconnected"):
-            logger.bind(job_id=job_id, model_id=job["model_id"]).info("stream closed by the client; cancelling")
+            body = ServeRequestSchema().load(payload)
+        except ma.ValidationError as exc:
+            raise ApiError(
+                422, "validation_error", "the request is invalid; see details for each field", exc.messages
+            ) from None
+        job = submit_inference(body)
+    except ApiError as exc:
+        ws.send(socket_error(exc))
+        return
+    relay_to_socket(ws, Relay(job, SocketFrames(job["job_id"])))

@@ -6,15 +6,7 @@ import redis
 from api.stream_hub import StreamHub
 from tasks.names import job_events_key
 from tests.conftest import DB_MISC
-
-
-def read_until(subscription, count: int, timeout_ms: int = 3000) -> list:
-    got = []
-    for _ in range(timeout_ms // 50):
-        got += subscription.read(50)
-        if len(got) >= count:
-            break
-    return got
+from tests.support import read_until
 
 
 def test_followers_of_the_same_and_of_other_streams_each_get_their_own_entries(redis_server):

@@ -7,7 +7,7 @@ import time
 import requests
 import simple_websocket
 
-from tests.support import wait_until
+from tests.support import read_sse, wait_until
 
 
 def close_quietly(ws) -> None:
@@ -19,22 +19,6 @@ def close_quietly(ws) -> None:
 
 def ws_url(api_server) -> str:
     return api_server.base.replace("http://", "ws://") + "/serve/stream"
-
-
-def read_sse(response):
-    """Yield (event, id, data) from a streaming requests response."""
-    event, event_id, data = None, None, []
-    for line in response.iter_lines(decode_unicode=True):
-        if line == "":
-            if event:
-                yield event, event_id, json.loads("\n".join(data))
-            event, event_id, data = None, None, []
-        elif line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("id: "):
-            event_id = line[4:]
-        elif line.startswith("data: "):
-            data.append(line[6:])
 
 
 def sse_collect(api_server, job_id, headers=None):
