@@ -6,7 +6,6 @@ import json
 
 from flask import Flask, current_app
 from flask_smorest import Api
-from flask_sock import Sock
 
 from api.auth import CREDENTIALS, SECURITY_SCHEMES
 from api.blueprints import health, jobs, models, oip, openai_compat, serve
@@ -48,7 +47,7 @@ class AetherApi(Api):
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("aethercore")
-    app.json = OrjsonProvider(app)
+    app.json = OrjsonProvider(app, max_depth=settings.max_json_depth)
     app.config.update(
         API_TITLE="AetherCore",
         API_VERSION=VERSION,
@@ -83,6 +82,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     for module in (health, serve, jobs, models, oip, openai_compat):
         api.register_blueprint(module.blp)
     app.register_blueprint(docs_assets)
-    serve.register_websocket(Sock(app))
+    serve.register_websocket(app)  # WS /serve/stream, with its limits (api/websocket.py)
     register_error_handlers(app)
     return app

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import orjson
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
@@ -24,12 +26,39 @@ class LoguruGunicornLogger(Logger):
             log.propagate = False
 
 
+# gunicorn's own answers to requests it refuses before the app sees them (a request line over 4094 bytes: 414, a
+# header over its limits: 431, a malformed request line or header: 400) are HTML pages; the API's one error shape is
+# JSON. Its workers write them through `gunicorn.util.write_error` alone, so that writer is replaced in the API
+# process (before the workers fork); the status and reason stay gunicorn's.
+GUNICORN_ERROR_CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long", 417: "expectation_failed"}
+GUNICORN_ERROR_CODES |= {431: "request_header_fields_too_large", 500: "internal_error", 501: "not_implemented"}
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    body = orjson.dumps(
+        {
+            "error": {
+                "code": GUNICORN_ERROR_CODES.get(status_int, "bad_request"),
+                # Never the whole offending line back: a few hundred characters say which part was refused.
+                "message": f"{reason}: {mesg[:200]}" + ("..." if len(mesg) > 200 else ""),
+                "details": {},
+            }
+        }
+    )
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 class GunicornServer(BaseApplication):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         super().__init__()
 
     def load_config(self) -> None:
+        gunicorn_util.write_error = write_json_error
         options: dict[str, Any] = {
             "bind": f"{self.settings.host}:{self.settings.port}",
             "workers": self.settings.workers,

@@ -20,7 +20,10 @@ from typing import Any
 # OIP datatypes a tensor model may declare (BYTES is the text datatype).
 TENSOR_DATATYPES = ("BOOL", "UINT8", "INT8", "INT32", "INT64", "FP16", "FP32", "FP64")
 DATATYPES = (*TENSOR_DATATYPES, "BYTES")
+# The bounds of any tensor a request gives, in every protocol (/serve, /serve/batch, the WebSocket, OIP JSON and
+# binary), checked by `checked_shape` before any arithmetic on the shape, and again by the model process.
 MAX_RANK = 8
+MAX_ELEMENTS = 10_000_000
 
 DECLARED, ARTIFACT, TASK = "models.yaml", "artifact", "task"
 
@@ -109,13 +112,48 @@ def task_signature(task: str, hidden_size: int = -1, labels: int = -1, source: s
     return Signature((TEXT_INPUT,), outputs, source) if outputs else None
 
 
+class ShapeError(ValueError):
+    """A tensor shape a request gave is out of bounds; the message says why without repeating its values."""
+
+
+class TooManyElements(ShapeError):
+    """The shape is well formed but holds more than MAX_ELEMENTS elements (413 where a protocol says so)."""
+
+
+def checked_shape(raw: Any) -> list[int]:
+    """The one rule for a shape given in a request: a list of at most MAX_RANK whole numbers, each from 0 to
+    MAX_ELEMENTS, holding at most MAX_ELEMENTS elements. Rank and each value are checked before they are
+    multiplied, so a shape of huge integers costs nothing (a product of 300 numbers of 4,000 digits once held an
+    API process for seconds). ShapeError otherwise."""
+    if not isinstance(raw, (list, tuple)):
+        raise ShapeError("must be a list of whole numbers")
+    if len(raw) > MAX_RANK:
+        raise ShapeError(f"has {len(raw)} dimensions, more than {MAX_RANK}")
+    for size in raw:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ShapeError("must be a list of whole numbers >= 0")
+        if size > MAX_ELEMENTS:
+            raise TooManyElements(f"has a dimension larger than {MAX_ELEMENTS}, the most elements a tensor may hold")
+    count = math.prod(raw)  # at most MAX_RANK factors of at most MAX_ELEMENTS each: cheap
+    if count > MAX_ELEMENTS:
+        raise TooManyElements(f"holds {count} elements, more than {MAX_ELEMENTS}")
+    return list(raw)
+
+
 def shape_error(name: str, shape: list[int] | tuple[int, ...], expected: tuple[int, ...]) -> str | None:
     if len(shape) != len(expected) or any(e not in (-1, a) for e, a in zip(expected, shape)):
         return f"has shape {list(shape)}, the model takes {list(expected)} (-1: any size)"
     return None
 
 
-INTEGER_DATATYPES = {"UINT8", "INT8", "INT32", "INT64"}
+# The values each integer datatype holds: a number outside them is refused here, not overflowed in the worker.
+INTEGER_RANGES = {
+    "UINT8": (0, 2**8 - 1),
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+}
+INTEGER_DATATYPES = set(INTEGER_RANGES)
 
 
 def _element_error(value: Any, datatype: str) -> bool:
@@ -124,7 +162,8 @@ def _element_error(value: Any, datatype: str) -> bool:
     if isinstance(value, bool):
         return True
     if datatype in INTEGER_DATATYPES:
-        return not isinstance(value, int)
+        low, high = INTEGER_RANGES[datatype]
+        return not isinstance(value, int) or not low <= value <= high
     return not isinstance(value, (int, float))
 
 
@@ -136,11 +175,21 @@ def array_shape(data: Any, datatype: str) -> tuple[list[int] | None, str | None]
     shape: list[int] = []
     level = data
     while isinstance(level, list):
+        if len(shape) == MAX_RANK:
+            return None, f"nests deeper than {MAX_RANK} levels (the most dimensions a tensor may have)"
         shape.append(len(level))
         if not level:
             break
         level = level[0]
-    kind = "true/false" if datatype == "BOOL" else "whole numbers" if datatype in INTEGER_DATATYPES else "numbers"
+    if math.prod(shape) > MAX_ELEMENTS:
+        return None, f"holds more than {MAX_ELEMENTS} elements"
+    kind = (
+        "true/false"
+        if datatype == "BOOL"
+        else "whole numbers from {} to {}".format(*INTEGER_RANGES[datatype])
+        if datatype in INTEGER_DATATYPES
+        else "numbers"
+    )
 
     def check(node: Any, depth: int) -> str | None:
         if depth == len(shape):
@@ -177,12 +226,12 @@ def tensor_input_errors(signature: Signature, inputs: Any, prefix: str = "inputs
                 errors[f"{field}.datatype"] = [f"is {datatype!r}, the model takes {spec.datatype!r}"]
                 continue
             given_shape, value = value.get("shape"), value.get("data")
-            if given_shape is not None and (
-                not isinstance(given_shape, list)
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in given_shape)
-            ):
-                errors[f"{field}.shape"] = ["must be a list of non-negative whole numbers"]
-                continue
+            if given_shape is not None:
+                try:
+                    given_shape = checked_shape(given_shape)
+                except ShapeError as exc:
+                    errors[f"{field}.shape"] = [str(exc)]
+                    continue
         shape, problem = array_shape(value, spec.datatype)
         if problem:
             errors[field] = [problem]

@@ -15,18 +15,19 @@ from typing import Any
 import numpy as np
 from flask import Response, request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from api.auth import READ_MODELS, SERVE, requires
 from api.blueprints.health import health_checks
 from api.errors import ApiError, one_line, register_error_dialect
 from api.inference import check_texts, output_rows, parameter_errors, raise_if, run_to_end, text_payload
+from api.json_provider import Blueprint
 from api.protocols.oip import NUMERIC, InferRequest, Tensor, encode_response, parse_request
 from api.services import services
 from config.models import TEXT_TASKS, ModelSpec
 from config.signatures import Signature, shape_error
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import LOADED
+from tasks.tensors import pack
 
 blp = Blueprint("oip", __name__, description="Open Inference Protocol v2 (KServe / Triton REST, binary data extension)")
 register_error_dialect("/v2", lambda status, code, message, details: {"error": one_line(message, details)})
@@ -98,7 +99,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Malformed request (OIP error)",
         404: "Unknown model or version",
-        409: "Model not loaded and AETHERCORE_AUTOLOAD=false",
+        409: "Model not loaded, and this caller may not load it (AETHERCORE_AUTOLOAD, `autoload` in models.yaml)",
         413: "Too many rows or elements",
         422: "Tensor names, datatypes or shapes, or parameters, do not match the model",
         429: "Rate limit or queue full",
@@ -129,11 +130,12 @@ def model_metadata(spec: ModelSpec) -> dict[str, Any]:
 
 
 def model_ready(spec: ModelSpec) -> bool:
-    """Loaded on a live worker, or (AETHERCORE_AUTOLOAD) a live worker can take it on its first request."""
+    """Loaded on a live worker, or a live worker can take it on this caller's first request (the caller may load
+    it: api/services.py `may_autoload`)."""
     svc = services()
     if svc.cluster.model_status(spec.id)["state"] == LOADED:
         return True
-    if not svc.settings.autoload:
+    if not svc.may_autoload(spec):
         return False
     try:
         resolve_device(spec, svc.cluster, svc.settings.gpu_enabled)
@@ -238,7 +240,13 @@ class Infer(MethodView):
     @requires(*SERVE)
     def post(self, model_name: str, model_version: str | None = None):
         spec = _spec(model_name, model_version)
-        parsed = parse_request(_body(), request.headers.get("Inference-Header-Content-Length"))
+        settings = services().settings
+        parsed = parse_request(
+            _body(),
+            request.headers.get("Inference-Header-Content-Length"),
+            max_depth=settings.max_json_depth,
+            max_strings=settings.max_batch_inputs,
+        )
         signature = services().signature(spec)
         job = run_to_end(spec, _payload(spec, signature, parsed))
         outputs = _outputs(spec, job)
@@ -333,7 +341,9 @@ def _tensors(signature: Signature | None, inputs: list[Tensor]) -> dict[str, Any
     text = sorted(t.name for t in inputs if t.datatype == "BYTES")
     if text:
         raise_if({"inputs": [f"{text}: a tensor model takes numbers, not BYTES"]})
-    return {t.name: {"shape": t.shape, "datatype": t.datatype, "data": t.array.reshape(-1).tolist()} for t in inputs}
+    # Kept as their bytes (tasks/tensors.py): a 10 MB tensor is ~13 MB in the job and its message, not ~50 MB of
+    # JSON digits; the model process unpacks it.
+    return {t.name: pack(t.array) for t in inputs}
 
 
 def _outputs(spec: ModelSpec, job: dict[str, Any]) -> list[tuple[str, np.ndarray]]:

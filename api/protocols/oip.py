@@ -10,6 +10,7 @@ length followed by the bytes; BOOL is one byte per element; numbers are little-e
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,23 +19,11 @@ import numpy as np
 import orjson
 
 from api.errors import ApiError
+from api.json_provider import JsonBodyError, loads_bounded
+from config.signatures import MAX_RANK, ShapeError, TooManyElements, checked_shape
+from tasks.tensors import DTYPES as NUMERIC
 
-NUMERIC = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
 DATATYPES = (*NUMERIC, "BYTES")
-MAX_ELEMENTS = 10_000_000
 
 
 def bad(message: str, status: int = 400) -> ApiError:
@@ -65,21 +54,26 @@ class InferRequest:
 
 
 def _shape(raw: Any, name: str) -> list[int]:
-    if (
-        not isinstance(raw, list)
-        or len(raw) > 8
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw)
-    ):
-        raise bad(f"input {name!r}: shape must be a list of non-negative whole numbers, got {raw!r}")
-    return raw
+    """The one shape rule (config/signatures.py), before anything multiplies it: 400, or 413 for too many elements."""
+    try:
+        return checked_shape(raw)
+    except TooManyElements as exc:
+        raise bad(f"input {name!r}: shape {exc}", 413) from None
+    except ShapeError as exc:
+        raise bad(f"input {name!r}: shape {exc}") from None
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(data: Any, name: str) -> list[Any]:
+    """Row-major elements of flat or nested data, a level at a time (no recursion), at most MAX_RANK levels."""
     if not isinstance(data, list):
         return [data]
-    if data and isinstance(data[0], list):
-        return [x for row in data for x in _flatten(row)]
-    return data
+    flat, depth = data, 1
+    while flat and isinstance(flat[0], list):
+        depth += 1
+        if depth > MAX_RANK:
+            raise bad(f"input {name!r}: data nests deeper than {MAX_RANK} levels")
+        flat = [x for row in flat for x in (row if isinstance(row, list) else (row,))]
+    return flat
 
 
 def deserialize_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
@@ -107,7 +101,7 @@ def serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _tensor(entry: Any, binary: bytes | None) -> Tensor:
+def _tensor(entry: Any, binary: bytes | None, max_strings: int | None = None) -> Tensor:
     if not isinstance(entry, dict):
         raise bad("each input must be an object with name, shape, datatype and data")
     name, datatype = entry.get("name"), entry.get("datatype")
@@ -116,9 +110,15 @@ def _tensor(entry: Any, binary: bytes | None) -> Tensor:
     if datatype not in DATATYPES:
         raise bad(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
     shape = _shape(entry.get("shape"), name)
-    count = int(np.prod(shape)) if shape else 1
-    if count > MAX_ELEMENTS:
-        raise bad(f"input {name!r}: {count} elements, more than {MAX_ELEMENTS}", 413)
+    count = math.prod(shape)  # Python integers, bounded by _shape: no overflow, no cost
+    if datatype == "BYTES" and max_strings is not None and count > max_strings:
+        # strings are a text model's batch: refused before millions of them are cut out of the body
+        raise ApiError(
+            413,
+            "too_many_inputs",
+            f"input {name!r}: a batch may carry at most {max_strings} strings, got {count}; split it into several "
+            "requests",
+        )
     if binary is not None:
         if datatype == "BYTES":
             array = deserialize_bytes(binary, count, name)
@@ -133,7 +133,7 @@ def _tensor(entry: Any, binary: bytes | None) -> Tensor:
     else:
         if "data" not in entry:
             raise bad(f"input {name!r} has neither data nor parameters.binary_data_size")
-        flat = _flatten(entry["data"])
+        flat = _flatten(entry["data"], name)
         if len(flat) != count:
             raise bad(f"input {name!r}: shape {shape} holds {count} elements, data has {len(flat)}")
         if datatype == "BYTES":
@@ -152,22 +152,34 @@ def _tensor(entry: Any, binary: bytes | None) -> Tensor:
     return Tensor(name, datatype, shape, array.reshape(shape))
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """The request's JSON header and its tensors; ApiError 400 saying what is malformed."""
+def _parameters(entry: Any, where: str) -> dict[str, Any]:
+    parameters = entry.get("parameters") if isinstance(entry, dict) else None
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise bad(f"{where}[].parameters must be an object")
+    return parameters
+
+
+def parse_request(
+    body: bytes, header_length: str | None, max_depth: int | None = None, max_strings: int | None = None
+) -> InferRequest:
+    """The request's JSON header and its tensors; ApiError 400 saying what is malformed. `max_depth`: the JSON's
+    deepest nesting allowed (AETHERCORE_MAX_JSON_DEPTH; None: the parser's own limit); `max_strings`: the most
+    elements a BYTES tensor may have (AETHERCORE_MAX_BATCH_INPUTS; 413 beyond)."""
     if header_length is not None:
-        try:
-            size = int(header_length)
-        except ValueError:
-            raise bad("Inference-Header-Content-Length must be a whole number of bytes") from None
+        if not header_length.isascii() or not header_length.strip().isdigit() or len(header_length) > 20:
+            raise bad("Inference-Header-Content-Length must be a whole number of bytes")
+        size = int(header_length)
         if not 0 < size <= len(body):
             raise bad(f"Inference-Header-Content-Length is {size}, the body has {len(body)} bytes")
         header, rest = body[:size], body[size:]
     else:
         header, rest = body, b""
     try:
-        document = orjson.loads(header)
-    except orjson.JSONDecodeError:
-        raise bad("the inference request header is not valid JSON") from None
+        document = loads_bounded(header, max_depth)
+    except JsonBodyError as exc:
+        raise bad(f"the inference request header is {exc}") from None
     if not isinstance(document, dict):
         raise bad("the inference request must be a JSON object")
     parameters = document.get("parameters") or {}
@@ -178,13 +190,13 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         raise bad("inputs must be a non-empty list of tensors")
     inputs, at = [], 0
     for entry in raw_inputs:
-        size = ((entry.get("parameters") or {}) if isinstance(entry, dict) else {}).get("binary_data_size")
+        size = _parameters(entry, "inputs").get("binary_data_size")
         binary = None
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or at + size > len(rest):
                 raise bad(f"binary_data_size {size!r} does not fit the {len(rest)} bytes after the header")
             binary, at = rest[at : at + size], at + size
-        inputs.append(_tensor(entry, binary))
+        inputs.append(_tensor(entry, binary, max_strings))
     if at != len(rest):
         raise bad(f"{len(rest) - at} bytes after the header belong to no input (check binary_data_size)")
     names = [t.name for t in inputs]
@@ -198,7 +210,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         for entry in document["outputs"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise bad("each requested output must be an object with a name")
-            flag = (entry.get("parameters") or {}).get("binary_data", False)
+            flag = _parameters(entry, "outputs").get("binary_data", False)
             outputs.append(RequestedOutput(entry["name"], bool(flag)))
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):

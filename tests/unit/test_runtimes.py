@@ -6,6 +6,7 @@ import pytest
 from config.models import load_models
 from config.settings import Settings
 from model_store.bootstrap import minilm_source_dir
+from tasks.tensors import pack
 from workers.runtimes import InvalidInput, create_runtime
 
 SENTENCES = ["Hello world", "AetherCore keeps models resident in worker memory.", "short", "a " * 40]
@@ -108,7 +109,12 @@ def test_tensor_model_takes_named_tensors(runtime):
     probabilities = np.array(out["probabilities"]["data"]).reshape(3, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     nested = mlp.run({"features": [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]}, {})
-    assert nested == out
+    packed = mlp.run({"features": pack(np.arange(12, dtype="<f4").reshape(3, 4))}, {})  # as OIP sends it
+    for other in (nested, packed):
+        assert other.keys() == out.keys()
+        for name, tensor in out.items():
+            assert other[name]["shape"] == tensor["shape"] and other[name]["datatype"] == tensor["datatype"]
+            np.testing.assert_array_equal(other[name]["data"], tensor["data"])
     # Batch 3 works although the export was traced at batch 2 (dynamic batch dimension).
     assert mlp.describe()["inputs"] == [{"name": "features", "shape": [-1, 4], "datatype": "FP32"}]
 
