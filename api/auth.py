@@ -8,7 +8,13 @@ Credentials: `Authorization: Bearer <key-or-JWT>` or `X-API-Key: <key>`.
 * JWTs signed HS256 with AETHERCORE_JWT_SECRET; `sub`, `role` and `exp` are required and checked.
 
 Roles: admin (everything), operator (load/unload, read everything), user (serve, batch, stream, its
-own jobs, read models), viewer (read models and health).
+own jobs, read models), viewer (read models and health). Serving a model that is not loaded loads it only for
+a caller who may manage models, or when the model is declared `autoload: true` (`may_autoload`).
+
+Failed authentication (a credential that is presented but unknown, expired or revoked) is counted per client
+address and per presented API key id (`FailedAuthLimit`); beyond AETHERCORE_AUTH_FAILURE_LIMIT in a window,
+credentialed requests from that address, or for that key id, are answered 429 before their credential is
+looked at. Successful requests never wait for the count (docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from typing import Any
 import jwt
 import redis
 from flask import g, request
+from loguru import logger
 
 from api.errors import ApiError
 from config.roles import ADMIN, OPERATOR, ROLES, USER
-from tasks.names import AUTH_KEYS
+from tasks.names import AUTH_KEYS, auth_failures_key
 
 KEYS_HASH = AUTH_KEYS
 KEY_PREFIX = "ack_"
@@ -114,12 +121,108 @@ def split_key(key: str) -> tuple[str, str]:
     return key_id, secret
 
 
+def may_autoload(who: Principal | None, autoload_declared: bool) -> bool:
+    """Whether a request of `who` may load the model it serves (and so evict others' models): callers who manage
+    models (admin, operator) may; everyone else only for a model declared `autoload: true` in models.yaml."""
+    if autoload_declared:
+        return True
+    return who is not None and who.role in MANAGE_MODELS
+
+
+# The longest a presented key id is counted under (a guess's id part is the attacker's to choose).
+_KEY_ID_CHARS = 32
+
+
+class FailedAuthLimit:
+    """Failed authentications counted in Redis per client address and per presented API key id, in fixed
+    windows; a process that sees a count beyond the limit refuses that address or key id itself (in memory) until
+    the window ends. Only failures pay a Redis round trip: a successful request checks a dict."""
+
+    def __init__(self, client: redis.Redis, limit: int, window_s: int) -> None:
+        self.redis = client
+        self.limit = limit
+        self.window_s = window_s
+        self._blocked: dict[tuple[str, str], float] = {}  # (kind, who) -> monotonic time the block ends
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _subjects(address: str | None, key_id: str | None) -> list[tuple[str, str]]:
+        subjects = [("addr", address or "unknown")]
+        if key_id:
+            subjects.append(("key", key_id[:_KEY_ID_CHARS]))
+        return subjects
+
+    def check(self, address: str | None, key_id: str | None) -> None:
+        """429 if the address or the key id is blocked in this process; no I/O."""
+        if not self.limit or not self._blocked:
+            return
+        now = time.monotonic()
+        for subject in self._subjects(address, key_id):
+            until = self._blocked.get(subject)
+            if until is not None:
+                if until > now:
+                    raise self._refusal(subject, until - now)
+                with self._lock:
+                    self._blocked.pop(subject, None)
+
+    def failed(self, address: str | None, key_id: str | None) -> None:
+        """Count one failure; 429 when it goes beyond the limit."""
+        if not self.limit:
+            return
+        subjects = self._subjects(address, key_id)
+        try:
+            pipe = self.redis.pipeline()
+            for kind, who in subjects:
+                key = auth_failures_key(kind, who)
+                pipe.incr(key)
+                pipe.expire(key, self.window_s, nx=True)
+                pipe.ttl(key)
+            replies = pipe.execute()
+        except redis.RedisError as exc:  # the 401 stands; counting is best effort
+            logger.warning("cannot count a failed authentication: {}", exc)
+            return
+        worst: tuple[tuple[str, str], float] | None = None
+        now = time.monotonic()
+        for index, subject in enumerate(subjects):
+            count, ttl = int(replies[3 * index]), int(replies[3 * index + 2])
+            if count > self.limit:
+                left = float(ttl if ttl > 0 else self.window_s)
+                with self._lock:
+                    if len(self._blocked) > 10_000:
+                        self._blocked = {s: t for s, t in self._blocked.items() if t > now}
+                    self._blocked[subject] = now + left
+                if worst is None or left > worst[1]:
+                    worst = (subject, left)
+        if worst is not None:
+            logger.warning("failed authentications beyond the limit from {} {}", *worst[0])
+            raise self._refusal(*worst)
+
+    def _refusal(self, subject: tuple[str, str], left_s: float) -> ApiError:
+        what = "this address" if subject[0] == "addr" else "this API key id"
+        retry = max(1, int(left_s + 0.999))
+        return ApiError(
+            429,
+            "too_many_failed_authentications",
+            f"too many failed authentications from {what} (AETHERCORE_AUTH_FAILURE_LIMIT={self.limit} per "
+            f"{self.window_s} s); retry after the Retry-After header's seconds with valid credentials",
+            headers={"Retry-After": str(retry)},
+        )
+
+
 class Authenticator:
-    def __init__(self, enabled: bool, static_keys: dict[str, str], jwt_secret: str, store: KeyStore) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        static_keys: dict[str, str],
+        jwt_secret: str,
+        store: KeyStore,
+        failures: FailedAuthLimit | None = None,
+    ) -> None:
         self.enabled = enabled
         self._static = {_digest(k): (role, _digest(k)[:12]) for k, role in static_keys.items()}
         self.jwt_secret = jwt_secret
         self.store = store
+        self.failures = failures
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
 
@@ -138,8 +241,14 @@ class Authenticator:
                 "credentials required: send `Authorization: Bearer <API key or JWT>` or `X-API-Key: <API key>`",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        address = request.remote_addr
+        key_id = split_key(credential)[0] if credential.startswith(KEY_PREFIX) else None
+        if self.failures is not None:
+            self.failures.check(address, key_id)
         principal = self._resolve(credential)
         if principal is None:
+            if self.failures is not None:
+                self.failures.failed(address, key_id)
             raise ApiError(
                 401,
                 "unauthorized",

@@ -13,24 +13,9 @@ from config.models import TEXT_TASKS, ModelSpec
 from config.parameters import messages_error, text_error
 from config.parameters import parameter_errors as declared_parameter_errors
 from config.signatures import tensor_input_errors
+from tasks import errors as job_errors
+from tasks.errors import http_status
 from tasks.states import CANCELLED, EXPIRED, FAILED, INFERENCE, SUCCEEDED, TERMINAL
-
-# What an ended job that did not succeed means to an HTTP client, by its error code.
-STATUS_FOR_ERROR = {
-    "invalid_input": 400,
-    "model_not_found": 404,
-    "model_unavailable": 503,
-    "model_load_failed": 503,
-    "model_path_forbidden": 503,
-    "artifact_mismatch": 503,
-    "no_device": 503,
-    "model_process_died": 503,
-    "expired": 504,
-    "deadline": 504,
-    "deadline_exceeded": 504,
-    "cancelled": 504,
-    "poison_job": 500,
-}
 
 
 def input_errors(spec: ModelSpec, inputs: Any, prefix: str = "inputs") -> dict[str, list[str]]:
@@ -94,14 +79,17 @@ def check_texts(texts: list[str], field: str) -> None:
 
 
 def route(svc: Services, spec: ModelSpec) -> str:
-    """The device queue for this model's inference; 409 when it must be loaded first."""
+    """The device queue for this model's inference; 409 when it must be loaded first and this caller may not load
+    it (AETHERCORE_AUTOLOAD off, or a caller who does not manage models and a model not declared `autoload`)."""
     desired = svc.desired(spec.id)
     device = svc.device_for(spec, desired)
-    if not svc.settings.autoload and desired is None:
+    if desired is None and not svc.may_autoload(spec):
+        why = "autoload is off" if not svc.settings.autoload else "only an admin or operator may load it"
         raise ApiError(
             409,
             "model_not_loaded",
-            f"model {spec.id!r} is not loaded and autoload is off; load it first with POST /models/{spec.id}/load",
+            f"model {spec.id!r} is not loaded and {why}; an admin or operator loads it with "
+            f"POST /models/{spec.id}/load",
         )
     return device
 
@@ -147,11 +135,13 @@ def run_to_end(spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
 
 def ended_error(job: dict[str, Any]) -> ApiError:
     error = job.get("error") or {}
-    code = error.get("code") or {EXPIRED: "expired", CANCELLED: "cancelled", FAILED: "internal_error"}.get(
-        job["status"], "internal_error"
-    )
+    code = error.get("code") or {
+        EXPIRED: job_errors.EXPIRED,
+        CANCELLED: job_errors.CANCELLED,
+        FAILED: job_errors.INTERNAL_ERROR,
+    }.get(job["status"], job_errors.INTERNAL_ERROR)
     message = error.get("message") or f"the job ended {job['status']}"
-    return ApiError(STATUS_FOR_ERROR.get(code, 500), code, message, {"job_id": job["job_id"]})
+    return ApiError(http_status(code), code, message, {"job_id": job["job_id"]})
 
 
 def text_payload(texts: list[str], parameters: dict[str, Any]) -> dict[str, Any]:
@@ -172,9 +162,7 @@ def output_rows(job: dict[str, Any]) -> list[dict[str, Any]]:
     for item in result["outputs"]:
         if "error" in item:
             error = item["error"] or {}
-            code = error.get("code", "internal_error")
-            raise ApiError(
-                STATUS_FOR_ERROR.get(code, 500), code, error.get("message", "failed"), {"job_id": job["job_id"]}
-            )
+            code = error.get("code", job_errors.INTERNAL_ERROR)
+            raise ApiError(http_status(code), code, error.get("message", "failed"), {"job_id": job["job_id"]})
         rows.append(item["output"])
     return rows

@@ -60,6 +60,16 @@ class WaitQuerySchema(ma.Schema):
     )
 
 
+class UnloadQuerySchema(WaitQuerySchema):
+    force = ma.fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "End the model's running jobs at once (`model_unloaded`) instead of letting them finish "
+            "for AETHERCORE_UNLOAD_DRAIN seconds"
+        },
+    )
+
+
 class JobErrorSchema(ma.Schema):
     code = ma.fields.String()
     message = ma.fields.String()
@@ -108,6 +118,9 @@ class ModelSummarySchema(ModelStatusSchema):
     task = ma.fields.String()
     source = ma.fields.String()
     configured_device = ma.fields.String()
+    autoload = ma.fields.Boolean(
+        metadata={"description": "A `user`'s request loads it when it is not loaded (admins and operators: any model)"}
+    )
 
 
 class ModelListSchema(ma.Schema):

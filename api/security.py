@@ -5,8 +5,9 @@ from __future__ import annotations
 import redis
 from flask import Flask, g, request
 from flask_limiter import Limiter
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from api.auth import Authenticator, KeyStore
+from api.auth import Authenticator, FailedAuthLimit, KeyStore
 from api.errors import ApiError
 from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers
 from config.settings import Settings
@@ -44,7 +45,11 @@ def limiter_storage(settings: Settings) -> str:
 
 
 def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authenticator:
-    authenticator = Authenticator(settings.auth, settings.api_keys, settings.jwt_secret, KeyStore(client))
+    if settings.proxy_hops:
+        # The client's address as the trusted proxies saw it (werkzeug takes the last `proxy_hops` entries).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
+    failures = FailedAuthLimit(client, settings.auth_failure_limit, settings.auth_failure_window)
+    authenticator = Authenticator(settings.auth, settings.api_keys, settings.jwt_secret, KeyStore(client), failures)
     app.extensions["aethercore_auth"] = authenticator
 
     @app.before_request

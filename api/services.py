@@ -11,8 +11,10 @@ from typing import Any
 from celery import Celery
 from flask import current_app, g
 
+from api.auth import may_autoload
 from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
+from api.limits import LongRequests
 from api.ratelimit import InferenceRateLimit, caller_id
 from api.replies import ReplyListener
 from api.request_id import current_request_id
@@ -88,10 +90,17 @@ class Services:
     signatures_cache: TTLCache = field(default_factory=lambda: TTLCache(SIGNATURES_CACHE_S))
     replies: ReplyListener = field(init=False)
     streams: StreamHub = field(init=False)
+    long_requests: LongRequests = field(init=False)
     rate_limit: InferenceRateLimit = field(init=False)
 
     def __post_init__(self) -> None:
-        self.replies = ReplyListener(self.jobs.redis, self.jobs, on_models_changed=self.desired_cache.clear)
+        # Streams, WebSockets and waits hold a thread each: capped per caller and per process (api/limits.py).
+        self.long_requests = LongRequests(
+            self.settings.max_streams_per_caller, self.settings.api_threads - self.settings.reserved_threads
+        )
+        self.replies = ReplyListener(
+            self.jobs.redis, self.jobs, on_models_changed=self.desired_cache.clear, admit=self.long_requests.take
+        )
         self.streams = StreamHub(self.jobs.redis)
         self.rate_limit = InferenceRateLimit(self.settings.rate_limit)
         self.dispatcher.in_flight = self.replies.in_flight
@@ -121,6 +130,12 @@ class Services:
             return Signature.from_public(published, ARTIFACT)
         return task_signature(spec.task)
 
+    def may_autoload(self, spec: ModelSpec) -> bool:
+        """Whether this request may load `spec` by serving it (AETHERCORE_AUTOLOAD, and a caller who manages
+        models or a model declared `autoload: true`): decided here once, carried in each inference job as its
+        `autoload` field (the worker loads a missing model only for a job that says true)."""
+        return self.settings.autoload and may_autoload(g.get("principal"), spec.autoload)
+
     def device_for(self, spec: ModelSpec, *desired: dict[str, Any] | None) -> str:
         """`desired` (optional): the model's desired-state entry, if the caller already read it."""
         try:
@@ -148,6 +163,8 @@ class Services:
         who = g.get("principal")
         job_id, now = new_job_id(), time.time()
         ttl = payload.pop("result_ttl", None)
+        if kind == INFERENCE:
+            payload["autoload"] = self.may_autoload(spec)
         task, kwargs = self._message(kind, spec, payload, job_id, now, request_id)
         waiter = self.replies.expect(job_id) if wait_s > 0 else None
         record = {

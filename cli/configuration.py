@@ -7,6 +7,18 @@ from rich.table import Table
 
 from cli.common import console, settings
 
+# What docker-compose.yml reads from .env besides the settings: the secrets have no default (compose refuses to
+# start until they are set; the API refuses placeholders), the addresses publish on loopback unless set.
+COMPOSE_VARIABLES = (
+    ("REDIS_PASSWORD", "", "Redis's password (required; hex: it goes into a URL). `openssl rand -hex 32`"),
+    ("PROMETHEUS_FLOWER_PASSWORD", "", "Password of Flower's `prometheus` login, which Prometheus scrapes with."),
+    ("GRAFANA_ADMIN_USER", "admin", "Grafana's admin login."),
+    ("GRAFANA_ADMIN_PASSWORD", "", "Grafana's admin password (required). `openssl rand -hex 16`"),
+    ("REDIS_MAXMEMORY", "1gb", "Redis's maxmemory (noeviction: the API answers 503 `redis_full` near it)."),
+    ("API_PUBLISH_ADDRESS", "127.0.0.1", "Host address the API's port is published on; 0.0.0.0: every interface."),
+    ("DASHBOARD_PUBLISH_ADDRESS", "127.0.0.1", "Host address Flower's and Grafana's ports are published on."),
+)
+
 
 def config_show(
     fmt: str = typer.Option(
@@ -20,14 +32,19 @@ def config_show(
         print("# Every AetherCore setting with its default. Copy to .env and edit; docker compose reads .env.")
         for spec in SETTINGS:
             print(f"# {spec.doc}\n{spec.env}={spec.default}")
+        print("\n# docker compose only (docker-compose.yml); AETHERCORE_FLOWER_BASIC_AUTH is required there too.")
+        for name, default, doc in COMPOSE_VARIABLES:
+            print(f"# {doc}\n{name}={default}")
     elif fmt == "markdown":
         print("| variable | default | meaning |\n| --- | --- | --- |")
         for spec in SETTINGS:
             print(f"| `{spec.env}` | `{spec.default}` | {spec.doc} |")
     else:
+        from cli.context import masked
+
         cfg = settings()
         table = Table("variable", "value", "default")
         for spec in SETTINGS:
             value = getattr(cfg, spec.name)
-            table.add_row(spec.env, str(value), spec.default)
+            table.add_row(spec.env, masked(spec.name, value), spec.default)  # secrets as ***
         console.print(table)

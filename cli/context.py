@@ -21,12 +21,10 @@ import typer
 from rich.table import Table
 
 from cli.common import ApiClient, api_key, console, print_json, probe, settings
-from config.settings import SETTINGS, Settings
+from config.settings import SECRET_SETTINGS, SETTINGS, Settings
 from tasks.states import LOADED, SUCCEEDED
 
 group = typer.Typer(help="The deployment: context info, dependency health, named smoke tests.", no_args_is_help=True)
-
-SECRET_SETTINGS = {"api_keys", "jwt_secret", "flower_basic_auth"}
 
 
 def masked(name: str, value: Any) -> str:

@@ -53,17 +53,22 @@ def flower(port: int | None = typer.Option(None, help="Port (default AETHERCORE_
         path = cfg.admin_key_file.parent / "flower.auth"
         basic_auth = ensure_secret_file(path, lambda: f"admin:{secrets.token_urlsafe(12)}")
         err.print(f"Flower login (basic auth) is in {path}")
+    make_celery(cfg).start(argv=flower_argv(cfg, port, basic_auth))
+
+
+def flower_argv(cfg: Settings, port: int | None, basic_auth: str) -> list[str]:
+    """Flower's command line: on AETHERCORE_FLOWER_HOST (loopback unless told otherwise), behind `basic_auth`."""
     argv = [
         "flower",
         f"--port={port or cfg.flower_port}",
-        "--address=0.0.0.0",
+        f"--address={cfg.flower_host}",
         f"--max_tasks={cfg.flower_max_tasks}",
         # kwargs show the model id and job ids of each task (never the inputs: see api/dispatch.py).
         "--tasks_columns=name,uuid,state,kwargs,received,runtime,worker",
     ]
     if basic_auth:
         argv.append(f"--basic-auth={basic_auth}")
-    make_celery(cfg).start(argv=argv)
+    return argv
 
 
 def up(

@@ -77,6 +77,9 @@ class ModelSpec:
     allow_pickle: bool = False
     # The signature declared in models.yaml (`inputs` and `outputs`), if any (config/signatures.py).
     signature: Signature | None = None
+    # Any caller who may serve it may load it by using it (AETHERCORE_AUTOLOAD); otherwise only admins and
+    # operators load it, by using it or with POST /models/{id}/load (api/auth.py `may_autoload`).
+    autoload: bool = False
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,6 +115,7 @@ _KNOWN_FIELDS = {
     "allow_pickle",
     "inputs",
     "outputs",
+    "autoload",
 }
 
 
@@ -216,6 +220,9 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     allow_pickle = raw.get("allow_pickle", False)
     if not isinstance(allow_pickle, bool):
         raise _fail(path, model_id, "allow_pickle", allow_pickle, "must be true or false")
+    autoload = raw.get("autoload", False)
+    if not isinstance(autoload, bool):
+        raise _fail(path, model_id, "autoload", autoload, "must be true or false")
 
     signature = None
     if "inputs" in raw or "outputs" in raw:
@@ -260,6 +267,7 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         manifest=manifest,
         allow_pickle=allow_pickle,
         signature=signature,
+        autoload=autoload,
     )
 
 

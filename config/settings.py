@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from config.roles import ROLES
 from config.units import parse_bool, parse_size
@@ -30,6 +30,22 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise ValueError(f"{value!r} must be a whole number >= 1")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value!r} must be a whole number >= 0")
+    return number
+
+
+def _json_depth(value: str) -> int:
+    # 16: a /serve/batch body around a rank-8 tensor nests 12 deep; 200: under orjson's encoder limit (254), which
+    # job payloads go through.
+    number = int(value)
+    if not 16 <= number <= 200:
+        raise ValueError(f"{value!r} must be a whole number from 16 to 200")
     return number
 
 
@@ -60,14 +76,30 @@ def _choice(*options: str) -> Callable[[str], str]:
 def _redis_url(value: str) -> str:
     scheme = urlparse(value).scheme
     if scheme not in {"redis", "rediss", "unix", "sentinel"}:
-        raise ValueError(f"{value!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
+        raise ValueError(f"{without_password(value)!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
+    _url_password(value)
     return value
 
 
 def _broker_url(value: str) -> str:
     if not urlparse(value).scheme:
-        raise ValueError(f"{value!r} is not a broker URL (redis://... or amqp://...)")
+        raise ValueError(f"{without_password(value)!r} is not a broker URL (redis://... or amqp://...)")
+    _url_password(value)
     return value
+
+
+def without_password(url: str) -> str:
+    """A URL (or Sentinel's `;`-separated URLs) with any password taken out: for messages and for processes that
+    must not hold it."""
+    parts = []
+    for part in url.split(";"):
+        split = urlsplit(part)
+        if split.password is not None:
+            host = split.netloc.rpartition("@")[2]
+            user = split.username or ""
+            split = split._replace(netloc=f"{user}@{host}" if user else host)
+        parts.append(urlunsplit(split))
+    return ";".join(parts)
 
 
 def _path(value: str) -> Path:
@@ -88,9 +120,52 @@ def _paths(value: str) -> tuple[Path, ...]:
     return tuple(_path(part) for part in value.split(":") if part.strip())
 
 
+# Secrets that ship in examples and templates, or that anyone would guess: refused at start wherever a secret
+# goes (API keys, the JWT secret, Flower's login, the password in a Redis or broker URL), so that a deployment
+# copied from a template never runs with its placeholder. Markers match anywhere in the secret (any case);
+# whole values match exactly.
+PLACEHOLDER_MARKERS = (
+    "replace-me",
+    "replace_me",
+    "replaceme",
+    "change-me",
+    "change_me",
+    "changeme",
+    "changeit",
+    "example",
+    "placeholder",
+    "your-",
+    "your_",
+    "<",
+    "xxxxxxxx",
+)
+PLACEHOLDER_VALUES = frozenset(
+    {"admin", "password", "passw0rd", "secret", "guest", "redis", "root", "test", "default", "letmein", "1234"}
+)
+
+
+def is_placeholder(secret: str) -> bool:
+    lowered = secret.strip().lower()
+    return lowered in PLACEHOLDER_VALUES or any(marker in lowered for marker in PLACEHOLDER_MARKERS)
+
+
+class PlaceholderSecret(ValueError):
+    pass
+
+
+def _refuse_placeholder(secret: str, what: str) -> None:
+    if is_placeholder(secret):
+        raise PlaceholderSecret(
+            f"{what} is a placeholder or a well-known value (e.g. replace-me, change-me, example, admin, password); "
+            "set a random one, e.g. `openssl rand -hex 32`"
+        )
+
+
 def _basic_auth(value: str) -> str:
     if value and any(":" not in pair for pair in value.split(",")):
         raise ValueError("must be user:password pairs separated by commas")
+    for pair in filter(None, value.split(",")):
+        _refuse_placeholder(pair.partition(":")[2], "a password")
     return value
 
 
@@ -102,8 +177,26 @@ def _api_keys(value: str) -> dict[str, str]:
             raise ValueError(f"each entry must be key:role with role one of {', '.join(ROLES)}")
         if len(key) < 16:
             raise ValueError("API keys must be at least 16 characters")
+        _refuse_placeholder(key, f"the {role} key")
         keys[key] = role
     return keys
+
+
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def _is_loopback(host: str | None) -> bool:
+    return bool(host) and (host in LOOPBACK_HOSTS or host.startswith("127."))
+
+
+def _url_password(value: str) -> None:
+    """A well-known password in a Redis or broker URL is refused, except to a server on this host's loopback (a
+    developer's own Redis, RabbitMQ's `guest`, which RabbitMQ itself admits only over loopback): nothing past the
+    host can use it there."""
+    for part in value.split(";"):  # sentinel://a:26379;sentinel://b:26379
+        parsed = urlparse(part)
+        if parsed.password is not None and not _is_loopback(parsed.hostname):
+            _refuse_placeholder(parsed.password, "the URL's password")
 
 
 def _optional_index(value: str) -> int | None:
@@ -118,6 +211,8 @@ def _optional_index(value: str) -> int | None:
 def _jwt_secret(value: str) -> str:
     if value and len(value.encode()) < 32:
         raise ValueError("must be at least 32 bytes (RFC 7518 3.2); generate one with `openssl rand -hex 32`")
+    if value:
+        _refuse_placeholder(value, "the secret")
     return value
 
 
@@ -173,7 +268,21 @@ class Settings:
     tls_key: Path | None = setting("", _optional_file, "Private key (PEM) of AETHERCORE_TLS_CERT.")
     workers: int = setting("1", _positive_int, "gunicorn worker processes for the API.")
     api_threads: int = setting(
-        "64", _positive_int, "Threads per API process: each request, open long poll (?wait) or open stream holds one."
+        "256", _positive_int, "Threads per API process: each request, open long poll (?wait) or open stream holds one."
+    )
+    reserved_threads: int = setting(
+        "8",
+        _positive_int,
+        "Threads of each API process that streams, WebSockets and waits may never take, kept for short requests "
+        "and health probes: beyond AETHERCORE_API_THREADS minus these, a long-held request gets 503 "
+        "`server_busy`. Less than AETHERCORE_API_THREADS.",
+    )
+    max_streams_per_caller: int = setting(
+        "32",
+        _positive_int,
+        "Open SSE streams, WebSockets and waits (`?wait`, OIP infer, OpenAI /v1) one caller (API key, JWT "
+        "subject, or address) may hold at once in each API process; 429 `too_many_streams` beyond. Authenticated "
+        "admins and operators are not capped per caller (only by the process's total).",
     )
     log_level: str = setting("INFO", _log_level, "Log level of every process.")
     log_format: str = setting(
@@ -213,7 +322,10 @@ class Settings:
         "evicted beyond it.",
     )
     autoload: bool = setting(
-        "true", parse_bool, "Serving a model that is not loaded loads it first; `false` answers 409 instead."
+        "true",
+        parse_bool,
+        "Serving a model that is not loaded loads it first, when the caller may manage models (admin, operator) "
+        "or the model is declared `autoload: true`; otherwise, and always when `false`, 409.",
     )
     models_file: Path = setting("config/models.yaml", _path, "The model declarations.")
     model_store: Path = setting(
@@ -239,6 +351,12 @@ class Settings:
     )
     load_timeout: float = setting(
         "300", _non_negative_float, "Seconds a load job waits for every replica of its device to report."
+    )
+    unload_drain: float = setting(
+        "30",
+        _non_negative_float,
+        "Seconds an unloaded model's running jobs may still take to end (it takes no new ones meanwhile); "
+        "those still running then fail `model_unloaded`. `POST /models/{id}/unload?force=true` skips the wait.",
     )
     device: str = setting(
         "cpu",
@@ -269,6 +387,11 @@ class Settings:
         _positive_int,
         "Seconds without a heartbeat after which a worker counts as dead and its running jobs are queued again.",
     )
+    flower_host: str = setting(
+        "127.0.0.1",
+        str,
+        "Address Flower binds to; `0.0.0.0` (in a container, behind its login) makes it reachable from other hosts.",
+    )
     flower_port: int = setting("5555", _port, "Port of the Flower dashboard.")
     flower_max_tasks: int = setting(
         "10000",
@@ -276,7 +399,10 @@ class Settings:
         "Tasks Flower keeps in memory (~8 KB each; its own default of 100,000 held 840 MB in the soak).",
     )
     flower_basic_auth: str = setting(
-        "", _basic_auth, "`user:password[,user2:password2]` to put Flower behind basic auth; empty: no auth."
+        "",
+        _basic_auth,
+        "`user:password[,user2:password2]`: Flower's login; empty: with AETHERCORE_AUTH on, `manage.py flower` "
+        "makes one (var/flower.auth), off: no login.",
     )
     url: str = setting("http://127.0.0.1:8001", str, "Where `manage.py` finds the API.")
     auth: bool = setting(
@@ -290,6 +416,22 @@ class Settings:
     jwt_secret: str = setting(
         "", _jwt_secret, "HS256 secret for JWTs (`sub`, `role`, `exp` checked); empty: JWTs are not accepted."
     )
+    auth_failure_limit: int = setting(
+        "100",
+        _non_negative_int,
+        "Failed authentications (an unknown key or a bad token) one client address, or one API key id, may make "
+        "within AETHERCORE_AUTH_FAILURE_WINDOW; beyond it, credentialed requests from there get 429 with "
+        "Retry-After until the window ends. 0: no limit.",
+    )
+    proxy_hops: int = setting(
+        "0",
+        _non_negative_int,
+        "Reverse proxies in front of the API (an ingress, a load balancer) whose X-Forwarded-For is trusted: the "
+        "client address that rate limits and AETHERCORE_AUTH_FAILURE_LIMIT count is read from it. 0: the TCP peer.",
+    )
+    auth_failure_window: int = setting(
+        "300", _positive_int, "Seconds of the window AETHERCORE_AUTH_FAILURE_LIMIT counts in."
+    )
     metrics_auth: bool = setting("false", parse_bool, "Require credentials (any role) for /metrics.")
     rate_limit: str = setting(
         "60000/minute",
@@ -301,6 +443,13 @@ class Settings:
     )
     max_request_bytes: int = setting("10MB", parse_size, "Largest request body; larger ones are refused with 413.")
     max_input_chars: int = setting("20000", _positive_int, "Longest `inputs.text` accepted (422 beyond).")
+    max_json_depth: int = setting(
+        "32",
+        _json_depth,
+        "Deepest nesting of lists and objects a JSON body (or WebSocket message, or OIP header) may have; "
+        "deeper ones are refused with 400. From 16 (a batch body around a rank-8 tensor) to 200 (under the JSON "
+        "encoder's own 254).",
+    )
     dispatch_linger_ms: float = setting(
         "1",
         _non_negative_float,
@@ -363,18 +512,71 @@ class Settings:
             try:
                 values[spec.name] = spec.parse(raw)
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{spec.env}={raw!r} is invalid: {exc}") from None
+                refused = "is refused" if isinstance(exc, PlaceholderSecret) else "is invalid"
+                if spec.name in SECRET_SETTINGS:  # never echo a secret, not even a bad one
+                    raise ConfigError(f"{spec.env} {refused} (value not shown): {exc}") from None
+                shown = without_password(raw) if spec.name in SECRET_URL_SETTINGS else raw
+                raise ConfigError(f"{spec.env}={shown!r} {refused}: {exc}") from None
         if overrides:
             raise TypeError(f"unknown settings: {', '.join(sorted(overrides))}")
         for cert, key in (("tls_cert", "tls_key"), ("redis_cert", "redis_key")):
             if (values.get(cert) is None) != (values.get(key) is None):
                 raise ConfigError(f"{_ENV[cert]} and {_ENV[key]} go together: set both or neither")
+        if values["reserved_threads"] >= values["api_threads"]:
+            raise ConfigError(
+                f"AETHERCORE_RESERVED_THREADS={values['reserved_threads']} must be less than "
+                f"AETHERCORE_API_THREADS={values['api_threads']}: the threads left are the streams, WebSockets "
+                "and waits an API process admits"
+            )
         return cls(**values)
 
     def with_overrides(self, **overrides: Any) -> Settings:
         current = {f.name: getattr(self, f.name) for f in fields(self)}
         current.update(overrides)
         return Settings(**current)
+
+    def for_model_process(self) -> Settings:
+        """These settings as a model process gets them (pickled over its pipe): without a secret. A model process
+        runs a model's code and needs paths and devices, never credentials (it reaches neither Redis nor the API)."""
+        return self.with_overrides(
+            api_keys={},
+            jwt_secret="",
+            flower_basic_auth="",
+            redis_url=without_password(self.redis_url),
+            broker_url=without_password(self.broker_url),
+        )
+
+
+# Settings that are secrets: never shown (cli/context.py masks them), logged or handed to a model process; and
+# those that may carry one, a URL's password, shown and handed on without it.
+SECRET_SETTINGS = frozenset({"api_keys", "jwt_secret", "flower_basic_auth"})
+SECRET_URL_SETTINGS = frozenset({"redis_url", "broker_url"})
+# Environment variables that hold a secret besides those settings: the CLI's own key (`manage.py up` gives it to
+# its children) and redis-cli's password.
+SECRET_ENV = frozenset(
+    {
+        "AETHERCORE_API_KEYS",
+        "AETHERCORE_JWT_SECRET",
+        "AETHERCORE_FLOWER_BASIC_AUTH",
+        "AETHERCORE_API_KEY",
+        "REDISCLI_AUTH",
+        "REDIS_PASSWORD",
+    }
+)
+_SECRET_URLS = ("AETHERCORE_REDIS_URL", "AETHERCORE_BROKER_URL")
+
+
+def model_process_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment a model process starts with: `environ` without its secrets (the Redis and broker URLs
+    without their passwords)."""
+    env = {name: value for name, value in environ.items() if name not in SECRET_ENV}
+    for name in _SECRET_URLS:
+        if env.get(name):
+            env[name] = without_password(env[name])
+    return env
+
+
+Settings.model_process_env = staticmethod(model_process_env)  # type: ignore[attr-defined]
 
 
 SETTINGS: tuple[Setting, ...] = tuple(

@@ -7,9 +7,9 @@ from collections import Counter
 
 from flask import current_app
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from api.auth import READ_MODELS, requires
+from api.json_provider import Blueprint
 from api.schemas import HealthSchema, WorkersSchema
 from api.services import services
 from tasks.names import CPU_QUEUE, queue_for_device

@@ -5,11 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from api.auth import MANAGE_MODELS, READ_MODELS, requires
 from api.blueprints.common import job_reply
-from api.schemas import JobSchema, ModelInfoSchema, ModelListSchema, ModelStatusSchema, WaitQuerySchema
+from api.json_provider import Blueprint
+from api.schemas import (
+    JobSchema,
+    ModelInfoSchema,
+    ModelListSchema,
+    ModelStatusSchema,
+    UnloadQuerySchema,
+    WaitQuerySchema,
+)
 from api.services import services
 from tasks.states import LOAD, UNLOAD
 
@@ -34,13 +41,14 @@ class Models(MethodView):
                     "task": spec.task,
                     "source": spec.source,
                     "configured_device": spec.device,
+                    "autoload": spec.autoload,
                 }
             )
         return {"models": out}
 
 
 def _job_endpoint(kind: str):
-    @blp.arguments(WaitQuerySchema, location="query")
+    @blp.arguments(UnloadQuerySchema if kind == UNLOAD else WaitQuerySchema, location="query")
     @blp.response(202, JobSchema, description=f"{kind.capitalize()} job queued (or still running after ?wait)")
     @blp.alt_response(200, schema=JobSchema, description="Finished within ?wait")
     @blp.alt_response(404, description="Unknown model")
@@ -49,7 +57,10 @@ def _job_endpoint(kind: str):
         svc = services()
         spec = svc.spec(model_id)
         device = svc.device_for(spec)
-        return job_reply(svc.submit(kind, spec, device, {"device": device}, wait_s=query["wait"]))
+        payload: dict[str, Any] = {"device": device}
+        if query.get("force"):  # unload: end the model's running jobs at once rather than drain them
+            payload["force"] = True
+        return job_reply(svc.submit(kind, spec, device, payload, wait_s=query["wait"]))
 
     return post
 
