@@ -14,12 +14,16 @@ from typing import Any
 import yaml
 
 from config.settings import ConfigError
-from config.signatures import DECLARED, Signature, declared_tensors
+from config.signatures import DECLARED, Signature, declared_tensors, task_signature
 from config.units import parse_size
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MODEL_TYPES = ("transformer", "onnx", "pytorch")
+# `simulated`: a device profile, not a model (capacity planning and benchmarks): no files, its forward pass
+# only takes the declared wall time (workers/runtimes/simulated.py).
+SIMULATED = "simulated"
+MODEL_TYPES = ("transformer", "onnx", "pytorch", SIMULATED)
 SOURCES = ("huggingface", "local")
+NO_FILES = "none"  # the `source` of a simulated model
 DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("feature-extraction", "text-generation", "text-classification", "tensor")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -29,6 +33,7 @@ SUPPORTED = {
     "transformer": {"feature-extraction", "text-generation", "text-classification"},
     "onnx": {"feature-extraction", "tensor"},
     "pytorch": {"tensor"},
+    SIMULATED: {"feature-extraction", "text-generation"},
 }
 TEXT_TASKS = {"feature-extraction", "text-generation", "text-classification"}
 DEFAULT_MAX_LENGTH = {"feature-extraction": 256, "text-classification": 256, "text-generation": 32, "tensor": 0}
@@ -44,6 +49,31 @@ DEFAULT_BATCHING = {
 # The KV cache a text-generation model's running batch may hold (reserved in full: counted in the
 # model's memory and in the worker's LRU budget).
 DEFAULT_KV_CACHE_MEMORY = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """A simulated device's profile (`simulate:` in models.yaml), in milliseconds of wall time per pass.
+
+    feature-extraction: a batch of b texts takes base_ms + per_item_ms x b and gives `dim` float32 values each.
+    text-generation: a decoding step over r rows takes step_ms + per_row_ms x r and gives each row one token;
+    kv_bytes_per_token > 0 bounds the running batch by `kv_cache_memory` as a real model's KV cache would.
+    `memory`: what the model is counted as holding (the worker's budget and LRU), 0 by default."""
+
+    base_ms: float = 0.0
+    per_item_ms: float = 0.0
+    dim: int = 0
+    step_ms: float = 0.0
+    per_row_ms: float = 0.0
+    kv_bytes_per_token: int = 0
+    memory: int = 0
+
+
+# The `simulate:` fields each task takes, and which of them must be given.
+SIMULATE_FIELDS = {
+    "feature-extraction": ({"base_ms", "per_item_ms", "dim", "memory"}, {"base_ms", "per_item_ms", "dim"}),
+    "text-generation": ({"step_ms", "per_row_ms", "kv_bytes_per_token", "memory"}, {"step_ms", "per_row_ms"}),
+}
 
 
 @dataclass(frozen=True)
@@ -80,11 +110,20 @@ class ModelSpec:
     # Any caller who may serve it may load it by using it (AETHERCORE_AUTOLOAD); otherwise only admins and
     # operators load it, by using it or with POST /models/{id}/load (api/auth.py `may_autoload`).
     autoload: bool = False
+    # model_type simulated: the device profile (no files; workers/runtimes/simulated.py).
+    simulate: Simulation | None = None
+
+    @property
+    def has_files(self) -> bool:
+        """Whether the model is loaded from files (every model but a simulated one)."""
+        return self.model_type != SIMULATED
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
         data["providers"] = list(self.providers)
         data.pop("signature")
+        if self.simulate is not None:  # the fields of its task only
+            data["simulate"] = {k: v for k, v in data["simulate"].items() if k in SIMULATE_FIELDS[self.task][0]}
         if self.signature is not None:
             data["inputs"] = [t.public() for t in self.signature.inputs]
             data["outputs"] = [t.public() for t in self.signature.outputs]
@@ -116,7 +155,10 @@ _KNOWN_FIELDS = {
     "inputs",
     "outputs",
     "autoload",
+    "simulate",
 }
+# Fields about a model's files, which a simulated model does not have.
+_FILE_FIELDS = ("model_path", "source", "tokenizer_path", "sha256", "manifest", "allow_pickle", "providers")
 
 
 def _fail(path: Path, model_id: str, field_name: str, value: Any, why: str) -> ConfigError:
@@ -148,7 +190,15 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         return value
 
     model_type = one_of("model_type", MODEL_TYPES)
-    source = one_of("source", SOURCES, "local")
+    if model_type == SIMULATED:
+        for name in _FILE_FIELDS:
+            if name in raw:
+                raise _fail(path, model_id, name, raw[name], "does not apply to a simulated model (it has no files)")
+        source = NO_FILES
+    else:
+        source = one_of("source", SOURCES, "local")
+        if "simulate" in raw:
+            raise _fail(path, model_id, "simulate", raw["simulate"], "applies to model_type 'simulated' only")
     default_task = "tensor" if model_type == "pytorch" else "feature-extraction"
     task = one_of("task", TASKS, default_task)
     if task not in SUPPORTED[model_type]:
@@ -187,8 +237,11 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     max_length = bounded_int("max_length", DEFAULT_MAX_LENGTH[task], 0, max_length_limit)
     default_size, default_delay = DEFAULT_BATCHING[task]
     max_batch_size = bounded_int("max_batch_size", default_size, 1, 4096)
+    simulate = _simulation(path, model_id, task, raw.get("simulate")) if model_type == SIMULATED else None
     kv_cache_memory = None
-    if task == "text-generation":
+    # A simulated device without a size per token of cache has no cache to bound (nor to reserve memory for).
+    no_cache = simulate is not None and not simulate.kv_bytes_per_token and "kv_cache_memory" not in raw
+    if task == "text-generation" and not no_cache:
         try:
             kv_cache_memory = parse_size(raw.get("kv_cache_memory", DEFAULT_KV_CACHE_MEMORY))
         except ValueError as exc:
@@ -235,6 +288,8 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
                     path, model_id, name, raw.get(name), f"is invalid: {exc} (declare inputs and outputs together)"
                 ) from None
         signature = Signature(parts["inputs"], parts["outputs"], DECLARED)
+    elif simulate is not None:
+        signature = task_signature(task, simulate.dim or -1, source=DECLARED)  # what the simulated device gives
 
     tokenizer_path = raw.get("tokenizer_path")
     if tokenizer_path is not None and (not isinstance(tokenizer_path, str) or not tokenizer_path):
@@ -249,7 +304,7 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         name=str(raw.get("name") or model_id),
         model_type=model_type,
         source=source,
-        model_path=required("model_path"),
+        model_path="" if model_type == SIMULATED else required("model_path"),
         task=task,
         device=device,
         max_memory=max_memory,
@@ -268,7 +323,38 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         allow_pickle=allow_pickle,
         signature=signature,
         autoload=autoload,
+        simulate=simulate,
     )
+
+
+def _simulation(path: Path, model_id: str, task: str, raw: Any) -> Simulation:
+    """The `simulate:` mapping of a simulated model, checked field by field (errors name `simulate.<field>`)."""
+    known, needed = SIMULATE_FIELDS[task]
+    if not isinstance(raw, dict):
+        raise _fail(path, model_id, "simulate", raw, f"is required for a simulated {task} model: {sorted(needed)}")
+    unknown, missing = sorted(set(raw) - known), sorted(needed - set(raw))
+    if unknown:
+        name = unknown[0]
+        raise _fail(path, model_id, f"simulate.{name}", raw[name], f"is not a {task} field (known: {sorted(known)})")
+    if missing:
+        raise _fail(path, model_id, f"simulate.{missing[0]}", None, f"is required for a simulated {task} model")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "memory":
+            try:
+                values[name] = parse_size(value)
+            except ValueError as exc:
+                raise _fail(path, model_id, "simulate.memory", value, f"is invalid: {exc}") from None
+            continue
+        whole = name in ("dim", "kv_bytes_per_token")
+        low, high, what = {
+            "dim": (1, 65_536, "a whole number"),
+            "kv_bytes_per_token": (0, 2**30, "a whole number of bytes"),
+        }.get(name, (0, 60_000, "a number of milliseconds"))
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not low <= value <= high:
+            raise _fail(path, model_id, f"simulate.{name}", value, f"must be {what} from {low} to {high}")
+        values[name] = value if whole else float(value)
+    return Simulation(**values)
 
 
 def load_models(path: Path) -> dict[str, ModelSpec]:

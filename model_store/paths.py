@@ -42,6 +42,8 @@ def local_path(settings: Settings, relative: str, spec_id: str = "") -> Path:
 
 
 def resolve_model_path(spec: ModelSpec, settings: Settings) -> Path:
+    if not spec.has_files:
+        raise ModelUnavailable(f"model {spec.id!r} is {spec.model_type}: it has no files")
     if spec.source == "local":
         path = local_path(settings, spec.model_path, spec.id)
         if not path.exists():
@@ -82,6 +84,16 @@ def _huggingface_snapshot(spec: ModelSpec, settings: Settings) -> Path:
         ) from None
     except Exception as exc:  # network errors, bad repo ids: report, never hang or crash
         raise ModelUnavailable(f"model {spec.id!r}: cannot fetch {spec.model_path!r}: {exc}") from None
+
+
+def estimate_bytes(spec: ModelSpec, settings: Settings) -> int:
+    """What a model will take before it is loaded (the worker's budget and LRU eviction): its weights on disk
+    (a simulated model: its declared `simulate.memory`), plus its reserved KV cache, for each instance."""
+    if spec.has_files:
+        weights = artifact_bytes(resolve_model_path(spec, settings))
+    else:
+        weights = spec.simulate.memory if spec.simulate is not None else 0
+    return (weights + (spec.kv_cache_memory or 0)) * spec.instances
 
 
 def artifact_bytes(path: Path) -> int:

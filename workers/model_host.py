@@ -54,23 +54,24 @@ class _Host:
             import importlib
 
             from workers.cache import release_memory
-            from workers.runtimes import RUNTIME_MODULES, create_runtime
+            from workers.runtimes import RUNTIME_MODULES, TOKENIZER_TYPES, TORCH_TYPES, create_runtime
 
             # Libraries first, so the baseline below is the process without the model: what loading adds
             # on top is the model's own memory (what the worker's budget counts).
             importlib.import_module(RUNTIME_MODULES[self.spec.model_type])
-            if self.spec.task in TEXT_TASKS:
-                # The tokenizer's library, for every text model (transformers imports lazily: touch the class).
+            if self.spec.task in TEXT_TASKS and self.spec.model_type in TOKENIZER_TYPES:
+                # The tokenizer's library, for every tokenized text model (transformers imports lazily: touch it).
                 _ = importlib.import_module("transformers").AutoTokenizer
-            if self.spec.model_type != "onnx":
+            if self.spec.model_type in TORCH_TYPES:
                 from workers.runtimes.base import set_torch_threads
 
                 set_torch_threads(self.threads)  # this main thread runs every forward pass
             baseline = anon_bytes_of()
-            from model_store.paths import resolve_model_path
-            from model_store.verify import verify_artifact
+            if self.spec.has_files:  # a simulated model has none to verify
+                from model_store.paths import resolve_model_path
+                from model_store.verify import verify_artifact
 
-            verify_artifact(self.spec, self.settings, resolve_model_path(self.spec, self.settings))
+                verify_artifact(self.spec, self.settings, resolve_model_path(self.spec, self.settings))
             self.runtime = create_runtime(self.spec, self.settings, self.device)
             self.runtime.load()
             release_memory(self.device)  # what loading allocated only transiently goes back

@@ -30,7 +30,7 @@ from loguru import logger
 
 from config.models import ModelSpec, load_models
 from config.settings import Settings
-from model_store.paths import artifact_bytes, resolve_model_path
+from model_store.paths import estimate_bytes
 from model_store.signatures import artifact_signature
 from tasks.cluster import ClusterState
 from tasks.errors import MODEL_EVICTED
@@ -74,9 +74,7 @@ class WorkerService:
             settings.model_cache_size,
             self.device,
             factory=lambda spec: RemoteRuntime(spec, settings, self.device, self.streams),
-            estimate=lambda spec: (
-                (artifact_bytes(resolve_model_path(spec, settings)) + (spec.kv_cache_memory or 0)) * spec.instances
-            ),
+            estimate=lambda spec: estimate_bytes(spec, settings),
             on_change=self.publish,
             on_evict=lambda model_id: self.residency.evicted(model_id),
             on_unload=self.retire,

@@ -34,7 +34,12 @@ register_error_dialect("/v2", lambda status, code, message, details: {"error": o
 
 VERSION = "1"  # every model has one version
 EXTENSIONS = ["binary_tensor_data"]
-PLATFORMS = {"transformer": "huggingface_transformers", "onnx": "onnxruntime_onnx", "pytorch": "pytorch_torch_export"}
+PLATFORMS = {
+    "transformer": "huggingface_transformers",
+    "onnx": "onnxruntime_onnx",
+    "pytorch": "pytorch_torch_export",
+    "simulated": "aethercore_simulated",
+}
 # Request parameters of the protocol itself (Triton's); everything else is the model's own (config/parameters.py).
 UNSUPPORTED_PARAMETERS = ("priority", "sequence_id", "sequence_start", "sequence_end")
 

@@ -129,7 +129,8 @@ def test_serving_an_unloaded_model_loads_it_first(client):
 def test_models_list_shows_every_configured_model(client):
     body = client.get("/models").get_json()
     ids = {m["model_id"] for m in body["models"]}
-    assert {"minilm", "minilm-onnx", "tiny-gpt2", "tiny-mlp", "tiny-classifier", "bert-base-uncased"} == ids
+    demos = {"minilm", "minilm-onnx", "tiny-gpt2", "tiny-mlp", "tiny-classifier", "bert-base-uncased"}
+    assert demos | {"sim-h100", "sim-gpt2-h100"} == ids
     for model in body["models"]:
         assert model["state"] in {"unloaded", "loading", "loaded", "unloading", "failed"}
 

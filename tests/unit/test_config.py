@@ -50,6 +50,11 @@ def test_shipped_models_yaml_is_valid():
     # Generation: a running batch of requests (continuous batching) and a KV-cache budget; encoders none.
     assert models["tiny-gpt2"].max_batch_size == 64 and models["tiny-gpt2"].kv_cache_memory == 64_000_000
     assert models["minilm"].kv_cache_memory is None
+    # The simulated devices: no files, a declared signature, nothing reserved (no cache modelled).
+    sim, gpt = models["sim-h100"], models["sim-gpt2-h100"]
+    assert not sim.has_files and sim.autoload and gpt.autoload and gpt.kv_cache_memory is None
+    assert (sim.simulate.base_ms, sim.simulate.per_item_ms, sim.simulate.dim) == (3.0, 0.113, 384)
+    assert sim.signature.outputs[0].shape == (-1, 384) and gpt.max_batch_size == 256
 
 
 @pytest.mark.parametrize(
@@ -80,6 +85,42 @@ def test_shipped_models_yaml_is_valid():
         (
             "models:\n  m1: {model_type: transformer, model_path: x, kv_cache_memory: 1GB}\n",
             "field 'kv_cache_memory': '1GB' applies to text-generation only",
+        ),
+        # A simulated device: its profile checked field by field, and no files.
+        ("models:\n  s: {model_type: simulated}\n", "model 's': field 'simulate': None is required"),
+        (
+            "models:\n  s: {model_type: simulated, simulate: {base_ms: 1, per_item_ms: 0.1}}\n",
+            "model 's': field 'simulate.dim': None is required",
+        ),
+        (
+            "models:\n  s: {model_type: simulated, simulate: {base_ms: -1, per_item_ms: 0.1, dim: 8}}\n",
+            "model 's': field 'simulate.base_ms': -1 must be a number of milliseconds",
+        ),
+        (
+            "models:\n  s: {model_type: simulated, simulate: {base_ms: 1, per_item_ms: 0.1, dim: 0.5}}\n",
+            "field 'simulate.dim': 0.5 must be a whole number from 1",
+        ),
+        (
+            "models:\n  s:\n    model_type: simulated\n    task: text-generation\n"
+            "    simulate: {step_ms: 1, per_row_ms: 0, dim: 4}\n",
+            "field 'simulate.dim': 4 is not a text-generation field",
+        ),
+        (
+            "models:\n  s:\n    model_type: simulated\n    task: text-generation\n"
+            "    simulate: {step_ms: 1, per_row_ms: 0, memory: x}\n",
+            "field 'simulate.memory': 'x' is invalid",
+        ),
+        (
+            "models:\n  s: {model_type: simulated, model_path: x, simulate: {base_ms: 1, per_item_ms: 0, dim: 4}}\n",
+            "field 'model_path': 'x' does not apply to a simulated model",
+        ),
+        (
+            "models:\n  s: {model_type: simulated, task: tensor, simulate: {base_ms: 1, per_item_ms: 0, dim: 4}}\n",
+            "field 'task': 'tensor' is not served by model_type 'simulated'",
+        ),
+        (
+            "models:\n  m: {model_type: onnx, model_path: m.onnx, task: tensor, simulate: {base_ms: 1}}\n",
+            "field 'simulate': {'base_ms': 1} applies to model_type 'simulated' only",
         ),
     ],
 )

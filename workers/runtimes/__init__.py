@@ -11,7 +11,12 @@ RUNTIME_MODULES = {
     "transformer": "workers.runtimes.hf",
     "onnx": "workers.runtimes.onnx",
     "pytorch": "workers.runtimes.torch_tensor",
+    "simulated": "workers.runtimes.simulated",
 }
+# The model_types whose forward passes run torch (their process sets torch's threads) and whose text models
+# use a transformers tokenizer; a simulated model imports neither.
+TORCH_TYPES = {"transformer", "pytorch"}
+TOKENIZER_TYPES = {"transformer", "onnx"}
 
 
 def create_runtime(spec: ModelSpec, settings: Settings, device: str) -> Runtime:
@@ -33,7 +38,14 @@ def create_runtime(spec: ModelSpec, settings: Settings, device: str) -> Runtime:
         from workers.runtimes.torch_tensor import TorchExportTensor
 
         return TorchExportTensor(spec, settings, device)
+    if spec.model_type == "simulated":
+        from workers.runtimes import simulated
+
+        return {
+            "feature-extraction": simulated.SimulatedFeatureExtraction,
+            "text-generation": simulated.SimulatedTextGeneration,
+        }[spec.task](spec, settings, device)
     raise ValueError(f"no runtime for model_type {spec.model_type!r}")
 
 
-__all__ = ["RUNTIME_MODULES", "InvalidInput", "Runtime", "create_runtime"]
+__all__ = ["RUNTIME_MODULES", "TOKENIZER_TYPES", "TORCH_TYPES", "InvalidInput", "Runtime", "create_runtime"]

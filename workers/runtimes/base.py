@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from config.models import ModelSpec
-from config.parameters import MAX_LENGTH, checked, text_error
+from config.parameters import MAX_LENGTH, checked, messages_error, text_error
 from config.settings import Settings
 
 
@@ -69,6 +69,15 @@ class TextRuntime(Runtime):
                 raise InvalidInput(f"inputs.text {problem}")
             texts.append(text)
         return texts
+
+    def chat_messages(self, inputs: Any) -> list[dict[str, Any]] | None:
+        """`inputs.messages` (text-generation), checked by the rules the API checked; None for a `text` input."""
+        if not isinstance(inputs, dict) or "messages" not in inputs:
+            return None
+        problem = messages_error(inputs["messages"])
+        if problem:
+            raise InvalidInput(f"inputs.messages {problem}")
+        return inputs["messages"]
 
     def max_length(self, parameters: dict[str, Any]) -> int:
         try:

@@ -1,14 +1,12 @@
 """Continuous batching for causal language models (iteration-level scheduling, as in vLLM and TGI).
 
-One running batch per model process. Every `step()`:
-  1. cancelled and timed-out requests leave;
-  2. waiting requests join while the batch has rows (`max_batch_size`) and KV-cache budget to spare: their
-     prompts are prefilled together in one forward pass (at most PREFILL_TOKENS_PER_STEP tokens, so the
-     running streams are held up by one short prefill, never by a queue of them) and their caches are
-     merged into the running one;
-  3. one decoding forward pass over every running row, each choosing its next token under its own
-     settings (greedy or sampled, temperature, top-k, top-p, seed, stop strings);
-  4. finished rows leave, and their results, like every row's new text, go out as events.
+One running batch per model process. Which requests are in it (admission under `max_batch_size` and the KV
+budget, cancels, deadlines, `queued`, stop strings, the ends) is `workers/runtimes/scheduling.py`
+`RunningBatch`, shared with the simulated device; this module runs the forward passes of every `step()`:
+the joiners' prompts prefilled together in one forward pass (at most PREFILL_TOKENS_PER_STEP tokens, so the
+running streams are held up by one short prefill, never by a queue of them) and their caches merged into
+the running one, then one decoding forward pass over every running row, each choosing its next token under
+its own settings (greedy or sampled, temperature, top-k, top-p, seed, stop strings).
 
 The KV cache is transformers' DynamicCache, one tensor pair per layer shaped [rows, heads, length, dim].
 Rows are left-padded so that every row's newest token sits in the same (last) column: a decoding step
@@ -22,30 +20,22 @@ tiny-gpt2, 64 requests of 32 tokens) it produced 284 tokens/s where padded `gene
 the model process must interleave the step with its pipe (cancel, new requests) on one thread. The
 scheduler here is small, runs the same on CPU and GPU, and is driven by the host's loop.
 
-Memory is bounded by admission, not by luck: a request reserves (prompt + max new tokens) tokens of
-cache for its whole life, and the batch admits a request only while rows x longest reservation fits the
-model's `kv_cache_memory` (padding included, since padded rows cost what the longest row costs).
+Memory is bounded by admission (scheduling.py): rows x the longest (prompt + max new tokens) must fit the
+model's `kv_cache_memory`, at `kv_bytes_per_token` (every layer's keys and values) per token.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-import traceback
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from config.parameters import SAMPLING, checked
-from workers import wire
-from workers.runtimes.base import InvalidInput
+from workers.runtimes.scheduling import PREFILL_TOKENS_PER_STEP, RunningBatch, Sampling, Sequence
 
-# Tokens prefilled in one iteration at most (the first request always gets in, however long).
-PREFILL_TOKENS_PER_STEP = 2048
+__all__ = ["PREFILL_TOKENS_PER_STEP", "ContinuousBatcher", "Sampling", "Sequence", "ThreadTuner"]
 
 
 class ThreadTuner:
@@ -86,221 +76,51 @@ class ThreadTuner:
             self.choice[bucket] = min(self.candidates, key=lambda c: sorted(samples[c])[len(samples[c]) // 2])
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """One request's decoding settings; defaults come from the model's generation_config."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    repetition_penalty: float = 1.0
-
-    @classmethod
-    def from_parameters(cls, parameters: dict[str, Any], config: Any) -> Sampling:
-        """The request's settings, checked against their declarations (config/parameters.py); what it leaves out
-        comes from the model's generation_config."""
-        declared = {p.name: p for p in SAMPLING}
-
-        def value(name: str, default: Any) -> Any:
-            given = parameters.get(name)
-            if given is None:
-                return default
-            try:
-                return checked(declared[name], given)
-            except ValueError as exc:
-                raise InvalidInput(str(exc)) from None
-
-        temperature = value("temperature", getattr(config, "temperature", None) or 1.0)
-        do_sample = value("do_sample", bool(getattr(config, "do_sample", False)))
-        if "temperature" in parameters and "do_sample" not in parameters:
-            do_sample = temperature > 0  # OpenAI's convention: a temperature asks for sampling, 0 for greedy
-        return cls(
-            do_sample=do_sample and temperature > 0,
-            temperature=temperature,
-            top_k=value("top_k", getattr(config, "top_k", None) or 0),
-            top_p=value("top_p", getattr(config, "top_p", None) or 1.0),
-            seed=value("seed", None),
-            stop=value("stop", ()),
-            repetition_penalty=value("repetition_penalty", getattr(config, "repetition_penalty", None) or 1.0),
-        )
-
-
-@dataclass
-class Sequence:
-    key: Any  # the caller's id for this request
-    prompt: list[int]
-    max_new: int
-    sampling: Sampling = field(default_factory=Sampling)
-    stream: bool = True  # send text as it is produced (else only the result)
-    exclusive: bool = False  # run alone: a retry after a crash, to find out whether this request caused it
-    deadline: float | None = None  # wall-clock time (time.time()) after which it is dropped
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0  # characters of `text` already sent
-    told_queued: bool = False
-    cancelled: bool = False
-    stopped: bool = False  # a stop string ended it
-    generator: torch.Generator | None = None
-
-    @property
-    def horizon(self) -> int:
-        """Tokens of cache this request holds at most: its prompt and every token it may generate."""
-        return len(self.prompt) + self.max_new
-
-
-class ContinuousBatcher:
+class ContinuousBatcher(RunningBatch):
     """The running batch of one causal LM; driven by the model process's loop (see module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int, kv_budget_bytes: int, device: str) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        self.kv_budget_bytes = kv_budget_bytes
         self.device = device
         config = model.config
         generation = getattr(model, "generation_config", None)
         eos = _first(getattr(generation, "eos_token_id", None), config.eos_token_id)
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         pad = _first(getattr(generation, "pad_token_id", None), config.pad_token_id, eos, 0)
         self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
         self.suppress = torch.tensor(
             list(getattr(generation, "suppress_tokens", None) or []), dtype=torch.long, device=device
         )
         self.no_repeat_ngram = int(getattr(generation, "no_repeat_ngram_size", 0) or 0)
-        self.bytes_per_token = kv_bytes_per_token(config, next(model.parameters()).element_size())
-        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        super().__init__(
+            max_batch_size=max_batch_size,
+            kv_budget_bytes=kv_budget_bytes,
+            bytes_per_token=kv_bytes_per_token(config, next(model.parameters()).element_size()),
+            max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048),
+            eos_ids=set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]),
+        )
         # transformers 5 names the cache argument `cache` for some models and `past_key_values` for others.
         import inspect
 
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self.tuner = ThreadTuner(torch.get_num_threads()) if device == "cpu" else None
         self._reset_batch()
 
-    # -- requests -----------------------------------------------------------------------------
-    def add(self, sequence: Sequence) -> None:
-        """Queue a request; InvalidInput if it could never run (empty, too long, larger than the cache).
-        An over-long prompt is cut to leave room for max_length new tokens, as the tokenizer would cut it."""
-        if not sequence.prompt:
-            raise InvalidInput("inputs.text produced no tokens")
-        sequence.prompt = sequence.prompt[: max(1, self.max_positions - sequence.max_new)]
-        if sequence.horizon > self.max_positions:
-            raise InvalidInput(
-                f"the prompt ({len(sequence.prompt)} tokens) and max_length ({sequence.max_new}) "
-                f"exceed the model's {self.max_positions} positions"
-            )
-        need = sequence.horizon * self.bytes_per_token
-        if need > self.kv_budget_bytes:
-            raise InvalidInput(
-                f"the request needs {need / 2**20:.1f} MiB of KV cache, more than the model's "
-                f"kv_cache_memory of {self.kv_budget_bytes / 2**20:.1f} MiB"
-            )
+    def _prepare(self, sequence: Sequence) -> None:
         if sequence.sampling.seed is not None:
             sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.sampling.seed)
-        self.waiting.append(sequence)
-
-    def cancel(self, key: Any) -> Sequence | None:
-        """Mark a request cancelled; it leaves at the next step. Returns it if it was still known."""
-        for sequence in (*self.running, *self.waiting):
-            if sequence.key == key:
-                sequence.cancelled = True
-                return sequence
-        return None
-
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
-
-    def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": len(self.waiting), "kv_cache_bytes": self.kv_cache_bytes()}
 
     def kv_cache_bytes(self) -> int:
         return len(self.running) * self._columns() * self.bytes_per_token
 
     # -- one iteration ------------------------------------------------------------------------
-    def step(self) -> list[tuple]:
-        """Run one iteration; return its events:
-        chunk, queued, result, cancelled or error (kind deadline | error), as workers/wire.py builds them."""
-        events: list[tuple] = []
-        self._drop_leavers(events)
-        joining = self._admit(events)
-        try:
-            with torch.inference_mode():
-                if joining:
-                    self._prefill(joining, events)
-                    self._finish_rows(events)  # a request for one token is done with its prefill
-                if self.running:
-                    self._decode(events)
-        except Exception as exc:  # a failed forward pass fails the rows in it, not the process
-            traceback.print_exc(file=sys.stderr)
-            for sequence in {id(s): s for s in (*self.running, *joining)}.values():
-                events.append(wire.error(sequence.key, wire.FAILURE, f"{type(exc).__name__}: {exc}"))
-            self.running = []
-            self._reset_batch()
-            return events
-        self._finish_rows(events)
-        return events
-
-    def _drop_leavers(self, events: list[tuple]) -> None:
-        now = time.time()
-        waiting: deque[Sequence] = deque()
-        for sequence in self.waiting:
-            reason = self._leaving(sequence, now)
-            if reason:
-                events.append(reason)
-            else:
-                waiting.append(sequence)
-        self.waiting = waiting
-        keep = []
-        for index, sequence in enumerate(self.running):
-            reason = self._leaving(sequence, now)
-            if reason:
-                events.append(reason)
-            else:
-                keep.append(index)
-        if len(keep) != len(self.running):
-            self._select(keep)
-
-    @staticmethod
-    def _leaving(sequence: Sequence, now: float) -> tuple | None:
-        if sequence.cancelled:
-            return wire.cancelled(sequence.key)
-        if sequence.deadline is not None and now > sequence.deadline:
-            return wire.error(
-                sequence.key,
-                wire.DEADLINE,
-                f"the job ran past its timeout after {len(sequence.generated)} generated tokens",
-            )
-        return None
-
-    def _admit(self, events: list[tuple]) -> list[Sequence]:
-        joining: list[Sequence] = []
-        if any(s.exclusive for s in self.running):
-            return joining
-        horizon = max((s.horizon for s in self.running), default=0)
-        prefill = 0
-        while self.waiting and len(self.running) + len(joining) < self.max_batch_size:
-            candidate = self.waiting[0]
-            if candidate.exclusive and (self.running or joining):
-                break
-            rows = len(self.running) + len(joining) + 1
-            longest = max(horizon, candidate.horizon)
-            if rows * longest * self.bytes_per_token > self.kv_budget_bytes:
-                break
-            if joining and prefill + len(candidate.prompt) > PREFILL_TOKENS_PER_STEP:
-                break
-            joining.append(self.waiting.popleft())
-            horizon, prefill = longest, prefill + len(candidate.prompt)
-            if candidate.exclusive:
-                break
-        for sequence in self.waiting:
-            if not sequence.told_queued and sequence.stream:
-                sequence.told_queued = True
-                events.append(wire.queued(sequence.key))
-        return joining
+    def _advance(self, joining: list[Sequence], events: list[tuple]) -> None:
+        with torch.inference_mode():
+            if joining:
+                self._prefill(joining, events)
+                self._finish_rows(events)  # a request for one token is done with its prefill
+            if self.running:
+                self._decode(events)
 
     # -- forward passes -----------------------------------------------------------------------
     def _reset_batch(self) -> None:
@@ -339,7 +159,7 @@ class ContinuousBatcher:
         logits = self._forward(ids, mask, positions, cache).logits[:, -1, :]
         chosen = self._choose(logits, ids, joining)
         self._merge(cache, mask, torch.cat([ids, chosen[:, None]], dim=1), joining)
-        self._emit(joining, chosen, events)
+        self._emit(joining, chosen.tolist(), events)
 
     def _decode(self, events: list[tuple]) -> None:
         rows = len(self.running)
@@ -355,7 +175,7 @@ class ContinuousBatcher:
         if self.tuner is not None:
             self.tuner.record(rows, threads, time.perf_counter() - begin)
         self.history = torch.cat([self.history, chosen[:, None]], dim=1)
-        self._emit(self.running, chosen, events)
+        self._emit(self.running, chosen.tolist(), events)
 
     def _merge(self, cache: Any, mask: torch.Tensor, history: torch.Tensor, joining: list[Sequence]) -> None:
         """Append the prefilled rows to the running batch, left-padding whichever side is shorter."""
@@ -378,7 +198,7 @@ class ContinuousBatcher:
 
     def _select(self, keep: list[int]) -> None:
         """Keep only rows `keep`, then cut the cache columns no remaining row uses."""
-        self.running = [self.running[i] for i in keep]
+        super()._select(keep)
         if not self.running:
             self._reset_batch()
             return
@@ -415,63 +235,8 @@ class ContinuousBatcher:
                 chosen[row] = _sample(scores[row], sequence.sampling, sequence.generator)
         return chosen
 
-    def _emit(self, rows: list[Sequence], chosen: torch.Tensor, events: list[tuple]) -> None:
-        for sequence, token in zip(rows, chosen.tolist()):
-            sequence.generated.append(token)
-            if sequence.stream or sequence.sampling.stop:
-                self._advance_text(sequence, events)
-
     def _text(self, sequence: Sequence) -> str:
         return self.tokenizer.decode([t for t in sequence.generated if t not in self.eos_ids], skip_special_tokens=True)
-
-    def _advance_text(self, sequence: Sequence, events: list[tuple]) -> None:
-        text = self._text(sequence)
-        for stop in sequence.sampling.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
-                sequence.stopped = True
-        sequence.text = text
-        if sequence.stream:
-            # Hold back what could be the start of a stop string, so a stop never shows half-sent.
-            hold = 0 if sequence.stopped else max((len(s) - 1 for s in sequence.sampling.stop), default=0)
-            upto = max(sequence.sent, len(text) - hold)
-            if upto > sequence.sent:
-                events.append(wire.chunk(sequence.key, text[sequence.sent : upto]))
-                sequence.sent = upto
-
-    def _ended(self, sequence: Sequence) -> str | None:
-        if sequence.stopped or (sequence.generated and sequence.generated[-1] in self.eos_ids):
-            return "stop"
-        if len(sequence.generated) >= sequence.max_new:
-            return "length"
-        return None
-
-    def _finish_rows(self, events: list[tuple]) -> None:
-        keep = []
-        for index, sequence in enumerate(self.running):
-            reason = self._ended(sequence)
-            if reason is None:
-                keep.append(index)
-                continue
-            if not sequence.stream and not sequence.sampling.stop:
-                sequence.text = self._text(sequence)  # not decoded step by step
-            if sequence.stream and len(sequence.text) > sequence.sent:
-                events.append(wire.chunk(sequence.key, sequence.text[sequence.sent :]))
-                sequence.sent = len(sequence.text)
-            events.append(
-                wire.result(
-                    sequence.key,
-                    {
-                        "text": sequence.text,
-                        "tokens": len(sequence.generated),
-                        "prompt_tokens": len(sequence.prompt),
-                        "finish_reason": reason,
-                    },
-                )
-            )
-        if len(keep) != len(self.running):
-            self._select(keep)
 
 
 def kv_bytes_per_token(config: Any, element_size: int) -> int:

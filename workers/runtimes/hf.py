@@ -15,16 +15,16 @@ from transformers import (
     AutoTokenizer,
 )
 
-from config.parameters import DEFAULT_CHAT_TEMPLATE, messages_error
+from config.parameters import DEFAULT_CHAT_TEMPLATE
 from model_store.paths import resolve_model_path
 from workers.runtimes.base import (
-    InvalidInput,
     TextRuntime,
     ensure_torch_threads,
     torch_module_bytes,
     torch_parameter_count,
 )
 from workers.runtimes.pooling import mean_pool_normalize
+from workers.runtimes.scheduling import run_to_end
 
 
 class _HFRuntime(TextRuntime):
@@ -126,19 +126,9 @@ class TextGeneration(_HFRuntime):
         """In-process use (tests, the benchmark's reference): the inputs as one batch of the same scheduler;
         `on_text(index, piece)` gets each input's text as it is produced."""
         ensure_torch_threads(self.settings)
-        batcher = self.continuous_batcher()
-        for index, item in enumerate(inputs):
-            batcher.add(self.sequence(index, item, parameters, stream=on_text is not None))
-        results: dict[int, dict[str, Any]] = {}
-        while batcher.has_work():
-            for event in batcher.step():
-                if event[0] == "chunk" and on_text is not None:
-                    on_text(event[1], event[2])
-                elif event[0] == "result":
-                    results[event[1]] = event[2]
-                elif event[0] == "error":
-                    raise RuntimeError(event[3])
-        return sorted(results.items())
+        stream = on_text is not None
+        sequences = [self.sequence(index, item, parameters, stream=stream) for index, item in enumerate(inputs)]
+        return run_to_end(self.continuous_batcher(), sequences, on_text)
 
     def outputs(self) -> list[dict[str, Any]]:
         return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
@@ -146,15 +136,13 @@ class TextGeneration(_HFRuntime):
     def prompt_text(self, inputs: dict[str, Any]) -> str:
         """`inputs.text`, or `inputs.messages` rendered by the tokenizer's chat template (a plain default when it
         has none: config/parameters.py DEFAULT_CHAT_TEMPLATE), ending where the assistant's answer begins."""
-        if not isinstance(inputs, dict) or "messages" not in inputs:
+        messages = self.chat_messages(inputs)
+        if messages is None:
             return self.texts([inputs])[0]
-        problem = messages_error(inputs["messages"])  # the rules the API checked
-        if problem:
-            raise InvalidInput(f"inputs.messages {problem}")
         template = getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         with self._tokenizer_lock:
             return self.tokenizer.apply_chat_template(
-                inputs["messages"], chat_template=template, tokenize=False, add_generation_prompt=True
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True
             )
 
     def continuous_batcher(self) -> Any:
@@ -171,7 +159,7 @@ class TextGeneration(_HFRuntime):
 
     def sequence(self, key: Any, inputs: dict[str, Any], parameters: dict[str, Any], **options: Any) -> Any:
         """One request for the continuous batcher; InvalidInput for a bad text or parameter."""
-        from workers.runtimes.decoding import Sampling, Sequence
+        from workers.runtimes.scheduling import Sampling, Sequence
 
         text = self.prompt_text(inputs)
         max_new = self.max_length(parameters)
