@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -34,13 +35,16 @@ class ClusterState:
         self.worker_ttl_s = worker_ttl_s
 
     # -- workers -----------------------------------------------------------------------------
-    def publish_worker(self, record: dict[str, Any]) -> None:
+    def publish_worker(self, record: dict[str, Any], also: Callable[[Any], None] | None = None) -> None:
+        """Write the worker's record; `also(pipe)` adds more writes to the same round trip (the heartbeat's)."""
         now = time.time()
         record = dict(record, heartbeat_at=now)
         pipe = self.redis.pipeline()
         pipe.set(worker_key(record["name"]), json.dumps(record), ex=self.worker_ttl_s)
         pipe.zadd(WORKERS_INDEX, {record["name"]: now})
         pipe.zremrangebyscore(WORKERS_INDEX, "-inf", now - self.worker_ttl_s)
+        if also is not None:
+            also(pipe)
         pipe.execute()
 
     def remove_worker(self, name: str) -> None:

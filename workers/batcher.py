@@ -86,6 +86,11 @@ class PoisonInput(RuntimeError):
     code = POISON_JOB
 
 
+class ResultsNotWritten(RuntimeError):
+    """The completion could not write a batch's ends: the jobs' task threads must end them (not a job's own
+    failure, which the completion did write)."""
+
+
 @dataclass
 class BatchOutcome:
     output: Any
@@ -176,13 +181,16 @@ class ModelBatcher:
             self._cond.notify()
         return request.future
 
-    def close(self, gone: ModelGone | None = None, drain_s: float | None = None) -> None:
-        """Take nothing new. Without `gone`: the jobs already handed over still run. With it (the model goes
-        away): they may run for `drain_s` seconds; those still pending then end with `gone` (the ones in a
-        forward pass end when the runtime closes)."""
+    def close(
+        self, gone: ModelGone | None = None, drain_s: float | None = None, refused: ModelGone | None = None
+    ) -> None:
+        """Take nothing new (a job handed over from now on is refused with `refused`, default `gone`). Without
+        `gone`: the jobs already handed over still run. With it (the model goes away): they may run for
+        `drain_s` seconds; those still pending then end with `gone` (the ones in a forward pass end when the
+        runtime closes)."""
         with self._cond:
             self._closed = True
-            self._gone = gone
+            self._gone = refused or gone
             self._cond.notify_all()
         if gone is None:
             return
@@ -222,28 +230,42 @@ class ModelBatcher:
             return [self._pending.popleft() for _ in range(take)]
 
     def _feed(self, index: int) -> None:
-        while True:
-            requests = self._collect()
-            if requests is None:
-                with self._cond:
-                    self._feeders_left -= 1
-                    if self._feeders_left == 0:
-                        self._done.put(None)  # the completion thread ends after the last batch
-                return
-            groups: dict[str, list[Request]] = {}
-            for request in requests:
-                if request.exclusive:
-                    self._run(index, [request])
-                    continue
-                groups.setdefault(request.key, []).append(request)
-            for group in groups.values():
-                group.sort(key=lambda r: r.length)
-                start = 0
-                for end in split_by_length([r.length for r in group], self.max_batch_size):
-                    self._run(index, group[start:end])
-                    start = end
+        try:
+            while True:
+                requests = self._collect()
+                if requests is None:
+                    return
+                try:
+                    self._feed_batches(index, requests)
+                except Exception as exc:
+                    # A bug or a failing callback: the jobs this feeder holds end (internal_error) rather than
+                    # stay running, and the feeder goes on serving.
+                    logger.bind(model_id=self.model_id).opt(exception=exc).error("a batcher feeder failed")
+                    held = [r for r in requests if r.outcome is None and r.error is None]  # not yet completed
+                    if held:
+                        self._settle(held, error=exc)
+        finally:
             with self._cond:
-                self._last_size, self._last_end = len(requests), time.monotonic()
+                self._feeders_left -= 1
+                if self._feeders_left == 0:
+                    self._done.put(None)  # the completion thread ends after the last batch
+
+    def _feed_batches(self, index: int, requests: list[Request]) -> None:
+        """Run one collected set of requests: the exclusive ones alone, the rest grouped and cut by length."""
+        groups: dict[str, list[Request]] = {}
+        for request in requests:
+            if request.exclusive:
+                self._run(index, [request])
+                continue
+            groups.setdefault(request.key, []).append(request)
+        for group in groups.values():
+            group.sort(key=lambda r: r.length)
+            start = 0
+            for end in split_by_length([r.length for r in group], self.max_batch_size):
+                self._run(index, group[start:end])
+                start = end
+        with self._cond:
+            self._last_size, self._last_end = len(requests), time.monotonic()
 
     # -- running them -------------------------------------------------------------------------
     def _run(self, index: int, batch: list[Request]) -> None:
@@ -282,7 +304,10 @@ class ModelBatcher:
             log.error("model process {} is not running again ({}); ending {} job(s)", index, gone.code, len(batch))
             self._settle(batch, error=gone)
             if self.policy.cannot_restart(gone):
-                self._on_model_dead(gone)
+                try:
+                    self._on_model_dead(gone)
+                except Exception as dead_exc:  # e.g. Redis unreachable: the batch is settled; keep serving
+                    log.opt(exception=dead_exc).error("reporting model process {} dead failed", index)
             return
         if len(batch) > 1:
             # Only the job that kills the model when run alone is to blame; the others are innocent.
@@ -320,7 +345,8 @@ class ModelBatcher:
                     self._on_complete(batch)
                 except Exception as exc:  # e.g. Redis unreachable: the task thread reports it
                     logger.bind(model_id=self.model_id).opt(exception=exc).error("writing a batch's results failed")
-                    failure = exc
+                    failure = ResultsNotWritten(f"writing the job's result failed ({type(exc).__name__}: {exc})")
+                    failure.__cause__ = exc
             for request in batch:
                 if failure is not None:
                     request.future.set_exception(failure)
@@ -330,4 +356,5 @@ class ModelBatcher:
                     request.future.set_result(request.outcome)
             with self._cond:
                 self._open -= len(batch)
-                self._cond.notify_all()
+                if self._closed:  # only close() waits on `_open` (draining); no wake-up per batch otherwise
+                    self._cond.notify_all()

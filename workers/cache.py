@@ -91,7 +91,7 @@ class ModelCache:
         self._loading: dict[str, float] = {}
         self._lock = threading.RLock()
         self._model_locks: dict[str, threading.Lock] = {}
-        self._attempts: dict[str, int] = {}  # loads started, per model
+        self._attempts: dict[str, int] = {}  # loads finished (loaded or failed), per model
         self._last_error: dict[str, ModelLoadError] = {}  # the last load's failure, per model (None: it loaded)
 
     # -- reads -------------------------------------------------------------------------------
@@ -167,13 +167,16 @@ class ModelCache:
             failed = self._last_error.get(spec.id)
             if failed is not None and self._attempts.get(spec.id, 0) != seen:
                 raise ModelLoadError(str(failed), failed.code)  # the load this thread waited for failed
-            with self._lock:
-                self._attempts[spec.id] = self._attempts.get(spec.id, 0) + 1
             try:
                 runtime = self._load(spec, generation)
             except ModelLoadError as exc:
                 self._last_error[spec.id] = exc
                 raise
+            finally:
+                # Counted when the attempt ends, not when it starts: a thread that read `seen` while this
+                # load was running must see a change afterwards and share its failure.
+                with self._lock:
+                    self._attempts[spec.id] = self._attempts.get(spec.id, 0) + 1
             self._last_error.pop(spec.id, None)
             return runtime
 

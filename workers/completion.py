@@ -118,6 +118,8 @@ def _base64_arrays(value: Any) -> Any:
         return base64.b64encode(value.astype("<f4").tobytes()).decode("ascii")
     if isinstance(value, dict):
         return {k: _base64_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):  # /serve/batch: {"outputs": [...]}
+        return [_base64_arrays(v) for v in value]
     return value
 
 

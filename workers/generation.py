@@ -71,7 +71,9 @@ class _Run:
     def run(self, contexts: list[JobContext]) -> None:
         requests: list[_Request] = []
         ended: list[Ending] = []
+        now = time.perf_counter()
         for ctx in contexts:
+            ctx.begin = now  # inference_ms counts from here, not from before a lazy load
             if ctx.is_batch:
                 items = ctx.job["inputs"]
                 self.batches[ctx.job_id] = _BatchJob([None] * len(items), len(items))
@@ -164,7 +166,7 @@ class _Run:
         gone = policy.restart(self.runtime, self.spec.id, exc)
         if gone is not None:
             if policy.cannot_restart(gone):
-                self.svc.model_died(self.spec.id, gone)
+                self.svc.model_died(self.spec.id, self.runtime, gone)
             return self._end(request, classify(gone))
         verdict = policy.charge(self.spec.id, exc, request.crashes + (1 if request.call.exclusive else 0))
         request.crashes = verdict.crashes

@@ -19,6 +19,7 @@ from tasks.errors import DEADLINE_EXCEEDED, MODEL_NOT_FOUND, error_body
 from tasks.jobs import requeue_payload
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL, forced_unload_key
 from tasks.states import FAILED, INFERENCE, LOAD, LOADED, SUCCEEDED, UNLOAD, UNLOADED, UNLOADING
+from workers.batcher import ResultsNotWritten
 from workers.cache import ModelLoadError
 from workers.completion import Ending, JobContext, classify
 from workers.generation import run_generation_jobs
@@ -156,7 +157,7 @@ def _serve(svc: WorkerService, model_id: str, active: list[JobContext]) -> None:
         run_generation_jobs(svc, spec, runtime, active)
         return
     # Hand every batchable job over first (so they share batches), then run the batch requests here.
-    handed: list[Future] = []
+    handed: list[tuple[JobContext, Future]] = []
     own: list[JobContext] = []
     refused: list[Ending] = []
     for ctx in active:
@@ -164,17 +165,33 @@ def _serve(svc: WorkerService, model_id: str, active: list[JobContext]) -> None:
             own.append(ctx)
             continue
         try:
-            handed.append(svc.submit(spec, runtime, ctx.job["inputs"], ctx.parameters, ctx, exclusive=ctx.isolate))
+            handed.append(
+                (ctx, svc.submit(spec, runtime, ctx.job["inputs"], ctx.parameters, ctx, exclusive=ctx.isolate))
+            )
         except Exception as exc:  # the model is going away
             refused.append(svc.completion.failed(ctx, classify(exc)))
     finish(INFERENCE, model_id, refused)
     for ctx in own:
         finish(INFERENCE, model_id, [_run_batch_request(svc, spec, runtime, ctx)])
-    for future in handed:
+    for ctx, future in handed:
         try:
             future.result()
+        except ResultsNotWritten as exc:  # the completion could not write its end: try once more, failed
+            ctx.log(model_id).error("{}; ending the job failed", exc)
+            _end_best_effort(svc, INFERENCE, model_id, [svc.completion.failed(ctx, classify(exc))])
         except Exception:
             pass  # the job's failure is already written by the batcher's completion
+
+
+def _end_best_effort(svc: WorkerService, kind: str, model_id: str, endings: list[Ending]) -> None:
+    """End jobs after a failure; if even that cannot be written (Redis down), log it: the reaper's backstop
+    (workers/reaper.py) takes over the jobs no longer held."""
+    try:
+        svc.completion.finish(kind, model_id, endings)
+    except Exception as exc:
+        logger.bind(model_id=model_id).opt(exception=exc).error(
+            "cannot end job(s) {}", ", ".join(e.job_id for e in endings)
+        )
 
 
 def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -197,16 +214,20 @@ def _mark_running(svc: WorkerService, task: str, kwargs: dict[str, Any]) -> dict
 
 def run_load(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
     svc = service()
-    with svc.active.holding([job_id]):
-        _load(svc, job_id, model_id, device, request_id)
-
-
-def _load(svc: WorkerService, job_id: str, model_id: str, device: str, request_id: str | None) -> None:
-    log = logger.bind(job_id=job_id, model_id=model_id, request_id=request_id)
     kwargs = {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}
-    wake = _mark_running(svc, LOAD_MODEL, kwargs)
-    if wake is None:
-        return
+    with svc.active.holding([job_id]):
+        wake = _mark_running(svc, LOAD_MODEL, kwargs)
+        if wake is None:
+            return
+        try:
+            _load(svc, job_id, model_id, request_id, wake)
+        except Exception as exc:  # Redis, or a bug: the job it marked running ends rather than stays so
+            logger.bind(job_id=job_id, model_id=model_id).opt(exception=exc).error("load job failed")
+            _end_best_effort(svc, LOAD, model_id, [Ending(job_id, FAILED, error=classify(exc), wake=wake)])
+
+
+def _load(svc: WorkerService, job_id: str, model_id: str, request_id: str | None, wake: dict[str, Any]) -> None:
+    log = logger.bind(job_id=job_id, model_id=model_id, request_id=request_id)
     spec = svc.models.get(model_id)
     if spec is None:
         error = error_body(MODEL_NOT_FOUND, f"model {model_id!r} is not configured")
@@ -241,15 +262,21 @@ def run_unload(job_id: str, model_id: str, device: str, request_id: str | None =
     """Unload the model from every worker of the device. Its running jobs are drained (they may end for
     AETHERCORE_UNLOAD_DRAIN seconds; the rest fail `model_unloaded`), or with `force` ended at once."""
     svc = service()
-    with svc.active.holding([job_id]):
-        _unload(svc, job_id, model_id, device, request_id, force)
-
-
-def _unload(svc: WorkerService, job_id: str, model_id: str, device: str, request_id: str | None, force: bool) -> None:
     kwargs = {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id, "force": force}
-    wake = _mark_running(svc, UNLOAD_MODEL, kwargs)
-    if wake is None:
-        return
+    with svc.active.holding([job_id]):
+        wake = _mark_running(svc, UNLOAD_MODEL, kwargs)
+        if wake is None:
+            return
+        try:
+            _unload(svc, job_id, model_id, request_id, force, wake)
+        except Exception as exc:  # Redis, or a bug: the job it marked running ends rather than stays so
+            logger.bind(job_id=job_id, model_id=model_id).opt(exception=exc).error("unload job failed")
+            _end_best_effort(svc, UNLOAD, model_id, [Ending(job_id, FAILED, error=classify(exc), wake=wake)])
+
+
+def _unload(
+    svc: WorkerService, job_id: str, model_id: str, request_id: str | None, force: bool, wake: dict[str, Any]
+) -> None:
     svc.cluster.undesire(model_id)
     if force:  # the other replicas, reconciling to it, end the model's jobs at once too
         svc.redis.set(forced_unload_key(model_id), "1", ex=FORCED_UNLOAD_MARK_S)

@@ -444,6 +444,7 @@ class RemoteRuntime:
         self._restart_lock = threading.Lock()  # one restart at a time
         self._lock = threading.Lock()  # `instances` and `_gone` change together
         self._gone: ModelGone | None = None
+        self._ending: ModelGone | None = None  # what the calls still in flight at close() end with
         self.restarts = 0
 
     def load(self) -> None:
@@ -480,11 +481,17 @@ class RemoteRuntime:
         """Why the model is going (or went) away; None while it serves."""
         return self._gone
 
-    def retire(self, gone: ModelGone) -> None:
-        """Refuse new work from now on (the first reason given wins); the calls in flight go on until close()."""
+    def retire(self, gone: ModelGone, ending: ModelGone | None = None) -> None:
+        """Refuse new work from now on with `gone` (the first reason given wins); the calls in flight go on until
+        close(), which ends them with `ending` (default: `gone`; a drained unload says they outran the drain)."""
         with self._lock:
             if self._gone is None:
-                self._gone = gone
+                self._gone, self._ending = gone, ending
+
+    @property
+    def ending(self) -> ModelGone | None:
+        """What the calls still in flight at close() end with."""
+        return self._ending or self._gone
 
     def check_open(self) -> None:
         """Raise ModelGone (a fresh copy, for this caller's traceback) once the model is going away."""
@@ -502,7 +509,7 @@ class RemoteRuntime:
                 self._gone = unloaded(self.spec.id)
             instances, self.instances = self.instances, []
         for process in instances:
-            process.stop(self._gone)
+            process.stop(self.ending)
 
     # -- calls --------------------------------------------------------------------------------
     def run_batch_on(self, index: int, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:

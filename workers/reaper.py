@@ -118,7 +118,8 @@ class Reaper:
         # How long a job must have been running before its holder's silence about it counts (the backstop).
         self.grace_s = worker_ttl_s if grace_s is None else grace_s
         self._redis_failed_at = 0.0
-        self._misses: dict[tuple[str, str], set[float]] = {}  # (holder, job) -> published sets it was missing from
+        # (holder, job, its run's started_at) -> the published sets it was missing from
+        self._misses: dict[tuple[str, str, str], set[float]] = {}
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval_s):
@@ -166,7 +167,7 @@ class Reaper:
     def reclaim_dropped(self, live: list[str]) -> int:
         """The backstop (see the module's docstring): jobs that live holders keep in their in-flight hash but no
         longer work on, queued again. Returns how many were taken."""
-        seen: set[tuple[str, str]] = set()
+        seen: set[tuple[str, str, str]] = set()
         taken = 0
         pipe = self.jobs.redis.pipeline(transaction=False)
         for holder in live:  # one round trip: the ids only (an in-flight entry holds the job's whole payload)
@@ -174,36 +175,47 @@ class Reaper:
             pipe.get(active_jobs_key(holder))
         replies = pipe.execute() if live else []
         for holder, keys, raw in zip(live, replies[::2], replies[1::2]):
-            inflight = [k.decode() if isinstance(k, bytes) else k for k in keys]
-            if not inflight or raw is None:
-                continue  # nothing in flight, or a holder that publishes no active set: never judged
-            published = orjson.loads(raw)
-            at, active = float(published["at"]), set(published["jobs"])
-            missing = [job_id for job_id in inflight if job_id not in active]
-            for job_id, started in zip(missing, self.jobs.running_since(missing)):
-                if started is None or float(started) >= at:
-                    continue  # ended, or started after that set was taken
-                key = (holder, job_id)
-                seen.add(key)
-                misses = self._misses.setdefault(key, set())
-                misses.add(at)
-                if len(misses) < 2 or at - float(started) < self.grace_s:
-                    continue
-                reclaimed = self.jobs.reclaim(holder, job_id, started)
-                self._misses.pop(key, None)
-                if reclaimed is None:
-                    continue
-                payload, crashes = reclaimed
-                logger.bind(job_id=job_id).error(
-                    "worker {} is alive but no longer works on job {} (running since {:.0f} s); queueing it again",
-                    holder,
-                    job_id,
-                    at - float(started),
-                )
-                self._requeue(f"worker {holder} dropped it", job_id, orjson.loads(payload), crashes)
-                taken += 1
+            try:
+                taken += self._reclaim_from(holder, keys, raw, seen)
+            except redis.RedisError:
+                raise
+            except Exception:  # e.g. a malformed active set: judge the other holders anyway
+                logger.bind(holder=holder).exception("reaper: cannot judge worker {}'s jobs", holder)
         for key in set(self._misses) - seen:
             del self._misses[key]
+        return taken
+
+    def _reclaim_from(self, holder: str, keys: list[Any], raw: bytes | None, seen: set[tuple[str, str, str]]) -> int:
+        """reclaim_dropped for one live holder: its in-flight job ids (`keys`) against its published set (`raw`)."""
+        taken = 0
+        inflight = [k.decode() if isinstance(k, bytes) else k for k in keys]
+        if not inflight or raw is None:
+            return 0  # nothing in flight, or a holder that publishes no active set: never judged
+        published = orjson.loads(raw)
+        at, active = float(published["at"]), set(published["jobs"])
+        missing = [job_id for job_id in inflight if job_id not in active]
+        for job_id, started in zip(missing, self.jobs.running_since(missing)):
+            if started is None or float(started) >= at:
+                continue  # ended, or started after that set was taken
+            key = (holder, job_id, started)  # a miss from an earlier run of the job does not count
+            seen.add(key)
+            misses = self._misses.setdefault(key, set())
+            misses.add(at)
+            if len(misses) < 2 or at - float(started) < self.grace_s:
+                continue
+            reclaimed = self.jobs.reclaim(holder, job_id, started)
+            self._misses.pop(key, None)
+            if reclaimed is None:
+                continue
+            payload, crashes = reclaimed
+            logger.bind(job_id=job_id).error(
+                "worker {} is alive but no longer works on job {} (running since {:.0f} s); queueing it again",
+                holder,
+                job_id,
+                at - float(started),
+            )
+            self._requeue(f"worker {holder} dropped it", job_id, orjson.loads(payload), crashes)
+            taken += 1
         return taken
 
     def _requeue(self, why: str, job_id: str, payload: dict[str, Any], crashes: int) -> None:

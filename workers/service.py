@@ -84,6 +84,7 @@ class WorkerService:
         self._batchers_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._publish_lock = threading.Lock()
+        self._died_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, send: Send) -> None:
@@ -171,15 +172,20 @@ class WorkerService:
         self.cache.refresh()
         with self._publish_lock:
             try:
-                self.cluster.publish_worker(self.record())
-                self.active.publish(self.redis, self.name, self.settings.worker_ttl)
+                # one round trip: the active set (the reaper's backstop) goes with the record
+                self.cluster.publish_worker(
+                    self.record(), also=lambda pipe: self.active.publish(pipe, self.name, self.settings.worker_ttl)
+                )
             except redis.RedisError as exc:
                 logger.warning("cannot publish worker heartbeat: {}", exc)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval):
-            self.publish()
-            self.flush_metrics()
+            try:
+                self.publish()
+                self.flush_metrics()
+            except Exception:  # a dead heartbeat would have this live worker declared dead and its jobs reaped
+                logger.exception("heartbeat failed; retrying at the next beat")
 
     def flush_metrics(self) -> None:
         taken = self.metrics.take()
@@ -220,7 +226,7 @@ class WorkerService:
                     spec.max_batch_delay_ms,
                     on_batch=lambda size: self.metrics.observe(BATCH_SIZE, spec.id, size),
                     on_complete=lambda batch: self._complete_batch(spec, batch),
-                    on_model_dead=lambda gone: self.model_died(spec.id, gone),
+                    on_model_dead=lambda gone: self.model_died(spec.id, runtime, gone),
                     on_forward=self._in_forward_pass,
                     policy=self.policy,
                 )
@@ -238,18 +244,21 @@ class WorkerService:
                 endings.append(self.completion.failed(ctx, logged(ctx.log(spec.id), request.error)))
                 continue
             outcome = request.outcome
-            endings.append(
-                self.completion.succeeded(
-                    spec,
-                    ctx,
-                    {"output": outcome.output},
-                    {
-                        "batch_wait_ms": round(outcome.batch_wait_ms, 3),
-                        "inference_ms": round(outcome.inference_ms, 3),
-                        "batch_size": outcome.batch_size,
-                    },
+            try:  # one job's output that cannot be encoded fails that job only, not its whole batch
+                endings.append(
+                    self.completion.succeeded(
+                        spec,
+                        ctx,
+                        {"output": outcome.output},
+                        {
+                            "batch_wait_ms": round(outcome.batch_wait_ms, 3),
+                            "inference_ms": round(outcome.inference_ms, 3),
+                            "batch_size": outcome.batch_size,
+                        },
+                    )
                 )
-            )
+            except Exception as exc:
+                endings.append(self.completion.failed(ctx, logged(ctx.log(spec.id), exc)))
         self.completion.finish(INFERENCE, spec.id, endings)
 
     def _in_forward_pass(self, batch: list[Request]) -> None:
@@ -268,22 +277,33 @@ class WorkerService:
         """Before the cache closes a model's runtime (ModelCache `on_unload`): no new job reaches it; the jobs
         it holds get `drain_s` seconds to end; those left are failed by the close with the reason (the pending
         ones of its batcher here, the ones in its processes by RemoteRuntime.close)."""
+        # `gone`: what a job refused from now on ends with (it never started); `ending`: what a job still held
+        # when the drain is over ends with (it did not end in time).
         gone: ModelGone = evicted(model_id) if reason == MODEL_EVICTED else unloaded(model_id)
+        ending = gone
         if drain_s > 0:
-            gone = unloaded(
+            ending = unloaded(
                 model_id, f"it was unloaded and its jobs did not end within {drain_s:g} s (AETHERCORE_UNLOAD_DRAIN)"
             )
         if isinstance(runtime, RemoteRuntime):
-            runtime.retire(gone)
+            runtime.retire(gone, ending)
+            gone, ending = runtime.gone or gone, runtime.ending or ending  # the first reason given wins
         with self._batchers_lock:
             batcher = self._batchers.pop(model_id, None)
         deadline = time.monotonic() + drain_s
         if batcher is not None:
-            batcher.close(runtime.gone if isinstance(runtime, RemoteRuntime) else gone, drain_s)
+            batcher.close(ending, drain_s, refused=gone)
         while isinstance(runtime, RemoteRuntime) and runtime.in_flight() and time.monotonic() < deadline:
             time.sleep(DRAIN_POLL_S)
 
-    def model_died(self, model_id: str, gone: ModelGone) -> None:
-        """A model process died and could not be restarted: the model is unloaded and marked failed."""
+    def model_died(self, model_id: str, runtime: Any, gone: ModelGone) -> None:
+        """A model process died and could not be restarted: the model is unloaded and marked failed.
+
+        Every request the dead `runtime` held reports it: it is acted on once, and only while that runtime is
+        still the resident one (a late report must not unload a copy loaded since)."""
+        with self._died_lock:
+            if getattr(runtime, "death_handled", False) or self.cache.get(model_id) is not runtime:
+                return
+            runtime.death_handled = True
         self.cache.unload(model_id)
         self.residency.model_failed(model_id, str(gone), gone.code)

@@ -203,3 +203,52 @@ def test_a_process_that_cannot_restart_ends_the_batch_and_reports_the_model_dead
         batcher.submit({"text": "x"}, {}).result(5)
     assert ended.value.code == "model_process_died" and dead == [ended.value]
     batcher.close()
+
+
+def test_a_failing_model_dead_callback_leaves_the_batcher_serving():
+    class Unrevivable(RecordingExecutor):
+        def revive(self, index):
+            return False
+
+    def model_dead(gone):
+        raise ConnectionError("redis went away")
+
+    batcher = batcher_for(Unrevivable(crash_on="x"), on_model_dead=model_dead)
+    assert batcher.submit({"text": "x"}, {}).exception(5) is not None
+    assert batcher.submit({"text": "y"}, {}).result(5).output["echo"] == "y"  # the feeder still runs
+    batcher.close()
+
+
+def test_an_exception_escaping_a_feeder_ends_the_jobs_it_holds():
+    calls = []
+
+    def on_batch(size):
+        calls.append(size)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the feeder")
+
+    batcher = batcher_for(RecordingExecutor(), on_batch=on_batch)
+    ended = batcher.submit({"text": "a"}, {}).exception(5)
+    assert isinstance(ended, RuntimeError) and "a bug" in str(ended)
+    assert batcher.submit({"text": "b"}, {}).result(5).output["echo"] == "b"
+    batcher.close()
+    batcher._completer.join(5)
+    assert not batcher._completer.is_alive()  # every feeder's exit is accounted for
+
+
+def test_a_job_refused_during_the_drain_is_told_the_model_went_not_that_it_outran_the_drain():
+    from workers.model_process import ModelGone, unloaded
+
+    executor = RecordingExecutor(delay=0.3)
+    batcher = batcher_for(executor, max_batch_size=1, max_batch_delay_ms=0)
+    futures = [batcher.submit({"text": f"t{i}"}, {}) for i in range(3)]
+    time.sleep(0.05)
+    outran, refused = unloaded("rec", "its jobs did not end within 0.4 s"), unloaded("rec")
+    closing = threading.Thread(target=batcher.close, args=(outran, 0.4), kwargs={"refused": refused})
+    closing.start()
+    time.sleep(0.05)
+    with pytest.raises(ModelGone) as late:
+        batcher.submit({"text": "late"}, {})
+    assert "did not end within" not in str(late.value)
+    closing.join(5)
+    assert "did not end within" in str(futures[-1].exception(5))

@@ -87,3 +87,40 @@ def test_huggingface_model_missing_from_cache_fails_fast(settings, models, monke
     with pytest.raises(ModelLoadError) as info:
         cache.load(models["bert-base-uncased"])
     assert "not in the local Hugging Face cache" in str(info.value)
+
+
+def test_threads_waiting_for_a_failing_load_share_its_failure(models):
+    """A thread arriving while a load is already failing gets that failure instead of loading again."""
+    import threading
+    import time
+
+    attempts = []
+
+    def failing_factory(spec):
+        attempts.append(spec.id)
+        time.sleep(0.5)
+        raise RuntimeError("weights are corrupt")
+
+    cache = ModelCache(10**9, "cpu", factory=failing_factory, estimate=lambda spec: 0)
+    errors = []
+
+    def load():
+        try:
+            cache.load(models["tiny-mlp"])
+        except ModelLoadError as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=load)
+    first.start()
+    time.sleep(0.1)  # the second arrives while the first load is in progress
+    second = threading.Thread(target=load)
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert len(errors) == 2
+    assert attempts == ["tiny-mlp"]
+    assert all("weights are corrupt" in str(e) for e in errors)
+    # a later call (not waiting for that load) tries again
+    with pytest.raises(ModelLoadError):
+        cache.load(models["tiny-mlp"])
+    assert len(attempts) == 2

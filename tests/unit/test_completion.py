@@ -109,3 +109,15 @@ def test_an_exception_becomes_the_jobs_error():
 
     assert classify(Foreign("x"))["code"] == INTERNAL_ERROR
     assert classify(ValueError("bug"))["code"] == INTERNAL_ERROR
+
+
+def test_base64_encoding_reaches_arrays_inside_lists():
+    import base64
+
+    completion = Completion(None, LocalMetrics(), "w1", "cpu", threading.Event())
+    spec = SimpleNamespace(id="m", task="feature-extraction")
+    array = np.array([1.0, 2.0], dtype=np.float32)
+    job = {"job_id": "j", "encoding_format": "base64"}
+    body = orjson.loads(completion.result_for(spec, job, {"outputs": [{"output": array}, [array]]}, {}))
+    encoded = base64.b64encode(array.astype("<f4").tobytes()).decode("ascii")
+    assert body["outputs"] == [{"output": encoded}, [encoded]]

@@ -137,3 +137,28 @@ def test_active_jobs_counts_two_holders_of_one_job():
             assert sorted(active.snapshot()[1]) == ["a", "b"]
         assert active.snapshot()[1] == ["a"]
     assert active.snapshot()[1] == []
+
+
+def test_a_miss_from_an_earlier_run_of_the_job_does_not_count(jobs):
+    reaper = reaper_for(jobs, Sent())
+    job_id = start(jobs, "holder")
+    dropped = ActiveJobs()
+    publish(jobs, "holder", dropped)
+    assert reaper.reclaim_dropped(["holder"]) == 0  # one miss of this run
+    jobs.redis.hset(job_key(job_id), "started_at", repr(time.time()))  # it runs again (a new try)
+    publish(jobs, "holder", dropped)
+    assert reaper.reclaim_dropped(["holder"]) == 0  # the new run's first miss only
+    publish(jobs, "holder", dropped)
+    assert reaper.reclaim_dropped(["holder"]) == 1
+
+
+def test_a_malformed_active_set_does_not_stop_the_pass(jobs):
+    reaper = reaper_for(jobs, Sent())
+    start(jobs, "broken")
+    jobs.redis.set(active_jobs_key("broken"), b"not json", ex=30)
+    start(jobs, "holder")
+    dropped = ActiveJobs()
+    publish(jobs, "holder", dropped)
+    assert reaper.reclaim_dropped(["broken", "holder"]) == 0
+    publish(jobs, "holder", dropped)
+    assert reaper.reclaim_dropped(["broken", "holder"]) == 1

@@ -137,3 +137,14 @@ def test_tensor_model_takes_named_tensors(runtime):
 def test_bad_inputs_raise_invalid_input(runtime, model_id, inputs, parameters):
     with pytest.raises(InvalidInput):
         runtime(model_id).run(inputs, parameters)
+
+
+def test_every_packable_datatype_is_accepted_by_the_model_process():
+    from tasks.tensors import DTYPES
+    from workers.runtimes.tensors import decode_tensor, encode_tensor
+
+    for name, dtype in DTYPES.items():
+        array = np.zeros((2, 3), dtype=dtype)
+        assert decode_tensor("x", pack(array), "FP32").dtype == dtype, name
+        assert decode_tensor("x", {"datatype": name, "shape": [2, 3], "data": [0] * 6}, "FP32").dtype == dtype
+        assert encode_tensor(array)["datatype"] == name

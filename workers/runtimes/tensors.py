@@ -13,20 +13,12 @@ from typing import Any
 import numpy as np
 
 from config.signatures import MAX_ELEMENTS, ShapeError, checked_shape
-from tasks.tensors import DATATYPE_OF, is_packed, unpack
+from tasks.tensors import DATATYPE_OF, DTYPES, is_packed, unpack
 from workers.runtimes.base import InvalidInput
 
-DATATYPES = {
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "FP16": np.float16,
-    "INT64": np.int64,
-    "INT32": np.int32,
-    "INT8": np.int8,
-    "UINT8": np.uint8,
-    "BOOL": np.bool_,
-}
-NAMES = {np.dtype(v): k for k, v in DATATYPES.items()}
+# One table of numeric datatypes (tasks/tensors.py): what the API packs, the model process accepts.
+DATATYPES = DTYPES
+NAMES = DATATYPE_OF
 
 
 def decode_tensor(name: str, value: Any, default_dtype: str) -> np.ndarray:
