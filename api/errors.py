@@ -72,7 +72,9 @@ def field_errors(details: dict[str, Any]) -> list[tuple[str, str]]:
     pairs = []
     for field, problems in details.items():
         if isinstance(problems, list) and all(isinstance(p, str) for p in problems):
-            pairs.extend((field, p) for p in problems)
+            pairs.extend((str(field), p) for p in problems)
+        elif isinstance(problems, dict):  # a nested schema's or a list item's errors: {"messages": {0: {...}}}
+            pairs.extend((f"{field}.{inner}", p) for inner, p in field_errors(problems))
     return pairs
 
 

@@ -33,6 +33,8 @@ from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_data, sse_resp
 from api.services import services
 from config.models import ModelSpec
 from config.parameters import (
+    CHAT_ROLES,
+    MAX_MESSAGES,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     NOT_BLANK_PATTERN,
@@ -68,7 +70,9 @@ def _openai_error(status: int, code: str, message: str, details: dict[str, Any])
     fields = field_errors(details)
     param = None
     if fields:
-        name = fields[0][0].split(".")[-1] if fields[0][0].startswith("parameters.") else fields[0][0]
+        first = fields[0][0]
+        # a declared parameter by its own name; an item of a list (messages.0.role) by the request field
+        name = first.split(".")[-1] if first.startswith("parameters.") else first.split(".")[0]
         param = OPENAI_NAME.get(name, name)
         message = "; ".join(f"{OPENAI_NAME.get(f.split('.')[-1], f)}: {p}" for f, p in fields)
     kind = ERROR_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
@@ -158,8 +162,35 @@ class CompletionRequest(_GenerationRequest):
     logprobs = ma.fields.Raw(allow_none=True, validate=validate.Equal(None, error="logprobs are not supported"))
 
 
+TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
+
+
+class ChatMessage(ma.Schema):
+    """One chat message as the chat template takes it (config/parameters.py messages_error): the document says
+    exactly what the check accepts, so no request the schema allows is refused."""
+
+    class Meta:
+        unknown = ma.RAISE
+
+    role = ma.fields.String(required=True, validate=validate.OneOf(CHAT_ROLES))
+    content = ma.fields.Raw(
+        required=True,
+        metadata={
+            "description": "The text, or text parts ({type: text, text}) joined",
+            "oneOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}],
+        },
+    )
+    name = ma.fields.String(allow_none=True)
+
+
 class ChatRequest(_GenerationRequest):
-    messages = ma.fields.List(ma.fields.Dict(), required=True, validate=validate.Length(min=1))
+    messages = ma.fields.List(
+        ma.fields.Nested(ChatMessage), required=True, validate=validate.Length(min=1, max=MAX_MESSAGES)
+    )
     max_completion_tokens = _declared("max_completion_tokens", "Same as max_tokens")
     logprobs = ma.fields.Boolean(allow_none=True, validate=validate.Equal(False, error="logprobs are not supported"))
 
