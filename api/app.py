@@ -70,7 +70,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         jobs=JobStore(redis_client, settings.result_ttl),
         cluster=cluster,
         celery=celery,
-        dispatcher=InferenceDispatcher(celery, linger_ms=settings.dispatch_linger_ms),
+        dispatcher=InferenceDispatcher(
+            celery,
+            linger_ms=settings.dispatch_linger_ms,
+            broker_redis=redis_client if settings.effective_broker_url == settings.redis_url else None,
+        ),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
     init_request_id(app)

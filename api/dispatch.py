@@ -18,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 
+from tasks.messages import TaskMessages
 from tasks.names import INFER, queue_for_device
 
 MAX_JOBS_PER_MESSAGE = 64
@@ -46,8 +48,12 @@ class InferenceDispatcher:
         max_jobs: int = MAX_JOBS_PER_MESSAGE,
         linger_ms: float = 0.0,
         in_flight: Callable[[], int] = lambda: 0,
+        broker_redis: redis.Redis | None = None,
     ) -> None:
         self.celery = celery
+        # The broker's Redis when it is the jobs' Redis: messages are pushed directly (tasks/messages.py).
+        self.broker_redis = broker_redis
+        self.messages = TaskMessages()
         self.max_jobs = max_jobs
         self.linger_s = linger_ms / 1000
         self.in_flight = in_flight
@@ -101,12 +107,13 @@ class InferenceDispatcher:
                 p.done = True
 
     def _send(self, model_id: str, device: str, jobs: list[dict[str, Any]]) -> None:
-        self.celery.send_task(
-            INFER,
-            kwargs={"model_id": model_id, "jobs": jobs},
-            queue=queue_for_device(device),
-            # A message with one job carries the job's id, so Flower and the API name the same thing.
-            task_id=jobs[0]["job_id"] if len(jobs) == 1 else None,
-            # What Flower and logs show instead of the inputs themselves.
-            kwargsrepr=repr({"model_id": model_id, "job_ids": [j["job_id"] for j in jobs]}),
-        )
+        kwargs = {"model_id": model_id, "jobs": jobs}
+        queue = queue_for_device(device)
+        # A message with one job carries the job's id, so Flower and the API name the same thing.
+        task_id = jobs[0]["job_id"] if len(jobs) == 1 else None
+        # What Flower and logs show instead of the inputs themselves.
+        kwargsrepr = repr({"model_id": model_id, "job_ids": [j["job_id"] for j in jobs]})
+        if self.broker_redis is not None:
+            self.broker_redis.lpush(queue, self.messages.build(INFER, kwargs, queue, task_id, kwargsrepr))
+            return
+        self.celery.send_task(INFER, kwargs=kwargs, queue=queue, task_id=task_id, kwargsrepr=kwargsrepr)

@@ -27,6 +27,7 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
 from api.errors import ApiError
+from api.fast_args import loader_for
 
 
 class JsonBodyError(ValueError):
@@ -85,6 +86,18 @@ class BodyParser(FlaskParser):
         if cached is core.missing:
             cached = req.environ["aethercore.json_body"] = parse_body(data)
         return cached
+
+    def parse(self, argmap: Any, req: Any = None, *, location: str | None = None, **kwargs: Any) -> Any:
+        """The hot routes' arguments in their common valid shape without the schema (api/fast_args.py); anything
+        else through webargs and the schema."""
+        fast = loader_for(argmap, location)
+        if fast is not None:
+            request = req if req is not None else self.get_default_request()
+            source = request.args if location == "query" else self._raw_load_json(request)
+            loaded = fast(source) if source is not core.missing else None
+            if loaded is not None:
+                return loaded
+        return super().parse(argmap, req, location=location, **kwargs)
 
 
 class Blueprint(flask_smorest.Blueprint):

@@ -9,6 +9,11 @@ from config.models import MODEL_ID_RE
 from tasks.states import JOB_KINDS, MODEL_STATES, STATUSES
 
 JOB_ID_RE = r"^[0-9a-f]{32}$"
+# Bounds shared with the hot routes' hand-checked arguments (api/fast_args.py).
+RESULT_TTL_MAX = 7 * 86400
+TIMEOUT_MIN, TIMEOUT_MAX = 0.001, 86400
+WAIT_MAX = 3600
+ENCODINGS = ("float", "base64")
 
 
 class _InferenceRequest(ma.Schema):
@@ -18,18 +23,18 @@ class _InferenceRequest(ma.Schema):
         required=True, validate=validate.Regexp(MODEL_ID_RE.pattern), metadata={"example": "minilm"}
     )
     result_ttl = ma.fields.Integer(
-        validate=validate.Range(min=1, max=7 * 86400),
+        validate=validate.Range(min=1, max=RESULT_TTL_MAX),
         metadata={
             "description": "Seconds this job and its result are kept after it ends (default AETHERCORE_RESULT_TTL)"
         },
     )
     timeout = ma.fields.Float(
-        validate=validate.Range(min=0.001, max=86400),
+        validate=validate.Range(min=TIMEOUT_MIN, max=TIMEOUT_MAX),
         metadata={"description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"},
     )
     encoding_format = ma.fields.String(
         load_default="float",
-        validate=validate.OneOf(("float", "base64")),
+        validate=validate.OneOf(ENCODINGS),
         metadata={
             "description": "How embeddings are returned: JSON numbers (`float`) or `base64` of their "
             "little-endian float32 bytes (a quarter of the size, and exact)"
@@ -55,7 +60,7 @@ class BatchRequestSchema(_InferenceRequest):
 class WaitQuerySchema(ma.Schema):
     wait = ma.fields.Float(
         load_default=0.0,
-        validate=validate.Range(min=0, max=3600),
+        validate=validate.Range(min=0, max=WAIT_MAX),
         metadata={"description": "Seconds to wait for the job to finish (capped by AETHERCORE_MAX_WAIT)"},
     )
 

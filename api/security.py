@@ -71,7 +71,7 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
 
     init_rate_limit_headers(app)
     if settings.rate_limit:
-        Limiter(
+        limiter = Limiter(
             caller_id,
             app=app,
             default_limits=[settings.rate_limit],
@@ -85,4 +85,7 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
                 _is_open(settings) or request.url_rule is None or request.endpoint in INFERENCE_ENDPOINTS
             ),
         )
+        # ... and skipped before flask-limiter resolves any limit for them (5 % of an API process's CPU per
+        # /serve at GPU speed went into resolving limits only to find them exempt).
+        limiter.request_filter(lambda: request.endpoint in INFERENCE_ENDPOINTS)
     return authenticator

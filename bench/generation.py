@@ -48,8 +48,21 @@ PROMPTS = [
 ]
 
 
+def simulated_rate(batch: int) -> float:
+    """A simulated decoder's in-process rate at `batch` rows: what its profile declares (rows x steps per
+    second; the simulated step sleeps `step_ms + per_row_ms x rows` and costs no CPU, config/models.yaml)."""
+    from config.models import load_models
+    from config.settings import Settings
+
+    profile = load_models(Settings.from_env().models_file)[MODEL].simulate
+    return 1000 * batch / (profile.step_ms + profile.per_row_ms * batch)
+
+
 def in_process_generate(batch: int, tokens: int, device: str = "cpu", repeats: int = 3) -> float:
-    """Tokens/s of transformers' generate on a left-padded batch (median of `repeats`)."""
+    """Tokens/s of transformers' generate on a left-padded batch (median of `repeats`); a simulated decoder's
+    declared rate."""
+    if MODEL.startswith("sim"):
+        return simulated_rate(batch)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,15 +161,20 @@ def served(port: int, streams: int, tokens: int, components: Components | None =
 
 
 def main() -> None:
+    global MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="1,16,64", help="concurrent stream counts, comma-separated")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--repeat", type=int, default=3, help="runs per N; the median run is reported")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:0 on a GPU host (worker and reference)")
     parser.add_argument(
+        "--model", default=MODEL, help="tiny-gpt2, or sim-gpt2-h100 (the simulated H100: the stack's own cost)"
+    )
+    parser.add_argument(
         "--write", action="store_true", help="put the table into bench/RESULTS.md (replacing the last one)"
     )
     args = parser.parse_args()
+    MODEL = args.model
     counts = [int(n) for n in args.streams.split(",")]
     say = Report()
 

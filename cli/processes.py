@@ -91,9 +91,10 @@ def up(
     api_port = api_port or cfg.port
     flower_port = flower_port or cfg.flower_port
     env.update(AETHERCORE_PORT=str(api_port), AETHERCORE_FLOWER_PORT=str(flower_port))
-    # The recommended shape (docs/ARCHITECTURE.md): one API process per 4 cores, one worker, one model
+    # The recommended shape (docs/ARCHITECTURE.md, docs/CAPACITY.md): one API process per 2 cores and at least
+    # two (one process's GIL capped /serve at GPU speed: 1 -> 2 gave 1.6x on 2 cores), one worker, one model
     # process per model; an explicit AETHERCORE_WORKERS wins.
-    env.setdefault("AETHERCORE_WORKERS", str(max(1, (os.cpu_count() or 1) // 4)))
+    env.setdefault("AETHERCORE_WORKERS", str(max(2, (os.cpu_count() or 1) // 2)))
     env.setdefault("AETHERCORE_URL", f"http://127.0.0.1:{api_port}")
     env.setdefault("HF_HUB_OFFLINE", "1")
 

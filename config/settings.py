@@ -398,6 +398,13 @@ class Settings:
         _positive_int,
         "Tasks Flower keeps in memory (~8 KB each; its own default of 100,000 held 840 MB in the soak).",
     )
+    task_events: str = setting(
+        "control",
+        _choice("control", "all"),
+        "Which tasks Flower sees: `control` (model loads and unloads, and every worker's heartbeat) or `all` "
+        "(every inference message too: one Redis publish per message per event, ~25 % of a worker's CPU at GPU "
+        "speed, and Flower's own CPU; jobs are always in /jobs and /metrics).",
+    )
     flower_basic_auth: str = setting(
         "",
         _basic_auth,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import Settings, get_settings
+from tasks.broker import TRANSPORT
 from tasks.names import CPU_QUEUE
 
 # How often each worker sweeps for messages whose worker died (kombu's Redis transport); a dead
@@ -46,6 +47,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_redirect_stdouts=False,
         broker_pool_limit=64,
     )
+    if settings.effective_broker_url.startswith(("redis://", "rediss://")):
+        app.conf.broker_transport = TRANSPORT  # kombu's, without a client built per call (tasks/broker.py)
     ssl = settings.redis_ssl(settings.effective_broker_url)
     if ssl:  # rediss:// broker: kombu takes the same options as redis-py
         import ssl as ssl_module

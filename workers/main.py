@@ -38,7 +38,7 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
     handlers.bind_service(service)
 
     app = make_celery(settings)
-    handlers.register(app)
+    handlers.register(app, settings.task_events)
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:

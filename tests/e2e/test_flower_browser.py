@@ -90,19 +90,20 @@ def test_flower_requires_login(flower):
     assert requests.get(f"{flower}/workers", auth=(USER, PASSWORD), timeout=5).status_code == 200
 
 
-def test_flower_lists_the_worker_and_a_finished_inference(flower, browser, client, main_worker):
+def test_flower_lists_the_worker_and_a_finished_model_load(flower, browser, client, main_worker):
+    """With AETHERCORE_TASK_EVENTS=control (the default) Flower shows the workers and the model loads and unloads;
+    inference messages send no events (tests/unit/test_handlers.py checks both settings)."""
     login(browser)
-    job = client.post("/serve?wait=60", json={"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}})
-    job = job.get_json()
-    assert job["status"] == "succeeded"
+    job = client.post("/models/tiny-mlp/load?wait=60").get_json()
+    assert job["status"] == "succeeded", job
 
     source = page_shows(browser, f"{flower}/workers", [main_worker.name])
     browser.save_screenshot(str(ARTIFACTS / "flower-workers.png"))
     assert main_worker.name in source  # the worker's name carries its device: cpu.<pid>@<host>
     assert main_worker.name.startswith("cpu.")
 
-    source = page_shows(browser, f"{flower}/tasks", ["aethercore.infer", job["job_id"]])
+    source = page_shows(browser, f"{flower}/tasks", ["aethercore.load_model", job["job_id"]])
     browser.save_screenshot(str(ARTIFACTS / "flower-tasks.png"))
-    assert "aethercore.infer" in source
+    assert "aethercore.load_model" in source
     assert job["job_id"] in source and "tiny-mlp" in source
     assert "SUCCESS" in source

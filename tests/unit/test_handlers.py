@@ -98,3 +98,15 @@ def test_a_dead_model_is_handled_once_per_runtime():
     service.model_died("m", dead_runtime, gone)
     assert calls == [("unload", "m"), ("failed", "m")]
     assert resident["m"] is fresh_runtime
+
+
+def test_inference_messages_send_flower_events_only_when_asked():
+    from celery import Celery
+
+    from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL
+
+    for setting, infer_events in (("control", False), ("all", True)):
+        app = Celery("t", set_as_current=False)
+        handlers.register(app, setting)
+        assert app.tasks[INFER].send_events is infer_events
+        assert app.tasks[LOAD_MODEL].send_events and app.tasks[UNLOAD_MODEL].send_events
