@@ -8,10 +8,13 @@ from flask import Flask, current_app
 from flask_smorest import Api
 
 from api.auth import CREDENTIALS, SECURITY_SCHEMES
-from api.blueprints import health, jobs, models, oip, openai_compat, serve
+from api.batch_driver import BatchDriver
+from api.batches import BatchStore
+from api.blueprints import batches, dead_letters, health, jobs, models, oip, openai_compat, serve, webhooks
 from api.dispatch import InferenceDispatcher
 from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
+from api.files import FileStore
 from api.json_provider import OrjsonProvider
 from api.metrics import init_metrics
 from api.openapi_inputs import document_inputs
@@ -67,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["aethercore"] = Services(
         settings=settings,
         models=load_models(settings.models_file),
-        jobs=JobStore(redis_client, settings.result_ttl),
+        jobs=JobStore(redis_client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max),
         cluster=cluster,
         celery=celery,
         dispatcher=InferenceDispatcher(
@@ -77,13 +80,21 @@ def create_app(settings: Settings | None = None) -> Flask:
         ),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
+    # The OpenAI Files and Batch APIs: their state in Redis, and this process's driver of every unfinished batch.
+    raw = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl(), decode_responses=False)
+    files, batch_store = FileStore(redis_client, raw, settings.files_ttl), BatchStore(redis_client, settings.files_ttl)
+    app.extensions["aethercore_batches"] = {
+        "files": files,
+        "batches": batch_store,
+        "driver": BatchDriver(app, batch_store, files),
+    }
     init_request_id(app)
     init_security(app, settings, redis_client)
 
     api = AetherApi(app)
     for name, scheme in SECURITY_SCHEMES.items():
         api.spec.components.security_scheme(name, scheme)
-    for module in (health, serve, jobs, models, oip, openai_compat):
+    for module in (health, serve, jobs, models, oip, openai_compat, batches, dead_letters, webhooks):
         api.register_blueprint(module.blp)
     app.register_blueprint(docs_assets)
     serve.register_websocket(app)  # WS /serve/stream, with its limits (api/websocket.py)

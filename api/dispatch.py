@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 
 from tasks.messages import TaskMessages
-from tasks.names import INFER, queue_for_device
+from tasks.names import DEFAULT_LANE, INFER, LANE_PRIORITY, lane_list, queue_for_device
 
 MAX_JOBS_PER_MESSAGE = 64
 PUBLISH_TIMEOUT_S = 10.0
@@ -37,6 +37,7 @@ class _Pending:
     model_id: str
     device: str
     job: dict[str, Any]
+    lane: str = DEFAULT_LANE
     done: bool = False
     error: BaseException | None = None
 
@@ -61,12 +62,14 @@ class InferenceDispatcher:
         self._cond = threading.Condition()
         self._publishing = False
 
-    def publish(self, model_id: str, device: str, job: dict[str, Any], coalesce: bool = True) -> None:
-        """Return once the job's message is in the broker; raise if it could not be published."""
+    def publish(
+        self, model_id: str, device: str, job: dict[str, Any], coalesce: bool = True, lane: str = DEFAULT_LANE
+    ) -> None:
+        """Return once the job's message is in the broker (in its priority lane); raise if it could not be."""
         if not coalesce:
-            self._send(model_id, device, [job])
+            self._send(model_id, device, [job], lane)
             return
-        pending = _Pending(model_id, device, job)
+        pending = _Pending(model_id, device, job, lane)
         deadline = time.monotonic() + PUBLISH_TIMEOUT_S
         with self._cond:
             self._waiting.append(pending)
@@ -94,26 +97,30 @@ class InferenceDispatcher:
             raise pending.error
 
     def _send_group(self, group: list[_Pending]) -> None:
-        by_target: dict[tuple[str, str], list[_Pending]] = {}
+        by_target: dict[tuple[str, str, str], list[_Pending]] = {}
         for pending in group:
-            by_target.setdefault((pending.model_id, pending.device), []).append(pending)
-        for (model_id, device), items in by_target.items():
+            by_target.setdefault((pending.model_id, pending.device, pending.lane), []).append(pending)
+        for (model_id, device, lane), items in by_target.items():
             try:
-                self._send(model_id, device, [p.job for p in items])
+                self._send(model_id, device, [p.job for p in items], lane)
             except Exception as exc:  # the broker is down: every waiting request answers 503
                 for p in items:
                     p.error = exc
             for p in items:
                 p.done = True
 
-    def _send(self, model_id: str, device: str, jobs: list[dict[str, Any]]) -> None:
+    def _send(self, model_id: str, device: str, jobs: list[dict[str, Any]], lane: str = DEFAULT_LANE) -> None:
         kwargs = {"model_id": model_id, "jobs": jobs}
         queue = queue_for_device(device)
         # A message with one job carries the job's id, so Flower and the API name the same thing.
         task_id = jobs[0]["job_id"] if len(jobs) == 1 else None
         # What Flower and logs show instead of the inputs themselves.
         kwargsrepr = repr({"model_id": model_id, "job_ids": [j["job_id"] for j in jobs]})
+        priority = LANE_PRIORITY[lane]
         if self.broker_redis is not None:
-            self.broker_redis.lpush(queue, self.messages.build(INFER, kwargs, queue, task_id, kwargsrepr))
+            message = self.messages.build(INFER, kwargs, queue, task_id, kwargsrepr, priority)
+            self.broker_redis.lpush(lane_list(queue, lane), message)
             return
-        self.celery.send_task(INFER, kwargs=kwargs, queue=queue, task_id=task_id, kwargsrepr=kwargsrepr)
+        self.celery.send_task(
+            INFER, kwargs=kwargs, queue=queue, task_id=task_id, kwargsrepr=kwargsrepr, priority=priority
+        )

@@ -29,11 +29,14 @@ from api.schemas import (
     WaitQuerySchema,
 )
 from config.models import MODEL_ID_RE
+from tasks.names import DEFAULT_LANE, LANES
 
 # (a parsed JSON body, or the query's MultiDict) -> the loaded arguments, or None: ask the schema.
 Loader = Callable[[Any], "dict[str, Any] | None"]
 
-_INFERENCE_KEYS = frozenset({"model_id", "inputs", "parameters", "result_ttl", "timeout", "encoding_format"})
+_INFERENCE_KEYS = frozenset(
+    {"model_id", "inputs", "parameters", "result_ttl", "timeout", "encoding_format", "priority"}
+)
 _PLAIN_DECIMAL = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6})?")
 
 
@@ -53,6 +56,10 @@ def _common(body: Any) -> dict[str, Any] | None:
     if type(encoding) is not str or encoding not in ENCODINGS:
         return None
     loaded["encoding_format"] = encoding
+    lane = body.get("priority", DEFAULT_LANE)
+    if type(lane) is not str or lane not in LANES:
+        return None
+    loaded["priority"] = lane
     if "result_ttl" in body:
         ttl = body["result_ttl"]
         if type(ttl) is not int or not 1 <= ttl <= RESULT_TTL_MAX:

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import g
+
 from api.errors import ApiError
 from api.services import Services, services
+from api.webhooks import job_webhook, requested_url
 from config.models import TEXT_TASKS, ModelSpec
 from config.parameters import messages_error, text_error
 from config.parameters import parameter_errors as declared_parameter_errors
 from config.signatures import tensor_input_errors
 from tasks import errors as job_errors
 from tasks.errors import http_status
+from tasks.names import DEFAULT_LANE
 from tasks.states import CANCELLED, EXPIRED, FAILED, INFERENCE, SUCCEEDED, TERMINAL
 
 
@@ -94,14 +98,31 @@ def route(svc: Services, spec: ModelSpec) -> str:
     return device
 
 
+def check_lane(lane: str) -> str:
+    """The priority lane this caller may submit to (AETHERCORE_PRIORITY_LANES), or 403."""
+    who = g.get("principal")
+    allowed = services().settings.priority_lanes.get(who.role if who is not None else "")
+    if allowed is not None and lane not in allowed:
+        raise ApiError(
+            403, "forbidden", f"role {who.role!r} may not use the {lane!r} lane (allowed: {', '.join(sorted(allowed))})"
+        )
+    return lane
+
+
 def job_payload(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
     payload = {"inputs": body["inputs"], "parameters": body["parameters"], **extra}
+    lane = check_lane(body.get("priority", DEFAULT_LANE))
+    if lane != DEFAULT_LANE:
+        payload["priority"] = lane  # the message's lane, and the worker's order within its batches
     if body.get("timeout"):
         payload["timeout"] = body["timeout"]
     if body.get("encoding_format", "float") != "float":
         payload["encoding_format"] = body["encoding_format"]
     if body.get("result_ttl"):
         payload["result_ttl"] = body["result_ttl"]  # for the job record; services.submit takes it out
+    webhook = job_webhook(requested_url(body.get("webhook")))  # the request's, else the caller's default
+    if webhook:
+        payload["webhook"] = webhook  # for the job record too
     return payload
 
 

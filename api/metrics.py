@@ -24,16 +24,28 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from tasks import metrics as worker_metrics
 from tasks.cluster import ClusterState
-from tasks.names import CPU_QUEUE, queue_for_device
+from tasks.deadletters import DeadLetters
+from tasks.names import CPU_QUEUE, METRICS_WEBHOOKS, queue_for_device
+from tasks.queues import lane_depths
 from tasks.states import LOADED
+from tasks.webhooks import LATENCY_BUCKETS, Deliveries
 
 REQUESTS_TOTAL = "aethercore_requests_total"
 REQUEST_DURATION = "aethercore_request_duration_seconds"
 MODEL_MEMORY = "aethercore_model_memory_usage_bytes"
 ACTIVE_MODELS = "aethercore_active_models"
 QUEUE_DEPTH = "aethercore_queue_depth"
+LANE_DEPTH = "aethercore_lane_queue_depth"
 LIVE_WORKERS = "aethercore_live_workers"
 STREAMS_OPEN = "aethercore_stream_connections"
+# Completion webhooks (api/webhook_dispatcher.py) and dead letters (tasks/deadletters.py).
+WEBHOOK_DELIVERIES = "aethercore_webhook_deliveries_total"
+WEBHOOK_FAILURES = "aethercore_webhook_failures_total"
+WEBHOOK_LATENCY = "aethercore_webhook_delivery_seconds"
+WEBHOOK_QUEUE = "aethercore_webhook_queue"
+WEBHOOK_DISPATCHERS = "aethercore_webhook_dispatchers"
+DEAD_LETTERS = "aethercore_dead_letters"
+DEAD_LETTERS_TOTAL = "aethercore_dead_letters_total"
 
 
 def multiprocess_enabled() -> bool:
@@ -55,9 +67,11 @@ class ClusterCollector:
                 | {w["device"] for w in workers}
                 | {e["device"] for e in self.cluster.all_desired().values()}
             )
-            depths = {d: self.cluster.redis.llen(queue_for_device(d)) for d in sorted(devices)}
+            lanes = {d: lane_depths(self.cluster.redis, queue_for_device(d)) for d in sorted(devices)}
+            operations = list(operations_families(self.cluster.redis))
         except Exception:  # a scrape during a Redis outage still returns the API's own metrics
             return
+        yield from operations
         memory = GaugeMetricFamily(
             MODEL_MEMORY, "Memory held by a resident model replica", labels=["model", "worker", "device"]
         )
@@ -75,9 +89,15 @@ class ClusterCollector:
             live.add_metric([device], sum(1 for w in workers if w["device"] == device))
         yield live
         depth = GaugeMetricFamily(QUEUE_DEPTH, "Messages waiting in a device queue", labels=["queue"])
-        for device, value in depths.items():
-            depth.add_metric([queue_for_device(device)], value)
+        by_lane = GaugeMetricFamily(
+            LANE_DEPTH, "Messages waiting in a device queue's priority lane", labels=["queue", "lane"]
+        )
+        for device, counts in lanes.items():
+            depth.add_metric([queue_for_device(device)], sum(counts.values()))
+            for lane, value in counts.items():
+                by_lane.add_metric([queue_for_device(device), lane], value)
         yield depth
+        yield by_lane
 
         jobs = CounterMetricFamily(
             worker_metrics.JOBS_TOTAL,
@@ -96,7 +116,8 @@ class ClusterCollector:
         yield tokens
         yield from self._decoding(workers)
         for metric in worker_metrics.BUCKETS:
-            family = HistogramMetricFamily(metric, worker_metrics.HELP[metric], labels=["model"])
+            label = worker_metrics.HISTOGRAM_LABEL.get(metric, "model")
+            family = HistogramMetricFamily(metric, worker_metrics.HELP[metric], labels=[label])
             for model, parts in sorted(histograms.get(metric, {}).items()):
                 family.add_metric(
                     [model], worker_metrics.cumulative_buckets(metric, parts), sum_value=parts.get("sum", 0.0)
@@ -123,6 +144,45 @@ class ClusterCollector:
             waiting.add_metric([model_id], wait)
         yield running
         yield waiting
+
+
+def operations_families(client: Any) -> Any:
+    """Webhook deliveries (every dispatcher's counts, the queue's depth) and dead letters, read at scrape time."""
+    counts = {name: float(value) for name, value in client.hgetall(METRICS_WEBHOOKS).items()}
+    sent = CounterMetricFamily(WEBHOOK_DELIVERIES, "Webhook delivery attempts by outcome", labels=["outcome"])
+    failures = CounterMetricFamily(WEBHOOK_FAILURES, "Webhook deliveries that failed for good", labels=["reason"])
+    buckets, running = [], 0.0
+    for name, value in sorted(counts.items()):
+        kind, _, label = name.partition("|")
+        if kind == "deliveries":
+            sent.add_metric([label], value)
+        elif kind == "failures":
+            failures.add_metric([label], value)
+    for bound in (*LATENCY_BUCKETS, "+Inf"):
+        running += counts.get(f"latency|{bound}", 0.0)
+        buckets.append((f"{bound}", running))
+    latency = HistogramMetricFamily(WEBHOOK_LATENCY, "Seconds one webhook delivery attempt took")
+    latency.add_metric([], buckets, sum_value=counts.get("latency|sum", 0.0))
+    yield from (sent, failures, latency)
+    depth = Deliveries(client).depth()
+    queue = GaugeMetricFamily(
+        WEBHOOK_QUEUE,
+        "Webhook deliveries: new (due), retrying (waiting for a retry), in_flight, failed (kept after failing)",
+        labels=["state"],
+    )
+    for state in ("new", "retrying", "in_flight", "failed"):
+        queue.add_metric([state], depth[state])
+    yield queue
+    yield GaugeMetricFamily(WEBHOOK_DISPATCHERS, "Webhook dispatchers alive", value=depth["dispatchers"])
+    dead = DeadLetters(client, ttl_s=10**9, max_per_queue=1)
+    kept = GaugeMetricFamily(DEAD_LETTERS, "Dead letters kept, per queue", labels=["queue"])
+    for name, value in dead.depth().items():
+        kept.add_metric([name], value)
+    yield kept
+    total = CounterMetricFamily(DEAD_LETTERS_TOTAL, "Jobs that became dead letters", labels=["queue", "reason"])
+    for (name, reason), value in sorted(dead.counts().items()):
+        total.add_metric([name, reason], value)
+    yield total
 
 
 class ApiMetrics:

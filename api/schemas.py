@@ -6,6 +6,8 @@ import marshmallow as ma
 from marshmallow import validate
 
 from config.models import MODEL_ID_RE
+from tasks.names import DEFAULT_LANE, LANES
+from tasks.outbound import MAX_URL_CHARS, URL_PATTERN
 from tasks.states import JOB_KINDS, MODEL_STATES, STATUSES
 
 JOB_ID_RE = r"^[0-9a-f]{32}$"
@@ -14,6 +16,24 @@ RESULT_TTL_MAX = 7 * 86400
 TIMEOUT_MIN, TIMEOUT_MAX = 0.001, 86400
 WAIT_MAX = 3600
 ENCODINGS = ("float", "base64")
+
+
+class WebhookSchema(ma.Schema):
+    """A request's completion webhook (docs: README "Completion webhooks")."""
+
+    class Meta:
+        unknown = ma.RAISE
+
+    url = ma.fields.String(
+        required=True,
+        validate=[validate.Length(min=1, max=MAX_URL_CHARS), validate.Regexp(URL_PATTERN)],
+        metadata={
+            "description": "Where the job's end is POSTed, signed per Standard Webhooks with the caller's secret: "
+            "https (http only to hosts AETHERCORE_WEBHOOK_ALLOW names), never a private or loopback address "
+            "unless allowed there",
+            "example": "https://example.com/hooks/aethercore",
+        },
+    )
 
 
 class _InferenceRequest(ma.Schema):
@@ -32,6 +52,15 @@ class _InferenceRequest(ma.Schema):
         validate=validate.Range(min=TIMEOUT_MIN, max=TIMEOUT_MAX),
         metadata={"description": "Seconds the job may wait in the queue; not started by then, it ends `expired`"},
     )
+    priority = ma.fields.String(
+        load_default=DEFAULT_LANE,
+        validate=validate.OneOf(LANES),
+        metadata={
+            "description": "Priority lane: workers always start the highest waiting lane's work first (`high`, "
+            "`normal`, `low`); a waiting lower lane moves up after AETHERCORE_LANE_AGING_S, so it is never starved "
+            "for longer. A role may be limited to some lanes (AETHERCORE_PRIORITY_LANES: 403)."
+        },
+    )
     encoding_format = ma.fields.String(
         load_default="float",
         validate=validate.OneOf(ENCODINGS),
@@ -39,6 +68,10 @@ class _InferenceRequest(ma.Schema):
             "description": "How embeddings are returned: JSON numbers (`float`) or `base64` of their "
             "little-endian float32 bytes (a quarter of the size, and exact)"
         },
+    )
+    webhook = ma.fields.Nested(
+        WebhookSchema,
+        metadata={"description": "POST the job's end here (default: the caller's endpoint, `manage.py auth webhook`)"},
     )
 
 
@@ -96,6 +129,9 @@ class JobSchema(ma.Schema):
     finished_at = ma.fields.String(allow_none=True)
     result = ma.fields.Dict(allow_none=True)
     error = ma.fields.Nested(JobErrorSchema, allow_none=True)
+    replay_of = ma.fields.String(
+        metadata={"description": "The dead letter this job replays (`manage.py jobs replay`); absent otherwise"}
+    )
 
 
 class ReplicaSchema(ma.Schema):

@@ -9,6 +9,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.auth import Authenticator, FailedAuthLimit, KeyStore
 from api.errors import ApiError
+from api.files import upload_limit
 from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers
 from config.settings import Settings
 from tasks.redis_client import sentinel_hosts
@@ -27,6 +28,8 @@ OPEN_PATHS = (
 OPEN_PREFIXES = ("/docs/assets/",)
 # OIP's binary data extension sends a JSON header followed by raw tensor bytes, with no JSON content type.
 ANY_BODY_PREFIXES = ("/v2/",)
+# File uploads (the OpenAI Files API) are multipart/form-data, and only there.
+MULTIPART_PATHS = ("/v1/files",)
 
 
 def _is_open(settings: Settings) -> bool:
@@ -59,12 +62,15 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
             and request.content_length
             and not request.is_json
             and not request.path.startswith(ANY_BODY_PREFIXES)
+            and not (request.mimetype == "multipart/form-data" and request.path in MULTIPART_PATHS)
         ):
             raise ApiError(
                 415,
                 "unsupported_media_type",
                 f"send the body as JSON with Content-Type: application/json, not {request.mimetype or 'no type'}",
             )
+        if request.path in MULTIPART_PATHS and request.method == "POST":
+            request.max_content_length = upload_limit(settings.files_max_bytes)  # a file, not a JSON body
         if request.url_rule is None or _is_open(settings):
             return
         g.principal = authenticator.authenticate()

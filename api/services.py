@@ -14,6 +14,7 @@ from flask import current_app, g
 from api.auth import may_autoload
 from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
+from api.idempotency import current_claim, replayed_conflict
 from api.limits import LongRequests
 from api.ratelimit import InferenceRateLimit, caller_id
 from api.replies import ReplyListener
@@ -23,10 +24,14 @@ from config.models import ModelSpec
 from config.settings import Settings
 from config.signatures import ARTIFACT, Signature, task_signature
 from tasks.cluster import ClusterState
-from tasks.jobs import JobStore, RateLimited, new_job_id, requeue_payload
-from tasks.names import INFER, TASK_FOR_KIND, queue_for_device
+from tasks.deadletters import DeadLetters
+from tasks.jobs import IdempotencyConflict, JobStore, RateLimited, new_job_id, requeue_payload
+from tasks.names import DEFAULT_LANE, INFER, TASK_FOR_KIND, queue_for_device
+from tasks.outbound import OutboundPolicy
+from tasks.queues import queue_depth
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import FAILED, INFERENCE, TERMINAL
+from tasks.webhooks import Deliveries, WebhookOwners
 
 # A model's desired state is cached this long at most; every change also clears it at once (pub/sub).
 DESIRED_CACHE_S = 1.0
@@ -37,6 +42,8 @@ REDIS_MEMORY_LIMIT = 0.95
 REDIS_MEMORY_CACHE_S = 1.0
 # The signatures the workers read from the artifacts, re-read at most this often.
 SIGNATURES_CACHE_S = 5.0
+# The callers' default webhook endpoints, re-read at most this often (a change takes effect within it).
+WEBHOOK_CACHE_S = 5.0
 
 
 class TTLCache:
@@ -88,10 +95,15 @@ class Services:
     depth_cache: TTLCache = field(default_factory=lambda: TTLCache(QUEUE_DEPTH_CACHE_S))
     memory_cache: TTLCache = field(default_factory=lambda: TTLCache(REDIS_MEMORY_CACHE_S))
     signatures_cache: TTLCache = field(default_factory=lambda: TTLCache(SIGNATURES_CACHE_S))
+    webhook_cache: TTLCache = field(default_factory=lambda: TTLCache(WEBHOOK_CACHE_S))
     replies: ReplyListener = field(init=False)
     streams: StreamHub = field(init=False)
     long_requests: LongRequests = field(init=False)
     rate_limit: InferenceRateLimit = field(init=False)
+    webhook_owners: WebhookOwners = field(init=False)
+    deliveries: Deliveries = field(init=False)
+    outbound: OutboundPolicy = field(init=False)
+    dead_letters: DeadLetters = field(init=False)
 
     def __post_init__(self) -> None:
         # Streams, WebSockets and waits hold a thread each: capped per caller and per process (api/limits.py).
@@ -104,6 +116,10 @@ class Services:
         self.streams = StreamHub(self.jobs.redis)
         self.rate_limit = InferenceRateLimit(self.settings.rate_limit)
         self.dispatcher.in_flight = self.replies.in_flight
+        self.webhook_owners = WebhookOwners(self.jobs.redis)
+        self.deliveries = Deliveries(self.jobs.redis)
+        self.outbound = OutboundPolicy.from_entries(self.settings.webhook_allow)
+        self.dead_letters = DeadLetters(self.jobs.redis, self.settings.dead_letter_ttl, self.settings.dead_letter_max)
 
     def desired(self, model_id: str) -> dict[str, Any] | None:
         """The model's desired state (where it is meant to be resident), cached briefly."""
@@ -153,6 +169,10 @@ class Services:
         batch requests always travel alone. A waiting request is registered with this process's reply
         listener before the job can end, and the job names the listener's channel, so the worker that
         ends it wakes this request directly.
+
+        `payload["webhook"]` (api/webhooks.py `job_webhook`) goes onto the job record. With the request's
+        Idempotency-Key (api/idempotency.py), the key is taken in the same Lua step that creates the job; a key
+        already used for the same request returns that job (waited for like a new one), for another request 422.
         """
         request_id = current_request_id()
         if kind == INFERENCE:
@@ -163,6 +183,8 @@ class Services:
         who = g.get("principal")
         job_id, now = new_job_id(), time.time()
         ttl = payload.pop("result_ttl", None)
+        extra = {"webhook": payload.pop("webhook", None)}
+        claim = current_claim()
         if kind == INFERENCE:
             payload["autoload"] = self.may_autoload(spec)
         task, kwargs = self._message(kind, spec, payload, job_id, now, request_id)
@@ -179,20 +201,43 @@ class Services:
             "now": now,
             # kept with the job until it starts: the reaper queues it again if its message is lost
             "payload": requeue_payload(task, queue_for_device(device), kwargs),
+            "extra": extra,
+            "idempotency": claim.as_lua() if claim is not None else None,
         }
         try:
             if kind == INFERENCE and self.rate_limit:
                 job = self._create_counted(record)
             else:
                 job = self.jobs.create(**record)
-            self._publish(kind, spec, device, task, kwargs)
+        except IdempotencyConflict as conflict:
+            if waiter is not None:
+                self.replies.forget(waiter)
+            return self._replay(conflict, claim, wait_s)
         except Exception:
             if waiter is not None:
                 self.replies.forget(waiter)
             raise
+        try:
+            self._publish(kind, spec, device, task, kwargs)
+        except Exception:
+            if waiter is not None:
+                self.replies.forget(waiter)
+            if claim is not None:  # the job failed before it was queued: its key is free for the retry
+                self.jobs.release_key(claim.record, job_id)
+            raise
         if waiter is None:
             return job
         return self.replies.wait(waiter, job, wait_s)
+
+    def _replay(self, conflict: IdempotencyConflict, claim: Any, wait_s: float) -> dict[str, Any]:
+        """The job an Idempotency-Key already created, as it stands (waited for like a new one)."""
+        if conflict.reused:
+            raise replayed_conflict(conflict.job_id)
+        job = self.jobs.get(conflict.job_id)
+        if job is None:  # it expired between the Lua step and this read: as if never created
+            raise ApiError(409, "idempotency_key_expired", "the job of this Idempotency-Key has just expired; retry")
+        claim.mark_replayed()
+        return self.wait(job, wait_s)
 
     def _create_counted(self, record: dict[str, Any]) -> dict[str, Any]:
         """The caller's use of the rate limit and the job's creation: one round trip."""
@@ -229,7 +274,8 @@ class Services:
             if kind == INFERENCE:
                 work = kwargs["jobs"][0]
                 coalesce = spec.task != "text-generation" and not work.get("batch")
-                self.dispatcher.publish(spec.id, device, work, coalesce=coalesce)
+                lane = work.get("priority", DEFAULT_LANE)
+                self.dispatcher.publish(spec.id, device, work, coalesce=coalesce, lane=lane)
             else:
                 self.celery.send_task(
                     task,
@@ -249,7 +295,8 @@ class Services:
         queue = queue_for_device(device)
         # The queue's length as last read, plus what this process queued since: exact for one API process,
         # a bound within QUEUE_DEPTH_CACHE_S for several.
-        depth = self.depth_cache.get(queue, lambda: self.cluster.redis.llen(queue)) + self.depth_cache.bump(queue)
+        waiting = self.depth_cache.get(queue, lambda: queue_depth(self.cluster.redis, queue))
+        depth = waiting + self.depth_cache.bump(queue)
         if depth >= self.settings.max_queue_depth:
             raise ApiError(
                 429,

@@ -76,3 +76,63 @@ def auth_token(
         print(issue_token(settings().jwt_secret, sub, role, ttl))
     except ValueError as exc:
         fail(str(exc), 2)
+
+
+def _webhook_owners():
+    from tasks.webhooks import WebhookOwners
+
+    return WebhookOwners(_key_store().redis)
+
+
+def owner_of(who: str) -> str:
+    """A webhook owner as jobs name it (their `owner`): `key:<id>` for a key made with create-key (its bare id is
+    taken too), `env:<digest>` for an AETHERCORE_API_KEYS key, `jwt:<subject>`, or `anonymous` (auth off)."""
+    who = who.strip()
+    if not who:
+        fail("name the owner: a key id, key:<id>, env:<digest>, jwt:<subject> or anonymous", 2)
+    return who if ":" in who or who == "anonymous" else f"key:{who}"
+
+
+@group.command("webhook-secret")
+def auth_webhook_secret(
+    owner: str = typer.Argument(..., help="Key id (or key:<id>, env:<digest>, jwt:<subject>, anonymous)"),
+    rotate: bool = typer.Option(False, "--rotate", help="Make a new secret; the old one keeps signing for the overlap"),
+) -> None:
+    """Print the owner's webhook signing secret (whsec_..., created on first use); receivers verify with it."""
+    cfg = settings()
+    who = owner_of(owner)
+    record = _webhook_owners().secret(who, create=True, rotate=rotate, overlap_s=cfg.webhook_secret_overlap)
+    if rotate and record.get("previous_until"):
+        until = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["previous_until"]))
+        err.print(f"rotated {who}'s secret; the previous one signs beside it until {until} (the overlap)")
+    else:
+        err.print(f"{who}'s webhook signing secret (Standard Webhooks; give it to the receiver):")
+    print(record["current"])
+
+
+@group.command("webhook")
+def auth_webhook(
+    owner: str = typer.Argument(..., help="Key id (or key:<id>, env:<digest>, jwt:<subject>, anonymous)"),
+    url: str | None = typer.Argument(None, help="Default endpoint: for every job of this owner without its own"),
+    clear: bool = typer.Option(False, "--clear", help="Remove the default endpoint"),
+) -> None:
+    """Show or set the owner's default webhook endpoint (API processes see a change within 5 s)."""
+    from tasks.outbound import ForbiddenDestination, OutboundPolicy
+
+    who = owner_of(owner)
+    owners = _webhook_owners()
+    if clear:
+        owners.set_endpoint(who, None)
+        console.print(f"{who} has no default webhook endpoint now")
+        return
+    if url is None:
+        console.print(owners.endpoint(who) or f"{who} has no default webhook endpoint")
+        return
+    try:
+        OutboundPolicy.from_entries(settings().webhook_allow).check_url(url)
+    except ForbiddenDestination as exc:
+        fail(f"{url} {exc}", 2)
+    owners.secret(who, create=True)  # a default endpoint needs a secret to sign with
+    owners.set_endpoint(who, url)
+    owners.enable(who, url)
+    console.print(f"{who}'s jobs POST their end to {url} (secret: `manage.py auth webhook-secret {owner}`)")

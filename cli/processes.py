@@ -1,5 +1,5 @@
-"""Process verbs: `api`, `worker`, `flower`, and `up` (Redis if none answers, the demo models, a worker,
-the API and Flower; Ctrl-C stops all of it)."""
+"""Process verbs: `api`, `worker`, `flower`, `dispatcher`, and `up` (Redis if none answers, the demo models, a
+worker, the API, the webhook dispatcher and Flower; Ctrl-C stops all of it)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def worker(
         run_worker(device, settings())
     except (ValueError, ConfigError) as exc:
         fail(str(exc), 2)
+
+
+def dispatcher() -> None:
+    """Run the webhook dispatcher: it sends every due completion webhook, with retries (any number may run)."""
+    from api.webhook_dispatcher import run_dispatcher
+
+    run_dispatcher(settings())
 
 
 def flower(port: int | None = typer.Option(None, help="Port (default AETHERCORE_FLOWER_PORT)")) -> None:
@@ -131,6 +138,7 @@ def up(
     try:
         spawn("worker", "worker", "--device", device)
         spawn("api", "api")
+        spawn("dispatcher", "dispatcher")  # completion webhooks (api/webhook_dispatcher.py)
         base = f"{'https' if cfg.tls else 'http'}://127.0.0.1:{api_port}"
         with console.status("waiting for the API and a worker to report healthy..."):
             healthy = wait_healthy(base, children, timeout_s=180)

@@ -56,6 +56,63 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _file_size(value: str) -> int:
+    number = parse_size(value)
+    if not 1024 <= number <= 2**30:
+        raise ValueError(f"{value!r} must be a size from 1KB to 1GiB")
+    return number
+
+
+def _bounded_float(low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = float(value)
+        if not low <= number <= high:  # also rejects NaN
+            raise ValueError(f"{value!r} must be a number from {low:g} to {high:g}")
+        return number
+
+    return parse
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"{value!r} must be a whole number from {low} to {high}")
+        return number
+
+    return parse
+
+
+def _bounded_size(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = parse_size(value)
+        if not low <= number <= high:
+            raise ValueError(f"{value!r} must be a size from {low} to {high} bytes")
+        return number
+
+    return parse
+
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def _webhook_allow(value: str) -> tuple[str, ...]:
+    """Hosts, addresses and networks (CIDR) webhooks may reach beyond the default (tasks/outbound.py)."""
+    import ipaddress
+
+    entries = []
+    for raw in filter(None, (part.strip().lower() for part in value.split(","))):
+        try:
+            entries.append(str(ipaddress.ip_network(raw.strip("[]"), strict=False)))
+            continue
+        except ValueError:
+            pass
+        if not _HOSTNAME_RE.match(raw.rstrip(".")):
+            raise ValueError(f"{raw!r} is neither a host name, an IP address nor a network (10.0.0.0/8)")
+        entries.append(raw.rstrip("."))
+    return tuple(entries)
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 1 <= number <= 65535:
@@ -220,6 +277,23 @@ def _rate_limit(value: str) -> str:
     if value and not re.match(r"^\s*\d+\s*(/|per)\s*\w+", value):
         raise ValueError("use flask-limiter syntax like 600/minute")
     return value.strip()
+
+
+def _lanes_by_role(value: str) -> dict[str, frozenset[str]]:
+    """`role:lane+lane,...` -> the lanes each listed role may use (a role not listed may use every lane)."""
+    from config.roles import ROLES
+    from tasks.names import LANES
+
+    allowed: dict[str, frozenset[str]] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        role, _, lanes = item.partition(":")
+        chosen = frozenset(filter(None, (lane.strip() for lane in lanes.split("+"))))
+        if role.strip() not in ROLES or not chosen or not chosen <= set(LANES):
+            raise ValueError(
+                f"use role:lane+lane,... with roles from {ROLES} and lanes from {LANES}, e.g. user:normal+low"
+            )
+        allowed[role.strip()] = chosen
+    return allowed
 
 
 def _log_level(value: str) -> str:
@@ -457,6 +531,18 @@ class Settings:
         "deeper ones are refused with 400. From 16 (a batch body around a rank-8 tensor) to 200 (under the JSON "
         "encoder's own 254).",
     )
+    priority_lanes: dict[str, frozenset[str]] = setting(
+        "",
+        _lanes_by_role,
+        "Which priority lanes (`high`, `normal`, `low`) a role may submit to, as `role:lane+lane,...` (e.g. "
+        "`user:normal+low`); a role not listed may use all three. A request for another lane gets 403.",
+    )
+    lane_aging_s: float = setting(
+        "30",
+        _non_negative_float,
+        "A `low` message waiting longer than this moves to the `normal` lane (and a `normal` one to `high`), so no "
+        "lane starves for longer under a stream of higher-priority work; 0: never.",
+    )
     dispatch_linger_ms: float = setting(
         "1",
         _non_negative_float,
@@ -477,6 +563,96 @@ class Settings:
         _positive_int,
         "Crashes charged to a job (it was alone in a forward pass when its model process or worker died) before "
         "it fails as `poison_job`.",
+    )
+
+    files_max_bytes: int = setting(
+        "50MB",
+        _file_size,
+        "Largest file `POST /v1/files` takes (413 beyond). Files live in Redis (docs/PROTOCOLS.md, Files API): "
+        "size Redis's maxmemory for them.",
+    )
+    files_quota: int = setting(
+        "500MB",
+        _file_size,
+        "Bytes of uploaded files one owner (API key, JWT subject) may keep at once; an upload beyond gets 413 "
+        "`quota_exceeded` until files are deleted or expire. At least AETHERCORE_FILES_MAX_BYTES.",
+    )
+    files_ttl: int = setting(
+        "604800",
+        _positive_int,
+        "Seconds a file (uploaded, or a batch's output or error file) and a batch are kept after their creation "
+        "(a batch: after it ends); a file a batch reads is kept at least until the batch's window ends.",
+    )
+    batch_max_lines: int = setting(
+        "50000", _positive_int, "Most requests one batch input file may hold (the batch fails validation beyond)."
+    )
+    batch_max_in_flight: int = setting(
+        "256",
+        _positive_int,
+        "Lines of one batch submitted as jobs and not yet ended at any moment: the rest wait in Redis, so a batch "
+        "of thousands never fills the device queue or the owner's rate limit at once.",
+    )
+    batch_max_active: int = setting(
+        "16", _positive_int, "Batches one owner may have unfinished at once; `POST /v1/batches` gets 429 beyond."
+    )
+
+    webhook_allow: tuple = setting(
+        "",
+        _webhook_allow,
+        "Webhook destinations allowed beyond public https: host names (http allowed to them), IP addresses and "
+        "networks (`127.0.0.1,10.0.0.0/8`: private, loopback and link-local addresses in them may be reached, and "
+        "http to them written as addresses), separated by commas. Empty: https to public addresses only.",
+    )
+    webhook_timeout: float = setting(
+        "10", _bounded_float(0.5, 120), "Seconds one webhook delivery attempt may take (connect, send, answer)."
+    )
+    webhook_max_bytes: int = setting(
+        "1MB",
+        _bounded_size(1024, 16 * 2**20),
+        "Largest webhook body; a job whose public JSON is larger is sent without its `result` (`result_omitted`: "
+        "read it with GET /jobs/{id}).",
+    )
+    webhook_retry_base: float = setting(
+        "5",
+        _bounded_float(0.05, 3600),
+        "Seconds before a failed webhook delivery's first retry; each retry waits twice the one before (with "
+        "jitter: half to all of it), at most AETHERCORE_WEBHOOK_RETRY_MAX_DELAY.",
+    )
+    webhook_retry_max_delay: float = setting(
+        "3600", _bounded_float(0.05, 86400), "Longest wait between two retries of one webhook delivery (seconds)."
+    )
+    webhook_retry_window: float = setting(
+        "86400",
+        _bounded_float(0.1, 7 * 86400),
+        "Seconds from a delivery's first attempt during which it is retried (at most 7 days); after it, the "
+        "delivery has failed for good: kept and listed (`manage.py webhooks failed`), and its job is a dead letter.",
+    )
+    webhook_concurrency: int = setting(
+        "16", _bounded_int(1, 512), "Webhook deliveries one dispatcher process sends at once (threads)."
+    )
+    webhook_secret_overlap: int = setting(
+        "86400",
+        _non_negative_int,
+        "Seconds a rotated webhook secret keeps signing beside the new one (`manage.py auth webhook-secret "
+        "--rotate`): deliveries carry both signatures, so receivers switch secrets without missing one.",
+    )
+    webhook_failed_ttl: int = setting(
+        "604800", _positive_int, "Seconds a webhook delivery that failed for good is kept (listed and retryable)."
+    )
+    idempotency_ttl: int = setting(
+        "86400",
+        _bounded_int(1, 7 * 86400),
+        "Seconds an Idempotency-Key is remembered (per caller): a request repeated with it returns what the first "
+        "one created. A key whose job's record expired (AETHERCORE_RESULT_TTL) is free again.",
+    )
+    dead_letter_ttl: int = setting(
+        "604800",
+        _bounded_int(60, 90 * 86400),
+        "Seconds a dead letter (a job ended `poison_job`, expired in its queue, or whose webhook failed for good) "
+        "is kept for `manage.py jobs dead` and `replay`.",
+    )
+    dead_letter_max: int = setting(
+        "10000", _bounded_int(10, 1_000_000), "Dead letters kept per queue (the oldest leave first)."
     )
 
     @property
@@ -534,6 +710,16 @@ class Settings:
                 f"AETHERCORE_RESERVED_THREADS={values['reserved_threads']} must be less than "
                 f"AETHERCORE_API_THREADS={values['api_threads']}: the threads left are the streams, WebSockets "
                 "and waits an API process admits"
+            )
+        if values["files_quota"] < values["files_max_bytes"]:
+            raise ConfigError(
+                f"AETHERCORE_FILES_QUOTA={values['files_quota']} must be at least "
+                f"AETHERCORE_FILES_MAX_BYTES={values['files_max_bytes']}: a file of the largest size would not fit"
+            )
+        if values["webhook_retry_max_delay"] < values["webhook_retry_base"]:
+            raise ConfigError(
+                f"AETHERCORE_WEBHOOK_RETRY_MAX_DELAY={values['webhook_retry_max_delay']:g} must be at least "
+                f"AETHERCORE_WEBHOOK_RETRY_BASE={values['webhook_retry_base']:g}"
             )
         return cls(**values)
 

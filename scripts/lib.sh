@@ -13,11 +13,29 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else return 1; fi
 }
 
+# apt_get ARGS...: apt-get as root; while another apt-get or dpkg holds the package manager's locks (a parallel
+# set-up, unattended-upgrades on a fresh machine) it waits, up to APT_LOCK_TIMEOUT seconds (default 600), instead
+# of failing at once. Quiet when it succeeds; its output when it fails.
+apt_get() {
+  local deadline=$((SECONDS + ${APT_LOCK_TIMEOUT:-600})) out status
+  while :; do
+    status=0
+    out=$(as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=60 "$@" 2>&1) || status=$?
+    if [ "$status" -eq 0 ] || [ "$SECONDS" -ge "$deadline" ] ||
+       ! grep -qiE 'could not get lock|unable to acquire|is another process using it' <<<"$out"; then
+      [ "$status" -eq 0 ] || printf '%s\n' "$out" >&2
+      return "$status"
+    fi
+    log "apt-get $1: another process holds the package manager's lock; waiting for it"
+    sleep 5
+  done
+}
+
 apt_install() {
   command -v apt-get >/dev/null 2>&1 || return 1
   log "installing Debian packages: $*"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  apt_get update -qq || true
+  apt_get install -y -qq "$@"
 }
 
 find_python() {

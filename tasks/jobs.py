@@ -22,11 +22,17 @@ import redis
 from tasks.errors import CANCELLED as CANCELLED_CODE
 from tasks.errors import error_body
 from tasks.names import (
+    DEAD_ENTRY_PREFIX,
+    DEAD_LETTER_PREFIX,
+    DEAD_LETTER_QUEUES,
     INFLIGHT_HOLDERS,
     INFLIGHT_PREFIX,
+    METRICS_DEAD_LETTERS,
     QUEUED_PREFIX,
     RECENT_JOBS,
     RECENT_JOBS_MAX,
+    WEBHOOK_DELIVERY_PREFIX,
+    WEBHOOKS_DUE,
     inflight_key,
     job_events_key,
     job_key,
@@ -35,12 +41,14 @@ from tasks.names import (
 )
 from tasks.results import expand
 from tasks.states import CANCELLED, QUEUED, RUNNING, TERMINAL
+from tasks.webhooks import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S
 
 # A job that has not ended is kept at least this long, whatever its own (shorter) retention: the retention
 # counts from its end.
 KEEP_UNFINISHED_S = 3600
 
 # ARGV: status, ttl, event ('status' | 'done'), wake note ('' for none), holder, payload, then field/value pairs.
+# For a `done` transition the 5th and 6th are instead the dead-letter reason ('' for none) and "retention max".
 #
 # `running`: the worker named `holder` takes the job, and `payload` (how to queue it again) goes into that
 # worker's in-flight hash, which the reaper requeues from if the worker dies. A job running on another
@@ -59,6 +67,12 @@ end
 local job_id = string.sub(KEYS[1], JOB_PREFIX_LEN + 1)
 local holder = redis.call('HGET', KEYS[1], 'holder')
 local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[2]  -- the job's own retention, if it asked for one
+-- A dead letter keeps what it takes to run the job again: its payload, before it leaves the job or the in-flight hash.
+local replay = ''
+if ARGV[3] == 'done' and ARGV[5] ~= '' then
+  replay = redis.call('HGET', KEYS[1], 'payload')
+    or (holder and redis.call('HGET', 'INFLIGHT_PREFIX' .. holder, job_id)) or ''
+end
 if ARGV[1] == $RUNNING then
   if current ~= $QUEUED and current ~= $RUNNING then return 0 end
   if current == $RUNNING and holder and redis.call('EXISTS', 'WORKER_PREFIX' .. holder) == 1 then return 0 end
@@ -89,7 +103,9 @@ if ARGV[3] == 'done' then
   if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('HEXISTS', KEYS[1], 'followed') == 1 then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', ARGV[1])
   end
-  local notify = redis.call('HGET', KEYS[1], 'notify')
+  -- One read for both: the API processes waiting for it, and its webhook (a job without one costs nothing more).
+  local ending = redis.call('HMGET', KEYS[1], 'notify', 'webhook')
+  local notify, hook = ending[1], ending[2]
   if notify and ARGV[4] ~= '' then
     local result, err = 'null', 'null'
     for i = 7, #ARGV - 1, 2 do
@@ -97,6 +113,37 @@ if ARGV[3] == 'done' then
     end
     local note = string.sub(ARGV[4], 1, -2) .. ',"result":' .. result .. ',"error":' .. err .. '}'
     for channel in string.gmatch(notify, '[^,]+') do redis.call('PUBLISH', channel, note) end
+  end
+  if hook then  -- its webhook delivery is due, durably, in the step that ends it (tasks/webhooks.py)
+    local delivery = 'WEBHOOK_DELIVERY_PREFIX' .. 'DELIVERY_ID_PREFIX' .. job_id
+    redis.call('HSET', delivery, 'kind', 'job', 'ref', job_id, 'webhook', hook, 'event', ARGV[1],
+      'queue', redis.call('HGET', KEYS[1], 'device') or '')
+    redis.call('EXPIRE', delivery, KEEP_DELIVERY_S)
+    redis.call('ZADD', 'WEBHOOKS_DUE', 'NX', 0, 'DELIVERY_ID_PREFIX' .. job_id)
+  end
+  if ARGV[5] ~= '' then  -- a dead letter (tasks/deadletters.py), bounded per queue by count and retention
+    local now = redis.call('TIME')
+    now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+    local keep, most = string.match(ARGV[6], '^(%d+) (%d+)$')
+    local info = redis.call('HMGET', KEYS[1], 'device', 'kind', 'model_id', 'owner', 'request_id')
+    local queue = info[1] or 'unknown'
+    local err = ''
+    for i = 7, #ARGV - 1, 2 do
+      if ARGV[i] == 'error' then err = ARGV[i + 1] end
+    end
+    local entry = 'DEAD_ENTRY_PREFIX' .. job_id
+    redis.call('HSET', entry, 'job_id', job_id, 'queue', queue, 'reason', ARGV[5],
+      'dead_at', string.format('%.6f', now), 'kind', info[2] or '', 'model_id', info[3] or '',
+      'owner', info[4] or '', 'request_id', info[5] or '',
+      'error', err, 'payload', replay, 'webhook', hook or '')
+    redis.call('EXPIRE', entry, keep)
+    local index = 'DEAD_LETTER_PREFIX' .. queue
+    redis.call('ZADD', index, now, job_id)
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', now - tonumber(keep))
+    redis.call('ZREMRANGEBYRANK', index, 0, -tonumber(most) - 1)
+    redis.call('EXPIRE', index, keep)
+    redis.call('SADD', 'DEAD_LETTER_QUEUES', queue)
+    redis.call('HINCRBY', 'METRICS_DEAD_LETTERS', queue .. '|' .. ARGV[5], 1)
   end
 end
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -192,6 +239,14 @@ def _render(script: str) -> str:
         .replace("INFLIGHT_HOLDERS", INFLIGHT_HOLDERS)
         .replace("QUEUED_PREFIX", QUEUED_PREFIX)
         .replace("KEEP_UNFINISHED_S", str(KEEP_UNFINISHED_S))
+        .replace("WEBHOOK_DELIVERY_PREFIX", WEBHOOK_DELIVERY_PREFIX)
+        .replace("DELIVERY_ID_PREFIX", DELIVERY_ID_PREFIX)
+        .replace("KEEP_DELIVERY_S", str(KEEP_DELIVERY_S))
+        .replace("WEBHOOKS_DUE", WEBHOOKS_DUE)
+        .replace("DEAD_ENTRY_PREFIX", DEAD_ENTRY_PREFIX)
+        .replace("DEAD_LETTER_PREFIX", DEAD_LETTER_PREFIX)
+        .replace("DEAD_LETTER_QUEUES", DEAD_LETTER_QUEUES)
+        .replace("METRICS_DEAD_LETTERS", METRICS_DEAD_LETTERS)
     )
 
 
@@ -251,11 +306,25 @@ return 0
 """
 
 # Create a job unless the caller is over a rate limit: the limit's counters and the job record in one
-# round trip. KEYS: job, recent-jobs index, the queue's index of unstarted jobs, then one counter per limit.
-# ARGV: ttl, now, job id, number of limits, (amount, window seconds) per limit, then the job's field/value
-# pairs. Returns {1, used...} created, or {0, limit index, ms until that window ends} refused.
+# round trip. KEYS: job, recent-jobs index, the queue's index of unstarted jobs, one counter per limit, then the
+# Idempotency-Key's record when the request carries one. ARGV: ttl, now, job id, number of limits, (amount, window
+# seconds) per limit, the request's fingerprint and the key's retention ('' '' without a key), then the job's
+# field/value pairs. Returns {1, used...} created, {0, limit index, ms until that window ends} refused, or, for a
+# key already used: {2, job id} (the same request: that job, if it is still kept) or {3, job id} (another request).
+# The key is taken in the same step as the job is created: two requests with one key create one job, and a request
+# refused here (rate limit) leaves the key free.
 _CREATE_LIMITED = """
 local n = tonumber(ARGV[4])
+local idem = KEYS[4 + n]
+if idem then
+  local held = redis.call('GET', idem)
+  if held then
+    local fingerprint, job = string.match(held, '^(%S+) (%S+)$')
+    if fingerprint ~= ARGV[5 + 2 * n] then return {3, job or ''} end
+    if job and redis.call('EXISTS', 'JOB_PREFIX' .. job) == 1 then return {2, job} end
+    -- its job is no longer kept (its retention ended): the key is free again
+  end
+end
 for i = 1, n do
   local used = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
   if used >= tonumber(ARGV[3 + 2 * i]) then
@@ -268,11 +337,22 @@ for i = 1, n do
   if used == 1 then redis.call('EXPIRE', KEYS[3 + i], ARGV[4 + 2 * i]) end
   reply[i + 1] = used
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5 + 2 * n))
+if idem then
+  redis.call('SET', idem, ARGV[5 + 2 * n] .. ' ' .. ARGV[3], 'EX', ARGV[6 + 2 * n])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7 + 2 * n))
 redis.call('EXPIRE', KEYS[1], math.max(tonumber(ARGV[1]), KEEP_UNFINISHED_S))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return reply
+"""
+
+# An Idempotency-Key whose job could not be queued is freed (only if it still names that job): a failed creation
+# does not hold the key. KEYS: the key's record. ARGV: job id.
+_RELEASE_KEY = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, -string.len(ARGV[1])) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 CHUNK_APPENDED, CHUNK_SKIPPED, CHUNK_NOT_RUNNING, CHUNK_CANCELLED = 1, 0, -1, -2
@@ -305,6 +385,16 @@ class JobNotFound(KeyError):
     pass
 
 
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key already used by this caller: `reused` False for the same request (its job is `job_id`),
+    True for a different request under the same key."""
+
+    def __init__(self, job_id: str, reused: bool) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+        self.reused = reused
+
+
 class RateLimited(Exception):
     """The caller is over a rate limit; nothing was created."""
 
@@ -323,9 +413,14 @@ class JobStore:
     # The index of recent jobs is trimmed once per this many creations, not on every request.
     TRIM_EVERY = 256
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(
+        self, client: redis.Redis, ttl_s: int, dead_letter_ttl: int = 7 * 86400, dead_letter_max: int = 10_000
+    ) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        # Dead letters (tasks/deadletters.py) written by the job's end: their retention and how many per queue.
+        self.dead_letter_spec = f"{int(dead_letter_ttl)} {int(dead_letter_max)}"
+        self._release_key = client.register_script(_RELEASE_KEY)
         self._transition = client.register_script(_render(_TRANSITION))
         self._reap = client.register_script(_render(_REAP))
         self._reclaim = client.register_script(_render(_RECLAIM))
@@ -351,6 +446,7 @@ class JobStore:
         now: float,
         ttl: int | None = None,
         payload: bytes | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         fields = {
             "job_id": job_id,
@@ -371,6 +467,8 @@ class JobStore:
             fields["ttl"] = str(int(ttl))  # this job's retention (result_ttl), honoured by every transition
         if payload:
             fields["payload"] = payload  # how to queue it again should its message be lost; dropped as it starts
+        if extra:
+            fields.update({k: v for k, v in extra.items() if v is not None})  # webhook, replay_of
         return fields
 
     def create_limited(
@@ -387,23 +485,30 @@ class JobStore:
         ttl: int | None = None,
         payload: bytes | None = None,
         now: float | None = None,
+        extra: dict[str, Any] | None = None,
+        idempotency: tuple[str, str, int] | None = None,
     ) -> tuple[dict[str, Any], list[int]]:
         """Count the caller against `limits` [(counter key, amount, window seconds)] and create the job, in
         one round trip; raise RateLimited (creating nothing) when a limit is already reached. Returns the job
-        and the use of each limit."""
+        and the use of each limit. `idempotency`: (the key's record, the request's fingerprint, retention s): a key
+        already used raises IdempotencyConflict (creating nothing, counting nothing)."""
         job_id = job_id or new_job_id()
         now = now or time.time()
-        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl, payload)
+        fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl, payload, extra)
         args: list[Any] = [ttl or self.ttl_s, repr(now), job_id, len(limits)]
         for _key, amount, window in limits:
             args += [amount, window]
+        args += [idempotency[1], idempotency[2]] if idempotency else ["", ""]
         for key, value in fields.items():
             args += [key, value]
-        reply = self._create_limited(
-            keys=[job_key(job_id), RECENT_JOBS, queued_key(device), *(k for k, _a, _w in limits)], args=args
-        )
+        keys = [job_key(job_id), RECENT_JOBS, queued_key(device), *(k for k, _a, _w in limits)]
+        if idempotency:
+            keys.append(idempotency[0])
+        reply = self._create_limited(keys=keys, args=args)
         if int(reply[0]) == 0:
             raise RateLimited(int(reply[1]) - 1, int(reply[2]))
+        if int(reply[0]) in (2, 3):
+            raise IdempotencyConflict(_text(reply[1]), reused=int(reply[0]) == 3)
         self._trim_recent(now)
         return self._decode(fields), [int(v) for v in reply[1:]]
 
@@ -421,6 +526,10 @@ class JobStore:
     def create(self, **fields: Any) -> dict[str, Any]:
         """Write a queued job (one round trip) with no rate limit to count; the arguments of create_limited."""
         return self.create_limited([], **fields)[0]
+
+    def release_key(self, record: str, job_id: str) -> None:
+        """Free an Idempotency-Key's record if it still names `job_id` (its creation failed after all)."""
+        self._release_key(keys=[record], args=[job_id])
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
         """Newest first; `filters` match job fields exactly (status, model_id, kind)."""
@@ -518,6 +627,7 @@ class JobStore:
                 self._final_values(item.get("result_json") or item.get("result"), item.get("error")),
                 note=item.get("note") or b"",
                 client=pipe,
+                dead=item.get("dead"),
             )
         return [outcome == 1 for outcome in pipe.execute()]
 
@@ -540,11 +650,19 @@ class JobStore:
         return values
 
     def _call(
-        self, job_id: str, status: str, event: str, values: dict[str, Any], note: bytes = b"", client: Any = None
+        self,
+        job_id: str,
+        status: str,
+        event: str,
+        values: dict[str, Any],
+        note: bytes = b"",
+        client: Any = None,
+        dead: str | None = None,
     ) -> Any:
+        """`dead`: the job becomes a dead letter for this reason if it ends now (tasks/deadletters.py)."""
         if event == "done" and status not in TERMINAL:
             raise ValueError(f"{status!r} is not a final status")
-        args: list[Any] = [status, str(self.ttl_s), event, note, "", ""]
+        args: list[Any] = [status, str(self.ttl_s), event, note, dead or "", self.dead_letter_spec if dead else ""]
         for key, value in values.items():
             args += [key, value]
         return self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args, client=client)
@@ -609,6 +727,13 @@ class JobStore:
         fields = self.redis.hgetall(job_key(job_id))
         return self._decode(fields) if fields else None
 
+    def get_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Several jobs in one round trip, in order (None for one that is gone)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [self._decode(fields) if fields else None for fields in pipe.execute()]
+
     @staticmethod
     def _decode(fields: dict[str, str]) -> dict[str, Any]:
         def ts(name: str) -> float | None:
@@ -618,7 +743,7 @@ class JobStore:
             return orjson.loads(fields[name]) if fields.get(name) else None
 
         created, started, finished = ts("created_at"), ts("started_at"), ts("finished_at")
-        return {
+        job = {
             "job_id": fields["job_id"],
             "kind": fields.get("kind"),
             "model_id": fields.get("model_id"),
@@ -636,3 +761,6 @@ class JobStore:
             "error": js("error"),
             "_created_ts": created,
         }
+        if "replay_of" in fields:  # a dead letter's replay (api/blueprints/dead_letters.py)
+            job["replay_of"] = fields["replay_of"]
+        return job

@@ -36,8 +36,15 @@ class TaskMessages:
         return self._origin, self._reply_to
 
     def build(
-        self, task: str, kwargs: dict[str, Any], queue: str, task_id: str | None = None, kwargsrepr: str | None = None
+        self,
+        task: str,
+        kwargs: dict[str, Any],
+        queue: str,
+        task_id: str | None = None,
+        kwargsrepr: str | None = None,
+        priority: int = 0,
     ) -> bytes:
+        """The message for `queue`; pushed onto the list of its `priority` (tasks/names.py `lane_list`)."""
         origin, reply_to = self._identity()
         task_id = task_id or str(uuid.uuid4())
         kwargsrepr = kwargsrepr if kwargsrepr is not None else repr(kwargs)
@@ -74,7 +81,7 @@ class TaskMessages:
                     "kwargsrepr": kwargsrepr,
                     "delivery_mode": 2,
                     "delivery_info": {"exchange": "", "routing_key": queue},
-                    "priority": 0,
+                    "priority": priority,
                     "body_encoding": "base64",
                     "delivery_tag": str(uuid.uuid4()),
                 },

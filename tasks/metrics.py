@@ -22,6 +22,7 @@ HISTOGRAMS_KEY = METRICS_HISTOGRAMS
 
 JOBS_TOTAL = "aethercore_jobs_total"
 QUEUE_WAIT = "aethercore_queue_wait_seconds"
+LANE_WAIT = "aethercore_lane_queue_wait_seconds"
 INFERENCE_TIME = "aethercore_inference_seconds"
 BATCH_SIZE = "aethercore_batch_size"
 TIME_TO_FIRST_TOKEN = "aethercore_time_to_first_token_seconds"
@@ -29,9 +30,12 @@ GENERATED_TOKENS = "aethercore_generated_tokens_total"
 # Gauges read from the workers' heartbeat records (the running batch of each generation model).
 GENERATION_RUNNING = "aethercore_generation_running"
 GENERATION_WAITING = "aethercore_generation_waiting"
+# The label a histogram's second field is exposed as (the model's id, unless named here).
+HISTOGRAM_LABEL = {LANE_WAIT: "lane"}
 
 BUCKETS: dict[str, tuple[float, ...]] = {
     QUEUE_WAIT: (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    LANE_WAIT: (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
     INFERENCE_TIME: (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     BATCH_SIZE: (1, 2, 4, 8, 16, 32, 64, 128, 256),
     TIME_TO_FIRST_TOKEN: (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
@@ -39,6 +43,7 @@ BUCKETS: dict[str, tuple[float, ...]] = {
 HELP = {
     JOBS_TOTAL: "Jobs that ended, by kind, model and final status",
     QUEUE_WAIT: "Seconds from submission until a worker started the job",
+    LANE_WAIT: "Seconds from submission until a worker started the inference job, per priority lane (count: its jobs)",
     INFERENCE_TIME: "Seconds of the forward pass that produced the job's output",
     BATCH_SIZE: "Jobs per forward pass, for generation rows per decoding step (sum / count = average batch size)",
     TIME_TO_FIRST_TOKEN: "Seconds from a generation job's submission until its first text was streamed",

@@ -20,6 +20,21 @@ def queue_for_device(device: str) -> str:
     return device
 
 
+# Priority lanes. kombu's Redis transport keeps each priority of a queue in its own list and BRPOPs them in
+# priority order (lower first) in one command, so a worker always takes the highest waiting lane's message
+# first. `high` (and every control task: loads, unloads) is the queue's own list.
+LANES = ("high", "normal", "low")
+DEFAULT_LANE = "normal"
+LANE_PRIORITY = {"high": 0, "normal": 3, "low": 9}  # kombu's default priority_steps are 0, 3, 6, 9
+_PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue's name and a priority
+
+
+def lane_list(queue: str, lane: str) -> str:
+    """The Redis list that holds `queue`'s messages of `lane`."""
+    priority = LANE_PRIORITY[lane]
+    return queue if priority == 0 else f"{queue}{_PRIORITY_SEP}{priority}"
+
+
 PREFIX = "aethercore"
 
 
@@ -111,3 +126,97 @@ def auth_failures_key(kind: str, who: str) -> str:
 def rate_limit_key(caller: str, amount: int, window_s: int) -> str:
     """Counter of one caller's inference submissions in the current window of one limit."""
     return f"{PREFIX}:ratelimit:{caller}:{amount}/{window_s}"
+
+
+# -- the OpenAI Files and Batch APIs (api/files.py, api/batches.py) ----------------------------------------------
+def file_key(file_id: str) -> str:
+    """Hash: a file's fields (the OpenAI File object's, plus owner, lines and in_use); expires with the file."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_lines_key(file_id: str) -> str:
+    """Hash: line index -> that line of the file (with its newline). An uploaded file's lines; a batch's output or
+    error file fills in the lines of the requests it answers as they end."""
+    return f"{PREFIX}:file:{file_id}:lines"
+
+
+def files_index_key(owner: str) -> str:
+    """Sorted set: one owner's files (file id -> created), trimmed to the retention and expiring with it."""
+    return f"{PREFIX}:files:owner:{owner}"
+
+
+FILES_ALL = f"{PREFIX}:files:all"  # sorted set: every file (what admins and operators list), trimmed the same way
+
+
+def batch_key(batch_id: str) -> str:
+    """Hash: a batch's state (the OpenAI Batch object's fields, counts, the next line to submit, its owner)."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_jobs_key(batch_id: str) -> str:
+    """Hash: the batch's lines taken but not yet answered: line index -> its job id, or `-` (not submitted yet)."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_lease_key(batch_id: str) -> str:
+    """The API process driving the batch now (SET NX with a short TTL, renewed while it drives)."""
+    return f"{PREFIX}:batch:{batch_id}:lease"
+
+
+def batches_index_key(owner: str) -> str:
+    """Sorted set: one owner's batches (batch id -> created), trimmed to the retention and expiring with it."""
+    return f"{PREFIX}:batches:owner:{owner}"
+
+
+BATCHES_ALL = f"{PREFIX}:batches:all"  # sorted set: every batch (what admins and operators list)
+# Set: the batches that have not ended, which every API process's driver advances. No TTL: a batch leaves it when
+# it ends, and each ends within its completion window (bounded by construction).
+BATCHES_ACTIVE = f"{PREFIX}:batches:active"
+
+
+def batches_active_key(owner: str) -> str:
+    """Set: one owner's batches that have not ended (AETHERCORE_BATCH_MAX_ACTIVE counts them)."""
+    return f"{PREFIX}:batches:active:{owner}"
+
+
+# -- completion webhooks (tasks/webhooks.py, api/webhook_dispatcher.py) ------------------------------------------
+# A job that carries a webhook gets a delivery when it ends, written by the Lua step that ends it (tasks/jobs.py).
+WEBHOOK_DELIVERY_PREFIX = f"{PREFIX}:webhook:delivery:"  # + delivery id (`msg_<job id>`): hash, one delivery
+
+
+def webhook_delivery_key(delivery_id: str) -> str:
+    """Hash: one delivery (kind, ref, webhook JSON, queue, event; then body, attempts, first_at, last error...)."""
+    return f"{WEBHOOK_DELIVERY_PREFIX}{delivery_id}"
+
+
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"  # sorted set: delivery id -> when its next attempt is due (0: a first one)
+WEBHOOKS_LEASED = f"{PREFIX}:webhooks:leased"  # sorted set: delivery id -> when a dispatcher's claim on it lapses
+WEBHOOKS_FAILED = f"{PREFIX}:webhooks:failed"  # sorted set: delivery id -> when it failed for good (kept, listed)
+WEBHOOK_SECRETS = f"{PREFIX}:webhook:secrets"  # hash: owner -> JSON {current, previous, previous_until, created_at}
+WEBHOOK_ENDPOINTS = f"{PREFIX}:webhook:endpoints"  # hash: owner -> JSON {url, set_at}: a key's default endpoint
+WEBHOOK_DISABLED = f"{PREFIX}:webhook:disabled"  # hash: "owner url" -> JSON {at, reason}: endpoints that answered 410
+WEBHOOK_DISPATCHERS = f"{PREFIX}:webhook:dispatchers"  # sorted set: dispatcher name -> last heartbeat
+METRICS_WEBHOOKS = f"{PREFIX}:metrics:webhooks"  # hash: the dispatchers' delivery counters and latency buckets
+
+
+# -- idempotent creation (api/idempotency.py) ---------------------------------------------------------------------
+def idempotency_key(caller: str, key: str) -> str:
+    """String: one caller's Idempotency-Key -> `<fingerprint> <job id>` (or a stored response); expires with the
+    retention AETHERCORE_IDEMPOTENCY_TTL. The caller's key is hashed: its text is the client's to choose."""
+    return f"{PREFIX}:idem:{caller}:{key}"
+
+
+# -- dead letters (tasks/deadletters.py) ---------------------------------------------------------------------------
+DEAD_LETTER_PREFIX = f"{PREFIX}:dead:"  # + queue: sorted set, job id -> when it became a dead letter
+DEAD_ENTRY_PREFIX = f"{PREFIX}:dead-entry:"  # + job id: hash, the dead letter (reason, error, what replays it)
+METRICS_DEAD_LETTERS = f"{PREFIX}:metrics:dead"  # hash: "queue|reason" -> dead letters recorded
+DEAD_LETTER_QUEUES = f"{PREFIX}:dead-queues"  # set: the queues that have had dead letters (as many as devices)
+
+
+def dead_letter_key(queue: str) -> str:
+    """Sorted set of one queue's dead letters (job id -> when), bounded by count and retention."""
+    return f"{DEAD_LETTER_PREFIX}{queue}"
+
+
+def dead_entry_key(job_id: str) -> str:
+    return f"{DEAD_ENTRY_PREFIX}{job_id}"

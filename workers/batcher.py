@@ -110,6 +110,7 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     crashes: int = 0
     exclusive: bool = False
+    rank: int = 1  # its priority lane's rank (0: high first; tasks/names.py LANES)
     outcome: BatchOutcome | None = None
     error: BaseException | None = None
 
@@ -134,8 +135,10 @@ class ModelBatcher:
         on_forward: Callable[[list[Request]], None] = lambda batch: None,
         max_crashes: int = 3,
         policy: RetryPolicy | None = None,
+        lane_aging_s: float = 0.0,
     ) -> None:
         self.executor = executor
+        self.lane_aging_s = lane_aging_s  # nothing overtakes a job pending this long (workers/lanes.py)
         self.model_id = model_id
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_batch_delay_ms / 1000.0
@@ -162,8 +165,11 @@ class ModelBatcher:
         for thread in (*self._feeders, self._completer):
             thread.start()
 
-    def submit(self, inputs: Any, parameters: dict[str, Any], context: Any = None, exclusive: bool = False) -> Future:
-        """Queue one job's inputs; `exclusive`: it runs in a forward pass of its own."""
+    def submit(
+        self, inputs: Any, parameters: dict[str, Any], context: Any = None, exclusive: bool = False, rank: int = 1
+    ) -> Future:
+        """Queue one job's inputs; `exclusive`: it runs in a forward pass of its own. `rank`: its lane's (0 high,
+        1 normal, 2 low): it waits behind the pending jobs of its own and higher lanes only."""
         request = Request(
             inputs,
             parameters,
@@ -171,12 +177,13 @@ class ModelBatcher:
             _length(inputs),
             context,
             exclusive=exclusive,
+            rank=rank,
         )
         with self._cond:
             if self._closed:
                 gone = self._gone or unloaded(self.model_id)
                 raise ModelGone(gone.code, str(gone))
-            self._pending.append(request)
+            self._enqueue(request)
             self._open += 1
             self._cond.notify()
         return request.future
@@ -204,6 +211,20 @@ class ModelBatcher:
                 self._settle(left, error=gone)
         if left:
             logger.bind(model_id=self.model_id).warning("{} pending job(s) ended: {}", len(left), gone.code)
+
+    def _enqueue(self, request: Request) -> None:
+        """Into the pending queue behind every job of its own and higher lanes, ahead of lower lanes' (FIFO within
+        a lane); the common case, a lane no lower than the last pending job's, is an append."""
+        pending = self._pending
+        if not pending or pending[-1].rank <= request.rank:
+            pending.append(request)
+            return
+        now = time.monotonic()
+        aged = self.lane_aging_s if self.lane_aging_s > 0 else float("inf")
+        at = len(pending)
+        while at > 0 and pending[at - 1].rank > request.rank and now - pending[at - 1].arrived < aged:
+            at -= 1
+        pending.insert(at, request)
 
     # -- forming batches ----------------------------------------------------------------------
     def _target(self) -> int:

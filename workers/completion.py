@@ -21,9 +21,12 @@ import redis
 from loguru import logger
 
 from config.models import ModelSpec
-from tasks.errors import CODES, INTERNAL_ERROR, INVALID_INPUT, error_body
+from tasks.deadletters import EXPIRED_IN_QUEUE
+from tasks.deadletters import POISON as DEAD_POISON
+from tasks.errors import CODES, INTERNAL_ERROR, INVALID_INPUT, POISON_JOB, error_body
 from tasks.jobs import JobStore, encode
-from tasks.metrics import INFERENCE_TIME, QUEUE_WAIT, LocalMetrics
+from tasks.metrics import INFERENCE_TIME, LANE_WAIT, QUEUE_WAIT, LocalMetrics
+from tasks.names import DEFAULT_LANE
 from tasks.results import compact
 from tasks.states import CANCELLED, EXPIRED, FAILED, SUCCEEDED
 from workers.runtimes.base import InvalidInput
@@ -57,6 +60,11 @@ class JobContext:
         return bool(self.job.get("batch"))
 
     @property
+    def lane(self) -> str:
+        """Its priority lane (tasks/names.py LANES)."""
+        return self.job.get("priority") or DEFAULT_LANE
+
+    @property
     def isolate(self) -> bool:
         """Queued again after its worker died: it runs alone (it may be what killed it)."""
         return bool(self.job.get("isolate"))
@@ -81,10 +89,19 @@ class Ending:
     result_json: bytes | None = None  # an inference result, encoded once
     timings: dict[str, Any] | None = None  # for the metrics
     wake: dict[str, Any] = field(default_factory=dict)  # what a waiting API process needs besides result/error
+    expired_in_queue: bool = False  # its deadline passed before a worker started it
+    lane: str | None = None  # an inference job's priority lane (its queue wait is also counted per lane)
 
     @property
     def code(self) -> str | None:
         return self.error["code"] if self.error else None
+
+    @property
+    def dead_letter(self) -> str | None:
+        """Why this end makes the job a dead letter (tasks/deadletters.py), written with the end; None: it does not."""
+        if self.code == POISON_JOB:
+            return DEAD_POISON
+        return EXPIRED_IN_QUEUE if self.expired_in_queue else None
 
 
 def classify(exc: BaseException) -> dict[str, str]:
@@ -152,7 +169,11 @@ class Completion:
         return Ending(ctx.job_id, status, error=error, wake=self.wake(ctx))
 
     def expired(self, ctx: JobContext, error: dict[str, str]) -> Ending:
-        return self.failed(ctx, error, EXPIRED)
+        ending = self.failed(ctx, error, EXPIRED)
+        # Past its deadline when this worker took it: it expired in the queue, never run (a dead letter).
+        deadline = ctx.job.get("deadline")
+        ending.expired_in_queue = bool(deadline) and ctx.started > deadline
+        return ending
 
     def cancelled(self, ctx: JobContext, error: dict[str, str]) -> Ending:
         return self.failed(ctx, error, CANCELLED)
@@ -170,6 +191,7 @@ class Completion:
             timings=timings,
             wake=self.wake(ctx),
             result_json=self.result_for(spec, ctx.job, body, timings),
+            lane=ctx.lane,
         )
 
     def result_for(self, spec: ModelSpec, job: dict[str, Any], body: dict[str, Any], timings: dict[str, Any]) -> bytes:
@@ -200,6 +222,7 @@ class Completion:
                 "result": e.result,
                 "result_json": e.result_json,
                 "note": self._wake_note(e, now),
+                "dead": e.dead_letter,
             }
             for e in endings
         ]
@@ -210,6 +233,8 @@ class Completion:
             timings = ending.timings or {}
             if timings.get("queue_ms") is not None:
                 self.metrics.observe(QUEUE_WAIT, model_id, timings["queue_ms"] / 1000)
+                if ending.lane:  # per priority lane: its count is the lane's jobs
+                    self.metrics.observe(LANE_WAIT, ending.lane, timings["queue_ms"] / 1000)
             if timings.get("inference_ms") is not None:
                 self.metrics.observe(INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
 

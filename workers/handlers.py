@@ -47,7 +47,7 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: JobCont
     futures: list[Future | dict[str, str]] = []
     for item in ctx.job["inputs"]:
         try:
-            futures.append(svc.submit(spec, runtime, item, ctx.parameters, exclusive=ctx.isolate))
+            futures.append(svc.submit(spec, runtime, item, ctx.parameters, exclusive=ctx.isolate, lane=ctx.lane))
         except Exception as exc:  # the model is going away
             futures.append(classify(exc))
     outputs, sizes, inference_ms = [], [], 0.0
@@ -166,7 +166,12 @@ def _serve(svc: WorkerService, model_id: str, active: list[JobContext]) -> None:
             continue
         try:
             handed.append(
-                (ctx, svc.submit(spec, runtime, ctx.job["inputs"], ctx.parameters, ctx, exclusive=ctx.isolate))
+                (
+                    ctx,
+                    svc.submit(
+                        spec, runtime, ctx.job["inputs"], ctx.parameters, ctx, exclusive=ctx.isolate, lane=ctx.lane
+                    ),
+                )
             )
         except Exception as exc:  # the model is going away
             refused.append(svc.completion.failed(ctx, classify(exc)))

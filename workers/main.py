@@ -22,7 +22,7 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
 
     from config.logging import setup_logging
     from tasks.celery_app import make_celery
-    from tasks.names import queue_for_device
+    from tasks.names import DEFAULT_LANE, LANE_PRIORITY, queue_for_device
     from workers import handlers
     from workers.service import WorkerService
 
@@ -49,11 +49,13 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
         service.stop()
 
     def send(task: str, queue: str, kwargs: dict, job_id: str) -> None:
+        lane = ((kwargs.get("jobs") or [{}])[0]).get("priority") or DEFAULT_LANE
         app.send_task(
             task,
             kwargs=kwargs,
             queue=queue,
             task_id=job_id,
+            priority=LANE_PRIORITY[lane],  # queued again in its own lane
             kwargsrepr=repr({k: v for k, v in kwargs.items() if k != "jobs"} | {"job_ids": [job_id]}),
         )
 

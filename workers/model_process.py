@@ -530,6 +530,8 @@ class RemoteRuntime:
         *,
         exclusive: bool = False,
         deadline: float | None = None,
+        rank: int = 1,
+        aging_s: float = 0.0,
     ) -> GenerationCall:
         """Hand one generation request to the running batch of the least busy instance (ModelGone once the
         model is going away: nothing new joins a batch that is draining)."""
@@ -538,7 +540,13 @@ class RemoteRuntime:
         if not instances:
             raise ModelProcessDied(f"model {self.spec.id!r} has no running process")
         process = min(instances, key=lambda p: p.busy)
-        options = {"stream": stream is not None, "exclusive": exclusive, "deadline": deadline}
+        options = {
+            "stream": stream is not None,
+            "exclusive": exclusive,
+            "deadline": deadline,
+            "rank": rank,  # admission order into the running batch (priority lanes)
+            "aging_s": aging_s,
+        }
         _call_id, future = process.submit((wire.GENERATE, inputs, parameters, options), stream)
         return GenerationCall(process, future, exclusive)
 

@@ -105,7 +105,9 @@ class Reaper:
         worker_ttl_s: float,
         sweep_queue: bool = True,
         grace_s: float | None = None,
+        aging: Any = None,
     ) -> None:
+        self.aging = aging  # workers/lanes.py LaneAging, or None (no lanes in Redis lists)
         self.jobs = jobs
         self.name = name
         self.queue = queue
@@ -162,6 +164,10 @@ class Reaper:
             for job_id, payload in self.jobs.sweep_queued(self.queue, max(self.worker_ttl_s, 10.0)):
                 self._requeue("its message was lost", job_id, orjson.loads(payload), 0)
                 taken += 1
+        if self.aging is not None:
+            moved = self.aging.sweep()
+            if moved:
+                logger.info("{} message(s) waited past AETHERCORE_LANE_AGING_S: moved up a priority lane", moved)
         return taken
 
     def reclaim_dropped(self, live: list[str]) -> int:

@@ -36,13 +36,14 @@ from tasks.cluster import ClusterState
 from tasks.errors import MODEL_EVICTED
 from tasks.jobs import JobStore
 from tasks.metrics import BATCH_SIZE, LocalMetrics
-from tasks.names import queue_for_device
+from tasks.names import DEFAULT_LANE, queue_for_device
 from tasks.redis_client import make_redis
 from tasks.states import INFERENCE
 from workers.batcher import ModelBatcher, Request
 from workers.cache import ModelCache
 from workers.completion import Completion, JobContext, logged
 from workers.device import device_memory
+from workers.lanes import LaneAging, effective_rank
 from workers.model_process import ModelGone, RemoteRuntime, evicted, unloaded
 from workers.reaper import ActiveJobs, Reaper, Send
 from workers.residency import Residency
@@ -62,7 +63,7 @@ class WorkerService:
         self.started_at = time.time()
         self.models: dict[str, ModelSpec] = load_models(settings.models_file)
         self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
-        self.jobs = JobStore(self.redis, settings.result_ttl)
+        self.jobs = JobStore(self.redis, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max)
         self.cluster = ClusterState(self.redis, settings.worker_ttl)
         self.metrics = LocalMetrics()
         self.streams = JobStreams(self.jobs, self.metrics)
@@ -100,6 +101,11 @@ class WorkerService:
             interval_s=self.settings.heartbeat_interval,
             worker_ttl_s=self.settings.worker_ttl,
             sweep_queue=broker in ("redis", "rediss", "sentinel"),
+            # Lanes age in Redis where kombu keeps them as lists (a Redis broker in the jobs' Redis).
+            aging=LaneAging(self.jobs.redis, self.queue, self.settings.lane_aging_s)
+            if broker in ("redis", "rediss", "sentinel")
+            and self.settings.effective_broker_url == self.settings.redis_url
+            else None,
         )
         for target, label in (
             (self._publish_signatures, "signatures"),
@@ -206,11 +212,14 @@ class WorkerService:
         parameters: dict[str, Any],
         context: JobContext | None = None,
         exclusive: bool = False,
+        lane: str = DEFAULT_LANE,
     ) -> Future:
         """Hand one job's inputs to the model's batcher. With `context` (the job), the batcher's completion
         writes the job's end itself, together with the rest of its batch. `exclusive`: a forward pass of its
         own (a job requeued after its worker died). ModelGone if the model is going away."""
-        return self._batcher(spec, runtime).submit(inputs, parameters, context, exclusive)
+        submitted = context.job.get("submitted_at") if context is not None else None
+        rank = effective_rank(lane, submitted, self.settings.lane_aging_s)
+        return self._batcher(spec, runtime).submit(inputs, parameters, context, exclusive, rank)
 
     def _batcher(self, spec: ModelSpec, runtime: RemoteRuntime) -> ModelBatcher:
         with self._batchers_lock:
@@ -229,6 +238,7 @@ class WorkerService:
                     on_model_dead=lambda gone: self.model_died(spec.id, runtime, gone),
                     on_forward=self._in_forward_pass,
                     policy=self.policy,
+                    lane_aging_s=self.settings.lane_aging_s,
                 )
                 self._batchers[spec.id] = batcher
             return batcher

@@ -13,6 +13,7 @@ from api.json_provider import Blueprint
 from api.schemas import HealthSchema, WorkersSchema
 from api.services import services
 from tasks.names import CPU_QUEUE, queue_for_device
+from tasks.queues import lane_depths
 from tasks.states import LOADED
 
 blp = Blueprint("health", __name__, description="Health and monitoring")
@@ -44,10 +45,20 @@ def health_checks(readiness: bool = False) -> tuple[bool, dict]:
         if not workers:
             checks["workers"]["error"] = NO_WORKER
         devices = {CPU_QUEUE} | {w["device"] for w in workers}
+        lanes = {d: lane_depths(svc.cluster.redis, queue_for_device(d)) for d in sorted(devices)}
         checks["queues"] = {
             "status": "ok",
-            "depth": {d: svc.cluster.redis.llen(queue_for_device(d)) for d in sorted(devices)},
+            "depth": {d: sum(by_lane.values()) for d, by_lane in lanes.items()},
+            "lanes": lanes,  # messages waiting per priority lane (high, normal, low)
         }
+        # Informational (never fails the check): dead letters kept per queue, and the webhook deliveries' queue.
+        checks["dead_letters"] = {"status": "ok", "depth": svc.dead_letters.depth()}
+        deliveries = svc.deliveries.depth()
+        checks["webhooks"] = {"status": "ok", **deliveries}
+        if deliveries["new"] + deliveries["retrying"] and not deliveries["dispatchers"]:
+            checks["webhooks"]["error"] = (
+                "webhook deliveries wait and no dispatcher is alive; start one with `python manage.py dispatcher`"
+            )
         if readiness:
             desired = svc.cluster.all_desired()
             missing = sorted(

@@ -8,6 +8,7 @@ from flask.views import MethodView
 
 from api.auth import MANAGE_MODELS, READ_MODELS, requires
 from api.blueprints.common import job_reply
+from api.idempotency import idempotent
 from api.json_provider import Blueprint
 from api.schemas import (
     JobSchema,
@@ -18,6 +19,7 @@ from api.schemas import (
     WaitQuerySchema,
 )
 from api.services import services
+from api.webhooks import job_webhook
 from tasks.states import LOAD, UNLOAD
 
 blp = Blueprint("models", __name__, description="Model management")
@@ -48,10 +50,12 @@ class Models(MethodView):
 
 
 def _job_endpoint(kind: str):
+    @idempotent
     @blp.arguments(UnloadQuerySchema if kind == UNLOAD else WaitQuerySchema, location="query")
     @blp.response(202, JobSchema, description=f"{kind.capitalize()} job queued (or still running after ?wait)")
     @blp.alt_response(200, schema=JobSchema, description="Finished within ?wait")
     @blp.alt_response(404, description="Unknown model")
+    @blp.alt_response(409, description="A webhook, and the caller has no signing secret (or the endpoint answered 410)")
     @requires(*MANAGE_MODELS)
     def post(self, query: dict[str, Any], model_id: str):
         svc = services()
@@ -60,6 +64,7 @@ def _job_endpoint(kind: str):
         payload: dict[str, Any] = {"device": device}
         if query.get("force"):  # unload: end the model's running jobs at once rather than drain them
             payload["force"] = True
+        payload["webhook"] = job_webhook(None)  # the caller's default endpoint, if it has one
         return job_reply(svc.submit(kind, spec, device, payload, wait_s=query["wait"]))
 
     return post

@@ -19,12 +19,23 @@ from flask.views import MethodView
 from api.auth import READ_MODELS, SERVE, requires
 from api.blueprints.health import health_checks
 from api.errors import ApiError, one_line, register_error_dialect
-from api.inference import check_texts, output_rows, parameter_errors, raise_if, run_to_end, text_payload
+from api.idempotency import idempotent
+from api.inference import (
+    check_lane,
+    check_texts,
+    output_rows,
+    parameter_errors,
+    raise_if,
+    run_to_end,
+    text_payload,
+)
 from api.json_provider import Blueprint
 from api.protocols.oip import NUMERIC, InferRequest, Tensor, encode_response, parse_request
 from api.services import services
+from api.webhooks import job_webhook
 from config.models import TEXT_TASKS, ModelSpec
 from config.signatures import Signature, shape_error
+from tasks.names import DEFAULT_LANE, LANES
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import LOADED
 from tasks.tensors import pack
@@ -41,7 +52,11 @@ PLATFORMS = {
     "simulated": "aethercore_simulated",
 }
 # Request parameters of the protocol itself (Triton's); everything else is the model's own (config/parameters.py).
-UNSUPPORTED_PARAMETERS = ("priority", "sequence_id", "sequence_start", "sequence_end")
+UNSUPPORTED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+# `parameters.priority`: the job's priority lane, by name (README "Priority lanes").
+PRIORITY_PARAMETER = "priority"
+# A request parameter of ours: the URL the job's end is POSTed to (README "Completion webhooks").
+WEBHOOK_PARAMETER = "webhook_url"
 
 ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 TENSOR_SCHEMA = {
@@ -68,7 +83,11 @@ INFER_REQUEST_SCHEMA = {
     "required": ["inputs"],
     "properties": {
         "id": {"type": "string"},
-        "parameters": {"type": "object", "description": "The model's parameters (e.g. max_length, temperature)"},
+        "parameters": {
+            "type": "object",
+            "description": "The model's parameters (e.g. max_length, temperature); `timeout` (µs); `webhook_url`: "
+            "POST the job's end there (README: Completion webhooks)",
+        },
         "inputs": {
             "type": "array",
             "minItems": 1,
@@ -104,7 +123,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Malformed request (OIP error)",
         404: "Unknown model or version",
-        409: "Model not loaded, and this caller may not load it (AETHERCORE_AUTOLOAD, `autoload` in models.yaml)",
+        409: "Model not loaded, and this caller may not load it (AETHERCORE_AUTOLOAD, `autoload` in models.yaml); "
+        "or a webhook_url and no signing secret",
         413: "Too many rows or elements",
         422: "Tensor names, datatypes or shapes, or parameters, do not match the model",
         429: "Rate limit or queue full",
@@ -220,6 +240,7 @@ class ModelReady(MethodView):
 @blp.route("/v2/models/<string:model_name>/infer")
 @blp.route("/v2/models/<string:model_name>/versions/<string:model_version>/infer", endpoint="InferVersion")
 class Infer(MethodView):
+    @idempotent
     @blp.doc(
         requestBody={
             "required": True,
@@ -289,13 +310,24 @@ def _payload(spec: ModelSpec, signature: Signature | None, parsed: InferRequest)
     parameters = dict(parsed.parameters)
     payload: dict[str, Any] = {}
     timeout_us = parameters.pop("timeout", None)
+    webhook_url = parameters.pop(WEBHOOK_PARAMETER, None)
+    if webhook_url is not None and not isinstance(webhook_url, str):
+        raise_if({f"parameters.{WEBHOOK_PARAMETER}": ["must be a string (an https URL)"]})
+    webhook = job_webhook(webhook_url, f"parameters.{WEBHOOK_PARAMETER}")
+    if webhook:
+        payload["webhook"] = webhook
     if timeout_us is not None:
         if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us <= 0:
             raise_if({"parameters.timeout": ["must be a positive whole number of microseconds"]})
         payload["timeout"] = timeout_us / 1e6
+    lane = parameters.pop(PRIORITY_PARAMETER, DEFAULT_LANE)
+    if lane not in LANES:
+        raise_if({f"parameters.{PRIORITY_PARAMETER}": [f"must be one of {', '.join(LANES)} (the priority lane)"]})
+    if check_lane(lane) != DEFAULT_LANE:
+        payload["priority"] = lane
     unsupported = sorted(set(parameters) & set(UNSUPPORTED_PARAMETERS))
     if unsupported:
-        raise_if({"parameters": [f"{unsupported} are not supported (no sequence batching or priorities)"]})
+        raise_if({"parameters": [f"{unsupported} are not supported (no sequence batching)"]})
     raise_if(parameter_errors(spec, parameters))
     payload["parameters"] = parameters
     if spec.task in TEXT_TASKS:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import marshmallow as ma
@@ -18,7 +20,9 @@ from marshmallow import validate
 
 from api.auth import READ_MODELS, SERVE, requires
 from api.errors import ApiError, field_errors, register_error_dialect
+from api.idempotency import idempotent
 from api.inference import (
+    check_lane,
     check_texts,
     ended_error,
     output_rows,
@@ -30,7 +34,9 @@ from api.inference import (
 )
 from api.json_provider import Blueprint
 from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_data, sse_response
+from api.schemas import WebhookSchema
 from api.services import services
+from api.webhooks import job_webhook, requested_url
 from config.models import ModelSpec
 from config.parameters import (
     CHAT_ROLES,
@@ -41,6 +47,7 @@ from config.parameters import (
     messages_error,
     parameters_for,
 )
+from tasks.names import DEFAULT_LANE
 from tasks.states import INFERENCE, SUCCEEDED
 
 blp = Blueprint(
@@ -66,7 +73,8 @@ OPENAI_NAME = {ours: theirs for theirs, ours in PARAMETER_NAMES.items() if their
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
-def _openai_error(status: int, code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
+def openai_error(status: int, code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's error body {"error": {message, type, param, code}}: every error on /v1, and a batch line's."""
     fields = field_errors(details)
     param = None
     if fields:
@@ -79,7 +87,7 @@ def _openai_error(status: int, code: str, message: str, details: dict[str, Any])
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-register_error_dialect("/v1", _openai_error)
+register_error_dialect("/v1", openai_error)
 
 
 # -- request bodies (validation and the OpenAPI document from the same schemas) ------------------------------
@@ -119,12 +127,37 @@ STOP_SCHEMA = {
 }
 
 
+# OpenAI's service tiers as AetherCore's priority lanes (tasks/names.py LANES).
+SERVICE_TIER_LANES = {"priority": "high", "auto": "normal", "default": "normal", "scale": "normal", "flex": "low"}
+
+
+def _lane(body: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload in the lane the request's service_tier asks for (a role may be limited: 403)."""
+    lane = check_lane(SERVICE_TIER_LANES[body.get("service_tier") or "auto"])
+    return payload if lane == DEFAULT_LANE else {**payload, "priority": lane}
+
+
 class _Request(ma.Schema):
     class Meta:
         unknown = ma.RAISE  # an unknown field is a 422 naming it, never silently ignored
 
     model = ma.fields.String(required=True, metadata={"example": "tiny-gpt2"})
     user = ma.fields.String(allow_none=True, metadata={"description": "Your end user's id (logged with the job)"})
+    service_tier = ma.fields.String(
+        allow_none=True,
+        validate=validate.OneOf(tuple(SERVICE_TIER_LANES)),
+        metadata={
+            "description": "The priority lane: `priority` -> high, `auto`/`default`/`scale` -> normal, `flex` -> low "
+            "(README: Priority lanes)"
+        },
+    )
+    webhook = ma.fields.Nested(
+        WebhookSchema,
+        metadata={
+            "description": "Extension: POST the job's end there too (README: Completion webhooks; not per "
+            "line in a batch: a batch has its own)"
+        },
+    )
 
 
 class EmbeddingsRequest(_Request):
@@ -250,7 +283,11 @@ def _refusals(wrong_task: str):
         for status, description in (
             (400, wrong_task),
             (404, "Unknown model"),
-            (409, "Model not loaded, and this caller may not load it (AETHERCORE_AUTOLOAD, `autoload` in models.yaml)"),
+            (
+                409,
+                "Model not loaded, and this caller may not load it (AETHERCORE_AUTOLOAD, `autoload` in models.yaml); "
+                "or a webhook and no signing secret",
+            ),
             (422, "Invalid body: the field is named in error.param"),
         ):
             view = blp.alt_response(status, description=description)(view)
@@ -276,19 +313,25 @@ class Model(MethodView):
         return _model_object(services().spec(model))
 
 
-@blp.route("/embeddings")
-class Embeddings(MethodView):
-    @blp.arguments(EmbeddingsRequest)
-    @blp.response(200, description="OpenAI's embedding list, with usage (prompt tokens after truncation)")
-    @_refusals("Not an embedding model")
-    @requires(*SERVE)
-    def post(self, body: dict[str, Any]):
-        spec = _spec_for(body["model"], "feature-extraction", "/v1/embeddings")
-        texts = _texts(body["input"], "input")
-        _log_user(body, spec)
-        job = run_to_end(spec, text_payload(texts, {}))
+@dataclass(frozen=True)
+class Prepared:
+    """An OpenAI request translated onto the inference path: the model, the job's payload (already checked) and
+    how the ended job becomes the endpoint's response body. The /v1 views and the Batch API's lines (api/batches.py)
+    both run exactly this, so a batch line answers what the same /v1 request answers."""
+
+    spec: ModelSpec
+    payload: dict[str, Any]
+    respond: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def prepare_embeddings(body: dict[str, Any]) -> Prepared:
+    spec = _spec_for(body["model"], "feature-extraction", "/v1/embeddings")
+    texts = _texts(body["input"], "input")
+    _log_user(body, spec)
+    as_base64 = body.get("encoding_format") == "base64"
+
+    def respond(job: dict[str, Any]) -> dict[str, Any]:
         rows = output_rows(job)
-        as_base64 = body.get("encoding_format") == "base64"
         data = []
         for index, row in enumerate(rows):
             vector = np.asarray(row["embedding"], dtype="<f4")
@@ -302,23 +345,22 @@ class Embeddings(MethodView):
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
+    return Prepared(spec, text_payload(texts, {}), respond)
 
-@blp.route("/completions")
-class Completions(MethodView):
-    @blp.arguments(CompletionRequest)
-    @blp.response(200, description="A text_completion, or with `stream` Server-Sent Events ending in [DONE]")
-    @_refusals("Not a text-generation model")
-    @requires(*SERVE)
-    def post(self, body: dict[str, Any]):
-        spec = _spec_for(body["model"], "text-generation", "/v1/completions")
-        prompts = _texts(body["prompt"], "prompt")
-        parameters = _generation_parameters(spec, body)
-        _log_user(body, spec)
-        if body.get("stream"):
-            if len(prompts) != 1:
-                raise_if({"prompt": ["stream takes one prompt"]})
-            return _stream(spec, {"text": prompts[0]}, parameters, body, chat=False)
-        job = run_to_end(spec, text_payload(prompts, parameters))
+
+def _completion_parts(body: dict[str, Any]) -> tuple[ModelSpec, list[str], dict[str, Any]]:
+    spec = _spec_for(body["model"], "text-generation", "/v1/completions")
+    prompts = _texts(body["prompt"], "prompt")
+    parameters = _generation_parameters(spec, body)
+    _log_user(body, spec)
+    return spec, prompts, parameters
+
+
+def prepare_completion(body: dict[str, Any]) -> Prepared:
+    """A completion answered at its end (not streamed)."""
+    spec, prompts, parameters = _completion_parts(body)
+
+    def respond(job: dict[str, Any]) -> dict[str, Any]:
         rows = output_rows(job)
         choices = [
             {"index": i, "text": row["text"], "finish_reason": row["finish_reason"], "logprobs": None}
@@ -333,21 +375,22 @@ class Completions(MethodView):
             "usage": _usage(rows),
         }
 
+    return Prepared(spec, text_payload(prompts, parameters), respond)
 
-@blp.route("/chat/completions")
-class ChatCompletions(MethodView):
-    @blp.arguments(ChatRequest)
-    @blp.response(200, description="A chat.completion, or with `stream` Server-Sent Events ending in [DONE]")
-    @_refusals("Not a text-generation model")
-    @requires(*SERVE)
-    def post(self, body: dict[str, Any]):
-        spec = _spec_for(body["model"], "text-generation", "/v1/chat/completions")
-        messages = _messages(body["messages"])
-        parameters = _generation_parameters(spec, body)
-        _log_user(body, spec)
-        if body.get("stream"):
-            return _stream(spec, {"messages": messages}, parameters, body, chat=True)
-        job = run_to_end(spec, {"inputs": {"messages": messages}, "parameters": parameters})
+
+def _chat_parts(body: dict[str, Any]) -> tuple[ModelSpec, list[dict[str, Any]], dict[str, Any]]:
+    spec = _spec_for(body["model"], "text-generation", "/v1/chat/completions")
+    messages = _messages(body["messages"])
+    parameters = _generation_parameters(spec, body)
+    _log_user(body, spec)
+    return spec, messages, parameters
+
+
+def prepare_chat(body: dict[str, Any]) -> Prepared:
+    """A chat completion answered at its end (not streamed)."""
+    spec, messages, parameters = _chat_parts(body)
+
+    def respond(job: dict[str, Any]) -> dict[str, Any]:
         row = output_rows(job)[0]
         return {
             "id": f"chatcmpl-{job['job_id']}",
@@ -364,6 +407,63 @@ class ChatCompletions(MethodView):
             ],
             "usage": _usage([row]),
         }
+
+    return Prepared(spec, {"inputs": {"messages": messages}, "parameters": parameters}, respond)
+
+
+# The endpoints a batch may name: each one's request schema and translation (api/batches.py).
+BATCH_ENDPOINTS: dict[str, tuple[type[ma.Schema], Callable[[dict[str, Any]], Prepared]]] = {
+    "/v1/embeddings": (EmbeddingsRequest, prepare_embeddings),
+    "/v1/completions": (CompletionRequest, prepare_completion),
+    "/v1/chat/completions": (ChatRequest, prepare_chat),
+}
+
+
+def _answer(prepared: Prepared, body: dict[str, Any]) -> dict[str, Any]:
+    webhook = job_webhook(requested_url(body.get("webhook")))  # the request's, else the caller's default
+    payload = {**prepared.payload, "webhook": webhook} if webhook else prepared.payload
+    return prepared.respond(run_to_end(prepared.spec, _lane(body, payload)))
+
+
+@blp.route("/embeddings")
+class Embeddings(MethodView):
+    @idempotent
+    @blp.arguments(EmbeddingsRequest)
+    @blp.response(200, description="OpenAI's embedding list, with usage (prompt tokens after truncation)")
+    @_refusals("Not an embedding model")
+    @requires(*SERVE)
+    def post(self, body: dict[str, Any]):
+        return _answer(prepare_embeddings(body), body)
+
+
+@blp.route("/completions")
+class Completions(MethodView):
+    @idempotent
+    @blp.arguments(CompletionRequest)
+    @blp.response(200, description="A text_completion, or with `stream` Server-Sent Events ending in [DONE]")
+    @_refusals("Not a text-generation model")
+    @requires(*SERVE)
+    def post(self, body: dict[str, Any]):
+        if not body.get("stream"):
+            return _answer(prepare_completion(body), body)
+        spec, prompts, parameters = _completion_parts(body)
+        if len(prompts) != 1:
+            raise_if({"prompt": ["stream takes one prompt"]})
+        return _stream(spec, {"text": prompts[0]}, parameters, body, chat=False)
+
+
+@blp.route("/chat/completions")
+class ChatCompletions(MethodView):
+    @idempotent
+    @blp.arguments(ChatRequest)
+    @blp.response(200, description="A chat.completion, or with `stream` Server-Sent Events ending in [DONE]")
+    @_refusals("Not a text-generation model")
+    @requires(*SERVE)
+    def post(self, body: dict[str, Any]):
+        if not body.get("stream"):
+            return _answer(prepare_chat(body), body)
+        spec, messages, parameters = _chat_parts(body)
+        return _stream(spec, {"messages": messages}, parameters, body, chat=True)
 
 
 def _messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -430,7 +530,7 @@ class CompletionChunks(Frames):
         return [*frames, "data: [DONE]\n\n"]
 
     def error(self, error: ApiError) -> str:
-        return sse_data(_openai_error(error.status, error.code, error.message, {}))
+        return sse_data(openai_error(error.status, error.code, error.message, {}))
 
 
 def _stream(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any], body: dict[str, Any], chat: bool):
@@ -438,6 +538,11 @@ def _stream(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any],
     OpenAI's stream events (api/relay.py)."""
     svc = services()
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    payload: dict[str, Any] = {"inputs": inputs, "parameters": parameters}
+    webhook = job_webhook(requested_url(body.get("webhook")))
+    if webhook:
+        payload["webhook"] = webhook
+    payload = _lane(body, payload)
     with admitted() as slot:
-        job = svc.submit(INFERENCE, spec, route(svc, spec), {"inputs": inputs, "parameters": parameters})
+        job = svc.submit(INFERENCE, spec, route(svc, spec), payload)
         return sse_response(Relay(job, CompletionChunks(spec, job["job_id"], chat, include_usage)), slot)

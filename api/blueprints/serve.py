@@ -11,6 +11,7 @@ from flask.views import MethodView
 from api.auth import SERVE, check_role, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
+from api.idempotency import idempotent
 from api.inference import input_errors, job_payload, parameter_errors, raise_if, route, submit_inference
 from api.json_provider import Blueprint, json_text, parse_body
 from api.relay import Frames, Relay, relay_to_socket
@@ -20,16 +21,21 @@ from api.websocket import RequestSocket, websocket_route
 from tasks.states import FAILED, INFERENCE
 
 blp = Blueprint("serve", __name__, description="Inference serving")
+CONFLICTS = (
+    "Model not loaded, and this caller may not load it (see `autoload`); or a webhook, and the caller has no signing "
+    "secret (or the endpoint answered 410)"
+)
 
 
 @blp.route("/serve")
 class Serve(MethodView):
+    @idempotent
     @blp.arguments(ServeRequestSchema)
     @blp.arguments(WaitQuerySchema, location="query")
     @blp.response(202, JobSchema, description="Queued (or still running after ?wait)")
     @blp.alt_response(200, schema=JobSchema, description="Finished within ?wait")
     @blp.alt_response(404, description="Unknown model")
-    @blp.alt_response(409, description="Model not loaded, and this caller may not load it (see `autoload`)")
+    @blp.alt_response(409, description=CONFLICTS)
     @blp.alt_response(422, description="Invalid body")
     @blp.alt_response(503, description="Redis or the queue unavailable")
     @requires(*SERVE)
@@ -39,11 +45,13 @@ class Serve(MethodView):
 
 @blp.route("/serve/batch")
 class ServeBatch(MethodView):
+    @idempotent
     @blp.arguments(BatchRequestSchema)
     @blp.arguments(WaitQuerySchema, location="query")
     @blp.response(202, JobSchema, description="Queued; the result holds `outputs` in input order")
     @blp.alt_response(200, schema=JobSchema, description="Finished within ?wait")
     @blp.alt_response(404, description="Unknown model")
+    @blp.alt_response(409, description=CONFLICTS)
     @blp.alt_response(413, description="More inputs than AETHERCORE_MAX_BATCH_INPUTS")
     @blp.alt_response(422, description="Invalid body")
     @requires(*SERVE)

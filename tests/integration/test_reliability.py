@@ -13,18 +13,29 @@ import yaml
 from config.settings import Settings
 from tasks.names import (
     AUTH_KEYS,
+    DEAD_LETTER_QUEUES,
     DESIRED_MODELS,
     GENERATION_COUNTER,
     INFLIGHT_HOLDERS,
     METRICS_COUNTERS,
+    METRICS_DEAD_LETTERS,
     METRICS_HISTOGRAMS,
+    METRICS_WEBHOOKS,
     MODEL_ERRORS,
     RECENT_JOBS,
+    WEBHOOK_DISABLED,
+    WEBHOOK_DISPATCHERS,
+    WEBHOOK_ENDPOINTS,
+    WEBHOOK_SECRETS,
+    WEBHOOKS_DUE,
+    WEBHOOKS_FAILED,
+    WEBHOOKS_LEASED,
     WORKERS_INDEX,
     inflight_key,
     job_events_key,
     job_key,
 )
+from tasks.queues import queue_depth
 from tests.conftest import client_for, poll, settings_for
 from tests.support import REPO_ROOT, RedisServer, WorkerProcess, wait_until
 
@@ -103,7 +114,7 @@ def test_results_and_queued_jobs_survive_a_redis_restart_and_deadlines_expire(en
     env["server"].start()  # same port, same directory: AOF replays
     assert client.get(f"/jobs/{finished['job_id']}").get_json()["result"] == finished["result"]
     assert all(client.get(f"/jobs/{j}").get_json()["status"] == "queued" for j in queued)
-    assert raw(env).llen("cpu") == 4
+    assert queue_depth(raw(env), "cpu") == 4  # every lane of the cpu queue
 
     env["start_worker"]("rel-2")
     assert all(poll(client, j)["status"] == "succeeded" for j in queued)
@@ -260,8 +271,21 @@ def test_every_redis_key_is_bounded(env):
         "cpu",
         "unacked",
         "unacked_index",
-        INFLIGHT_HOLDERS,
-    }  # one name per worker holding jobs, removed when it is reaped
+        INFLIGHT_HOLDERS,  # one name per worker holding jobs, removed when it is reaped
+        # dead letters: one name per queue; counters per queue and reason (their entries and indexes expire)
+        DEAD_LETTER_QUEUES,
+        METRICS_DEAD_LETTERS,
+        # webhooks: per API key (secrets, endpoints, disabled ones), the dispatchers (trimmed), their counters, and
+        # the schedule (each member's delivery hash expires; a member without one is dropped when claimed)
+        WEBHOOK_SECRETS,
+        WEBHOOK_ENDPOINTS,
+        WEBHOOK_DISABLED,
+        WEBHOOK_DISPATCHERS,
+        METRICS_WEBHOOKS,
+        WEBHOOKS_DUE,
+        WEBHOOKS_LEASED,
+        WEBHOOKS_FAILED,
+    }
     # A worker's in-flight hash lives only while it holds jobs (an empty hash is no key).
     assert not list(r.scan_iter(inflight_key("*")))
     unbounded = []

@@ -1,7 +1,9 @@
-"""Deployment files validated as far as this machine allows (no Docker engine, no cluster): the compose
-file against Compose, every command and env var against what manage.py and the settings accept, the
-Prometheus, Grafana and Kubernetes files parse and refer to metrics and queues that exist."""
+"""Deployment files validated without a Docker engine or a cluster: the compose file against Compose, every
+command and env var against what manage.py and the settings accept, the Prometheus, Grafana and Kubernetes files
+parse and refer to metrics and queues that exist, the Dockerfiles build with either builder from a wheelhouse or
+the index. scripts/compose-check.sh builds and runs it all for real (too slow for this suite)."""
 
+import fnmatch
 import json
 import os
 import re
@@ -213,4 +215,227 @@ def test_images_keep_their_roles():
     assert "AS worker-cpu" in worker_image and "AS worker-gpu" in worker_image
     assert len(re.findall(r"^USER (?!root)", worker_image, re.M)) == 2
     # manage.py is a thin entry point over cli/: every image that runs it carries the package.
-    assert "COPY cli/ cli/" in api_image and worker_image.count("COPY cli/ cli/") == 2
+    assert "COPY cli/ /app/cli/" in api_image and "COPY cli/ /app/cli/" in worker_image
+
+
+# -- images: built from a wheelhouse or the index, on a base given as a build argument ----------------------
+DOCKERFILES = {name: (REPO_ROOT / name).read_text() for name in ("Dockerfile.api", "Dockerfile.worker")}
+ROLES = ("api", "worker-cpu", "worker-gpu")  # requirements/ROLE.txt, wheelhouse/ROLE/, scripts/wheelhouse.sh ROLE
+
+
+def stages(dockerfile: str) -> list[tuple[str, str, str]]:
+    """(base, name, body) of every stage, in order."""
+    parts = re.split(r"^FROM (\S+) AS (\S+)\n", dockerfile, flags=re.M)
+    return [(parts[i], parts[i + 1], parts[i + 2]) for i in range(1, len(parts), 3)]
+
+
+def arg_default(dockerfile: str, name: str) -> str:
+    return re.search(rf"^ARG {name}=(\S+)$", dockerfile, re.M).group(1)
+
+
+def test_images_take_their_base_as_a_build_argument_with_the_public_defaults():
+    api, worker = DOCKERFILES["Dockerfile.api"], DOCKERFILES["Dockerfile.worker"]
+    assert arg_default(api, "BASE_IMAGE") == arg_default(worker, "BASE_IMAGE") == "python:3.11-slim"
+    assert arg_default(worker, "CUDA_BASE").startswith("nvidia/cuda:") and "cudnn-runtime" in arg_default(
+        worker, "CUDA_BASE"
+    )
+    for name, text in DOCKERFILES.items():
+        seen = []
+        for base, stage, _body in stages(text):
+            assert base in ("${BASE_IMAGE}", "${CUDA_BASE}", "scratch") or base in seen, f"{name}: FROM {base}"
+            seen.append(stage)
+    # compose's build arguments default to the very same images (one default, stated twice, checked here)
+    services = COMPOSE["services"]
+    for service in ("api", "worker", "flower", "worker-cuda0", "worker-cuda1"):
+        args = services[service]["build"]["args"]
+        assert compose_default(args["BASE_IMAGE"]) == "python:3.11-slim", service
+    for service in ("worker-cuda0", "worker-cuda1"):
+        assert compose_default(services[service]["build"]["args"]["CUDA_BASE"]) == arg_default(worker, "CUDA_BASE")
+
+
+def test_every_build_stage_installs_its_role_from_its_wheelhouse_or_the_index():
+    installed = {}
+    for name, text in DOCKERFILES.items():
+        for _base, stage, body in stages(text):
+            match = re.search(r"^RUN .*install-requirements\.sh (\S+)", body, re.M)
+            if match:
+                role = match.group(1)
+                installed[stage] = role
+                assert f"COPY wheelhouse/{role}/ /tmp/wheels/" in body, f"{name} {stage}"
+                # only the role's own files: a change to another requirements file keeps the build cache
+                assert f"COPY requirements/base.txt requirements/{role}.txt /tmp/requirements/" in body, stage
+                assert (REPO_ROOT / "requirements" / f"{role}.txt").is_file()
+    assert installed == {"build": "api", "cpu-build": "worker-cpu", "gpu-build": "worker-gpu"}
+    for role in ROLES:  # a fresh clone has the (empty) directories the Dockerfiles copy
+        assert (REPO_ROOT / "wheelhouse" / role / ".gitkeep").is_file(), role
+    install = (REPO_ROOT / "deploy" / "docker" / "install-requirements.sh").read_text()
+    assert '--no-index --find-links /tmp/wheels -r "/tmp/requirements/$role.txt"' in install
+    wheelhouse = (REPO_ROOT / "scripts" / "wheelhouse.sh").read_text()
+    assert 'constraint="torch==$(torch_pin worker-cpu)+cpu"' in wheelhouse  # never PyPI's CUDA torch for the CPU
+    assert 'constraint="torch!=$(torch_pin worker-gpu)+cpu"' in wheelhouse
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (last matching pattern wins, a pattern that
+    matches a directory covers what is in it)."""
+    patterns = [
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in candidates):
+            ignored = not negated
+    return ignored
+
+
+def test_the_build_context_holds_what_the_images_copy_and_nothing_else():
+    for name, text in DOCKERFILES.items():
+        for match in re.finditer(r"^COPY (?!--from)(.+) (\S+)$", text, re.M):
+            for source in match.group(1).split():
+                assert (REPO_ROOT / source).exists(), f"{name}: COPY {source}: not in the repository"
+                probe = source.rstrip("/") + ("/x.py" if source.endswith("/") else "")
+                assert not dockerignored(probe), f"{name}: COPY {source}: .dockerignore leaves it out"
+    for path in ("wheelhouse/worker-cpu/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl", "manage.py"):
+        assert not dockerignored(path), path
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".env",
+        "model_store/artifacts/minilm/model.safetensors",  # built in the image, never the host's
+        "var/admin.key",
+        "tests/unit/test_deployment.py",
+        "api/__pycache__/app.cpython-311.pyc",
+        "wheelhouse/.worker-cpu.Ab12Cd/torch.whl",  # scripts/wheelhouse.sh's unfinished directory
+    ):
+        assert dockerignored(path), path
+
+
+def test_images_run_unprivileged_with_healthchecks_and_build_with_either_builder():
+    targets = {"Dockerfile.api": ["api"], "Dockerfile.worker": ["worker-cpu", "worker-gpu"]}
+    for name, text in DOCKERFILES.items():
+        # BuildKit-only syntax would break docker-compose 1.29's classic builder
+        instructions = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+        assert not re.search(r"RUN --mount|<<-?\s*['\"A-Z]|COPY --(link|chmod)", instructions), name
+        by_name = {stage: body for _base, stage, body in stages(text)}
+        for target in targets[name]:
+            body = by_name[target]
+            assert re.search(r"^USER (?!root|0)\S+", body, re.M), f"{name} {target}"
+            assert "HEALTHCHECK" in body and re.search(r"^CMD \[", body, re.M), f"{name} {target}"
+    names = [stage for _b, stage, _body in stages(DOCKERFILES["Dockerfile.worker"])]
+    bases = [base for base, _s, _body in stages(DOCKERFILES["Dockerfile.worker"])]
+    # the classic builder builds every stage before its target: the CPU worker must not need the CUDA base
+    assert names.index("worker-cpu") < bases.index("${CUDA_BASE}")
+    assert names[-1] == "worker-gpu"  # the default target
+    assert "COPY deploy/docker/worker_healthcheck.py" in DOCKERFILES["Dockerfile.worker"]
+    assert "deploy.docker.worker_healthcheck" in DOCKERFILES["Dockerfile.worker"]
+
+
+def test_the_worker_healthcheck_asks_for_this_containers_heartbeat(monkeypatch):
+    from deploy.docker import worker_healthcheck
+
+    monkeypatch.setattr(worker_healthcheck.socket, "gethostname", lambda: "c0ffee123456")
+    monkeypatch.setattr(worker_healthcheck, "make_redis", lambda *a, **k: None)
+    live = [{"name": "cpu.7@another"}]
+    monkeypatch.setattr(worker_healthcheck.ClusterState, "live_workers", lambda self: live)
+    assert worker_healthcheck.main() == 1
+    live.append({"name": "cpu.7@c0ffee123456"})
+    assert worker_healthcheck.main() == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "deploy.docker.worker_healthcheck"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "AETHERCORE_REDIS_URL": "redis://127.0.0.1:1/0"},
+    )
+    assert out.returncode == 1 and "unhealthy" in out.stdout
+
+
+def test_compose_reads_only_documented_variables_and_every_port_can_move():
+    # docs/DEPLOYMENT.md's table of compose variables (.env.example lists them too while cli/configuration.py's
+    # COMPOSE_VARIABLES, which regenerates it, names them all)
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", (REPO_ROOT / "docs" / "DEPLOYMENT.md").read_text(), re.M))
+    for name in ("docker-compose.yml", "docker-compose.tls.yml"):
+        text = (REPO_ROOT / name).read_text()
+        for variable in set(re.findall(r"\$\{([A-Z_]+)", text)):
+            assert variable in KNOWN_ENV or variable in documented, f"{name}: {variable} is documented nowhere"
+    for service_name, service in COMPOSE["services"].items():
+        for port in service.get("ports", []):  # on loopback unless .env says otherwise, on a port .env may move
+            address, published = r"(\$\{[A-Z_]+:-127\.0\.0\.1\}|127\.0\.0\.1)", r"\$\{[A-Z]+_PUBLISH_PORT:-\d+\}"
+            assert re.fullmatch(rf"{address}:{published}:\d+", port), f"{service_name}: {port}"
+        if not service.get("build"):  # the third-party images: replaceable by local stand-ins
+            assert re.fullmatch(r"\$\{[A-Z]+_IMAGE:-[^}]+\}", service["image"]), service_name
+    base_images = (REPO_ROOT / "scripts" / "base-images.sh").read_text()
+    check = (REPO_ROOT / "scripts" / "compose-check.sh").read_text()
+    for image in re.findall(r"(?:BASE|REDIS|PROMETHEUS)_IMAGE=(aethercore/[\w.:-]+)", check):
+        repository, tag = image.split(":")
+        assert f'"${{PREFIX}}{repository.split("/")[1]}:{tag.replace("bookworm", "$SUITE")}"' in base_images, image
+
+
+def test_the_gpu_workers_build_the_gpu_target_and_reserve_one_nvidia_gpu_each():
+    for name in ("worker-cuda0", "worker-cuda1"):
+        gpu = COMPOSE["services"][name]
+        assert gpu["build"]["target"] == "worker-gpu" and gpu["image"] == "aethercore/worker-gpu:latest"
+        (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "count" not in device  # device_ids and count exclude each other
+
+
+def test_scripts_parse_and_the_compose_check_stays_out_of_ci():
+    for path in sorted((REPO_ROOT / "scripts").glob("*.sh")):
+        out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, f"{path.name}: {out.stderr}"
+    assert "compose-check" not in (REPO_ROOT / ".ci" / "run").read_text()
+    assert "compose-check" not in (REPO_ROOT / "scripts" / "test.sh").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as_root runs apt-get through sudo, which resets PATH")
+def test_apt_waits_for_the_package_managers_lock(tmp_path):
+    """A concurrent apt-get (unattended upgrades on a fresh machine) holds the lock: scripts/lib.sh waits for it
+    instead of giving up (it made scripts/test.sh skip the browser and compose tests)."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "apt-get"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"echo x >> {calls}\n"
+        f'[ "$(wc -l < {calls})" -ge 3 ] && exit 0\n'
+        "echo 'E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 42 (apt-get)' >&2\n"
+        "exit 100\n"
+    )
+    fake.chmod(0o755)
+
+    def apt_get(*args: str) -> subprocess.CompletedProcess:
+        script = 'source scripts/lib.sh; sleep() { :; }; apt_get "$@"'
+        env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+        return subprocess.run(
+            ["bash", "-c", script, "apt_get", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    out = apt_get("install", "-y", "something")
+    assert out.returncode == 0, out.stderr
+    assert len(calls.read_text().splitlines()) == 3 and "waiting" in out.stderr
+    fake.write_text("#!/bin/sh\necho 'E: Unable to locate package nothing' >&2\nexit 100\n")
+    out = apt_get("install", "-y", "nothing")  # any other failure: at once, with apt-get's message
+    assert out.returncode == 100 and "Unable to locate package" in out.stderr
+
+
+def test_the_deployment_commands_in_the_docs_name_what_exists():
+    readme = (REPO_ROOT / "README.md").read_text().split("## Deployment: docker compose", 1)[1].split("\n## ", 1)[0]
+    guide = (REPO_ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme + guide, re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        for script in re.findall(r"\b(scripts/[\w.-]+)", block):
+            assert (REPO_ROOT / script).is_file(), script
+        for line in block.replace("\\\n", " ").splitlines():
+            command = line.split("#", 1)[0].split()
+            if "up" in command and "-d" in command:  # services named after the flags exist
+                named = [w for w in command[command.index("up") + 1 :] if not w.startswith("-") and "=" not in w]
+                assert set(named) <= set(COMPOSE["services"]), line
+            if "build" in command and command[0].startswith("docker"):
+                assert set(command[command.index("build") + 1 :]) <= set(COMPOSE["services"]), line

@@ -11,7 +11,7 @@ class RecordingCelery:
         self.messages = []
         self.delay = delay
 
-    def send_task(self, name, kwargs, queue, task_id, kwargsrepr):
+    def send_task(self, name, kwargs, queue, task_id, kwargsrepr, priority=0):
         time.sleep(self.delay)
         self.messages.append((queue, [j["job_id"] for j in kwargs["jobs"]], task_id))
 
@@ -50,3 +50,15 @@ def test_submissions_queue_behind_a_slow_publish_even_without_linger():
     publish_concurrently(dispatcher, 8)
     assert sorted(j for _q, jobs, _i in celery.messages for j in jobs) == sorted(f"j{i}" for i in range(8))
     assert len(celery.messages) < 8
+
+
+def test_each_lane_leaves_in_its_own_message_on_its_own_list(scratch_redis):
+    from api.dispatch import InferenceDispatcher
+    from tasks.names import lane_list
+
+    dispatcher = InferenceDispatcher(RecordingCelery(), broker_redis=scratch_redis)
+    for lane in ("low", "high", "normal"):
+        dispatcher.publish("m", "cpu", {"job_id": lane}, lane=lane)
+    for lane in ("high", "normal", "low"):
+        (message,) = scratch_redis.lrange(lane_list("cpu", lane), 0, -1)
+        assert f'"task":"aethercore.infer","id":"{lane}"' in message

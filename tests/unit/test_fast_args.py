@@ -34,6 +34,7 @@ field_values = {
     "result_ttl": st.one_of(st.sampled_from([0, 1, 60, 604800, 604801, True, 5.0, "60"]), json_values),
     "timeout": st.one_of(st.sampled_from([0, 0.0005, 0.001, 1, 2.5, 86400, 86400.5, False, "3"]), json_values),
     "encoding_format": st.one_of(st.sampled_from(["float", "base64", "b64", None, 1]), json_values),
+    "priority": st.one_of(st.sampled_from(["high", "normal", "low", "urgent", None, 0]), json_values),
     "stray": json_values,
 }
 bodies = st.one_of(
@@ -86,6 +87,7 @@ def test_the_common_shapes_take_the_fast_path():
         "inputs": {"text": "hi"},
         "parameters": {},
         "encoding_format": "float",
+        "priority": "normal",
     }
     assert load_serve({"model_id": "m", "inputs": {}, "timeout": 5, "result_ttl": 60, "parameters": {"a": 1}})
     assert load_batch({"model_id": "m", "inputs": [{"text": "a"}, {"text": "b"}]})

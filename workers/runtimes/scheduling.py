@@ -86,6 +86,9 @@ class Sequence:
     stream: bool = True  # send text as it is produced (else only the result)
     exclusive: bool = False  # run alone: a retry after a crash, to find out whether this request caused it
     deadline: float | None = None  # wall-clock time (time.time()) after which it is dropped
+    rank: int = 1  # its priority lane's rank, aged (0 high .. 2 low; workers/lanes.py): admitted higher first
+    aging_s: float = 0.0  # nothing is put ahead of a request that has waited this long (0: FIFO within ranks)
+    queued_at: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already sent
@@ -143,7 +146,18 @@ class RunningBatch:
                 f"kv_cache_memory of {self.kv_budget_bytes / 2**20:.1f} MiB"
             )
         self._prepare(sequence)
-        self.waiting.append(sequence)
+        self._enqueue(sequence)
+
+    def _enqueue(self, sequence: Sequence) -> None:
+        """Behind the waiting requests of its own and higher lanes, ahead of lower lanes' (FIFO within a lane), but
+        never ahead of one that has waited `aging_s` (so admission starves no lane for longer)."""
+        waiting = self.waiting
+        at = len(waiting)
+        now = time.monotonic()
+        aged = sequence.aging_s if sequence.aging_s > 0 else float("inf")
+        while at > 0 and waiting[at - 1].rank > sequence.rank and now - waiting[at - 1].queued_at < aged:
+            at -= 1
+        waiting.insert(at, sequence)
 
     def _prepare(self, sequence: Sequence) -> None:
         """A subclass's set-up of an accepted request (e.g. its seeded generator)."""

@@ -1,0 +1,559 @@
+"""What moves every batch forward: validation, submitting its lines, collecting their answers, cancel, the window's
+end, and the output and error files. One driver thread in every API process (started as the process starts,
+api/server.py, and again if it dies: api/per_process.py); all of a batch's state is in Redis (api/batches.py).
+
+Each pass (every TICK_S while batches are unfinished) the driver takes, for each unfinished batch, its lease (a
+Redis key with a LEASE_MS TTL, renewed each pass by its holder) and, holding it, runs the batch's next step:
+
+```
+validating   read the input file, check every line exactly as /v1 checks the same request (the same schemas and
+             translation, openai_compat.py BATCH_ENDPOINTS) -> failed (errors.data[] with line numbers) or
+             in_progress (total, model)
+in_progress  collect: every submitted line whose job ended gets its answer (output or error file, exactly once)
+             submit: lines up to AETHERCORE_BATCH_MAX_IN_FLIGHT taken and not answered, each submitted as an
+             ordinary inference job of the batch's owner (`submit_line`); a refusal for load (429 rate limit or
+             queue_full, 503 no_device / redis_full / broker down) answers nothing: the line waits and the batch
+             holds its submissions for the Retry-After
+             the window ends -> `stopping` = expire
+stopping     (cancelled, or its window ended) lines never submitted are answered batch_cancelled / batch_expired
+             without running; submitted ones are cancelled (a queued job never runs, a running one is asked to stop)
+             and whatever ends is collected as usual: what finished is kept
+all answered in_progress -> finalizing -> completed; cancelling -> cancelled; the window -> expired; the output
+             and error files are published, the batch leaves the active set
+```
+
+Why a thread in the API processes and not the workers' reaper or a Celery task: a line must run exactly what the
+same /v1 request runs (its translation and checks, the owner's role deciding autoload, the owner's rate limit
+counted as the job is created, backpressure, the dispatcher), and all of that lives in the API, which never
+imports a worker (and the workers never import the API). Any API process drives any batch: one that dies loses
+its leases within LEASE_MS and the others (or it, restarted) carry on from Redis. Every step is idempotent:
+answers are written once per line (api/batches.py `answer`), a line is submitted again only if its job was never
+recorded or has vanished, and the ends are compare-and-set transitions.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import marshmallow as ma
+import orjson
+import redis
+from flask import Flask, g
+from kombu.exceptions import OperationalError
+from loguru import logger
+
+from api.auth import Principal
+from api.batches import (
+    CANCELLED,
+    CANCELLING,
+    COMPLETED,
+    ENDED,
+    ERROR,
+    EXPIRED,
+    FAILED,
+    FINALIZING,
+    IN_PROGRESS,
+    NOT_SUBMITTED,
+    OUTPUT,
+    STOP_CANCEL,
+    STOP_EXPIRE,
+    VALIDATING,
+    Answer,
+    BatchStore,
+)
+from api.blueprints.openai_compat import BATCH_ENDPOINTS, Prepared, openai_error
+from api.errors import ApiError
+from api.files import FileStore
+from api.inference import ended_error, route
+from api.json_provider import JsonBodyError, loads_bounded
+from api.per_process import PerProcessThread
+from api.services import Services, services
+from config.models import ModelSpec
+from tasks.jobs import JobNotFound
+from tasks.results import compact
+from tasks.states import CANCELLED as JOB_CANCELLED
+from tasks.states import EXPIRED as JOB_EXPIRED
+from tasks.states import INFERENCE, SUCCEEDED, TERMINAL
+
+TICK_S = 0.2  # between passes while some batch is unfinished and the last pass found nothing to do
+BUSY_S = 0.02  # between passes while lines end and are submitted
+IDLE_S = 1.0  # between passes otherwise (a new batch or a cancel wakes the driver of its own process at once)
+LEASE_MS = 10_000  # a driver that died stops holding its batches after this
+MAX_ERRORS = 100  # validation errors reported per batch (then one saying how many more)
+VALIDATE_PAGE = 1000  # input lines read per round trip while validating
+STOP_PAGE = 1000  # lines answered per pass while a batch stops
+CANCEL_EVERY_S = 2.0  # how often a stopping batch asks its unfinished jobs to stop
+# Lines of a batch submitted at once by each API process: their round trips overlap, and lines that leave together
+# share Celery messages (api/dispatch.py).
+SUBMITTERS = 8
+MAX_CUSTOM_ID = 512
+LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
+
+# The line errors a batch's validation reports (errors.data[].code), besides /v1's own for a line's body
+# (validation_error, model_not_found, model_not_supported, too_many_inputs).
+INVALID_JSON_LINE = "invalid_json_line"
+INVALID_REQUEST = "invalid_request"
+DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
+MISMATCHED_URL = "mismatched_url"
+MISMATCHED_MODEL = "mismatched_model"
+REQUEST_TOO_LARGE = "request_too_large"
+EMPTY_FILE = "empty_file"
+TOO_MANY_REQUESTS = "too_many_requests"
+TOO_MANY_ERRORS = "too_many_errors"
+FILE_NOT_FOUND = "file_not_found"
+# A line that never ran (the `error` of its entry in the error file, OpenAI's codes).
+STOPPED = {
+    STOP_CANCEL: ("batch_cancelled", "This request was not executed: the batch was cancelled."),
+    STOP_EXPIRE: ("batch_expired", "This request could not be executed before the completion window expired."),
+}
+
+
+# The lane of every batch line (README "Priority lanes").
+BATCH_LANE = "low"
+
+
+def submit_line(svc: Services, spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
+    """Submit one batch line as an ordinary inference job of its owner, exactly as the same /v1 request would be:
+    routed to the model's device queue, counted in the owner's rate limit (with the job's creation), checked
+    against the queue's depth, published through the dispatcher — in the `low` priority lane, so a backlog of batch
+    work never delays interactive callers (and moves up only by aging, AETHERCORE_LANE_AGING_S)."""
+    return svc.submit(INFERENCE, spec, route(svc, spec), {**payload, "priority": BATCH_LANE})
+
+
+_SCHEMAS: dict[str, ma.Schema] = {}  # one instance per endpoint's request schema (loading keeps no state in it)
+
+
+def prepare(endpoint: str, body: Any) -> Prepared:
+    """A line's body checked and translated as its endpoint's /v1 view does (ValidationError or ApiError if not)."""
+    schema_class, translate = BATCH_ENDPOINTS[endpoint]
+    if isinstance(body, dict) and body.get("stream"):
+        raise ApiError(422, "validation_error", "stream is not supported in a batch", {"stream": ["not in a batch"]})
+    schema = _SCHEMAS.get(endpoint)
+    if schema is None:
+        schema = _SCHEMAS[endpoint] = schema_class()
+    return translate(schema.load(body))
+
+
+def _api_error(exc: Exception) -> ApiError:
+    """A line's refusal as the /v1 route would answer it."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ma.ValidationError):
+        details = exc.messages if isinstance(exc.messages, dict) else {"body": exc.messages}
+        return ApiError(422, "validation_error", "the request is invalid; see details for each field", details)
+    return ApiError(500, "internal_error", "internal error; the incident was logged")
+
+
+class BatchDriver:
+    def __init__(self, app: Flask, store: BatchStore, files: FileStore) -> None:
+        self.app = app
+        self.store = store
+        self.files = files
+        self.holder = ""
+        self._wake = threading.Event()
+        self._thread = PerProcessThread("batch-driver", self._run, self._reset)
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
+
+    def ensure(self) -> None:
+        """Start this process's driver thread (once per process; again if it died)."""
+        self._thread.ensure()
+
+    def wake(self) -> None:
+        """A batch was created or cancelled: the next pass now, not after IDLE_S."""
+        self._wake.set()
+
+    def _reset(self) -> None:
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+    def _submitters(self) -> ThreadPoolExecutor:
+        """This process's submitting threads (made after the fork, like the driver)."""
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), ThreadPoolExecutor(SUBMITTERS, thread_name_prefix="batch-submit"))
+        return self._pool[1]
+
+    def _run(self) -> None:
+        failing = False
+        while True:
+            pause = IDLE_S
+            try:
+                active, progressed = self.tick()
+                pause = BUSY_S if progressed else TICK_S if active else IDLE_S
+                failing = False
+            except redis.RedisError as exc:
+                if not failing:  # once per outage
+                    logger.warning("batch driver: Redis unavailable ({}); retrying", exc)
+                failing = True
+            except Exception:
+                logger.exception("batch driver pass failed")
+            self._wake.wait(pause)
+            self._wake.clear()
+
+    def tick(self) -> tuple[bool, bool]:
+        """One pass over the unfinished batches: whether there were any, and whether a step of this process did
+        something (lines answered or submitted, a status moved)."""
+        ids = self.store.active()
+        progressed = False
+        for batch_id in ids:
+            if self.store.lease(batch_id, self.holder, LEASE_MS):
+                try:
+                    progressed = self.step(batch_id) or progressed
+                except redis.RedisError:
+                    raise
+                except Exception:
+                    logger.bind(batch_id=batch_id).exception("batch {}: step failed; tried again next pass", batch_id)
+        return bool(ids), progressed
+
+    # -- one step of one batch ---------------------------------------------------------------------------------
+    def step(self, batch_id: str) -> bool:
+        """The batch's next step; whether it did something."""
+        batch = self.store.get(batch_id)
+        if batch is None or batch["status"] in ENDED:
+            self.store.forget(batch_id)
+            return False
+        with self._as_owner(batch):
+            if batch["status"] == VALIDATING:
+                self._validate(batch)
+                return True
+            window_ended = time.time() >= float(batch["expires_at"])
+            if batch["status"] == IN_PROGRESS and not batch.get("stopping") and window_ended:
+                self.store.transition(batch_id, (IN_PROGRESS,), IN_PROGRESS, stamp=False, stopping=STOP_EXPIRE)
+                logger.bind(batch_id=batch_id).info("batch {}: its completion window ended", batch_id)
+                batch = self.store.get(batch_id) or batch
+            done = self._collect(batch)
+            if batch.get("stopping"):
+                done += self._stop(batch)
+            elif batch["status"] == IN_PROGRESS:
+                done += self._submit(batch)
+            return self._finish(batch_id) or done > 0
+
+    @contextmanager
+    def _as_owner(self, batch: dict[str, Any]) -> Iterator[None]:
+        """The batch's work runs as a request of its owner would: their principal (role: autoload), their rate
+        limit's caller (their address when unauthenticated), /v1's error shape."""
+        environ = {"REMOTE_ADDR": batch.get("address") or "127.0.0.1"}
+        with self.app.test_request_context("/v1/batches", environ_base=environ):
+            g.principal = Principal(batch["owner"], batch["role"])
+            g.request_id = batch["id"]
+            yield
+
+    # -- validating ----------------------------------------------------------------------------------------------
+    def _validate(self, batch: dict[str, Any]) -> None:
+        settings = services().settings
+        errors: list[dict[str, Any]] = []
+        more = 0
+        total, first_model = 0, {}  # the first line's model (and its line): the batch's
+        meta = self.files.get(batch["input_file_id"])
+        if meta is None:
+            errors.append(_error(FILE_NOT_FOUND, "the input file no longer exists", "input_file_id"))
+        elif int(meta["lines"]) > settings.batch_max_lines:
+            errors.append(
+                _error(
+                    TOO_MANY_REQUESTS,
+                    f"the input file has {meta['lines']} lines; a batch takes at most {settings.batch_max_lines} "
+                    "(AETHERCORE_BATCH_MAX_LINES): split it",
+                    None,
+                )
+            )
+        else:
+            count = int(meta["lines"])
+            seen: dict[str, int] = {}
+            blank: list[int] = []  # blank lines so far: errors if a request follows them, else the file's end
+            for start in range(0, count, VALIDATE_PAGE):
+                indexes = list(range(start, min(count, start + VALIDATE_PAGE)))
+                for index, text in zip(indexes, self.files.lines(meta["id"], indexes)):
+                    line = index + 1
+                    if text is None or not text.strip():
+                        blank.append(line)
+                        continue
+                    for empty in blank:
+                        message = "this line is empty; every line is one request"
+                        more += _add(errors, _error(INVALID_JSON_LINE, message, None, empty))
+                    blank = []
+                    total = line
+                    for problem in self._check_line(text, line, batch["endpoint"], seen, first_model):
+                        more += _add(errors, problem)
+                self.store.lease(batch["id"], self.holder, LEASE_MS)  # a long file: keep the batch meanwhile
+            if total == 0:
+                errors.append(_error(EMPTY_FILE, "the input file holds no request", None))
+        if more:
+            errors.append(_error(TOO_MANY_ERRORS, f"{more} more errors not listed; fix the ones above first", None))
+        log = logger.bind(batch_id=batch["id"])
+        if errors:
+            outcome = self.store.end(batch, (VALIDATING,), FAILED, final=True, errors=orjson.dumps(errors).decode())
+            if outcome == "":
+                log.info("batch {}: the input file failed validation ({} errors)", batch["id"], len(errors))
+            return
+        model = first_model.get("model", "")
+        outcome = self.store.transition(batch["id"], (VALIDATING,), IN_PROGRESS, total=total, model=model, next_line=0)
+        if outcome == "":
+            log.info("batch {}: {} requests for {}, in progress", batch["id"], total, model)
+
+    def _check_line(
+        self, text: bytes, line: int, endpoint: str, seen: dict[str, int], first_model: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """A line's problems, as errors.data[] entries (none: it runs as the same /v1 request would)."""
+        settings = services().settings
+        size = len(text)
+        if size > settings.max_request_bytes:
+            limit = settings.max_request_bytes
+            message = f"this request is {size} bytes; at most {limit} (AETHERCORE_MAX_REQUEST_BYTES)"
+            return [_error(REQUEST_TOO_LARGE, message, None, line)]
+        try:
+            request = loads_bounded(text, settings.max_json_depth)
+        except JsonBodyError as exc:
+            return [_error(INVALID_JSON_LINE, f"this line is {exc}", None, line)]
+        if not isinstance(request, dict):
+            return [_error(INVALID_JSON_LINE, "this line is not a JSON object", None, line)]
+        problems = []
+        unknown = sorted(set(request) - LINE_KEYS)
+        if unknown:
+            message = f"unknown field(s) {unknown}; a line holds custom_id, method, url and body"
+            problems.append(_error(INVALID_REQUEST, message, unknown[0], line))
+        custom_id = request.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID:
+            message = f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters"
+            problems.append(_error(INVALID_REQUEST, message, "custom_id", line))
+        elif custom_id in seen:
+            message = f"custom_id {custom_id!r} is also on line {seen[custom_id]}; each request needs its own"
+            problems.append(_error(DUPLICATE_CUSTOM_ID, message, "custom_id", line))
+        else:
+            seen[custom_id] = line
+        if request.get("method") != "POST":
+            problems.append(_error(INVALID_REQUEST, "method must be POST", "method", line))
+        url = request.get("url")
+        if url != endpoint:
+            message = f"url {url!r} is not the batch's endpoint {endpoint}: every line of a batch calls its endpoint"
+            problems.append(_error(MISMATCHED_URL, message, "url", line))
+        body = request.get("body")
+        if not isinstance(body, dict):
+            problems.append(_error(INVALID_REQUEST, "body must be a JSON object: the endpoint's request", "body", line))
+            return problems
+        model = body.get("model")
+        if isinstance(model, str):
+            first, first_line = first_model.setdefault("model", model), first_model.setdefault("line", line)
+            if model != first:
+                message = f"model {model!r} differs from {first!r} (line {first_line}): a batch runs one model"
+                problems.append(_error(MISMATCHED_MODEL, message, "model", line))
+        if url == endpoint:
+            try:
+                prepare(endpoint, body)
+            except (ApiError, ma.ValidationError) as exc:
+                refusal = _api_error(exc)
+                error = openai_error(refusal.status, refusal.code, refusal.message, refusal.details)["error"]
+                problems.append(_error(error["code"], error["message"], error["param"], line))
+        return problems
+
+    # -- running -----------------------------------------------------------------------------------------------
+    def _submit(self, batch: dict[str, Any]) -> int:
+        """Submit the lines taken and not submitted, and more while there is room; how many lines were handled."""
+        now = time.time()
+        if float(batch.get("hold_until") or 0) > now:
+            return 0
+        svc = services()
+        waiting = sorted(line for line, job in self.store.taken(batch["id"]).items() if job == NOT_SUBMITTED)
+        waiting += self.store.claim(batch, svc.settings.batch_max_in_flight, "room")
+        if not waiting:
+            return 0
+        answers: list[Answer] = []
+        work: list[tuple[int, Any, Prepared]] = []
+        for line, text in zip(waiting, self.files.lines(batch["input_file_id"], waiting)):
+            request = orjson.loads(text) if text else {}
+            try:
+                work.append((line, request.get("custom_id"), prepare(batch["endpoint"], request.get("body"))))
+            except (ApiError, ma.ValidationError) as exc:  # valid when validated: models.yaml changed since
+                answers.append(self._refused(batch, line, request.get("custom_id"), None, _api_error(exc)))
+        # not started by the window's end: it expires (and the line with it), never runs for no one
+        timeout = max(1.0, float(batch["expires_at"]) - now)
+        outcomes = list(self._submitters().map(lambda item: self._submit_one(batch, item[0], item[2], timeout), work))
+        submitted: list[tuple[int, str]] = []
+        held: Exception | None = None
+        for (line, custom_id, _prepared), outcome in zip(work, outcomes):
+            if isinstance(outcome, dict):
+                submitted.append((line, outcome["job_id"]))
+            elif isinstance(outcome, ApiError) and outcome.status not in (429, 503):
+                answers.append(self._refused(batch, line, custom_id, None, outcome))  # what /v1 would answer
+            else:  # load (rate limit, a full queue, no device, the broker away), not an answer: the line waits
+                held = held or outcome
+        if held is not None:
+            retry = float(held.headers.get("Retry-After") or 1) if isinstance(held, ApiError) else 2.0
+            self.store.hold(batch["id"], now + retry)
+            logger.bind(batch_id=batch["id"]).info("batch {}: submissions held {:g} s ({})", batch["id"], retry, held)
+        for (line, job_id), noted in zip(submitted, self.store.record_many(batch["id"], submitted)):
+            if not noted:  # answered meanwhile (a cancel)
+                self._cancel_job(job_id, f"its batch line {line} was answered meanwhile")
+        return len(submitted) + self.store.answer(batch, answers)
+
+    def _submit_one(self, batch: dict[str, Any], line: int, prepared: Prepared, timeout: float) -> Any:
+        """One line submitted as its owner (a submitting thread): its job, or the exception that refused it."""
+        try:
+            with self._as_owner(batch):
+                g.request_id = f"{batch['id']}.{line}"
+                return submit_line(services(), prepared.spec, {**prepared.payload, "timeout": timeout})
+        except (ApiError, OperationalError, TimeoutError) as exc:
+            return exc
+        except Exception as exc:  # e.g. Redis away: the line waits, and the batch with it
+            logger.bind(batch_id=batch["id"]).warning("batch {}: line {} not submitted: {!r}", batch["id"], line, exc)
+            return exc
+
+    def _collect(self, batch: dict[str, Any]) -> int:
+        """Answer every submitted line whose job ended; how many were answered."""
+        submitted = {line: job for line, job in self.store.taken(batch["id"]).items() if job != NOT_SUBMITTED}
+        if not submitted:
+            return 0
+        lines = sorted(submitted)
+        jobs = services().jobs.get_many([submitted[line] for line in lines])
+        vanished = [line for line, job in zip(lines, jobs) if job is None]
+        ended = [(line, job) for line, job in zip(lines, jobs) if job is not None and job["status"] in TERMINAL]
+        if vanished and not batch.get("stopping"):
+            # its record expired before it was read (no API process ran for longer than its retention): run it again
+            self.store.put_back(batch["id"], vanished)
+        elif vanished:
+            ended += [(line, None) for line in vanished]
+        if not ended:
+            return 0
+        texts = self.files.lines(batch["input_file_id"], [line for line, _job in ended])
+        answers = [self._answer(batch, line, text, job) for (line, job), text in zip(ended, texts)]
+        return self.store.answer(batch, answers)
+
+    def _answer(self, batch: dict[str, Any], line: int, text: bytes | None, job: dict[str, Any] | None) -> Answer:
+        request = orjson.loads(text) if text else {}
+        custom_id = request.get("custom_id")
+        if job is None:
+            return self._stopped(batch, line, custom_id)
+        if job["status"] == SUCCEEDED:
+            try:
+                body = prepare(batch["endpoint"], request.get("body")).respond(job)
+            except (ApiError, ma.ValidationError) as exc:  # a failed row of the request, or models.yaml changed
+                return self._refused(batch, line, custom_id, job["job_id"], _api_error(exc))
+            entry = {
+                "id": f"batch_req_{job['job_id']}",
+                "custom_id": custom_id,
+                "response": {"status_code": 200, "request_id": job["job_id"], "body": body},
+                "error": None,
+            }
+            usage = body.get("usage") or {}
+            return _entry(line, OUTPUT, entry, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        stopping = batch.get("stopping")
+        if stopping and job["status"] in (JOB_CANCELLED, JOB_EXPIRED):
+            return self._stopped(batch, line, custom_id, job["job_id"])
+        if job["status"] == JOB_EXPIRED and time.time() >= float(batch["expires_at"]):
+            return self._stopped(batch, line, custom_id, job["job_id"], STOP_EXPIRE)
+        return self._refused(batch, line, custom_id, job["job_id"], ended_error(job))
+
+    def _refused(self, batch: dict[str, Any], line: int, custom_id: Any, job_id: str | None, exc: ApiError) -> Answer:
+        """A line answered as its /v1 request would be refused: the status and OpenAI's error body."""
+        ident = job_id or _line_id(batch, line)
+        body = openai_error(exc.status, exc.code, exc.message, exc.details)
+        entry = {
+            "id": f"batch_req_{ident}",
+            "custom_id": custom_id,
+            "response": {"status_code": exc.status, "request_id": ident, "body": body},
+            "error": None,
+        }
+        return _entry(line, ERROR, entry)
+
+    def _stopped(
+        self, batch: dict[str, Any], line: int, custom_id: Any, job_id: str | None = None, why: str | None = None
+    ) -> Answer:
+        """A line that did not run because its batch stopped (OpenAI's non-HTTP `error`)."""
+        code, message = STOPPED[why or batch.get("stopping") or STOP_CANCEL]
+        entry = {
+            "id": f"batch_req_{job_id or _line_id(batch, line)}",
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+        return _entry(line, ERROR, entry)
+
+    # -- stopping and ending -------------------------------------------------------------------------------------
+    def _stop(self, batch: dict[str, Any]) -> int:
+        """Answer the lines that never ran; ask the submitted ones to stop (what already ended is kept). How many
+        lines were answered."""
+        self.store.claim(batch, STOP_PAGE, "all")
+        taken = self.store.taken(batch["id"])
+        waiting = sorted(line for line, job in taken.items() if job == NOT_SUBMITTED)[:STOP_PAGE]
+        texts = self.files.lines(batch["input_file_id"], waiting)
+        answers = []
+        for line, text in zip(waiting, texts):
+            custom_id = orjson.loads(text).get("custom_id") if text else None
+            answers.append(self._stopped(batch, line, custom_id))
+        answered = self.store.answer(batch, answers)
+        running = [job for job in taken.values() if job != NOT_SUBMITTED]
+        if running and time.time() - float(batch.get("stop_sent_at") or 0) >= CANCEL_EVERY_S:
+            why = "its batch was cancelled" if batch["stopping"] == STOP_CANCEL else "its batch's window ended"
+            for job_id in running:
+                self._cancel_job(job_id, why)
+            status = batch["status"]
+            self.store.transition(batch["id"], (status,), status, stamp=False, stop_sent_at=time.time())
+        return answered
+
+    def _cancel_job(self, job_id: str, why: str) -> None:
+        try:
+            services().jobs.request_cancel(job_id, why)
+        except JobNotFound:
+            pass
+
+    def _finish(self, batch_id: str) -> bool:
+        """End a batch whose every line is answered: its files published, its final status. Whether it ended."""
+        batch = self.store.get(batch_id)
+        if batch is None or not _all_answered(batch) or self.store.taken(batch_id):
+            return False
+        status = batch["status"]
+        if status == IN_PROGRESS and not batch.get("stopping"):
+            if self.store.end(batch, (IN_PROGRESS,), FINALIZING, final=False) != "":
+                return False
+            status = FINALIZING
+        target = {FINALIZING: COMPLETED, CANCELLING: CANCELLED, IN_PROGRESS: EXPIRED}.get(status)
+        if target is None:
+            return False
+        fields = {}
+        for name, count, size, file_id in (
+            ("output", "completed", "output_bytes", batch["output_file"]),
+            ("error", "failed", "error_bytes", batch["error_file"]),
+        ):
+            if int(batch.get(count) or 0) > 0:
+                filename = f"{batch_id}_{name}.jsonl"
+                self.files.publish(file_id, batch["owner"], filename, int(batch.get(size) or 0), int(batch["total"]))
+                fields[f"{name}_file_id"] = file_id
+        if self.store.end(batch, (status,), target, final=True, **fields) != "":
+            return False
+        logger.bind(batch_id=batch_id).info(
+            "batch {}: {} ({} completed, {} failed)", batch_id, target, batch.get("completed"), batch.get("failed")
+        )
+        return True
+
+
+def _all_answered(batch: dict[str, Any]) -> bool:
+    answered = int(batch.get("completed") or 0) + int(batch.get("failed") or 0)
+    return answered >= int(batch.get("total") or 0)
+
+
+def _line_id(batch: dict[str, Any], line: int) -> str:
+    return f"{batch['id'].removeprefix('batch_')}-{line}"
+
+
+def _entry(line: int, file: str, entry: dict[str, Any], input_tokens: int = 0, output_tokens: int = 0) -> Answer:
+    """A line's entry as stored (float arrays as their bytes, api/files.py) and its size as read."""
+    size = len(orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY)) + 1
+    stored = orjson.dumps(compact(entry)).decode() + "\n"
+    return Answer(line, file, stored, size, int(input_tokens or 0), int(output_tokens or 0))
+
+
+def _error(code: str, message: str, param: str | None, line: int | None = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "param": param, "line": line}
+
+
+def _add(errors: list[dict[str, Any]], problem: dict[str, Any]) -> int:
+    """Add a validation error unless MAX_ERRORS are listed; 1 if it was left out."""
+    if len(errors) < MAX_ERRORS:
+        errors.append(problem)
+        return 0
+    return 1

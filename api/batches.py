@@ -1,0 +1,391 @@
+"""The OpenAI Batch API's state, all of it in Redis: a batch's record, its lines in flight, its answers.
+
+```
+batch_key(id)        hash: the Batch object's fields, counts, `next_line` (the first line not taken yet), the
+                     owner (id, role, address) its lines run as, `stopping` (cancel | expire), `hold_until`
+batch_jobs_key(id)   hash: line -> job id, or `-` (taken, not submitted yet): the lines taken and not answered
+file_lines_key(out)  the output file's lines: line -> its answer (a success)       } ids reserved at creation,
+file_lines_key(err)  the error file's lines: line -> its answer (an error)         } published when it ends
+BATCHES_ACTIVE       set: the batches that have not ended (what every API process's driver advances)
+```
+
+Every step that changes a batch is one Lua script here, so any number of drivers (api/batch_driver.py), in any
+number of API processes, that die at any moment, leave a consistent batch behind:
+
+* `answer` writes a line's answer into the output or the error file **only if the line has none yet** (in either
+  file), counts it and forgets the line's job: each line is answered exactly once, however often its job ran;
+* `claim` takes the next lines (the cursor moves in the same step), `record` notes a line's job only if the line is
+  still waiting for one (an answer or a cancel may have come first);
+* `transition` moves the status only from the states it names (cancel and the driver's ending never both win),
+  and `end` only once every line is answered.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+
+from api.files import INDEX_SLACK_S, cursor_page
+from tasks.names import (
+    BATCHES_ACTIVE,
+    BATCHES_ALL,
+    batch_jobs_key,
+    batch_key,
+    batch_lease_key,
+    batches_active_key,
+    batches_index_key,
+    file_key,
+    file_lines_key,
+)
+
+# -- the Batch object's statuses (OpenAI's), defined once ---------------------------------------------------------
+VALIDATING = "validating"
+IN_PROGRESS = "in_progress"
+FINALIZING = "finalizing"
+COMPLETED = "completed"
+FAILED = "failed"
+EXPIRED = "expired"
+CANCELLING = "cancelling"
+CANCELLED = "cancelled"
+ENDED = (COMPLETED, FAILED, EXPIRED, CANCELLED)
+STATUSES = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING, *ENDED)
+# the timestamp each status is entered with
+STATUS_TIME = {
+    IN_PROGRESS: "in_progress_at",
+    FINALIZING: "finalizing_at",
+    COMPLETED: "completed_at",
+    FAILED: "failed_at",
+    EXPIRED: "expired_at",
+    CANCELLING: "cancelling_at",
+    CANCELLED: "cancelled_at",
+}
+# why a batch stops early: the caller cancelled it, or its completion window ended
+STOP_CANCEL = "cancel"
+STOP_EXPIRE = "expire"
+
+BATCH_ID_RE = re.compile(r"^batch_[0-9a-f]{32}$")
+COMPLETION_WINDOWS = {"24h": 86400}
+NOT_SUBMITTED = "-"
+OUTPUT, ERROR = "out", "err"
+
+# KEYS: batch, input file fields, input file lines, active, owner's active, owner's index, every batch's index.
+# ARGV: batch id, its index score (creation time), most active per owner, batch ttl, the input's least ttl, index
+# trim before, index ttl, then the batch's field/value pairs. Returns 1, or -1 (no such file), -2 (too many
+# unfinished batches).
+_CREATE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[3]) then return -2 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('HINCRBY', KEYS[2], 'in_use', 1)
+for i = 2, 3 do
+  local ttl = redis.call('TTL', KEYS[i])
+  if ttl >= 0 and ttl < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+end
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[1])
+redis.call('EXPIRE', KEYS[5], ARGV[4])
+for i = 6, 7 do
+  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[6])
+  redis.call('EXPIRE', KEYS[i], ARGV[7])
+end
+return 1
+"""
+
+# A status change, only from the statuses named. KEYS: batch. ARGV: from (space-separated), to, the time field
+# ('' for none), now, then field/value pairs. Returns '' done, or the status it found.
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. status .. ' ', 1, true) then return status end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+return ''
+"""
+
+# The end of a batch whose every line is answered: the status (only from those named), then it leaves the active
+# sets and its input file is released. KEYS: batch, jobs, active, owner's active, input file fields.
+# ARGV: from, to, time field, now, ttl, batch id, 1 = it ends here (0: only the status), then field/value pairs.
+# Returns '' done, 'busy' lines are still unanswered, or the status it found.
+_END = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. status .. ' ', 1, true) then return status end
+local answered = tonumber(redis.call('HGET', KEYS[1], 'completed') or '0')
+  + tonumber(redis.call('HGET', KEYS[1], 'failed') or '0')
+if redis.call('HLEN', KEYS[2]) > 0 or answered < tonumber(redis.call('HGET', KEYS[1], 'total') or '0') then
+  return 'busy'
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
+if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+if ARGV[7] == '1' then
+  redis.call('SREM', KEYS[3], ARGV[6])
+  redis.call('SREM', KEYS[4], ARGV[6])
+  redis.call('DEL', KEYS[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  if tonumber(redis.call('HGET', KEYS[5], 'in_use') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'in_use', -1) end
+end
+return ''
+"""
+
+# Take the next lines. KEYS: batch, jobs. ARGV: limit, mode ('room': while fewer than `limit` lines are taken and
+# the batch runs normally; 'all': up to `limit` more, the batch stopping), ttl. Returns {first line, count}.
+_CLAIM = """
+local stopping = redis.call('HGET', KEYS[1], 'stopping')
+local count
+if ARGV[2] == 'room' then
+  if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' or stopping then return {0, 0} end
+  count = tonumber(ARGV[1]) - redis.call('HLEN', KEYS[2])
+else
+  if not stopping then return {0, 0} end
+  count = tonumber(ARGV[1])
+end
+local first = tonumber(redis.call('HGET', KEYS[1], 'next_line') or '0')
+count = math.min(count, tonumber(redis.call('HGET', KEYS[1], 'total') or '0') - first)
+if count <= 0 then return {first, 0} end
+for line = first, first + count - 1 do redis.call('HSET', KEYS[2], line, '-') end
+redis.call('HSET', KEYS[1], 'next_line', first + count)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return {first, count}
+"""
+
+# A taken line's job, noted only if the line still waits for one. KEYS: jobs. ARGV: line, job id.
+_RECORD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= '-' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# A line's answer, exactly once. KEYS: batch, jobs, output lines, error lines. ARGV: line, 'out' | 'err', the
+# line's text, its size as read, input tokens, output tokens, ttl. Returns 1 answered now, 0 it had an answer.
+_ANSWER = """
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 0
+end
+local target, count, size = KEYS[4], 'failed', 'error_bytes'
+if ARGV[2] == 'out' then target, count, size = KEYS[3], 'completed', 'output_bytes' end
+redis.call('HSET', target, ARGV[1], ARGV[3])
+redis.call('EXPIRE', target, ARGV[7])
+redis.call('HINCRBY', KEYS[1], count, 1)
+redis.call('HINCRBY', KEYS[1], size, ARGV[4])
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[5]) end
+if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[6]) end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
+# The lease of the process driving a batch: taken if free, renewed by its holder. KEYS: lease. ARGV: holder, ms.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1 end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A line's entry in the output file (`OUTPUT`) or the error file (`ERROR`): `stored` is what Redis keeps,
+    `size` its length as read (api/files.py `rendered`)."""
+
+    line: int
+    file: str
+    stored: str
+    size: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex}"
+
+
+def _flat(fields: dict[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, retention_s: int) -> None:
+        self.redis = client
+        self.retention_s = retention_s
+        self._create = client.register_script(_CREATE)
+        self._transition = client.register_script(_TRANSITION)
+        self._end = client.register_script(_END)
+        self._claim = client.register_script(_CLAIM)
+        self._record = client.register_script(_RECORD)
+        self._answer = client.register_script(_ANSWER)
+        self._lease = client.register_script(_LEASE)
+
+    def ttl(self, batch: dict[str, Any]) -> int:
+        """How long a batch's keys live while it runs: to the end of its window, then its retention."""
+        return max(60, int(batch["expires_at"]) - int(time.time())) + self.retention_s
+
+    # -- creation and the status ------------------------------------------------------------------------
+    def create(self, fields: dict[str, Any], input_file: str, max_active: int) -> int:
+        owner, batch_id = fields["owner"], fields["id"]
+        window_left = int(fields["expires_at"]) - int(fields["created_at"])
+        ttl = window_left + self.retention_s
+        keys = [
+            batch_key(batch_id),
+            file_key(input_file),
+            file_lines_key(input_file),
+            BATCHES_ACTIVE,
+            batches_active_key(owner),
+            batches_index_key(owner),
+            BATCHES_ALL,
+        ]
+        trim = time.time() - self.retention_s - INDEX_SLACK_S
+        # indexed by the exact time, so batches created in the same second list in their order
+        args = [batch_id, repr(time.time()), max_active, ttl, window_left + 3600, trim, ttl + INDEX_SLACK_S]
+        return int(self._create(keys=keys, args=[*args, *_flat(fields)]))
+
+    def get(self, batch_id: str) -> dict[str, Any] | None:
+        if not BATCH_ID_RE.match(batch_id):
+            return None
+        fields = self.redis.hgetall(batch_key(batch_id))
+        return fields if fields and "id" in fields else None
+
+    def transition(self, batch_id: str, from_: tuple[str, ...], to: str, stamp: bool = True, **fields: Any) -> str:
+        """'' when the batch moved from one of `from_` to `to` (its time field stamped, unless `stamp` is false),
+        else the status it had."""
+        args = [" ".join(from_), to, STATUS_TIME.get(to, "") if stamp else "", int(time.time()), *_flat(fields)]
+        return self._transition(keys=[batch_key(batch_id)], args=args)
+
+    def end(self, batch: dict[str, Any], from_: tuple[str, ...], to: str, final: bool, **fields: Any) -> str:
+        """Move a batch whose every line is answered to `to` (and, `final`, out of the active sets): '' done, else
+        'busy' or the status found."""
+        batch_id = batch["id"]
+        keys = [
+            batch_key(batch_id),
+            batch_jobs_key(batch_id),
+            BATCHES_ACTIVE,
+            batches_active_key(batch["owner"]),
+            file_key(batch["input_file_id"]),
+        ]
+        args = [" ".join(from_), to, STATUS_TIME[to], int(time.time()), self.retention_s, batch_id, int(final)]
+        outcome = self._end(keys=keys, args=[*args, *_flat(fields)])
+        if outcome == "" and final and batch.get("webhook"):  # it ended now: its webhook is due (api/webhooks.py)
+            from api.webhooks import batch_ended  # noqa: PLC0415 (api.webhooks needs the app's services)
+
+            batch_ended(batch_id, batch["webhook"], batch_object(self.get(batch_id) or batch))
+        return outcome
+
+    # -- lines ----------------------------------------------------------------------------------------------
+    def claim(self, batch: dict[str, Any], limit: int, mode: str) -> list[int]:
+        first, count = self._claim(
+            keys=[batch_key(batch["id"]), batch_jobs_key(batch["id"])], args=[limit, mode, self.ttl(batch)]
+        )
+        return list(range(int(first), int(first) + int(count)))
+
+    def taken(self, batch_id: str) -> dict[int, str]:
+        """The lines taken and not answered: line -> job id, or NOT_SUBMITTED."""
+        return {int(line): job for line, job in self.redis.hgetall(batch_jobs_key(batch_id)).items()}
+
+    def record(self, batch_id: str, line: int, job_id: str) -> bool:
+        return self.record_many(batch_id, [(line, job_id)])[0]
+
+    def record_many(self, batch_id: str, jobs: list[tuple[int, str]]) -> list[bool]:
+        """Note each (line, job id), in one round trip: whether it was noted (False: the line was answered first)."""
+        if not jobs:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for line, job_id in jobs:
+            self._record(keys=[batch_jobs_key(batch_id)], args=[line, job_id], client=pipe)
+        return [bool(noted) for noted in pipe.execute()]
+
+    def put_back(self, batch_id: str, lines: list[int]) -> None:
+        """Lines whose job vanished (its record expired before it was read): submitted again."""
+        if lines:
+            self.redis.hset(batch_jobs_key(batch_id), mapping={str(line): NOT_SUBMITTED for line in lines})
+
+    def answer(self, batch: dict[str, Any], answers: list[Answer]) -> int:
+        """Write each line's answer once (one round trip); how many were answered now."""
+        if not answers:
+            return 0
+        keys = [
+            batch_key(batch["id"]),
+            batch_jobs_key(batch["id"]),
+            file_lines_key(batch["output_file"]),
+            file_lines_key(batch["error_file"]),
+        ]
+        ttl = self.ttl(batch)
+        pipe = self.redis.pipeline(transaction=False)
+        for a in answers:
+            args = [a.line, a.file, a.stored, a.size, a.input_tokens, a.output_tokens, ttl]
+            self._answer(keys=keys, args=args, client=pipe)
+        return sum(int(done) for done in pipe.execute())
+
+    # -- who drives it ---------------------------------------------------------------------------------------
+    def active(self) -> list[str]:
+        return list(self.redis.smembers(BATCHES_ACTIVE))
+
+    def forget(self, batch_id: str) -> None:
+        """A batch in the active set whose record is gone (it expired, or Redis lost it)."""
+        self.redis.srem(BATCHES_ACTIVE, batch_id)
+
+    def lease(self, batch_id: str, holder: str, ms: int) -> bool:
+        return bool(self._lease(keys=[batch_lease_key(batch_id)], args=[holder, ms]))
+
+    def hold(self, batch_id: str, until: float) -> None:
+        """Submit no line of the batch before `until` (the owner's rate limit or a full queue said so)."""
+        self.redis.hset(batch_key(batch_id), "hold_until", repr(until))
+
+    # -- listing -------------------------------------------------------------------------------------------
+    def listing(self, owner: str | None, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        index = batches_index_key(owner) if owner is not None else BATCHES_ALL
+        return cursor_page(self.redis, index, batch_key, after, limit, True, lambda _fields: True)
+
+
+def _int(fields: dict[str, Any], name: str) -> int | None:
+    value = fields.get(name)
+    return int(float(value)) if value not in (None, "") else None
+
+
+def batch_object(fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI Batch object."""
+    errors = orjson.loads(fields["errors"]) if fields.get("errors") else None
+    input_tokens, output_tokens = _int(fields, "input_tokens") or 0, _int(fields, "output_tokens") or 0
+    return {
+        "id": fields["id"],
+        "object": "batch",
+        "endpoint": fields["endpoint"],
+        "model": fields.get("model") or None,
+        "errors": {"object": "list", "data": errors} if errors else None,
+        "input_file_id": fields["input_file_id"],
+        "completion_window": fields["completion_window"],
+        "status": fields["status"],
+        "output_file_id": fields.get("output_file_id") or None,
+        "error_file_id": fields.get("error_file_id") or None,
+        "created_at": _int(fields, "created_at"),
+        "in_progress_at": _int(fields, "in_progress_at"),
+        "expires_at": _int(fields, "expires_at"),
+        "finalizing_at": _int(fields, "finalizing_at"),
+        "completed_at": _int(fields, "completed_at"),
+        "failed_at": _int(fields, "failed_at"),
+        "expired_at": _int(fields, "expired_at"),
+        "cancelling_at": _int(fields, "cancelling_at"),
+        "cancelled_at": _int(fields, "cancelled_at"),
+        "request_counts": {
+            "total": _int(fields, "total") or 0,
+            "completed": _int(fields, "completed") or 0,
+            "failed": _int(fields, "failed") or 0,
+        },
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        },
+        "metadata": orjson.loads(fields["metadata"]) if fields.get("metadata") else None,
+    }

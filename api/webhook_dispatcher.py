@@ -1,0 +1,303 @@
+"""The webhook dispatcher: the process that sends completion webhooks (`manage.py dispatcher`; `manage.py up` and
+compose's `webhooks` service start one). Not on any request path and not in the workers: a job's end only records,
+in the same Lua step, that a delivery is due (tasks/jobs.py); everything slow (DNS, TLS, a receiver that hangs, the
+retries of 24 h) happens here.
+
+Why a process of its own and not a Celery task on a queue: the deliveries already live in Redis as a schedule (a
+sorted set by due time, tasks/webhooks.py), which is what a retry with backoff needs and what a broker lacks
+(Celery's countdown keeps a message in a worker's memory: a restart loses its place, and hours of retries would
+sit in the workers). The dispatcher claims due deliveries in one Lua step with a lease, sends them from a thread
+pool (AETHERCORE_WEBHOOK_CONCURRENCY), and writes each outcome. Any number of dispatchers may run (each claims its
+own); one that dies mid-attempt loses its lease and the delivery is due again at once (at-least-once: a receiver
+dedupes on `webhook-id`, stable across every attempt).
+
+Its counts (sent, retried, failed, latency) go to Redis with its heartbeat (METRICS_WEBHOOKS), so the API's /metrics
+shows every dispatcher's; the queue's depth is read at scrape time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import redis
+from loguru import logger
+
+from api.blueprints.common import public_job
+from config.logging import setup_logging
+from config.settings import Settings
+from tasks.deadletters import WEBHOOK_FAILED, DeadLetters
+from tasks.jobs import JobStore
+from tasks.names import METRICS_WEBHOOKS, WEBHOOK_DISPATCHERS
+from tasks.outbound import DeliveryFailed, ForbiddenDestination, OutboundPolicy
+from tasks.redis_client import make_redis
+from tasks.webhooks import (
+    ENDPOINT_DISABLED,
+    ENDPOINT_GONE,
+    FORBIDDEN_ADDRESS,
+    LATENCY_BUCKETS,
+    RECORD_EXPIRED,
+    RETRIES_EXHAUSTED,
+    Deliveries,
+    WebhookOwners,
+    envelope,
+    retry_delay,
+    signature_header,
+)
+
+POLL_S = 0.2  # how often an idle dispatcher looks for due deliveries
+HEARTBEAT_S = 2.0  # its heartbeat (and metrics flush)
+USER_AGENT = "AetherCore-Webhooks/1"
+
+
+class DeliveryMetrics:
+    """Counted in memory, added to Redis with each heartbeat (like a worker's job metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter = Counter()
+        self._sum = 0.0
+
+    def count(self, name: str, times: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += times
+
+    def observe(self, seconds: float) -> None:
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        bucket = f"{LATENCY_BUCKETS[index]}" if index < len(LATENCY_BUCKETS) else "+Inf"
+        with self._lock:
+            self._counts[f"latency|{bucket}"] += 1
+            self._counts["latency|count"] += 1
+            self._sum += seconds
+
+    def flush(self, client: redis.Redis) -> None:
+        with self._lock:
+            counts, total, self._counts, self._sum = self._counts, self._sum, Counter(), 0.0
+        if not counts:
+            return
+        try:
+            pipe = client.pipeline(transaction=False)
+            for name, times in counts.items():
+                pipe.hincrby(METRICS_WEBHOOKS, name, times)
+            if total:
+                pipe.hincrbyfloat(METRICS_WEBHOOKS, "latency|sum", total)
+            pipe.execute()
+        except redis.RedisError:
+            with self._lock:  # kept for the next flush
+                self._counts.update(counts)
+                self._sum += total
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, name: str | None = None) -> None:
+        self.settings = settings
+        self.name = name or f"dispatcher.{os.getpid()}@{socket.gethostname()}"
+        self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
+        self.jobs = JobStore(self.redis, settings.result_ttl)
+        self.deliveries = Deliveries(self.redis)
+        self.owners = WebhookOwners(self.redis)
+        self.dead = DeadLetters(self.redis, settings.dead_letter_ttl, settings.dead_letter_max)
+        self.policy = OutboundPolicy.from_entries(settings.webhook_allow)
+        self.metrics = DeliveryMetrics()
+        # A claim outlives the longest attempt: a dispatcher that dies mid-attempt is the only way to lose one.
+        self.lease_s = settings.webhook_timeout * 2 + 30
+        self._busy = threading.Semaphore(settings.webhook_concurrency)
+        self._pool = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="webhook")
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        beat = threading.Thread(target=self._heartbeat, args=(stop,), name="webhook-heartbeat", daemon=True)
+        beat.start()
+        logger.info(
+            "webhook dispatcher {} sending up to {} deliveries at once", self.name, self.settings.webhook_concurrency
+        )
+        failed_at = 0.0
+        while not stop.is_set():
+            try:
+                claimed = self.claim_and_send()
+            except redis.RedisError as exc:
+                if time.monotonic() - failed_at > 30:
+                    logger.warning("webhook dispatcher: Redis unavailable ({}); retrying", exc)
+                failed_at = time.monotonic()
+                claimed = 0
+            if not claimed:
+                stop.wait(POLL_S)
+        self._pool.shutdown(wait=True)  # attempts in flight end within AETHERCORE_WEBHOOK_TIMEOUT
+        self.metrics.flush(self.redis)
+        self.redis.zrem(WEBHOOK_DISPATCHERS, self.name)
+
+    def claim_and_send(self) -> int:
+        """Claim as many due deliveries as there are free threads and start them; how many."""
+        free = 0
+        while self._busy.acquire(blocking=False):
+            free += 1
+        if not free:
+            time.sleep(0.05)
+            return 0
+        try:
+            ids = self.deliveries.claim(self.lease_s, free)
+        except BaseException:
+            for _ in range(free):
+                self._busy.release()
+            raise
+        for _ in range(free - len(ids)):
+            self._busy.release()
+        for delivery_id in ids:
+            self._pool.submit(self._send_one, delivery_id)
+        return len(ids)
+
+    def _send_one(self, delivery_id: str) -> None:
+        try:
+            self.attempt(delivery_id)
+        except Exception:  # a bug, or Redis away: the lease lapses and the delivery is due again
+            logger.bind(delivery_id=delivery_id).exception("webhook delivery {} failed unexpectedly", delivery_id)
+        finally:
+            self._busy.release()
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.zadd(WEBHOOK_DISPATCHERS, {self.name: time.time()})
+                pipe.zremrangebyscore(WEBHOOK_DISPATCHERS, "-inf", time.time() - 60)
+                pipe.execute()
+                self.metrics.flush(self.redis)
+            except redis.RedisError:
+                pass
+
+    # -- one attempt -------------------------------------------------------------------------------------------
+    def attempt(self, delivery_id: str) -> str:
+        """One attempt of one claimed delivery; returns its outcome (sent, retry, failed)."""
+        record = self.deliveries.get(delivery_id)
+        if record is None:  # delivered or expired meanwhile
+            self.deliveries.delivered(delivery_id)
+            return "gone"
+        hook = record["webhook"]
+        url, owner = hook.get("url", ""), hook.get("owner", "")
+        log = logger.bind(delivery_id=delivery_id, job_id=record.get("ref"))
+        attempts = int(record.get("attempts") or 0) + 1
+        now = time.time()
+        body = record.get("body")
+        if body is None:
+            body = self.body(record, now)
+            if body is None:
+                return self._fail(record, RECORD_EXPIRED, "the job's record expired before its first attempt", 0)
+            record["body"] = body
+        if not record.get("first_at"):
+            self.deliveries.started(delivery_id, _bytes(body), record.get("event", ""), now)
+        first_at = float(record.get("first_at") or now)
+        if self.owners.disabled(owner, url):
+            return self._fail(record, ENDPOINT_DISABLED, f"{url} answered 410 earlier and is disabled", attempts)
+        secrets = self.owners.signing_secrets(owner, now)
+        status: int | None = None
+        began = time.perf_counter()
+        if not secrets:
+            error = f"{owner} has no webhook signing secret (manage.py auth webhook-secret {owner})"
+        else:
+            payload = _bytes(body)
+            stamp = int(time.time())
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+                "webhook-id": delivery_id,
+                "webhook-timestamp": str(stamp),
+                "webhook-signature": signature_header(secrets, delivery_id, stamp, payload),
+            }
+            try:
+                status = self.policy.post(url, payload, headers, self.settings.webhook_timeout)
+                error = f"HTTP {status}"
+            except ForbiddenDestination as exc:
+                return self._fail(record, FORBIDDEN_ADDRESS, str(exc), attempts)
+            except DeliveryFailed as exc:
+                error = str(exc)
+            self.metrics.observe(time.perf_counter() - began)
+        if status is not None and 200 <= status < 300:
+            self.deliveries.delivered(delivery_id)
+            self.metrics.count("deliveries|sent")
+            log.info("webhook {} delivered to {} (attempt {}, HTTP {})", delivery_id, url, attempts, status)
+            return "sent"
+        if status == 410:
+            self.owners.disable(owner, url, "answered 410 Gone")
+            log.warning("webhook endpoint {} answered 410: disabled for {}", url, owner)
+            return self._fail(record, ENDPOINT_GONE, f"{url} answered 410 Gone", attempts)
+        delay = retry_delay(attempts, self.settings.webhook_retry_base, self.settings.webhook_retry_max_delay)
+        if now + delay > first_at + self.settings.webhook_retry_window:
+            return self._fail(record, RETRIES_EXHAUSTED, error, attempts)
+        self.deliveries.retry_at(delivery_id, now + delay, attempts, error)
+        self.metrics.count("deliveries|retried")
+        log.info("webhook {} to {} failed ({}); attempt {} in {:.1f} s", delivery_id, url, error, attempts + 1, delay)
+        return "retry"
+
+    def body(self, record: dict[str, Any], now: float) -> bytes | None:
+        """A job's delivery body, built once at its first attempt: Standard Webhooks' {type, timestamp, data} with the
+        job's public JSON (GET /jobs/{id}) as data; its result left out beyond AETHERCORE_WEBHOOK_MAX_BYTES."""
+        job = self.jobs.get(record["ref"])
+        if job is None:
+            return None
+        data = public_job(job)
+        body = envelope(f"job.{job['status']}", data, now)
+        encoded = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        if len(encoded) > self.settings.webhook_max_bytes:
+            body["data"] = {**data, "result": None}
+            body["result_omitted"] = (
+                f"the result is larger than AETHERCORE_WEBHOOK_MAX_BYTES; read it with GET /jobs/{job['job_id']}"
+            )
+            encoded = orjson.dumps(body)
+        return encoded
+
+    def _fail(self, record: dict[str, Any], reason: str, error: str, attempts: int) -> str:
+        delivery_id = record["id"]
+        self.deliveries.failed(delivery_id, reason, error, attempts, self.settings.webhook_failed_ttl)
+        self.metrics.count(f"failures|{reason}")
+        self.metrics.count("deliveries|failed")
+        hook = record["webhook"]
+        logger.bind(delivery_id=delivery_id, job_id=record.get("ref")).warning(
+            "webhook {} to {} failed for good ({}): {}", delivery_id, hook.get("url"), reason, error
+        )
+        if record.get("kind") == "job":
+            data = _data(record.get("body"))
+            self.dead.add(
+                record["ref"],
+                record.get("queue") or "unknown",
+                WEBHOOK_FAILED,
+                error={"code": WEBHOOK_FAILED, "message": f"{reason}: {error}"},
+                delivery_id=delivery_id,
+                owner=hook.get("owner"),
+                webhook=hook,
+                model_id=data.get("model_id"),
+                kind=data.get("kind"),
+                request_id=data.get("request_id"),
+            )
+        return "failed"
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _data(body: Any) -> dict[str, Any]:
+    try:
+        return orjson.loads(body).get("data") or {}
+    except (TypeError, orjson.JSONDecodeError, AttributeError):
+        return {}
+
+
+def run_dispatcher(settings: Settings) -> None:
+    setup_logging("dispatcher", settings.log_level, settings.log_format)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("webhook dispatcher stopping (signal {})", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    Dispatcher(settings).run(stop)

@@ -1,0 +1,91 @@
+"""A request's completion webhook, decided on the request path without I/O beyond a cached read: the URL (the
+request's, else the caller's default endpoint), checked against the outbound rules (tasks/outbound.py; no DNS
+here, the dispatcher resolves and checks again), and the owner whose secret signs it. The job carries the result
+(`webhook` field, JSON {url, owner}); the Lua step that ends it makes the delivery due (tasks/webhooks.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from flask import g
+
+from api.errors import ApiError
+from api.services import services
+from tasks.outbound import ForbiddenDestination, MalformedUrl
+from tasks.webhooks import delivery_id_for, envelope
+
+ANONYMOUS = "anonymous"
+
+
+def owner_id() -> str:
+    who = g.get("principal")
+    return who.id if who is not None else ANONYMOUS
+
+
+def requested_url(value: Any) -> str | None:
+    """The URL of a body's `webhook` object ({"url": ...}), or None."""
+    return value.get("url") if isinstance(value, dict) else None
+
+
+def job_webhook(url: str | None, field: str = "webhook.url") -> str | None:
+    """The `webhook` to store on a job (JSON {url, owner}) or None: the request's URL, else the caller's default
+    endpoint (`manage.py auth webhook`; not one a 410 disabled). 422 for a URL webhooks may not call, 409 while the
+    caller has no signing secret or names an endpoint that answered 410."""
+    svc = services()
+    owner = owner_id()
+    if url is None:
+        url = svc.webhook_cache.get("endpoints", svc.webhook_owners.endpoints).get(owner)
+        if url is None or svc.webhook_owners.disabled(owner, url):
+            return None
+    else:
+        try:
+            svc.outbound.check_url(url)
+        except MalformedUrl as exc:
+            raise ApiError(422, "validation_error", f"{field} {exc}", {field: [str(exc)]}) from None
+        except ForbiddenDestination as exc:  # well formed, but not a destination webhooks may reach
+            raise ApiError(403, "webhook_forbidden", f"{field} {exc}", {field: [str(exc)]}) from None
+        if svc.webhook_owners.disabled(owner, url):
+            raise ApiError(
+                409,
+                "webhook_disabled",
+                f"{url} answered 410 Gone to a delivery, so it is disabled for {owner}; an operator enables it again "
+                f"with `manage.py webhooks enable --owner {owner} {url}`",
+            )
+    if not svc.webhook_owners.has_secret(owner):
+        raise ApiError(
+            409,
+            "webhook_secret_missing",
+            f"{owner} has no webhook signing secret yet; an admin creates it with "
+            f"`manage.py auth webhook-secret {owner}` (and gives it to the receiver)",
+        )
+    return orjson.dumps({"url": url, "owner": owner}).decode()
+
+
+# -- a Batch API batch's webhook (api/blueprints/batches.py, api/batches.py) ------------------------------------------
+BATCH_WEBHOOK_KEY = "webhook_url"  # the batch's `metadata` key naming its webhook
+
+
+def batch_webhook(metadata: dict[str, Any] | None) -> str | None:
+    """The `webhook` to keep with a new batch (JSON {url, owner}) or None: `metadata.webhook_url`, else the caller's
+    default endpoint; checked like a job's (422, 409)."""
+    url = (metadata or {}).get(BATCH_WEBHOOK_KEY)
+    return job_webhook(url, f"metadata.{BATCH_WEBHOOK_KEY}")
+
+
+def batch_ended(batch_id: str, webhook: str | None, public: dict[str, Any]) -> None:
+    """The batch's delivery is due, its body the batch object as it ended (`batch.completed`, `batch.failed`,
+    `batch.expired`, `batch.cancelled`); `webhook`: what batch_webhook kept. Call it once, when the batch's end was
+    written (the transition that ended it succeeded); webhook-id `msg_<batch id>`."""
+    if not webhook:
+        return
+    body = orjson.dumps(envelope(f"batch.{public.get('status')}", public, time.time()))
+    services().deliveries.enqueue(
+        delivery_id_for(batch_id),
+        kind="batch",
+        ref=batch_id,
+        webhook=orjson.loads(webhook),
+        event=f"batch.{public.get('status')}",
+        body=body,
+    )
