@@ -97,6 +97,13 @@ build() {
       ;;
     worker-gpu)
       [[ -n "$torch" && "$torch" != *+cpu-* ]] || die "$target: expected a CUDA build of torch, got '$torch'"
+      if [[ "$torch" != *+cu* ]]; then
+        local runtime
+        runtime=$(find "$tmp" -maxdepth 1 -name 'nvidia_cuda_runtime*.whl' -printf '%f\n' | head -1)
+        log "note: $torch is PyPI's CUDA build, with its own CUDA libraries (${runtime:-?}); the GPU host's" \
+          "driver must support that CUDA. The PyTorch index (TORCH_INDEX_URL, default cu128) has the build that" \
+          "matches Dockerfile.worker's CUDA_BASE."
+      fi
       ;;
     api)
       [ -z "$torch" ] || die "api: torch in the API's wheelhouse (requirements/api.txt must stay torch-free)"

@@ -141,10 +141,10 @@ class FileListQuery(ma.Schema):
     class Meta:
         unknown = ma.RAISE
 
-    purpose = ma.fields.String(load_default=None)
+    purpose = ma.fields.String()  # absent: every purpose
     limit = ma.fields.Integer(load_default=10_000, validate=validate.Range(min=1, max=10_000))
     order = ma.fields.String(load_default="desc", validate=validate.OneOf(("asc", "desc")))
-    after = ma.fields.String(load_default=None, validate=validate.Length(min=1, max=64))
+    after = ma.fields.String(validate=validate.Length(min=1, max=64))  # absent: from the start
 
 
 class UploadForm(ma.Schema):
@@ -255,7 +255,7 @@ class BatchListQuery(ma.Schema):
     class Meta:
         unknown = ma.RAISE
 
-    after = ma.fields.String(load_default=None, validate=validate.Length(min=1, max=64))
+    after = ma.fields.String(validate=validate.Length(min=1, max=64))  # absent: from the start
     limit = ma.fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
 
 
@@ -323,7 +323,7 @@ class Files(MethodView):
     @requires(*JOBS)
     def get(self, query: dict[str, Any]):
         items, more = stores()[0].listing(
-            _owner_filter(), query["purpose"], query["after"], query["limit"], query["order"] == "desc"
+            _owner_filter(), query.get("purpose"), query.get("after"), query["limit"], query["order"] == "desc"
         )
         return _listing([file_object(f) for f in items], more)
 
@@ -444,7 +444,7 @@ class Batches(MethodView):
     @blp.alt_response(422, description="A query parameter out of range: named in error.param")
     @requires(*JOBS)
     def get(self, query: dict[str, Any]):
-        items, more = stores()[1].listing(_owner_filter(), query["after"], query["limit"])
+        items, more = stores()[1].listing(_owner_filter(), query.get("after"), query["limit"])
         return _listing([batch_object(b) for b in items], more)
 
 

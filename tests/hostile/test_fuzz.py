@@ -298,7 +298,10 @@ def send(base: str, case: Case) -> tuple[int | None, dict[str, str], bytes]:
         if case.body:
             conn.send(case.body)
         if case.content_length is not None and case.content_length > len(case.body):
-            conn.sock.shutdown(socket.SHUT_WR)  # the promised bytes never come
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)  # the promised bytes never come
+            except OSError:  # the server already answered and closed: its answer is read below
+                pass
         response = conn.getresponse()
         headers = {k.lower(): v for k, v in response.getheaders()}
         if response.status < 300 and (case.streaming or "text/event-stream" in headers.get("content-type", "")):
