@@ -17,6 +17,36 @@ COMPOSE_VARIABLES = (
     ("REDIS_MAXMEMORY", "1gb", "Redis's maxmemory (noeviction: the API answers 503 `redis_full` near it)."),
     ("API_PUBLISH_ADDRESS", "127.0.0.1", "Host address the API's port is published on; 0.0.0.0: every interface."),
     ("DASHBOARD_PUBLISH_ADDRESS", "127.0.0.1", "Host address Flower's and Grafana's ports are published on."),
+    ("API_PUBLISH_PORT", "8001", "Host port the API is published on."),
+    ("FLOWER_PUBLISH_PORT", "5555", "Host port Flower is published on."),
+    ("GRAFANA_PUBLISH_PORT", "3000", "Host port Grafana is published on."),
+    ("PROMETHEUS_PUBLISH_PORT", "9090", "Host port Prometheus is published on (always on 127.0.0.1: it has no login)."),
+    (
+        "BASE_IMAGE",
+        "python:3.11-slim",
+        "Base of the API and CPU worker images: any Debian-like image with python3 3.11 and venv (no registry: "
+        "scripts/base-images.sh makes aethercore/python:3.11-bookworm).",
+    ),
+    (
+        "CUDA_BASE",
+        "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04",
+        "Base of the GPU worker image (CUDA runtime and cuDNN; Python 3.11 comes from its packages when missing).",
+    ),
+    (
+        "REDIS_IMAGE",
+        "redis:7.2-alpine",
+        "Redis image (no registry: aethercore/redis:bookworm from scripts/base-images.sh).",
+    ),
+    (
+        "PROMETHEUS_IMAGE",
+        "prom/prometheus:v2.53.0",
+        "Prometheus image (no registry: aethercore/prometheus:bookworm from scripts/base-images.sh).",
+    ),
+    (
+        "GRAFANA_IMAGE",
+        "grafana/grafana:11.1.0",
+        "Grafana image (Debian has no package: it needs a registry or a mirror).",
+    ),
 )
 
 
