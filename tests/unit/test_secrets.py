@@ -111,6 +111,21 @@ def test_the_model_process_environment_holds_no_secret():
     assert environ["AETHERCORE_JWT_SECRET"] == REAL_SECRET  # the caller's mapping is left alone
 
 
+def test_a_model_process_spins_briefly_unless_the_operator_chose_how_openmp_waits():
+    from workers.model_process import OPENMP_SPIN_ROUNDS, model_process_environment
+
+    env = model_process_environment({"PATH": "/usr/bin", "AETHERCORE_JWT_SECRET": REAL_SECRET})
+    assert env["GOMP_SPINCOUNT"] == str(OPENMP_SPIN_ROUNDS) and "OMP_WAIT_POLICY" not in env
+    assert "AETHERCORE_JWT_SECRET" not in env and env["TOKENIZERS_PARALLELISM"] == "false"
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = model_process_environment({"PATH": "/usr/bin", **chosen})
+        assert {k: env.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} == {
+            "OMP_WAIT_POLICY": None,
+            "GOMP_SPINCOUNT": None,
+            **chosen,
+        }
+
+
 # -- deploy files ---------------------------------------------------------------------------------------------
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.tls.yml")
 SECRET_NAMES = re.compile(r"(API_KEYS|JWT_SECRET|BASIC_AUTH|PASSWORD|REDISCLI_AUTH|SECRET)$")
