@@ -7,7 +7,7 @@ import time
 import typer
 from rich.table import Table
 
-from cli.common import console, err, fail, print_json, settings
+from cli.common import console, err, fail, print_json, reachable_redis, settings
 
 group = typer.Typer(
     help="API keys and tokens (talks to Redis directly: run it where Redis is reachable).", no_args_is_help=True
@@ -16,15 +16,8 @@ group = typer.Typer(
 
 def _key_store():
     from api.auth import KeyStore
-    from tasks.redis_client import make_redis
 
-    cfg = settings()
-    try:
-        client_ = make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl())
-        client_.ping()
-    except Exception:
-        fail(f"Redis is not reachable at {cfg.redis_url} (AETHERCORE_REDIS_URL)")
-    return KeyStore(client_)
+    return KeyStore(reachable_redis())
 
 
 @group.command("create-key")

@@ -40,6 +40,20 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def reachable_redis() -> Any:
+    """A client of the configured Redis (AETHERCORE_REDIS_URL), for the verbs that talk to it directly; a clear
+    error and exit when it does not answer."""
+    from tasks.redis_client import make_redis
+
+    cfg = settings()
+    try:
+        redis = make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl())
+        redis.ping()
+    except Exception:
+        fail(f"Redis is not reachable at {cfg.redis_url} (AETHERCORE_REDIS_URL)")
+    return redis
+
+
 def print_json(data: Any) -> None:
     console.print_json(json.dumps(data))
 

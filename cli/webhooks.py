@@ -8,7 +8,7 @@ import time
 import typer
 from rich.table import Table
 
-from cli.common import client, console, err, fail, print_json
+from cli.common import client, console, err, fail, print_json, reachable_redis
 
 group = typer.Typer(help="Completion webhooks: failed deliveries, retry, disabled endpoints.", no_args_is_help=True)
 
@@ -69,17 +69,9 @@ def webhooks_retry(
 
 
 def _owners():
-    from cli.common import settings
-    from tasks.redis_client import make_redis
     from tasks.webhooks import WebhookOwners
 
-    cfg = settings()
-    try:
-        client_ = make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl())
-        client_.ping()
-    except Exception:
-        fail(f"Redis is not reachable at {cfg.redis_url} (AETHERCORE_REDIS_URL)")
-    return WebhookOwners(client_)
+    return WebhookOwners(reachable_redis())
 
 
 @group.command("disabled")

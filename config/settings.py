@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from config.roles import ROLES
@@ -63,34 +63,33 @@ def _file_size(value: str) -> int:
     return number
 
 
-def _bounded_float(low: float, high: float) -> Callable[[str], float]:
-    def parse(value: str) -> float:
-        number = float(value)
+Number = TypeVar("Number", int, float)
+
+
+def _shown(number: float) -> str:
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
+def _bounded(read: Callable[[str], Number], low: Number, high: Number, what: str) -> Callable[[str], Number]:
+    def parse(value: str) -> Number:
+        number = read(value)
         if not low <= number <= high:  # also rejects NaN
-            raise ValueError(f"{value!r} must be a number from {low:g} to {high:g}")
+            raise ValueError(f"{value!r} must be {what} from {_shown(low)} to {_shown(high)}")
         return number
 
     return parse
+
+
+def _bounded_float(low: float, high: float) -> Callable[[str], float]:
+    return _bounded(float, low, high, "a number")
 
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        number = int(value)
-        if not low <= number <= high:
-            raise ValueError(f"{value!r} must be a whole number from {low} to {high}")
-        return number
-
-    return parse
+    return _bounded(int, low, high, "a whole number")
 
 
 def _bounded_size(low: int, high: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        number = parse_size(value)
-        if not low <= number <= high:
-            raise ValueError(f"{value!r} must be a size from {low} to {high} bytes")
-        return number
-
-    return parse
+    return _bounded(parse_size, low, high, "a size in bytes")
 
 
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")

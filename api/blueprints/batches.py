@@ -81,28 +81,25 @@ def _visible(fields: dict[str, Any] | None) -> dict[str, Any] | None:
     return fields
 
 
-def _file(file_id: str) -> dict[str, Any]:
-    fields = _visible(stores()[0].get(file_id))
+def _owned(store: Any, noun: str, object_id: str) -> dict[str, Any]:
+    """The caller's file or batch `object_id`, or 404 `<noun>_not_found` (someone else's is not there)."""
+    fields = _visible(store.get(object_id))
     if fields is None:
         raise ApiError(
             404,
-            "file_not_found",
-            f"no file {file_id[:64]!r}: it does not exist, expired, or is not yours",
-            {"file_id": file_id[:64]},
+            f"{noun}_not_found",
+            f"no {noun} {object_id[:64]!r}: it does not exist, expired, or is not yours",
+            {f"{noun}_id": object_id[:64]},
         )
     return fields
+
+
+def _file(file_id: str) -> dict[str, Any]:
+    return _owned(stores()[0], "file", file_id)
 
 
 def _batch(batch_id: str) -> dict[str, Any]:
-    fields = _visible(stores()[1].get(batch_id))
-    if fields is None:
-        raise ApiError(
-            404,
-            "batch_not_found",
-            f"no batch {batch_id[:64]!r}: it does not exist, expired, or is not yours",
-            {"batch_id": batch_id[:64]},
-        )
-    return fields
+    return _owned(stores()[1], "batch", batch_id)
 
 
 def _owner_filter() -> str | None:
