@@ -542,6 +542,14 @@ class Settings:
         "A `low` message waiting longer than this moves to the `normal` lane (and a `normal` one to `high`), so no "
         "lane starves for longer under a stream of higher-priority work; 0: never.",
     )
+    stream_interval: int = setting(
+        "1",
+        _bounded_int(1, 256),
+        "Generated tokens per streamed chunk after the first (which is sent at once): 1 streams every token; "
+        "4-8 cut the stack's cost per token by as much at GPU speed, where one decoding step takes a few ms "
+        "(docs/CAPACITY.md). Chunks cover fixed token counts, so a retried generation skips what an earlier "
+        "try already streamed; the last chunk holds what is left.",
+    )
     dispatch_linger_ms: float = setting(
         "1",
         _non_negative_float,

@@ -111,7 +111,13 @@ class _Run:
             # A fresh target on every try: chunk indexes restart at 0, so what an earlier try already
             # published is skipped (by index) and readers see each chunk once.
             first = request.stream.first_piece_at if request.stream else None
-            request.stream = StreamTarget(ctx.job_id, self.spec.id, ctx.job.get("submitted_at"), first_piece_at=first)
+            request.stream = StreamTarget(
+                ctx.job_id,
+                self.spec.id,
+                ctx.job.get("submitted_at"),
+                first_piece_at=first,
+                interval=self.svc.settings.stream_interval,
+            )
             try:  # what the reaper charges if the worker dies now: a row alone in its batch, never a companion
                 self.svc.jobs.mark_forward([ctx.job_id], alone=exclusive)
             except redis.RedisError:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -129,13 +129,34 @@ class StreamSink(Protocol):
 
 @dataclass
 class StreamTarget:
-    """A streamed call's job: the next chunk index, and when its first piece was written."""
+    """A streamed call's job: the next chunk index, when its first piece was written, and the pieces (one per
+    decoding step) held until `interval` of them make a chunk. The first piece is a chunk of its own (time to
+    first token), the rest go `interval` at a time, and the held ones when the call ends: the boundaries depend
+    only on the piece count, so a retry that generates the same text cuts the same chunks, and the chunks an
+    earlier try published are skipped by index."""
 
     job_id: str
     model_id: str
     submitted_at: float | None = None
     index: int = 0
     first_piece_at: float | None = None
+    interval: int = 1
+    held: list[str] = field(default_factory=list)
+    pieces: int = 0
+
+    def add(self, piece: str) -> str | None:
+        """One step's piece; the chunk to publish now, or None while it is held."""
+        self.held.append(piece)
+        self.pieces += 1
+        return self.flush() if self.pieces == 1 or len(self.held) >= self.interval else None
+
+    def flush(self) -> str | None:
+        """The held pieces as one chunk (None when none are held)."""
+        if not self.held:
+            return None
+        chunk = "".join(self.held)
+        self.held.clear()
+        return chunk
 
 
 @dataclass
@@ -332,12 +353,16 @@ class ModelProcess:
                 if call is None:
                     continue
                 if event[0] == wire.CHUNK:
-                    if call.stream is not None:
-                        pieces.append((event[1], call.stream, event[2]))
+                    chunk = call.stream.add(event[2]) if call.stream is not None else None
+                    if chunk is not None:
+                        pieces.append((event[1], call.stream, chunk))
                 elif event[0] == wire.QUEUED:
                     if call.stream is not None:
                         queued.append(call.stream)
                 else:
+                    rest = call.stream.flush() if call.stream is not None else None
+                    if rest is not None:  # written before the call's end settles its job
+                        pieces.append((event[1], call.stream, rest))
                     ends.append(event)
         if self.sink is not None and queued:
             self.sink.queued(queued)

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.slow
 
 DB_GENERATION = 7
 BATCH = 6  # tiny-gpt2's max_batch_size here: more concurrent streams than this must wait their turn
+# Tokens per streamed chunk after the first (AETHERCORE_STREAM_INTERVAL): every test here, the killed model
+# process's retry included, reads chunks of several tokens (tests/integration/test_streaming.py reads the default, one).
+INTERVAL = 3
 PROMPTS = ["Once upon a time", "The weather today is", "In a galaxy far away", "Tell me a story about"]
 
 
@@ -34,7 +37,11 @@ def system(redis_server, tmp_path_factory):
     url = redis_server.url(DB_GENERATION)
     redis.Redis.from_url(url).flushdb()
     worker = WorkerProcess(
-        url, name="generation", AETHERCORE_MODELS_FILE=str(models_file), AETHERCORE_HEARTBEAT_INTERVAL="1"
+        url,
+        name="generation",
+        AETHERCORE_MODELS_FILE=str(models_file),
+        AETHERCORE_HEARTBEAT_INTERVAL="1",
+        AETHERCORE_STREAM_INTERVAL=str(INTERVAL),
     ).start()
     api = ApiProcess(url, name="generation-api", AETHERCORE_MODELS_FILE=str(models_file)).start()
     loaded = requests.post(f"{api.base}/models/tiny-gpt2/load?wait=120", timeout=130).json()
@@ -113,6 +120,8 @@ def check_stream(result: dict, tokens: int) -> dict:
     assert [c["index"] for c in result["chunks"]] == list(range(len(result["chunks"])))  # each once, in order
     assert "".join(c["text"] for c in result["chunks"]) == output["text"]
     assert output["tokens"] == tokens and output["finish_reason"] == "length"
+    # The first token alone, then INTERVAL at a time (fewer chunks when a token adds no text of its own).
+    assert 2 <= len(result["chunks"]) <= 1 + -(-(tokens - 1) // INTERVAL)
     return job
 
 

@@ -192,6 +192,22 @@ def test_the_worker_handles_every_event_of_a_decoding_step():
     assert isinstance(streamed.exception(), DeadlineExceeded)
 
 
+def test_streamed_pieces_go_out_first_alone_then_interval_at_a_time_and_the_rest_at_the_end():
+    sink = Sink()
+    proc, _pipe = process(sink)
+    future = call(proc, 1, StreamTarget("job-1", "m", interval=3))
+    for step in range(8):  # one piece per decoding step
+        proc._route_events([wire.chunk(1, f"t{step} ")])
+    assert sink.pieces == [("job-1", "t0 "), ("job-1", "t1 t2 t3 "), ("job-1", "t4 t5 t6 ")]
+    proc._route_events([wire.chunk(1, "t8 "), wire.result(1, {"text": "all"})])  # the end flushes what is held
+    assert sink.pieces[3:] == [("job-1", "t7 t8 ")] and future.result() == {"text": "all"}
+    # A retry's fresh target cuts the same pieces into the same chunks (the job skips those already written).
+    again, cut = StreamTarget("job-1", "m", interval=3), []
+    for step in range(9):
+        cut.append(again.add(f"t{step} "))
+    assert [c for c in cut + [again.flush()] if c is not None] == [text for _job, text in sink.pieces]
+
+
 def test_the_worker_reads_both_answers_to_a_load():
     answers = {
         wire.READY: wire.ready({"pid": 1}),
