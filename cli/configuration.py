@@ -20,6 +20,12 @@ COMPOSE_VARIABLES = (
     ("API_PUBLISH_PORT", "8001", "Host port the API is published on."),
     ("FLOWER_PUBLISH_PORT", "5555", "Host port Flower is published on."),
     ("GRAFANA_PUBLISH_PORT", "3000", "Host port Grafana is published on."),
+    (
+        "GPU_STREAM_INTERVAL",
+        "4",
+        "Tokens per streamed chunk after the first on the GPU workers (their AETHERCORE_STREAM_INTERVAL): four are "
+        "~20 ms at GPU speed and a quarter of the stack's cost per token; 1 streams every token.",
+    ),
     ("PROMETHEUS_PUBLISH_PORT", "9090", "Host port Prometheus is published on (always on 127.0.0.1: it has no login)."),
     (
         "BASE_IMAGE",
