@@ -43,6 +43,7 @@ from tasks.names import (
     file_key,
     file_lines_key,
 )
+from tasks.script_batch import ScriptBatch
 
 # -- the Batch object's statuses (OpenAI's), defined once ---------------------------------------------------------
 VALIDATING = "validating"
@@ -298,7 +299,7 @@ class BatchStore:
         """Note each (line, job id), in one round trip: whether it was noted (False: the line was answered first)."""
         if not jobs:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = ScriptBatch(self.redis, (self._record,))
         for line, job_id in jobs:
             self._record(keys=[batch_jobs_key(batch_id)], args=[line, job_id], client=pipe)
         return [bool(noted) for noted in pipe.execute()]
@@ -319,7 +320,7 @@ class BatchStore:
             file_lines_key(batch["error_file"]),
         ]
         ttl = self.ttl(batch)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = ScriptBatch(self.redis, (self._answer,))
         for a in answers:
             args = [a.line, a.file, a.stored, a.size, a.input_tokens, a.output_tokens, ttl]
             self._answer(keys=keys, args=args, client=pipe)

@@ -40,6 +40,7 @@ from tasks.names import (
     worker_key,
 )
 from tasks.results import expand
+from tasks.script_batch import ScriptBatch
 from tasks.states import CANCELLED, QUEUED, RUNNING, TERMINAL
 from tasks.webhooks import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S
 
@@ -433,6 +434,10 @@ class JobStore:
         self._sweep_queued = client.register_script(_render(_SWEEP_QUEUED))
         self._created = 0
 
+    def _script_batch(self) -> ScriptBatch:
+        """Transitions, chunks and notes of several jobs in one round trip (tasks/script_batch.py)."""
+        return ScriptBatch(self.redis, (self._transition, self._append_chunk, self._append_status))
+
     # -- writes ------------------------------------------------------------------------------
     def _fields(
         self,
@@ -563,7 +568,7 @@ class JobStore:
         """One round trip for the (job id, payload) pairs of one message: each job's delivery count, 0 if it
         is not to run here."""
         started = repr(time.time())
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._script_batch()
         for job_id, payload in jobs:
             self._transition(
                 keys=[job_key(job_id), job_events_key(job_id)],
@@ -618,7 +623,7 @@ class JobStore:
         JSON as `result_json` bytes) or error, and optionally `note`: the JSON object of its ending fields
         (without result and error, which the script adds) for the API processes waiting for the job if it
         ends now. Returns, per job, whether it ended now."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._script_batch()
         for item in outcomes:
             self._call(
                 item["job_id"],
@@ -691,7 +696,7 @@ class JobStore:
 
     def append_chunks(self, chunks: list[tuple[str, int, dict[str, Any]]]) -> list[int]:
         """Append (job_id, index, chunk) items in one round trip; one outcome (CHUNK_*) per item, in order."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._script_batch()
         for job_id, index, chunk in chunks:
             self._append_chunk(
                 keys=[job_key(job_id), job_events_key(job_id)], args=[index, encode(chunk), self.ttl_s], client=pipe
@@ -700,7 +705,7 @@ class JobStore:
 
     def append_status(self, job_ids: list[str], status: dict[str, Any]) -> None:
         """Add a status note to the streams of these running jobs, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._script_batch()
         for job_id in job_ids:
             self._append_status(
                 keys=[job_key(job_id), job_events_key(job_id)], args=[encode(status), self.ttl_s], client=pipe
