@@ -7,7 +7,10 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from cli.supervise import Api, Child, RedisServer, Worker, free_port, wait_until
 from config.settings import REPO_ROOT
@@ -67,6 +70,22 @@ def read_until(subscription, count: int, timeout_ms: int = 5000) -> list:
         if len(got) >= count:
             break
     return got
+
+
+def models_with_a_broken_onnx(folder: Path, **extra: Any) -> dict[str, Any]:
+    """config/models.yaml's models plus `broken-onnx` (with `extra` fields): a file in `folder` that is not an ONNX
+    model, so its load fails."""
+    (folder / "broken.onnx").write_bytes(b"this is not an onnx model")
+    models = yaml.safe_load((REPO_ROOT / "config" / "models.yaml").read_text())
+    models["models"]["broken-onnx"] = {
+        "model_type": "onnx",
+        "source": "local",
+        "task": "tensor",
+        "model_path": str(folder / "broken.onnx"),
+        "device": "cpu",
+        **extra,
+    }
+    return models
 
 
 # Test credentials (AETHERCORE_API_KEYS of every process the tests start).

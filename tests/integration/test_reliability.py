@@ -37,7 +37,7 @@ from tasks.names import (
 )
 from tasks.queues import queue_depth
 from tests.conftest import client_for, poll, settings_for
-from tests.support import REPO_ROOT, RedisServer, WorkerProcess, wait_until
+from tests.support import RedisServer, WorkerProcess, models_with_a_broken_onnx, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -52,15 +52,7 @@ WORKER_ENV = {"AETHERCORE_VISIBILITY_TIMEOUT": "10", "AETHERCORE_MAX_ATTEMPTS": 
 def env(tmp_path_factory):
     """Our own redis-server with AOF (so it can be restarted) and a models file with a corrupt model."""
     tmp = tmp_path_factory.mktemp("reliability")
-    (tmp / "broken.onnx").write_bytes(b"this is not an onnx model")
-    models = yaml.safe_load((REPO_ROOT / "config" / "models.yaml").read_text())
-    models["models"]["broken-onnx"] = {
-        "model_type": "onnx",
-        "source": "local",
-        "task": "tensor",
-        "model_path": str(tmp / "broken.onnx"),
-        "device": "cpu",
-    }
+    models = models_with_a_broken_onnx(tmp)
     # A copy of tiny-mlp whose weights were changed after its manifest was written.
     shutil.copytree(Settings.from_env().model_store / "tiny-mlp", tmp / "tampered-mlp")
     with open(tmp / "tampered-mlp" / "model.pt2", "r+b") as archive:

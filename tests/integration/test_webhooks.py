@@ -31,6 +31,7 @@ from tests.support import (
     WorkerProcess,
     base_env,
     metric,
+    models_with_a_broken_onnx,
     wait_until,
 )
 from tests.webhook_receiver import Receiver
@@ -57,16 +58,7 @@ DISPATCH = {
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("webhooks")
-    (tmp / "broken.onnx").write_bytes(b"this is not an onnx model")
-    models = yaml.safe_load((REPO_ROOT / "config" / "models.yaml").read_text())
-    models["models"]["broken-onnx"] = {
-        "model_type": "onnx",
-        "source": "local",
-        "task": "tensor",
-        "model_path": str(tmp / "broken.onnx"),
-        "device": "cpu",
-        "autoload": True,
-    }
+    models = models_with_a_broken_onnx(tmp, autoload=True)
     models_file = tmp / "models.yaml"
     models_file.write_text(yaml.safe_dump(models))
     server = RedisServer().start()
