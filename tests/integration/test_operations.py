@@ -116,6 +116,35 @@ def test_json_log_lines_parse_and_carry_the_job(json_worker):
     assert "features" not in worker.log()
 
 
+def test_a_batch_ends_in_one_line_naming_each_job_with_its_request_id(json_worker):
+    worker, client = json_worker
+    assert client.post("/models/tiny-mlp/load?wait=60").get_json()["status"] == "succeeded"
+    submitted = {}
+    for i in range(12):  # queued without waiting: the worker takes several at a time
+        job = client.post(
+            "/serve",
+            json={"model_id": "tiny-mlp", "inputs": {"features": [[i, 2, 3, 4]]}},
+            headers={"X-Request-ID": f"batch-line-{i}"},
+        ).get_json()
+        submitted[job["job_id"]] = f"batch-line-{i}"
+    assert all(poll(client, job_id)["status"] == "succeeded" for job_id in submitted)
+
+    def ends():
+        records = [json.loads(line) for line in worker.log().splitlines() if line.strip()]
+        return [
+            r for r in records if r["message"].startswith("inference succeeded") and "batch-line-" in r["request_id"]
+        ]
+
+    wait_until(lambda: sum(len(r["job_id"].split(",")) for r in ends()) >= 12, 10, 0.1, "every end in the log")
+    named = {}
+    for record in ends():
+        job_ids, request_ids = record["job_id"].split(","), record["request_id"].split(",")
+        assert len(job_ids) == len(request_ids) and record["model_id"] == "tiny-mlp"
+        assert record["message"].startswith(f"inference succeeded: {len(job_ids)} job(s)")
+        named.update(zip(job_ids, request_ids))
+    assert named == submitted  # each job once, beside its own request id
+
+
 def test_readiness_flips_when_the_only_worker_stops(json_worker):
     worker, client = json_worker
     assert client.post("/models/tiny-mlp/load?wait=60").get_json()["status"] == "succeeded"
