@@ -67,16 +67,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     redis_client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
     cluster = ClusterState(redis_client, settings.worker_ttl)
     celery = make_celery(settings)
+    job_store = JobStore(redis_client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max)
     app.extensions["aethercore"] = Services(
         settings=settings,
         models=load_models(settings.models_file),
-        jobs=JobStore(redis_client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max),
+        jobs=job_store,
         cluster=cluster,
         celery=celery,
         dispatcher=InferenceDispatcher(
             celery,
             linger_ms=settings.dispatch_linger_ms,
-            broker_redis=redis_client if settings.effective_broker_url == settings.redis_url else None,
+            jobs=job_store if settings.effective_broker_url == settings.redis_url else None,
         ),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)

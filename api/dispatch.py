@@ -8,6 +8,12 @@ sent by whichever of them gets there first. At low load a message carries one jo
 the request's own thread, with no hand-over; under load the per-message costs (publish, consume, task
 events, ack) are paid once per group instead of once per request. The worker's dynamic batcher then
 merges jobs across messages as before.
+
+Where the broker is the jobs' Redis, a submission may also bring its job's record (`record`): the group's jobs
+are then created, counted against their callers' rate limits and queued in ONE Lua step
+(tasks/jobs.py `create_and_push`) instead of one round trip per request to create each job and one per group to
+push the message: a job exists exactly when its message is queued, and a job refused by its rate limit is in no
+message.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from celery import Celery
 
+from tasks.jobs import JobStore, RateLimited
 from tasks.messages import TaskMessages
 from tasks.names import DEFAULT_LANE, INFER, LANE_PRIORITY, lane_list, queue_for_device
+
+# What a submission with a record gets back: its job as created and the use of each of its rate limits.
+Created = tuple[dict[str, Any], list[int]]
 
 MAX_JOBS_PER_MESSAGE = 64
 PUBLISH_TIMEOUT_S = 10.0
@@ -38,8 +47,10 @@ class _Pending:
     device: str
     job: dict[str, Any]
     lane: str = DEFAULT_LANE
+    record: dict[str, Any] | None = None  # JobStore.create_and_push's entry: the job is created as it is queued
     done: bool = False
     error: BaseException | None = None
+    created: Created | None = None
 
 
 class InferenceDispatcher:
@@ -49,11 +60,12 @@ class InferenceDispatcher:
         max_jobs: int = MAX_JOBS_PER_MESSAGE,
         linger_ms: float = 0.0,
         in_flight: Callable[[], int] = lambda: 0,
-        broker_redis: redis.Redis | None = None,
+        jobs: JobStore | None = None,
     ) -> None:
         self.celery = celery
-        # The broker's Redis when it is the jobs' Redis: messages are pushed directly (tasks/messages.py).
-        self.broker_redis = broker_redis
+        # The job store when the broker is the jobs' Redis: messages are pushed directly (tasks/messages.py), in
+        # the step that creates their jobs.
+        self.jobs = jobs
         self.messages = TaskMessages()
         self.max_jobs = max_jobs
         self.linger_s = linger_ms / 1000
@@ -62,14 +74,31 @@ class InferenceDispatcher:
         self._cond = threading.Condition()
         self._publishing = False
 
+    @property
+    def creates(self) -> bool:
+        """Whether `publish` takes a job's record (the broker is the jobs' Redis)."""
+        return self.jobs is not None
+
     def publish(
-        self, model_id: str, device: str, job: dict[str, Any], coalesce: bool = True, lane: str = DEFAULT_LANE
-    ) -> None:
-        """Return once the job's message is in the broker (in its priority lane); raise if it could not be."""
+        self,
+        model_id: str,
+        device: str,
+        job: dict[str, Any],
+        coalesce: bool = True,
+        lane: str = DEFAULT_LANE,
+        record: dict[str, Any] | None = None,
+    ) -> Created | None:
+        """Return once the job's message is in the broker (in its priority lane); raise if it could not be. With
+        `record` (only where `creates`), the job is created in the same step: returns it as created, or raises
+        RateLimited (then nothing of it was written)."""
+        if record is not None and self.jobs is None:
+            raise ValueError("jobs are created with their message only when the broker is the jobs' Redis")
+        pending = _Pending(model_id, device, job, lane, record)
         if not coalesce:
-            self._send(model_id, device, [job], lane)
-            return
-        pending = _Pending(model_id, device, job, lane)
+            self._send_group([pending])
+            if pending.error is not None:
+                raise pending.error
+            return pending.created
         deadline = time.monotonic() + PUBLISH_TIMEOUT_S
         with self._cond:
             self._waiting.append(pending)
@@ -95,6 +124,7 @@ class InferenceDispatcher:
                     raise TimeoutError("the job could not be handed to the broker in time")
         if pending.error is not None:
             raise pending.error
+        return pending.created
 
     def _send_group(self, group: list[_Pending]) -> None:
         by_target: dict[tuple[str, str, str], list[_Pending]] = {}
@@ -102,25 +132,49 @@ class InferenceDispatcher:
             by_target.setdefault((pending.model_id, pending.device, pending.lane), []).append(pending)
         for (model_id, device, lane), items in by_target.items():
             try:
-                self._send(model_id, device, [p.job for p in items], lane)
+                self._send(model_id, device, lane, items)
             except Exception as exc:  # the broker is down: every waiting request answers 503
                 for p in items:
                     p.error = exc
             for p in items:
                 p.done = True
 
-    def _send(self, model_id: str, device: str, jobs: list[dict[str, Any]], lane: str = DEFAULT_LANE) -> None:
-        kwargs = {"model_id": model_id, "jobs": jobs}
+    def _send(self, model_id: str, device: str, lane: str, items: list[_Pending]) -> None:
         queue = queue_for_device(device)
-        # A message with one job carries the job's id, so Flower and the API name the same thing.
-        task_id = jobs[0]["job_id"] if len(jobs) == 1 else None
-        # What Flower and logs show instead of the inputs themselves.
-        kwargsrepr = repr({"model_id": model_id, "job_ids": [j["job_id"] for j in jobs]})
-        priority = LANE_PRIORITY[lane]
-        if self.broker_redis is not None:
-            message = self.messages.build(INFER, kwargs, queue, task_id, kwargsrepr, priority)
-            self.broker_redis.lpush(lane_list(queue, lane), message)
+        if self.jobs is None:
+            jobs = [p.job for p in items]
+            task_id, kwargsrepr = self._names(model_id, jobs)
+            self.celery.send_task(
+                INFER,
+                kwargs={"model_id": model_id, "jobs": jobs},
+                queue=queue,
+                task_id=task_id,
+                kwargsrepr=kwargsrepr,
+                priority=LANE_PRIORITY[lane],
+            )
             return
-        self.celery.send_task(
-            INFER, kwargs=kwargs, queue=queue, task_id=task_id, kwargsrepr=kwargsrepr, priority=priority
-        )
+        created = [p for p in items if p.record is not None]
+        queued = [p.job for p in items if p.record is None]  # created already (e.g. with an Idempotency-Key)
+
+        def message(live: list[int]) -> bytes | None:
+            jobs = queued + [created[at].job for at in live]
+            if not jobs:
+                return None
+            task_id, kwargsrepr = self._names(model_id, jobs)
+            kwargs = {"model_id": model_id, "jobs": jobs}
+            return self.messages.build(INFER, kwargs, queue, task_id, kwargsrepr, LANE_PRIORITY[lane])
+
+        entries = [p.record for p in created]
+        outcome = self.jobs.create_and_push(device, lane_list(queue, lane), entries, message)  # type: ignore[arg-type]
+        for pending, result in zip(created, outcome):
+            if isinstance(result, RateLimited):
+                pending.error = result
+            else:
+                pending.created = result
+
+    @staticmethod
+    def _names(model_id: str, jobs: list[dict[str, Any]]) -> tuple[str | None, str]:
+        # A message with one job carries the job's id, so Flower and the API name the same thing; kwargsrepr is
+        # what Flower and logs show instead of the inputs themselves.
+        task_id = jobs[0]["job_id"] if len(jobs) == 1 else None
+        return task_id, repr({"model_id": model_id, "job_ids": [j["job_id"] for j in jobs]})

@@ -204,6 +204,14 @@ class Services:
             "extra": extra,
             "idempotency": claim.as_lua() if claim is not None else None,
         }
+        if kind == INFERENCE and claim is None and self.dispatcher.creates:
+            try:  # created and queued in one step, with whatever else this process submits meanwhile
+                job = self._create_queued(spec, device, kwargs["jobs"][0], record)
+            except Exception:
+                if waiter is not None:
+                    self.replies.forget(waiter)
+                raise
+            return job if waiter is None else self.replies.wait(waiter, job, wait_s)
         try:
             if kind == INFERENCE and self.rate_limit:
                 job = self._create_counted(record)
@@ -244,16 +252,46 @@ class Services:
         try:
             job, used = self.jobs.create_limited(self.rate_limit.counters(caller_id()), **record)
         except RateLimited as exc:
-            amount, window = self.rate_limit.items[exc.index]
-            raise ApiError(
-                429,
-                "too_many_requests",
-                f"rate limit exceeded ({amount} per {window} s for inference); retry after the "
-                "Retry-After header's seconds",
-                headers={"Retry-After": str(exc.retry_after_s)},
-            ) from None
+            raise self._too_many(exc) from None
         self.rate_limit.remember(used, self.rate_limit.items)
         return job
+
+    def _create_queued(self, spec: ModelSpec, device: str, work: dict[str, Any], record: dict[str, Any]) -> dict:
+        """An inference job created, counted against the caller's rate limit and queued in one Lua step shared with
+        the process's concurrent submissions (api/dispatch.py): one round trip for all of them."""
+        limits = self.rate_limit.counters(caller_id()) if self.rate_limit else []
+        entry = {key: value for key, value in record.items() if key != "idempotency"}
+        entry["limits"] = limits
+        try:
+            created = self.dispatcher.publish(
+                spec.id, device, work, coalesce=self._coalesces(spec, work), lane=self._lane(work), record=entry
+            )
+        except RateLimited as exc:
+            raise self._too_many(exc) from None
+        assert created is not None
+        job, used = created
+        if limits:
+            self.rate_limit.remember(used, self.rate_limit.items)
+        return job
+
+    def _too_many(self, exc: RateLimited) -> ApiError:
+        amount, window = self.rate_limit.items[exc.index]
+        return ApiError(
+            429,
+            "too_many_requests",
+            f"rate limit exceeded ({amount} per {window} s for inference); retry after the Retry-After header's "
+            "seconds",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+
+    @staticmethod
+    def _coalesces(spec: ModelSpec, work: dict[str, Any]) -> bool:
+        """Whether a job may share its message: streamed generations and batch requests travel alone."""
+        return spec.task != "text-generation" and not work.get("batch")
+
+    @staticmethod
+    def _lane(work: dict[str, Any]) -> str:
+        return work.get("priority", DEFAULT_LANE)
 
     @staticmethod
     def _message(
@@ -273,9 +311,9 @@ class Services:
         try:
             if kind == INFERENCE:
                 work = kwargs["jobs"][0]
-                coalesce = spec.task != "text-generation" and not work.get("batch")
-                lane = work.get("priority", DEFAULT_LANE)
-                self.dispatcher.publish(spec.id, device, work, coalesce=coalesce, lane=lane)
+                self.dispatcher.publish(
+                    spec.id, device, work, coalesce=self._coalesces(spec, work), lane=self._lane(work)
+                )
             else:
                 self.celery.send_task(
                     task,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from tasks.names import (
     DEAD_LETTER_QUEUES,
     INFLIGHT_HOLDERS,
     INFLIGHT_PREFIX,
+    LANES,
     METRICS_DEAD_LETTERS,
     QUEUED_PREFIX,
     RECENT_JOBS,
@@ -36,6 +38,7 @@ from tasks.names import (
     inflight_key,
     job_events_key,
     job_key,
+    lane_list,
     queued_key,
     worker_key,
 )
@@ -200,12 +203,15 @@ redis.call('ZADD', 'QUEUED_PREFIX' .. redis.call('HGET', key, 'device'), ARGV[3]
 return {payload, crashes}
 """
 
-# Jobs of one queue that have waited STALE seconds or more while the queue itself is empty: their message
-# is gone (a worker killed between taking it from the broker and starting it, or an API process between
-# creating the job and publishing it). Each is claimed for another STALE seconds (so several sweepers
-# queue it once) and returned with its payload. ARGV: queue, now, stale seconds, limit.
+# Jobs of one queue that have waited STALE seconds or more while the queue itself is empty (every priority lane's
+# list, KEYS): their message is gone (a worker killed between taking it from the broker and starting it, or, for a
+# job created before its message is sent — an Idempotency-Key, a broker of its own — an API process killed between
+# the two). Each is claimed for another STALE seconds (so several sweepers queue it once) and returned with its
+# payload. ARGV: queue, now, stale seconds, limit.
 _SWEEP_QUEUED = """
-if redis.call('LLEN', ARGV[1]) > 0 then return {} end
+for _, list in ipairs(KEYS) do
+  if redis.call('LLEN', list) > 0 then return {} end
+end
 local index = 'QUEUED_PREFIX' .. ARGV[1]
 local ids = redis.call('ZRANGEBYSCORE', index, '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]), 'LIMIT', 0, ARGV[4])
 local found = {}
@@ -348,6 +354,66 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return reply
 """
 
+# Create several queued jobs bound for one queue and push the one broker message that carries them, in one step: the
+# API's flat-combined submissions (api/dispatch.py) pay one round trip for all of them, and a job exists exactly when
+# its message is queued. KEYS: recent-jobs index, the queue's index of unstarted jobs, the broker list, then per job:
+# its key and one counter per limit. ARGV: the message, the number of jobs, then per job: job id, now, ttl, number of
+# limits n, (amount, window seconds) x n, number of field/value pairs m, the pairs. Every limit is checked first, the
+# jobs before it in this call counted: any job over a limit -> {0, {limit index, ms until its window ends} or {} per
+# job}, and nothing is written (the caller leaves the refused ones out and calls again). Else {1, {used...} per job}.
+_CREATE_MANY_PUSH = """
+local count = tonumber(ARGV[2])
+local jobs, pending, refused = {}, {}, false
+local a, k = 3, 4
+for j = 1, count do
+  local job = {key = KEYS[k], id = ARGV[a], now = ARGV[a + 1], ttl = tonumber(ARGV[a + 2]), limits = {}}
+  local n = tonumber(ARGV[a + 3])
+  a, k = a + 4, k + 1
+  local verdict = {}
+  for i = 1, n do
+    local key, amount, window = KEYS[k], tonumber(ARGV[a]), ARGV[a + 1]
+    job.limits[i] = {key, window}
+    local used = pending[key] or tonumber(redis.call('GET', key) or '0')
+    if #verdict == 0 and used >= amount then verdict = {i, redis.call('PTTL', key)} end
+    a, k = a + 2, k + 1
+  end
+  if #verdict == 0 then
+    for i = 1, n do
+      local key = job.limits[i][1]
+      pending[key] = (pending[key] or tonumber(redis.call('GET', key) or '0')) + 1
+    end
+  else
+    refused = true
+  end
+  job.verdict = verdict
+  local m = tonumber(ARGV[a])
+  job.first, job.last = a + 1, a + 2 * m
+  a = a + 1 + 2 * m
+  jobs[j] = job
+end
+if refused then
+  local reply = {}
+  for j = 1, count do reply[j] = jobs[j].verdict end
+  return {0, reply}
+end
+local reply = {}
+for j = 1, count do
+  local job = jobs[j]
+  local used = {}
+  for i = 1, #job.limits do
+    used[i] = redis.call('INCR', job.limits[i][1])
+    if used[i] == 1 then redis.call('EXPIRE', job.limits[i][1], job.limits[i][2]) end
+  end
+  redis.call('HSET', job.key, unpack(ARGV, job.first, job.last))
+  redis.call('EXPIRE', job.key, math.max(job.ttl, KEEP_UNFINISHED_S))
+  redis.call('ZADD', KEYS[1], job.now, job.id)
+  redis.call('ZADD', KEYS[2], job.now, job.id)
+  reply[j] = used
+end
+redis.call('LPUSH', KEYS[3], ARGV[1])
+return {1, reply}
+"""
+
 # An Idempotency-Key whose job could not be queued is freed (only if it still names that job): a failed creation
 # does not hold the key. KEYS: the key's record. ARGV: job id.
 _RELEASE_KEY = """
@@ -431,6 +497,7 @@ class JobStore:
         self._watch = client.register_script(_render(_WATCH))
         self._follow = client.register_script(_render(_FOLLOW))
         self._create_limited = client.register_script(_render(_CREATE_LIMITED))
+        self._create_many_push = client.register_script(_render(_CREATE_MANY_PUSH))
         self._sweep_queued = client.register_script(_render(_SWEEP_QUEUED))
         self._created = 0
 
@@ -516,6 +583,47 @@ class JobStore:
             raise IdempotencyConflict(_text(reply[1]), reused=int(reply[0]) == 3)
         self._trim_recent(now)
         return self._decode(fields), [int(v) for v in reply[1:]]
+
+    def create_and_push(
+        self,
+        device: str,
+        queue_list: str,
+        entries: list[dict[str, Any]],
+        build_message: Callable[[list[int]], bytes | None],
+    ) -> list[tuple[dict[str, Any], list[int]] | RateLimited]:
+        """Create queued jobs bound for `device` and push their one broker message onto `queue_list`, in one round
+        trip (another only when a job is refused). `entries`: create_limited's arguments (no `idempotency`), each
+        with its `limits`; `build_message(indexes)`: the message carrying the entries at those indexes (and any job
+        created before), None when it carries nothing. Returns per entry its job and the use of each limit, or the
+        RateLimited that refused it (it is in no message)."""
+        outcome: list[tuple[dict[str, Any], list[int]] | RateLimited | None] = [None] * len(entries)
+        optional = {"request_id": None, "owner": None, "notify": None}  # as create_limited's defaults
+        fields = [self._fields(**optional | {k: v for k, v in e.items() if k != "limits"}) for e in entries]
+        live = list(range(len(entries)))
+        while (message := build_message(live)) is not None:
+            keys: list[Any] = [RECENT_JOBS, queued_key(device), queue_list]
+            args: list[Any] = [message, len(live)]
+            for at in live:
+                entry, job = entries[at], fields[at]
+                keys.append(job_key(job["job_id"]))
+                args += [job["job_id"], job["created_at"], entry.get("ttl") or self.ttl_s, len(entry["limits"])]
+                for key, amount, window in entry["limits"]:
+                    keys.append(key)
+                    args += [amount, window]
+                args.append(len(job))
+                for key, value in job.items():
+                    args += [key, value]
+            reply = self._create_many_push(keys=keys, args=args)
+            if int(reply[0]) == 1:
+                for at, used in zip(live, reply[1]):
+                    self._trim_recent(float(fields[at]["created_at"]))
+                    outcome[at] = (self._decode(fields[at]), [int(v) for v in used])
+                break
+            for at, verdict in zip(list(live), reply[1]):
+                if verdict:
+                    outcome[at] = RateLimited(int(verdict[0]) - 1, int(verdict[1]))
+                    live.remove(at)
+        return outcome  # type: ignore[return-value]
 
     def _trim_recent(self, now: float, pipe: Any = None) -> None:
         """Bound the recent-jobs index (by count and by the result TTL), once per TRIM_EVERY creations."""
@@ -615,7 +723,8 @@ class JobStore:
 
     def sweep_queued(self, queue: str, stale_s: float, limit: int = 100) -> list[tuple[str, bytes]]:
         """Jobs of `queue` whose message is lost (see _SWEEP_QUEUED), claimed for another `stale_s`."""
-        flat = self._sweep_queued(args=[queue, repr(time.time()), stale_s, limit])
+        lanes = [lane_list(queue, lane) for lane in LANES]  # a message waiting in any lane is not lost
+        flat = self._sweep_queued(keys=lanes, args=[queue, repr(time.time()), stale_s, limit])
         return [(_text(flat[i]), _bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def finish_many(self, outcomes: list[dict[str, Any]]) -> list[bool]:

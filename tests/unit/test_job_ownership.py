@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from tasks.jobs import JobStore, requeue_payload
-from tasks.names import INFER, inflight_key, job_key, queued_key, worker_key
+from tasks.names import INFER, LANES, inflight_key, job_key, lane_list, queued_key, worker_key
 from tasks.states import FAILED
 
 
@@ -86,9 +86,10 @@ def test_queued_jobs_whose_message_is_lost_are_found_once_the_queue_is_empty(job
     fresh = jobs.create(kind="inference", model_id="m", device="cpu", payload=payload)["job_id"]
     ended = jobs.create(kind="inference", model_id="m", device="cpu", payload=payload, now=time.time() - 60)["job_id"]
     jobs.finish(ended, FAILED, error={"code": "x", "message": "y"})
-    jobs.redis.rpush("cpu", "a message")  # the queue still holds messages: nothing can be called lost
-    assert jobs.sweep_queued("cpu", stale_s=10) == []
-    jobs.redis.delete("cpu")
+    for lane in LANES:  # a lane of the queue still holds messages: nothing can be called lost
+        jobs.redis.rpush(lane_list("cpu", lane), "a message")
+        assert jobs.sweep_queued("cpu", stale_s=10) == []
+        jobs.redis.delete(lane_list("cpu", lane))
     assert jobs.sweep_queued("cpu", stale_s=10) == [(old, payload)]
     assert jobs.sweep_queued("cpu", stale_s=10) == []  # claimed for another 10 s: sent once
     assert set(jobs.redis.zrange(queued_key("cpu"), 0, -1)) == {old, fresh}
