@@ -2,9 +2,10 @@
 
 A waiting request registers its job id here and sleeps on an event; the job carries this process's
 reply channel (`notify`), and the Lua step that ends the job (in the worker's one round trip per
-finished batch) publishes the job's ending fields and result on that channel. One thread reads the channel and wakes the
-requests; nobody holds a blocking Redis read per request, and the answer needs no read-back of the
-job. The same connection also hears `models:changed`, which clears the API's short-lived caches.
+finished batch) publishes the job's ending fields and result on that channel, one message for all the
+jobs of a batch that this process waits for. One thread reads the channel and wakes the requests; nobody
+holds a blocking Redis read per request, and the answer needs no read-back of the job. The same
+connection also hears `models:changed`, which clears the API's short-lived caches.
 
 Pub/sub drops messages while the listener reconnects, so a waiter also re-reads its job every
 `RECHECK_S` seconds: a lost message costs latency, never an answer.
@@ -168,9 +169,13 @@ class ReplyListener:
         if message["channel"] == MODELS_CHANGED:
             self.on_models_changed(message["data"] or None)
             return
-        note = orjson.loads(message["data"])
+        # One job's ending is one JSON object; the jobs of a batch that ended together come as one array
+        # (tasks/jobs.py _TRANSITION_MANY), so a waiting batch costs this thread one read, not one per job.
+        decoded = orjson.loads(message["data"])
+        notes = decoded if isinstance(decoded, list) else (decoded,)
         with self._lock:
-            waiter = self._waiters.get(note["job_id"])
-        if waiter is not None:
-            waiter.note = note
-            waiter.event.set()
+            woken = [(self._waiters.get(note["job_id"]), note) for note in notes]
+        for waiter, note in woken:
+            if waiter is not None:
+                waiter.note = note
+                waiter.event.set()

@@ -63,6 +63,7 @@ KEEP_UNFINISHED_S = 3600
 # the result crosses the wire once — to every reply channel in the job's `notify` (the API processes
 # waiting for it), in the same step: only a job that really ended wakes anyone.
 _TRANSITION = """
+local function wake(channel, note) redis.call('PUBLISH', channel, note) end
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
 if $IS_TERMINAL(current) then
@@ -116,7 +117,7 @@ if ARGV[3] == 'done' then
       if ARGV[i] == 'result' then result = ARGV[i + 1] elseif ARGV[i] == 'error' then err = ARGV[i + 1] end
     end
     local note = string.sub(ARGV[4], 1, -2) .. ',"result":' .. result .. ',"error":' .. err .. '}'
-    for channel in string.gmatch(notify, '[^,]+') do redis.call('PUBLISH', channel, note) end
+    for channel in string.gmatch(notify, '[^,]+') do wake(channel, note) end
   end
   if hook then  -- its webhook delivery is due, durably, in the step that ends it (tasks/webhooks.py)
     local delivery = 'WEBHOOK_DELIVERY_PREFIX' .. 'DELIVERY_ID_PREFIX' .. job_id
@@ -154,6 +155,44 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
+
+
+def _many(script: str) -> str:
+    """A transition script made into one that runs it for several jobs in one call: KEYS are each job's two keys;
+    ARGV: the number of jobs, then per job the number of its arguments and the arguments. Returns each job's
+    outcome. The notes of the jobs it ends go out as ONE message per reply channel, a JSON array: an API process
+    waiting for a whole batch is woken by one message, not one per job (each cost its reply listener a pubsub
+    read and a decode, and Redis a PUBLISH)."""
+    body = script.split("\n", 2)[2]  # without its `wake` (the first line after the opening newline)
+    for plain, local in (("KEYS[", "K["), ("#ARGV", "#A"), ("unpack(ARGV", "unpack(A"), ("ARGV[", "A[")):
+        body = body.replace(plain, local)
+    return (
+        """
+local notes, channels = {}, {}
+local function wake(channel, note)
+  if not notes[channel] then notes[channel] = {}; table.insert(channels, channel) end
+  table.insert(notes[channel], note)
+end
+local function transition(K, A)
+"""
+        + body
+        + """end
+local outcomes, at = {}, 2
+for i = 1, tonumber(ARGV[1]) do
+  local count = tonumber(ARGV[at])
+  outcomes[i] = transition({KEYS[2 * i - 1], KEYS[2 * i]}, {unpack(ARGV, at + 1, at + count)})
+  at = at + 1 + count
+end
+for _, channel in ipairs(channels) do
+  redis.call('PUBLISH', channel, '[' .. table.concat(notes[channel], ',') .. ']')
+end
+return outcomes
+"""
+    )
+
+
+_TRANSITION_MANY = _many(_TRANSITION)
+
 
 # A dead worker's in-flight jobs, taken over by the reaper in one atomic step (so two reapers never both
 # take them): every job it was running goes back to `queued`, with its payload and in its queue's index of
@@ -489,6 +528,7 @@ class JobStore:
         self.dead_letter_spec = f"{int(dead_letter_ttl)} {int(dead_letter_max)}"
         self._release_key = client.register_script(_RELEASE_KEY)
         self._transition = client.register_script(_render(_TRANSITION))
+        self._transition_many = client.register_script(_render(_TRANSITION_MANY))
         self._reap = client.register_script(_render(_REAP))
         self._reclaim = client.register_script(_render(_RECLAIM))
         self._append_chunk = client.register_script(_render(_APPEND_CHUNK))
@@ -502,8 +542,9 @@ class JobStore:
         self._created = 0
 
     def _script_batch(self) -> ScriptBatch:
-        """Transitions, chunks and notes of several jobs in one round trip (tasks/script_batch.py)."""
-        return ScriptBatch(self.redis, (self._transition, self._append_chunk, self._append_status))
+        """Chunks and notes of several jobs in one round trip (tasks/script_batch.py); several jobs'
+        transitions are one script call instead (_transitions)."""
+        return ScriptBatch(self.redis, (self._append_chunk, self._append_status))
 
     # -- writes ------------------------------------------------------------------------------
     def _fields(
@@ -676,14 +717,22 @@ class JobStore:
         """One round trip for the (job id, payload) pairs of one message: each job's delivery count, 0 if it
         is not to run here."""
         started = repr(time.time())
-        pipe = self._script_batch()
-        for job_id, payload in jobs:
-            self._transition(
-                keys=[job_key(job_id), job_events_key(job_id)],
-                args=[RUNNING, str(self.ttl_s), "status", "", worker, payload, "started_at", started, "worker", worker],
-                client=pipe,
-            )
-        return [max(0, int(outcome)) for outcome in pipe.execute()]
+        calls = [
+            (job_id, [RUNNING, str(self.ttl_s), "status", "", worker, payload, "started_at", started, "worker", worker])
+            for job_id, payload in jobs
+        ]
+        return [max(0, int(outcome)) for outcome in self._transitions(calls)]
+
+    def _transitions(self, calls: list[tuple[str, list[Any]]]) -> list[int]:
+        """Several jobs' transitions (job id, the transition's ARGV) in one script call (_TRANSITION_MANY)."""
+        if not calls:
+            return []
+        keys: list[str] = []
+        args: list[Any] = [len(calls)]
+        for job_id, job_args in calls:
+            keys += [job_key(job_id), job_events_key(job_id)]
+            args += [len(job_args), *job_args]
+        return [int(outcome) for outcome in self._transition_many(keys=keys, args=args)]
 
     def mark_forward(self, job_ids: list[str], alone: bool) -> None:
         """These running jobs are now in a forward pass, on their own or shared: if the worker dies before
@@ -732,18 +781,20 @@ class JobStore:
         JSON as `result_json` bytes) or error, and optionally `note`: the JSON object of its ending fields
         (without result and error, which the script adds) for the API processes waiting for the job if it
         ends now. Returns, per job, whether it ended now."""
-        pipe = self._script_batch()
-        for item in outcomes:
-            self._call(
+        calls = [
+            (
                 item["job_id"],
-                item["status"],
-                "done",
-                self._final_values(item.get("result_json") or item.get("result"), item.get("error")),
-                note=item.get("note") or b"",
-                client=pipe,
-                dead=item.get("dead"),
+                self._transition_args(
+                    item["status"],
+                    "done",
+                    self._final_values(item.get("result_json") or item.get("result"), item.get("error")),
+                    item.get("note") or b"",
+                    item.get("dead"),
+                ),
             )
-        return [outcome == 1 for outcome in pipe.execute()]
+            for item in outcomes
+        ]
+        return [outcome == 1 for outcome in self._transitions(calls)]
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None) -> bool:
         """End the job once; later calls for an ended job change nothing and return False."""
@@ -770,16 +821,22 @@ class JobStore:
         event: str,
         values: dict[str, Any],
         note: bytes = b"",
-        client: Any = None,
         dead: str | None = None,
     ) -> Any:
         """`dead`: the job becomes a dead letter for this reason if it ends now (tasks/deadletters.py)."""
+        args = self._transition_args(status, event, values, note, dead)
+        return self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args)
+
+    def _transition_args(
+        self, status: str, event: str, values: dict[str, Any], note: bytes = b"", dead: str | None = None
+    ) -> list[Any]:
+        """_TRANSITION's ARGV for a transition to `status` writing `values` (see the script)."""
         if event == "done" and status not in TERMINAL:
             raise ValueError(f"{status!r} is not a final status")
         args: list[Any] = [status, str(self.ttl_s), event, note, dead or "", self.dead_letter_spec if dead else ""]
         for key, value in values.items():
             args += [key, value]
-        return self._transition(keys=[job_key(job_id), job_events_key(job_id)], args=args, client=client)
+        return args
 
     def watch(self, job_id: str, channel: str) -> dict[str, Any] | None:
         """The job as it stands; if it has not ended, `channel` is told when it does."""

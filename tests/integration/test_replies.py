@@ -4,6 +4,7 @@ the wake-up message is lost."""
 import threading
 import time
 
+import orjson
 import redis
 
 from api.replies import ReplyListener
@@ -28,6 +29,30 @@ def test_the_end_of_a_job_wakes_its_waiter_with_the_published_result(redis_serve
     assert ended["status"] == "succeeded" and ended["result"] == {"output": {"x": 1}}
     assert ended["created_at"] == job["created_at"]  # what the API knew, merged with the ending fields
     assert time.monotonic() - started < 1.0  # woken by the message, not by the once-a-second re-read
+
+
+def test_a_batch_that_ends_together_wakes_all_its_waiters_with_one_message(redis_server):
+    jobs = store(redis_server)
+    listener = ReplyListener(jobs.redis, jobs)
+    created = [
+        jobs.create(kind="inference", model_id="m", device="cpu", job_id=f"{i}" * 32, notify=listener.channel)
+        for i in range(3)
+    ]
+    waiters = [listener.expect(job["job_id"]) for job in created]
+    outcomes = [
+        {
+            "job_id": job["job_id"],
+            "status": SUCCEEDED,
+            "result": {"output": {"x": i}},
+            "note": orjson.dumps({"job_id": job["job_id"], "status": SUCCEEDED, "finished_at": time.time()}),
+        }
+        for i, job in enumerate(created)
+    ]
+    threading.Timer(0.2, lambda: jobs.finish_many(outcomes)).start()
+    started = time.monotonic()
+    ended = [listener.wait(waiter, job, 10) for waiter, job in zip(waiters, created, strict=True)]
+    assert [job["result"] for job in ended] == [{"output": {"x": i}} for i in range(3)]
+    assert time.monotonic() - started < 1.0  # all woken by the one message, none by the re-read
 
 
 def test_a_lost_wake_up_costs_at_most_the_recheck_interval(redis_server):

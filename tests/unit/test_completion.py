@@ -54,12 +54,35 @@ def test_a_success_is_written_once_with_its_result_timings_and_metrics(jobs, com
     assert job["status"] == SUCCEEDED and list(job["result"]["output"]["embedding"]) == [1.0, 1.0]
     assert job["result"]["timings"]["load_ms"] == 12.5 and job["result"]["timings"]["queue_ms"] >= 0
     assert not scratch_redis.exists(inflight_key("worker-a"))
-    note = orjson.loads(pubsub.get_message(timeout=2)["data"])
+    [note] = orjson.loads(pubsub.get_message(timeout=2)["data"])  # a batch's notes go out as one array
     assert note["status"] == SUCCEEDED and note["attempts"] == 1 and note["worker"] == "worker-a"
     taken = completion.metrics.take()
     assert taken  # counted in memory, flushed with the heartbeat
     completion.finish(INFERENCE, "m", [completion.failed(ctx, error_body(INTERNAL_ERROR, "late"))])
     assert jobs.get(ctx.job_id)["status"] == SUCCEEDED  # a job ends once
+
+
+def test_the_jobs_of_a_batch_wake_each_waiting_api_process_with_one_message(jobs, completion, scratch_redis):
+    first, second = running(jobs), running(jobs)
+    elsewhere = jobs.create(kind=INFERENCE, model_id="m", device="cpu", notify="other")
+    work = {"job_id": elsewhere["job_id"], "submitted_at": time.time()}
+    attempts = jobs.mark_running(
+        elsewhere["job_id"], "worker-a", requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": [work]})
+    )
+    third = JobContext(work, attempts, time.time())
+    pubsub = scratch_redis.pubsub()
+    pubsub.subscribe("chan", "other")
+    for _ in range(2):
+        pubsub.get_message(timeout=1)
+    output = {"output": {"embedding": np.ones(2, "f4")}}
+    endings = [completion.succeeded(SPEC, ctx, output, {"inference_ms": 1.0}) for ctx in (first, second, third)]
+    completion.finish(INFERENCE, "m", endings)
+    messages = {}
+    while (message := pubsub.get_message(timeout=1)) is not None:
+        messages.setdefault(message["channel"], []).append(orjson.loads(message["data"]))
+    assert [[note["job_id"] for note in notes] for notes in messages["chan"]] == [[first.job_id, second.job_id]]
+    assert [[note["job_id"] for note in notes] for notes in messages["other"]] == [[third.job_id]]
+    assert all(note["status"] == SUCCEEDED for notes in messages.values() for note in notes[0])
 
 
 def test_a_failure_and_an_expiry_carry_their_code(jobs, completion):
