@@ -73,8 +73,9 @@ def _wrk(port: int, clients: int, seconds: float) -> dict[str, float]:
     return {
         "requests": requests,
         "errors": errors,
-        "p50": ms(re.search(r"50%\s+(\S+)", out).group(1)),
-        "p99": ms(re.search(r"99%\s+(\S+)", out).group(1)),
+        # Anchored to wrk's "Latency Distribution" lines: "Req/Sec ... 77.50%" ends in "50%" too.
+        "p50": ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1)),
+        "p99": ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1)),
     }
 
 
