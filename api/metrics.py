@@ -3,7 +3,7 @@
 Three sources, one /metrics:
 * API request metrics, per API process. Under gunicorn (`manage.py api`) prometheus-client's
   multiprocess mode is on (PROMETHEUS_MULTIPROC_DIR), so N requests to any of the gunicorn
-  workers raise the counter by exactly N.
+  workers raise the counter by exactly N, within a second (api/request_tally.py counts them in memory).
 * worker-side job metrics (jobs by final status, queue wait, inference time, batch size), kept in
   Redis by every worker (tasks/metrics.py): they add up across all workers on all hosts.
 * cluster gauges read at scrape time: model memory per replica, active models, queue depth per
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from api.request_tally import RequestTally
 from tasks import metrics as worker_metrics
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
@@ -38,6 +39,7 @@ QUEUE_DEPTH = "aethercore_queue_depth"
 LANE_DEPTH = "aethercore_lane_queue_depth"
 LIVE_WORKERS = "aethercore_live_workers"
 STREAMS_OPEN = "aethercore_stream_connections"
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Completion webhooks (api/webhook_dispatcher.py) and dead letters (tasks/deadletters.py).
 WEBHOOK_DELIVERIES = "aethercore_webhook_deliveries_total"
 WEBHOOK_FAILURES = "aethercore_webhook_failures_total"
@@ -200,8 +202,9 @@ class ApiMetrics:
             "HTTP request duration",
             ["method", "endpoint"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=DURATION_BUCKETS,
         )
+        self.tally = RequestTally(self.requests_total, self.duration, DURATION_BUCKETS)
         self.streams = Gauge(
             STREAMS_OPEN,
             "Open streaming connections (WebSocket and SSE)",
@@ -220,11 +223,11 @@ class ApiMetrics:
         def _count(response: Response) -> Response:
             endpoint = request.url_rule.rule if request.url_rule else "unmatched"
             elapsed = time.perf_counter() - g.get("request_started", time.perf_counter())
-            self.requests_total.labels(request.method, endpoint, str(response.status_code)).inc()
-            self.duration.labels(request.method, endpoint).observe(elapsed)
+            self.tally.count(request.method, endpoint, str(response.status_code), elapsed)
             return response
 
     def response(self) -> Response:
+        self.tally.flush()  # this process's requests are in its own answer at once (others' within FLUSH_S)
         if self.multiprocess:
             from prometheus_client import multiprocess
 
