@@ -62,82 +62,86 @@ KEEP_UNFINISHED_S = 3600
 # object of the job's ending fields, completed here with the `result` and `error` values being written, so
 # the result crosses the wire once — to every reply channel in the job's `notify` (the API processes
 # waiting for it), in the same step: only a job that really ended wakes anyone.
-_TRANSITION = """
-local function wake(channel, note) redis.call('PUBLISH', channel, note) end
-local current = redis.call('HGET', KEYS[1], 'status')
+#
+# The step for one job, a Lua function of the job's keys (K) and arguments (A, the ARGV described above): run
+# for one job by _TRANSITION, for each job of a message or a batch by _TRANSITION_MANY, which differ only in how
+# `wake` sends the notes.
+_TRANSITION_STEP = """
+local function transition(K, A)
+local current = redis.call('HGET', K[1], 'status')
 if not current then return -1 end
 if $IS_TERMINAL(current) then
   return 0
 end
-local job_id = string.sub(KEYS[1], JOB_PREFIX_LEN + 1)
-local holder = redis.call('HGET', KEYS[1], 'holder')
-local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[2]  -- the job's own retention, if it asked for one
+local job_id = string.sub(K[1], JOB_PREFIX_LEN + 1)
+local holder = redis.call('HGET', K[1], 'holder')
+local ttl = redis.call('HGET', K[1], 'ttl') or A[2]  -- the job's own retention, if it asked for one
 -- A dead letter keeps what it takes to run the job again: its payload, before it leaves the job or the in-flight hash.
 local replay = ''
-if ARGV[3] == 'done' and ARGV[5] ~= '' then
-  replay = redis.call('HGET', KEYS[1], 'payload')
+if A[3] == 'done' and A[5] ~= '' then
+  replay = redis.call('HGET', K[1], 'payload')
     or (holder and redis.call('HGET', 'INFLIGHT_PREFIX' .. holder, job_id)) or ''
 end
-if ARGV[1] == $RUNNING then
+if A[1] == $RUNNING then
   if current ~= $QUEUED and current ~= $RUNNING then return 0 end
   if current == $RUNNING and holder and redis.call('EXISTS', 'WORKER_PREFIX' .. holder) == 1 then return 0 end
 end
 if current == $QUEUED then  -- it leaves the queue: no longer a candidate for re-queueing
-  redis.call('ZREM', 'QUEUED_PREFIX' .. redis.call('HGET', KEYS[1], 'device'), job_id)
-  redis.call('HDEL', KEYS[1], 'payload')
+  redis.call('ZREM', 'QUEUED_PREFIX' .. redis.call('HGET', K[1], 'device'), job_id)
+  redis.call('HDEL', K[1], 'payload')
 end
-if ARGV[1] == $RUNNING then
-  if holder and holder ~= ARGV[5] then redis.call('HDEL', 'INFLIGHT_PREFIX' .. holder, job_id) end
-  redis.call('HDEL', KEYS[1], 'pass')
-  redis.call('HSET', KEYS[1], 'status', $RUNNING, 'holder', ARGV[5], unpack(ARGV, 7))
-  redis.call('HSET', 'INFLIGHT_PREFIX' .. ARGV[5], job_id, ARGV[6])
-  redis.call('SADD', 'INFLIGHT_HOLDERS', ARGV[5])
-  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if A[1] == $RUNNING then
+  if holder and holder ~= A[5] then redis.call('HDEL', 'INFLIGHT_PREFIX' .. holder, job_id) end
+  redis.call('HDEL', K[1], 'pass')
+  redis.call('HSET', K[1], 'status', $RUNNING, 'holder', A[5], unpack(A, 7))
+  redis.call('HSET', 'INFLIGHT_PREFIX' .. A[5], job_id, A[6])
+  redis.call('SADD', 'INFLIGHT_HOLDERS', A[5])
+  local attempts = redis.call('HINCRBY', K[1], 'attempts', 1)
   -- Kept while it runs even if its own retention is shorter (the retention counts from its end).
-  redis.call('EXPIRE', KEYS[1], math.max(tonumber(ttl), KEEP_UNFINISHED_S))
+  redis.call('EXPIRE', K[1], math.max(tonumber(ttl), KEEP_UNFINISHED_S))
   return attempts
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 7))
-if ARGV[3] == 'done' then
+redis.call('HSET', K[1], 'status', A[1], unpack(A, 7))
+if A[3] == 'done' then
   if holder then
     redis.call('HDEL', 'INFLIGHT_PREFIX' .. holder, job_id)
-    redis.call('HDEL', KEYS[1], 'holder')
+    redis.call('HDEL', K[1], 'holder')
   end
   -- A job nobody follows that streamed nothing has no event stream: its `done` would cost ~4.7 KB of Redis
   -- (a stream's first node) for no reader. A follower marks the job `followed` first (_FOLLOW).
-  if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('HEXISTS', KEYS[1], 'followed') == 1 then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', ARGV[1])
+  if redis.call('EXISTS', K[2]) == 1 or redis.call('HEXISTS', K[1], 'followed') == 1 then
+    redis.call('XADD', K[2], 'MAXLEN', '~', 100000, '*', 'type', 'done', 'status', A[1])
   end
   -- One read for both: the API processes waiting for it, and its webhook (a job without one costs nothing more).
-  local ending = redis.call('HMGET', KEYS[1], 'notify', 'webhook')
+  local ending = redis.call('HMGET', K[1], 'notify', 'webhook')
   local notify, hook = ending[1], ending[2]
-  if notify and ARGV[4] ~= '' then
+  if notify and A[4] ~= '' then
     local result, err = 'null', 'null'
-    for i = 7, #ARGV - 1, 2 do
-      if ARGV[i] == 'result' then result = ARGV[i + 1] elseif ARGV[i] == 'error' then err = ARGV[i + 1] end
+    for i = 7, #A - 1, 2 do
+      if A[i] == 'result' then result = A[i + 1] elseif A[i] == 'error' then err = A[i + 1] end
     end
-    local note = string.sub(ARGV[4], 1, -2) .. ',"result":' .. result .. ',"error":' .. err .. '}'
+    local note = string.sub(A[4], 1, -2) .. ',"result":' .. result .. ',"error":' .. err .. '}'
     for channel in string.gmatch(notify, '[^,]+') do wake(channel, note) end
   end
   if hook then  -- its webhook delivery is due, durably, in the step that ends it (tasks/webhooks.py)
     local delivery = 'WEBHOOK_DELIVERY_PREFIX' .. 'DELIVERY_ID_PREFIX' .. job_id
-    redis.call('HSET', delivery, 'kind', 'job', 'ref', job_id, 'webhook', hook, 'event', ARGV[1],
-      'queue', redis.call('HGET', KEYS[1], 'device') or '')
+    redis.call('HSET', delivery, 'kind', 'job', 'ref', job_id, 'webhook', hook, 'event', A[1],
+      'queue', redis.call('HGET', K[1], 'device') or '')
     redis.call('EXPIRE', delivery, KEEP_DELIVERY_S)
     redis.call('ZADD', 'WEBHOOKS_DUE', 'NX', 0, 'DELIVERY_ID_PREFIX' .. job_id)
   end
-  if ARGV[5] ~= '' then  -- a dead letter (tasks/deadletters.py), bounded per queue by count and retention
+  if A[5] ~= '' then  -- a dead letter (tasks/deadletters.py), bounded per queue by count and retention
     local now = redis.call('TIME')
     now = tonumber(now[1]) + tonumber(now[2]) / 1000000
-    local keep, most = string.match(ARGV[6], '^(%d+) (%d+)$')
-    local info = redis.call('HMGET', KEYS[1], 'device', 'kind', 'model_id', 'owner', 'request_id')
+    local keep, most = string.match(A[6], '^(%d+) (%d+)$')
+    local info = redis.call('HMGET', K[1], 'device', 'kind', 'model_id', 'owner', 'request_id')
     local queue = info[1] or 'unknown'
     local err = ''
-    for i = 7, #ARGV - 1, 2 do
-      if ARGV[i] == 'error' then err = ARGV[i + 1] end
+    for i = 7, #A - 1, 2 do
+      if A[i] == 'error' then err = A[i + 1] end
     end
     local entry = 'DEAD_ENTRY_PREFIX' .. job_id
-    redis.call('HSET', entry, 'job_id', job_id, 'queue', queue, 'reason', ARGV[5],
+    redis.call('HSET', entry, 'job_id', job_id, 'queue', queue, 'reason', A[5],
       'dead_at', string.format('%.6f', now), 'kind', info[2] or '', 'model_id', info[3] or '',
       'owner', info[4] or '', 'request_id', info[5] or '',
       'error', err, 'payload', replay, 'webhook', hook or '')
@@ -148,35 +152,35 @@ if ARGV[3] == 'done' then
     redis.call('ZREMRANGEBYRANK', index, 0, -tonumber(most) - 1)
     redis.call('EXPIRE', index, keep)
     redis.call('SADD', 'DEAD_LETTER_QUEUES', queue)
-    redis.call('HINCRBY', 'METRICS_DEAD_LETTERS', queue .. '|' .. ARGV[5], 1)
+    redis.call('HINCRBY', 'METRICS_DEAD_LETTERS', queue .. '|' .. A[5], 1)
   end
 end
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', K[1], ttl)
+redis.call('EXPIRE', K[2], ttl)
 return 1
+end
 """
 
+_TRANSITION = (
+    "local function wake(channel, note) redis.call('PUBLISH', channel, note) end\n"
+    + _TRANSITION_STEP
+    + "return transition(KEYS, ARGV)\n"
+)
 
-def _many(script: str) -> str:
-    """A transition script made into one that runs it for several jobs in one call: KEYS are each job's two keys;
-    ARGV: the number of jobs, then per job the number of its arguments and the arguments. Returns each job's
-    outcome. The notes of the jobs it ends go out as ONE message per reply channel, a JSON array: an API process
-    waiting for a whole batch is woken by one message, not one per job (each cost its reply listener a pubsub
-    read and a decode, and Redis a PUBLISH)."""
-    body = script.split("\n", 2)[2]  # without its `wake` (the first line after the opening newline)
-    for plain, local in (("KEYS[", "K["), ("#ARGV", "#A"), ("unpack(ARGV", "unpack(A"), ("ARGV[", "A[")):
-        body = body.replace(plain, local)
-    return (
-        """
+# Several jobs in one call: KEYS are each job's two keys; ARGV the number of jobs, then per job the number of its
+# arguments and the arguments. Returns each job's outcome. The notes of the jobs it ends go out as ONE message per
+# reply channel, a JSON array: an API process waiting for a whole batch is woken by one message, not one per job
+# (each cost its reply listener a pubsub read and a decode, and Redis a PUBLISH).
+_TRANSITION_MANY = (
+    """
 local notes, channels = {}, {}
 local function wake(channel, note)
   if not notes[channel] then notes[channel] = {}; table.insert(channels, channel) end
   table.insert(notes[channel], note)
 end
-local function transition(K, A)
 """
-        + body
-        + """end
+    + _TRANSITION_STEP
+    + """
 local outcomes, at = {}, 2
 for i = 1, tonumber(ARGV[1]) do
   local count = tonumber(ARGV[at])
@@ -188,10 +192,7 @@ for _, channel in ipairs(channels) do
 end
 return outcomes
 """
-    )
-
-
-_TRANSITION_MANY = _many(_TRANSITION)
+)
 
 
 # A dead worker's in-flight jobs, taken over by the reaper in one atomic step (so two reapers never both
