@@ -11,6 +11,11 @@ from redis.sentinel import Sentinel
 
 CONNECT_TIMEOUT_S = 1.0
 SOCKET_TIMEOUT_S = 5.0
+# One connection per thread that talks to Redis at the same moment: an API process has AETHERCORE_API_THREADS
+# (256 by default) request threads plus its listeners. redis-py 8 caps a pool at 100 by default and fails the
+# 101st concurrent command at once ("Too many connections"), which answered requests 503 under a burst of
+# streams; this bound is far above any thread count, and Redis's own `maxclients` stays the real limit.
+MAX_CONNECTIONS = 8192
 
 
 def sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], int]:
@@ -32,6 +37,7 @@ def make_redis(url: str, sentinel_master: str = "mymaster", **kwargs) -> redis.R
         "decode_responses": True,
         # redis-py 8 retries failed commands by default; one quick retry keeps failures fast.
         "retry": Retry(NoBackoff(), 1),
+        "max_connections": MAX_CONNECTIONS,
     }
     options.update(kwargs)
     if url.startswith("sentinel://"):
