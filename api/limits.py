@@ -22,20 +22,10 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
-from flask import g
-
 from api.errors import ApiError
-from api.ratelimit import caller_id
-from config.roles import ADMIN, OPERATOR
+from api.ratelimit import caller_id, limited_per_caller
 
 RETRY_AFTER_S = 5
-
-
-def _capped_per_caller() -> bool:
-    """Whether this request's caller counts against AETHERCORE_MAX_STREAMS_PER_CALLER: everyone but an
-    authenticated admin or operator."""
-    who = g.get("principal")
-    return who is None or who.id == "anonymous" or who.role not in (ADMIN, OPERATOR)
 
 
 class Slot:
@@ -70,7 +60,7 @@ class LongRequests:
 
     def take(self, caller: str | None = None) -> Slot:
         """Admit one long-held request of `caller` (default: this request's caller), or raise the 429/503."""
-        capped = caller is not None or _capped_per_caller()
+        capped = caller is not None or limited_per_caller()
         caller = caller or caller_id()
         with self._lock:
             mine = self._held.get(caller, 0)

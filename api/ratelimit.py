@@ -4,6 +4,11 @@ the job (tasks/jobs.py `create_limited`), so a /serve request pays no separate r
 Every other endpoint is limited by flask-limiter (api/security.py) with the same AETHERCORE_RATE_LIMIT,
 per endpoint; the inference endpoints (/serve, /serve/batch, WS /serve/stream) share one counter per
 caller. Fixed windows: a counter starts with the caller's first request and expires a window later.
+
+Authenticated admins and operators are not limited per caller (`limited_per_caller`): they run the service, and
+their load generators, dashboards and scripts must not be throttled by the limit that keeps tenants fair (the
+same rule exempts them from the per-caller stream cap, api/limits.py). Anonymous callers (auth off) are limited
+by address.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import limits
 from flask import Flask, g
 from flask_limiter.util import get_remote_address
 
+from config.roles import ADMIN, OPERATOR
 from tasks.names import rate_limit_key
 
 # The endpoints whose submissions are counted here rather than by flask-limiter.
@@ -24,6 +30,13 @@ def caller_id() -> str:
     """Who a rate limit counts: the API key or JWT subject, else the client's address."""
     who = g.get("principal")
     return who.id if who is not None and who.id != "anonymous" else get_remote_address()
+
+
+def limited_per_caller() -> bool:
+    """Whether this request's caller counts against the per-caller limits: everyone but an authenticated admin or
+    operator."""
+    who = g.get("principal")
+    return who is None or who.id == "anonymous" or who.role not in (ADMIN, OPERATOR)
 
 
 class InferenceRateLimit:

@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from api.auth import Authenticator, FailedAuthLimit, KeyStore
 from api.errors import ApiError
 from api.files import upload_limit
-from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers
+from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers, limited_per_caller
 from config.settings import Settings
 from tasks.redis_client import sentinel_hosts
 
@@ -88,7 +88,10 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
             swallow_errors=True,
             # Inference submissions are counted with the job's creation (api/ratelimit.py).
             default_limits_exempt_when=lambda: (
-                _is_open(settings) or request.url_rule is None or request.endpoint in INFERENCE_ENDPOINTS
+                _is_open(settings)
+                or request.url_rule is None
+                or request.endpoint in INFERENCE_ENDPOINTS
+                or not limited_per_caller()
             ),
         )
         # ... and skipped before flask-limiter resolves any limit for them (5 % of an API process's CPU per

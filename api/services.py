@@ -16,7 +16,7 @@ from api.dispatch import InferenceDispatcher
 from api.errors import ApiError
 from api.idempotency import current_claim, replayed_conflict
 from api.limits import LongRequests
-from api.ratelimit import InferenceRateLimit, caller_id
+from api.ratelimit import InferenceRateLimit, caller_id, limited_per_caller
 from api.replies import ReplyListener
 from api.request_id import current_request_id
 from api.stream_hub import StreamHub
@@ -213,7 +213,7 @@ class Services:
                 raise
             return job if waiter is None else self.replies.wait(waiter, job, wait_s)
         try:
-            if kind == INFERENCE and self.rate_limit:
+            if kind == INFERENCE and self.rate_limit and limited_per_caller():
                 job = self._create_counted(record)
             else:
                 job = self.jobs.create(**record)
@@ -259,7 +259,7 @@ class Services:
     def _create_queued(self, spec: ModelSpec, device: str, work: dict[str, Any], record: dict[str, Any]) -> dict:
         """An inference job created, counted against the caller's rate limit and queued in one Lua step shared with
         the process's concurrent submissions (api/dispatch.py): one round trip for all of them."""
-        limits = self.rate_limit.counters(caller_id()) if self.rate_limit else []
+        limits = self.rate_limit.counters(caller_id()) if self.rate_limit and limited_per_caller() else []
         entry = {key: value for key, value in record.items() if key != "idempotency"}
         entry["limits"] = limits
         try:

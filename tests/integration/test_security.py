@@ -228,6 +228,26 @@ def test_inference_rate_limit_is_counted_with_the_job_and_refuses_without_creati
     assert after - before == 3  # the refused request created no job
 
 
+def test_the_people_who_run_the_service_are_not_limited_per_caller(main_redis_url, main_worker):
+    """A tenant's limit must not throttle the operators' load generators and dashboards (the same rule as the
+    per-caller stream cap): past a user's limit, an admin's or operator's submissions and reads still pass."""
+    settings = settings_for(main_redis_url, rate_limit="4/minute")  # a limit (counter) no other test uses
+    redis = make_redis(main_redis_url)
+    for pattern in ("*:ratelimit:*:4/60", "LIMITER*/4/1/minute"):  # a rerun within the minute starts afresh
+        for counter in redis.scan_iter(pattern):
+            redis.delete(counter)
+    body = {"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}}
+    user = client_for(settings, USER_KEY)
+    assert [user.post("/serve", json=body).status_code for _ in range(5)] == [202] * 4 + [429]
+    assert [user.get("/models").status_code for _ in range(5)] == [200] * 4 + [429]
+    admin = client_for(settings, ADMIN_KEY)
+    served = [admin.post("/serve", json=body) for _ in range(6)]
+    assert [a.status_code for a in served] == [202] * 6
+    assert all("X-RateLimit-Remaining" not in a.headers for a in served)
+    for key in (ADMIN_KEY, OPERATOR_KEY):  # an operator may not serve (403), but reads everything
+        assert [client_for(settings, key).get("/models").status_code for _ in range(6)] == [200] * 6, key
+
+
 def test_the_openapi_document_declares_the_credentials_and_the_role_of_every_operation(client):
     """Swagger UI's Authorize button and generated clients work from this: each operation either needs no
     credentials (probes, metrics) or names the schemes it takes and the roles allowed."""
