@@ -16,6 +16,18 @@ from collections.abc import Callable
 
 from loguru import logger
 
+# This process's pid, kept current across fork: `ensure` runs several times per request, and os.getpid() is a
+# system call each time.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 class PerProcessThread:
     def __init__(self, name: str, target: Callable[[], None], reset: Callable[[], None]) -> None:
@@ -29,7 +41,7 @@ class PerProcessThread:
     def ensure(self) -> bool:
         """Start the thread if this process has none yet, or if it died; True if it was started by this call
         (`reset` runs only for a new process: a restarted thread finds its owner's state as it was)."""
-        pid = os.getpid()
+        pid = _pid
         if self._pid == pid and self._thread is not None and self._thread.is_alive():
             return False
         with self._lock:

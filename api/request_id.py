@@ -4,7 +4,7 @@ bound to every log line of the request, stored on the jobs it creates and logged
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
 
 from flask import Flask, Response, g, request
 from loguru import logger
@@ -23,7 +23,7 @@ def init_request_id(app: Flask) -> None:
 
     def with_request_id(environ, start_response):
         supplied = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = supplied if _VALID.match(supplied) else uuid.uuid4().hex
+        request_id = supplied if _VALID.match(supplied) else secrets.token_hex(16)
         environ[_ENVIRON_KEY] = request_id
         with logger.contextualize(request_id=request_id):
             return wsgi_app(environ, start_response)
@@ -32,7 +32,7 @@ def init_request_id(app: Flask) -> None:
 
     @app.before_request
     def _assign() -> None:
-        g.request_id = request.environ.get(_ENVIRON_KEY) or uuid.uuid4().hex
+        g.request_id = request.environ.get(_ENVIRON_KEY) or secrets.token_hex(16)
 
     @app.after_request
     def _echo(response: Response) -> Response:

@@ -11,8 +11,8 @@ after the last transition.
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -479,7 +479,8 @@ def _bytes(value: Any) -> bytes:
 
 
 def new_job_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, uuid4().hex's shape without building a UUID (two ids per request).
+    return secrets.token_hex(16)
 
 
 def iso(ts: float | None) -> str | None:
