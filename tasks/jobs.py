@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import redis
+from loguru import logger
 
 from tasks.errors import CANCELLED as CANCELLED_CODE
 from tasks.errors import error_body
@@ -50,6 +51,8 @@ from tasks.webhooks import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S
 # A job that has not ended is kept at least this long, whatever its own (shorter) retention: the retention
 # counts from its end.
 KEEP_UNFINISHED_S = 3600
+# A transition's outcome for a job whose record breaks the script (JobStore._transitions): it does not run, nor end.
+BROKEN = -2
 
 # ARGV: status, ttl, event ('status' | 'done'), wake note ('' for none), holder, payload, then field/value pairs.
 # For a `done` transition the 5th and 6th are instead the dead-letter reason ('' for none) and "retention max".
@@ -181,10 +184,23 @@ end
 """
     + _TRANSITION_STEP
     + """
+-- A job whose record breaks its step (overwritten with another type, a field that is not a number) would fail the
+-- whole call, on every retry, stopping every job after it: it is caught here instead, its outcome is
+-- {$BROKEN, the error} and the others go on. A refusal that passes (Redis at its maxmemory, loading, a replica)
+-- still fails the call, which its caller retries; it comes at the first write, before any step was taken.
+local passing = {'OOM', 'READONLY', 'LOADING', 'BUSY', 'MASTERDOWN', 'TRYAGAIN', 'NOREPLICAS'}
 local outcomes, at = {}, 2
 for i = 1, tonumber(ARGV[1]) do
   local count = tonumber(ARGV[at])
-  outcomes[i] = transition({KEYS[2 * i - 1], KEYS[2 * i]}, {unpack(ARGV, at + 1, at + count)})
+  local ok, outcome = pcall(transition, {KEYS[2 * i - 1], KEYS[2 * i]}, {unpack(ARGV, at + 1, at + count)})
+  if not ok then
+    local text = type(outcome) == 'table' and outcome.err or tostring(outcome)
+    for _, word in ipairs(passing) do
+      if string.sub(text, 1, #word) == word then error(outcome) end
+    end
+    outcome = {$BROKEN, text}
+  end
+  outcomes[i] = outcome
   at = at + 1 + count
 end
 for _, channel in ipairs(channels) do
@@ -278,6 +294,7 @@ def _render(script: str) -> str:
         script,
     )
     script = script.replace("$QUEUED", f"'{QUEUED}'").replace("$RUNNING", f"'{RUNNING}'")
+    script = script.replace("$BROKEN", str(BROKEN))
     return (
         script.replace("JOB_PREFIX_LEN", str(len(job_key(""))))
         .replace("JOB_PREFIX", job_key(""))
@@ -734,7 +751,15 @@ class JobStore:
         for job_id, job_args in calls:
             keys += [job_key(job_id), job_events_key(job_id)]
             args += [len(job_args), *job_args]
-        return [int(outcome) for outcome in self._transition_many(keys=keys, args=args)]
+        outcomes = []
+        for (job_id, _), outcome in zip(calls, self._transition_many(keys=keys, args=args)):
+            if isinstance(outcome, list):  # [BROKEN, the error]: see _TRANSITION_MANY
+                logger.bind(job_id=job_id).error(
+                    "job {}'s record breaks its transition ({}); left as it stands", job_id, outcome[1]
+                )
+                outcome = BROKEN
+            outcomes.append(int(outcome))
+        return outcomes
 
     def mark_forward(self, job_ids: list[str], alone: bool) -> None:
         """These running jobs are now in a forward pass, on their own or shared: if the worker dies before

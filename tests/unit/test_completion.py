@@ -14,9 +14,9 @@ import pytest
 from tasks.errors import INTERNAL_ERROR, INVALID_INPUT, MODEL_EVICTED, MODEL_UNLOADED, error_body
 from tasks.jobs import JobStore, requeue_payload
 from tasks.metrics import LocalMetrics
-from tasks.names import INFER, inflight_key
+from tasks.names import INFER, inflight_key, job_key
 from tasks.states import EXPIRED, FAILED, INFERENCE, SUCCEEDED
-from workers.completion import Completion, JobContext, classify
+from workers.completion import RESULT_WRITE_RETRY_S, Completion, JobContext, classify
 from workers.model_process import ModelGone, evicted, unloaded
 from workers.runtimes.base import InvalidInput
 
@@ -113,6 +113,37 @@ def test_a_batch_of_ends_is_one_call_and_each_job_ends():
     contexts = [JobContext({"job_id": f"j{i}"}, 1, time.time()) for i in range(3)]
     completion.finish(INFERENCE, "m", [completion.failed(c, error_body(INVALID_INPUT, "x")) for c in contexts])
     assert store.calls == [["j0", "j1", "j2"]]
+
+
+def test_a_damaged_job_record_costs_only_its_own_job_not_its_batch(jobs, completion, scratch_redis):
+    """A job whose record breaks the batch's script (here overwritten with a string: WRONGTYPE at its first read)
+    would stop it, and every retry of it, for all the jobs after it: the other jobs still end, at once, in the
+    same call, and the completion thread goes on."""
+    first, broken, last = running(jobs), running(jobs), running(jobs)
+    scratch_redis.delete(job_key(broken.job_id))
+    scratch_redis.set(job_key(broken.job_id), "not a job record")
+    pubsub = scratch_redis.pubsub()
+    pubsub.subscribe("chan")
+    pubsub.get_message(timeout=1)
+    output = {"output": {"embedding": np.ones(2, "f4")}}
+    endings = [completion.succeeded(SPEC, ctx, output, {"inference_ms": 1.0}) for ctx in (first, broken, last)]
+    started = time.monotonic()
+    completion.finish(INFERENCE, "m", endings)
+    assert time.monotonic() - started < RESULT_WRITE_RETRY_S / 10  # not held in the retry loop
+    assert jobs.get(first.job_id)["status"] == SUCCEEDED and jobs.get(last.job_id)["status"] == SUCCEEDED
+    notes = orjson.loads(pubsub.get_message(timeout=2)["data"])  # still one message for the batch
+    assert [note["job_id"] for note in notes] == [first.job_id, last.job_id]
+
+
+def test_a_damaged_job_record_does_not_stop_the_rest_of_its_message_from_starting(jobs, scratch_redis):
+    """Marking a message's jobs running is one script too: the job whose record breaks it is skipped (not
+    run, logged), the others start."""
+    ids = [jobs.create(kind=INFERENCE, model_id="m", device="cpu")["job_id"] for _ in range(3)]
+    scratch_redis.delete(job_key(ids[1]))
+    scratch_redis.set(job_key(ids[1]), "not a job record")
+    payload = requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": []})
+    assert jobs.mark_running_many([(job_id, payload) for job_id in ids], "worker-a") == [1, 0, 1]
+    assert [jobs.get(ids[0])["status"], jobs.get(ids[2])["status"]] == ["running", "running"]
 
 
 def test_the_job_context_reads_its_job():
