@@ -17,6 +17,9 @@ from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, metric, wait_unt
 def test_request_counter_adds_up_across_gunicorn_workers(main_redis_url, main_worker):
     api = ApiProcess(main_redis_url, name="api-3-workers", AETHERCORE_WORKERS="3").start()
     try:
+        # The readiness probes start() sent are counted in whichever process served them, and written within
+        # FLUSH_S: let them reach the exposition before the baseline is read.
+        time.sleep(FLUSH_S + 0.5)
         before = requests.get(f"{api.base}/metrics", timeout=5).text
         for _ in range(60):
             # A new connection each time, so the requests spread over the gunicorn workers.
