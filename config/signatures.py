@@ -17,8 +17,22 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# OIP datatypes a tensor model may declare (BYTES is the text datatype).
-TENSOR_DATATYPES = ("BOOL", "UINT8", "INT8", "INT32", "INT64", "FP16", "FP32", "FP64")
+# OIP datatypes a tensor model may declare (BYTES is the text datatype): every numeric one of the protocol but
+# BF16, which numpy cannot hold.
+TENSOR_DATATYPES = (
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+)
 DATATYPES = (*TENSOR_DATATYPES, "BYTES")
 # The bounds of any tensor a request gives, in every protocol (/serve, /serve/batch, the WebSocket, OIP JSON and
 # binary), checked by `checked_shape` before any arithmetic on the shape, and again by the model process.
@@ -149,7 +163,11 @@ def shape_error(name: str, shape: list[int] | tuple[int, ...], expected: tuple[i
 # The values each integer datatype holds: a number outside them is refused here, not overflowed in the worker.
 INTEGER_RANGES = {
     "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
     "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
     "INT32": (-(2**31), 2**31 - 1),
     "INT64": (-(2**63), 2**63 - 1),
 }

@@ -19,7 +19,21 @@ from model_store.paths import ModelPathForbidden, ModelUnavailable, resolve_mode
 SIGNATURE_FILE = "signature.json"
 
 # onnx.TensorProto element types -> OIP datatypes
-_ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64"}
+_ONNX_TYPES = {
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "BYTES",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
+}
 
 
 def artifact_signature(spec: ModelSpec, settings: Settings) -> Signature | None:

@@ -5,8 +5,9 @@ import pytest
 
 from config.models import load_models
 from config.settings import Settings
+from config.signatures import TENSOR_DATATYPES
 from model_store.bootstrap import minilm_source_dir
-from tasks.tensors import pack
+from tasks.tensors import DTYPES, pack
 from workers.runtimes import InvalidInput, create_runtime
 
 SENTENCES = ["Hello world", "AetherCore keeps models resident in worker memory.", "short", "a " * 40]
@@ -148,3 +149,17 @@ def test_every_packable_datatype_is_accepted_by_the_model_process():
         assert decode_tensor("x", pack(array), "FP32").dtype == dtype, name
         assert decode_tensor("x", {"datatype": name, "shape": [2, 3], "data": [0] * 6}, "FP32").dtype == dtype
         assert encode_tensor(array)["datatype"] == name
+
+
+def test_every_numeric_datatype_a_model_may_declare_is_read_from_an_onnx_graph():
+    """An ONNX input of any OIP numeric type gets that datatype in the model's signature, read from the graph
+    without loading it (model_store/signatures.py) and from the loaded session (the runtime's describe)."""
+    import onnx
+
+    from model_store.signatures import _ONNX_TYPES
+    from workers.runtimes.onnx import _ORT_TYPES
+
+    assert set(_ORT_TYPES.values()) == set(TENSOR_DATATYPES)
+    for code, datatype in _ONNX_TYPES.items():
+        assert onnx.helper.tensor_dtype_to_np_dtype(code) == DTYPES.get(datatype, np.dtype(object)), datatype
+    assert set(_ONNX_TYPES.values()) == {*TENSOR_DATATYPES, "BYTES"}

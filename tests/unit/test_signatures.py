@@ -111,3 +111,23 @@ def test_tensor_requests_against_the_signature(inputs, field, needle):
         assert errors == {}
     else:
         assert needle in errors[field][0], errors
+
+
+@pytest.mark.parametrize(
+    "datatype,fits,too_big",
+    [
+        ("UINT16", 65535, 65536),
+        ("UINT32", 2**32 - 1, 2**32),
+        ("UINT64", 2**64 - 1, 2**64),
+        ("INT16", -32768, 32768),
+    ],
+)
+def test_every_integer_datatype_of_the_protocol_is_declared_and_bounded(datatype, fits, too_big):
+    """A model may declare any OIP integer datatype (an ONNX graph's uint16 input included); a value outside it is
+    refused by the API, not overflowed in the worker."""
+    signature = Signature(
+        (TensorSpec("ids", datatype, (-1,)),), (), DECLARED
+    )  # as models.yaml's `inputs:` would declare it
+    assert tensor_input_errors(signature, {"ids": {"datatype": datatype, "data": [0, fits]}}) == {}
+    errors = tensor_input_errors(signature, {"ids": {"datatype": datatype, "data": [0, too_big]}})
+    assert "whole numbers from" in errors["inputs.ids"][0], errors

@@ -19,7 +19,11 @@ _ORT_TYPES = {
     "tensor(float16)": "FP16",
     "tensor(int64)": "INT64",
     "tensor(int32)": "INT32",
+    "tensor(int16)": "INT16",
     "tensor(int8)": "INT8",
+    "tensor(uint64)": "UINT64",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint16)": "UINT16",
     "tensor(uint8)": "UINT8",
     "tensor(bool)": "BOOL",
 }
