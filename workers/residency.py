@@ -11,11 +11,13 @@
   `retire`).
 * reconcile: on a control message for this device (or every few seconds) the resident set is made equal to the
   desired set for this device: how a load reaches every replica and how a worker started later picks up the
-  models that are meant to be loaded.
+  models that are meant to be loaded. An unload it starts drains on a thread of its own: a drain lasts up to
+  AETHERCORE_UNLOAD_DRAIN, and meanwhile the next passes must still load, unload and evict other models.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +57,8 @@ class Residency:
         self.cache = cache
         self.publish = publish
         self.failures: dict[str, dict[str, Any]] = {}  # model id -> this worker's last failed load
+        self._unloading: set[str] = set()  # models whose unload reconcile started and that still drain
+        self._unloading_lock = threading.Lock()
 
     # -- loading -----------------------------------------------------------------------------
     def ensure_loaded(self, spec: ModelSpec, generation: int) -> RemoteRuntime:
@@ -133,7 +137,25 @@ class Residency:
                 continue
             current = self.cluster.desired(model_id)
             if current is None or current["device"] != self.device:
-                self.unload(model_id, force=bool(current is None and self._forced(model_id)))
+                self._unload_aside(model_id, force=bool(current is None and self._forced(model_id)))
+
+    def _unload_aside(self, model_id: str, force: bool) -> None:
+        """Unload on a thread of its own (once per model at a time), so the drain holds up no other model."""
+        with self._unloading_lock:
+            if model_id in self._unloading:
+                return
+            self._unloading.add(model_id)
+
+        def unload() -> None:
+            try:
+                self.unload(model_id, force)
+            except Exception:
+                logger.bind(model_id=model_id).exception("unloading the model failed")
+            finally:
+                with self._unloading_lock:
+                    self._unloading.discard(model_id)
+
+        threading.Thread(target=unload, name=f"unload-{model_id}", daemon=True).start()
 
     def _forced(self, model_id: str) -> bool:
         """Whether the unload that withdrew the model asked for its jobs to end at once (`force`)."""
