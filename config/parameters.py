@@ -174,6 +174,8 @@ def messages_error(messages: Any, max_chars: int | None = None) -> str | None:
             return f"[{index}].role must be one of {', '.join(CHAT_ROLES)}"
         if not isinstance(message.get("content"), str):
             return f"[{index}].content must be a string"
+        if "name" in message and not isinstance(message["name"], str):
+            return f"[{index}].name must be a string"
         total += len(message["content"])
     if max_chars is not None and total > max_chars:
         return f"must have at most {max_chars} characters in all (AETHERCORE_MAX_INPUT_CHARS), got {total}"

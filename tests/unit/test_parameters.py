@@ -2,7 +2,15 @@
 
 import pytest
 
-from config.parameters import MAX_LENGTH, SAMPLING, checked, parameter_errors, parameters_for, text_error
+from config.parameters import (
+    MAX_LENGTH,
+    SAMPLING,
+    checked,
+    messages_error,
+    parameter_errors,
+    parameters_for,
+    text_error,
+)
 
 
 def test_each_task_takes_only_its_declared_parameters():
@@ -75,3 +83,20 @@ def test_the_documented_not_blank_pattern_agrees_with_the_check_on_every_charact
     assert disagree == []
     # ECMA's \s (what a JSON Schema tool may read) has \ufeff and lacks \x1c-\x1f and \x85: spelt out in the pattern
     assert pattern.search("\ufeff") and not any(pattern.search(c) for c in "\x1c\x1d\x1e\x1f\x85")
+
+
+@pytest.mark.parametrize(
+    "messages,needle",
+    [
+        ([{"role": "user", "content": "hi"}], None),
+        ([{"role": "tool", "content": "42", "name": "lookup"}], None),
+        ([{"role": "user", "content": "hi", "name": -1.5}], "[0].name must be a string"),  # found by schemathesis
+        ([{"role": "user", "content": 3}], "[0].content must be a string"),
+        ([{"role": "robot", "content": "hi"}], "[0].role must be one of"),
+        ([{"role": "user", "content": "hi", "extra": 1}], "[0] must be an object"),
+        ([], "must be a list of 1 to"),
+    ],
+)
+def test_chat_messages_are_checked_field_by_field(messages, needle):
+    problem = messages_error(messages)
+    assert problem is None if needle is None else needle in problem, problem
