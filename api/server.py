@@ -52,6 +52,9 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+GEVENT_CONNECTIONS_PER_THREAD = 4
+
+
 class GunicornServer(BaseApplication):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -62,8 +65,13 @@ class GunicornServer(BaseApplication):
         options: dict[str, Any] = {
             "bind": f"{self.settings.host}:{self.settings.port}",
             "workers": self.settings.workers,
-            "worker_class": "gthread",
+            "worker_class": self.settings.api_worker,
+            # gthread: a pool of this many threads, an idle keep-alive connection holding none. gevent: a greenlet
+            # per connection for its whole life, idle keep-alive included, so room for more connections than
+            # requests; long-held requests are capped at AETHERCORE_API_THREADS minus the reserve either way
+            # (api/limits.py), so probes and short requests always find a greenlet.
             "threads": self.settings.api_threads,
+            "worker_connections": GEVENT_CONNECTIONS_PER_THREAD * self.settings.api_threads,
             # Longer than the longest ?wait, so a waiting request is never cut off.
             "timeout": int(self.settings.max_wait) + 30,
             "graceful_timeout": 10,
