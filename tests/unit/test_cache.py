@@ -5,21 +5,9 @@ import weakref
 
 import pytest
 
-from config.models import load_models
-from config.settings import Settings
 from model_store.paths import artifact_bytes, resolve_model_path
 from workers.cache import ModelCache, ModelLoadError
 from workers.runtimes import create_runtime
-
-
-@pytest.fixture(scope="module")
-def settings():
-    return Settings.from_env({})
-
-
-@pytest.fixture(scope="module")
-def models(settings):
-    return load_models(settings.models_file)
 
 
 def make_cache(settings, budget, evicted=None):

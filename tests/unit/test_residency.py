@@ -3,10 +3,6 @@
 import threading
 import time
 
-import pytest
-
-from config.models import load_models
-from config.settings import Settings
 from model_store.paths import estimate_bytes
 from tasks.cluster import ClusterState
 from workers.cache import ModelCache
@@ -15,16 +11,6 @@ from workers.runtimes import create_runtime
 
 # Long enough that a pass held up by the drain cannot pass for one that was not.
 HELD_S = 30
-
-
-@pytest.fixture(scope="module")
-def settings():
-    return Settings.from_env({})
-
-
-@pytest.fixture(scope="module")
-def models(settings):
-    return load_models(settings.models_file)
 
 
 def test_a_draining_unload_holds_up_no_other_model(settings, models, scratch_redis):

@@ -3,24 +3,12 @@
 import numpy as np
 import pytest
 
-from config.models import load_models
-from config.settings import Settings
 from config.signatures import TENSOR_DATATYPES
 from model_store.bootstrap import minilm_source_dir
 from tasks.tensors import DTYPES, pack
 from workers.runtimes import InvalidInput, create_runtime
 
 SENTENCES = ["Hello world", "AetherCore keeps models resident in worker memory.", "short", "a " * 40]
-
-
-@pytest.fixture(scope="module")
-def settings():
-    return Settings.from_env({})
-
-
-@pytest.fixture(scope="module")
-def models(settings):
-    return load_models(settings.models_file)
 
 
 @pytest.fixture(scope="module")
