@@ -74,6 +74,14 @@ def running(base_or_client: Any, job_ids: list[str]) -> bool:
     return any(job_of(base_or_client, job_id)["status"] == "running" for job_id in job_ids)
 
 
+def taken(base_or_client: Any, job_ids: list[str]) -> bool:
+    """None of the jobs still queued (one that is would reach the worker after the model went and, its caller
+    allowed to autoload, load it right back) and one running. On a fast day four 256-token generations of
+    tiny-gpt2 end within about a second, so a test that must cut one short acts at once, not a second later."""
+    statuses = [job_of(base_or_client, job_id)["status"] for job_id in job_ids]
+    return "queued" not in statuses and "running" in statuses
+
+
 def assert_each_ended(jobs: list[dict[str, Any]], *codes: str) -> None:
     """Each job succeeded (it finished before its model went away) or failed with one of `codes`."""
     for job in jobs:
@@ -111,8 +119,7 @@ def test_forced_unload_ends_running_generations_as_model_unloaded(hostile_api, h
         {"model_id": VICTIM_MODEL, "inputs": [{"text": f"Item {i}"} for i in range(4)], "parameters": LONG},
         "/serve/batch",
     )
-    wait_until(lambda: running(hostile_api.base, ids), 30, 0.1, "a generation to start")
-    time.sleep(1)
+    wait_until(lambda: taken(hostile_api.base, [*ids, batch]), 30, 0.05, "every generation taken, one running")
     started = time.monotonic()
     unload = requests.post(
         f"{hostile_api.base}/models/{VICTIM_MODEL}/unload?force=true&wait=60", headers=auth(ADMIN_KEY), timeout=70
@@ -204,9 +211,7 @@ def test_eviction_during_generation_ends_every_generation(own_cluster, hostile_a
     own = own_cluster(DB_EVICT, AETHERCORE_MODEL_CACHE_SIZE="150MB")
     own.load(VICTIM_MODEL)
     ids = generations(own.user)
-    wait_until(lambda: running(own.user, ids), 30, 0.1, "a generation to start")
-    # At once: on a fast day four 256-token generations of tiny-gpt2 end within about a second, before the load
-    # that evicts them would find them running.
+    wait_until(lambda: taken(own.user, ids), 30, 0.05, "every generation taken, one running")
     started = time.monotonic()
     own.load("minilm")  # does not fit beside tiny-gpt2 in 150 MB: tiny-gpt2 is evicted
     assert own.admin.get(f"/models/{VICTIM_MODEL}/status").get_json()["state"] == "unloaded"
