@@ -452,8 +452,9 @@ class Settings:
     worker_concurrency: int = setting(
         "64",
         _positive_int,
-        "Task threads per worker process, and so the jobs it takes from its queue at once; at least the "
-        "largest max_batch_size, so a batch can fill (models are shared by the threads, one copy each).",
+        "Task threads per worker process, and so the jobs it takes from its queue at once; raised to the "
+        "largest max_batch_size x instances of the configured models, so a batch can fill (models are shared "
+        "by the threads, one copy each).",
     )
     torch_threads: int = setting(
         "0",

@@ -72,7 +72,7 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
             "--pool",
             "threads",
             "--concurrency",
-            str(settings.worker_concurrency),
+            str(service.task_threads),
             "--hostname",
             nodename,
             "--loglevel",

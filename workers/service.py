@@ -87,6 +87,14 @@ class WorkerService:
         self._publish_lock = threading.Lock()
         self._died_lock = threading.Lock()
 
+    @property
+    def task_threads(self) -> int:
+        """Celery task threads: AETHERCORE_WORKER_CONCURRENCY, raised to the most jobs one configured model can
+        run at once (max_batch_size x instances). A job holds its task thread until it ends (its message is
+        acked then), so with fewer threads a batch, or a running generation batch, could never fill: 64 threads
+        capped 256 concurrent streams at 64 rows. Any model counts, since an admin may load any one here."""
+        return max([self.settings.worker_concurrency, *(s.max_batch_size * s.instances for s in self.models.values())])
+
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, send: Send) -> None:
         """Start the background threads; `send` queues a task (the reaper's way back into the broker)."""
@@ -162,7 +170,7 @@ class WorkerService:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "concurrency": self.settings.worker_concurrency,
+            "concurrency": self.task_threads,
             "models": self.cache.snapshot(),
             "failures": dict(self.residency.failures),
             "memory": {

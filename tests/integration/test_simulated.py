@@ -8,13 +8,18 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
+import redis
 import requests
+import yaml
 
+from tasks.names import job_key
 from tests.conftest import client_for, poll, settings_for, submit_and_wait
 from tests.integration.test_continuous_batching import follow_sse
-from tests.support import USER_KEY, read_sse, wait_until
+from tests.support import REPO_ROOT, USER_KEY, ApiProcess, WorkerProcess, read_sse, wait_until
 
 EMBEDDER, DECODER = "sim-h100", "sim-gpt2-h100"
+DB_THREADS = 22
 
 
 def served(client, model_id: str, body: dict) -> dict:
@@ -149,3 +154,38 @@ def test_a_simulated_decoder_streams_one_chunk_per_token_and_cancels(client, api
 
     assert wait_until(metered, 15, 0.5, "the simulated decoder's token count")
     assert client.post(f"/models/{DECODER}/unload?wait=60").get_json()["status"] == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_worker_runs_as_many_jobs_at_once_as_a_model_batches_whatever_its_concurrency(redis_server, tmp_path):
+    """A job holds its task thread until it ends, so a worker with fewer threads than a model's batch holds could
+    never fill that batch (64 threads capped 256 streams at 64 rows). With AETHERCORE_WORKER_CONCURRENCY=2 and a
+    decoder whose running batch holds 6, six generations, each its own message, all run at once."""
+    models = yaml.safe_load((REPO_ROOT / "config" / "models.yaml").read_text())
+    decoder = {**models["models"][DECODER], "max_batch_size": 6, "simulate": {"step_ms": 40.0, "per_row_ms": 0.0}}
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(yaml.safe_dump({**models, "models": {DECODER: decoder}}))
+    url = redis_server.url(DB_THREADS)
+    r = redis.Redis.from_url(url, decode_responses=True)
+    r.flushdb()
+    env = {"AETHERCORE_MODELS_FILE": str(models_file)}
+    worker = WorkerProcess(url, name="threads", AETHERCORE_WORKER_CONCURRENCY="2", **env).start()
+    api = ApiProcess(url, name="threads-api", **env).start()
+    try:
+        assert requests.post(f"{api.base}/models/{DECODER}/load?wait=60", timeout=70).json()["status"] == "succeeded"
+        assert wait_until(lambda: (worker.record() or {}).get("concurrency") == 6, 15, 0.2, "the worker's threads")
+        jobs = []
+        for n in range(6):  # one after another: six messages, not one group
+            body = {"model_id": DECODER, "inputs": {"text": f"stream {n}"}, "parameters": {"max_length": 100}}
+            response = requests.post(f"{api.base}/serve", json=body, timeout=10)
+            assert response.status_code == 202, response.text
+            jobs.append(response.json()["job_id"])
+        # 100 steps of 40 ms: each runs ~4 s, so all six running together means none waited for a thread.
+        assert wait_until(
+            lambda: all(r.hget(job_key(j), "status") == "running" for j in jobs), 3, 0.05, "six jobs running at once"
+        )
+        for job_id in jobs:
+            requests.delete(f"{api.base}/jobs/{job_id}", timeout=10)
+    finally:
+        api.stop()
+        worker.stop()
