@@ -3,7 +3,6 @@ the reply listener, and short-lived caches of what every request would otherwise
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from api.ratelimit import InferenceRateLimit, caller_id, limited_per_caller
 from api.replies import ReplyListener
 from api.request_id import current_request_id
 from api.stream_hub import StreamHub
+from api.ttl_cache import TTLCache
 from config.models import ModelSpec
 from config.settings import Settings
 from config.signatures import ARTIFACT, Signature, task_signature
@@ -44,43 +44,6 @@ REDIS_MEMORY_CACHE_S = 1.0
 SIGNATURES_CACHE_S = 5.0
 # The callers' default webhook endpoints, re-read at most this often (a change takes effect within it).
 WEBHOOK_CACHE_S = 5.0
-
-
-class TTLCache:
-    """A tiny per-process cache: values expire after `ttl_s`; `clear(key)` (or all) drops them at once."""
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._values: dict[Any, tuple[float, Any]] = {}
-        self._bumps: dict[Any, int] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, load: Any) -> Any:
-        now = time.monotonic()
-        hit = self._values.get(key)
-        if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
-        value = load()
-        with self._lock:
-            self._values[key] = (now, value)
-            self._bumps.pop(key, None)
-        return value
-
-    def clear(self, key: Any = None) -> None:
-        with self._lock:
-            if key is None:
-                self._values.clear()
-                self._bumps.clear()
-            else:
-                self._values.pop(key, None)
-                self._bumps.pop(key, None)
-
-    def bump(self, key: Any) -> int:
-        """Count one more local change to `key` since its value was read; returns the count before it."""
-        with self._lock:
-            count = self._bumps.get(key, 0)
-            self._bumps[key] = count + 1
-            return count
 
 
 @dataclass
