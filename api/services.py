@@ -176,8 +176,9 @@ class Services:
                 raise
             return job if waiter is None else self.replies.wait(waiter, job, wait_s)
         try:
-            if kind == INFERENCE and self.rate_limit and limited_per_caller():
-                job = self._create_counted(record)
+            limits = self._caller_limits() if kind == INFERENCE else []
+            if limits:
+                job = self._create_counted(record, limits)
             else:
                 job = self.jobs.create(**record)
         except IdempotencyConflict as conflict:
@@ -210,10 +211,15 @@ class Services:
         claim.mark_replayed()
         return self.wait(job, wait_s)
 
-    def _create_counted(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _caller_limits(self) -> list[tuple[str, int, int]]:
+        """The counters an inference job of this caller counts against: none without a rate limit, or for a caller
+        not limited per caller (admins and operators, api/ratelimit.py)."""
+        return self.rate_limit.counters(caller_id()) if self.rate_limit and limited_per_caller() else []
+
+    def _create_counted(self, record: dict[str, Any], limits: list[tuple[str, int, int]]) -> dict[str, Any]:
         """The caller's use of the rate limit and the job's creation: one round trip."""
         try:
-            job, used = self.jobs.create_limited(self.rate_limit.counters(caller_id()), **record)
+            job, used = self.jobs.create_limited(limits, **record)
         except RateLimited as exc:
             raise self._too_many(exc) from None
         self.rate_limit.remember(used, self.rate_limit.items)
@@ -222,7 +228,7 @@ class Services:
     def _create_queued(self, spec: ModelSpec, device: str, work: dict[str, Any], record: dict[str, Any]) -> dict:
         """An inference job created, counted against the caller's rate limit and queued in one Lua step shared with
         the process's concurrent submissions (api/dispatch.py): one round trip for all of them."""
-        limits = self.rate_limit.counters(caller_id()) if self.rate_limit and limited_per_caller() else []
+        limits = self._caller_limits()
         entry = {key: value for key, value in record.items() if key != "idempotency"}
         entry["limits"] = limits
         try:
