@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import simple_websocket
 import yaml
 
 from cli.supervise import Api, Child, RedisServer, Worker, free_port, wait_until
@@ -25,6 +26,7 @@ __all__ = [
     "wait_until",
     "metric",
     "read_sse",
+    "close_quietly",
     "read_until",
     "base_env",
     "ManagedProcess",
@@ -44,6 +46,15 @@ def metric(text: str, name: str, **labels) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             total += float(match.group(2))
     return total
+
+
+def close_quietly(ws) -> None:
+    """Close a WebSocket client the server may already have closed (after `done`, or an error): its reader thread
+    may have closed the socket between our check and our close frame (ConnectionClosed, or OSError EBADF)."""
+    try:
+        ws.close()
+    except (simple_websocket.ConnectionClosed, OSError):
+        pass
 
 
 def read_sse(response) -> Iterator[tuple[str, str | None, dict[str, Any]]]:

@@ -25,7 +25,7 @@ import requests
 import simple_websocket
 
 from tests.hostile.conftest import assert_still_serving, auth, ensure_loaded
-from tests.support import ADMIN_KEY, USER_KEY, VIEWER_KEY
+from tests.support import ADMIN_KEY, USER_KEY, VIEWER_KEY, close_quietly
 
 SEED = int(os.environ.get("AETHERCORE_FUZZ_SEED", "19"))
 CASES = int(os.environ.get("AETHERCORE_FUZZ_CASES", "10000"))
@@ -341,10 +341,7 @@ def websocket_case(base: str, message: bytes | str) -> str | None:
     except simple_websocket.ConnectionClosed:
         return None
     finally:
-        try:
-            ws.close()
-        except (simple_websocket.ConnectionClosed, OSError):
-            pass
+        close_quietly(ws)
     if answer is None:
         return "no answer within 30 s"
     try:

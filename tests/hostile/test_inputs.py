@@ -24,7 +24,7 @@ import simple_websocket
 import tritonclient.http as triton_http
 
 from tests.hostile.conftest import assert_still_serving, auth, ensure_loaded
-from tests.support import USER_KEY, wait_until
+from tests.support import USER_KEY, close_quietly, wait_until
 
 HUGE = "1" + "0" * 3999  # 10^3999: 4,000 digits, under Python's 4,300-digit int parsing limit
 HUGER = "1" + "0" * 5000  # over it: the standard library's json.loads raises ValueError
@@ -57,10 +57,7 @@ def websocket(api, message: str | bytes) -> dict[str, Any]:
     except simple_websocket.ConnectionClosed as closed:
         raise AssertionError(f"the server closed the WebSocket without an answer ({closed.reason})") from None
     finally:
-        try:
-            ws.close()
-        except (simple_websocket.ConnectionClosed, OSError):
-            pass
+        close_quietly(ws)
 
 
 def while_attacking(api, attacks: list[Callable[[], Any]]) -> list[Any]:

@@ -15,8 +15,7 @@ import simple_websocket
 import yaml
 
 from tasks.names import job_events_key, job_key
-from tests.integration.test_streaming import close_quietly
-from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, read_sse, wait_until
+from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, close_quietly, read_sse, wait_until
 
 pytestmark = pytest.mark.slow
 

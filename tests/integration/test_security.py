@@ -22,6 +22,7 @@ from tests.support import (
     USER_KEY,
     VIEWER_KEY,
     ApiProcess,
+    close_quietly,
 )
 
 TEXT = {"model_id": "minilm", "inputs": {"text": "hello"}}
@@ -191,10 +192,7 @@ def test_streams_enforce_the_same_rules(secured_api):
         message = json.loads(viewer.receive(timeout=30))
         assert message["type"] == "error" and message["error"]["code"] == "forbidden"
     finally:
-        try:
-            viewer.close()
-        except simple_websocket.ConnectionClosed:
-            pass
+        close_quietly(viewer)
     user = simple_websocket.Client.connect(ws_url, headers={"Authorization": f"Bearer {USER_KEY}"})
     try:
         user.send(json.dumps({"model_id": "tiny-gpt2", "inputs": {"text": "hi"}, "parameters": {"max_length": 4}}))
@@ -202,10 +200,7 @@ def test_streams_enforce_the_same_rules(secured_api):
         while json.loads(user.receive(timeout=60))["type"] == "chunk":
             pass
     finally:
-        try:
-            user.close()
-        except simple_websocket.ConnectionClosed:
-            pass
+        close_quietly(user)
     sse = f"{secured_api.base}/jobs/{job_id}/stream"
     assert requests.get(sse, timeout=10).status_code == 401
     assert requests.get(sse, timeout=10, headers={"X-API-Key": OTHER_USER_KEY}).status_code == 404

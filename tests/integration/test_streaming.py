@@ -7,14 +7,7 @@ import time
 import requests
 import simple_websocket
 
-from tests.support import read_sse, wait_until
-
-
-def close_quietly(ws) -> None:
-    try:
-        ws.close()
-    except (simple_websocket.ConnectionClosed, OSError):
-        pass  # the server already closed it after `done` (the socket may already be gone)
+from tests.support import close_quietly, read_sse, wait_until
 
 
 def ws_url(api_server) -> str:

@@ -13,7 +13,7 @@ import redis
 import requests
 import simple_websocket
 
-from tests.support import ApiProcess, WorkerProcess, free_port, wait_until
+from tests.support import ApiProcess, WorkerProcess, close_quietly, free_port, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -192,10 +192,7 @@ def test_streams_work_over_https_and_wss(system):
                 break
         assert kinds[0] == "queued" and "chunk" in kinds and kinds[-1] == "done"
     finally:
-        try:
-            ws.close()
-        except (simple_websocket.ConnectionClosed, OSError):
-            pass
+        close_quietly(ws)
 
 
 def test_clients_without_the_ca_or_the_client_certificate_are_refused(system):
