@@ -106,6 +106,21 @@ class Blueprint(flask_smorest.Blueprint):
 
     ARGUMENTS_PARSER = BodyParser()
 
+    def alt_response(self, *args: Any, **kwargs: Any) -> Any:
+        """flask-smorest's `alt_response` documents the response and leaves the view as it was.
+
+        Its own wraps the view in a function that only calls it through `current_app.ensure_sync` (the API's
+        views are all synchronous): /serve's five alternative responses were five such calls per request, ~5 %
+        of an API process's CPU at GPU speed (py-spy, docs/CAPACITY.md). The OpenAPI document is the same
+        (tests/unit/test_blueprint_docs.py)."""
+        document = super().alt_response(*args, **kwargs)
+
+        def decorator(func: Any) -> Any:
+            func._apidoc = document(func)._apidoc
+            return func
+
+        return decorator
+
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 

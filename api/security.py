@@ -39,6 +39,18 @@ def _is_open(settings: Settings) -> bool:
     return path == "/metrics" and not settings.metrics_auth
 
 
+class ApiLimiter(Limiter):
+    """flask-limiter, never entered for the inference endpoints: their submissions are counted with the job's
+    creation (api/ratelimit.py). Its own exemption (a request filter) still resolved the app's meta limits and
+    exemption scopes per request first, 5 % of an API process's CPU per /serve at GPU speed (py-spy,
+    docs/CAPACITY.md)."""
+
+    def _check_request_limit(self, callable_name: str | None = None, in_middleware: bool = True) -> None:
+        if request.endpoint in INFERENCE_ENDPOINTS:
+            return
+        super()._check_request_limit(callable_name, in_middleware)
+
+
 def limiter_storage(settings: Settings) -> str:
     """flask-limiter's (`limits`) URL for the same Redis; Sentinel has its own scheme there."""
     if not settings.redis_url.startswith("sentinel://"):
@@ -77,7 +89,7 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
 
     init_rate_limit_headers(app)
     if settings.rate_limit:
-        limiter = Limiter(
+        ApiLimiter(
             caller_id,
             app=app,
             default_limits=[settings.rate_limit],
@@ -86,15 +98,8 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
             strategy="fixed-window",
             headers_enabled=True,
             swallow_errors=True,
-            # Inference submissions are counted with the job's creation (api/ratelimit.py).
             default_limits_exempt_when=lambda: (
-                _is_open(settings)
-                or request.url_rule is None
-                or request.endpoint in INFERENCE_ENDPOINTS
-                or not limited_per_caller()
+                _is_open(settings) or request.url_rule is None or not limited_per_caller()
             ),
         )
-        # ... and skipped before flask-limiter resolves any limit for them (5 % of an API process's CPU per
-        # /serve at GPU speed went into resolving limits only to find them exempt).
-        limiter.request_filter(lambda: request.endpoint in INFERENCE_ENDPOINTS)
     return authenticator

@@ -11,6 +11,7 @@ import orjson
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
+from gunicorn.http import wsgi as gunicorn_wsgi
 
 from config.logging import InterceptHandler
 from config.settings import REPO_ROOT, Settings
@@ -52,6 +53,44 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+class OneSendResponse(gunicorn_wsgi.Response):
+    """gunicorn's HTTP/1 response writer, with the head sent in the same `sendall` as the first body bytes.
+
+    gunicorn writes a response's head and its body in two system calls, so a small JSON answer cost two sends:
+    ~7 % of an API process's CPU per /serve at GPU speed (py-spy, docs/CAPACITY.md). Only `write` holds the head
+    back; every other way gunicorn ends a response (no body, a HEAD request, sendfile, close) finds it already
+    sent, as before.
+    """
+
+    _held: list[bytes] | None = None
+
+    def write(self, arg: bytes) -> None:
+        if self.headers_sent:
+            return super().write(arg)
+        self._held = []
+        try:
+            super().write(arg)
+        finally:
+            held, self._held = self._held, None
+            if held:  # no body bytes went (none to send, or none allowed): the head alone
+                gunicorn_util.write(self.sock, held[0])
+
+    def send_headers(self) -> None:
+        if self._held is None or self.headers_sent:
+            return super().send_headers()
+        head = [*self.default_headers(), *(f"{name}: {value}\r\n" for name, value in self.headers)]
+        self._held.append(f"{''.join(head)}\r\n".encode("latin-1"))
+        self.headers_sent = True
+
+    def _emit_body(self, data: bytes) -> None:
+        if self._held and not self.chunked:
+            gunicorn_util.write(self.sock, self._held.pop() + data)
+            return
+        if self._held:
+            gunicorn_util.write(self.sock, self._held.pop())
+        super()._emit_body(data)
+
+
 GEVENT_CONNECTIONS_PER_THREAD = 4
 
 
@@ -62,6 +101,7 @@ class GunicornServer(BaseApplication):
 
     def load_config(self) -> None:
         gunicorn_util.write_error = write_json_error
+        gunicorn_wsgi.Response = OneSendResponse  # HTTP/1; HTTP/2 brings its own writer
         options: dict[str, Any] = {
             "bind": f"{self.settings.host}:{self.settings.port}",
             "workers": self.settings.workers,

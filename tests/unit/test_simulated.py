@@ -3,8 +3,10 @@ wall time), its outputs' form, and the running batch's rules it shares with the 
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -17,7 +19,7 @@ from model_store.paths import ModelUnavailable, estimate_bytes, resolve_model_pa
 from model_store.signatures import artifact_signature
 from tests.support import REPO_ROOT
 from workers.runtimes import InvalidInput, create_runtime
-from workers.runtimes.simulated import WORDS
+from workers.runtimes.simulated import WORDS, device_sleep
 
 SETTINGS = Settings.from_env({})
 MODELS = load_models(SETTINGS.models_file)
@@ -47,6 +49,25 @@ def test_an_embedding_batch_sleeps_base_plus_per_item_times_its_size():
         sim.run_batch([{"text": f"sentence {i}"} for i in range(size)], {})
     expected = [(3.0 + 0.113 * b) / 1000 for b in (1, 32, 128)]  # minilm on one H100: 3.14, 7.01, 17.48 ms
     assert sim.sleep.slept == pytest.approx(expected)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="timer slack is Linux's")
+def test_the_simulated_device_sleeps_with_no_timer_slack_on_its_own_thread_only():
+    def slack() -> int:
+        return ctypes.CDLL(None).prctl(30, 0, 0, 0, 0)  # PR_GET_TIMERSLACK: the calling thread's, in ns
+
+    seen: dict[str, int] = {}
+
+    def device_thread() -> None:
+        seen["before"] = slack()
+        device_sleep(0.0001)
+        seen["after"] = slack()
+
+    thread = threading.Thread(target=device_thread)
+    thread.start()
+    thread.join()
+    assert seen["before"] > 1 and seen["after"] == 1  # the kernel's default (50 µs), then none
+    assert slack() > 1  # other threads keep theirs
 
 
 def test_embeddings_have_the_transformers_runtimes_form_and_one_vector_per_text():
