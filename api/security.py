@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import redis
 from flask import Flask, g, request
 from flask_limiter import Limiter
@@ -40,13 +43,18 @@ def _is_open(settings: Settings) -> bool:
 
 
 class ApiLimiter(Limiter):
-    """flask-limiter, never entered for the inference endpoints: their submissions are counted with the job's
-    creation (api/ratelimit.py). Its own exemption (a request filter) still resolved the app's meta limits and
-    exemption scopes per request first, 5 % of an API process's CPU per /serve at GPU speed (py-spy,
-    docs/CAPACITY.md)."""
+    """flask-limiter, not entered at all for a request its limits exempt: the inference endpoints (their
+    submissions are counted with the job's creation, api/ratelimit.py), the open paths, unmatched URLs, and the
+    callers not limited per caller. Exempted through flask-limiter's own hooks (`default_limits_exempt_when`, a
+    request filter), each such request still resolved the app's limits, meta limits and exemption scopes first:
+    5 % of an API process's CPU per /serve at GPU speed, 7 % of a stream's (py-spy, docs/CAPACITY.md)."""
+
+    def __init__(self, *args: Any, exempt: Callable[[], bool], **kwargs: Any) -> None:
+        self.exempt = exempt
+        super().__init__(*args, **kwargs)
 
     def _check_request_limit(self, callable_name: str | None = None, in_middleware: bool = True) -> None:
-        if request.endpoint in INFERENCE_ENDPOINTS:
+        if self.exempt():
             return
         super()._check_request_limit(callable_name, in_middleware)
 
@@ -98,8 +106,11 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
             strategy="fixed-window",
             headers_enabled=True,
             swallow_errors=True,
-            default_limits_exempt_when=lambda: (
-                _is_open(settings) or request.url_rule is None or not limited_per_caller()
+            exempt=lambda: (
+                request.endpoint in INFERENCE_ENDPOINTS
+                or request.url_rule is None
+                or _is_open(settings)
+                or not limited_per_caller()
             ),
         )
     return authenticator
