@@ -57,9 +57,9 @@ class OneSendResponse(gunicorn_wsgi.Response):
     """gunicorn's HTTP/1 response writer, with the head sent in the same `sendall` as the first body bytes.
 
     gunicorn writes a response's head and its body in two system calls, so a small JSON answer cost two sends:
-    ~7 % of an API process's CPU per /serve at GPU speed (py-spy, docs/CAPACITY.md). Only `write` holds the head
-    back; every other way gunicorn ends a response (no body, a HEAD request, sendfile, close) finds it already
-    sent, as before.
+    ~7 % of an API process's CPU per /serve at GPU speed (py-spy, docs/CAPACITY.md); a stream's head goes with its
+    first event the same way. Only `write` holds the head back; every other way gunicorn ends a response (no body,
+    a HEAD request, sendfile, close) finds it already sent, as before.
     """
 
     _held: list[bytes] | None = None
@@ -83,12 +83,23 @@ class OneSendResponse(gunicorn_wsgi.Response):
         self.headers_sent = True
 
     def _emit_body(self, data: bytes) -> None:
-        if self._held and not self.chunked:
-            gunicorn_util.write(self.sock, self._held.pop() + data)
-            return
-        if self._held:
-            gunicorn_util.write(self.sock, self._held.pop())
-        super()._emit_body(data)
+        if not self._held:
+            return super()._emit_body(data)
+        sock, self.sock = self.sock, _HeadFirst(self.sock, self._held.pop())
+        try:  # gunicorn frames the body (chunked or not) and sends it, the head in front
+            super()._emit_body(data)
+        finally:
+            self.sock = sock
+
+
+class _HeadFirst:
+    """A response's socket for one send: the held head goes out in front of whatever is sent."""
+
+    def __init__(self, sock: Any, head: bytes) -> None:
+        self.sock, self.head = sock, head
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(self.head + data)
 
 
 GEVENT_CONNECTIONS_PER_THREAD = 4

@@ -64,3 +64,13 @@ def test_a_small_json_answer_is_one_send():
 def test_the_head_goes_alone_when_no_body_may_follow():
     sends = respond(OneSendResponse, "HEAD", "200 OK", [("Content-Length", "5")], [b"abcde"])
     assert len(sends) == 1 and sends[0].endswith(b"\r\n\r\n")
+
+
+def test_a_streams_head_goes_with_its_first_event_and_each_event_after_is_its_own_send():
+    events = [b"event: chunk\ndata: {}\n\n", b"event: done\ndata: {}\n\n"]
+    sends = respond(OneSendResponse, "GET", "200 OK", [("Content-Type", "text/event-stream")], events)
+    assert len(sends) == 3  # head + first event, second event, the chunked body's end
+    assert b"Transfer-Encoding: chunked" in sends[0] and sends[0].endswith(
+        b"\r\n\r\n" + b"%X\r\n" % len(events[0]) + events[0] + b"\r\n"
+    )
+    assert sends[2] == b"0\r\n\r\n"
