@@ -16,7 +16,7 @@ import yaml
 from tasks.names import job_key
 from tests.conftest import client_for, poll, settings_for, submit_and_wait
 from tests.integration.test_continuous_batching import follow_sse
-from tests.support import REPO_ROOT, USER_KEY, ApiProcess, WorkerProcess, read_sse, wait_until
+from tests.support import ADMIN_KEY, REPO_ROOT, USER_KEY, ApiProcess, WorkerProcess, read_sse, wait_until
 
 EMBEDDER, DECODER = "sim-h100", "sim-gpt2-h100"
 DB_THREADS = 22
@@ -154,6 +154,62 @@ def test_a_simulated_decoder_streams_one_chunk_per_token_and_cancels(client, api
 
     assert wait_until(metered, 15, 0.5, "the simulated decoder's token count")
     assert client.post(f"/models/{DECODER}/unload?wait=60").get_json()["status"] == "succeeded"
+
+
+def test_generations_submitted_together_share_one_message_and_each_streams_its_own_tokens_once(
+    main_redis_url, main_worker, api_server
+):
+    """Concurrent generations leave an API process in one message, like /serve jobs (api/services.py
+    `_coalesces`): the worker runs that message's generations side by side in the model's running batch, and each
+    streams its own tokens, once, and ends on its own."""
+    from api import create_app
+    from api.services import services
+
+    app = create_app(settings_for(main_redis_url))
+    with app.app_context():
+        dispatcher = services().dispatcher
+    groups: list[int] = []
+    create_and_push = dispatcher.jobs.create_and_push
+
+    def counted(device, queue, entries, message):
+        groups.append(len(entries))
+        return create_and_push(device, queue, entries, message)
+
+    dispatcher.jobs.create_and_push = counted
+    dispatcher.in_flight = lambda: 10**6  # as under load: the first submission waits for its companions
+    dispatcher.linger_s = 1.0
+    lengths = (3, 7, 11, 16)
+    job_ids: dict[int, str] = {}
+
+    def submit(tokens: int) -> None:
+        body = {"model_id": DECODER, "inputs": {"text": f"row {tokens}"}, "parameters": {"max_length": tokens}}
+        own = app.test_client()  # one client per thread, one app (and its dispatcher) for all
+        own.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {ADMIN_KEY}"
+        response = own.post("/serve", json=body)
+        assert response.status_code == 202, response.get_json()
+        job_ids[tokens] = response.get_json()["job_id"]
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in lengths]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert groups == [len(lengths)], groups  # one Lua step, one message, for all four
+    streams = {}
+    followers = [
+        threading.Thread(target=lambda n=n: streams.__setitem__(n, follow_sse(api_server, job_ids[n]))) for n in lengths
+    ]
+    for thread in followers:
+        thread.start()
+    for thread in followers:
+        thread.join(120)
+    for tokens in lengths:
+        kind, job = streams[tokens]["final"]
+        assert kind == "done" and job["status"] == "succeeded", job
+        chunks = streams[tokens]["chunks"]
+        assert [c["index"] for c in chunks] == list(range(len(chunks))) and len(chunks) == tokens
+        assert "".join(c["text"] for c in chunks) == job["result"]["output"]["text"]
+        assert job["result"]["output"]["tokens"] == tokens
 
 
 @pytest.mark.slow
