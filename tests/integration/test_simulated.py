@@ -177,7 +177,7 @@ def test_generations_submitted_together_share_one_message_and_each_streams_its_o
 
     dispatcher.jobs.create_and_push = counted
     dispatcher.in_flight = lambda: 10**6  # as under load: the first submission waits for its companions
-    dispatcher.linger_s = 1.0
+    dispatcher.linger_s = 2.0  # the first waits this long for the others (the threads start within ms)
     lengths = (3, 7, 11, 16)
     job_ids: dict[int, str] = {}
 
