@@ -78,9 +78,11 @@ class OneSendResponse(gunicorn_wsgi.Response):
     def send_headers(self) -> None:
         if self._held is None or self.headers_sent:
             return super().send_headers()
-        head = [*self.default_headers(), *(f"{name}: {value}\r\n" for name, value in self.headers)]
-        self._held.append(f"{''.join(head)}\r\n".encode("latin-1"))
-        self.headers_sent = True
+        sock, self.sock = self.sock, _Holding(self._held)
+        try:  # gunicorn writes the head as ever, into the list
+            super().send_headers()
+        finally:
+            self.sock = sock
 
     def _emit_body(self, data: bytes) -> None:
         if not self._held:
@@ -90,6 +92,16 @@ class OneSendResponse(gunicorn_wsgi.Response):
             super()._emit_body(data)
         finally:
             self.sock = sock
+
+
+class _Holding:
+    """A response's socket while its head is written: the bytes are kept, to go out with the body's."""
+
+    def __init__(self, held: list[bytes]) -> None:
+        self.held = held
+
+    def sendall(self, data: bytes) -> None:
+        self.held.append(bytes(data))
 
 
 class _HeadFirst:
