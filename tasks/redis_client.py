@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import redis
@@ -47,3 +49,34 @@ def make_redis(url: str, sentinel_master: str = "mymaster", **kwargs) -> redis.R
         options.pop("health_check_interval", None)
         return sentinel.master_for(sentinel_master, db=db, **options)
     return redis.Redis.from_url(url, **options)
+
+
+def send_now_read_later(client: redis.Redis, commands: list[tuple[Any, ...]]) -> Callable[[], list[Any]]:
+    """Write `commands` to Redis at once and return a call that reads their replies.
+
+    For a write that must reach Redis before something slow starts but whose answer nobody needs until it
+    ends (a forward pass's note): the commands are on Redis's socket when this returns, so the slow part does
+    not wait a round trip first. The returned call must be made exactly once (it gives the connection back);
+    it raises the first error reply, or what the connection raised (RedisError either way).
+    """
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+    except BaseException:
+        pool.release(conn)
+        raise
+
+    def read() -> list[Any]:
+        replies = []
+        try:
+            for _ in commands:
+                replies.append(conn.read_response())
+        except BaseException:
+            conn.disconnect()  # replies left unread on it: it must not serve another command
+            raise
+        finally:
+            pool.release(conn)
+        return replies
+
+    return read

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,7 +133,7 @@ class ModelBatcher:
         on_batch: Callable[[int], None] = lambda size: None,
         on_complete: Callable[[list[Request]], None] | None = None,
         on_model_dead: Callable[[ModelGone], None] = lambda gone: None,
-        on_forward: Callable[[list[Request]], None] = lambda batch: None,
+        on_forward: Callable[[list[Request]], AbstractContextManager[Any]] = lambda batch: nullcontext(),
         max_crashes: int = 3,
         policy: RetryPolicy | None = None,
         lane_aging_s: float = 0.0,
@@ -293,8 +294,8 @@ class ModelBatcher:
         self._on_batch(len(batch))
         started = time.monotonic()
         try:
-            self._on_forward(batch)
-            outputs = self.executor.run_batch_on(index, [r.inputs for r in batch], batch[0].parameters)
+            with self._on_forward(batch):  # entered before the pass runs, left when it has ended
+                outputs = self.executor.run_batch_on(index, [r.inputs for r in batch], batch[0].parameters)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(batch)} inputs")
         except ModelGone as exc:  # the model went away under the batch: final, not a crash

@@ -22,7 +22,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -279,16 +281,26 @@ class WorkerService:
                 endings.append(self.completion.failed(ctx, logged(ctx.log(spec.id), exc)))
         self.completion.finish(INFERENCE, spec.id, endings)
 
-    def _in_forward_pass(self, batch: list[Request]) -> None:
+    @contextmanager
+    def _in_forward_pass(self, batch: list[Request]) -> Iterator[None]:
         """Note which jobs a forward pass holds before it runs: should the worker die in it, the reaper
-        charges only a job that was alone in it (workers/reaper.py)."""
+        charges only a job that was alone in it (workers/reaper.py). The note is written ahead of the pass and
+        its answer read after it, so the pass does not wait a Redis round trip."""
         job_ids = [r.context.job_id for r in batch if r.context is not None]
-        if not job_ids:
-            return
+        read = None
+        if job_ids:
+            try:
+                read = self.jobs.note_forward(job_ids, alone=len(batch) == 1)
+            except redis.RedisError as exc:  # the pass runs anyway; a death in it then charges no one
+                logger.warning("cannot note a forward pass: {}", exc)
         try:
-            self.jobs.mark_forward(job_ids, alone=len(batch) == 1)
-        except redis.RedisError as exc:  # the pass runs anyway; a death in it then charges no one
-            logger.warning("cannot note a forward pass: {}", exc)
+            yield
+        finally:
+            if read is not None:
+                try:
+                    read()
+                except redis.RedisError as exc:
+                    logger.warning("cannot note a forward pass: {}", exc)
 
     # -- a model going away --------------------------------------------------------------------
     def retire(self, model_id: str, runtime: Any, reason: str, drain_s: float) -> None:

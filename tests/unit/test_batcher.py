@@ -3,6 +3,7 @@ integration tests)."""
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -153,8 +154,17 @@ def test_instances_run_batches_side_by_side():
 
 def test_an_exclusive_job_runs_in_a_forward_pass_of_its_own():
     executor = RecordingExecutor(delay=0.2)
-    seen = []
-    batcher = batcher_for(executor, on_forward=lambda batch: seen.append([r.inputs["text"] for r in batch]))
+    seen, ran_by_then = [], []
+
+    @contextmanager
+    def announced(batch):
+        texts = [r.inputs["text"] for r in batch]
+        seen.append(texts)
+        assert texts not in executor.batches  # entered before the pass runs...
+        yield
+        ran_by_then.append(texts in executor.batches)  # ...and left once it has
+
+    batcher = batcher_for(executor, on_forward=announced)
     first = batcher.submit({"text": "first"}, {})
     time.sleep(0.05)
     futures = [batcher.submit({"text": t}, {}, exclusive=(t == "alone")) for t in ("a", "alone", "b", "c")]
@@ -164,6 +174,7 @@ def test_an_exclusive_job_runs_in_a_forward_pass_of_its_own():
         ["a", "b", "c", "alone"]
     )
     assert seen == executor.batches  # every pass is announced before it runs
+    assert ran_by_then == [True] * len(seen)
 
 
 def test_a_model_going_away_drains_then_ends_what_is_still_pending():

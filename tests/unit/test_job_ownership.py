@@ -5,10 +5,13 @@ import time
 
 import orjson
 import pytest
+import redis
 
 from tasks.jobs import JobStore, requeue_payload
 from tasks.names import INFER, LANES, inflight_key, job_key, lane_list, queued_key, worker_key
+from tasks.redis_client import send_now_read_later
 from tasks.states import FAILED
+from tests.conftest import DB_SCRATCH
 
 
 @pytest.fixture()
@@ -93,3 +96,28 @@ def test_queued_jobs_whose_message_is_lost_are_found_once_the_queue_is_empty(job
     assert jobs.sweep_queued("cpu", stale_s=10) == [(old, payload)]
     assert jobs.sweep_queued("cpu", stale_s=10) == []  # claimed for another 10 s: sent once
     assert set(jobs.redis.zrange(queued_key("cpu"), 0, -1)) == {old, fresh}
+
+
+def test_a_forward_note_is_in_redis_before_its_answer_is_read(jobs, redis_server):
+    """The batcher's note (tasks/jobs.py `note_forward`) goes out ahead of the pass without waiting: Redis has it
+    while the pass would run, its answer is read after, and the connection then serves other commands."""
+    ids = [jobs.create(kind="inference", model_id="m", device="cpu")["job_id"] for _ in range(2)]
+    alive(jobs, "w")
+    for job_id in ids:
+        start(jobs, "w", job_id)
+    read = jobs.note_forward(ids, alone=False)
+    other = redis.Redis.from_url(redis_server.url(DB_SCRATCH), decode_responses=True)  # a connection of its own
+    deadline = time.monotonic() + 2
+    while [other.hget(job_key(i), "pass") for i in ids] != ["shared", "shared"]:
+        assert time.monotonic() < deadline, "the note did not reach Redis before its answer was read"
+        time.sleep(0.001)
+    assert read() == [1, 1]
+    assert jobs.redis.ping() and jobs.get(ids[0])["status"] == "running"
+
+
+def test_an_error_reply_to_a_note_is_raised_and_its_connection_not_reused(scratch_redis):
+    scratch_redis.set("not-a-hash", "x")
+    read = send_now_read_later(scratch_redis, [("HSET", "not-a-hash", "pass", "alone"), ("PING",)])
+    with pytest.raises(redis.ResponseError):
+        read()
+    assert scratch_redis.get("not-a-hash") == "x"  # not PING's unread answer: that connection was dropped
