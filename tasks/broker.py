@@ -1,23 +1,95 @@
-"""kombu's Redis transport, with one redis-py client per channel for its synchronous calls.
+"""kombu's Redis transport, with one redis-py client per channel for its synchronous calls, and its record of
+an unacknowledged message written without waiting for Redis's answer.
 
 kombu 5.7 builds a fresh `redis.Redis` for every publish, ack and delivery bookkeeping call
 (`Channel.conn_or_acquire`), and a client's construction (its response-callback table) cost a worker
 ~12 % of its CPU per inference message at GPU speed. A client is only a view of its connection pool and
 safe to share between threads, so the channel keeps one per pool; a new pool (after a reconnect or a
-fork) gets a new client. Everything else is kombu's.
+fork) gets a new client.
+
+Every message a worker takes is first recorded as unacknowledged (kombu's `QoS.append`: one MULTI/EXEC round
+trip) before Celery sees it: a lone request waited that round trip before its task could start. `QoS` sends the
+same commands and reads their answer later, before anything else touches those records (the next delivery,
+an ack, a reject, a restore): the record is on Redis's socket before the task starts, as it was in Redis before.
+Everything else is kombu's.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from time import time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+from tasks.redis_client import send_now_read_later
 
 # Celery's `broker_transport` for redis:// and rediss:// brokers (tasks/celery_app.py).
 TRANSPORT = f"{__name__}:Transport"
 
 
+class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unread: list[Callable[[], Any]] = []
+        self._unread_lock = threading.Lock()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """kombu's record of an unacknowledged message (the same commands as kombu_redis.QoS.append), sent
+        without waiting: its answer is read by the next call that touches the records."""
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        self.drain()
+        with self.channel.conn_or_acquire() as client:
+            read = send_now_read_later(
+                client,
+                [
+                    ("MULTI",),
+                    ("ZADD", self.unacked_index_key, time(), delivery_tag),
+                    ("HSET", self.unacked_key, delivery_tag, record),
+                    ("EXEC",),
+                ],
+            )
+        with self._unread_lock:
+            self._unread.append(read)
+        virtual.QoS.append(self, message, delivery_tag)  # kombu's in-memory bookkeeping, without its write
+
+    def drain(self) -> None:
+        """Read the answers of the records sent so far; raise the first error (Redis unreachable) after
+        reading all of them, so every connection goes back to its pool."""
+        with self._unread_lock:
+            unread, self._unread = self._unread, []
+        failure: BaseException | None = None
+        for read in unread:
+            try:
+                read()
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def ack(self, delivery_tag: str) -> None:
+        self.drain()
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self.drain()
+        super().reject(delivery_tag, requeue)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self.drain()
+        super().restore_unacked(client)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        self.drain()
+        super().restore_by_tag(tag, client, leftmost)
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
