@@ -24,6 +24,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
+from loguru import logger
 
 from tasks.redis_client import send_now_read_later
 
@@ -34,12 +35,13 @@ TRANSPORT = f"{__name__}:Transport"
 class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._unread: list[Callable[[], Any]] = []
+        self._unread: list[tuple[str, Callable[[], list[Any]]]] = []
         self._unread_lock = threading.Lock()
 
     def append(self, message: Any, delivery_tag: str) -> None:
         """kombu's record of an unacknowledged message (the same commands as kombu_redis.QoS.append), sent
-        without waiting: its answer is read by the next call that touches the records."""
+        without waiting: its answer is read by the next call that touches the records. A failure to send it
+        (Redis unreachable) raises here, as kombu's did."""
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         self.drain()
@@ -54,22 +56,26 @@ class QoS(kombu_redis.QoS):
                 ],
             )
         with self._unread_lock:
-            self._unread.append(read)
+            self._unread.append((delivery_tag, read))
         virtual.QoS.append(self, message, delivery_tag)  # kombu's in-memory bookkeeping, without its write
 
     def drain(self) -> None:
-        """Read the answers of the records sent so far; raise the first error (Redis unreachable) after
-        reading all of them, so every connection goes back to its pool."""
+        """Read the answers of the records sent so far. A record Redis refused, or whose answer was lost with
+        its connection, is logged: its message was already handed to Celery, so raising would only fail
+        whatever call came next; without the record kombu cannot restore that message, and the reaper's sweep
+        of lost messages sends it again should its worker die (docs/ARCHITECTURE.md)."""
         with self._unread_lock:
             unread, self._unread = self._unread, []
-        failure: BaseException | None = None
-        for read in unread:
+        for delivery_tag, read in unread:
             try:
-                read()
+                replies = read()
+                refused = [r for r in replies[-1] or () if isinstance(r, Exception)]  # EXEC's answers
             except Exception as exc:
-                failure = failure or exc
-        if failure is not None:
-            raise failure
+                refused = [exc]
+            if refused:
+                logger.error(
+                    "the broker's unacknowledged record of message {} was not written: {}", delivery_tag, refused[0]
+                )
 
     def ack(self, delivery_tag: str) -> None:
         self.drain()

@@ -28,11 +28,14 @@ def take_one(connection, scratch_redis):
     Producer(channel).publish({"n": 1}, exchange=QUEUE.exchange, routing_key="broker-test", declare=[QUEUE])
     taken, recorded = [], []
 
+    def in_redis(tag):
+        return scratch_redis.type("unacked") == "hash" and scratch_redis.hexists("unacked", tag)
+
     def callback(body, message):
         deadline = time.monotonic() + 2
-        while not scratch_redis.hexists("unacked", message.delivery_tag) and time.monotonic() < deadline:
+        while not in_redis(message.delivery_tag) and time.monotonic() < deadline:
             time.sleep(0.001)
-        recorded.append(scratch_redis.hexists("unacked", message.delivery_tag))
+        recorded.append(in_redis(message.delivery_tag))
         taken.append(message)
 
     with Consumer(channel, [QUEUE], callbacks=[callback], accept=["json"]):
@@ -62,3 +65,21 @@ def test_unacknowledged_messages_are_restored_when_the_consumer_stops(connection
     channel.qos.restore_unacked()
     assert scratch_redis.llen("broker-test") == 1
     assert not scratch_redis.hexists("unacked", message.delivery_tag)
+
+
+def test_a_record_redis_refuses_is_logged_and_the_next_calls_go_on(connection, scratch_redis):
+    from loguru import logger
+
+    scratch_redis.set("unacked", "not a hash")  # HSET inside the record's MULTI/EXEC fails with WRONGTYPE
+    logged = []
+    sink = logger.add(lambda m: logged.append(str(m)), level="ERROR")
+    try:
+        channel, message, recorded = take_one(connection, scratch_redis)
+        assert not recorded
+        channel.qos.drain()
+        assert any("unacknowledged record of message" in line and "WRONGTYPE" in line for line in logged), logged
+        scratch_redis.delete("unacked")
+        message.ack()  # not failed by the earlier record's answer
+        assert channel.qos._unread == [] and scratch_redis.zscore("unacked_index", message.delivery_tag) is None
+    finally:
+        logger.remove(sink)
