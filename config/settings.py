@@ -587,10 +587,41 @@ class Settings:
         "size Redis's maxmemory for them.",
     )
     files_quota: int = setting(
-        "500MB",
+        "200MB",
         _file_size,
         "Bytes of uploaded files one owner (API key, JWT subject) may keep at once; an upload beyond gets 413 "
         "`quota_exceeded` until files are deleted or expire. At least AETHERCORE_FILES_MAX_BYTES.",
+    )
+    files_max_count: int = setting(
+        "1000",
+        _positive_int,
+        "Uploaded files one owner may keep at once; an upload beyond gets 429 `quota_exceeded` until files are "
+        "deleted or expire.",
+    )
+    outputs_quota: int = setting(
+        "200MB",
+        _file_size,
+        "Bytes of batch output and error files one owner may keep at once (every batch of theirs together). A "
+        "line whose answer does not fit is answered in the error file with `output_limit_reached` instead.",
+    )
+    batch_output_max_bytes: int = setting(
+        "100MB",
+        _file_size,
+        "Bytes of one batch's output and error files together; a line whose answer does not fit is answered in "
+        "the error file with `output_limit_reached` instead (a short entry).",
+    )
+    batches_max_kept: int = setting(
+        "1000",
+        _positive_int,
+        "Batches one owner may keep at once, ended ones included until they expire (AETHERCORE_FILES_TTL); "
+        "`POST /v1/batches` gets 429 `quota_exceeded` beyond.",
+    )
+    holdings_max_share: float = setting(
+        "0.5",
+        _bounded_float(0.05, 0.9),
+        "Share of Redis's maxmemory that everything callers make the service keep (files, batch outputs and "
+        "records, dead letters, webhook deliveries, Idempotency-Key records) may take together; beyond it, new "
+        "uploads and batches get 503 `storage_full` and jobs keep their room. No limit when Redis has no maxmemory.",
     )
     files_ttl: int = setting(
         "604800",
@@ -668,6 +699,29 @@ class Settings:
     )
     dead_letter_max: int = setting(
         "10000", _bounded_int(10, 1_000_000), "Dead letters kept per queue (the oldest leave first)."
+    )
+    dead_letter_owner_max: int = setting(
+        "1000",
+        _bounded_int(1, 1_000_000),
+        "Dead letters kept per owner (the job's caller): a new one beyond makes the owner's oldest leave.",
+    )
+    dead_letter_owner_quota: int = setting(
+        "50MB",
+        _file_size,
+        "Bytes of dead letters (with the request each keeps to be replayed) kept per owner: a new one beyond "
+        "makes the owner's oldest leave.",
+    )
+    webhook_max_pending: int = setting(
+        "10000",
+        _positive_int,
+        "Webhook deliveries of one owner kept at once (pending, retrying, or failed and kept); a request with a "
+        "webhook beyond gets 429 `too_many_webhooks` until deliveries end.",
+    )
+    idempotency_max_keys: int = setting(
+        "100000",
+        _positive_int,
+        "Idempotency-Key records one caller may hold at once (each lasts AETHERCORE_IDEMPOTENCY_TTL); a request "
+        "with a new key beyond gets 429 `quota_exceeded`.",
     )
 
     @property

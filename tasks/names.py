@@ -220,3 +220,9 @@ def dead_letter_key(queue: str) -> str:
 
 def dead_entry_key(job_id: str) -> str:
     return f"{DEAD_ENTRY_PREFIX}{job_id}"
+
+
+# -- what each caller makes the service keep (tasks/holdings.py) ----------------------------------------------------
+HOLDINGS_PREFIX = f"{PREFIX}:holdings:"  # + owner: hash of its totals; + owner:kind a sorted set, + :size a hash
+HOLDINGS_TOTAL = f"{PREFIX}:holdings-total"  # hash: every owner's totals added up (<kind>.bytes, <kind>.count, bytes)
+HOLDINGS_OWNERS = f"{PREFIX}:holdings-owners"  # sorted set: owner -> when its account's furthest object expires
