@@ -261,3 +261,25 @@ def test_a_name_that_resolves_to_a_forbidden_address_is_never_called(hooks):
         assert_still_serving(hooks["api"], hooks["redis"])
     finally:
         guard.stop()
+
+
+# -- the class: pending deliveries are bounded at admission -----------------------------------------------------------
+def test_too_many_pending_deliveries_are_refused_at_admission(hooks):
+    r, owner = hooks["redis"], owner_of(USER_KEY)
+    holdings = Holdings(r, {})
+    held = [f"msg_pending-{i}" for i in range(MAX_PENDING)]  # as the job-end step charges each delivery (force)
+    for delivery_id in held:
+        holdings.put(owner, DELIVERIES, delivery_id, 0, time.time() + 120, force=True)
+    try:
+        time.sleep(1.2)  # the API reads the count at most once a second
+        refused = submit(hooks, USER_KEY, hooks["healthy"].url)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "too_many_webhooks" and int(refused.headers["Retry-After"]) > 0
+        assert submit(hooks, USER_KEY, None).status_code == 202  # without a webhook: not this limit's business
+        another_users_webhook_s(hooks)
+    finally:
+        for delivery_id in held:
+            holdings.drop(owner, DELIVERIES, delivery_id)
+    time.sleep(1.2)
+    assert submit(hooks, USER_KEY, hooks["healthy"].url).status_code == 202
+    assert_still_serving(hooks["api"], r)
