@@ -25,6 +25,7 @@ from config.settings import Settings
 from config.signatures import ARTIFACT, Signature, task_signature
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
+from tasks.holdings import Held, Holdings, quotas_from
 from tasks.jobs import IdempotencyConflict, JobStore, RateLimited, new_job_id, requeue_payload
 from tasks.names import DEFAULT_LANE, INFER, TASK_FOR_KIND, queue_for_device
 from tasks.outbound import OutboundPolicy
@@ -44,6 +45,8 @@ REDIS_MEMORY_CACHE_S = 1.0
 SIGNATURES_CACHE_S = 5.0
 # The callers' default webhook endpoints, re-read at most this often (a change takes effect within it).
 WEBHOOK_CACHE_S = 5.0
+# What each caller holds (tasks/holdings.py), re-read at most this often where a request's admission depends on it.
+HOLDINGS_CACHE_S = 1.0
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Services:
     memory_cache: TTLCache = field(default_factory=lambda: TTLCache(REDIS_MEMORY_CACHE_S))
     signatures_cache: TTLCache = field(default_factory=lambda: TTLCache(SIGNATURES_CACHE_S))
     webhook_cache: TTLCache = field(default_factory=lambda: TTLCache(WEBHOOK_CACHE_S))
+    holdings_cache: TTLCache = field(default_factory=lambda: TTLCache(HOLDINGS_CACHE_S))
     replies: ReplyListener = field(init=False)
     streams: StreamHub = field(init=False)
     long_requests: LongRequests = field(init=False)
@@ -67,6 +71,7 @@ class Services:
     deliveries: Deliveries = field(init=False)
     outbound: OutboundPolicy = field(init=False)
     dead_letters: DeadLetters = field(init=False)
+    holdings: Holdings = field(init=False)
 
     def __post_init__(self) -> None:
         # Streams, WebSockets and waits hold a thread each: capped per caller and per process (api/limits.py).
@@ -83,6 +88,11 @@ class Services:
         self.deliveries = Deliveries(self.jobs.redis)
         self.outbound = OutboundPolicy.from_entries(self.settings.webhook_allow)
         self.dead_letters = DeadLetters(self.jobs.redis, self.settings.dead_letter_ttl, self.settings.dead_letter_max)
+        self.holdings = Holdings(self.jobs.redis, quotas_from(self.settings))
+
+    def held(self, owner: str) -> dict[str, Held]:
+        """What `owner` holds of each kind (tasks/holdings.py `Held`), read at most once a second per process."""
+        return self.holdings_cache.get(owner, lambda: self.holdings.usage(owner))
 
     def desired(self, model_id: str) -> dict[str, Any] | None:
         """The model's desired state (where it is meant to be resident), cached briefly."""

@@ -9,16 +9,23 @@ sorted set by due time, tasks/webhooks.py), which is what a retry with backoff n
 sit in the workers). The dispatcher claims due deliveries in one Lua step with a lease, sends them from a thread
 pool (AETHERCORE_WEBHOOK_CONCURRENCY), and writes each outcome. Any number of dispatchers may run (each claims its
 own); one that dies mid-attempt loses its lease and the delivery is due again at once (at-least-once: a receiver
-dedupes on `webhook-id`, stable across every attempt).
+dedupes on `webhook-id`, stable across every attempt). An outcome is written only under the claim's lease token.
 
-Its counts (sent, retried, failed, latency) go to Redis with its heartbeat (METRICS_WEBHOOKS), so the API's /metrics
-shows every dispatcher's; the queue's depth is read at scrape time.
+One slow receiver cannot stall anyone else's webhooks: an attempt has one deadline (AETHERCORE_WEBHOOK_TIMEOUT, for
+connecting, TLS, sending and the answer's head: tasks/outbound.py); an endpoint (an owner's scheme://host:port) has
+at most AETHERCORE_WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight and an owner AETHERCORE_WEBHOOK_OWNER_SHARE of the
+threads, every dispatcher together; and an endpoint whose attempts keep failing has its circuit opened, its
+deliveries waiting in Redis without a thread (tasks/webhooks.py, SlotLimits).
+
+Its counts (sent, retried, failed, held back, latency) go to Redis with its heartbeat (METRICS_WEBHOOKS), so the
+API's /metrics shows every dispatcher's; the queue's depth is read at scrape time.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -40,13 +47,19 @@ from tasks.names import METRICS_WEBHOOKS, WEBHOOK_DISPATCHERS
 from tasks.outbound import DeliveryFailed, ForbiddenDestination, OutboundPolicy
 from tasks.redis_client import make_redis
 from tasks.webhooks import (
+    ANSWERED,
     ENDPOINT_DISABLED,
     ENDPOINT_GONE,
+    EXPIRE,
     FORBIDDEN_ADDRESS,
     LATENCY_BUCKETS,
+    NOT_SENT,
     RECORD_EXPIRED,
     RETRIES_EXHAUSTED,
+    SEND,
+    UNHEALTHY,
     Deliveries,
+    SlotLimits,
     WebhookOwners,
     envelope,
     retry_delay,
@@ -102,12 +115,15 @@ class Dispatcher:
         self.name = name or f"dispatcher.{os.getpid()}@{socket.gethostname()}"
         self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
         self.jobs = JobStore(self.redis, settings.result_ttl)
-        self.deliveries = Deliveries(self.redis)
+        self.deliveries = Deliveries(self.redis, SlotLimits.from_settings(settings))
         self.owners = WebhookOwners(self.redis)
         self.dead = DeadLetters(self.redis, settings.dead_letter_ttl, settings.dead_letter_max)
         self.policy = OutboundPolicy.from_entries(settings.webhook_allow)
         self.metrics = DeliveryMetrics()
-        # A claim outlives the longest attempt: a dispatcher that dies mid-attempt is the only way to lose one.
+        # A claim outlives the longest attempt: the request is cut at AETHERCORE_WEBHOOK_TIMEOUT (tasks/outbound.py),
+        # resolving its name is bounded by the system resolver (resolv.conf: 5 s x 2 tries per server by default), and
+        # the rest is a few Redis round trips. Should one outlive it anyway, its outcome is not written (the lease
+        # token is checked): the delivery is another claim's then.
         self.lease_s = settings.webhook_timeout * 2 + 30
         self._busy = threading.Semaphore(settings.webhook_concurrency)
         self._pool = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="webhook")
@@ -116,47 +132,56 @@ class Dispatcher:
     def run(self, stop: threading.Event) -> None:
         beat = threading.Thread(target=self._heartbeat, args=(stop,), name="webhook-heartbeat", daemon=True)
         beat.start()
+        limits = self.deliveries.limits
         logger.info(
-            "webhook dispatcher {} sending up to {} deliveries at once", self.name, self.settings.webhook_concurrency
+            "webhook dispatcher {} sending up to {} deliveries at once ({} per endpoint, {} per owner)",
+            self.name,
+            self.settings.webhook_concurrency,
+            limits.endpoint_max,
+            limits.owner_max,
         )
         failed_at = 0.0
         while not stop.is_set():
             try:
-                claimed = self.claim_and_send()
+                moved = self.claim_and_send()
             except redis.RedisError as exc:
                 if time.monotonic() - failed_at > 30:
                     logger.warning("webhook dispatcher: Redis unavailable ({}); retrying", exc)
                 failed_at = time.monotonic()
-                claimed = 0
-            if not claimed:
+                moved = 0
+            if not moved:
                 stop.wait(POLL_S)
         self._pool.shutdown(wait=True)  # attempts in flight end within AETHERCORE_WEBHOOK_TIMEOUT
         self.metrics.flush(self.redis)
         self.redis.zrem(WEBHOOK_DISPATCHERS, self.name)
 
     def claim_and_send(self) -> int:
-        """Claim as many due deliveries as there are free threads and start them; how many."""
+        """Claim as many due deliveries as there are free threads and start them; how many were claimed or held
+        back (the next claim looks again at once: held-back deliveries no longer stand in the way)."""
         free = 0
         while self._busy.acquire(blocking=False):
             free += 1
         if not free:
             time.sleep(0.05)
             return 0
+        token = f"{self.name}#{secrets.token_hex(6)}"
         try:
-            ids = self.deliveries.claim(self.lease_s, free)
+            claimed = self.deliveries.claim(token, self.lease_s, free)
         except BaseException:
             for _ in range(free):
                 self._busy.release()
             raise
-        for _ in range(free - len(ids)):
+        for _ in range(free - len(claimed.deliveries)):
             self._busy.release()
-        for delivery_id in ids:
-            self._pool.submit(self._send_one, delivery_id)
-        return len(ids)
+        if claimed.held:
+            self.metrics.count("deliveries|held", claimed.held)
+        for delivery_id, mode in claimed.deliveries:
+            self._pool.submit(self._send_one, delivery_id, token, mode)
+        return len(claimed.deliveries) + claimed.held
 
-    def _send_one(self, delivery_id: str) -> None:
+    def _send_one(self, delivery_id: str, token: str, mode: str) -> None:
         try:
-            self.attempt(delivery_id)
+            self.attempt(delivery_id, token, mode)
         except Exception:  # a bug, or Redis away: the lease lapses and the delivery is due again
             logger.bind(delivery_id=delivery_id).exception("webhook delivery {} failed unexpectedly", delivery_id)
         finally:
@@ -174,32 +199,39 @@ class Dispatcher:
                 pass
 
     # -- one attempt -------------------------------------------------------------------------------------------
-    def attempt(self, delivery_id: str) -> str:
-        """One attempt of one claimed delivery; returns its outcome (sent, retry, failed)."""
+    def attempt(self, delivery_id: str, token: str, mode: str = SEND) -> str:
+        """One attempt of one delivery claimed under `token`; returns its outcome (sent, retry, failed, gone, or
+        lost: the attempt outlived its lease and its outcome was not written)."""
         record = self.deliveries.get(delivery_id)
-        if record is None:  # delivered or expired meanwhile
-            self.deliveries.delivered(delivery_id)
+        if record is None:  # expired meanwhile
+            self.deliveries.forget(delivery_id)
             return "gone"
+        record["token"] = token
+        attempts = int(record.get("attempts") or 0)
+        if mode == EXPIRE:
+            error = f"the retry window ended while the endpoint was held back ({record.get('last_error') or 'busy'})"
+            return self._fail(record, RETRIES_EXHAUSTED, error, attempts, NOT_SENT)
         hook = record["webhook"]
         url, owner = hook.get("url", ""), hook.get("owner", "")
         log = logger.bind(delivery_id=delivery_id, job_id=record.get("ref"))
-        attempts = int(record.get("attempts") or 0) + 1
+        attempts += 1
         now = time.time()
         body = record.get("body")
         if body is None:
             body = self.body(record, now)
             if body is None:
                 return self._fail(record, RECORD_EXPIRED, "the job's record expired before its first attempt", 0)
-            record["body"] = body
-        if not record.get("first_at"):
-            self.deliveries.started(delivery_id, _bytes(body), record.get("event", ""), now)
+        if "body" not in record or not record.get("first_at"):
+            if not self.deliveries.started(delivery_id, token, _bytes(body), record.get("event", ""), now):
+                return self._lost(record)
         first_at = float(record.get("first_at") or now)
         if self.owners.disabled(owner, url):
             return self._fail(record, ENDPOINT_DISABLED, f"{url} answered 410 earlier and is disabled", attempts)
-        secrets = self.owners.signing_secrets(owner, now)
+        signing = self.owners.signing_secrets(owner, now)
         status: int | None = None
+        verdict = NOT_SENT
         began = time.perf_counter()
-        if not secrets:
+        if not signing:
             error = f"{owner} has no webhook signing secret (manage.py auth webhook-secret {owner})"
         else:
             payload = _bytes(body)
@@ -209,29 +241,33 @@ class Dispatcher:
                 "User-Agent": USER_AGENT,
                 "webhook-id": delivery_id,
                 "webhook-timestamp": str(stamp),
-                "webhook-signature": signature_header(secrets, delivery_id, stamp, payload),
+                "webhook-signature": signature_header(signing, delivery_id, stamp, payload),
             }
             try:
                 status = self.policy.post(url, payload, headers, self.settings.webhook_timeout)
                 error = f"HTTP {status}"
+                verdict = UNHEALTHY if status == 429 or status >= 500 else ANSWERED
             except ForbiddenDestination as exc:
                 return self._fail(record, FORBIDDEN_ADDRESS, str(exc), attempts)
             except DeliveryFailed as exc:
                 error = str(exc)
+                verdict = UNHEALTHY
             self.metrics.observe(time.perf_counter() - began)
         if status is not None and 200 <= status < 300:
-            self.deliveries.delivered(delivery_id)
+            if not self.deliveries.delivered(delivery_id, token):
+                return self._lost(record)
             self.metrics.count("deliveries|sent")
             log.info("webhook {} delivered to {} (attempt {}, HTTP {})", delivery_id, url, attempts, status)
             return "sent"
         if status == 410:
             self.owners.disable(owner, url, "answered 410 Gone")
             log.warning("webhook endpoint {} answered 410: disabled for {}", url, owner)
-            return self._fail(record, ENDPOINT_GONE, f"{url} answered 410 Gone", attempts)
+            return self._fail(record, ENDPOINT_GONE, f"{url} answered 410 Gone", attempts, verdict)
         delay = retry_delay(attempts, self.settings.webhook_retry_base, self.settings.webhook_retry_max_delay)
         if now + delay > first_at + self.settings.webhook_retry_window:
-            return self._fail(record, RETRIES_EXHAUSTED, error, attempts)
-        self.deliveries.retry_at(delivery_id, now + delay, attempts, error)
+            return self._fail(record, RETRIES_EXHAUSTED, error, attempts, verdict)
+        if not self.deliveries.retry_at(delivery_id, token, now + delay, attempts, error, verdict):
+            return self._lost(record)
         self.metrics.count("deliveries|retried")
         log.info("webhook {} to {} failed ({}); attempt {} in {:.1f} s", delivery_id, url, error, attempts + 1, delay)
         return "retry"
@@ -253,9 +289,19 @@ class Dispatcher:
             encoded = orjson.dumps(body)
         return encoded
 
-    def _fail(self, record: dict[str, Any], reason: str, error: str, attempts: int) -> str:
+    def _lost(self, record: dict[str, Any]) -> str:
+        self.metrics.count("deliveries|lease_lost")
+        logger.bind(delivery_id=record["id"], job_id=record.get("ref")).warning(
+            "webhook {}: the attempt outlived its lease; another dispatcher holds the delivery, its outcome stands",
+            record["id"],
+        )
+        return "lost"
+
+    def _fail(self, record: dict[str, Any], reason: str, error: str, attempts: int, verdict: str = NOT_SENT) -> str:
         delivery_id = record["id"]
-        self.deliveries.failed(delivery_id, reason, error, attempts, self.settings.webhook_failed_ttl)
+        keep_s = self.settings.webhook_failed_ttl
+        if not self.deliveries.failed(delivery_id, record["token"], reason, error, attempts, keep_s, verdict):
+            return self._lost(record)
         self.metrics.count(f"failures|{reason}")
         self.metrics.count("deliveries|failed")
         hook = record["webhook"]

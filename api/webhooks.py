@@ -13,10 +13,12 @@ from flask import g
 
 from api.errors import ApiError
 from api.services import services
+from tasks.holdings import DELIVERIES
 from tasks.outbound import ForbiddenDestination, MalformedUrl
 from tasks.webhooks import delivery_id_for, envelope
 
 ANONYMOUS = "anonymous"
+PENDING_RETRY_AFTER_S = 30  # a caller at AETHERCORE_WEBHOOK_MAX_PENDING: deliveries end at the receivers' pace
 
 
 def owner_id() -> str:
@@ -32,7 +34,8 @@ def requested_url(value: Any) -> str | None:
 def job_webhook(url: str | None, field: str = "webhook.url") -> str | None:
     """The `webhook` to store on a job (JSON {url, owner}) or None: the request's URL, else the caller's default
     endpoint (`manage.py auth webhook`; not one a 410 disabled). 422 for a URL webhooks may not call, 409 while the
-    caller has no signing secret or names an endpoint that answered 410."""
+    caller has no signing secret or names an endpoint that answered 410, 429 while the caller keeps its most pending
+    deliveries."""
     svc = services()
     owner = owner_id()
     if url is None:
@@ -60,7 +63,27 @@ def job_webhook(url: str | None, field: str = "webhook.url") -> str | None:
             f"{owner} has no webhook signing secret yet; an admin creates it with "
             f"`manage.py auth webhook-secret {owner}` (and gives it to the receiver)",
         )
+    check_pending(owner)
     return orjson.dumps({"url": url, "owner": owner}).decode()
+
+
+def check_pending(owner: str) -> None:
+    """429 `too_many_webhooks` while the owner keeps AETHERCORE_WEBHOOK_MAX_PENDING deliveries (pending, retrying, or
+    failed and kept): each is charged to them from the job's end until it is delivered or expires. The count is read
+    at most once a second per process, so a burst may pass it by what one second admits."""
+    svc = services()
+    pending = svc.held(owner)[DELIVERIES].count
+    limit = svc.settings.webhook_max_pending
+    if pending >= limit:
+        raise ApiError(
+            429,
+            "too_many_webhooks",
+            f"you keep {pending} webhook deliveries (pending, retrying, or failed and kept), the most "
+            f"AETHERCORE_WEBHOOK_MAX_PENDING={limit} allows: retry once some are delivered or expire, or send the "
+            "request without a webhook",
+            {"pending": pending, "limit": limit},
+            headers={"Retry-After": str(PENDING_RETRY_AFTER_S)},
+        )
 
 
 # -- a Batch API batch's webhook (api/blueprints/batches.py, api/batches.py) ------------------------------------------

@@ -670,11 +670,37 @@ class Settings:
     webhook_retry_window: float = setting(
         "86400",
         _bounded_float(0.1, 7 * 86400),
-        "Seconds from a delivery's first attempt during which it is retried (at most 7 days); after it, the "
+        "Seconds from a delivery's first attempt (or the first time it was held back by a busy or failing "
+        "endpoint) during which it is retried (at most 7 days); after it, the "
         "delivery has failed for good: kept and listed (`manage.py webhooks failed`), and its job is a dead letter.",
     )
     webhook_concurrency: int = setting(
         "16", _bounded_int(1, 512), "Webhook deliveries one dispatcher process sends at once (threads)."
+    )
+    webhook_endpoint_concurrency: int = setting(
+        "4",
+        _bounded_int(1, 512),
+        "Attempts to one webhook endpoint (an owner's scheme, host and port) in flight at once, every dispatcher "
+        "together; its other due deliveries wait without holding a thread.",
+    )
+    webhook_owner_share: float = setting(
+        "0.5",
+        _bounded_float(0.01, 1.0),
+        "Share of AETHERCORE_WEBHOOK_CONCURRENCY one owner's deliveries may hold at once (every dispatcher "
+        "together; at least one), so one caller's slow receivers cannot take every thread.",
+    )
+    webhook_breaker_failures: int = setting(
+        "5",
+        _bounded_int(1, 1000),
+        "Consecutive failed attempts (timeouts, connection errors, 429 and 5xx answers) that open a webhook "
+        "endpoint's circuit: its deliveries wait, without an attempt, for AETHERCORE_WEBHOOK_BREAKER_COOLDOWN; then "
+        "one probe decides whether it closes.",
+    )
+    webhook_breaker_cooldown: float = setting(
+        "30",
+        _bounded_float(0.1, 3600),
+        "Seconds a webhook endpoint's circuit stays open after AETHERCORE_WEBHOOK_BREAKER_FAILURES consecutive "
+        "failures before one probe is sent.",
     )
     webhook_secret_overlap: int = setting(
         "86400",

@@ -197,6 +197,11 @@ WEBHOOK_ENDPOINTS = f"{PREFIX}:webhook:endpoints"  # hash: owner -> JSON {url, s
 WEBHOOK_DISABLED = f"{PREFIX}:webhook:disabled"  # hash: "owner url" -> JSON {at, reason}: endpoints that answered 410
 WEBHOOK_DISPATCHERS = f"{PREFIX}:webhook:dispatchers"  # sorted set: dispatcher name -> last heartbeat
 METRICS_WEBHOOKS = f"{PREFIX}:metrics:webhooks"  # hash: the dispatchers' delivery counters and latency buckets
+# What deliveries hold of the dispatchers, shared by every dispatcher (tasks/webhooks.py): an endpoint is an owner's
+# scheme://host:port ("<owner> <origin>"); each key expires on its own.
+WEBHOOK_ENDPOINT_PREFIX = f"{PREFIX}:webhook:endpoint:"  # + endpoint: hash {failures, open_until, probe, probe_until}
+WEBHOOK_ENDPOINT_LEASES_PREFIX = f"{PREFIX}:webhook:endpoint-leases:"  # + endpoint: zset delivery id -> lease end
+WEBHOOK_OWNER_LEASES_PREFIX = f"{PREFIX}:webhook:owner-leases:"  # + owner: zset delivery id -> lease end
 
 
 # -- idempotent creation (api/idempotency.py) ---------------------------------------------------------------------

@@ -9,13 +9,15 @@ The rules (AETHERCORE_WEBHOOK_ALLOW widens them):
   reserved, multicast and unspecified addresses are refused unless allowed. The name is resolved once, and the
   connection goes to the checked address (TLS still verifies the certificate for the name), so a DNS answer that
   changes between the check and the connection (rebinding) cannot redirect it;
-* a timeout on the whole attempt, a body size cap (the caller's), no redirect followed (a 3xx is a failure), and
-  nothing of the answer read but its status line and headers.
+* a deadline on the whole attempt (connection, TLS, sending, the answer's head), a body size cap (the caller's), no
+  redirect followed (a 3xx is a failure), and nothing of the answer read but its status line and headers, at most
+  MAX_ANSWER_HEAD bytes of them. The HTTP/1.1 exchange is written here, not with `http.client`: its timeouts are
+  per socket operation (a receiver that answers a byte at a time would hold the attempt forever) and it reads an
+  unbounded number of header lines.
 """
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import re
 import socket
@@ -30,6 +32,10 @@ MAX_URL_CHARS = 2048
 # ASCII. Whether it may be called is the policy's question (check_url).
 URL_PATTERN = r"^https?://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?([/?][\x21-\x7e]*)?$"
 _URL = re.compile(URL_PATTERN)
+# The most of an answer read (its status line and headers; the body is never read), and what one send may carry.
+MAX_ANSWER_HEAD = 65536
+SEND_CHUNK = 65536
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r]")
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -133,36 +139,35 @@ class OutboundPolicy:
     # -- the call ---------------------------------------------------------------------------------------------
     def post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
         """POST `body` to `url` (checked, resolved once, connected to as checked); the answer's status. No redirect
-        is followed and the answer's body is not read. ForbiddenDestination: final; DeliveryFailed: retry."""
+        is followed and the answer's body is not read. ForbiddenDestination: final; DeliveryFailed: retry.
+
+        `timeout_s` bounds the whole attempt after the name's resolution: connection, TLS handshake, sending, and
+        the answer's head. Each socket operation gets what is left of it (a receiver that answers a byte at a time
+        cannot make each wait short and the sum long), and the head is read into at most MAX_ANSWER_HEAD bytes."""
         parts = self.check_url(url)
         host = (parts.hostname or "").rstrip(".")
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
-        deadline = time.monotonic() + timeout_s
         address = self.resolve(host, port)
-        connection: http.client.HTTPConnection
-        if tls:
-            context = self.tls_context or ssl.create_default_context()
-            connection = _PinnedTLSConnection(host, port, address, _left(deadline), context)
-        else:
-            connection = _PinnedConnection(host, port, address, _left(deadline))
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
+        deadline = time.monotonic() + timeout_s
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        sock: socket.socket | None = None
         try:
-            connection.connect()
-            connection.sock.settimeout(_left(deadline))
-            connection.request("POST", path, body=body, headers={**headers, "Content-Length": str(len(body))})
-            connection.sock.settimeout(_left(deadline))
-            response = connection.getresponse()
-            return response.status
-        except ForbiddenDestination:
-            raise
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+            sock = socket.create_connection((address, port), _left(deadline))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls:
+                sock.settimeout(_left(deadline))  # CPython's handshake keeps one deadline over all its steps
+                sock = (self.tls_context or ssl.create_default_context()).wrap_socket(sock, server_hostname=host)
+            _send(sock, _request_head(host, port, tls, path, headers, len(body)) + body, deadline)
+            return _read_status(sock, deadline)
+        except DeliveryFailed as exc:
+            raise DeliveryFailed(f"POST {parts.scheme}://{host}:{port}{parts.path or '/'} failed: {exc}") from None
+        except (OSError, ValueError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError | socket.timeout) else f"{type(exc).__name__}: {exc}"
             raise DeliveryFailed(f"POST {parts.scheme}://{host}:{port}{parts.path or '/'} failed: {reason}") from None
         finally:
-            connection.close()
+            if sock is not None:
+                sock.close()
 
 
 def _literal(host: str) -> IpAddress | None:
@@ -179,26 +184,53 @@ def _left(deadline: float) -> float:
     return left
 
 
-class _PinnedConnection(http.client.HTTPConnection):
-    """HTTP to `address`, with `host` in the Host header."""
+def _request_head(host: str, port: int, tls: bool, path: str, headers: dict[str, str], length: int) -> bytes:
+    default_port = 443 if tls else 80
+    authority = f"[{host}]" if ":" in host else host
+    if port != default_port:
+        authority += f":{port}"
+    lines = [f"POST {path} HTTP/1.1", f"Host: {authority}", f"Content-Length: {length}", "Connection: close"]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"header {name!r} holds a line break")
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
 
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """All of `data` by the deadline (a receiver that reads slowly gets what is left of it, not a fresh timeout per
+    chunk)."""
+    view = memoryview(data)
+    while view:
+        sock.settimeout(_left(deadline))
+        sent = sock.send(view[:SEND_CHUNK])
+        view = view[sent:]
 
 
-class _PinnedTLSConnection(http.client.HTTPSConnection):
-    """HTTPS to `address`; the certificate is verified for `host` (SNI and hostname check as usual)."""
+def _read_status(sock: socket.socket, deadline: float) -> int:
+    """The answer's status, from its status line and headers read by the deadline, at most MAX_ANSWER_HEAD bytes in
+    all (an interim 1xx head and the final one after it)."""
+    buffer, read = b"", 0
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            status = _status(buffer)
+            if status >= 200:
+                return status
+            buffer = buffer[end + 4 :]  # 100 Continue and the like: the final answer follows
+            continue
+        if read >= MAX_ANSWER_HEAD:
+            raise DeliveryFailed(f"the answer's head exceeds {MAX_ANSWER_HEAD} bytes")
+        sock.settimeout(_left(deadline))
+        chunk = sock.recv(MAX_ANSWER_HEAD - read)
+        if not chunk:
+            raise DeliveryFailed("the connection closed before the answer's head ended")
+        buffer += chunk
+        read += len(chunk)
 
-    def __init__(self, host: str, port: int, address: str, timeout: float, context: ssl.SSLContext) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._address = address
 
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+def _status(head: bytes) -> int:
+    match = _STATUS_LINE.match(head)
+    if match is None:
+        raise DeliveryFailed(f"not an HTTP answer: {head[:40]!r}")
+    return int(match.group(1))

@@ -1,7 +1,8 @@
 """The webhook contract's pieces on their own: outbound rules, Standard Webhooks signatures (checked with the
 `standardwebhooks` package), the retry schedule, the settings; and, on the session's real Redis, what the Lua step
 that ends a job writes: a delivery due exactly for a job with a webhook, a dead letter exactly for a poison job or
-one expired in its queue (with what replays it), and the delivery store's claim, lease and failure paths."""
+one expired in its queue (with what replays it), and the delivery store's claim, lease and failure paths, its caps per
+endpoint and owner, its circuit breaker and its owners' account; and one deadline over a whole outbound attempt."""
 
 from __future__ import annotations
 
@@ -16,12 +17,24 @@ from standardwebhooks import Webhook
 from config.settings import ConfigError, Settings
 from tasks.deadletters import EXPIRED_IN_QUEUE, POISON, DeadLetters
 from tasks.errors import DEADLINE_EXCEEDED, POISON_JOB, error_body
+from tasks.holdings import DELIVERIES, Holdings
 from tasks.jobs import IdempotencyConflict, JobStore, requeue_payload
 from tasks.metrics import LocalMetrics
-from tasks.names import INFER, WEBHOOKS_DUE, idempotency_key, webhook_delivery_key
-from tasks.outbound import DeliveryFailed, ForbiddenDestination, OutboundPolicy
+from tasks.names import HOLDINGS_PREFIX, INFER, WEBHOOKS_DUE, idempotency_key, webhook_delivery_key
+from tasks.outbound import MAX_ANSWER_HEAD, DeliveryFailed, ForbiddenDestination, OutboundPolicy
 from tasks.states import EXPIRED, FAILED, SUCCEEDED
-from tasks.webhooks import Deliveries, WebhookOwners, new_secret, retry_delay, sign, signature_header
+from tasks.webhooks import (
+    ANSWERED,
+    EXPIRE,
+    UNHEALTHY,
+    Deliveries,
+    SlotLimits,
+    WebhookOwners,
+    new_secret,
+    retry_delay,
+    sign,
+    signature_header,
+)
 from workers.completion import Completion, JobContext
 
 
@@ -86,6 +99,141 @@ def test_no_redirect_is_followed_and_a_closed_port_is_a_retryable_failure():
         receiver.stop()
     with pytest.raises(DeliveryFailed):
         policy.post(receiver.url, b"{}", {}, 2)  # nothing listens now
+
+
+@pytest.mark.parametrize(
+    "behaviour,url_scheme",
+    [("trickle", "http"), ("hang", "http"), ("hang", "https")],  # https: a handshake that never ends
+)
+def test_one_deadline_bounds_the_whole_attempt(behaviour, url_scheme):
+    """A receiver that answers a byte every 0.3 s (each socket operation quick, the whole answer 11 s), or accepts
+    and never answers, is cut at the attempt's timeout."""
+    from tests.webhook_receiver import HostileReceiver
+
+    receiver = HostileReceiver(behaviour, "127.0.0.2", interval=0.3).start()
+    try:
+        url = receiver.url.replace("http:", f"{url_scheme}:")
+        started = time.monotonic()
+        with pytest.raises(DeliveryFailed, match="timed out"):
+            OutboundPolicy.from_entries(["127.0.0.2"]).post(url, b"{}", {}, 1.0)
+        took = time.monotonic() - started
+        assert 0.9 < took < 1.5, took
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture()
+def tls_receiver(tmp_path):
+    """An https receiver on 127.0.0.2 (a throw-away certificate) answering 204, and a relay in front of it that
+    passes the receiver's bytes on one every 50 ms (a TLS handshake of a few KB takes minutes through it); their
+    ports."""
+    import shutil
+    import socket
+    import ssl
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl CLI")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "cert.pem"]
+        + ["-days", "1", "-subj", "/CN=hooks.test"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server, relay = socket.create_server(("127.0.0.2", 0)), socket.create_server(("127.0.0.2", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.settimeout(5)
+                    tls.recv(65536)
+                    tls.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+            except OSError:
+                continue
+
+    def pump(source, sink, pause: float) -> None:
+        try:
+            while not stop.is_set() and (data := source.recv(1 if pause else 65536)):
+                sink.sendall(data)
+                time.sleep(pause)
+        except OSError:
+            pass
+
+    def relay_one() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = relay.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(server.getsockname())
+            threading.Thread(target=pump, args=(client, upstream, 0), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client, 0.05), daemon=True).start()
+
+    for target in (serve, relay_one):
+        threading.Thread(target=target, daemon=True).start()
+    yield server.getsockname()[1], relay.getsockname()[1]
+    stop.set()
+    server.close()
+    relay.close()
+
+
+def test_a_tls_handshake_that_trickles_is_cut_at_the_deadline(tls_receiver):
+    import ssl
+
+    direct, trickled = tls_receiver
+    trusting = ssl.create_default_context()
+    trusting.check_hostname, trusting.verify_mode = False, ssl.CERT_NONE  # a throw-away certificate for an address
+    policy = OutboundPolicy(networks=OutboundPolicy.from_entries(["127.0.0.2"]).networks, tls_context=trusting)
+    assert policy.post(f"https://127.0.0.2:{direct}/hook", b"{}", {}, 5.0) == 204
+    started = time.monotonic()
+    with pytest.raises(DeliveryFailed, match="timed out"):
+        policy.post(f"https://127.0.0.2:{trickled}/hook", b"{}", {}, 1.0)
+    assert 0.9 < time.monotonic() - started < 1.5
+
+
+def test_the_answer_head_is_read_into_a_bounded_buffer():
+    from tests.webhook_receiver import HostileReceiver
+
+    receiver = HostileReceiver("huge_headers", "127.0.0.2", size=32 * 2**20).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeliveryFailed, match=f"exceeds {MAX_ANSWER_HEAD} bytes"):
+            OutboundPolicy.from_entries(["127.0.0.2"]).post(receiver.url, b"{}", {}, 5.0)
+        assert time.monotonic() - started < 1.0
+    finally:
+        receiver.stop()
+
+
+def test_a_name_that_resolves_to_a_private_address_is_never_connected_to(monkeypatch):
+    """The policy's resolver says `hooks.example` is 10.0.0.5 and 169.254.169.254 (private, link-local): the POST
+    is refused before any connection. The socket is guarded: a broken check fails here, it never leaves the
+    machine."""
+    import ipaddress
+    import socket
+
+    def resolver(host, port, *args, **kwargs):
+        assert host == "hooks.example"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in ("10.0.0.5", "169.254.169.254")]
+
+    def guarded(address, *args, **kwargs):
+        if not ipaddress.ip_address(address[0]).is_loopback:
+            raise AssertionError(f"a connection to {address[0]} was attempted")
+        return real_connect(address, *args, **kwargs)
+
+    real_connect = socket.create_connection
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    monkeypatch.setattr(socket, "create_connection", guarded)
+    with pytest.raises(ForbiddenDestination, match="resolves only to"):
+        OutboundPolicy().post("https://hooks.example/hook", b"{}", {}, 2.0)
+    allowed = OutboundPolicy.from_entries(["10.0.0.0/8"])
+    with pytest.raises(AssertionError, match="10.0.0.5"):  # the guard itself works: an allowed private address
+        allowed.post("https://hooks.example/hook", b"{}", {}, 2.0)
 
 
 # -- signatures and the schedule ----------------------------------------------------------------------------------
@@ -212,19 +360,118 @@ def test_an_idempotency_key_is_taken_with_the_job(store, scratch_redis):
 def test_claims_leases_retries_and_failures(scratch_redis):
     deliveries, owners = Deliveries(scratch_redis), WebhookOwners(scratch_redis)
     deliveries.enqueue("msg_a", kind="batch", ref="a", webhook={"url": "https://x", "owner": "o"}, event="e")
-    assert deliveries.claim(lease_s=0.2, limit=10) == ["msg_a"] and deliveries.claim(0.2, 10) == []
+    assert ids(deliveries.claim("t1", lease_s=0.2, limit=10)) == ["msg_a"] and ids(deliveries.claim("t", 0.2, 10)) == []
     assert deliveries.depth()["in_flight"] == 1
     time.sleep(0.3)  # the dispatcher that claimed it died: the lease lapses and it is due again
-    assert deliveries.claim(lease_s=30, limit=10) == ["msg_a"]
-    deliveries.retry_at("msg_a", time.time() + 30, 1, "HTTP 500")
-    assert deliveries.depth()["retrying"] == 1 and deliveries.claim(30, 10) == []
-    deliveries.failed("msg_a", "retries_exhausted", "HTTP 500", 7, keep_s=60)
+    assert ids(deliveries.claim("t2", lease_s=30, limit=10)) == ["msg_a"]
+    assert not deliveries.retry_at("msg_a", "t1", time.time(), 1, "HTTP 200", ANSWERED)  # t1 lost it: not written
+    assert deliveries.retry_at("msg_a", "t2", time.time() + 30, 1, "HTTP 500", UNHEALTHY)
+    assert deliveries.depth()["retrying"] == 1 and ids(deliveries.claim("t3", 30, 10)) == []
+    assert not deliveries.failed("msg_a", "t2", "retries_exhausted", "HTTP 500", 7, 60, UNHEALTHY)  # not leased now
+    scratch_redis.zadd(WEBHOOKS_DUE, {"msg_a": 0})
+    assert ids(deliveries.claim("t4", 30, 10)) == ["msg_a"]
+    assert deliveries.failed("msg_a", "t4", "retries_exhausted", "HTTP 500", 7, 60, UNHEALTHY)
     assert [d["id"] for d in deliveries.failed_list()] == ["msg_a"] and deliveries.depth()["failed"] == 1
     assert deliveries.retry("msg_a") and not deliveries.retry("msg_a")
-    assert deliveries.claim(30, 10) == ["msg_a"]
-    deliveries.delivered("msg_a")
+    assert ids(deliveries.claim("t5", 30, 10)) == ["msg_a"]
+    assert not deliveries.delivered("msg_a", "t4") and deliveries.delivered("msg_a", "t5")
     assert deliveries.get("msg_a") is None and sum(deliveries.depth().values()) == 0
     record = owners.secret("o", create=True)
     rotated = owners.secret("o", rotate=True, overlap_s=60)
     assert owners.signing_secrets("o") == [rotated["current"], record["current"]]
     assert owners.signing_secrets("o", now=time.time() + 61) == [rotated["current"]]
+
+
+def ids(claimed) -> list[str]:
+    return [delivery_id for delivery_id, _mode in claimed.deliveries]
+
+
+# -- what deliveries hold of the dispatchers: endpoint and owner caps, the circuit breaker, the account ---------------
+SLOTS = SlotLimits(endpoint_max=2, owner_max=3, breaker_failures=2, breaker_cooldown_s=0.6, window_s=60, hold_max_s=1)
+
+
+def enqueue(deliveries: Deliveries, delivery_id: str, url: str, owner: str = "o") -> None:
+    deliveries.enqueue(delivery_id, kind="batch", ref=delivery_id, webhook={"url": url, "owner": owner}, event="e")
+
+
+def test_busy_endpoints_and_owners_hold_deliveries_back_without_a_thread(scratch_redis):
+    deliveries = Deliveries(scratch_redis, SLOTS)
+    for n in range(1, 6):  # one endpoint (scheme, host, port), whatever the path
+        enqueue(deliveries, f"msg_{n}", f"https://slow.example/{n}")
+    enqueue(deliveries, "msg_6", "https://elsewhere.example/hook")
+    enqueue(deliveries, "msg_7", "https://slow.example:443/1", owner="p")  # another owner's endpoint on that host
+    claimed = deliveries.claim("t", 30, limit=10)
+    assert ids(claimed) == ["msg_1", "msg_2", "msg_6", "msg_7"] and claimed.held == 3  # 2 per endpoint, 3 per owner
+    assert ids(deliveries.claim("t", 30, 10)) == []  # held back: rescheduled, not in the way
+    held = scratch_redis.zscore(WEBHOOKS_DUE, "msg_3") - time.time()
+    assert 0.1 < held <= SLOTS.hold_max_s
+    deliveries.delivered("msg_1", "t")
+    time.sleep(held + 0.05)
+    claimed = deliveries.claim("t2", 30, 10)
+    assert ids(claimed) == ["msg_3"] and claimed.held == 2  # one slot came free
+    assert scratch_redis.hget(webhook_delivery_key("msg_4"), "attempts") is None  # holding is not an attempt
+
+
+def test_the_circuit_opens_after_consecutive_failures_and_one_probe_closes_it(scratch_redis):
+    deliveries = Deliveries(scratch_redis, SLOTS)
+    for n in range(1, 5):
+        enqueue(deliveries, f"msg_{n}", "https://down.example/hook")
+    assert ids(deliveries.claim("t", 30, 10)) == ["msg_1", "msg_2"]
+    for n in (1, 2):
+        assert deliveries.retry_at(f"msg_{n}", "t", time.time(), 1, "timed out", UNHEALTHY)
+    circuit = deliveries.endpoint("o https://down.example:443")
+    assert circuit["failures"] == "2" and float(circuit["open_until"]) > time.time()
+    claimed = deliveries.claim("t", 30, 10)  # its due deliveries wait for the cool-down, none sent
+    assert ids(claimed) == [] and claimed.held == 2
+    assert scratch_redis.zscore(WEBHOOKS_DUE, "msg_1") == pytest.approx(float(circuit["open_until"]), abs=0.01)
+    time.sleep(SLOTS.breaker_cooldown_s + 0.05)
+    probe = deliveries.claim("t2", 30, 10)
+    assert len(probe.deliveries) == 1 and probe.held == 3  # half-open: one probe
+    probe_id = probe.deliveries[0][0]
+    assert deliveries.endpoint("o https://down.example:443")["probe"] == probe_id
+    assert deliveries.retry_at(probe_id, "t2", time.time() + 60, 2, "timed out", UNHEALTHY)  # it failed: open again
+    assert float(deliveries.endpoint("o https://down.example:443")["open_until"]) > time.time() + 0.4
+    time.sleep(SLOTS.breaker_cooldown_s + 0.05)
+    probe = deliveries.claim("t3", 30, 10)
+    assert len(probe.deliveries) == 1 and deliveries.delivered(probe.deliveries[0][0], "t3")  # it answered: closed
+    assert deliveries.endpoint("o https://down.example:443") == {}
+    time.sleep(SLOTS.hold_max_s + 0.05)
+    assert len(deliveries.claim("t4", 30, 10).deliveries) == 2  # the cap again, not one at a time
+
+
+def test_a_delivery_held_back_past_its_window_fails_for_good_unsent(scratch_redis):
+    deliveries = Deliveries(scratch_redis, SlotLimits(endpoint_max=1, window_s=0.3, hold_max_s=1))
+    for n in (1, 2):
+        enqueue(deliveries, f"msg_{n}", "https://busy.example/hook")
+    assert ids(deliveries.claim("t", 30, 10)) == ["msg_1"]
+    assert deliveries.claim("t", 30, 10).held == 0  # held until its window ends (0.3 s), not longer
+    time.sleep(0.35)
+    assert deliveries.claim("t", 30, 10).deliveries == [("msg_2", EXPIRE)]
+
+
+def test_an_ended_delivery_leaves_its_owners_account(scratch_redis):
+    """The job-end step charges a delivery to its owner (DELIVERIES, force); delivered, it is dropped; failed for
+    good, it stays charged while it is kept (AETHERCORE_WEBHOOK_FAILED_TTL)."""
+    deliveries, holdings = Deliveries(scratch_redis), Holdings(scratch_redis, {})
+    for n in (1, 2):
+        enqueue(deliveries, f"msg_{n}", "https://x.example/hook")
+    assert holdings.usage("o")[DELIVERIES].count == 2  # enqueue (a batch's end) charges too
+    claimed = ids(deliveries.claim("t", 30, 10))
+    assert deliveries.started("msg_1", "t", b"x" * 100, "e", time.time())
+    assert holdings.usage("o")[DELIVERIES].bytes == 100  # its body, once built
+    assert deliveries.delivered("msg_1", "t") and holdings.usage("o")[DELIVERIES].count == 1
+    assert claimed == ["msg_1", "msg_2"]
+    assert deliveries.failed("msg_2", "t", "retries_exhausted", "HTTP 500", 3, 120, UNHEALTHY)
+    expires = scratch_redis.zscore(f"{HOLDINGS_PREFIX}o:{DELIVERIES}", "msg_2")
+    assert holdings.usage("o")[DELIVERIES].count == 1 and expires == pytest.approx(time.time() + 120, abs=2)
+
+
+def test_retrying_a_failed_delivery_closes_its_endpoints_circuit(scratch_redis):
+    deliveries = Deliveries(scratch_redis, SLOTS)
+    enqueue(deliveries, "msg_1", "https://back.example/hook")
+    assert ids(deliveries.claim("t", 30, 10)) == ["msg_1"]
+    scratch_redis.hset("aethercore:webhook:endpoint:o https://back.example:443", "open_until", time.time() + 600)
+    assert deliveries.failed("msg_1", "t", "retries_exhausted", "HTTP 500", 3, 60, UNHEALTHY)
+    assert deliveries.retry("msg_1")
+    assert deliveries.endpoint("o https://back.example:443") == {}
+    assert ids(deliveries.claim("t2", 30, 10)) == ["msg_1"]
