@@ -277,6 +277,25 @@ class Authenticator:
             self._cache[credential] = (now, principal)
         return principal
 
+    def current(self, owner: str, role: str) -> Principal | None:
+        """The principal `owner` (as stored by work that outlives its request: a batch) is now, or None when its
+        credentials were revoked: a key made by `manage.py auth create-key` no longer in Redis (read there, not
+        from the cache), a static key no longer in AETHERCORE_API_KEYS, anyone while authentication is on for
+        `anonymous`. A JWT subject stays valid while AETHERCORE_JWT_SECRET is set with `role` (its token's): a JWT
+        cannot be revoked one by one, only all together by changing the secret."""
+        kind, _, ident = owner.partition(":")
+        if not self.enabled:
+            return ANONYMOUS_ADMIN if owner == ANONYMOUS_ADMIN.id else Principal(owner, role)
+        if kind == "key":
+            raw = self.store.redis.hget(KEYS_HASH, ident)
+            return Principal(owner, json.loads(raw)["role"]) if raw else None
+        if kind == "env":
+            roles = [static_role for static_role, short in self._static.values() if short == ident]
+            return Principal(owner, roles[0]) if roles else None
+        if kind == "jwt" and self.jwt_secret:
+            return Principal(owner, role)
+        return None
+
     def _jwt(self, token: str) -> Principal | None:
         if not self.jwt_secret:
             return None

@@ -19,8 +19,17 @@ stopping     (cancelled, or its window ended) lines never submitted are answered
              without running; submitted ones are cancelled (a queued job never runs, a running one is asked to stop)
              and whatever ends is collected as usual: what finished is kept
 all answered in_progress -> finalizing -> completed; cancelling -> cancelled; the window -> expired; the output
-             and error files are published, the batch leaves the active set
+             and error files are published, the batch leaves the active set (its webhook due in the same step)
 ```
+
+Every step first checks that the batch's owner is still a valid principal (api/auth.py `Authenticator.current`):
+a revoked key's batch is cancelled (`stopping` = revoked), its lines not run answered `batch_cancelled` naming
+the revocation. Every state has a deadline, so none of the owner's AETHERCORE_BATCH_MAX_ACTIVE slots is held for
+longer than the window plus FINISH_GRACE_S: a validation still running at the window's end ends `expired`; lines
+still unanswered FINISH_GRACE_S after the window's end (or the cancel) are abandoned and the batch ends. An
+unexpected exception is retried a bounded number of times, counted in the batch's record: a line's
+(MAX_LINE_FAILURES, then it is answered `internal_error`), a whole step's (MAX_STEP_FAILURES in a row, then the
+batch ends `failed` with an `internal_error` in its errors).
 
 Why a thread in the API processes and not the workers' reaper or a Celery task: a line must run exactly what the
 same /v1 request runs (its translation and checks, the owner's role deciding autoload, the owner's rate limit
@@ -50,7 +59,7 @@ from flask import Flask, g
 from kombu.exceptions import OperationalError
 from loguru import logger
 
-from api.auth import Principal
+from api.auth import SERVE, Principal
 from api.batches import (
     CANCELLED,
     CANCELLING,
@@ -65,6 +74,7 @@ from api.batches import (
     OUTPUT,
     STOP_CANCEL,
     STOP_EXPIRE,
+    STOP_REVOKED,
     VALIDATING,
     Answer,
     BatchStore,
@@ -88,6 +98,16 @@ BUSY_S = 0.02  # between passes while lines end and are submitted
 IDLE_S = 1.0  # between passes otherwise (a new batch or a cancel wakes the driver of its own process at once)
 LEASE_MS = 10_000  # a driver that died stops holding its batches after this
 MAX_ERRORS = 100  # validation errors reported per batch (then one saying how many more)
+MESSAGE_MAX = 512  # characters of one error's message
+VALUE_MAX = 64  # characters of a caller's value echoed in a message (its repr, cut), or of an error's param
+MAX_LINE_FAILURES = 3  # unexpected exceptions on one line before it is answered internal_error
+MAX_STEP_FAILURES = 5  # unexpected exceptions of a batch's steps in a row before it ends failed
+# Lines still running at a batch's deadline (its window's end, or its cancel) have this long to end and be
+# collected; then the batch ends without them and its slot is free.
+FINISH_GRACE_S = 600
+SWEEP_EVERY_S = 60.0  # how often a driver takes expired objects out of the owners' accounts (tasks/holdings.py)
+# A Redis refusal that says Redis is unavailable, not that a step's data is wrong: the pass is retried as a whole.
+_OUTAGE = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS")
 VALIDATE_PAGE = 1000  # input lines read per round trip while validating
 STOP_PAGE = 1000  # lines answered per pass while a batch stops
 CANCEL_EVERY_S = 2.0  # how often a stopping batch asks its unfinished jobs to stop
@@ -109,10 +129,20 @@ EMPTY_FILE = "empty_file"
 TOO_MANY_REQUESTS = "too_many_requests"
 TOO_MANY_ERRORS = "too_many_errors"
 FILE_NOT_FOUND = "file_not_found"
+# Why a batch ended early (errors.data[].code): its window ended before its input was validated or its lines
+# ended, its owner's credentials were revoked, its steps kept failing.
+BATCH_EXPIRED = "batch_expired"
+OWNER_REVOKED = "owner_revoked"
+INTERNAL_ERROR = "internal_error"
+OUTPUT_LIMIT_REACHED = "output_limit_reached"
 # A line that never ran (the `error` of its entry in the error file, OpenAI's codes).
 STOPPED = {
     STOP_CANCEL: ("batch_cancelled", "This request was not executed: the batch was cancelled."),
     STOP_EXPIRE: ("batch_expired", "This request could not be executed before the completion window expired."),
+    STOP_REVOKED: (
+        "batch_cancelled",
+        "This request was not executed: the batch was cancelled because its owner's API key was revoked.",
+    ),
 }
 
 
@@ -161,6 +191,8 @@ class BatchDriver:
         self._wake = threading.Event()
         self._thread = PerProcessThread("batch-driver", self._run, self._reset)
         self._pool: tuple[int, ThreadPoolExecutor] | None = None
+        self._owners: dict[tuple[str, str], Principal | None] = {}  # this pass's answers of the authenticator
+        self._swept_at = 0.0
 
     def ensure(self) -> None:
         """Start this process's driver thread (once per process; again if it died)."""
@@ -186,6 +218,7 @@ class BatchDriver:
             try:
                 active, progressed = self.tick()
                 pause = BUSY_S if progressed else TICK_S if active else IDLE_S
+                self._sweep()
                 failing = False
             except redis.RedisError as exc:
                 if not failing:  # once per outage
@@ -196,20 +229,38 @@ class BatchDriver:
             self._wake.wait(pause)
             self._wake.clear()
 
+    def _sweep(self) -> None:
+        """Expired objects out of the owners' accounts now and then (each account also drops its own lazily)."""
+        if time.monotonic() - self._swept_at >= SWEEP_EVERY_S:
+            self._swept_at = time.monotonic()
+            self.store.holdings.sweep()
+
     def tick(self) -> tuple[bool, bool]:
         """One pass over the unfinished batches: whether there were any, and whether a step of this process did
         something (lines answered or submitted, a status moved)."""
         ids = self.store.active()
         progressed = False
+        self._owners = {}
         for batch_id in ids:
             if self.store.lease(batch_id, self.holder, LEASE_MS):
-                try:
-                    progressed = self.step(batch_id) or progressed
-                except redis.RedisError:
-                    raise
-                except Exception:
-                    logger.bind(batch_id=batch_id).exception("batch {}: step failed; tried again next pass", batch_id)
+                progressed = self._step_counted(batch_id) or progressed
         return bool(ids), progressed
+
+    def _step_counted(self, batch_id: str) -> bool:
+        """`step`, its unexpected failures counted (`_step_failed`) and never in the way of the other batches'."""
+        try:
+            return self.step(batch_id)
+        except Exception as exc:
+            if _outage(exc):
+                raise
+            failure = exc
+        try:
+            self._step_failed(batch_id, failure)
+        except Exception as exc:
+            if _outage(exc):
+                raise
+            logger.bind(batch_id=batch_id).exception("batch {}: not ended after its failures", batch_id)
+        return False
 
     # -- one step of one batch ---------------------------------------------------------------------------------
     def step(self, batch_id: str) -> bool:
@@ -218,21 +269,34 @@ class BatchDriver:
         if batch is None or batch["status"] in ENDED:
             self.store.forget(batch_id)
             return False
+        batch = self._as_current_owner(batch)
         with self._as_owner(batch):
-            if batch["status"] == VALIDATING:
-                self._validate(batch)
-                return True
-            window_ended = time.time() >= float(batch["expires_at"])
-            if batch["status"] == IN_PROGRESS and not batch.get("stopping") and window_ended:
-                self.store.transition(batch_id, (IN_PROGRESS,), IN_PROGRESS, stamp=False, stopping=STOP_EXPIRE)
-                logger.bind(batch_id=batch_id).info("batch {}: its completion window ended", batch_id)
-                batch = self.store.get(batch_id) or batch
-            done = self._collect(batch)
-            if batch.get("stopping"):
-                done += self._stop(batch)
-            elif batch["status"] == IN_PROGRESS:
-                done += self._submit(batch)
-            return self._finish(batch_id) or done > 0
+            done = self._advance(batch)
+        if batch.get("step_failures"):
+            self.store.recovered(batch_id)
+        return done
+
+    def _advance(self, batch: dict[str, Any]) -> bool:
+        batch_id = batch["id"]
+        now = time.time()
+        if batch["status"] == VALIDATING:
+            if now >= float(batch["expires_at"]):
+                return self._expire_validation(batch)
+            self._validate(batch)
+            return True
+        if now >= _deadline(batch):
+            return self._abandon(batch, *self._late(batch))
+        window_ended = now >= float(batch["expires_at"])
+        if batch["status"] == IN_PROGRESS and not batch.get("stopping") and window_ended:
+            self.store.transition(batch_id, (IN_PROGRESS,), IN_PROGRESS, stamp=False, stopping=STOP_EXPIRE)
+            logger.bind(batch_id=batch_id).info("batch {}: its completion window ended", batch_id)
+            batch = self.store.get(batch_id) or batch
+        done = self._collect(batch)
+        if batch.get("stopping"):
+            done += self._stop(batch)
+        elif batch["status"] == IN_PROGRESS:
+            done += self._submit(batch)
+        return self._finish(batch_id) or done > 0
 
     @contextmanager
     def _as_owner(self, batch: dict[str, Any]) -> Iterator[None]:
@@ -243,6 +307,34 @@ class BatchDriver:
             g.principal = Principal(batch["owner"], batch["role"])
             g.request_id = batch["id"]
             yield
+
+    # -- its owner ---------------------------------------------------------------------------------------------
+    def _as_current_owner(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its owner's role as it is now; a batch whose owner was revoked is cancelled first."""
+        key = (batch["owner"], batch["role"])
+        if key not in self._owners:  # once per pass for all of an owner's batches
+            self._owners[key] = self.app.extensions["aethercore_auth"].current(*key)
+        who = self._owners[key]
+        if who is not None and who.role in SERVE:
+            return {**batch, "role": who.role}
+        if batch["status"] in (VALIDATING, IN_PROGRESS) and not batch.get("stopping"):
+            self._revoke(batch)
+            return self.store.get(batch["id"]) or batch
+        return batch
+
+    def _revoke(self, batch: dict[str, Any]) -> None:
+        message = (
+            f"the batch was cancelled: its owner {_clip(batch['owner'])}'s credentials were revoked (or may no "
+            "longer run batches); requests not yet run were not executed"
+        )
+        errors = orjson.dumps([_error(OWNER_REVOKED, message, None)]).decode()
+        outcome = self.store.transition(
+            batch["id"], (VALIDATING, IN_PROGRESS), CANCELLING, stopping=STOP_REVOKED, errors=errors
+        )
+        if outcome == "":
+            logger.bind(batch_id=batch["id"]).warning(
+                "batch {}: its owner {} was revoked; cancelling it", batch["id"], batch["owner"]
+            )
 
     # -- validating ----------------------------------------------------------------------------------------------
     def _validate(self, batch: dict[str, Any]) -> None:
@@ -280,7 +372,8 @@ class BatchDriver:
                     total = line
                     for problem in self._check_line(text, line, batch["endpoint"], seen, first_model):
                         more += _add(errors, problem)
-                self.store.lease(batch["id"], self.holder, LEASE_MS)  # a long file: keep the batch meanwhile
+                if not self._still_validating(batch):
+                    return
             if total == 0:
                 errors.append(_error(EMPTY_FILE, "the input file holds no request", None))
         if more:
@@ -296,10 +389,31 @@ class BatchDriver:
         if outcome == "":
             log.info("batch {}: {} requests for {}, in progress", batch["id"], total, model)
 
+    def _still_validating(self, batch: dict[str, Any]) -> bool:
+        """Between pages of a long input file: the batch kept (its lease), and whether its validation goes on (not
+        cancelled meanwhile, its window not ended: then it ends `expired` here)."""
+        self.store.lease(batch["id"], self.holder, LEASE_MS)
+        current = self.store.get(batch["id"])
+        if current is None or current["status"] != VALIDATING:
+            return False  # cancelled (or its owner revoked): the stop path ends it
+        if time.time() >= float(current["expires_at"]):
+            self._expire_validation(batch)
+            return False
+        return True
+
+    def _expire_validation(self, batch: dict[str, Any]) -> bool:
+        message = "the completion window ended before the input file was validated; no request was run"
+        errors = orjson.dumps([_error(BATCH_EXPIRED, message, None)]).decode()
+        if self.store.end(batch, (VALIDATING,), EXPIRED, final=True, errors=errors) != "":
+            return False
+        logger.bind(batch_id=batch["id"]).info("batch {}: its window ended while validating", batch["id"])
+        return True
+
     def _check_line(
         self, text: bytes, line: int, endpoint: str, seen: dict[str, int], first_model: dict[str, Any]
     ) -> list[dict[str, Any]]:
-        """A line's problems, as errors.data[] entries (none: it runs as the same /v1 request would)."""
+        """A line's problems, as errors.data[] entries (none: it runs as the same /v1 request would). A value of the
+        caller's is never echoed whole (`_clip`): the errors are kept, listed and sent in the batch's webhook."""
         settings = services().settings
         size = len(text)
         if size > settings.max_request_bytes:
@@ -315,14 +429,17 @@ class BatchDriver:
         problems = []
         unknown = sorted(set(request) - LINE_KEYS)
         if unknown:
-            message = f"unknown field(s) {unknown}; a line holds custom_id, method, url and body"
+            named = ", ".join(_clip(key) for key in unknown[:3]) + (
+                f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            )
+            message = f"unknown field(s) {named}; a line holds custom_id, method, url and body"
             problems.append(_error(INVALID_REQUEST, message, unknown[0], line))
         custom_id = request.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID:
             message = f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters"
             problems.append(_error(INVALID_REQUEST, message, "custom_id", line))
         elif custom_id in seen:
-            message = f"custom_id {custom_id!r} is also on line {seen[custom_id]}; each request needs its own"
+            message = f"custom_id {_clip(custom_id)} is also on line {seen[custom_id]}; each request needs its own"
             problems.append(_error(DUPLICATE_CUSTOM_ID, message, "custom_id", line))
         else:
             seen[custom_id] = line
@@ -330,7 +447,9 @@ class BatchDriver:
             problems.append(_error(INVALID_REQUEST, "method must be POST", "method", line))
         url = request.get("url")
         if url != endpoint:
-            message = f"url {url!r} is not the batch's endpoint {endpoint}: every line of a batch calls its endpoint"
+            message = (
+                f"url {_clip(url)} is not the batch's endpoint {endpoint}: every line of a batch calls its endpoint"
+            )
             problems.append(_error(MISMATCHED_URL, message, "url", line))
         body = request.get("body")
         if not isinstance(body, dict):
@@ -340,7 +459,9 @@ class BatchDriver:
         if isinstance(model, str):
             first, first_line = first_model.setdefault("model", model), first_model.setdefault("line", line)
             if model != first:
-                message = f"model {model!r} differs from {first!r} (line {first_line}): a batch runs one model"
+                message = (
+                    f"model {_clip(model)} differs from {_clip(first)} (line {first_line}): a batch runs one model"
+                )
                 problems.append(_error(MISMATCHED_MODEL, message, "model", line))
         if url == endpoint:
             try:
@@ -365,11 +486,14 @@ class BatchDriver:
         answers: list[Answer] = []
         work: list[tuple[int, Any, Prepared]] = []
         for line, text in zip(waiting, self.files.lines(batch["input_file_id"], waiting)):
-            request = orjson.loads(text) if text else {}
+            custom_id = _custom_id(text)
             try:
-                work.append((line, request.get("custom_id"), prepare(batch["endpoint"], request.get("body"))))
+                request = orjson.loads(text) if text else {}
+                work.append((line, custom_id, prepare(batch["endpoint"], request.get("body"))))
             except (ApiError, ma.ValidationError) as exc:  # valid when validated: models.yaml changed since
-                answers.append(self._refused(batch, line, request.get("custom_id"), None, _api_error(exc)))
+                answers.append(self._refused(batch, line, custom_id, None, _api_error(exc)))
+            except Exception as exc:  # a bug: tried again a few times, then answered
+                answers += self._broken_line(batch, line, custom_id, exc)
         # not started by the window's end: it expires (and the line with it), never runs for no one
         timeout = max(1.0, float(batch["expires_at"]) - now)
         outcomes = list(self._submitters().map(lambda item: self._submit_one(batch, item[0], item[2], timeout), work))
@@ -389,7 +513,7 @@ class BatchDriver:
         for (line, job_id), noted in zip(submitted, self.store.record_many(batch["id"], submitted)):
             if not noted:  # answered meanwhile (a cancel)
                 self._cancel_job(job_id, f"its batch line {line} was answered meanwhile")
-        return len(submitted) + self.store.answer(batch, answers)
+        return len(submitted) + self._write(batch, answers)
 
     def _submit_one(self, batch: dict[str, Any], line: int, prepared: Prepared, timeout: float) -> Any:
         """One line submitted as its owner (a submitting thread): its job, or the exception that refused it."""
@@ -420,8 +544,34 @@ class BatchDriver:
         if not ended:
             return 0
         texts = self.files.lines(batch["input_file_id"], [line for line, _job in ended])
-        answers = [self._answer(batch, line, text, job) for (line, job), text in zip(ended, texts)]
-        return self.store.answer(batch, answers)
+        answers: list[Answer] = []
+        for (line, job), text in zip(ended, texts):
+            try:
+                answers.append(self._answer(batch, line, text, job))
+            except Exception as exc:  # a bug: its job stays taken, tried again a few times, then answered
+                answers += self._broken_line(batch, line, _custom_id(text), exc)
+        return self._write(batch, answers)
+
+    def _write(self, batch: dict[str, Any], answers: list[Answer]) -> int:
+        """The answers written, each within the batch's output cap and its owner's quota; how many."""
+        answered, limited = self.store.answer(batch, answers, services().settings.batch_output_max_bytes)
+        if limited:
+            logger.bind(batch_id=batch["id"]).info(
+                "batch {}: {} answers beyond its output limits kept as {}", batch["id"], limited, OUTPUT_LIMIT_REACHED
+            )
+        return answered
+
+    def _broken_line(self, batch: dict[str, Any], line: int, custom_id: Any, exc: Exception) -> list[Answer]:
+        """A line whose preparation or answer raised unexpectedly: nothing while it may be tried again (counted in
+        the batch's record), then its `internal_error` entry."""
+        failures = self.store.failed(batch["id"], f"failures:{line}")
+        logger.bind(batch_id=batch["id"]).opt(exception=exc).error(
+            "batch {}: line {} failed unexpectedly ({} of {})", batch["id"], line, failures, MAX_LINE_FAILURES
+        )
+        if failures < MAX_LINE_FAILURES:
+            return []
+        message = f"this request failed unexpectedly {failures} times and was not run; the incident was logged"
+        return [self._refused(batch, line, custom_id, None, ApiError(500, INTERNAL_ERROR, message))]
 
     def _answer(self, batch: dict[str, Any], line: int, text: bytes | None, job: dict[str, Any] | None) -> Answer:
         request = orjson.loads(text) if text else {}
@@ -481,19 +631,18 @@ class BatchDriver:
         taken = self.store.taken(batch["id"])
         waiting = sorted(line for line, job in taken.items() if job == NOT_SUBMITTED)[:STOP_PAGE]
         texts = self.files.lines(batch["input_file_id"], waiting)
-        answers = []
-        for line, text in zip(waiting, texts):
-            custom_id = orjson.loads(text).get("custom_id") if text else None
-            answers.append(self._stopped(batch, line, custom_id))
-        answered = self.store.answer(batch, answers)
+        answers = [self._stopped(batch, line, _custom_id(text)) for line, text in zip(waiting, texts)]
+        answered = self._write(batch, answers)
         running = [job for job in taken.values() if job != NOT_SUBMITTED]
         if running and time.time() - float(batch.get("stop_sent_at") or 0) >= CANCEL_EVERY_S:
-            why = "its batch was cancelled" if batch["stopping"] == STOP_CANCEL else "its batch's window ended"
-            for job_id in running:
-                self._cancel_job(job_id, why)
+            self._cancel_jobs(running, _STOP_WHY[batch["stopping"]])
             status = batch["status"]
             self.store.transition(batch["id"], (status,), status, stamp=False, stop_sent_at=time.time())
         return answered
+
+    def _cancel_jobs(self, job_ids: list[str], why: str) -> None:
+        for job_id in job_ids:
+            self._cancel_job(job_id, why)
 
     def _cancel_job(self, job_id: str, why: str) -> None:
         try:
@@ -514,21 +663,97 @@ class BatchDriver:
         target = {FINALIZING: COMPLETED, CANCELLING: CANCELLED, IN_PROGRESS: EXPIRED}.get(status)
         if target is None:
             return False
-        fields = {}
-        for name, count, size, file_id in (
-            ("output", "completed", "output_bytes", batch["output_file"]),
-            ("error", "failed", "error_bytes", batch["error_file"]),
-        ):
-            if int(batch.get(count) or 0) > 0:
-                filename = f"{batch_id}_{name}.jsonl"
-                self.files.publish(file_id, batch["owner"], filename, int(batch.get(size) or 0), int(batch["total"]))
-                fields[f"{name}_file_id"] = file_id
+        fields = self._publish(batch)
         if self.store.end(batch, (status,), target, final=True, **fields) != "":
             return False
         logger.bind(batch_id=batch_id).info(
             "batch {}: {} ({} completed, {} failed)", batch_id, target, batch.get("completed"), batch.get("failed")
         )
         return True
+
+    def _publish(self, batch: dict[str, Any]) -> dict[str, str]:
+        """The batch's output and error files that hold answers, published: their ids, as the batch's fields."""
+        fields = {}
+        for name, count, size, file_id in (
+            ("output", "completed", "output_bytes", batch["output_file"]),
+            ("error", "failed", "error_bytes", batch["error_file"]),
+        ):
+            if int(batch.get(count) or 0) > 0:
+                filename = f"{batch['id']}_{name}.jsonl"
+                lines = int(batch.get("total") or 0)
+                self.files.publish(file_id, batch["owner"], filename, int(batch.get(size) or 0), lines)
+                fields[f"{name}_file_id"] = file_id
+        return fields
+
+    # -- deadlines and failures ----------------------------------------------------------------------------------
+    def _late(self, batch: dict[str, Any]) -> tuple[str, str, str]:
+        """Where a batch past its deadline ends, and why (its errors entry: code, message)."""
+        unanswered = int(batch.get("total") or 0) - int(batch.get("completed") or 0) - int(batch.get("failed") or 0)
+        after = "its cancel" if batch["status"] == CANCELLING else "its completion window ended"
+        message = (
+            f"{max(unanswered, 0)} requests were still unanswered {FINISH_GRACE_S} s after {after}: the batch "
+            "ended without them (their jobs were asked to stop)"
+        )
+        if batch["status"] == CANCELLING:
+            return CANCELLED, STOPPED[STOP_CANCEL][0], message
+        return EXPIRED, BATCH_EXPIRED, message
+
+    def _step_failed(self, batch_id: str, exc: Exception) -> None:
+        """A step raised unexpectedly (logged here): counted in the batch's record; MAX_STEP_FAILURES in a row end
+        the batch `failed`, so a bug never holds one of its owner's slots for good."""
+        failures = self.store.failed(batch_id, "step_failures")
+        logger.bind(batch_id=batch_id).opt(exception=exc).error(
+            "batch {}: step failed ({} of {} in a row)", batch_id, failures, MAX_STEP_FAILURES
+        )
+        if failures < MAX_STEP_FAILURES:
+            return
+        batch = self.store.get(batch_id)
+        if batch is None or batch["status"] in ENDED:
+            return
+        what = "validating its input file" if batch["status"] == VALIDATING else "running it"
+        message = f"{what} failed unexpectedly {failures} times in a row (the incident was logged); the batch ended"
+        with self._as_owner(batch):
+            self._abandon(batch, FAILED, INTERNAL_ERROR, message)
+
+    def _abandon(self, batch: dict[str, Any], to: str, code: str, message: str) -> bool:
+        """End a batch now, whatever is unanswered (its deadline passed, or its steps keep failing): jobs still
+        running asked to stop, the files of what was answered published, `message` added to its errors, its slot
+        free. Whether it ended here."""
+        running = [job for job in self.store.taken(batch["id"]).values() if job != NOT_SUBMITTED]
+        self._cancel_jobs(running, f"its batch ended: {message}")
+        try:
+            fields = self._publish(batch)
+        except (ValueError, TypeError, KeyError):  # its record is what broke the steps: end it without its files
+            logger.bind(batch_id=batch["id"]).exception("batch {}: its files could not be published", batch["id"])
+            fields = {}
+        errors = _errors(batch) + [_error(code, message, None)]
+        fields["errors"] = orjson.dumps(errors).decode()
+        outcome = self.store.end(batch, (batch["status"],), to, final=True, force=True, **fields)
+        if outcome == "":
+            logger.bind(batch_id=batch["id"]).warning("batch {}: ended {}: {}", batch["id"], to, message)
+        return outcome == ""
+
+
+_STOP_WHY = {
+    STOP_CANCEL: "its batch was cancelled",
+    STOP_EXPIRE: "its batch's window ended",
+    STOP_REVOKED: "its batch's owner was revoked",
+}
+
+
+def _deadline(batch: dict[str, Any]) -> float:
+    """When the batch ends at the latest, whatever its lines: FINISH_GRACE_S after its window's end or its cancel."""
+    end = float(batch["expires_at"])
+    if batch.get("cancelling_at"):
+        end = min(end, float(batch["cancelling_at"]))
+    return end + FINISH_GRACE_S
+
+
+def _outage(exc: Exception) -> bool:
+    """Redis unavailable (the pass is retried as a whole), not a step that fails on its data."""
+    if not isinstance(exc, redis.RedisError):
+        return False
+    return not isinstance(exc, redis.ResponseError) or str(exc).startswith(_OUTAGE)
 
 
 def _all_answered(batch: dict[str, Any]) -> bool:
@@ -540,15 +765,63 @@ def _line_id(batch: dict[str, Any], line: int) -> str:
     return f"{batch['id'].removeprefix('batch_')}-{line}"
 
 
+def _custom_id(text: bytes | None) -> Any:
+    """A stored line's custom_id, None if the line is not what validation let through."""
+    try:
+        request = orjson.loads(text) if text else {}
+    except orjson.JSONDecodeError:
+        return None
+    return request.get("custom_id") if isinstance(request, dict) else None
+
+
+def _errors(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        errors = orjson.loads(batch["errors"]) if batch.get("errors") else []
+    except orjson.JSONDecodeError:
+        return []
+    return errors if isinstance(errors, list) else []
+
+
 def _entry(line: int, file: str, entry: dict[str, Any], input_tokens: int = 0, output_tokens: int = 0) -> Answer:
-    """A line's entry as stored (float arrays as their bytes, api/files.py) and its size as read."""
+    """A line's entry as stored (float arrays as their bytes, api/files.py) and its size as read, with the short
+    entry that replaces it when it does not fit the batch's output limits."""
     size = len(orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY)) + 1
     stored = orjson.dumps(compact(entry)).decode() + "\n"
-    return Answer(line, file, stored, size, int(input_tokens or 0), int(output_tokens or 0))
+    short = orjson.dumps(
+        {
+            "id": entry["id"],
+            "custom_id": entry["custom_id"],
+            "response": None,
+            "error": {"code": OUTPUT_LIMIT_REACHED, "message": _LIMITED},
+        }
+    )
+    return Answer(line, file, stored, size, short.decode() + "\n", len(short) + 1, input_tokens, output_tokens)
+
+
+_LIMITED = (
+    "This request's answer was not kept: the batch's output and error files reached AETHERCORE_BATCH_OUTPUT_MAX_BYTES, "
+    "or its owner's reached AETHERCORE_OUTPUTS_QUOTA."
+)
+
+
+def _clip(value: Any) -> str:
+    """A caller's value as a message shows it: its repr, cut to VALUE_MAX characters."""
+    shown = repr(value)
+    return shown if len(shown) <= VALUE_MAX else shown[:VALUE_MAX] + "…"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _error(code: str, message: str, param: str | None, line: int | None = None) -> dict[str, Any]:
-    return {"code": code, "message": message, "param": param, "line": line}
+    """An errors.data[] entry, its message and param bounded whatever they quote."""
+    return {
+        "code": _cut(code, VALUE_MAX),
+        "message": _cut(message, MESSAGE_MAX),
+        "param": None if param is None else _cut(str(param), VALUE_MAX),
+        "line": line,
+    }
 
 
 def _add(errors: list[dict[str, Any]], problem: dict[str, Any]) -> int:

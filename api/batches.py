@@ -2,7 +2,9 @@
 
 ```
 batch_key(id)        hash: the Batch object's fields, counts, `next_line` (the first line not taken yet), the
-                     owner (id, role, address) its lines run as, `stopping` (cancel | expire), `hold_until`
+                     owner (id, role, address) its lines run as, `stopping` (cancel | expire | revoked),
+                     `hold_until`, `stored_bytes` (what its two files hold), `step_failures` and `failures:<line>`
+                     (unexpected exceptions so far, api/batch_driver.py)
 batch_jobs_key(id)   hash: line -> job id, or `-` (taken, not submitted yet): the lines taken and not answered
 file_lines_key(out)  the output file's lines: line -> its answer (a success)       } ids reserved at creation,
 file_lines_key(err)  the error file's lines: line -> its answer (an error)         } published when it ends
@@ -17,7 +19,13 @@ number of API processes, that die at any moment, leave a consistent batch behind
 * `claim` takes the next lines (the cursor moves in the same step), `record` notes a line's job only if the line is
   still waiting for one (an answer or a cancel may have come first);
 * `transition` moves the status only from the states it names (cancel and the driver's ending never both win),
-  and `end` only once every line is answered.
+  and `end` only once every line is answered (or, `force`, when the batch's deadline passed with lines unanswered).
+
+What a batch makes the service keep is charged to its owner in the same steps (tasks/holdings.py): its record, with
+its error list, as kind BATCHES at `create` (the owner's AETHERCORE_BATCHES_MAX_KEPT; sized again and given the
+retention's expiry at `end`); its output and error files as kind OUTPUTS at each `answer`, one object per file (the
+file's id, so deleting the file drops it), within AETHERCORE_BATCH_OUTPUT_MAX_BYTES per batch and the owner's
+AETHERCORE_OUTPUTS_QUOTA; its webhook delivery as kind DELIVERIES, queued by the `end` step itself.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ import orjson
 import redis
 
 from api.files import INDEX_SLACK_S, cursor_page
+from tasks.holdings import BATCHES, DELIVERIES, OUTPUTS, Holdings, with_holdings
 from tasks.names import (
     BATCHES_ACTIVE,
     BATCHES_ALL,
+    WEBHOOKS_DUE,
     batch_jobs_key,
     batch_key,
     batch_lease_key,
@@ -42,8 +52,10 @@ from tasks.names import (
     batches_index_key,
     file_key,
     file_lines_key,
+    webhook_delivery_key,
 )
 from tasks.script_batch import ScriptBatch
+from tasks.webhooks import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S, envelope
 
 # -- the Batch object's statuses (OpenAI's), defined once ---------------------------------------------------------
 VALIDATING = "validating"
@@ -69,20 +81,49 @@ STATUS_TIME = {
 # why a batch stops early: the caller cancelled it, or its completion window ended
 STOP_CANCEL = "cancel"
 STOP_EXPIRE = "expire"
+STOP_REVOKED = "revoked"  # its owner's credentials were revoked: it is cancelled
 
 BATCH_ID_RE = re.compile(r"^batch_[0-9a-f]{32}$")
 COMPLETION_WINDOWS = {"24h": 86400}
 NOT_SUBMITTED = "-"
 OUTPUT, ERROR = "out", "err"
 
+# What `create` answers besides the account's refusals (tasks/holdings.py: -1, -2, -3).
+CREATED, NO_FILE, TOO_MANY_ACTIVE = 1, -4, -5
+# Bytes a record is charged beyond its fields' and values' own (Redis's per-key and per-field overhead, roughly).
+RECORD_OVERHEAD = 256
+# What a webhook delivery's hash holds besides its body (the batch object, charged as the record's size).
+DELIVERY_OVERHEAD = 512
+
+# The size charged for a batch's record: its fields and values.
+_RECORD_SIZE = """
+local function record_size(key)
+  local size = $RECORD_OVERHEAD
+  for _, part in ipairs(redis.call('HGETALL', key)) do size = size + #part end
+  return size
+end
+"""
+
 # KEYS: batch, input file fields, input file lines, active, owner's active, owner's index, every batch's index.
 # ARGV: batch id, its index score (creation time), most active per owner, batch ttl, the input's least ttl, index
-# trim before, index ttl, then the batch's field/value pairs. Returns 1, or -1 (no such file), -2 (too many
-# unfinished batches).
-_CREATE = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[3]) then return -2 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+# trim before, index ttl, owner, now, when the record expires, most batches kept per owner, the share of Redis all
+# holdings may take (bytes), then the batch's field/value pairs. Returns CREATED, NO_FILE, TOO_MANY_ACTIVE or the
+# account's refusal: the record is charged (kind BATCHES) in the step that writes it.
+_CREATE = with_holdings("""
+if redis.call('EXISTS', KEYS[2]) == 0 then return $NO_FILE end
+-- a batch whose record is gone (it expired, or Redis lost it) holds none of its owner's slots any more
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  if redis.call('EXISTS', '$BATCH_PREFIX' .. id) == 0 then
+    redis.call('SREM', KEYS[5], id)
+    redis.call('SREM', KEYS[4], id)
+  end
+end
+if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[3]) then return $TOO_MANY_ACTIVE end
+local size = $RECORD_OVERHEAD
+for i = 13, #ARGV do size = size + #ARGV[i] end
+local charged = hold_put(ARGV[8], '$BATCHES', ARGV[1], size, ARGV[10], ARGV[9], 0, ARGV[11], ARGV[12], false)
+if charged < 0 then return charged end
+redis.call('HSET', KEYS[1], unpack(ARGV, 13))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'in_use', 1)
 for i = 2, 3 do
@@ -97,8 +138,8 @@ for i = 6, 7 do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[6])
   redis.call('EXPIRE', KEYS[i], ARGV[7])
 end
-return 1
-"""
+return $CREATED
+""")
 
 # A status change, only from the statuses named. KEYS: batch. ARGV: from (space-separated), to, the time field
 # ('' for none), now, then field/value pairs. Returns '' done, or the status it found.
@@ -112,30 +153,55 @@ if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
 return ''
 """
 
-# The end of a batch whose every line is answered: the status (only from those named), then it leaves the active
-# sets and its input file is released. KEYS: batch, jobs, active, owner's active, input file fields.
-# ARGV: from, to, time field, now, ttl, batch id, 1 = it ends here (0: only the status), then field/value pairs.
-# Returns '' done, 'busy' lines are still unanswered, or the status it found.
-_END = """
+# The end of a batch whose every line is answered (or, forced, of one whose deadline passed): the status (only
+# from those named), then, when it ends here, it leaves the active sets, its input file is released, its record is
+# charged again with its error list and the retention's expiry, its files' charges get that expiry too, and its
+# webhook's delivery is due (tasks/webhooks.py), in this same step: a process that dies after it loses nothing.
+# KEYS: batch, jobs, active, owner's active, input file fields. ARGV: from, to, time field, now, retention, batch
+# id, 1 = it ends here (0: only the status), 1 = forced, then field/value pairs. Returns '' done, 'busy' lines are
+# still unanswered, or the status it found.
+_END = with_holdings(
+    _RECORD_SIZE
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'gone' end
 if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. status .. ' ', 1, true) then return status end
-local answered = tonumber(redis.call('HGET', KEYS[1], 'completed') or '0')
-  + tonumber(redis.call('HGET', KEYS[1], 'failed') or '0')
-if redis.call('HLEN', KEYS[2]) > 0 or answered < tonumber(redis.call('HGET', KEYS[1], 'total') or '0') then
-  return 'busy'
+if ARGV[8] ~= '1' then
+  local answered = tonumber(redis.call('HGET', KEYS[1], 'completed') or '0')
+    + tonumber(redis.call('HGET', KEYS[1], 'failed') or '0')
+  if redis.call('HLEN', KEYS[2]) > 0 or answered < tonumber(redis.call('HGET', KEYS[1], 'total') or '0') then
+    return 'busy'
+  end
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
-if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
-if ARGV[7] == '1' then
-  redis.call('SREM', KEYS[3], ARGV[6])
-  redis.call('SREM', KEYS[4], ARGV[6])
-  redis.call('DEL', KEYS[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  if tonumber(redis.call('HGET', KEYS[5], 'in_use') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'in_use', -1) end
+if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
+if ARGV[7] ~= '1' then return '' end
+redis.call('SREM', KEYS[3], ARGV[6])
+redis.call('SREM', KEYS[4], ARGV[6])
+redis.call('DEL', KEYS[2])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+if tonumber(redis.call('HGET', KEYS[5], 'in_use') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'in_use', -1) end
+local now = tonumber(ARGV[4])
+local kept_until = now + tonumber(ARGV[5])
+local info = redis.call('HMGET', KEYS[1], 'owner', 'output_file', 'error_file', 'webhook')
+local owner, size = info[1], record_size(KEYS[1])
+hold_put(owner, '$BATCHES', ARGV[6], size, kept_until, now, 0, 0, 0, true)
+for i = 2, 3 do
+  if info[i] then hold_renew(owner, '$OUTPUTS', info[i], kept_until, now) end
+end
+if info[4] then
+  local id = '$DELIVERY_ID_PREFIX' .. ARGV[6]
+  local delivery = '$DELIVERY_PREFIX' .. id
+  redis.call('HSET', delivery, 'kind', 'batch', 'ref', ARGV[6], 'webhook', info[4], 'event', 'batch.' .. ARGV[2],
+    'queue', '')
+  redis.call('EXPIRE', delivery, $KEEP_DELIVERY_S)
+  redis.call('ZADD', '$WEBHOOKS_DUE', 'NX', 0, id)
+  -- forced: a batch's end cannot be refused; one delivery per batch, bounded by the batches kept
+  hold_put(owner, '$DELIVERIES', id, size + $DELIVERY_OVERHEAD, now + $KEEP_DELIVERY_S, now, 0, 0, 0, true)
 end
 return ''
 """
+)
 
 # Take the next lines. KEYS: batch, jobs. ARGV: limit, mode ('room': while fewer than `limit` lines are taken and
 # the batch runs normally; 'all': up to `limit` more, the batch stopping), ttl. Returns {first line, count}.
@@ -165,24 +231,52 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
-# A line's answer, exactly once. KEYS: batch, jobs, output lines, error lines. ARGV: line, 'out' | 'err', the
-# line's text, its size as read, input tokens, output tokens, ttl. Returns 1 answered now, 0 it had an answer.
-_ANSWER = """
+# A line's answer, exactly once, charged to the batch's owner (kind OUTPUTS, the file's id) within the batch's cap
+# (`stored_bytes`: what its two files hold) and the owner's quota; an answer that does not fit is replaced by its
+# short entry in the error file (`output_limit_reached`), charged whatever the totals: bounded by the line count.
+# KEYS: batch, jobs, output lines, error lines. ARGV: line, 'out' | 'err', the line's text, its size as read, input
+# tokens, output tokens, ttl, the short entry, its size as read, now, when the charge expires, the batch's cap, the
+# owner's quota, the share of Redis all holdings may take (0: no limit for the last three). Returns 1 answered
+# now, 2 answered with the short entry, 0 it had an answer.
+_ANSWER = with_holdings("""
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then
   redis.call('HDEL', KEYS[2], ARGV[1])
   return 0
 end
+local now = tonumber(ARGV[10])
+local function charge(owner, file_id, size, force)
+  local done = hold_grow(owner, '$OUTPUTS', file_id, size, now, ARGV[13], ARGV[14], force)
+  if done == 0 then
+    done = hold_put(owner, '$OUTPUTS', file_id, size, ARGV[11], now, ARGV[13], 0, ARGV[14], force)
+  end
+  return done
+end
+local info = redis.call('HMGET', KEYS[1], 'owner', 'output_file', 'error_file', 'stored_bytes')
+local text, read, out, outcome = ARGV[3], ARGV[4], ARGV[2] == 'out', 1
+local cap = tonumber(ARGV[12])
+local fits = cap <= 0 or tonumber(info[4] or '0') + #text <= cap
+if fits then
+  local file_id = info[3]
+  if out then file_id = info[2] end
+  fits = charge(info[1], file_id, #text, false) == 1
+end
+if not fits then
+  text, read, out, outcome = ARGV[8], ARGV[9], false, 2
+  charge(info[1], info[3], #text, true)
+end
 local target, count, size = KEYS[4], 'failed', 'error_bytes'
-if ARGV[2] == 'out' then target, count, size = KEYS[3], 'completed', 'output_bytes' end
-redis.call('HSET', target, ARGV[1], ARGV[3])
+if out then target, count, size = KEYS[3], 'completed', 'output_bytes' end
+redis.call('HSET', target, ARGV[1], text)
 redis.call('EXPIRE', target, ARGV[7])
 redis.call('HINCRBY', KEYS[1], count, 1)
-redis.call('HINCRBY', KEYS[1], size, ARGV[4])
+redis.call('HINCRBY', KEYS[1], size, read)
+redis.call('HINCRBY', KEYS[1], 'stored_bytes', #text)
 if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[5]) end
 if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[6]) end
+redis.call('HDEL', KEYS[1], 'failures:' .. ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
-"""
+return outcome
+""")
 
 # The lease of the process driving a batch: taken if free, renewed by its holder. KEYS: lease. ARGV: holder, ms.
 _LEASE = """
@@ -197,12 +291,15 @@ return 1
 @dataclass(frozen=True)
 class Answer:
     """A line's entry in the output file (`OUTPUT`) or the error file (`ERROR`): `stored` is what Redis keeps,
-    `size` its length as read (api/files.py `rendered`)."""
+    `size` its length as read (api/files.py `rendered`); `short` (and `short_size`) the entry written in the error
+    file instead when it does not fit the batch's cap or its owner's quota (`output_limit_reached`)."""
 
     line: int
     file: str
     stored: str
     size: int
+    short: str
+    short_size: int
     input_tokens: int = 0
     output_tokens: int = 0
 
@@ -215,16 +312,37 @@ def _flat(fields: dict[str, Any]) -> list[Any]:
     return [item for pair in fields.items() for item in pair]
 
 
+def _render(script: str) -> str:
+    """The scripts name keys, kinds and codes through the Python constants: `$NAME` is filled in here."""
+    values = {
+        "BATCH_PREFIX": batch_key(""),
+        "BATCHES": BATCHES,
+        "OUTPUTS": OUTPUTS,
+        "DELIVERIES": DELIVERIES,
+        "DELIVERY_ID_PREFIX": DELIVERY_ID_PREFIX,
+        "DELIVERY_PREFIX": webhook_delivery_key(""),
+        "WEBHOOKS_DUE": WEBHOOKS_DUE,
+        "KEEP_DELIVERY_S": str(KEEP_DELIVERY_S),
+        "RECORD_OVERHEAD": str(RECORD_OVERHEAD),
+        "DELIVERY_OVERHEAD": str(DELIVERY_OVERHEAD),
+        "CREATED": str(CREATED),
+        "NO_FILE": str(NO_FILE),
+        "TOO_MANY_ACTIVE": str(TOO_MANY_ACTIVE),
+    }
+    return re.sub(r"\$([A-Z_]+)", lambda m: values[m.group(1)], script)
+
+
 class BatchStore:
-    def __init__(self, client: redis.Redis, retention_s: int) -> None:
+    def __init__(self, client: redis.Redis, retention_s: int, holdings: Holdings) -> None:
         self.redis = client
         self.retention_s = retention_s
-        self._create = client.register_script(_CREATE)
+        self.holdings = holdings
+        self._create = client.register_script(_render(_CREATE))
         self._transition = client.register_script(_TRANSITION)
-        self._end = client.register_script(_END)
+        self._end = client.register_script(_render(_END))
         self._claim = client.register_script(_CLAIM)
         self._record = client.register_script(_RECORD)
-        self._answer = client.register_script(_ANSWER)
+        self._answer = client.register_script(_render(_ANSWER))
         self._lease = client.register_script(_LEASE)
 
     def ttl(self, batch: dict[str, Any]) -> int:
@@ -233,7 +351,10 @@ class BatchStore:
 
     # -- creation and the status ------------------------------------------------------------------------
     def create(self, fields: dict[str, Any], input_file: str, max_active: int) -> int:
+        """CREATED, NO_FILE or TOO_MANY_ACTIVE; QuotaExceeded (nothing written) when the owner keeps
+        AETHERCORE_BATCHES_MAX_KEPT batches already, or every caller's objects fill their share of Redis."""
         owner, batch_id = fields["owner"], fields["id"]
+        now = time.time()
         window_left = int(fields["expires_at"]) - int(fields["created_at"])
         ttl = window_left + self.retention_s
         keys = [
@@ -245,10 +366,15 @@ class BatchStore:
             batches_index_key(owner),
             BATCHES_ALL,
         ]
-        trim = time.time() - self.retention_s - INDEX_SLACK_S
+        trim = now - self.retention_s - INDEX_SLACK_S
+        _max_bytes, max_kept, max_total = self.holdings.lua_limits(BATCHES)
         # indexed by the exact time, so batches created in the same second list in their order
-        args = [batch_id, repr(time.time()), max_active, ttl, window_left + 3600, trim, ttl + INDEX_SLACK_S]
-        return int(self._create(keys=keys, args=[*args, *_flat(fields)]))
+        args = [batch_id, repr(now), max_active, ttl, window_left + 3600, trim, ttl + INDEX_SLACK_S]
+        args += [owner, f"{now:.3f}", int(now) + ttl, max_kept, max_total]
+        outcome = int(self._create(keys=keys, args=[*args, *_flat(fields)]))
+        if outcome in (CREATED, NO_FILE, TOO_MANY_ACTIVE):
+            return outcome
+        raise self.holdings.refusal(owner, BATCHES, outcome, RECORD_OVERHEAD)
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
         if not BATCH_ID_RE.match(batch_id):
@@ -262,9 +388,11 @@ class BatchStore:
         args = [" ".join(from_), to, STATUS_TIME.get(to, "") if stamp else "", int(time.time()), *_flat(fields)]
         return self._transition(keys=[batch_key(batch_id)], args=args)
 
-    def end(self, batch: dict[str, Any], from_: tuple[str, ...], to: str, final: bool, **fields: Any) -> str:
-        """Move a batch whose every line is answered to `to` (and, `final`, out of the active sets): '' done, else
-        'busy' or the status found."""
+    def end(
+        self, batch: dict[str, Any], from_: tuple[str, ...], to: str, final: bool, force: bool = False, **fields: Any
+    ) -> str:
+        """Move a batch whose every line is answered (`force`: whatever is unanswered) to `to` and, `final`, out of
+        the active sets, its webhook due in the same step: '' done, else 'busy' or the status found."""
         batch_id = batch["id"]
         keys = [
             batch_key(batch_id),
@@ -274,12 +402,16 @@ class BatchStore:
             file_key(batch["input_file_id"]),
         ]
         args = [" ".join(from_), to, STATUS_TIME[to], int(time.time()), self.retention_s, batch_id, int(final)]
-        outcome = self._end(keys=keys, args=[*args, *_flat(fields)])
-        if outcome == "" and final and batch.get("webhook"):  # it ended now: its webhook is due (api/webhooks.py)
-            from api.webhooks import batch_ended  # noqa: PLC0415 (api.webhooks needs the app's services)
+        return self._end(keys=keys, args=[*args, int(force), *_flat(fields)])
 
-            batch_ended(batch_id, batch["webhook"], batch_object(self.get(batch_id) or batch))
-        return outcome
+    def failed(self, batch_id: str, field: str) -> int:
+        """One more unexpected failure counted in the batch's record (`step_failures`, `failures:<line>`): how
+        many so far."""
+        return int(self.redis.hincrby(batch_key(batch_id), field, 1))
+
+    def recovered(self, batch_id: str) -> None:
+        """A step went through: its failures so far no longer count."""
+        self.redis.hdel(batch_key(batch_id), "step_failures")
 
     # -- lines ----------------------------------------------------------------------------------------------
     def claim(self, batch: dict[str, Any], limit: int, mode: str) -> list[int]:
@@ -309,22 +441,27 @@ class BatchStore:
         if lines:
             self.redis.hset(batch_jobs_key(batch_id), mapping={str(line): NOT_SUBMITTED for line in lines})
 
-    def answer(self, batch: dict[str, Any], answers: list[Answer]) -> int:
-        """Write each line's answer once (one round trip); how many were answered now."""
+    def answer(self, batch: dict[str, Any], answers: list[Answer], max_bytes: int) -> tuple[int, int]:
+        """Write each line's answer once (one round trip), each charged to the owner within `max_bytes` for the
+        batch's two files (0: no cap) and the owner's AETHERCORE_OUTPUTS_QUOTA: how many were answered now, and how
+        many of those with their short `output_limit_reached` entry instead."""
         if not answers:
-            return 0
+            return 0, 0
         keys = [
             batch_key(batch["id"]),
             batch_jobs_key(batch["id"]),
             file_lines_key(batch["output_file"]),
             file_lines_key(batch["error_file"]),
         ]
-        ttl = self.ttl(batch)
+        now, ttl = time.time(), self.ttl(batch)
+        quota, _max_count, max_total = self.holdings.lua_limits(OUTPUTS)
+        limits = [f"{now:.3f}", int(now) + ttl, max_bytes, quota, max_total]
         pipe = ScriptBatch(self.redis, (self._answer,))
         for a in answers:
-            args = [a.line, a.file, a.stored, a.size, a.input_tokens, a.output_tokens, ttl]
-            self._answer(keys=keys, args=args, client=pipe)
-        return sum(int(done) for done in pipe.execute())
+            args = [a.line, a.file, a.stored, a.size, a.input_tokens, a.output_tokens, ttl, a.short, a.short_size]
+            self._answer(keys=keys, args=[*args, *limits], client=pipe)
+        outcomes = [int(done) for done in pipe.execute()]
+        return sum(1 for done in outcomes if done), outcomes.count(2)
 
     # -- who drives it ---------------------------------------------------------------------------------------
     def active(self) -> list[str]:
@@ -390,3 +527,18 @@ def batch_object(fields: dict[str, Any]) -> dict[str, Any]:
         },
         "metadata": orjson.loads(fields["metadata"]) if fields.get("metadata") else None,
     }
+
+
+def webhook_body(client: redis.Redis, batch_id: str, now: float) -> bytes | None:
+    """A batch's webhook delivery body (api/webhook_dispatcher.py, at its first attempt): Standard Webhooks'
+    {type, timestamp, data}, `batch.<status>` with the Batch object as it ended; None when its record is gone."""
+    raw = client.hgetall(batch_key(batch_id))
+    fields = {_text(name): _text(value) for name, value in raw.items()}
+    if "id" not in fields:
+        return None
+    public = batch_object(fields)
+    return orjson.dumps(envelope(f"batch.{public['status']}", public, now))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -38,6 +38,7 @@ import orjson
 import redis
 from loguru import logger
 
+from api.batches import webhook_body
 from api.blueprints.common import public_job
 from config.logging import setup_logging
 from config.settings import Settings
@@ -274,7 +275,10 @@ class Dispatcher:
 
     def body(self, record: dict[str, Any], now: float) -> bytes | None:
         """A job's delivery body, built once at its first attempt: Standard Webhooks' {type, timestamp, data} with the
-        job's public JSON (GET /jobs/{id}) as data; its result left out beyond AETHERCORE_WEBHOOK_MAX_BYTES."""
+        job's public JSON (GET /jobs/{id}) as data; its result left out beyond AETHERCORE_WEBHOOK_MAX_BYTES. A
+        batch's: the Batch object as it ended (its error list is capped, api/batch_driver.py)."""
+        if record.get("kind") == "batch":
+            return webhook_body(self.redis, record["ref"], now)
         job = self.jobs.get(record["ref"])
         if job is None:
             return None

@@ -5,7 +5,6 @@ here, the dispatcher resolves and checks again), and the owner whose secret sign
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -15,7 +14,6 @@ from api.errors import ApiError
 from api.services import services
 from tasks.holdings import DELIVERIES
 from tasks.outbound import ForbiddenDestination, MalformedUrl
-from tasks.webhooks import delivery_id_for, envelope
 
 ANONYMOUS = "anonymous"
 PENDING_RETRY_AFTER_S = 30  # a caller at AETHERCORE_WEBHOOK_MAX_PENDING: deliveries end at the receivers' pace
@@ -92,23 +90,7 @@ BATCH_WEBHOOK_KEY = "webhook_url"  # the batch's `metadata` key naming its webho
 
 def batch_webhook(metadata: dict[str, Any] | None) -> str | None:
     """The `webhook` to keep with a new batch (JSON {url, owner}) or None: `metadata.webhook_url`, else the caller's
-    default endpoint; checked like a job's (422, 409)."""
+    default endpoint; checked like a job's (422, 409). The Lua step that ends the batch makes its delivery due
+    (api/batches.py `_END`); the dispatcher builds its body at the first attempt (api/batches.py `webhook_body`)."""
     url = (metadata or {}).get(BATCH_WEBHOOK_KEY)
     return job_webhook(url, f"metadata.{BATCH_WEBHOOK_KEY}")
-
-
-def batch_ended(batch_id: str, webhook: str | None, public: dict[str, Any]) -> None:
-    """The batch's delivery is due, its body the batch object as it ended (`batch.completed`, `batch.failed`,
-    `batch.expired`, `batch.cancelled`); `webhook`: what batch_webhook kept. Call it once, when the batch's end was
-    written (the transition that ended it succeeded); webhook-id `msg_<batch id>`."""
-    if not webhook:
-        return
-    body = orjson.dumps(envelope(f"batch.{public.get('status')}", public, time.time()))
-    services().deliveries.enqueue(
-        delivery_id_for(batch_id),
-        kind="batch",
-        ref=batch_id,
-        webhook=orjson.loads(webhook),
-        event=f"batch.{public.get('status')}",
-        body=body,
-    )

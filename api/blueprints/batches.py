@@ -24,8 +24,10 @@ from api.batches import (
     COMPLETION_WINDOWS,
     FINALIZING,
     IN_PROGRESS,
+    NO_FILE,
     STATUSES,
     STOP_CANCEL,
+    TOO_MANY_ACTIVE,
     VALIDATING,
     BatchStore,
     batch_object,
@@ -38,6 +40,7 @@ from api.idempotency import idempotent
 from api.json_provider import Blueprint
 from api.services import services
 from api.webhooks import batch_webhook
+from tasks.holdings import QuotaExceeded
 
 blp = Blueprint(
     "openai_batches",
@@ -386,12 +389,21 @@ class Batches(MethodView):
     @blp.alt_response(400, description="The input file was not uploaded with purpose=batch")
     @blp.alt_response(404, description="No such input file (or not yours)")
     @blp.alt_response(422, description="Invalid body: the field is named in error.param")
-    @blp.alt_response(429, description="AETHERCORE_BATCH_MAX_ACTIVE unfinished batches already")
+    @blp.alt_response(
+        429,
+        description="AETHERCORE_BATCH_MAX_ACTIVE unfinished batches already (`too_many_batches`), or "
+        "AETHERCORE_BATCHES_MAX_KEPT batches kept (`quota_exceeded`)",
+    )
     @blp.alt_response(409, description="metadata.webhook_url, and the caller has no webhook signing secret")
+    @blp.alt_response(
+        503, description="Redis is nearly full (`redis_full`), or held objects fill their share (`storage_full`)"
+    )
     @requires(*SERVE)
     def post(self, body: dict[str, Any]):
         files, batches, driver = stores()
-        settings = services().settings
+        svc = services()
+        settings = svc.settings
+        svc._check_redis_memory()  # 503 redis_full before Redis refuses writes, as for new jobs
         source = _file(body["input_file_id"])
         if source.get("purpose") != PURPOSE_BATCH:
             purpose = source.get("purpose")
@@ -422,10 +434,13 @@ class Batches(MethodView):
         webhook = batch_webhook(body.get("metadata"))  # metadata.webhook_url, else the caller's default endpoint
         if webhook:
             fields["webhook"] = webhook
-        outcome = batches.create(fields, source["id"], settings.batch_max_active)
-        if outcome == -1:
+        try:
+            outcome = batches.create(fields, source["id"], settings.batch_max_active)
+        except QuotaExceeded as exc:
+            raise _refused(exc) from None
+        if outcome == NO_FILE:
             raise ApiError(404, "file_not_found", f"file {source['id']} expired or was deleted meanwhile")
-        if outcome == -2:
+        if outcome == TOO_MANY_ACTIVE:
             raise ApiError(
                 429,
                 "too_many_batches",
@@ -443,6 +458,13 @@ class Batches(MethodView):
     def get(self, query: dict[str, Any]):
         items, more = stores()[1].listing(_owner_filter(), query.get("after"), query["limit"])
         return _listing([batch_object(b) for b in items], more)
+
+
+def _refused(exc: QuotaExceeded) -> ApiError:
+    """A batch its owner's quota (429) or the share of Redis for held objects (503) has no room for."""
+    if exc.global_limit:
+        return ApiError(503, "storage_full", exc.message(), headers={"Retry-After": "60"})
+    return ApiError(429, "quota_exceeded", exc.message(), headers={"Retry-After": "60"})
 
 
 @blp.route("/batches/<string:batch_id>")
