@@ -25,7 +25,6 @@ from config.models import load_models
 from config.settings import Settings
 from tasks.celery_app import make_celery
 from tasks.cluster import ClusterState
-from tasks.holdings import Holdings, quotas_from, total_limit_for
 from tasks.jobs import JobStore
 from tasks.redis_client import make_redis
 
@@ -84,14 +83,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
     # The OpenAI Files and Batch APIs: their state in Redis, and this process's driver of every unfinished batch.
     raw = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl(), decode_responses=False)
-    svc = app.extensions["aethercore"]
-    # What callers make the service keep, charged to them (tasks/holdings.py); all of it within its share of
-    # Redis's maxmemory, read at most once per REDIS_MEMORY_CACHE_S.
-    holdings = Holdings(
-        redis_client,
-        quotas_from(settings),
-        lambda: svc.memory_cache.get("holdings", lambda: total_limit_for(redis_client, settings.holdings_max_share)),
-    )
+    holdings = app.extensions["aethercore"].holdings
     files = FileStore(redis_client, raw, settings.files_ttl)
     batch_store = BatchStore(redis_client, settings.files_ttl, holdings)
     app.extensions["aethercore_batches"] = {

@@ -88,7 +88,12 @@ class Services:
         self.deliveries = Deliveries(self.jobs.redis)
         self.outbound = OutboundPolicy.from_entries(self.settings.webhook_allow)
         self.dead_letters = DeadLetters(self.jobs.redis, self.settings.dead_letter_ttl, self.settings.dead_letter_max)
-        self.holdings = Holdings(self.jobs.redis, quotas_from(self.settings))
+        # What callers make the service keep, charged to them (tasks/holdings.py); all of it within its share of
+        # Redis's maxmemory, read with the memory check's cached value.
+        self.holdings = Holdings(self.jobs.redis, quotas_from(self.settings), self._holdings_limit)
+
+    def _holdings_limit(self) -> int:
+        return int(self.memory_cache.get("redis", self._redis_memory)[1] * self.settings.holdings_max_share)
 
     def held(self, owner: str) -> dict[str, Held]:
         """What `owner` holds of each kind (tasks/holdings.py `Held`), read at most once a second per process."""
