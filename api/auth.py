@@ -3,12 +3,15 @@
 Credentials: `Authorization: Bearer <key-or-JWT>` or `X-API-Key: <key>`.
 * Static keys from AETHERCORE_API_KEYS (`key:role`), compared by SHA-256 digest.
 * Keys created with `manage.py auth create-key`: `ack_<id>.<secret>`, stored in Redis as
-  {sha256(secret), role} under their id (never in plain text), revocable by id. A revoked key stops
+  {sha256(secret), role, lanes} under their id (never in plain text), revocable by id. A revoked key stops
   working within KEY_CACHE_S seconds (each API process caches lookups that long).
-* JWTs signed HS256 with AETHERCORE_JWT_SECRET; `sub`, `role` and `exp` are required and checked.
+* JWTs signed HS256 with AETHERCORE_JWT_SECRET; `sub`, `role` and `exp` are required and checked; an optional
+  `lanes` claim (a list of lane names) is the token's lane grant, and a token whose claim is not one is invalid.
 
 Roles: admin (everything), operator (load/unload, read everything), user (serve, batch, stream, its
-own jobs, read models), viewer (read models and health). Serving a model that is not loaded loads it only for
+own jobs, read models), viewer (read models and health). Priority lanes (`allowed_lanes`): a key's or token's own
+grant when it has one, else its role's (AETHERCORE_PRIORITY_LANES; by default `high` only for admins and
+operators). Serving a model that is not loaded loads it only for
 a caller who may manage models, or when the model is declared `autoload: true` (`may_autoload`).
 
 Failed authentication (a credential that is presented but unknown, expired or revoked) is counted per client
@@ -37,7 +40,7 @@ from loguru import logger
 
 from api.errors import ApiError
 from config.roles import ADMIN, OPERATOR, ROLES, USER
-from tasks.names import AUTH_KEYS, auth_failures_key
+from tasks.names import AUTH_KEYS, LANES, auth_failures_key
 
 KEYS_HASH = AUTH_KEYS
 KEY_PREFIX = "ack_"
@@ -54,6 +57,7 @@ JOBS = (ADMIN, OPERATOR, USER)
 class Principal:
     id: str
     role: str
+    lanes: frozenset[str] | None = None  # its own lane grant (a key's, a token's); None: its role's
 
     @property
     def sees_all_jobs(self) -> bool:
@@ -67,21 +71,47 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def lane_grant(lanes: Any) -> frozenset[str]:
+    """A grant of priority lanes (names, or one comma-separated string) checked: ValueError unless it names one or
+    more of LANES and nothing else."""
+    names = lanes.split(",") if isinstance(lanes, str) else lanes
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"lanes must be a list of lane names from {', '.join(LANES)}")
+    grant = frozenset(n.strip() for n in names if n.strip())
+    if not grant or not grant <= set(LANES):
+        raise ValueError(f"lanes must name one or more of {', '.join(LANES)}, got {sorted(grant)}")
+    return grant
+
+
+def allowed_lanes(who: Principal | None, by_role: dict[str, frozenset[str]]) -> frozenset[str]:
+    """The priority lanes `who` may submit to: its own grant, else its role's (`by_role`,
+    AETHERCORE_PRIORITY_LANES over the defaults); every lane for a role the setting leaves out."""
+    if who is not None and who.lanes is not None:
+        return who.lanes
+    return by_role.get(who.role if who is not None else "", frozenset(LANES))
+
+
 class KeyStore:
     """API keys kept in Redis, hashed."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def create(self, role: str, name: str = "") -> tuple[str, str]:
+    def create(self, role: str, name: str = "", lanes: Any = None) -> tuple[str, str]:
+        """A new key of `role`; `lanes`: its own grant of priority lanes (None: its role's)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        grant = lane_grant(lanes) if lanes is not None else None
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        self.register(key_id, secret, role, name)
+        self.register(key_id, secret, role, name, grant)
         return key_id, f"{KEY_PREFIX}{key_id}.{secret}"
 
-    def register(self, key_id: str, secret: str, role: str, name: str = "") -> None:
-        entry = {"digest": _digest(secret), "role": role, "name": name, "created_at": time.time()}
+    def register(
+        self, key_id: str, secret: str, role: str, name: str = "", lanes: frozenset[str] | None = None
+    ) -> None:
+        entry: dict[str, Any] = {"digest": _digest(secret), "role": role, "name": name, "created_at": time.time()}
+        if lanes is not None:
+            entry["lanes"] = sorted(lanes, key=LANES.index)
         self.redis.hset(KEYS_HASH, key_id, json.dumps(entry))
 
     def revoke(self, key_id: str) -> bool:
@@ -97,6 +127,7 @@ class KeyStore:
                     "role": entry["role"],
                     "name": entry.get("name", ""),
                     "created_at": entry.get("created_at"),
+                    "lanes": entry.get("lanes"),
                 }
             )
         return out
@@ -112,7 +143,8 @@ class KeyStore:
         entry = json.loads(raw)
         if not hmac.compare_digest(entry["digest"], _digest(secret)):
             return None
-        return Principal(f"key:{key_id}", entry["role"])
+        lanes = entry.get("lanes")
+        return Principal(f"key:{key_id}", entry["role"], frozenset(lanes) if lanes is not None else None)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -306,16 +338,24 @@ class Authenticator:
         role, subject = claims.get("role"), claims.get("sub")
         if role not in ROLES or not isinstance(subject, str) or not subject:
             return None
-        return Principal(f"jwt:{subject}", role)
+        try:  # the issuer (who holds the secret) grants lanes; a claim that is not a grant fails the token, closed
+            lanes = lane_grant(claims["lanes"]) if "lanes" in claims else None
+        except ValueError:
+            return None
+        return Principal(f"jwt:{subject}", role, lanes)
 
 
-def issue_token(secret: str, subject: str, role: str, ttl_s: int) -> str:
+def issue_token(secret: str, subject: str, role: str, ttl_s: int, lanes: Any = None) -> str:
+    """A JWT for `subject` with `role`; `lanes`: its own grant of priority lanes (None: its role's)."""
     if not secret:
         raise ValueError("AETHERCORE_JWT_SECRET is not set")
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     now = int(time.time())
-    return jwt.encode({"sub": subject, "role": role, "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256")
+    claims: dict[str, Any] = {"sub": subject, "role": role, "iat": now, "exp": now + ttl_s}
+    if lanes is not None:
+        claims["lanes"] = sorted(lane_grant(lanes), key=LANES.index)
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def principal() -> Principal:

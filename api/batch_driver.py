@@ -84,6 +84,7 @@ from api.errors import ApiError
 from api.files import FileStore
 from api.inference import ended_error, route
 from api.json_provider import JsonBodyError, loads_bounded
+from api.lanes import batch_line_room
 from api.per_process import PerProcessThread
 from api.services import Services, services
 from config.models import ModelSpec
@@ -480,7 +481,7 @@ class BatchDriver:
             return 0
         svc = services()
         waiting = sorted(line for line, job in self.store.taken(batch["id"]).items() if job == NOT_SUBMITTED)
-        waiting += self.store.claim(batch, svc.settings.batch_max_in_flight, "room")
+        waiting += self.store.claim(batch, batch_line_room(svc, batch), "room")
         if not waiting:
             return 0
         answers: list[Answer] = []

@@ -9,6 +9,7 @@ from typing import Any
 
 from flask import g
 
+from api.auth import allowed_lanes
 from api.errors import ApiError
 from api.services import Services, services
 from api.webhooks import job_webhook, requested_url
@@ -18,7 +19,7 @@ from config.parameters import parameter_errors as declared_parameter_errors
 from config.signatures import tensor_input_errors
 from tasks import errors as job_errors
 from tasks.errors import http_status
-from tasks.names import DEFAULT_LANE
+from tasks.names import DEFAULT_LANE, LANES
 from tasks.states import CANCELLED, EXPIRED, FAILED, INFERENCE, SUCCEEDED, TERMINAL
 
 
@@ -99,12 +100,20 @@ def route(svc: Services, spec: ModelSpec) -> str:
 
 
 def check_lane(lane: str) -> str:
-    """The priority lane this caller may submit to (AETHERCORE_PRIORITY_LANES), or 403."""
+    """The priority lane this caller may submit to (api/auth.py `allowed_lanes`: its key's or token's grant, else its
+    role's), or 403 naming the lane and how to be granted it."""
     who = g.get("principal")
-    allowed = services().settings.priority_lanes.get(who.role if who is not None else "")
-    if allowed is not None and lane not in allowed:
+    allowed = allowed_lanes(who, services().settings.priority_lanes)
+    if lane not in allowed:  # never without a principal: allowed_lanes grants it every lane
+        granted = ",".join(sorted(allowed, key=LANES.index))
+        whose = "this key's grant" if who.lanes is not None else f"role {who.role!r}"
         raise ApiError(
-            403, "forbidden", f"role {who.role!r} may not use the {lane!r} lane (allowed: {', '.join(sorted(allowed))})"
+            403,
+            "forbidden",
+            f"the {lane!r} priority lane is not granted to this caller ({whose} allows: {granted or 'none'}); an admin "
+            f"grants it with `manage.py auth create-key --role <role> --lanes {','.join(LANES)}` (or for a whole role "
+            "with AETHERCORE_PRIORITY_LANES)",
+            {"lane": lane, "granted": granted},
         )
     return lane
 

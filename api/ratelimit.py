@@ -3,7 +3,9 @@ the job (tasks/jobs.py `create_limited`), so a /serve request pays no separate r
 
 Every other endpoint is limited by flask-limiter (api/security.py) with the same AETHERCORE_RATE_LIMIT,
 per endpoint; the inference endpoints (/serve, /serve/batch, WS /serve/stream) share one counter per
-caller. Fixed windows: a counter starts with the caller's first request and expires a window later.
+caller. A caller's submissions to the `high` lane are also counted on a counter of their own, limited by
+AETHERCORE_HIGH_LANE_RATE_LIMIT: a caller granted `high` cannot spend its whole limit there. Fixed windows: a counter
+starts with the caller's first request and expires a window later.
 
 Authenticated admins and operators are not limited per caller (`limited_per_caller`): they run the service, and
 their load generators, dashboards and scripts must not be throttled by the limit that keeps tenants fair (the
@@ -20,7 +22,7 @@ from flask import Flask, g
 from flask_limiter.util import get_remote_address
 
 from config.roles import ADMIN, OPERATOR
-from tasks.names import rate_limit_key
+from tasks.names import DEFAULT_LANE, LANES, rate_limit_key
 
 # The endpoints whose submissions are counted here rather than by flask-limiter.
 INFERENCE_ENDPOINTS = frozenset({"serve.Serve", "serve.ServeBatch", "serve_stream", "oip.Infer", "oip.InferVersion"})
@@ -39,20 +41,30 @@ def limited_per_caller() -> bool:
     return who is None or who.id == "anonymous" or who.role not in (ADMIN, OPERATOR)
 
 
+def _parsed(spec: str) -> list[tuple[int, int]]:
+    return [(item.amount, int(item.get_expiry())) for item in limits.parse_many(spec)] if spec else []
+
+
 class InferenceRateLimit:
-    def __init__(self, spec: str) -> None:
-        self.items = [(item.amount, int(item.get_expiry())) for item in limits.parse_many(spec)] if spec else []
+    def __init__(self, spec: str, high_lane_spec: str = "") -> None:
+        self.items = _parsed(spec)
+        self.high_items = _parsed(high_lane_spec)
 
     def __bool__(self) -> bool:
-        return bool(self.items)
+        return bool(self.items or self.high_items)
 
-    def counters(self, caller: str) -> list[tuple[str, int, int]]:
-        return [(rate_limit_key(caller, amount, window), amount, window) for amount, window in self.items]
+    def counters(self, caller: str, lane: str = DEFAULT_LANE) -> list[tuple[str, int, int]]:
+        """The counters (key, amount, window s) one submission of `caller` to `lane` counts on."""
+        counted = [(rate_limit_key(caller, amount, window), amount, window) for amount, window in self.items]
+        if lane == LANES[0]:
+            own = f"{lane}-lane|{caller}"  # callers are key:, env:, jwt: or an address: never this shape
+            counted += [(rate_limit_key(own, amount, window), amount, window) for amount, window in self.high_items]
+        return counted
 
     @staticmethod
-    def remember(used: list[int], items: list[tuple[int, int]]) -> None:
+    def remember(used: list[int], counted: list[tuple[str, int, int]]) -> None:
         """Headers for this response, like flask-limiter's: the tightest limit's use."""
-        left = [(amount - count, amount, window) for count, (amount, window) in zip(used, items)]
+        left = [(amount - count, amount, window) for count, (_key, amount, window) in zip(used, counted)]
         remaining, amount, window = min(left)
         g.rate_limit_headers = {
             "X-RateLimit-Limit": str(amount),

@@ -27,9 +27,9 @@ from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
 from tasks.holdings import Held, Holdings, quotas_from
 from tasks.jobs import IdempotencyConflict, JobStore, RateLimited, new_job_id, requeue_payload
-from tasks.names import DEFAULT_LANE, INFER, TASK_FOR_KIND, queue_for_device
+from tasks.names import DEFAULT_LANE, INFER, LANES, TASK_FOR_KIND, queue_for_device
 from tasks.outbound import OutboundPolicy
-from tasks.queues import queue_depth
+from tasks.queues import lane_depths
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import FAILED, INFERENCE, TERMINAL
 from tasks.webhooks import Deliveries, WebhookOwners
@@ -38,6 +38,8 @@ from tasks.webhooks import Deliveries, WebhookOwners
 DESIRED_CACHE_S = 1.0
 # Backpressure reads the queue length at most this often per device: a bound, not an exact count.
 QUEUE_DEPTH_CACHE_S = 0.25
+# The lanes interactive callers use; `low` is the lane of batch lines (api/batch_driver.py), bounded apart.
+INTERACTIVE_LANES, BATCH_LANE = LANES[:2], LANES[2]
 # New inference jobs are refused (503) once Redis uses this share of its maxmemory, read at most once a second.
 REDIS_MEMORY_LIMIT = 0.95
 REDIS_MEMORY_CACHE_S = 1.0
@@ -82,7 +84,7 @@ class Services:
             self.jobs.redis, self.jobs, on_models_changed=self.desired_cache.clear, admit=self.long_requests.take
         )
         self.streams = StreamHub(self.jobs.redis)
-        self.rate_limit = InferenceRateLimit(self.settings.rate_limit)
+        self.rate_limit = InferenceRateLimit(self.settings.rate_limit, self.settings.high_lane_rate_limit)
         self.dispatcher.in_flight = self.replies.in_flight
         self.webhook_owners = WebhookOwners(self.jobs.redis)
         self.deliveries = Deliveries(self.jobs.redis)
@@ -153,8 +155,9 @@ class Services:
         already used for the same request returns that job (waited for like a new one), for another request 422.
         """
         request_id = current_request_id()
+        lane = self._lane(payload)
         if kind == INFERENCE:
-            self._check_backpressure(device)
+            self._check_backpressure(device, lane)
         else:
             self.desired_cache.clear(spec.id)
         wait_s = min(wait_s, self.settings.max_wait)
@@ -191,7 +194,7 @@ class Services:
                 raise
             return job if waiter is None else self.replies.wait(waiter, job, wait_s)
         try:
-            limits = self._caller_limits() if kind == INFERENCE else []
+            limits = self._caller_limits(lane) if kind == INFERENCE else []
             if limits:
                 job = self._create_counted(record, limits)
             else:
@@ -226,45 +229,49 @@ class Services:
         claim.mark_replayed()
         return self.wait(job, wait_s)
 
-    def _caller_limits(self) -> list[tuple[str, int, int]]:
-        """The counters an inference job of this caller counts against: none without a rate limit, or for a caller
-        not limited per caller (admins and operators, api/ratelimit.py)."""
-        return self.rate_limit.counters(caller_id()) if self.rate_limit and limited_per_caller() else []
+    def _caller_limits(self, lane: str) -> list[tuple[str, int, int]]:
+        """The counters an inference job of this caller in `lane` counts against (the Lua step that creates the job
+        counts them): none without a rate limit, or for a caller not limited per caller (admins and operators,
+        api/ratelimit.py); a `high` job also on the caller's high-lane counter."""
+        return self.rate_limit.counters(caller_id(), lane) if self.rate_limit and limited_per_caller() else []
 
     def _create_counted(self, record: dict[str, Any], limits: list[tuple[str, int, int]]) -> dict[str, Any]:
         """The caller's use of the rate limit and the job's creation: one round trip."""
         try:
             job, used = self.jobs.create_limited(limits, **record)
         except RateLimited as exc:
-            raise self._too_many(exc) from None
-        self.rate_limit.remember(used, self.rate_limit.items)
+            raise self._too_many(exc, limits) from None
+        self.rate_limit.remember(used, limits)
         return job
 
     def _create_queued(self, spec: ModelSpec, device: str, work: dict[str, Any], record: dict[str, Any]) -> dict:
         """An inference job created, counted against the caller's rate limit and queued in one Lua step shared with
         the process's concurrent submissions (api/dispatch.py): one round trip for all of them."""
-        limits = self._caller_limits()
+        lane = self._lane(work)
+        limits = self._caller_limits(lane)
         entry = {key: value for key, value in record.items() if key != "idempotency"}
         entry["limits"] = limits
         try:
             created = self.dispatcher.publish(
-                spec.id, device, work, coalesce=self._coalesces(work), lane=self._lane(work), record=entry
+                spec.id, device, work, coalesce=self._coalesces(work), lane=lane, record=entry
             )
         except RateLimited as exc:
-            raise self._too_many(exc) from None
+            raise self._too_many(exc, limits) from None
         assert created is not None
         job, used = created
         if limits:
-            self.rate_limit.remember(used, self.rate_limit.items)
+            self.rate_limit.remember(used, limits)
         return job
 
-    def _too_many(self, exc: RateLimited) -> ApiError:
-        amount, window = self.rate_limit.items[exc.index]
+    def _too_many(self, exc: RateLimited, limits: list[tuple[str, int, int]]) -> ApiError:
+        _key, amount, window = limits[exc.index]
+        # the caller's own counters come first, then the high lane's (api/ratelimit.py `counters`)
+        high = exc.index >= len(self.rate_limit.items)
+        what = "the high lane, AETHERCORE_HIGH_LANE_RATE_LIMIT" if high else "inference"
         return ApiError(
             429,
             "too_many_requests",
-            f"rate limit exceeded ({amount} per {window} s for inference); retry after the Retry-After header's "
-            "seconds",
+            f"rate limit exceeded ({amount} per {window} s for {what}); retry after the Retry-After header's seconds",
             headers={"Retry-After": str(exc.retry_after_s)},
         )
 
@@ -312,22 +319,42 @@ class Services:
             )
             raise
 
-    def _check_backpressure(self, device: str) -> None:
+    def _check_backpressure(self, device: str, lane: str) -> None:
+        """429 `queue_full` when the lanes this submission waits behind are at their bound: the interactive lanes
+        (`high`, `normal`) at AETHERCORE_MAX_QUEUE_DEPTH for an interactive job, the `low` lane at
+        AETHERCORE_LOW_LANE_QUEUE_DEPTH for a `low` one. A backlog of batch lines never refuses an interactive
+        caller."""
         self._check_redis_memory()
         queue = queue_for_device(device)
-        # The queue's length as last read, plus what this process queued since: exact for one API process,
-        # a bound within QUEUE_DEPTH_CACHE_S for several.
-        waiting = self.depth_cache.get(queue, lambda: queue_depth(self.cluster.redis, queue))
-        depth = waiting + self.depth_cache.bump(queue)
-        if depth >= self.settings.max_queue_depth:
+        low = lane == BATCH_LANE
+        limit, setting = (
+            (self.settings.low_lane_queue_depth, "AETHERCORE_LOW_LANE_QUEUE_DEPTH")
+            if low
+            else (self.settings.max_queue_depth, "AETHERCORE_MAX_QUEUE_DEPTH")
+        )
+        # What was waiting when last read, plus what this process queued since: exact for one API process, a bound
+        # within QUEUE_DEPTH_CACHE_S for several.
+        depth = self.queued_ahead(device, lane) + self.depth_cache.bump(self._depth_key(queue, lane))
+        if depth >= limit:
+            lanes = "low lane" if low else "interactive lanes (high, normal)"
             raise ApiError(
                 429,
                 "queue_full",
-                f"the {device} queue holds {depth} jobs, at its limit "
-                f"(AETHERCORE_MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); retry later",
-                {"queue": queue, "depth": depth},
+                f"the {device} queue's {lanes} hold {depth} jobs, at their limit ({setting}={limit}); retry later",
+                {"queue": queue, "depth": depth, "lane": lane},
                 headers={"Retry-After": "5"},
             )
+
+    def queued_ahead(self, device: str, lane: str) -> int:
+        """Messages waiting in the device queue's lanes of `lane`'s class (the interactive lanes, or `low`), as last
+        read: one pipelined LLEN per lane, at most once per QUEUE_DEPTH_CACHE_S."""
+        queue = queue_for_device(device)
+        key = self._depth_key(queue, lane)
+        return self.depth_cache.get(key, lambda: sum(lane_depths(self.cluster.redis, queue)[n] for n in key[1]))
+
+    @staticmethod
+    def _depth_key(queue: str, lane: str) -> tuple[str, tuple[str, ...]]:
+        return queue, (BATCH_LANE,) if lane == BATCH_LANE else INTERACTIVE_LANES
 
     def _check_redis_memory(self) -> None:
         """503 before Redis refuses writes: new jobs stop at REDIS_MEMORY_LIMIT of its maxmemory, so the jobs

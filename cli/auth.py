@@ -24,13 +24,18 @@ def _key_store():
 def auth_create_key(
     role: str = typer.Option(..., help="admin, operator, user or viewer"),
     name: str = typer.Option("", help="A note on who or what uses it"),
+    lanes: str | None = typer.Option(
+        None,
+        help="Its own grant of priority lanes, e.g. high,normal,low (default: its role's, AETHERCORE_PRIORITY_LANES)",
+    ),
 ) -> None:
     """Create an API key; it is printed once and stored only hashed."""
     try:
-        key_id, key = _key_store().create(role, name)
+        key_id, key = _key_store().create(role, name, lanes)
     except ValueError as exc:
         fail(str(exc), 2)
-    err.print(f"created key {key_id} with role {role}; it is shown once, keep it safe:")
+    granted = f" and lanes {lanes}" if lanes is not None else ""
+    err.print(f"created key {key_id} with role {role}{granted}; it is shown once, keep it safe:")
     print(key)
 
 
@@ -48,10 +53,14 @@ def auth_list(as_json: bool = typer.Option(False, "--json")) -> None:
     keys = _key_store().list()
     if as_json:
         return print_json(keys)
-    table = Table("key id", "role", "name", "created")
+    table = Table("key id", "role", "lanes", "name", "created")
     for k in keys:
         table.add_row(
-            k["key_id"], k["role"], k["name"], time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))
+            k["key_id"],
+            k["role"],
+            ",".join(k["lanes"]) if k.get("lanes") else "(its role's)",
+            k["name"],
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"])),
         )
     console.print(table)
 
@@ -61,12 +70,13 @@ def auth_token(
     role: str = typer.Option(..., help="admin, operator, user or viewer"),
     ttl: int = typer.Option(3600, help="Seconds until it expires"),
     sub: str = typer.Option("cli", help="The subject (who the token is for)"),
+    lanes: str | None = typer.Option(None, help="Its own grant of lanes (its `lanes` claim), e.g. high,normal"),
 ) -> None:
     """Issue a JWT signed with AETHERCORE_JWT_SECRET."""
     from api.auth import issue_token
 
     try:
-        print(issue_token(settings().jwt_secret, sub, role, ttl))
+        print(issue_token(settings().jwt_secret, sub, role, ttl, lanes))
     except ValueError as exc:
         fail(str(exc), 2)
 

@@ -279,11 +279,12 @@ def _rate_limit(value: str) -> str:
 
 
 def _lanes_by_role(value: str) -> dict[str, frozenset[str]]:
-    """`role:lane+lane,...` -> the lanes each listed role may use (a role not listed may use every lane)."""
-    from config.roles import ROLES
+    """`role:lane+lane,...` -> the lanes each role may use: the listed roles', the others' by default (admins and
+    operators every lane, everyone else `normal` and `low`)."""
+    from config.roles import ADMIN, OPERATOR, ROLES
     from tasks.names import LANES
 
-    allowed: dict[str, frozenset[str]] = {}
+    allowed = {role: frozenset(LANES if role in (ADMIN, OPERATOR) else LANES[1:]) for role in ROLES}
     for item in filter(None, (part.strip() for part in value.split(","))):
         role, _, lanes = item.partition(":")
         chosen = frozenset(filter(None, (lane.strip() for lane in lanes.split("+"))))
@@ -542,13 +543,16 @@ class Settings:
         "",
         _lanes_by_role,
         "Which priority lanes (`high`, `normal`, `low`) a role may submit to, as `role:lane+lane,...` (e.g. "
-        "`user:normal+low`); a role not listed may use all three. A request for another lane gets 403.",
+        "`user:high+normal+low`); a role not listed keeps its default: admin and operator every lane, user and "
+        "viewer `normal` and `low`. A key created with `manage.py auth create-key --lanes` (or a JWT with a `lanes` "
+        "claim) uses its own grant instead. A request for another lane gets 403.",
     )
     lane_aging_s: float = setting(
         "30",
         _non_negative_float,
-        "A `low` message waiting longer than this moves to the `normal` lane (and a `normal` one to `high`), so no "
-        "lane starves for longer under a stream of higher-priority work; 0: never.",
+        "A waiting job rises one priority lane (`low` to `normal`, then `high`) per this many seconds, or per a "
+        "quarter of its window (deadline - submission) when that is longer: no lane starves under a stream of "
+        "higher-priority work, and a line of a 24 h batch is not urgent after 30 s; 0: never.",
     )
     stream_interval: int = setting(
         "1",
@@ -565,7 +569,22 @@ class Settings:
         "leave in the same Celery message; 0: never. At low load a submission never waits.",
     )
     max_queue_depth: int = setting(
-        "10000", _positive_int, "Messages a device queue may hold; new submissions beyond it get 429 with Retry-After."
+        "10000",
+        _positive_int,
+        "Messages a device queue's interactive lanes (`high` and `normal`) may hold; new interactive submissions "
+        "beyond it get 429 with Retry-After. The `low` lane (batch lines) is bounded apart.",
+    )
+    low_lane_queue_depth: int = setting(
+        "10000",
+        _positive_int,
+        "Messages a device queue's `low` lane may hold; `low` submissions beyond it get 429 with Retry-After (they "
+        "never count against AETHERCORE_MAX_QUEUE_DEPTH).",
+    )
+    high_lane_rate_limit: str = setting(
+        "6000/minute",
+        _rate_limit,
+        "Inference submissions to the `high` lane per caller (flask-limiter syntax), counted on a counter of their "
+        "own besides AETHERCORE_RATE_LIMIT (admins and operators are not limited); empty: no limit of its own.",
     )
     visibility_timeout: int = setting(
         "300",
@@ -637,6 +656,13 @@ class Settings:
         _positive_int,
         "Lines of one batch submitted as jobs and not yet ended at any moment: the rest wait in Redis, so a batch "
         "of thousands never fills the device queue or the owner's rate limit at once.",
+    )
+    batch_queue_watermark: int = setting(
+        "0",
+        _non_negative_int,
+        "Batch lines submitted and not ended on one device at most, shared evenly between the batches running there; "
+        "lines are also held while the device's `low` lane holds this many messages. 0: 4 x the model's "
+        "max_batch_size (a pass running, the next one ready, and room for the driver's round trips).",
     )
     batch_max_active: int = setting(
         "16", _positive_int, "Batches one owner may have unfinished at once; `POST /v1/batches` gets 429 beyond."

@@ -13,6 +13,10 @@ dynamic batcher:
 * the waiting jobs are sorted by input length and cut where padding would cost more than one
   more forward pass (`split_by_length`): fewer padded tokens, more sentences per second;
 * `instances` feeder threads, one per model process, run batches side by side;
+* priority lanes (workers/lanes.py): a job waits behind the pending jobs of its own and higher effective rank
+  only; a pass that carries higher-lane jobs takes lower-lane ones only up to the size that costs what the
+  higher-lane jobs' own pass would (`PassCosts`: pass times measured by size), and while higher-lane work was seen
+  recently, a pass of lower lanes alone is kept short;
 * if a batch fails, its jobs are retried one by one, so one bad input fails only its own job;
 * if the model process dies or hangs (killed after the model's `timeout_s`), it is restarted and
   the batch's jobs are retried each on its own (workers/retry.py: only a job that crashes the model
@@ -36,11 +40,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Protocol
 
 from loguru import logger
 
 from tasks.errors import POISON_JOB
+from tasks.names import DEFAULT_LANE
+from workers.lanes import HIGHER_LANE_MEMORY_S, PassCosts, effective_rank
 from workers.model_process import ModelGone, ModelProcessDied, ModelTimeout, unloaded
 from workers.retry import RetryPolicy
 
@@ -111,7 +118,10 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     crashes: int = 0
     exclusive: bool = False
-    rank: int = 1  # its priority lane's rank (0: high first; tasks/names.py LANES)
+    lane: str = DEFAULT_LANE  # its priority lane, with the times its urgency grows by (workers/lanes.py)
+    submitted_at: float | None = None
+    deadline: float | None = None
+    rank: int = 1  # its effective rank when its pass was formed (0 high .. 2 low)
     outcome: BatchOutcome | None = None
     error: BaseException | None = None
 
@@ -139,7 +149,8 @@ class ModelBatcher:
         lane_aging_s: float = 0.0,
     ) -> None:
         self.executor = executor
-        self.lane_aging_s = lane_aging_s  # nothing overtakes a job pending this long (workers/lanes.py)
+        self.lane_aging_s = lane_aging_s  # AETHERCORE_LANE_AGING_S: how fast a waiting job's rank rises
+        self.costs = PassCosts()
         self.model_id = model_id
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_batch_delay_ms / 1000.0
@@ -153,8 +164,9 @@ class ModelBatcher:
         self._closed = False
         self._gone: ModelGone | None = None
         self._open = 0  # requests handed over and not yet completed (their futures unresolved)
-        self._last_size = 0
+        self._last_size: dict[int, int] = {}  # per effective rank: the size of the last pass it led
         self._last_end = 0.0
+        self._seen: dict[int, float] = {}  # per effective rank: when a job of it was last handed over
         self._done: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
         count = max(1, len(executor.instances))
         self._feeders_left = count
@@ -167,10 +179,17 @@ class ModelBatcher:
             thread.start()
 
     def submit(
-        self, inputs: Any, parameters: dict[str, Any], context: Any = None, exclusive: bool = False, rank: int = 1
+        self,
+        inputs: Any,
+        parameters: dict[str, Any],
+        context: Any = None,
+        exclusive: bool = False,
+        lane: str = DEFAULT_LANE,
+        submitted_at: float | None = None,
+        deadline: float | None = None,
     ) -> Future:
-        """Queue one job's inputs; `exclusive`: it runs in a forward pass of its own. `rank`: its lane's (0 high,
-        1 normal, 2 low): it waits behind the pending jobs of its own and higher lanes only."""
+        """Queue one job's inputs; `exclusive`: it runs in a forward pass of its own. `lane`, `submitted_at` and
+        `deadline` make its effective rank: it waits behind the pending jobs of its own and higher ranks only."""
         request = Request(
             inputs,
             parameters,
@@ -178,7 +197,9 @@ class ModelBatcher:
             _length(inputs),
             context,
             exclusive=exclusive,
-            rank=rank,
+            lane=lane,
+            submitted_at=submitted_at,
+            deadline=deadline,
         )
         with self._cond:
             if self._closed:
@@ -213,26 +234,28 @@ class ModelBatcher:
         if left:
             logger.bind(model_id=self.model_id).warning("{} pending job(s) ended: {}", len(left), gone.code)
 
+    def _rank(self, request: Request, now: float) -> int:
+        return effective_rank(request.lane, request.submitted_at, request.deadline, self.lane_aging_s, now)
+
     def _enqueue(self, request: Request) -> None:
-        """Into the pending queue behind every job of its own and higher lanes, ahead of lower lanes' (FIFO within
-        a lane); the common case, a lane no lower than the last pending job's, is an append."""
+        """Into the pending queue behind every job whose effective rank is as high as its own, ahead of the others
+        (FIFO within a rank); the common case, a rank no higher than the last pending job's, is an append."""
         pending = self._pending
-        if not pending or pending[-1].rank <= request.rank:
-            pending.append(request)
-            return
-        now = time.monotonic()
-        aged = self.lane_aging_s if self.lane_aging_s > 0 else float("inf")
+        now = time.time()
+        rank = self._rank(request, now)
+        self._seen[rank] = time.monotonic()
         at = len(pending)
-        while at > 0 and pending[at - 1].rank > request.rank and now - pending[at - 1].arrived < aged:
+        while at > 0 and self._rank(pending[at - 1], now) > rank:
             at -= 1
         pending.insert(at, request)
 
     # -- forming batches ----------------------------------------------------------------------
-    def _target(self) -> int:
-        """How many jobs to wait for: the last batch's size while the model is under load, else one."""
+    def _target(self, rank: int) -> int:
+        """How many jobs to wait for: the size of the last pass this rank led while the model is under load, else
+        one."""
         if time.monotonic() - self._last_end > LOAD_MEMORY_S:
             return 1
-        return max(1, min(self._last_size, self.max_batch_size))
+        return max(1, min(self._last_size.get(rank, 1), self.max_batch_size))
 
     def _collect(self) -> list[Request] | None:
         with self._cond:
@@ -240,16 +263,37 @@ class ModelBatcher:
                 if self._closed:
                     return None
                 self._cond.wait()
-            target = self._target()
+            target = self._target(self._rank(self._pending[0], time.time()))
             deadline = self._pending[0].arrived + self.max_delay_s
             while len(self._pending) < target and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            # At most one batch's worth: other instances take the next jobs meanwhile.
-            take = min(len(self._pending), self.max_batch_size)
-            return [self._pending.popleft() for _ in range(take)]
+            # At most one pass's worth: other instances take the next jobs meanwhile.
+            return [self._pending.popleft() for _ in range(self._take())]
+
+    def _take(self) -> int:
+        """How many pending jobs (in rank order) the next pass takes: behind the jobs of the best rank (the lead),
+        lower ranks only while the pass costs what the lead's alone would; a pass without a better rank than its
+        own that was seen recently, at most a short one."""
+        now = time.time()
+        head = list(islice(self._pending, self.max_batch_size))
+        if not head:  # another instance's feeder took them meanwhile
+            return 0
+        for request in head:
+            request.rank = self._rank(request, now)
+        lead = next((i for i, r in enumerate(head) if r.rank != head[0].rank), len(head))
+        if lead < len(head):
+            return self.costs.fill_size(lead, len(head))
+        if self._better_seen(head[0].rank):
+            return min(len(head), self.costs.short_size(self.max_batch_size))
+        return len(head)
+
+    def _better_seen(self, rank: int) -> bool:
+        """Whether a job of a better rank than `rank` was handed over within HIGHER_LANE_MEMORY_S."""
+        since = time.monotonic() - HIGHER_LANE_MEMORY_S
+        return any(at > since for better, at in self._seen.items() if better < rank)
 
     def _feed(self, index: int) -> None:
         try:
@@ -274,20 +318,23 @@ class ModelBatcher:
 
     def _feed_batches(self, index: int, requests: list[Request]) -> None:
         """Run one collected set of requests: the exclusive ones alone, the rest grouped and cut by length."""
+        if not requests:
+            return
         groups: dict[str, list[Request]] = {}
         for request in requests:
             if request.exclusive:
                 self._run(index, [request])
                 continue
             groups.setdefault(request.key, []).append(request)
+        passes = []
         for group in groups.values():
             group.sort(key=lambda r: r.length)
-            start = 0
-            for end in split_by_length([r.length for r in group], self.max_batch_size):
-                self._run(index, group[start:end])
-                start = end
+            ends = split_by_length([r.length for r in group], self.max_batch_size)
+            passes += [group[start:end] for start, end in zip([0, *ends], ends)]
+        for batch in sorted(passes, key=lambda batch: min(r.rank for r in batch)):  # the best-ranked jobs first
+            self._run(index, batch)
         with self._cond:
-            self._last_size, self._last_end = len(requests), time.monotonic()
+            self._last_size[requests[0].rank], self._last_end = len(requests), time.monotonic()
 
     # -- running them -------------------------------------------------------------------------
     def _run(self, index: int, batch: list[Request]) -> None:
@@ -315,6 +362,7 @@ class ModelBatcher:
                 self._run(index, [request])
             return
         inference_ms = (time.monotonic() - started) * 1000
+        self.costs.observe(len(batch), inference_ms / 1000)
         for request, output in zip(batch, outputs):
             request.outcome = BatchOutcome(output, len(batch), (started - request.arrived) * 1000, inference_ms)
         self._done.put(batch)

@@ -27,7 +27,7 @@ from config.models import ModelSpec
 from tasks.errors import CANCELLED, DEADLINE_EXCEEDED, error_body
 from tasks.states import INFERENCE
 from workers.completion import Ending, JobContext, classify, logged
-from workers.lanes import effective_rank
+from workers.lanes import aging_step, effective_rank
 from workers.model_process import (
     CallCancelled,
     DeadlineExceeded,
@@ -124,14 +124,15 @@ class _Run:
                 pass
         try:
             aging_s = self.svc.settings.lane_aging_s
+            submitted, deadline = ctx.job.get("submitted_at"), ctx.job.get("deadline")
             request.call = self.runtime.generate(
                 request.inputs,
                 ctx.parameters,
                 request.stream,
                 exclusive=exclusive,
-                deadline=ctx.job.get("deadline"),
-                rank=effective_rank(ctx.lane, ctx.job.get("submitted_at"), aging_s),
-                aging_s=aging_s,
+                deadline=deadline,
+                rank=effective_rank(ctx.lane, submitted, deadline, aging_s),
+                aging_s=aging_step(submitted, deadline, aging_s),  # the running batch's admission ages by the same step
             )
         except Exception as exc:  # the model is going away, or has no process: the request ends here
             return self._end(request, classify(exc))

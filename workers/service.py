@@ -45,7 +45,7 @@ from workers.batcher import ModelBatcher, Request
 from workers.cache import ModelCache
 from workers.completion import Completion, JobContext, logged
 from workers.device import device_memory
-from workers.lanes import LaneAging, effective_rank
+from workers.lanes import LaneAging
 from workers.model_process import ModelGone, RemoteRuntime, evicted, unloaded
 from workers.reaper import ActiveJobs, Reaper, Send
 from workers.residency import Residency
@@ -227,9 +227,10 @@ class WorkerService:
         """Hand one job's inputs to the model's batcher. With `context` (the job), the batcher's completion
         writes the job's end itself, together with the rest of its batch. `exclusive`: a forward pass of its
         own (a job requeued after its worker died). ModelGone if the model is going away."""
-        submitted = context.job.get("submitted_at") if context is not None else None
-        rank = effective_rank(lane, submitted, self.settings.lane_aging_s)
-        return self._batcher(spec, runtime).submit(inputs, parameters, context, exclusive, rank)
+        job = context.job if context is not None else {}
+        return self._batcher(spec, runtime).submit(
+            inputs, parameters, context, exclusive, lane, job.get("submitted_at"), job.get("deadline")
+        )
 
     def _batcher(self, spec: ModelSpec, runtime: RemoteRuntime) -> ModelBatcher:
         with self._batchers_lock:

@@ -263,3 +263,48 @@ def test_a_job_refused_during_the_drain_is_told_the_model_went_not_that_it_outra
     assert "did not end within" not in str(late.value)
     closing.join(5)
     assert "did not end within" in str(futures[-1].exception(5))
+
+
+class CostlyExecutor(RecordingExecutor):
+    """A device whose pass time depends on its size: `base_s` + `per_item_s` per input (a CPU: linear; a GPU: flat)."""
+
+    def __init__(self, base_s, per_item_s):
+        super().__init__()
+        self.base_s, self.per_item_s = base_s, per_item_s
+
+    def run_batch_on(self, index, inputs, parameters):
+        self.batches.append([i["text"] for i in inputs])
+        time.sleep(self.base_s + self.per_item_s * len(inputs))
+        return [{"echo": i["text"]} for i in inputs]
+
+
+def backlog_then_high(executor, lows=96):
+    """A lone high job (the pass of 1 is measured), then a backlog of low jobs, and a high job once the backlog's
+    first full pass has run: the passes as they ran."""
+    batcher = batcher_for(executor, max_batch_size=32, max_batch_delay_ms=5)
+    now = time.time()
+    batcher.submit({"text": "warm"}, {}, lane="high", submitted_at=now).result(5)
+    time.sleep(1.1)  # the high job is no longer recent: the backlog's passes are full
+    backlog = [batcher.submit({"text": f"low{i}"}, {}, lane="low", submitted_at=now) for i in range(lows)]
+    while len(executor.batches) < 3:  # the first full pass of low ones ran (measured), the second is running
+        time.sleep(0.005)
+    high = batcher.submit({"text": "high"}, {}, lane="high", submitted_at=time.time())
+    outcome = high.result(10)
+    [f.result(10) for f in backlog]
+    batcher.close()
+    return outcome, executor.batches
+
+
+def test_on_a_cpu_a_pass_that_carries_a_high_job_takes_no_low_ones_and_low_passes_shrink_after_it():
+    outcome, passes = backlog_then_high(CostlyExecutor(base_s=0.02, per_item_s=0.01))
+    assert outcome.batch_size <= 2  # 1 plus measurement noise at most; old: filled to 32 with low jobs
+    carried = next(i for i, p in enumerate(passes) if "high" in p)
+    assert len(passes[carried - 1]) == 32  # the pass it waited for (it was running when it arrived)
+    after = [len(p) for p in passes[carried + 1 :]]
+    assert after and max(after) < 32  # the high job was seen recently: the low passes behind it are short
+
+
+def test_on_a_gpu_low_jobs_still_ride_along_with_a_high_one():
+    outcome, passes = backlog_then_high(CostlyExecutor(base_s=0.04, per_item_s=0.00002))
+    assert outcome.batch_size == 32  # a pass of 32 costs what a pass of 1 does: the backlog fills it
+    assert all(len(p) == 32 for p in passes[1:4])
