@@ -86,7 +86,7 @@ from api.inference import ended_error, route
 from api.json_provider import JsonBodyError, loads_bounded
 from api.lanes import batch_line_room
 from api.per_process import PerProcessThread
-from api.services import Services, services
+from api.services import BATCH_LANE, Services, services
 from config.models import ModelSpec
 from tasks.jobs import JobNotFound
 from tasks.results import compact
@@ -145,10 +145,6 @@ STOPPED = {
         "This request was not executed: the batch was cancelled because its owner's API key was revoked.",
     ),
 }
-
-
-# The lane of every batch line (README "Priority lanes").
-BATCH_LANE = "low"
 
 
 def submit_line(svc: Services, spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
