@@ -10,7 +10,8 @@ validating   read the input file, check every line exactly as /v1 checks the sam
              translation, openai_compat.py BATCH_ENDPOINTS) -> failed (errors.data[] with line numbers) or
              in_progress (total, model)
 in_progress  collect: every submitted line whose job ended gets its answer (output or error file, exactly once)
-             submit: lines up to AETHERCORE_BATCH_MAX_IN_FLIGHT taken and not answered, each submitted as an
+             submit: lines taken and not answered up to the batch's room (api/lanes.py `batch_line_room`: its
+             share of its device queue's watermark, at most AETHERCORE_BATCH_MAX_IN_FLIGHT), each submitted as an
              ordinary inference job of the batch's owner (`submit_line`); a refusal for load (429 rate limit or
              queue_full, 503 no_device / redis_full / broker down) answers nothing: the line waits and the batch
              holds its submissions for the Retry-After
