@@ -25,6 +25,7 @@ from config.settings import Settings
 from config.signatures import ARTIFACT, Signature, task_signature
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
+from tasks.holdings import Holdings, quotas_from
 from tasks.jobs import IdempotencyConflict, JobStore, RateLimited, new_job_id, requeue_payload
 from tasks.names import DEFAULT_LANE, INFER, TASK_FOR_KIND, queue_for_device
 from tasks.outbound import OutboundPolicy
@@ -67,6 +68,7 @@ class Services:
     deliveries: Deliveries = field(init=False)
     outbound: OutboundPolicy = field(init=False)
     dead_letters: DeadLetters = field(init=False)
+    holdings: Holdings = field(init=False)
 
     def __post_init__(self) -> None:
         # Streams, WebSockets and waits hold a thread each: capped per caller and per process (api/limits.py).
@@ -83,6 +85,8 @@ class Services:
         self.deliveries = Deliveries(self.jobs.redis)
         self.outbound = OutboundPolicy.from_entries(self.settings.webhook_allow)
         self.dead_letters = DeadLetters(self.jobs.redis, self.settings.dead_letter_ttl, self.settings.dead_letter_max)
+        # What callers make the service keep, and every caller's share of Redis for it (tasks/holdings.py).
+        self.holdings = Holdings(self.jobs.redis, quotas_from(self.settings), self.holdings_limit)
 
     def desired(self, model_id: str) -> dict[str, Any] | None:
         """The model's desired state (where it is meant to be resident), cached briefly."""
@@ -328,6 +332,11 @@ class Services:
                 {"used_memory": used, "maxmemory": limit},
                 headers={"Retry-After": "30"},
             )
+
+    def holdings_limit(self) -> int:
+        """AETHERCORE_HOLDINGS_MAX_SHARE of Redis's maxmemory, from the same cached read as `_check_redis_memory`."""
+        _used, limit = self.memory_cache.get("redis", self._redis_memory)
+        return int(limit * self.settings.holdings_max_share)
 
     def _redis_memory(self) -> tuple[int, int]:
         info = self.cluster.redis.info("memory")
