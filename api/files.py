@@ -205,8 +205,12 @@ class LineSplitter:
         return [self._line(b"")] if self._partial else []
 
     def _line(self, rest: bytes) -> bytes:
-        line = bytes(self._partial + rest) if self._partial else rest
-        self._partial.clear()
+        if self._partial:
+            self._partial += rest
+            line = bytes(self._partial)
+            self._partial.clear()
+        else:
+            line = rest
         self.pieces += 1
         if is_request_line(line):
             self.lines = self.pieces
