@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     cluster = ClusterState(redis_client, settings.worker_ttl)
     celery = make_celery(settings)
     job_store = JobStore(redis_client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max)
-    app.extensions["aethercore"] = Services(
+    app.extensions["aethercore"] = svc = Services(
         settings=settings,
         models=load_models(settings.models_file),
         jobs=job_store,
@@ -83,8 +83,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
     # The OpenAI Files and Batch APIs: their state in Redis, and this process's driver of every unfinished batch.
     raw = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl(), decode_responses=False)
-    holdings = app.extensions["aethercore"].holdings
-    files = FileStore(redis_client, raw, settings.files_ttl)
+    holdings = svc.holdings
+    files = FileStore(redis_client, raw, settings.files_ttl, holdings)
     batch_store = BatchStore(redis_client, settings.files_ttl, holdings)
     app.extensions["aethercore_batches"] = {
         "files": files,

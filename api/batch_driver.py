@@ -82,7 +82,7 @@ from api.batches import (
 )
 from api.blueprints.openai_compat import BATCH_ENDPOINTS, Prepared, openai_error
 from api.errors import ApiError
-from api.files import FileStore
+from api.files import FileStore, is_request_line
 from api.inference import ended_error, route
 from api.json_provider import JsonBodyError, loads_bounded
 from api.lanes import batch_line_room
@@ -360,7 +360,7 @@ class BatchDriver:
                 indexes = list(range(start, min(count, start + VALIDATE_PAGE)))
                 for index, text in zip(indexes, self.files.lines(meta["id"], indexes)):
                     line = index + 1
-                    if text is None or not text.strip():
+                    if text is None or not is_request_line(text):
                         blank.append(line)
                         continue
                     for empty in blank:

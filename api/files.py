@@ -1,17 +1,26 @@
 """The OpenAI Files API's storage: every file lives in Redis, line by line.
 
-A file is two keys: its fields (`file_key`: the OpenAI File object's, plus its owner, its number of lines and how
-many unfinished batches read it) and its lines (`file_lines_key`: line index -> that line, newline included), so a
-batch reads any line of its input in one HGET and the file's content is the lines joined in order, byte for byte
-what was uploaded. A batch's output and error files are written the same way, one line per answered request, as its
-requests end (api/batches.py); their fields are added when the batch ends, which is when they appear in listings.
+A file is two keys: its fields (`file_key`: the OpenAI File object's, plus its owner, its number of lines, how many
+pieces hold its bytes, and how many unfinished batches read it) and its pieces (`file_lines_key`: index -> bytes), so
+a batch reads any line of its input in one HGET and the file's content is the pieces joined in order, byte for byte
+what was uploaded. The first `lines` pieces are the lines a batch reads (each with its newline; `is_request_line`
+says which are requests); the pieces after them are the blank tail, which is no line (an upload's last blank lines,
+then its blank bytes past AETHERCORE_BATCH_MAX_LINES lines in chunks). A batch's output and error files are written
+the same way, one line per answered request, as its requests end (api/batches.py); their fields are added when the
+batch ends, which is when they appear in listings.
+
+An upload is read as a stream (`FileStore.upload`): its bytes and lines are counted as they arrive and written to
+Redis in pages as they are read, the limits refuse as soon as they are passed, and the file is charged to its owner
+(tasks/holdings.py, FILES) in the Lua step that makes it visible, so concurrent uploads cannot pass the quota
+together; a refused upload leaves nothing behind.
 
 Why Redis and not a volume: every API process and replica sees the same files without a shared filesystem
 (compose and Kubernetes need nothing but the Redis they already have), a batch's state and its files move
 together, and the size is bounded: a file holds at most AETHERCORE_FILES_MAX_BYTES, an owner keeps at most
-AETHERCORE_FILES_QUOTA of uploads, and every file expires AETHERCORE_FILES_TTL after its creation (docs/PROTOCOLS.md).
+AETHERCORE_FILES_QUOTA of uploads in at most AETHERCORE_FILES_MAX_COUNT files, and every file expires
+AETHERCORE_FILES_TTL after its creation (docs/PROTOCOLS.md).
 Embeddings in an output file are kept as float32 bytes (tasks/results.py `compact`, ~2.3x smaller than their JSON
-digits) and written out as the JSON numbers they were when the file is read.
+digits) and written out as the JSON numbers they were when the file is read; uploaded files are never rewritten.
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
 
 import orjson
 import redis
 
+from tasks.holdings import FILES, OUTPUTS, OWNER_BYTES, OWNER_COUNT, Held, Holdings, QuotaExceeded, with_holdings
 from tasks.names import FILES_ALL, file_key, file_lines_key, files_index_key
 from tasks.results import expand
 from tasks.tensors import TAG
@@ -33,18 +44,91 @@ FILE_ID_RE = re.compile(r"^file-[0-9a-f]{32}$")
 PURPOSE_BATCH = "batch"
 PURPOSE_BATCH_OUTPUT = "batch_output"
 PAGE = 1000  # lines read or written per Redis round trip
+PAGE_BYTES = 1 << 20  # ... and at most about this many bytes
+# An upload is read this much at a time: the CPU one chunk costs is short enough for the process's other requests
+# to interleave with it (under gevent they run between chunks only).
+CHUNK = 256 * 1024
+# An upload's pieces live this long while it is read (a process that dies mid-upload leaves nothing for long).
+UPLOADING_S = 900
 # Index entries are kept this long past the files' own retention (a file a batch reads lives a window longer).
 INDEX_SLACK_S = 2 * 86400
 
-# Delete a file unless an unfinished batch reads it. KEYS: fields, lines, owner's index, every file's index.
-# ARGV: file id. Returns 1 deleted, 0 no such file, -1 in use.
-_DELETE = """
+# Delete a file unless an unfinished batch reads it, and take it out of its owner's account. KEYS: fields, pieces,
+# owner's index, every file's index. ARGV: file id, owner. Returns 1 deleted, 0 no such file, -1 in use.
+_DELETE = with_holdings(
+    """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if tonumber(redis.call('HGET', KEYS[1], 'in_use') or '0') > 0 then return -1 end
+local kind = 'FILES'
+if redis.call('HGET', KEYS[1], 'purpose') == 'PURPOSE_BATCH_OUTPUT' then kind = 'OUTPUTS' end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
+hold_drop(ARGV[2], kind, ARGV[1])
 return 1
+""".replace("PURPOSE_BATCH_OUTPUT", PURPOSE_BATCH_OUTPUT)
+    .replace("'FILES'", f"'{FILES}'")
+    .replace("'OUTPUTS'", f"'{OUTPUTS}'")
+)
+
+# An upload whose pieces are written: charged to its owner and made visible in one step, or refused and its pieces
+# deleted. KEYS: fields, pieces, owner's index, every file's index. ARGV: owner, file id, size, expires at, now,
+# max bytes, max count, max total (tasks/holdings.py hold_put), ttl, index trim, index ttl, then field/value pairs.
+# Returns 1, or hold_put's refusal (-1 owner's bytes, -2 owner's count, -3 every caller's share of Redis).
+_PUBLISH_UPLOAD = with_holdings(
+    """
+local held = hold_put(ARGV[1], 'FILES', ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], false)
+if held ~= 1 then
+  redis.call('DEL', KEYS[2])
+  return held
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 12))
+redis.call('EXPIRE', KEYS[1], ARGV[9])
+redis.call('EXPIRE', KEYS[2], ARGV[9])
+for i = 3, 4 do
+  redis.call('ZADD', KEYS[i], 'NX', ARGV[5], ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[10])
+  redis.call('EXPIRE', KEYS[i], ARGV[11])
+end
+return 1
+""".replace("'FILES'", f"'{FILES}'")
+)
+
+# What an owner's uploads hold now (expired ones taken out first). ARGV: owner, now. Returns {bytes, count}.
+_HELD = with_holdings(
+    """
+hold_prune(ARGV[1], 'FILES', tonumber(ARGV[2]), 20)
+local bytes, count = hold_used(ARGV[1], 'FILES')
+return {bytes, count}
+""".replace("'FILES'", f"'{FILES}'")
+)
+
+# A file kept until a later time (a batch reads it): its keys, its expires_at and its charge, never shortened.
+# KEYS: fields, pieces. ARGV: owner, file id, until (epoch s), now. Returns 1, or 0 when the file is gone.
+_KEEP_UNTIL = with_holdings(
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local until_, now = math.ceil(tonumber(ARGV[3])), tonumber(ARGV[4])
+for i = 1, 2 do
+  local ttl = redis.call('TTL', KEYS[i])
+  if ttl >= 0 and now + ttl < until_ then redis.call('EXPIREAT', KEYS[i], until_) end
+end
+if tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '0') < until_ then
+  redis.call('HSET', KEYS[1], 'expires_at', until_)
+end
+local _, index = hold_keys(ARGV[1], 'FILES')
+local charged = redis.call('ZSCORE', index, ARGV[2])
+if charged and tonumber(charged) < until_ then hold_renew(ARGV[1], 'FILES', ARGV[2], until_, now) end
+return 1
+""".replace("'FILES'", f"'{FILES}'")
+)
+
+
+# The sizes of a file's pieces first..last. KEYS: pieces. ARGV: first, last.
+_SIZES = """
+local sizes = {}
+for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do sizes[#sizes + 1] = redis.call('HSTRLEN', KEYS[1], tostring(i)) end
+return sizes
 """
 
 
@@ -57,67 +141,223 @@ def upload_limit(max_file_bytes: int) -> int:
     return max_file_bytes + MULTIPART_SLACK
 
 
-class FileTooLong(ValueError):
-    """An upload with more lines than a batch may hold."""
+class InvalidFile(ValueError):
+    """An upload no batch could run: more lines than a batch may hold, or a line longer than any request."""
+
+
+class FileTooLarge(ValueError):
+    """An upload of more than AETHERCORE_FILES_MAX_BYTES."""
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_bytes: int  # AETHERCORE_FILES_MAX_BYTES
+    max_lines: int  # AETHERCORE_BATCH_MAX_LINES
+    max_line_bytes: int  # AETHERCORE_MAX_REQUEST_BYTES: a longer line could never run
 
 
 def new_file_id() -> str:
     return f"file-{uuid.uuid4().hex}"
 
 
-def split_lines(content: bytes) -> list[bytes]:
-    """The file's lines, each with its newline (the last one without, if the file does not end with one): joined,
-    they are the file again. Bytes: whatever was uploaded is kept as it was (a line that is not UTF-8 JSON is a
-    batch's validation error, with its line number)."""
-    parts = content.split(b"\n")
-    lines = [part + b"\n" for part in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
+def is_request_line(line: bytes) -> bool:
+    """What counts as a request: a line with anything but whitespace on it. Blank lines between requests are lines
+    (each fails a batch's validation), the blank lines after the last request are the file's tail, no line: so
+    the upload's line count and a batch's validation count requests the same way, through this one rule."""
+    return bool(line.strip())
+
+
+class LineSplitter:
+    """An upload's pieces as its bytes arrive (`feed`, then `finish`): its lines, each with its newline, and past
+    `max_lines` lines its blank tail in chunks as they came (never split into lines: millions of empty lines cost
+    one C scan per chunk, not an object each). Joined, the pieces are the bytes fed. Refuses (InvalidFile) as soon
+    as a limit is passed: a request after `max_lines` lines, or a line longer than `max_line_bytes`. `lines`: the
+    lines up to the last request (what a batch reads); the pieces after them are the tail."""
+
+    def __init__(self, max_lines: int, max_line_bytes: int) -> None:
+        self.max_lines, self.max_line_bytes = max_lines, max_line_bytes
+        self.pieces = 0  # pieces given so far
+        self.lines = 0
+        self._partial = bytearray()  # the line being read, before its newline arrives
+
+    @property
+    def _in_tail(self) -> bool:
+        return self.pieces >= self.max_lines
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        start = 0
+        while start < len(chunk) and not self._in_tail:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                self._partial += chunk[start:]
+                self._check_length(len(self._partial))
+                return out
+            self._check_length(len(self._partial) + end + 1 - start)
+            out.append(self._line(chunk[start : end + 1]))
+            start = end + 1
+        if start < len(chunk):
+            out.append(self._tail(chunk[start:] if start else chunk))
+        return out
+
+    def finish(self) -> list[bytes]:
+        """The last line, if the file does not end with a newline."""
+        return [self._line(b"")] if self._partial else []
+
+    def _line(self, rest: bytes) -> bytes:
+        if self._partial:
+            self._partial += rest
+            line = bytes(self._partial)
+            self._partial.clear()
+        else:
+            line = rest
+        self.pieces += 1
+        if is_request_line(line):
+            self.lines = self.pieces
+        return line
+
+    def _tail(self, blank: bytes) -> bytes:
+        if is_request_line(blank):
+            raise InvalidFile(
+                f"the file has more than {self.max_lines} lines; a batch takes at most {self.max_lines} "
+                "(AETHERCORE_BATCH_MAX_LINES): split it"
+            )
+        self.pieces += 1
+        return blank
+
+    def _check_length(self, length: int) -> None:
+        if length > self.max_line_bytes:
+            raise InvalidFile(
+                f"line {self.pieces + 1} is longer than {self.max_line_bytes} bytes, the largest request "
+                "(AETHERCORE_MAX_REQUEST_BYTES): no batch could run it"
+            )
+
+
+def read_chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    """A stream's bytes, CHUNK at a time, letting the process's other requests run between chunks (under gevent,
+    monkey-patched, `time.sleep(0)` yields to them; under threads it is a GIL hand-off)."""
+    while chunk := stream.read(CHUNK):
+        yield chunk
+        time.sleep(0)
+
+
+class YieldingInput:
+    """A WSGI input stream that lets the process's other requests run between its reads: werkzeug parses a
+    multipart body as fast as the socket gives it, 64 KB at a time, and a client on a fast link keeps the socket
+    ready, so under gevent nothing else of the process would run until the whole body is parsed."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        time.sleep(0)
+        return self.stream.read(size)
+
+    def readline(self, size: int = -1) -> bytes:
+        time.sleep(0)
+        return self.stream.readline(size)
 
 
 _TAG = TAG.encode()
 
 
 def rendered(line: bytes) -> bytes:
-    """A stored line as it is read: float32 arrays kept as bytes written out as JSON numbers again."""
+    """A stored line of a batch's output or error file as it is read: float32 arrays kept as bytes written out as
+    JSON numbers again."""
     if _TAG not in line:
         return line
     return orjson.dumps(expand(orjson.loads(line)), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
 class FileStore:
-    """`client` answers text (the files' fields, the indexes), `raw` bytes (their lines, as uploaded)."""
+    """`client` answers text (the files' fields, the indexes), `raw` bytes (their pieces, as uploaded); uploads are
+    charged to their owners in `holdings` (kind FILES)."""
 
-    def __init__(self, client: redis.Redis, raw: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, raw: redis.Redis, ttl_s: int, holdings: Holdings) -> None:
         self.redis = client
         self.raw = raw
         self.ttl_s = ttl_s
+        self.holdings = holdings
         self._delete = client.register_script(_DELETE)
+        self._publish_upload = client.register_script(_PUBLISH_UPLOAD)
+        self._held = client.register_script(_HELD)
+        self._keep_until = client.register_script(_KEEP_UNTIL)
+        self._sizes = client.register_script(_SIZES)
 
     # -- writes ----------------------------------------------------------------------------------------
-    def put(self, owner: str, filename: str, purpose: str, lines: list[bytes], size: int, ttl_s: int) -> dict[str, Any]:
-        """Store an uploaded file (its lines, from `split_lines`); its fields last, so it is never seen half-written."""
-        file_id, now = new_file_id(), int(time.time())
-        pipe = self.redis.pipeline(transaction=False)
-        for start in range(0, len(lines), PAGE):
-            page = range(start, min(len(lines), start + PAGE))
-            pipe.hset(file_lines_key(file_id), mapping={str(i): lines[i] for i in page})
-        if lines:
-            pipe.expire(file_lines_key(file_id), ttl_s)
-        pipe.execute()
+    def upload(
+        self, owner: str, filename: str, purpose: str, chunks: Iterable[bytes], ttl_s: int, limits: UploadLimits
+    ) -> dict[str, Any]:
+        """Store an upload read as it arrives (`read_chunks`), charged to `owner`: FileTooLarge, InvalidFile or
+        QuotaExceeded as soon as it passes a limit, and then nothing of it is left in Redis."""
+        file_id = new_file_id()
+        try:
+            size, splitter = self._write_pieces(owner, file_id, chunks, limits)
+            return self._publish_new(owner, file_id, filename, purpose, size, splitter, ttl_s)
+        except BaseException:
+            self.raw.delete(file_lines_key(file_id))
+            raise
+
+    def _write_pieces(
+        self, owner: str, file_id: str, chunks: Iterable[bytes], limits: UploadLimits
+    ) -> tuple[int, LineSplitter]:
+        """The upload's pieces, written in pages as they are read; its size and its splitter's counts."""
+        room = self._room(owner)
+        splitter = LineSplitter(limits.max_lines, limits.max_line_bytes)
+        page = _Page(self.raw, file_lines_key(file_id))
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise FileTooLarge(limits.max_bytes)
+            if size > room.bytes:  # the owner's quota: the Lua step decides, this only stops reading early
+                raise self._over(owner, OWNER_BYTES, size)
+            page.add(splitter.feed(chunk))
+        page.add(splitter.finish())
+        page.flush()
+        return size, splitter
+
+    def _room(self, owner: str) -> Held:
+        """The bytes an upload of `owner` may still take (QuotaExceeded now if they keep as many files as allowed)."""
+        quota = self.holdings.quotas[FILES]
+        used = Held(*(int(v) for v in self._held(args=[owner, f"{time.time():.3f}"])))
+        if quota.max_count and used.count >= quota.max_count:
+            raise self._over(owner, OWNER_COUNT, 0)
+        return Held(quota.max_bytes - used.bytes if quota.max_bytes else 1 << 62, used.count)
+
+    def _over(self, owner: str, reason: str, size: int) -> QuotaExceeded:
+        used = self.holdings.usage(owner)[FILES]
+        return QuotaExceeded(FILES, reason, self.holdings.quotas[FILES], used, size, self.holdings.total_limit)
+
+    def _publish_new(
+        self, owner: str, file_id: str, filename: str, purpose: str, size: int, splitter: LineSplitter, ttl_s: int
+    ) -> dict[str, Any]:
+        now = time.time()
         fields = {
             "id": file_id,
             "bytes": size,
-            "created_at": now,
-            "expires_at": now + ttl_s,
+            "created_at": int(now),
+            "expires_at": int(now) + ttl_s,
             "filename": filename,
             "purpose": purpose,
             "owner": owner,
-            "lines": len(lines),
+            "lines": splitter.lines,
+            "pieces": splitter.pieces,
         }
-        self._publish(file_id, owner, fields, ttl_s)
-        return self.get(file_id) or fields
+        keys = [file_key(file_id), file_lines_key(file_id), files_index_key(owner), FILES_ALL]
+        trim = now - self.ttl_s - INDEX_SLACK_S
+        args = [owner, file_id, size, fields["expires_at"], f"{now:.6f}", *self.holdings.lua_limits(FILES)]
+        args += [ttl_s, f"{trim:.6f}", self.ttl_s + INDEX_SLACK_S, *_flat(fields)]
+        outcome = int(self._publish_upload(keys=keys, args=args))
+        if outcome < 0:
+            raise self.holdings.refusal(owner, FILES, outcome, size)
+        return {k: str(v) for k, v in fields.items()}
+
+    def keep_until(self, file_id: str, owner: str, until: float) -> bool:
+        """Keep a file at least until `until` (epoch s): its keys, its expires_at and its owner's charge for it
+        (a batch that reads it keeps it through its window); never shortened. False when the file is gone."""
+        keys = [file_key(file_id), file_lines_key(file_id)]
+        return bool(self._keep_until(keys=keys, args=[owner, file_id, f"{until:.3f}", f"{time.time():.3f}"]))
 
     def publish(self, file_id: str, owner: str, filename: str, size: int, lines: int) -> None:
         """A batch's output or error file, its lines already written: its fields, now listed like any file.
@@ -153,9 +393,9 @@ class FileStore:
         pipe.execute()
 
     def delete(self, file_id: str, owner: str) -> int:
-        """1 deleted, 0 gone already, -1 an unfinished batch reads it."""
+        """1 deleted (and no longer charged to `owner`), 0 gone already, -1 an unfinished batch reads it."""
         keys = [file_key(file_id), file_lines_key(file_id), files_index_key(owner), FILES_ALL]
-        return int(self._delete(keys=keys, args=[file_id]))
+        return int(self._delete(keys=keys, args=[file_id, owner]))
 
     # -- reads -----------------------------------------------------------------------------------------
     def get(self, file_id: str) -> dict[str, Any] | None:
@@ -173,21 +413,17 @@ class FileStore:
         return self.raw.hmget(file_lines_key(file_id), [str(i) for i in indexes])
 
     def content(self, fields: dict[str, Any]) -> Iterator[bytes]:
-        """The file's bytes, PAGE lines per round trip."""
-        count = int(fields.get("lines") or 0)
+        """The file's bytes, about PAGE_BYTES per round trip (a page of pieces' sizes first: a file of a few long
+        lines is never read whole at once): an upload exactly as it was sent, a batch's output or error file with
+        its stored results `rendered`."""
+        count = int(fields.get("pieces") or fields.get("lines") or 0)
+        render = fields.get("purpose") == PURPOSE_BATCH_OUTPUT
         for start in range(0, count, PAGE):
-            page = self.lines(fields["id"], list(range(start, min(count, start + PAGE))))
-            yield b"".join(rendered(line) for line in page if line is not None)
-
-    def usage(self, owner: str) -> int:
-        """Bytes of the files `owner` uploaded that are still kept (batch outputs are not counted)."""
-        ids = self.redis.zrange(files_index_key(owner), 0, -1)
-        if not ids:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for file_id in ids:
-            pipe.hmget(file_key(file_id), "bytes", "purpose")
-        return sum(int(size) for size, purpose in pipe.execute() if size and purpose != PURPOSE_BATCH_OUTPUT)
+            stop = min(count, start + PAGE)
+            sizes = self._sizes(keys=[file_lines_key(fields["id"])], args=[start, stop - 1])
+            for group in _groups(range(start, stop), sizes):
+                pieces = [piece for piece in self.lines(fields["id"], group) if piece is not None]
+                yield b"".join(rendered(piece) for piece in pieces) if render else b"".join(pieces)
 
     def listing(
         self, owner: str | None, purpose: str | None, after: str | None, limit: int, newest_first: bool
@@ -199,6 +435,52 @@ class FileStore:
             return not purpose or fields.get("purpose") == purpose
 
         return cursor_page(self.redis, index, file_key, after, limit, newest_first, keep)
+
+
+class _Page:
+    """An upload's pieces on their way to Redis: written PAGE pieces (or about PAGE_BYTES) per round trip, each
+    write renewing the pieces' short life (UPLOADING_S) until the upload is published."""
+
+    def __init__(self, raw: redis.Redis, key: str) -> None:
+        self.raw, self.key = raw, key
+        self.next = 0  # the index of the next piece
+        self.pending: dict[str, bytes] = {}
+        self.pending_bytes = 0
+
+    def add(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.pending[str(self.next)] = piece
+            self.next += 1
+            self.pending_bytes += len(piece)
+            if len(self.pending) >= PAGE or self.pending_bytes >= PAGE_BYTES:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pipe = self.raw.pipeline(transaction=False)
+        pipe.hset(self.key, mapping=self.pending)
+        pipe.expire(self.key, UPLOADING_S)
+        pipe.execute()
+        self.pending, self.pending_bytes = {}, 0
+
+
+def _groups(indexes: range, sizes: list[int]) -> Iterator[list[int]]:
+    """`indexes` in runs of about PAGE_BYTES by their pieces' `sizes` (a larger piece alone)."""
+    group: list[int] = []
+    held = 0
+    for index, size in zip(indexes, sizes):
+        if group and held + size > PAGE_BYTES:
+            yield group
+            group, held = [], 0
+        group.append(index)
+        held += size
+    if group:
+        yield group
+
+
+def _flat(fields: dict[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
 
 
 def cursor_page(

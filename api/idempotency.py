@@ -153,8 +153,9 @@ def fingerprint() -> str:
         for name, upload in sorted(request.files.items(multi=True), key=lambda item: item[0]):
             content = hashlib.sha256()
             stream = upload.stream
-            while block := stream.read(1 << 20):
+            while block := stream.read(1 << 20):  # the spooled file, a block at a time: never all of it in memory
                 content.update(block)
+                time.sleep(0)  # under gevent, the process's other requests run between blocks
             stream.seek(0)
             digest.update(f"file {name}={upload.filename} {content.hexdigest()}\n".encode())
     else:

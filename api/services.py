@@ -92,10 +92,7 @@ class Services:
         self.dead_letters = DeadLetters(self.jobs.redis, self.settings.dead_letter_ttl, self.settings.dead_letter_max)
         # What callers make the service keep, charged to them (tasks/holdings.py); all of it within its share of
         # Redis's maxmemory, read with the memory check's cached value.
-        self.holdings = Holdings(self.jobs.redis, quotas_from(self.settings), self._holdings_limit)
-
-    def _holdings_limit(self) -> int:
-        return int(self.memory_cache.get("redis", self._redis_memory)[1] * self.settings.holdings_max_share)
+        self.holdings = Holdings(self.jobs.redis, quotas_from(self.settings), self.holdings_limit)
 
     def held(self, owner: str) -> dict[str, Held]:
         """What `owner` holds of each kind (tasks/holdings.py `Held`), read at most once a second per process."""
@@ -370,6 +367,11 @@ class Services:
                 {"used_memory": used, "maxmemory": limit},
                 headers={"Retry-After": "30"},
             )
+
+    def holdings_limit(self) -> int:
+        """AETHERCORE_HOLDINGS_MAX_SHARE of Redis's maxmemory, from the same cached read as `_check_redis_memory`."""
+        _used, limit = self.memory_cache.get("redis", self._redis_memory)
+        return int(limit * self.settings.holdings_max_share)
 
     def _redis_memory(self) -> tuple[int, int]:
         info = self.cluster.redis.info("memory")

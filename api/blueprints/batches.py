@@ -15,6 +15,7 @@ import orjson
 from flask import Response, current_app, request, stream_with_context
 from flask.views import MethodView
 from marshmallow import validate
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import JOBS, SERVE, principal, requires
 from api.batch_driver import BatchDriver
@@ -34,13 +35,24 @@ from api.batches import (
     new_batch_id,
 )
 from api.blueprints.openai_compat import BATCH_ENDPOINTS
-from api.errors import ApiError
-from api.files import PURPOSE_BATCH, FileStore, FileTooLong, file_object, new_file_id, split_lines, upload_limit
+from api.errors import ApiError, error_response, http_exception_response
+from api.files import (
+    PURPOSE_BATCH,
+    FileStore,
+    FileTooLarge,
+    InvalidFile,
+    UploadLimits,
+    YieldingInput,
+    file_object,
+    new_file_id,
+    read_chunks,
+    upload_limit,
+)
 from api.idempotency import idempotent
 from api.json_provider import Blueprint
 from api.services import services
 from api.webhooks import batch_webhook
-from tasks.holdings import QuotaExceeded
+from tasks.holdings import OWNER_BYTES, OWNER_COUNT, QuotaExceeded
 
 blp = Blueprint(
     "openai_batches",
@@ -68,12 +80,33 @@ def _start_driver_and_size_uploads() -> None:
         limit = services().settings.files_max_bytes
         if request.content_length is not None and request.content_length > upload_limit(limit):
             raise _too_large(limit)
+        request.environ["wsgi.input"] = YieldingInput(request.environ["wsgi.input"])
+
+
+@blp.errorhandler(RequestEntityTooLarge)
+def _upload_too_large(exc: RequestEntityTooLarge):
+    """A body past the upload's limit found while it is read (no Content-Length, or one that lied): on the upload
+    route, the file's own 413 rather than the JSON bodies' one."""
+    if request.path != UPLOAD_PATH:
+        return http_exception_response(exc)
+    refusal = _too_large(services().settings.files_max_bytes)
+    return error_response(refusal.status, refusal.code, refusal.message)
 
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(
         413, "file_too_large", f"the file is larger than {limit} bytes (AETHERCORE_FILES_MAX_BYTES); split it"
     )
+
+
+def _refused(exc: QuotaExceeded) -> ApiError:
+    """An upload the owner's account cannot take: 413 (bytes) or 429 (files) `quota_exceeded`, or 503
+    `storage_full` when every caller's stored objects take their whole share of Redis."""
+    if exc.reason == OWNER_BYTES:
+        return ApiError(413, "quota_exceeded", exc.message(), {"used_bytes": exc.used.bytes})
+    if exc.reason == OWNER_COUNT:
+        return ApiError(429, "quota_exceeded", exc.message(), {"files": exc.used.count})
+    return ApiError(503, "storage_full", exc.message(), headers={"Retry-After": "60"})
 
 
 def _visible(fields: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -275,11 +308,12 @@ class Files(MethodView):
     @idempotent(store_response=True)
     @blp.doc(requestBody=UPLOAD_BODY)
     @blp.response(200, FileObjectSchema, description="The file, stored (in Redis) until it expires or is deleted")
-    @blp.alt_response(400, description="More lines than a batch may hold")
+    @blp.alt_response(400, description="More lines than a batch may hold, or a line longer than any request")
     @blp.alt_response(413, description="Over AETHERCORE_FILES_MAX_BYTES, or beyond the owner's AETHERCORE_FILES_QUOTA")
     @blp.alt_response(415, description="Not multipart/form-data")
     @blp.alt_response(422, description="No `file`, or a form field missing or invalid: named in error.param")
-    @blp.alt_response(503, description="Redis is nearly full")
+    @blp.alt_response(429, description="The owner keeps AETHERCORE_FILES_MAX_COUNT files already")
+    @blp.alt_response(503, description="Redis is nearly full, or stored objects take their whole share of it")
     @requires(*SERVE)
     def post(self):
         svc = services()
@@ -294,28 +328,21 @@ class Files(MethodView):
         if upload is None:
             message = "send the file as the multipart field `file`"
             raise ApiError(422, "validation_error", message, {"file": ["missing"]})
-        content = upload.read(settings.files_max_bytes + 1)
-        if len(content) > settings.files_max_bytes:
-            raise _too_large(settings.files_max_bytes)
-        try:
-            lines = _batch_lines(content, settings.batch_max_lines)
-        except FileTooLong as exc:
-            raise ApiError(400, "invalid_file", str(exc)) from None
-        files = stores()[0]
-        who = principal()
-        used = files.usage(who.id)
-        if used + len(content) > settings.files_quota:
-            raise ApiError(
-                413,
-                "quota_exceeded",
-                f"your files take {used} bytes; this one ({len(content)}) would pass AETHERCORE_FILES_QUOTA="
-                f"{settings.files_quota}: delete some (DELETE /v1/files/{{id}}) or wait until they expire",
-            )
         svc._check_redis_memory()  # 503 redis_full before Redis refuses writes, as for new jobs
         # a file may ask to expire sooner than the operator's retention, never later
         ttl = min(form.get("expires_after_seconds") or settings.files_ttl, settings.files_ttl)
         filename = (upload.filename or "upload.jsonl")[:MAX_FILENAME]
-        return file_object(files.put(who.id, filename, form["purpose"], lines, len(content), ttl))
+        limits = UploadLimits(settings.files_max_bytes, settings.batch_max_lines, settings.max_request_bytes)
+        chunks = read_chunks(upload.stream)
+        try:
+            fields = stores()[0].upload(principal().id, filename, form["purpose"], chunks, ttl, limits)
+        except FileTooLarge:
+            raise _too_large(settings.files_max_bytes) from None
+        except InvalidFile as exc:
+            raise ApiError(400, "invalid_file", str(exc)) from None
+        except QuotaExceeded as exc:
+            raise _refused(exc) from None
+        return file_object(fields)
 
     @blp.arguments(FileListQuery, location="query")
     @blp.response(200, FileListSchema, description="Your files (newest first unless order=asc)")
@@ -326,21 +353,6 @@ class Files(MethodView):
             _owner_filter(), query.get("purpose"), query.get("after"), query["limit"], query["order"] == "desc"
         )
         return _listing([file_object(f) for f in items], more)
-
-
-def _batch_lines(content: bytes, max_lines: int) -> list[bytes]:
-    """The file's lines as stored: blank lines at its end are no requests, and are kept as one last line (the
-    content stays byte for byte what was sent, in at most AETHERCORE_BATCH_MAX_LINES + 1 lines)."""
-    lines = split_lines(content)
-    requests = len(lines)
-    while requests and not lines[requests - 1].strip():
-        requests -= 1
-    if requests > max_lines:
-        raise FileTooLong(
-            f"the file has {requests} lines; a batch takes at most {max_lines} (AETHERCORE_BATCH_MAX_LINES): split it"
-        )
-    tail = b"".join(lines[requests:])
-    return lines[:requests] + ([tail] if tail else [])
 
 
 @blp.route("/files/<string:file_id>")
@@ -448,6 +460,8 @@ class Batches(MethodView):
                 "one to end or cancel one",
                 headers={"Retry-After": "30"},
             )
+        # the input is kept through the window (its keys extended by the step above), and so is its owner's charge
+        files.keep_until(source["id"], source["owner"], int(fields["expires_at"]) + 3600)
         driver.wake()
         return batch_object(batches.get(fields["id"]) or {k: str(v) for k, v in fields.items()})
 

@@ -1,7 +1,9 @@
 """A bounded fuzzer past schemathesis' schema-valid inputs: random and mutated bodies for /serve, /serve/batch, OIP
 infer, /v1/embeddings and /v1/completions (random JSON of random types and nesting, huge numbers, invalid UTF-8,
-truncated JSON, wrong content types), random headers (Content-Length lies, garbage credentials, OIP's header
-length, Content-Encoding), random query strings, and random Last-Event-ID values on GET /jobs/{id}/stream.
+truncated JSON, wrong content types), multipart uploads to /v1/files (random JSONL lines, blank lines, `$nd`,
+invalid UTF-8; missing, misnamed or extra parts, wrong boundaries, cut bodies), random headers (Content-Length
+lies, garbage credentials, OIP's header length, Content-Encoding), random query strings, and random Last-Event-ID
+values on GET /jobs/{id}/stream.
 
 The server must never answer 5xx (but 503/504: a model or Redis unavailable, a wait that ran out, as documented)
 and every error must be JSON; afterwards the attacked process still serves another caller. Deterministic for a seed:
@@ -234,10 +236,61 @@ def query(rng: random.Random) -> str:
     return "?" + pairs
 
 
+UPLOAD_PREFIX = "fuzz-"  # the uploads' filenames: what the test deletes afterwards
+
+
+def jsonl(rng: random.Random) -> bytes:
+    """A batch input file, often broken: mutated requests, blank lines, the stored-result tag, invalid UTF-8."""
+    lines = []
+    for _ in range(rng.randrange(6)):
+        if rng.random() < 0.75:
+            path, body = templates(rng)[rng.choice(["embeddings", "completions"])]
+            entry = {"custom_id": str(rng.randrange(4)), "method": "POST", "url": path, "body": body}
+            lines.append(encode(rng, mutate(rng, entry, rng.choice([0, 0, 1, 2]))))
+        else:
+            lines.append(rng.choice([b"", b" \t", b"$nd", b'{"$nd": "AAAAAA==", "dtype": "<f4"}', b"\xff\xfe\xc3("]))
+    return b"\n".join(lines) + rng.choice([b"", b"\n", b"\n\n \n", b"\r\n"])
+
+
+def upload_case(rng: random.Random) -> Case:
+    """A multipart upload to /v1/files: a random file, and often a broken form around it."""
+    boundary = rng.choice(["fuzz-boundary", "b" * 70, "x"])
+    purpose = rng.choice([b"batch"] * 6 + [b"", b"fine-tune", b"\xff\xfe", b"batch" * 2000])
+    filename = rng.choice([f"{UPLOAD_PREFIX}{rng.randrange(10**6)}.jsonl"] * 4 + ["", "\u00e9\u202e.jsonl", "x" * 500])
+    disposition = rng.choice(
+        [f'name="file"; filename="{filename}"'] * 6 + ['name="file"', 'name="files"; filename="f"', "name=file"]
+    )
+    parts = []
+    if rng.random() < 0.9:
+        parts.append(b'Content-Disposition: form-data; name="purpose"\r\n\r\n' + purpose)
+    if rng.random() < 0.9:
+        head = f"Content-Disposition: form-data; {disposition}\r\nContent-Type: application/jsonl\r\n\r\n"
+        parts.append(head.encode("utf-8", "surrogatepass") + jsonl(rng))
+    if rng.random() < 0.1:
+        name, value = rng.choice([("expires_after[seconds]", "-1"), ("expires_after[anchor]", "now"), ("x", "1")])
+        parts.append(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
+    delimiter = b"--" + boundary.encode()
+    body = b"".join(delimiter + b"\r\n" + part + b"\r\n" for part in parts)
+    body += delimiter + b"--\r\n" if rng.random() < 0.9 else b""
+    if rng.random() < 0.08:
+        body = body[: rng.randrange(len(body) + 1)]
+    headers = headers_for(rng)
+    if rng.random() < 0.85:
+        headers["Content-Type"] = f"multipart/form-data; boundary={rng.choice([boundary] * 9 + ['other'])}"
+    if rng.random() < 0.1:
+        headers["Idempotency-Key"] = rng.choice(["fuzz-upload-1", "fuzz-upload-2", "x" * 300])
+    content_length = None
+    if rng.random() < 0.06:
+        content_length = max(0, len(body) + rng.choice([-50, -1, 1, 100]))
+    return Case("POST", "/v1/files" + query(rng), body, headers, content_length)
+
+
 def make_case(rng: random.Random, job_id: str) -> Case:
-    target = rng.choices(["serve", "batch", "oip", "embeddings", "completions", "stream"], weights=[5, 3, 5, 3, 3, 3])[
-        0
-    ]
+    target = rng.choices(
+        ["serve", "batch", "oip", "embeddings", "completions", "stream", "upload"], weights=[5, 3, 5, 3, 3, 3, 3]
+    )[0]
+    if target == "upload":
+        return upload_case(rng)
     if target == "stream":
         last_id = rng.choice(
             [
@@ -355,6 +408,16 @@ def websocket_case(base: str, message: bytes | str) -> str | None:
     return None
 
 
+def delete_uploads(api) -> None:
+    """The files the fuzzer's uploads left (its caller's quota is everyone's in this suite)."""
+    listed = requests.get(f"{api.base}/v1/files?limit=10000", headers=auth(), timeout=60)
+    assert listed.status_code == 200, listed.text
+    for stored in listed.json()["data"]:
+        if stored["filename"].startswith(UPLOAD_PREFIX):
+            gone = requests.delete(f"{api.base}/v1/files/{stored['id']}", headers=auth(), timeout=30)
+            assert gone.status_code == 200, gone.text
+
+
 def test_fuzz_bodies_headers_and_resume_ids(hostile_api, hostile_redis):
     api = hostile_api
     for model in ("tiny-mlp", "minilm", "tiny-gpt2"):
@@ -390,6 +453,7 @@ def test_fuzz_bodies_headers_and_resume_ids(hostile_api, hostile_redis):
                 f"body={shown!r}... -> {why}"
             )
     print(f"fuzz: {ran} cases in {time.monotonic() - started:.0f} s, statuses {sorted(statuses.items(), key=str)}")
+    delete_uploads(api)
     for index in range(WEBSOCKET_CASES):  # the WebSocket's request message, as random as the bodies above
         _path, body = templates(rng)["serve"]
         raw = encode(rng, mutate(rng, body, rng.choice([0, 1, 2, 3])))

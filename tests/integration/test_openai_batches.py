@@ -148,6 +148,9 @@ def test_bad_uploads_are_refused_in_openai_shape(oai, auth_api_server):
     assert window.value.param == "completion_window"
 
 
+EIGHTEEN_KB = (b"x" * 999 + b"\n") * 18  # 18 lines, each shorter than slow_api's largest request
+
+
 def test_file_and_line_limits(slow_api):
     oai = client(slow_api, OTHER_USER_KEY)  # a quota of its own, left as it found it
     with pytest.raises(openai.APIStatusError) as too_large:
@@ -156,13 +159,13 @@ def test_file_and_line_limits(slow_api):
     with pytest.raises(openai.BadRequestError) as too_long:
         oai.files.create(file=("long.jsonl", jsonl(["{}"] * 51)), purpose="batch")
     assert "AETHERCORE_BATCH_MAX_LINES" in too_long.value.message
-    kept = [oai.files.create(file=(f"{i}.jsonl", b"x" * 17_999 + b"\n"), purpose="batch") for i in range(2)]
+    kept = [oai.files.create(file=(f"{i}.jsonl", EIGHTEEN_KB), purpose="batch") for i in range(2)]
     with pytest.raises(openai.APIStatusError) as quota:
-        oai.files.create(file=("third.jsonl", b"x" * 17_999 + b"\n"), purpose="batch")
+        oai.files.create(file=("third.jsonl", EIGHTEEN_KB), purpose="batch")
     assert quota.value.status_code == 413 and quota.value.code == "quota_exceeded"
     for f in kept:
         oai.files.delete(f.id)
-    again = oai.files.create(file=("now.jsonl", b"x" * 17_999 + b"\n"), purpose="batch")
+    again = oai.files.create(file=("now.jsonl", EIGHTEEN_KB), purpose="batch")
     assert again.bytes == 18_000 and oai.files.delete(again.id).deleted
 
 
@@ -307,18 +310,14 @@ def test_an_invalid_input_file_fails_the_batch_with_line_numbers(oai):
     assert empty.status == "failed" and [e.code for e in empty.errors.data] == ["empty_file"]
 
 
-def test_a_request_too_large_is_a_validation_error(slow_api):
+def test_a_line_larger_than_any_request_is_refused_at_upload(slow_api):
     oai = client(slow_api)
     big = request_line("big", "/v1/embeddings", {"model": "sim-h100", "input": "word " * 1000})
-    batch = wait_for(
-        oai,
-        start_batch(
-            oai, "/v1/embeddings", [request_line("a", "/v1/embeddings", {"model": "sim-h100", "input": "x"}), big]
-        ).id,
-    )
-    assert batch.status == "failed"
-    assert [(e.line, e.code) for e in batch.errors.data] == [(2, "request_too_large")]
-    assert oai.files.delete(batch.input_file_id).deleted
+    small = request_line("a", "/v1/embeddings", {"model": "sim-h100", "input": "x"})
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.files.create(file=("big.jsonl", jsonl([small, big])), purpose="batch")
+    assert refused.value.code == "invalid_file" and "line 2 " in refused.value.message
+    assert "AETHERCORE_MAX_REQUEST_BYTES" in refused.value.message
 
 
 # -- owners -----------------------------------------------------------------------------------------------------------
