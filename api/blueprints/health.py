@@ -39,7 +39,9 @@ SEES_DETAILS = (ADMIN, OPERATOR, VIEWER)
 
 def health_checks(readiness: bool = False) -> tuple[bool, dict]:
     """`computed_checks`, as this process computed them within the last CHECKS_CACHE_S."""
-    cache = current_app.extensions.setdefault("aethercore_health_cache", TTLCache(CHECKS_CACHE_S))
+    cache = current_app.extensions.get("aethercore_health_cache")
+    if cache is None:  # the app's first probe (two at once make one cache each; the last one kept serves)
+        cache = current_app.extensions["aethercore_health_cache"] = TTLCache(CHECKS_CACHE_S)
     return cache.get(readiness, lambda: computed_checks(readiness))
 
 
