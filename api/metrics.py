@@ -7,8 +7,15 @@ Three sources, one /metrics:
 * worker-side job metrics (jobs by final status, queue wait, inference time, batch size), kept in
   Redis by every worker (tasks/metrics.py): they add up across all workers on all hosts.
 * cluster gauges read at scrape time: model memory per replica, active models, queue depth per
-  device queue, live workers per device.
-Label values are bounded: endpoints are route templates, models come from models.yaml.
+  device queue, live workers per device, and the bytes and objects each owner makes the service keep
+  (tasks/holdings.py).
+Label values are bounded: endpoints are route templates, models come from models.yaml, owners are API keys and JWT
+subjects (admins create them).
+
+Who sees what (docs/SECURITY.md): the API's own request metrics go to anyone who may scrape; everything read from
+Redis (models, queues, jobs, webhooks, dead letters, holdings) only to the roles that read the whole service
+(api/blueprints/health.py SEES_DETAILS). That part is read at most once per CLUSTER_CACHE_S per API process, however
+many scrapes ask.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from api.request_tally import RequestTally
+from api.ttl_cache import TTLCache
 from tasks import metrics as worker_metrics
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
+from tasks.holdings import KINDS, Holdings
 from tasks.names import CPU_QUEUE, METRICS_WEBHOOKS, queue_for_device
 from tasks.queues import lane_depths
 from tasks.states import LOADED
@@ -48,6 +57,15 @@ WEBHOOK_QUEUE = "aethercore_webhook_queue"
 WEBHOOK_DISPATCHERS = "aethercore_webhook_dispatchers"
 DEAD_LETTERS = "aethercore_dead_letters"
 DEAD_LETTERS_TOTAL = "aethercore_dead_letters_total"
+# What each caller makes the service keep (tasks/holdings.py), per owner and kind, every owner's added up, and the
+# share of Redis's maxmemory all of it may take (AETHERCORE_HOLDINGS_MAX_SHARE; 0: no maxmemory, no limit).
+HOLDINGS_BYTES = "aethercore_holdings_bytes"
+HOLDINGS_OBJECTS = "aethercore_holdings_objects"
+HOLDINGS_TOTAL_BYTES = "aethercore_holdings_total_bytes"
+HOLDINGS_TOTAL_OBJECTS = "aethercore_holdings_total_objects"
+HOLDINGS_LIMIT = "aethercore_holdings_limit_bytes"
+# The metrics read from Redis are read at most this often per API process.
+CLUSTER_CACHE_S = 1.0
 
 
 def multiprocess_enabled() -> bool:
@@ -57,8 +75,9 @@ def multiprocess_enabled() -> bool:
 class ClusterCollector:
     """Everything read from Redis at scrape time (see the module docstring)."""
 
-    def __init__(self, cluster: ClusterState) -> None:
+    def __init__(self, cluster: ClusterState, holdings: Holdings) -> None:
         self.cluster = cluster
+        self.holdings = holdings
 
     def collect(self):
         try:
@@ -71,9 +90,11 @@ class ClusterCollector:
             )
             lanes = {d: lane_depths(self.cluster.redis, queue_for_device(d)) for d in sorted(devices)}
             operations = list(operations_families(self.cluster.redis))
+            holdings = list(holdings_families(self.holdings))
         except Exception:  # a scrape during a Redis outage still returns the API's own metrics
             return
         yield from operations
+        yield from holdings
         memory = GaugeMetricFamily(
             MODEL_MEMORY, "Memory held by a resident model replica", labels=["model", "worker", "device"]
         )
@@ -187,13 +208,53 @@ def operations_families(client: Any) -> Any:
     yield total
 
 
+def holdings_families(holdings: Holdings) -> Any:
+    """Bytes and objects per owner and kind, every owner's added up, and the limit on all of them together."""
+    by_owner, totals = holdings.usage_by_owner(), holdings.totals()
+    owned_bytes = GaugeMetricFamily(
+        HOLDINGS_BYTES, "Bytes an owner makes the service keep in Redis, per kind", labels=["owner", "kind"]
+    )
+    owned_objects = GaugeMetricFamily(
+        HOLDINGS_OBJECTS, "Objects an owner makes the service keep in Redis, per kind", labels=["owner", "kind"]
+    )
+    for owner, usage in sorted(by_owner.items()):
+        for kind in KINDS:
+            owned_bytes.add_metric([owner, kind], usage[kind].bytes)
+            owned_objects.add_metric([owner, kind], usage[kind].count)
+    all_bytes = GaugeMetricFamily(HOLDINGS_TOTAL_BYTES, "Bytes every owner's objects take, per kind", labels=["kind"])
+    all_objects = GaugeMetricFamily(HOLDINGS_TOTAL_OBJECTS, "Every owner's objects, per kind", labels=["kind"])
+    for kind in KINDS:
+        all_bytes.add_metric([kind], totals[kind].bytes)
+        all_objects.add_metric([kind], totals[kind].count)
+    limit = GaugeMetricFamily(
+        HOLDINGS_LIMIT,
+        "Bytes every owner's objects may take together (AETHERCORE_HOLDINGS_MAX_SHARE of maxmemory; 0: no limit)",
+        value=holdings.total_limit,
+    )
+    yield from (owned_bytes, owned_objects, all_bytes, all_objects, limit)
+
+
+class CachedCollector:
+    """What `source` collected, collected again at most every `ttl_s`; while one scrape collects afresh, the others
+    answer the previous collection (api/ttl_cache.py)."""
+
+    def __init__(self, source: Any, ttl_s: float) -> None:
+        self.source = source
+        self.cache = TTLCache(ttl_s)
+
+    def collect(self):
+        return self.cache.get("families", lambda: list(self.source.collect()))
+
+
 class ApiMetrics:
     def __init__(self, app: Flask, cluster: ClusterState) -> None:
         self.multiprocess = multiprocess_enabled()
         # Single process: our own registry (several apps may live in one test process). Multiprocess:
         # values go to the shared directory and are read back by MultiProcessCollector at scrape.
         self.registry = None if self.multiprocess else CollectorRegistry()
-        self.cluster_collector = ClusterCollector(cluster)
+        holdings = app.extensions["aethercore"].holdings
+        self.cluster_registry = CollectorRegistry()
+        self.cluster_registry.register(CachedCollector(ClusterCollector(cluster, holdings), CLUSTER_CACHE_S))
         self.requests_total = Counter(
             REQUESTS_TOTAL, "HTTP requests handled", ["method", "endpoint", "status"], registry=self.registry
         )
@@ -212,8 +273,6 @@ class ApiMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
-        if self.registry is not None:
-            self.registry.register(self.cluster_collector)
 
         @app.before_request
         def _start_timer() -> None:
@@ -226,17 +285,20 @@ class ApiMetrics:
             self.tally.count(request.method, endpoint, str(response.status_code), elapsed)
             return response
 
-    def response(self) -> Response:
+    def response(self, cluster: bool) -> Response:
+        """The API's request metrics; with `cluster`, also everything read from Redis (cached)."""
         self.tally.flush()  # this process's requests are in its own answer at once (others' within FLUSH_S)
         if self.multiprocess:
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            registry.register(self.cluster_collector)
         else:
             registry = self.registry
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        text = generate_latest(registry)
+        if cluster:
+            text += generate_latest(self.cluster_registry)
+        return Response(text, mimetype=CONTENT_TYPE_LATEST)
 
 
 def init_metrics(app: Flask, cluster: ClusterState) -> ApiMetrics:

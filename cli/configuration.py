@@ -12,9 +12,19 @@ from cli.common import console, settings
 COMPOSE_VARIABLES = (
     ("REDIS_PASSWORD", "", "Redis's password (required; hex: it goes into a URL). `openssl rand -hex 32`"),
     ("PROMETHEUS_FLOWER_PASSWORD", "", "Password of Flower's `prometheus` login, which Prometheus scrapes with."),
+    (
+        "PROMETHEUS_API_KEY",
+        "",
+        "The API key Prometheus scrapes /metrics with (required; a viewer in the API's keys). `openssl rand -hex 32`",
+    ),
     ("GRAFANA_ADMIN_USER", "admin", "Grafana's admin login."),
     ("GRAFANA_ADMIN_PASSWORD", "", "Grafana's admin password (required). `openssl rand -hex 16`"),
-    ("REDIS_MAXMEMORY", "1gb", "Redis's maxmemory (noeviction: the API answers 503 `redis_full` near it)."),
+    (
+        "REDIS_MAXMEMORY",
+        "2gb",
+        "Redis's maxmemory (noeviction: the API answers 503 `redis_full` near it); half of it for what callers keep "
+        "(AETHERCORE_HOLDINGS_MAX_SHARE): docs/DEPLOYMENT.md sizes it.",
+    ),
     ("API_PUBLISH_ADDRESS", "127.0.0.1", "Host address the API's port is published on; 0.0.0.0: every interface."),
     ("DASHBOARD_PUBLISH_ADDRESS", "127.0.0.1", "Host address Flower's and Grafana's ports are published on."),
     ("API_PUBLISH_PORT", "8001", "Host port the API is published on."),

@@ -1,4 +1,6 @@
-"""`system`: the API's health, workers, queues and models, and each service's address and state."""
+"""`system`: the API's health, workers, queues and models, what each owner makes the service keep, and each
+service's address and state. Over the API's HTTP with this CLI's key (AETHERCORE_API_KEY), like every admin verb but
+`auth`: the API is what an operator reaches from outside a deployment (Redis is behind its network policy)."""
 
 from __future__ import annotations
 
@@ -74,6 +76,35 @@ def system_status(as_json: bool = typer.Option(False, "--json")) -> None:
     table = Table("model", "state", "device", "replicas")
     for m in models["models"]:
         table.add_row(m["model_id"], m["state"], m["device"] or "-", str(len(m["replicas"])))
+    console.print(table)
+
+
+def _held(entry: dict, kind: str) -> str:
+    held = entry["kinds"][kind]
+    return f"{format_size(held['bytes'])} / {held['objects']}" if held["objects"] or held["bytes"] else "-"
+
+
+def _limit(quota: dict) -> str:
+    parts = [format_size(quota["max_bytes"]) if quota["max_bytes"] else "", str(quota["max_count"] or "")]
+    return " / ".join(p for p in parts if p) or "-"
+
+
+@group.command("holdings")
+def system_holdings(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Bytes / objects each owner makes the service keep, per kind, with each kind's quota per owner. An admin,
+    operator or viewer key sees every owner and the totals; any other key its own account."""
+    _, body = client().request("GET", "/holdings")
+    if as_json:
+        return print_json(body)
+    kinds = list(body["quotas"])
+    table = Table("owner", *(k.replace("_", " ") for k in kinds), "total", title="bytes / objects held")
+    for entry in body["owners"]:
+        table.add_row(entry["owner"], *(_held(entry, k) for k in kinds), format_size(entry["bytes"]))
+    table.add_row("quota per owner", *(_limit(body["quotas"][k]) for k in kinds), "", style="dim")
+    if "totals" in body:
+        totals = body["totals"]
+        limit = format_size(body["limit_bytes"]) if body["limit_bytes"] else "no limit"
+        table.add_row("every owner", *(_held(totals, k) for k in kinds), f"{format_size(totals['bytes'])} of {limit}")
     console.print(table)
 
 

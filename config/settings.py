@@ -521,7 +521,12 @@ class Settings:
     auth_failure_window: int = setting(
         "300", _positive_int, "Seconds of the window AETHERCORE_AUTH_FAILURE_LIMIT counts in."
     )
-    metrics_auth: bool = setting("false", parse_bool, "Require credentials (any role) for /metrics.")
+    metrics_auth: bool = setting(
+        "false",
+        parse_bool,
+        "Require credentials (any role) for /metrics. Either way an anonymous scrape (or a user key) gets only the "
+        "API's request metrics, and admin, operator and viewer keys the cluster's (models, queues, holdings).",
+    )
     rate_limit: str = setting(
         "60000/minute",
         _rate_limit,

@@ -374,6 +374,16 @@ class Holdings:
         """Everyone whose account may hold something (furthest expiry not passed)."""
         return [_text(o) for o in self.redis.zrangebyscore(HOLDINGS_OWNERS, time.time(), "+inf")]
 
+    def usage_by_owner(self) -> dict[str, dict[str, Held]]:
+        """`usage` of every owner `owners` lists, in two round trips whatever their number (/metrics reads it)."""
+        owners = self.owners()
+        if not owners:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for owner in owners:
+            pipe.hgetall(f"{HOLDINGS_PREFIX}{owner}")
+        return {owner: _held(raw) for owner, raw in zip(owners, pipe.execute())}
+
     def sweep(self, limit: int = SWEEP_LIMIT) -> int:
         """Take expired objects out of the accounts (at most `limit`), add them up again, forget owners who hold
         nothing; how many objects were taken out."""

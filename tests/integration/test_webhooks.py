@@ -294,7 +294,7 @@ def test_deliveries_wait_for_a_dispatcher_that_restarts(env):
     r = env["redis"]
     r.delete("aethercore:webhook:dispatchers")
     done = [submit(env, hooked(env, MLP), wait=30).json()["job_id"] for _ in range(3)]
-    health = requests.get(f"{env['api'].base}/health", timeout=10).json()["checks"]["webhooks"]
+    health = requests.get(f"{env['api'].base}/health", headers=ADMIN, timeout=10).json()["checks"]["webhooks"]
     assert health["new"] >= 3 and health["dispatchers"] == 0 and "no dispatcher" in health["error"]
     time.sleep(1)
     assert all(env["receiver"].for_job(j) == [] for j in done)
@@ -396,7 +396,7 @@ def test_jobs_expired_in_the_queue_are_dead_letters_and_replay_as_new_jobs(env):
 
 
 def test_metrics_and_health_show_deliveries_and_dead_letters(env):
-    text = requests.get(f"{env['api'].base}/metrics", timeout=10).text
+    text = requests.get(f"{env['api'].base}/metrics", headers=ADMIN, timeout=10).text
     assert metric(text, "aethercore_webhook_deliveries_total", outcome="sent") >= 5
     assert metric(text, "aethercore_webhook_deliveries_total", outcome="retried") >= 3
     assert metric(text, "aethercore_webhook_failures_total", reason="endpoint_gone") >= 1
@@ -404,7 +404,7 @@ def test_metrics_and_health_show_deliveries_and_dead_letters(env):
     assert metric(text, "aethercore_dead_letters", queue="cpu") >= 3
     assert metric(text, "aethercore_dead_letters_total", queue="cpu", reason="expired_in_queue") >= 3
     assert metric(text, "aethercore_webhook_dispatchers") >= 1
-    checks = requests.get(f"{env['api'].base}/health", timeout=10).json()["checks"]
+    checks = requests.get(f"{env['api'].base}/health", headers=ADMIN, timeout=10).json()["checks"]
     assert checks["dead_letters"]["depth"]["cpu"] >= 3 and checks["webhooks"]["dispatchers"] >= 1
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from api import metrics as api_metrics
 from config.settings import SETTINGS, Settings, parse_worker_device
+from config.units import parse_size
 from tasks import metrics as worker_metrics
 from tests.support import REPO_ROOT
 
@@ -35,6 +36,7 @@ REQUIRED_ENV = {
     "AETHERCORE_FLOWER_BASIC_AUTH": "ops:0f3a9c2b7d4e8f1a",
     "GRAFANA_ADMIN_PASSWORD": "0f3a9c2b7d4e8f1a",
     "PROMETHEUS_FLOWER_PASSWORD": "7d4e8f1a0f3a9c2b",
+    "PROMETHEUS_API_KEY": "5b8e1d0c7a2f4e6b9d3c1a0f8e7d6c5b",
 }
 
 
@@ -90,7 +92,6 @@ def test_compose_services_and_shape():
     assert "deploy" not in services["worker"] and "container_name" not in services["worker"]  # --scale works
     for name in ("worker-cuda0", "worker-cuda1"):
         gpu = services[name]
-        assert gpu["profiles"] == ["gpu"]
         device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
         assert device["capabilities"] == ["gpu"] and len(device["device_ids"]) == 1
         assert gpu["command"][-1] == f"cuda:{device['device_ids'][0]}"
@@ -207,7 +208,7 @@ def test_images_keep_their_roles():
         if line and not line.startswith(("#", "-r"))
     ]
     assert not {"torch", "transformers", "onnxruntime", "onnxruntime-gpu"} & set(api_requirements)
-    assert "COPY workers/" not in api_image and "HEALTHCHECK" in api_image and "/health/live" in api_image
+    assert "COPY workers/" not in api_image and "HEALTHCHECK" in api_image
     assert re.search(r"^USER (?!root)", api_image, re.M)
     worker_image = (REPO_ROOT / "Dockerfile.worker").read_text()
     assert "onnxruntime-gpu" in (REPO_ROOT / "requirements" / "worker-gpu.txt").read_text()
@@ -332,29 +333,58 @@ def test_images_run_unprivileged_with_healthchecks_and_build_with_either_builder
     # the classic builder builds every stage before its target: the CPU worker must not need the CUDA base
     assert names.index("worker-cpu") < bases.index("${CUDA_BASE}")
     assert names[-1] == "worker-gpu"  # the default target
-    assert "COPY deploy/docker/worker_healthcheck.py" in DOCKERFILES["Dockerfile.worker"]
-    assert "deploy.docker.worker_healthcheck" in DOCKERFILES["Dockerfile.worker"]
+    for name, text in DOCKERFILES.items():  # every image copies the checks its HEALTHCHECK runs
+        assert "COPY deploy/docker/healthcheck.py /app/deploy/docker/" in text, name
+    assert image_healthchecks("Dockerfile.api") == [HEALTHCHECK_API]
+    assert image_healthchecks("Dockerfile.worker") == [[*HEALTHCHECK, "worker"]] * 2
 
 
-def test_the_worker_healthcheck_asks_for_this_containers_heartbeat(monkeypatch):
-    from deploy.docker import worker_healthcheck
+HEALTHCHECK = ["python", "-m", "deploy.docker.healthcheck"]
+HEALTHCHECK_API = [*HEALTHCHECK, "api"]
 
-    monkeypatch.setattr(worker_healthcheck.socket, "gethostname", lambda: "c0ffee123456")
-    monkeypatch.setattr(worker_healthcheck, "make_redis", lambda *a, **k: None)
+
+def image_healthchecks(dockerfile: str) -> list[list[str]]:
+    """The commands of a Dockerfile's HEALTHCHECK instructions."""
+    text = DOCKERFILES[dockerfile].replace("\\\n", " ")
+    return [json.loads(m) for m in re.findall(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M)]
+
+
+def test_the_healthchecks_ask_for_this_containers_heartbeat(monkeypatch):
+    from deploy.docker import healthcheck
+
+    monkeypatch.setattr(healthcheck.socket, "gethostname", lambda: "c0ffee123456")
+
+    class FakeRedis:  # what the checks read: the dispatchers' heartbeats
+        dispatchers = ["dispatcher.9@another"]
+
+        def zrangebyscore(self, *_args):
+            return self.dispatchers
+
+    monkeypatch.setattr(healthcheck, "make_redis", lambda *a, **k: FakeRedis())
     live = [{"name": "cpu.7@another"}]
-    monkeypatch.setattr(worker_healthcheck.ClusterState, "live_workers", lambda self: live)
-    assert worker_healthcheck.main() == 1
+    monkeypatch.setattr(healthcheck.ClusterState, "live_workers", lambda self: live)
+    assert healthcheck.main(["worker"]) == 1 and healthcheck.main(["dispatcher"]) == 1
     live.append({"name": "cpu.7@c0ffee123456"})
-    assert worker_healthcheck.main() == 0
-    out = subprocess.run(
-        [sys.executable, "-m", "deploy.docker.worker_healthcheck"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "AETHERCORE_REDIS_URL": "redis://127.0.0.1:1/0"},
-    )
-    assert out.returncode == 1 and "unhealthy" in out.stdout
+    FakeRedis.dispatchers = ["dispatcher.9@another", "dispatcher.12@c0ffee123456"]
+    assert healthcheck.main(["worker"]) == 0 and healthcheck.main(["dispatcher"]) == 0
+    assert healthcheck.main([]) == healthcheck.main(["nothing"]) == 2
+
+    def probe(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.docker.healthcheck", *args],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "AETHERCORE_REDIS_URL": "redis://127.0.0.1:1/0", "AETHERCORE_PORT": "1"},
+        )
+
+    for role in ("worker", "dispatcher", "api"):  # nothing answers
+        out = probe(role)
+        assert out.returncode == 1 and "unhealthy" in out.stdout, (role, out.stdout)
+    for role in ("worker", "dispatcher"):  # a liveness probe: Redis away is not this process's fault
+        out = probe(role, "--redis-down-ok")
+        assert out.returncode == 0 and "Redis does not answer" in out.stdout, (role, out.stdout)
 
 
 def test_compose_reads_only_documented_variables_and_every_port_can_move():
@@ -439,3 +469,172 @@ def test_the_deployment_commands_in_the_docs_name_what_exists():
                 assert set(named) <= set(COMPOSE["services"]), line
             if "build" in command and command[0].startswith("docker"):
                 assert set(command[command.index("build") + 1 :]) <= set(COMPOSE["services"]), line
+
+
+# -- issue 34, case 16: the deployment files fit the service they deploy ----------------------------------------
+TLS_COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.tls.yml").read_text())
+WORKLOADS = {d["metadata"]["name"]: d for d in K8S if d["kind"] in ("Deployment", "StatefulSet")}
+# Redis's own units (redis.conf): 1k = 1000, 1kb = 1024, and so on.
+REDIS_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+
+
+def test_with_tls_the_apis_healthcheck_speaks_the_scheme_its_settings_serve():
+    """docker-compose.tls.yml makes the API serve HTTPS only: no healthcheck may speak http to it. The API service
+    keeps its image's, which asks the API's own settings (tests/integration/test_probes.py runs it against a real
+    HTTPS API); the dispatcher's is its heartbeat."""
+    for variant in (COMPOSE, TLS_COMPOSE):
+        assert "healthcheck" not in variant["services"]["api"]
+    assert image_healthchecks("Dockerfile.api") == [HEALTHCHECK_API]
+    assert COMPOSE["services"]["webhooks"]["healthcheck"]["test"] == ["CMD", *HEALTHCHECK, "dispatcher"]
+    assert "webhooks" not in TLS_COMPOSE["services"] or "healthcheck" not in TLS_COMPOSE["services"]["webhooks"]
+
+
+def redis_bytes(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([a-z]*)", value.lower()).groups()
+    return int(number) * REDIS_UNITS[unit]
+
+
+def maxmemory(command: list[str] | str) -> int:
+    text = command if isinstance(command, str) else " ".join(command)
+    return redis_bytes(compose_default(re.search(r"--maxmemory (\S+)", text).group(1)))
+
+
+def redis_deployments():
+    """(where, Redis's maxmemory, the API's AETHERCORE_* settings there)."""
+    api_env = {k: compose_default(v) for k, v in COMPOSE["services"]["api"]["environment"].items()}
+    yield "compose", maxmemory(COMPOSE["services"]["redis"]["command"]), api_env
+    yield "compose+tls", maxmemory(TLS_COMPOSE["services"]["redis"]["command"]), api_env
+    configmap = next(d for d in K8S if d["kind"] == "ConfigMap")["data"]
+    redis = WORKLOADS["redis"]["spec"]["template"]["spec"]["containers"][0]
+    yield "k8s", maxmemory(redis["args"]), configmap
+
+
+def test_redis_maxmemory_holds_two_owners_at_their_full_quotas_within_the_holdings_share():
+    """What callers keep may take AETHERCORE_HOLDINGS_MAX_SHARE of maxmemory together; one owner's byte quotas
+    (files, batch outputs, dead letters) must be at most half of that share, so that two owners at their full quotas
+    fit and the other half of Redis stays the jobs' (docs/DEPLOYMENT.md has the arithmetic). Before: maxmemory 1gb
+    against a 500 MB file quota, two owners filled Redis."""
+    for where, limit, env in redis_deployments():
+        settings = Settings.from_env({k: str(v) for k, v in env.items() if k.startswith("AETHERCORE_")})
+        one_owner = settings.files_quota + settings.outputs_quota + settings.dead_letter_owner_quota
+        share = settings.holdings_max_share * limit
+        assert share >= 2 * one_owner, f"{where}: share {share:.0f} B < two owners' quotas {2 * one_owner} B"
+    redis = WORKLOADS["redis"]["spec"]["template"]["spec"]["containers"][0]
+    memory_limit = parse_size(redis["resources"]["limits"]["memory"])
+    assert memory_limit >= 1.5 * maxmemory(redis["args"])  # Redis's overhead and the AOF rewrite's copy-on-write
+
+
+def test_the_documented_compose_defaults_are_the_files_defaults():
+    guide = (REPO_ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    documented = dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", guide, re.M))
+    from cli.configuration import COMPOSE_VARIABLES
+
+    listed = {name: default for name, default, _doc in COMPOSE_VARIABLES}
+    for name in ("docker-compose.yml", "docker-compose.tls.yml"):
+        for variable, default in re.findall(r"\$\{([A-Z_]+):-([^}]*)\}", (REPO_ROOT / name).read_text()):
+            if variable in documented:
+                assert documented[variable] == default, f"{name}: {variable} defaults to {default!r}"
+            if variable in listed:
+                assert listed[variable] == default, f"cli/configuration.py: {variable}"
+
+
+def started_with(profiles: set[str]) -> set[str]:
+    """The services `docker compose --profile P ...` starts: those without a profile, and those of the profiles."""
+    return {n for n, s in COMPOSE["services"].items() if not s.get("profiles") or set(s["profiles"]) & profiles}
+
+
+def test_the_gpu_profile_starts_one_gpu_worker_and_gpu2_the_second():
+    gpu_workers = {n for n in COMPOSE["services"] if n.startswith("worker-cuda")}
+    assert started_with(set()) & gpu_workers == set()
+    assert started_with({"gpu"}) & gpu_workers == {"worker-cuda0"}  # a one-GPU host
+    assert started_with({"gpu", "gpu2"}) & gpu_workers == {"worker-cuda0", "worker-cuda1"}
+    assert "--profile gpu --profile gpu2" in (REPO_ROOT / "docs" / "DEPLOYMENT.md").read_text()
+
+
+def containers(doc: dict) -> list[dict]:
+    pod = doc["spec"]["template"]["spec"]
+    return pod["containers"] + pod.get("initContainers", [])
+
+
+def test_every_pod_runs_unprivileged_on_a_read_only_root_filesystem():
+    image_uid = {int(uid) for uid in re.findall(r"useradd .*--uid (\d+)", "".join(DOCKERFILES.values()))}
+    assert len(image_uid) == 1
+    for name, doc in WORKLOADS.items():
+        pod = doc["spec"]["template"]["spec"]
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0, name
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        if name.startswith("aethercore-"):  # our images' user
+            assert {context["runAsUser"]} == image_uid, name
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in containers(doc):
+            hardened = container["securityContext"]
+            assert hardened["allowPrivilegeEscalation"] is False, name
+            assert hardened["readOnlyRootFilesystem"] is True, name
+            assert hardened["capabilities"] == {"drop": ["ALL"]}, name
+            writable = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            assert "/tmp" in writable and "emptyDir" in volumes[writable["/tmp"]], name
+    # What each process writes besides /tmp: the API its gunicorn processes' metrics files (api/server.py, under
+    # var/), Redis its append-only file (the volume claim).
+    api_mounts = {m["mountPath"]: m["name"] for m in containers(WORKLOADS["aethercore-api"])[0]["volumeMounts"]}
+    api_volumes = {v["name"]: v for v in WORKLOADS["aethercore-api"]["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in api_volumes[api_mounts["/app/var"]]
+    assert 'REPO_ROOT / "var" / "prometheus"' in (REPO_ROOT / "api" / "server.py").read_text()
+    redis_mounts = {m["mountPath"] for m in containers(WORKLOADS["redis"])[0]["volumeMounts"]}
+    assert "/data" in redis_mounts
+
+
+def exec_probe(container: dict, probe: str) -> list[str]:
+    return container[probe]["exec"]["command"]
+
+
+def test_every_long_running_container_has_a_liveness_probe_that_means_something():
+    from deploy.docker import healthcheck
+
+    for name, doc in WORKLOADS.items():
+        for container in containers(doc):
+            assert "livenessProbe" in container, name
+            if "exec" in container["livenessProbe"] and HEALTHCHECK[-1] in exec_probe(container, "livenessProbe"):
+                role = exec_probe(container, "livenessProbe")[len(HEALTHCHECK)]
+                assert role in healthcheck.CHECKS, name
+    api = containers(WORKLOADS["aethercore-api"])[0]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    dispatcher = containers(WORKLOADS["aethercore-webhooks"])[0]
+    assert exec_probe(dispatcher, "livenessProbe") == [*HEALTHCHECK, "dispatcher", "--redis-down-ok"]
+    workers = [d for n, d in WORKLOADS.items() if n.startswith("aethercore-worker")]
+    assert len(workers) == 2
+    for worker in workers:
+        container = containers(worker)[0]
+        # the first heartbeat must come (a Redis that does not answer fails it); afterwards a stopped heartbeat
+        # restarts the worker, a Redis away does not (restarting it would not bring Redis back)
+        assert exec_probe(container, "startupProbe") == [*HEALTHCHECK, "worker"]
+        assert exec_probe(container, "livenessProbe") == [*HEALTHCHECK, "worker", "--redis-down-ok"]
+        liveness = container["livenessProbe"]
+        worker_ttl = Settings.from_env({}).worker_ttl  # a heartbeat is stale after this
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 2 * worker_ttl
+        assert liveness["timeoutSeconds"] >= 5  # a Python start, a Redis connect and one read
+
+
+def test_prometheus_scrapes_the_cluster_metrics_with_a_viewer_key():
+    from api.blueprints.health import SEES_DETAILS
+
+    plain = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    tls = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus-tls.yml").read_text())
+    api_jobs = [next(j for j in c["scrape_configs"] if j["job_name"] == "aethercore-api") for c in (plain, tls)]
+    for job in api_jobs:
+        assert job["authorization"] == {"type": "Bearer", "credentials_file": "/prometheus/api.key"}
+    # the TLS variant is the plain one, scraping the API over https with the CA
+    assert tls["scrape_configs"][0].pop("scheme") == "https" and tls["scrape_configs"][0].pop("tls_config") == {
+        "ca_file": "/certs/ca.crt",
+        "server_name": "api",
+    }
+    assert tls == plain
+    prometheus = COMPOSE["services"]["prometheus"]
+    assert "> /prometheus/api.key" in prometheus["command"][0]
+    assert compose_default(prometheus["environment"]["API_KEY"]) == REQUIRED_ENV["PROMETHEUS_API_KEY"]
+    api_keys = compose_default(COMPOSE["services"]["api"]["environment"]["AETHERCORE_API_KEYS"])
+    role = Settings.from_env({"AETHERCORE_API_KEYS": api_keys}).api_keys[REQUIRED_ENV["PROMETHEUS_API_KEY"]]
+    assert role in SEES_DETAILS
+    tls_prometheus = TLS_COMPOSE["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus/prometheus-tls.yml:/etc/prometheus/prometheus.yml:ro" in tls_prometheus

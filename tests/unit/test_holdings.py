@@ -144,3 +144,16 @@ def test_every_kind_has_its_limits_from_the_settings(settings):
     quotas = quotas_from(settings)
     assert quotas[FILES].max_bytes == settings.files_quota
     assert quotas[DEAD_LETTERS].max_count == settings.dead_letter_owner_max
+
+
+def test_every_owners_usage_is_read_at_once(scratch_redis):
+    holdings = Holdings(scratch_redis, QUOTAS)
+    assert holdings.usage_by_owner() == {}
+    later = time.time() + 60
+    holdings.put("key:a", FILES, "file-1", 400, later)
+    holdings.put("key:a", OUTPUTS, "out-1", 30, later)
+    holdings.put("jwt:b", DEAD_LETTERS, "dead-1", 7, later, force=True)
+    by_owner = holdings.usage_by_owner()
+    assert set(by_owner) == {"key:a", "jwt:b"}
+    assert by_owner["key:a"] == holdings.usage("key:a") and by_owner["key:a"][OUTPUTS] == Held(30, 1)
+    assert by_owner["jwt:b"][DEAD_LETTERS] == Held(7, 1) and by_owner["jwt:b"][FILES] == Held(0, 0)
