@@ -27,6 +27,7 @@ __all__ = [
     "metric",
     "read_sse",
     "close_quietly",
+    "ws_connect",
     "read_until",
     "base_env",
     "ManagedProcess",
@@ -46,6 +47,22 @@ def metric(text: str, name: str, **labels) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             total += float(match.group(2))
     return total
+
+
+class WsClient(simple_websocket.Client):
+    """simple_websocket's client, keeping the frames that arrive with the handshake's answer: its own handshake
+    reads them with the answer but hands on only the answer, and its reader thread then waits for bytes that never
+    come (a server that answers at once and closes, like a refused viewer's error, was seen as a close with no
+    status, 1005, and the message lost)."""
+
+    def handshake(self) -> None:
+        super().handshake()
+        self._handle_events()  # whatever came with the answer: messages into the buffer, a close noted
+        self.connected = True  # the reader thread starts, and sees the close (or the end of the stream) itself
+
+
+def ws_connect(url: str, **kwargs: Any) -> WsClient:
+    return WsClient(url, **kwargs)
 
 
 def close_quietly(ws) -> None:

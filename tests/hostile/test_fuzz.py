@@ -27,7 +27,7 @@ import requests
 import simple_websocket
 
 from tests.hostile.conftest import assert_still_serving, auth, ensure_loaded
-from tests.support import ADMIN_KEY, USER_KEY, VIEWER_KEY, close_quietly
+from tests.support import ADMIN_KEY, USER_KEY, VIEWER_KEY, close_quietly, ws_connect
 
 SEED = int(os.environ.get("AETHERCORE_FUZZ_SEED", "19"))
 CASES = int(os.environ.get("AETHERCORE_FUZZ_CASES", "10000"))
@@ -387,7 +387,7 @@ def websocket_case(base: str, message: bytes | str) -> str | None:
     """One request message on /serve/stream: the first answer must be a JSON `queued` or `error` message (or the
     server may close the socket); the socket is closed at once (a queued job is cancelled)."""
     url = base.replace("http://", "ws://") + "/serve/stream"
-    ws = simple_websocket.Client.connect(url, headers={"Authorization": f"Bearer {USER_KEY}"})
+    ws = ws_connect(url, headers={"Authorization": f"Bearer {USER_KEY}"})
     try:
         ws.send(message)
         answer = ws.receive(timeout=30)

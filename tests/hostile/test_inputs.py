@@ -24,7 +24,7 @@ import simple_websocket
 import tritonclient.http as triton_http
 
 from tests.hostile.conftest import assert_still_serving, auth, ensure_loaded
-from tests.support import USER_KEY, close_quietly, wait_until
+from tests.support import USER_KEY, close_quietly, wait_until, ws_connect
 
 HUGE = "1" + "0" * 3999  # 10^3999: 4,000 digits, under Python's 4,300-digit int parsing limit
 HUGER = "1" + "0" * 5000  # over it: the standard library's json.loads raises ValueError
@@ -48,7 +48,7 @@ def post(api, path: str, body: str | bytes, **headers: str) -> requests.Response
 def websocket(api, message: str | bytes) -> dict[str, Any]:
     """Send one request message on /serve/stream and return the first message the server answers with."""
     url = api.base.replace("http://", "ws://") + "/serve/stream"
-    ws = simple_websocket.Client.connect(url, headers={"Authorization": f"Bearer {USER_KEY}"})
+    ws = ws_connect(url, headers={"Authorization": f"Bearer {USER_KEY}"})
     try:
         ws.send(message)
         answer = ws.receive(timeout=60)

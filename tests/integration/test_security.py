@@ -23,6 +23,7 @@ from tests.support import (
     VIEWER_KEY,
     ApiProcess,
     close_quietly,
+    ws_connect,
 )
 
 TEXT = {"model_id": "minilm", "inputs": {"text": "hello"}}
@@ -186,14 +187,14 @@ def test_streams_enforce_the_same_rules(secured_api):
     )
     assert handshake.status_code == 401
     with pytest.raises((simple_websocket.ConnectionError, OSError)):
-        simple_websocket.Client.connect(ws_url)
-    viewer = simple_websocket.Client.connect(ws_url, headers={"Authorization": f"Bearer {VIEWER_KEY}"})
+        ws_connect(ws_url)
+    viewer = ws_connect(ws_url, headers={"Authorization": f"Bearer {VIEWER_KEY}"})
     try:
         message = json.loads(viewer.receive(timeout=30))
         assert message["type"] == "error" and message["error"]["code"] == "forbidden"
     finally:
         close_quietly(viewer)
-    user = simple_websocket.Client.connect(ws_url, headers={"Authorization": f"Bearer {USER_KEY}"})
+    user = ws_connect(ws_url, headers={"Authorization": f"Bearer {USER_KEY}"})
     try:
         user.send(json.dumps({"model_id": "tiny-gpt2", "inputs": {"text": "hi"}, "parameters": {"max_length": 4}}))
         job_id = json.loads(user.receive(timeout=30))["job_id"]

@@ -5,9 +5,8 @@ import threading
 import time
 
 import requests
-import simple_websocket
 
-from tests.support import close_quietly, read_sse, wait_until
+from tests.support import close_quietly, read_sse, wait_until, ws_connect
 
 
 def ws_url(api_server) -> str:
@@ -41,7 +40,7 @@ def start_generation(api_server, tokens):
 
 
 def test_websocket_streams_every_chunk_in_order_then_done(api_server):
-    ws = simple_websocket.Client.connect(ws_url(api_server))
+    ws = ws_connect(ws_url(api_server))
     try:
         ws.send(json.dumps({"model_id": "tiny-gpt2", "inputs": {"text": "Hello"}, "parameters": {"max_length": 24}}))
         first = json.loads(ws.receive(timeout=30))
@@ -64,7 +63,7 @@ def test_websocket_streams_every_chunk_in_order_then_done(api_server):
 
 
 def test_websocket_non_streaming_model_sends_one_chunk(api_server):
-    ws = simple_websocket.Client.connect(ws_url(api_server))
+    ws = ws_connect(ws_url(api_server))
     try:
         ws.send(json.dumps({"model_id": "minilm", "inputs": {"text": "Hello"}}))
         messages = [json.loads(ws.receive(timeout=60)) for _ in range(3)]
@@ -75,14 +74,14 @@ def test_websocket_non_streaming_model_sends_one_chunk(api_server):
 
 
 def test_websocket_bad_request_gets_an_error_message(api_server):
-    ws = simple_websocket.Client.connect(ws_url(api_server))
+    ws = ws_connect(ws_url(api_server))
     try:
         ws.send(json.dumps({"model_id": "nope", "inputs": {"text": "x"}}))
         message = json.loads(ws.receive(timeout=30))
         assert message["type"] == "error" and message["error"]["code"] == "model_not_found"
     finally:
         close_quietly(ws)
-    ws = simple_websocket.Client.connect(ws_url(api_server))
+    ws = ws_connect(ws_url(api_server))
     try:
         ws.send("{not json")
         assert json.loads(ws.receive(timeout=30))["error"]["code"] == "bad_request"
@@ -91,7 +90,7 @@ def test_websocket_bad_request_gets_an_error_message(api_server):
 
 
 def test_disconnecting_cancels_the_generation(api_server):
-    ws = simple_websocket.Client.connect(ws_url(api_server))
+    ws = ws_connect(ws_url(api_server))
     ws.send(json.dumps({"model_id": "tiny-gpt2", "inputs": {"text": "Go on"}, "parameters": {"max_length": 256}}))
     job_id = json.loads(ws.receive(timeout=30))["job_id"]
     for _ in range(3):
