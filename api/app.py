@@ -25,6 +25,7 @@ from config.models import load_models
 from config.settings import Settings
 from tasks.celery_app import make_celery
 from tasks.cluster import ClusterState
+from tasks.holdings import quotas_from
 from tasks.jobs import JobStore
 from tasks.redis_client import make_redis
 
@@ -67,7 +68,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     redis_client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
     cluster = ClusterState(redis_client, settings.worker_ttl)
     celery = make_celery(settings)
-    job_store = JobStore(redis_client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max)
+    job_store = JobStore(
+        redis_client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max, quotas_from(settings)
+    )
     app.extensions["aethercore"] = svc = Services(
         settings=settings,
         models=load_models(settings.models_file),

@@ -19,14 +19,25 @@ Two strategies, one decorator:
   A request refused before the job exists (validation, rate limit) leaves the key free, and so does a job that
   could not be queued (api/services.py frees the key); a key whose job's record expired is free again.
 * endpoints that create another **resource** (files, batches: `@idempotent(store_response=True)`): the key is
-  claimed (SET NX, `pending`) before the view runs, the view's 2xx answer is stored under it, anything else frees
-  it; a duplicate arriving while the first is pending waits for it (up to PENDING_WAIT_S, then 409).
+  claimed (`pending`, with a token of this request's own) before the view runs, the view's 2xx answer is stored
+  under it, anything else frees it; a duplicate arriving while the first is pending waits for it (up to
+  PENDING_WAIT_S, then 409). The answer is stored, and the claim freed, only while the claim is still this request's
+  (compare-and-set in Lua): a request that outlived its claim (PENDING_S) cannot free or overwrite a later one's.
+
+Every record is charged to its caller (tasks/holdings.py IDEMPOTENCY) in the step that takes it, and leaves the
+account when it is freed or expires: a NEW key that would take the caller past AETHERCORE_IDEMPOTENCY_MAX_KEYS is
+refused with 429 `quota_exceeded`; a replay of a key the caller holds is never refused.
+
+One request's wait is never everyone's: a request with a key that stops waiting (api/inference.py `run_to_end`, a
+stream whose client left) leaves the job to its deadline, since a duplicate or the client's retry may be waiting for
+the same job (`keyed`), and the key answers the job's real end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import time
 from collections.abc import Callable
 from copy import deepcopy
@@ -39,6 +50,8 @@ from flask import Response, after_this_request, current_app, g, request
 
 from api.errors import ApiError
 from api.ratelimit import caller_id
+from tasks.holdings import IDEMPOTENCY, OWNER_COUNT, Held, Quota, QuotaExceeded, with_holdings
+from tasks.jobs import KEY_OVERHEAD
 from tasks.names import idempotency_key
 
 HEADER = "Idempotency-Key"
@@ -64,15 +77,17 @@ HEADER_DOC = {
 
 @dataclass
 class Claim:
-    """This request's Idempotency-Key: its Redis record, fingerprint and retention; `replayed` once it was found."""
+    """This request's Idempotency-Key: its Redis record, fingerprint, retention and the caller it is charged to;
+    `replayed` once it was found."""
 
     record: str
     fingerprint: str
     ttl_s: int
+    owner: str
     replayed: bool = False
 
-    def as_lua(self) -> tuple[str, str, int]:
-        return self.record, self.fingerprint, self.ttl_s
+    def as_lua(self) -> tuple[str, str, int, str]:
+        return self.record, self.fingerprint, self.ttl_s, self.owner
 
     def mark_replayed(self) -> None:
         if not self.replayed:
@@ -93,6 +108,19 @@ def current_claim() -> Claim | None:
     return claim
 
 
+def keyed() -> bool:
+    """Whether the request being served carries an Idempotency-Key: others (a duplicate, the client's retry) may
+    wait for the job it makes, so giving up on it must not cancel it."""
+    return bool(g.get("idempotency_keyed"))
+
+
+def quota_refusal(exc: QuotaExceeded) -> ApiError:
+    """A new Idempotency-Key past its caller's AETHERCORE_IDEMPOTENCY_MAX_KEYS (or the service's share of Redis)."""
+    if exc.global_limit:
+        return ApiError(503, "storage_full", exc.message(), headers={"Retry-After": "60"})
+    return ApiError(429, "quota_exceeded", exc.message(), {"limit": exc.quota.max_count})
+
+
 def idempotent(view: Callable | None = None, *, store_response: bool = False) -> Callable:
     """The decorator (put it on top of the view's decorators): see the module's docstring."""
 
@@ -102,10 +130,16 @@ def idempotent(view: Callable | None = None, *, store_response: bool = False) ->
             claim = _claim()
             if claim is None:
                 return func(*args, **kwargs)
-            if store_response:
-                return _run_storing(claim, func, args, kwargs)
-            g.idempotency = claim
-            return func(*args, **kwargs)
+            g.idempotency_keyed = True
+            try:
+                if store_response:
+                    return _run_storing(claim, func, args, kwargs)
+                g.idempotency = claim
+                return func(*args, **kwargs)
+            except QuotaExceeded as exc:
+                if exc.kind != IDEMPOTENCY:
+                    raise
+                raise quota_refusal(exc) from None
 
         doc = deepcopy(getattr(func, "_apidoc", {}))
         doc.setdefault("arguments", {}).setdefault("parameters", []).append(dict(HEADER_DOC))
@@ -136,7 +170,8 @@ def _claim() -> Claim | None:
         key = key[1:-1]  # the draft's structured-field string: "abc" is the key abc
     digest = hashlib.sha256(key.encode()).hexdigest()[:40]
     ttl = current_app.extensions["aethercore"].settings.idempotency_ttl
-    return Claim(idempotency_key(caller_id(), digest), fingerprint(), ttl)
+    caller = caller_id()
+    return Claim(idempotency_key(caller, digest), fingerprint(), ttl, caller)
 
 
 def fingerprint() -> str:
@@ -174,14 +209,70 @@ def replayed_conflict(job_id: str) -> ApiError:
 
 
 # -- resources (files, batches): the answer is stored ---------------------------------------------------------
+def _charging(script: str) -> str:
+    return with_holdings(script.replace("IDEMPOTENCY_KIND", IDEMPOTENCY).replace("KEY_OVERHEAD", str(KEY_OVERHEAD)))
+
+
+# The claim, the stored answer and the release, each one atomic step with the record's charge (tasks/holdings.py).
+# _CLAIM: KEYS record; ARGV pending value (with this request's token), PENDING_S, owner, now, most keys.
+# -> {1} claimed, {0, what is held}, {-1, holdings refusal}. The charge lasts as long as the pending claim.
+_CLAIM = _charging("""
+local held = redis.call('GET', KEYS[1])
+if held then return {0, held} end
+local now, size = tonumber(ARGV[4]), KEY_OVERHEAD + #KEYS[1] + #ARGV[1]
+local charged = hold_put(ARGV[3], 'IDEMPOTENCY_KIND', KEYS[1], size, now + tonumber(ARGV[2]), now, 0, ARGV[5], 0, false)
+if charged < 0 then return {-1, charged} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {1}
+""")
+# _STORE: KEYS record; ARGV this request's pending value, the answer, retention, owner, now. Only over its own claim.
+_STORE = _charging("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+local now, size = tonumber(ARGV[5]), KEY_OVERHEAD + #KEYS[1] + #ARGV[2]
+hold_put(ARGV[4], 'IDEMPOTENCY_KIND', KEYS[1], size, now + tonumber(ARGV[3]), now, 0, 0, 0, true)
+return 1
+""")
+# _RELEASE: KEYS record; ARGV this request's pending value, owner. Only its own claim.
+_RELEASE = _charging("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+hold_drop(ARGV[2], 'IDEMPOTENCY_KIND', KEYS[1])
+return 1
+""")
+
+
+class StoredAnswers:
+    """The scripts of stored-answer claims on one Redis (one per app)."""
+
+    def __init__(self, client: Any, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self._claim, self._store, self._release = (client.register_script(s) for s in (_CLAIM, _STORE, _RELEASE))
+
+    def claim(self, claim: Claim, pending: bytes) -> tuple[bool, Any]:
+        """(True, None) claimed; (False, what the key holds); QuotaExceeded for a new key past the caller's most."""
+        reply = self._claim(keys=[claim.record], args=[pending, PENDING_S, claim.owner, time.time(), self.max_keys])
+        if int(reply[0]) < 0:
+            quota = Quota(0, self.max_keys, "", "AETHERCORE_IDEMPOTENCY_MAX_KEYS")
+            raise QuotaExceeded(IDEMPOTENCY, OWNER_COUNT, quota, Held(0, self.max_keys), len(pending), 0)
+        return int(reply[0]) == 1, (reply[1] if len(reply) > 1 else None)
+
+    def store(self, claim: Claim, pending: bytes, answer: bytes) -> bool:
+        args = [pending, answer, claim.ttl_s, claim.owner, time.time()]
+        return bool(self._store(keys=[claim.record], args=args))
+
+    def release(self, claim: Claim, pending: bytes) -> bool:
+        return bool(self._release(keys=[claim.record], args=[pending, claim.owner]))
+
+
 def _run_storing(claim: Claim, func: Callable, args: tuple, kwargs: dict) -> Any:
-    redis = _redis()
+    answers = _stored_answers()
     deadline = time.monotonic() + PENDING_WAIT_S
-    pending = orjson.dumps({"fp": claim.fingerprint, "state": "pending"})
-    while not redis.set(claim.record, pending, nx=True, ex=PENDING_S):
-        held = redis.get(claim.record)
-        if held is None:
-            continue  # freed meanwhile: claim it
+    pending = orjson.dumps({"fp": claim.fingerprint, "state": "pending", "token": secrets.token_hex(16)})
+    while True:
+        claimed, held = answers.claim(claim, pending)
+        if claimed:
+            break
         stored = _parse(held)
         if stored.get("fp") != claim.fingerprint:
             raise replayed_conflict(str(stored.get("id") or ""))
@@ -201,7 +292,7 @@ def _run_storing(claim: Claim, func: Callable, args: tuple, kwargs: dict) -> Any
     try:
         response = current_app.make_response(func(*args, **kwargs))
     except BaseException:
-        _release(redis, claim, pending)
+        answers.release(claim, pending)
         raise
     if 200 <= response.status_code < 300 and not response.is_streamed:
         body = response.get_data(as_text=True)
@@ -211,23 +302,10 @@ def _run_storing(claim: Claim, func: Callable, args: tuple, kwargs: dict) -> Any
             created = None
         keep = {k: v for k, v in response.headers.items() if k in ("Location",)}
         done = {"fp": claim.fingerprint, "state": "done", "status": response.status_code, "body": body, "id": created}
-        redis.set(claim.record, orjson.dumps({**done, "headers": keep}), ex=claim.ttl_s)
+        answers.store(claim, pending, orjson.dumps({**done, "headers": keep}))
     else:
-        _release(redis, claim, pending)
+        answers.release(claim, pending)
     return response
-
-
-def _release(redis: Any, claim: Claim, pending: bytes) -> None:
-    """Free the key only if it is still this request's pending claim."""
-    with redis.pipeline() as pipe:
-        try:
-            pipe.watch(claim.record)
-            if pipe.get(claim.record) in (pending, pending.decode()):
-                pipe.multi()
-                pipe.delete(claim.record)
-                pipe.execute()
-        except Exception:  # noqa: BLE001 (another request took it meanwhile: it is theirs)
-            pass
 
 
 def _parse(held: Any) -> dict[str, Any]:
@@ -238,5 +316,9 @@ def _parse(held: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"fp": None}
 
 
-def _redis() -> Any:
-    return current_app.extensions["aethercore"].jobs.redis
+def _stored_answers() -> StoredAnswers:
+    extensions = current_app.extensions
+    if "aethercore_stored_answers" not in extensions:
+        svc = extensions["aethercore"]
+        extensions["aethercore_stored_answers"] = StoredAnswers(svc.jobs.redis, svc.settings.idempotency_max_keys)
+    return extensions["aethercore_stored_answers"]

@@ -11,6 +11,7 @@ from flask import g
 
 from api.auth import allowed_lanes
 from api.errors import ApiError
+from api.idempotency import keyed
 from api.services import Services, services
 from api.webhooks import job_webhook, requested_url
 from config.models import TEXT_TASKS, ModelSpec
@@ -139,18 +140,38 @@ def submit_inference(body: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any
     svc = services()
     spec = svc.spec(body["model_id"])
     raise_if({**input_errors(spec, body["inputs"]), **parameter_errors(spec, body["parameters"])})
-    return svc.submit(INFERENCE, spec, route(svc, spec), job_payload(body), wait_s=wait_s)
+    return queue_inference(spec, body, wait_s)
+
+
+def queue_inference(spec: ModelSpec, body: dict[str, Any], wait_s: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """A request whose inputs and parameters were checked, queued as the current caller's: the model's device and
+    the caller's autoload policy (`route`), lane (`check_lane`) and webhook, then the shared submission
+    (backpressure, Redis's memory, the rate limit). `/serve` and a dead letter's replay (api/replay.py) both end
+    here; `extra` goes into the job (`batch`, `replay_of`)."""
+    svc = services()
+    return svc.submit(INFERENCE, spec, route(svc, spec), job_payload(body, **extra), wait_s=wait_s)
 
 
 def run_to_end(spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
     """Queue an (already checked) inference job and wait for its end, at most AETHERCORE_MAX_WAIT: the job's
-    result, or ApiError with the status its failure means. A job still unfinished then is cancelled (nobody
-    is left to read its result) and the caller gets 504 naming it."""
+    result, or ApiError with the status its failure means. A job still unfinished then gets 504 naming it; it is
+    cancelled only when nobody else can read it: a request with an Idempotency-Key leaves it to its deadline, since
+    a duplicate or the client's retry with the key may be waiting for it (and must get its real end, never a
+    cancellation one waiter caused)."""
     svc = services()
     bound = svc.settings.max_wait
     payload.setdefault("timeout", bound)  # not started within the wait: it expires rather than runs for no one
+    shared = keyed()
     job = svc.submit(INFERENCE, spec, route(svc, spec), payload, wait_s=bound)
     if job["status"] not in TERMINAL:
+        if shared:
+            raise ApiError(
+                504,
+                "timeout",
+                f"the inference did not finish within {bound:g} s (AETHERCORE_MAX_WAIT); job {job['job_id']} goes on "
+                "until its deadline: retry with the same Idempotency-Key to get its result",
+                {"job_id": job["job_id"]},
+            )
         svc.jobs.request_cancel(job["job_id"], "the protocol client's wait ended (AETHERCORE_MAX_WAIT)")
         raise ApiError(
             504,

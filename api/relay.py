@@ -23,6 +23,7 @@ from flask import Response, current_app, stream_with_context
 from loguru import logger
 
 from api.errors import ApiError
+from api.idempotency import keyed
 from api.json_provider import json_text
 from api.limits import Slot
 from api.services import services
@@ -78,6 +79,8 @@ class Relay:
         self.jobs, self.hub = svc.jobs, svc.streams
         self.job_id, self.model_id = job["job_id"], job.get("model_id")
         self.protocol = protocol
+        # a client gone cancels the job only if nobody else may be reading it (an Idempotency-Key's duplicates may)
+        self.cancels = protocol.cancel_on_disconnect and not keyed()
         self.last_id = last_id  # checked already (api/streaming.py resume_from)
         self.gauge = current_app.extensions["aethercore_metrics"].streams.labels(protocol.transport)
 
@@ -113,7 +116,7 @@ class Relay:
             )
         finally:
             self.gauge.dec()
-            if not ended and protocol.cancel_on_disconnect:
+            if not ended and self.cancels:
                 self._cancel()
 
     def _cancel(self) -> None:

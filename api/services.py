@@ -25,7 +25,7 @@ from config.settings import Settings
 from config.signatures import ARTIFACT, Signature, task_signature
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
-from tasks.holdings import Held, Holdings, quotas_from
+from tasks.holdings import DEAD_LETTERS, Held, Holdings
 from tasks.jobs import IdempotencyConflict, JobStore, RateLimited, new_job_id, requeue_payload
 from tasks.names import DEFAULT_LANE, INFER, LANES, TASK_FOR_KIND, queue_for_device
 from tasks.outbound import OutboundPolicy
@@ -89,10 +89,15 @@ class Services:
         self.webhook_owners = WebhookOwners(self.jobs.redis)
         self.deliveries = Deliveries(self.jobs.redis)
         self.outbound = OutboundPolicy.from_entries(self.settings.webhook_allow)
-        self.dead_letters = DeadLetters(self.jobs.redis, self.settings.dead_letter_ttl, self.settings.dead_letter_max)
+        self.dead_letters = DeadLetters(
+            self.jobs.redis,
+            self.settings.dead_letter_ttl,
+            self.settings.dead_letter_max,
+            self.jobs.quotas.get(DEAD_LETTERS),
+        )
         # What callers make the service keep, charged to them (tasks/holdings.py); all of it within its share of
         # Redis's maxmemory, read with the memory check's cached value.
-        self.holdings = Holdings(self.jobs.redis, quotas_from(self.settings), self.holdings_limit)
+        self.holdings = Holdings(self.jobs.redis, self.jobs.quotas, self.holdings_limit)
 
     def held(self, owner: str) -> dict[str, Held]:
         """What `owner` holds of each kind (tasks/holdings.py `Held`), read at most once a second per process."""
@@ -161,7 +166,12 @@ class Services:
         who = g.get("principal")
         job_id, now = new_job_id(), time.time()
         ttl = payload.pop("result_ttl", None)
-        extra = {"webhook": payload.pop("webhook", None)}
+        # on the record, not in the message: the submitter's role is what a dead letter needs to be submitted again
+        extra = {
+            "webhook": payload.pop("webhook", None),
+            "replay_of": payload.pop("replay_of", None),
+            "role": who.role if who is not None else None,
+        }
         claim = current_claim()
         if kind == INFERENCE:
             payload["autoload"] = self.may_autoload(spec)
@@ -210,7 +220,7 @@ class Services:
             if waiter is not None:
                 self.replies.forget(waiter)
             if claim is not None:  # the job failed before it was queued: its key is free for the retry
-                self.jobs.release_key(claim.record, job_id)
+                self.jobs.release_key(claim.record, job_id, claim.owner)
             raise
         if waiter is None:
             return job

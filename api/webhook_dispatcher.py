@@ -43,6 +43,7 @@ from api.blueprints.common import public_job
 from config.logging import setup_logging
 from config.settings import Settings
 from tasks.deadletters import WEBHOOK_FAILED, DeadLetters
+from tasks.holdings import DEAD_LETTERS, quotas_from
 from tasks.jobs import JobStore
 from tasks.names import METRICS_WEBHOOKS, WEBHOOK_DISPATCHERS
 from tasks.outbound import DeliveryFailed, ForbiddenDestination, OutboundPolicy
@@ -118,7 +119,9 @@ class Dispatcher:
         self.jobs = JobStore(self.redis, settings.result_ttl)
         self.deliveries = Deliveries(self.redis, SlotLimits.from_settings(settings))
         self.owners = WebhookOwners(self.redis)
-        self.dead = DeadLetters(self.redis, settings.dead_letter_ttl, settings.dead_letter_max)
+        self.dead = DeadLetters(
+            self.redis, settings.dead_letter_ttl, settings.dead_letter_max, quotas_from(settings)[DEAD_LETTERS]
+        )
         self.policy = OutboundPolicy.from_entries(settings.webhook_allow)
         self.metrics = DeliveryMetrics()
         # A claim outlives the longest attempt: the request is cut at AETHERCORE_WEBHOOK_TIMEOUT (tasks/outbound.py),

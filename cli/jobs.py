@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 
 import typer
 from rich.table import Table
@@ -54,8 +55,9 @@ def jobs_cancel(job_id: str, as_json: bool = typer.Option(False, "--json")) -> N
     console.print(f"{job_id}: {'cancelled' if status == 200 else 'asked to stop'} (status {job['status']})")
 
 
-def _dead_letters(queue: str | None, code: str | None, limit: int) -> dict:
-    params = {k: v for k, v in {"queue": queue, "code": code, "limit": limit}.items() if v is not None}
+def _dead_letters(queue: str | None, code: str | None, limit: int, before: float | None = None) -> dict:
+    query = {"queue": queue, "code": code, "limit": limit, "before": before}
+    params = {k: v for k, v in query.items() if v is not None}
     return client().request("GET", "/dead-letters", params=params)[1]
 
 
@@ -92,6 +94,13 @@ def jobs_dead(
     console.print(f"kept per queue: {depth}")
 
 
+# --all-matching replays this many dead letters per listed page, and at most --max in all.
+REPLAY_PAGE = 100
+# Refusals for load (the owner's rate limit, a full queue, Redis full, no device): the next replays would be refused
+# too, so a bulk replay stops at the first instead of pressing on.
+LOAD_REFUSALS = (429, 503)
+
+
 @group.command("replay")
 def jobs_replay(
     job_id: str | None = typer.Argument(None, help="The dead letter's job id"),
@@ -100,39 +109,77 @@ def jobs_replay(
     ),
     queue: str | None = typer.Option(None, "--queue", help="With --all-matching: only this queue"),
     code: str | None = typer.Option(None, "--code", help="With --all-matching: only this reason or error code"),
+    most: int = typer.Option(1000, "--max", min=1, help="With --all-matching: replay at most this many"),
     force: bool = typer.Option(False, "--force", help="Replay dead letters already replayed too"),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Queue a dead letter again: a new job linked by `replay_of` (a failed webhook: its delivery sent again)."""
+    """Submit a dead letter again as its owner: a new job linked by `replay_of` (a failed webhook: its delivery sent
+    again). Each replay is checked as the owner's new request (rate limit, queue depth, lane, autoload): --all-matching
+    replays in pages, newest first, and stops at the first refusal for load (429/503)."""
     if (job_id is None) == (not all_matching):
         fail("give one dead letter's job id, or --all-matching (with --queue/--code)", 2)
     if job_id is not None:
-        ids = [job_id]
-    else:
-        found = _dead_letters(queue, code, 10000)["dead_letters"]
-        ids = [e["job_id"] for e in found if e.get("replayable") and (force or not e.get("replayed_as"))]
-        if not ids:
-            console.print("no dead letter to replay matches")
+        return _replay_report([job_id], force, as_json)
+    first = [e for e in _dead_letters(queue, code, REPLAY_PAGE)["dead_letters"] if _wanted(e, force)]
+    if not first:
+        console.print("no dead letter to replay matches")
+        return
+    what = ", ".join(f"{k}={v}" for k, v in {"queue": queue, "code": code}.items() if v) or "all queues"
+    count = f"{len(first)}" if len(first) < REPLAY_PAGE else f"up to {most}"
+    if not yes and not typer.confirm(f"replay {count} dead letter(s) ({what})?"):
+        raise typer.Exit(1)
+    _replay_report(_matching(queue, code, force, most), force, as_json)
+
+
+def _wanted(entry: dict, force: bool) -> bool:
+    return bool(entry.get("replayable")) and (force or not entry.get("replayed_as"))
+
+
+def _matching(queue: str | None, code: str | None, force: bool, most: int) -> Iterator[str]:
+    """The ids to replay, newest first, a page at a time (read as the replays go: nothing is listed in advance)."""
+    before, given = None, 0
+    while given < most:
+        page = _dead_letters(queue, code, REPLAY_PAGE, before)["dead_letters"]
+        for entry in page:
+            if _wanted(entry, force) and given < most:
+                given += 1
+                yield entry["job_id"]
+        if len(page) < REPLAY_PAGE:
             return
-        what = ", ".join(f"{k}={v}" for k, v in {"queue": queue, "code": code}.items() if v) or "all queues"
-        if not yes and not typer.confirm(f"replay {len(ids)} dead letter(s) ({what})?"):
-            raise typer.Exit(1)
-    results = []
-    api = client()
+        before = page[-1]["dead_at"]
+
+
+def _replay_report(ids: Iterable[str], force: bool, as_json: bool) -> None:
+    """Replay each; a refusal for load stops the run (exit 3), any other refusal is reported and skipped (exit 1)."""
+    results, replayed, api = [], 0, client()
     for dead_id in ids:
         status, body = api.request(
-            "POST", f"/dead-letters/{dead_id}/replay", params={"force": str(force).lower()}, ok=(202, 409)
+            "POST",
+            f"/dead-letters/{dead_id}/replay",
+            params={"force": str(force).lower()},
+            ok=(202, 403, 404, 409, 422, *LOAD_REFUSALS),
         )
         results.append(body)
-        if status == 409:
-            err.print(f"{dead_id}: {body['error']['message']}")
+        if status in LOAD_REFUSALS:
+            err.print(
+                f"{dead_id}: refused {status} {body['error']['code']}: {body['error']['message']}\n"
+                f"stopped at the first refusal for load after {replayed} replay(s); run it again later"
+            )
+            if as_json:
+                print_json(results)
+            raise typer.Exit(3)
+        if status != 202:
+            err.print(f"{dead_id}: {status} {body['error']['code']}: {body['error']['message']}")
             continue
+        replayed += 1
         if not as_json:
             new = (body.get("job") or {}).get("job_id")
             target = f"new job {new}" if new else f"webhook delivery {body.get('delivery_id')} sent again"
             console.print(f"{dead_id}: replayed as {target}")
     if as_json:
         print_json(results)
-    elif len(ids) > 1:
-        err.print(f"replayed {len(ids)} dead letter(s)")
+    elif len(results) > 1:
+        err.print(f"replayed {replayed} of {len(results)} dead letter(s)")
+    if replayed < len(results):
+        raise typer.Exit(1)

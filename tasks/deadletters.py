@@ -1,65 +1,267 @@
-"""Dead letters: jobs an operator should look at, kept per queue with what it takes to run them again.
+"""Dead letters: jobs an operator should look at, kept per queue with what it takes to submit them again.
 
 A job becomes a dead letter when it ends `poison_job` (it took its model process or worker down
-AETHERCORE_MAX_ATTEMPTS times), when it expired in its queue (its `timeout` passed before a worker started it), or
-when its completion webhook failed for good. The first two are written by the Lua step that ends the job
-(tasks/jobs.py `_TRANSITION`, with the reason the worker gives: workers/completion.py `Ending.dead_letter`), so a
-dead letter exists exactly when its job ended so; the third by the webhook dispatcher (api/webhook_dispatcher.py).
+AETHERCORE_MAX_ATTEMPTS times: an inference, load or unload job), when it expired in its queue (its `timeout` passed
+before a worker started it), or when its completion webhook failed for good. The first two are written by the Lua
+step that ends the job (tasks/jobs.py `_TRANSITION`, with the reason the worker gives: workers/completion.py
+`Ending.dead_letter`), so a dead letter exists exactly when its job ended so; the third by the webhook dispatcher
+(api/webhook_dispatcher.py, `DeadLetters.add`). Both write it with `dead_put` (`LUA`), in one atomic step with its
+charge.
 
-Keys (tasks/names.py): `dead:<queue>` sorted set (job id -> when), trimmed to AETHERCORE_DEAD_LETTER_MAX and
-AETHERCORE_DEAD_LETTER_TTL at every addition and expiring with the retention; `dead-entry:<job id>` hash per
-dead letter, expiring with the retention. An entry's fields:
+Bounded three ways, each in the step that writes one, and each removal deletes the entry's hash with its index
+entry and its charge:
+* per owner (the job's caller; AETHERCORE_DEAD_LETTER_OWNER_MAX, AETHERCORE_DEAD_LETTER_OWNER_QUOTA): charged to the
+  owner in tasks/holdings.py (kind DEAD_LETTERS, force: a job's end cannot be refused); an owner over either makes
+  their own OLDEST dead letters leave, so a caller minting them (`timeout: 0.001`) only ever displaces their own;
+* per queue (AETHERCORE_DEAD_LETTER_MAX): the queue's oldest leave;
+* in time (AETHERCORE_DEAD_LETTER_TTL): the hash and the charge expire together, the index entry leaves at the next
+  write.
+Only a job that ends as a dead letter pays for any of it.
 
-job_id, queue, reason (POISON / EXPIRED_IN_QUEUE / WEBHOOK_FAILED), dead_at (epoch s), kind, model_id, owner,
-request_id, error (the job's error JSON, or the delivery's last error), payload (the requeue payload the job was
-running with: what a replay sends again; '' when none was kept), webhook (JSON, when the job had one),
+Keys (tasks/names.py): `dead:<queue>` sorted set (job id -> when); `dead-entry:<job id>` hash per dead letter:
+
+job_id, queue, reason (POISON / EXPIRED_IN_QUEUE / WEBHOOK_FAILED), dead_at (epoch s), owner, role (the owner's, as
+it submitted), kind (inference / load / unload), model_id, request_id, error (the job's error JSON, or the delivery's
+last error), request (the job's submission, JSON: for an inference its inputs, parameters, `priority` lane,
+`deadline` - `submitted_at` (the timeout's length), `encoding_format`, `batch`; for a load or unload its `force`),
+result_ttl (when the job asked for its own retention), webhook (JSON {url, owner}, when the job had one),
 delivery_id (webhook failures), replayed_as (the job a replay created).
+
+A replay is a new submission of the owner (api/replay.py, `Submission`), never the kept message pushed again.
+Entries written before this shape (a `payload` field: the Celery message, and no role) are listed but answer 409
+`not_replayable`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis
 
+from tasks.holdings import DEAD_LETTERS, Quota, with_holdings
 from tasks.names import (
+    DEAD_ENTRY_PREFIX,
+    DEAD_LETTER_PREFIX,
     DEAD_LETTER_QUEUES,
+    DEFAULT_LANE,
     METRICS_DEAD_LETTERS,
     dead_entry_key,
     dead_letter_key,
 )
+from tasks.states import INFERENCE, JOB_KINDS
 
 POISON = "poison_job"
 EXPIRED_IN_QUEUE = "expired_in_queue"
 WEBHOOK_FAILED = "webhook_failed"
 REASONS = (POISON, EXPIRED_IN_QUEUE, WEBHOOK_FAILED)
 
+# The owner a dead letter of a job without one is charged to (auth off: every caller is `anonymous`).
+NO_OWNER = "anonymous"
+# Bytes charged for an entry besides its fields' values (the hash, its field names, the index entry).
+ENTRY_OVERHEAD = 256
+# Most dead letters one write removes for each bound (so a lowered cap converges over a few writes, in bounded steps).
+TRIM_STEP = 100
+# Fields a listing reads (not the request: it may be megabytes, and only a replay needs it).
+_LISTED = ("job_id", "queue", "reason", "dead_at", "kind", "model_id", "owner", "role", "request_id", "error")
+_LISTED += ("webhook", "delivery_id", "replayed_as")
+
+# The dead letter's Lua, for any script that writes one (with the account's functions: `with_holdings`).
+# dead_request(payload)                                    -> the job's submission out of its requeue payload, or ''
+# dead_put(job_id, queue, reason, now, owner, limits, fields) : writes it, charges it, trims owner and queue
+#   limits: "retention per_queue owner_bytes owner_count" (`limits_arg`); fields: name, value, ... (empty skipped)
+LUA = """
+local DEAD_ENTRY, DEAD_INDEX, DEAD_KIND = 'DEAD_ENTRY_PREFIX', 'DEAD_LETTER_PREFIX', 'DEAD_LETTERS_KIND'
+-- A requeue payload is {"task":..,"queue":..,"kwargs":KWARGS} (tasks/jobs.py requeue_payload) and an inference's
+-- KWARGS {"model_id":..,"jobs":[WORK]} with its one job: the submission is WORK, or a load's KWARGS. (A JSON string
+-- cannot hold these keys unescaped, so the first match is the key itself.)
+local function dead_request(payload)
+  local at = string.find(payload, '"kwargs":', 1, true)
+  if not at or string.sub(payload, -1) ~= '}' then return '' end
+  local kwargs = string.sub(payload, at + 9, -2)
+  local jobs = string.find(kwargs, '"jobs":[', 1, true)
+  if jobs and string.sub(kwargs, -2) == ']}' then return string.sub(kwargs, jobs + 8, -3) end
+  return kwargs
+end
+-- A dead letter leaves: its hash, its index entry and its charge (the owner's, whether or not its hash expired).
+local function dead_forget(job_id, owner, index)
+  local entry = DEAD_ENTRY .. job_id
+  local found = redis.call('HMGET', entry, 'queue', 'owner')
+  redis.call('DEL', entry)
+  if found[1] then redis.call('ZREM', DEAD_INDEX .. found[1], job_id) end
+  if index then redis.call('ZREM', index, job_id) end
+  owner = owner or found[2]
+  if owner then hold_drop(owner, DEAD_KIND, job_id) end
+end
+local function dead_trim_owner(owner, newest, max_bytes, max_count)
+  for _ = 1, TRIM_STEP do
+    local bytes, count = hold_used(owner, DEAD_KIND)
+    if (max_count <= 0 or count <= max_count) and (max_bytes <= 0 or bytes <= max_bytes) then return end
+    local oldest = hold_oldest(owner, DEAD_KIND)
+    if not oldest or oldest == newest then return end
+    dead_forget(oldest, owner, nil)
+  end
+end
+local function dead_trim_queue(queue, now, keep, most)
+  local index = DEAD_INDEX .. queue
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now - keep, 'LIMIT', 0, TRIM_STEP)) do
+    dead_forget(id, nil, index)
+  end
+  local over = redis.call('ZCARD', index) - most
+  if over > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', index, 0, math.min(over, TRIM_STEP) - 1)) do
+      dead_forget(id, nil, index)
+    end
+  end
+end
+local function dead_put(job_id, queue, reason, now, owner, limits, fields)
+  local keep, most, max_bytes, max_count = string.match(limits, '^(%d+) (%d+) (%d+) (%d+)$')
+  keep, most, max_bytes, max_count = tonumber(keep), tonumber(most), tonumber(max_bytes), tonumber(max_count)
+  if owner == '' then owner = 'NO_OWNER' end
+  local entry = DEAD_ENTRY .. job_id
+  local values = {'job_id', job_id, 'queue', queue, 'reason', reason, 'dead_at', string.format('%.6f', now),
+    'owner', owner}
+  local size = ENTRY_OVERHEAD
+  for i = 1, #fields - 1, 2 do
+    if fields[i + 1] ~= '' then
+      table.insert(values, fields[i]); table.insert(values, fields[i + 1])
+      size = size + #fields[i + 1]
+    end
+  end
+  redis.call('DEL', entry)  -- a job's webhook failing after its own dead letter: the newer replaces it
+  redis.call('HSET', entry, unpack(values))
+  redis.call('EXPIRE', entry, keep)
+  redis.call('ZADD', DEAD_INDEX .. queue, now, job_id)
+  redis.call('EXPIRE', DEAD_INDEX .. queue, keep)
+  redis.call('SADD', 'DEAD_LETTER_QUEUES', queue)
+  redis.call('HINCRBY', 'METRICS_DEAD_LETTERS', queue .. '|' .. reason, 1)
+  hold_put(owner, DEAD_KIND, job_id, size, now + keep, now, 0, 0, 0, true)
+  dead_trim_owner(owner, job_id, max_bytes, max_count)
+  dead_trim_queue(queue, now, keep, most)
+end
+"""
+
+
+def render(source: str) -> str:
+    """The dead letter's names and bounds filled into Lua (LUA, and the scripts that include it)."""
+    return (
+        source.replace("DEAD_ENTRY_PREFIX", DEAD_ENTRY_PREFIX)
+        .replace("DEAD_LETTER_PREFIX", DEAD_LETTER_PREFIX)
+        .replace("DEAD_LETTER_QUEUES", DEAD_LETTER_QUEUES)
+        .replace("METRICS_DEAD_LETTERS", METRICS_DEAD_LETTERS)
+        .replace("DEAD_LETTERS_KIND", DEAD_LETTERS)
+        .replace("NO_OWNER", NO_OWNER)
+        .replace("ENTRY_OVERHEAD", str(ENTRY_OVERHEAD))
+        .replace("TRIM_STEP", str(TRIM_STEP))
+    )
+
+
+def limits_arg(ttl_s: int, max_per_queue: int, quota: Quota) -> str:
+    """dead_put's `limits`: the retention, the most per queue, and the owner's bytes and count (0: none)."""
+    return f"{int(ttl_s)} {int(max_per_queue)} {int(quota.max_bytes)} {int(quota.max_count)}"
+
+
+# ARGV: job id, queue, reason, limits, owner, then field/value pairs.
+_ADD = with_holdings(
+    render(
+        LUA
+        + """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+dead_put(ARGV[1], ARGV[2], ARGV[3], now, ARGV[5], ARGV[4], {unpack(ARGV, 6)})
+return 1
+"""
+    )
+)
+
+# A replay's new job, noted on a dead letter that is still kept (one that expired is not written again: it would
+# outlive its retention). KEYS: the entry. ARGV: the new job's id.
+_MARK_REPLAYED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'replayed_as', ARGV[1])
+return 1
+"""
+
+
+class NotReplayable(Exception):
+    """A dead letter that kept too little to be submitted again (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a dead letter keeps to submit its request again, as its owner would (api/replay.py)."""
+
+    kind: str  # inference, load or unload
+    model_id: str
+    owner: str
+    role: str
+    lane: str = DEFAULT_LANE
+    inputs: Any = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    batch: bool = False  # many inputs in one job (/serve/batch, a /v1 request with a list)
+    timeout_s: float | None = None  # the length of the original deadline (a replay gets a fresh one)
+    encoding_format: str | None = None
+    result_ttl: int | None = None
+    webhook_url: str | None = None
+    force: bool = False  # an unload that ends the model's running jobs at once
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> Submission:
+        """The submission a dead letter (`DeadLetters.get`) kept; NotReplayable if it kept too little."""
+        job_id = entry.get("job_id")
+        if entry.get("_legacy"):
+            raise NotReplayable(
+                f"{job_id} was recorded by an older version, which kept the Celery message but not its owner's "
+                "role: it cannot be submitted as its owner; its owner can submit the request again"
+            )
+        raw, kind, role = entry.get("_request"), entry.get("kind"), entry.get("role")
+        if not raw or not role or kind not in JOB_KINDS or not entry.get("model_id"):
+            raise NotReplayable(f"{job_id}: its request was not kept; nothing to replay")
+        request = orjson.loads(raw)
+        hook = entry.get("webhook") or {}
+        common = {
+            "kind": kind,
+            "model_id": entry["model_id"],
+            "owner": entry.get("owner") or NO_OWNER,
+            "role": role,
+            "webhook_url": hook.get("url"),
+            "result_ttl": entry.get("result_ttl"),
+        }
+        if kind != INFERENCE:
+            return cls(**common, force=bool(request.get("force")))
+        deadline, submitted = request.get("deadline"), request.get("submitted_at")
+        return cls(
+            **common,
+            lane=request.get("priority") or DEFAULT_LANE,
+            inputs=request.get("inputs"),
+            parameters=request.get("parameters") or {},
+            batch=bool(request.get("batch")),
+            timeout_s=float(deadline) - float(submitted) if deadline and submitted else None,
+            encoding_format=request.get("encoding_format"),
+        )
+
 
 class DeadLetters:
-    def __init__(self, client: redis.Redis, ttl_s: int, max_per_queue: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, max_per_queue: int, quota: Quota | None = None) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self.max_per_queue = max_per_queue
+        self.limits = limits_arg(ttl_s, max_per_queue, quota or Quota())
+        self._add = client.register_script(_ADD)
+        self._mark_replayed = client.register_script(_MARK_REPLAYED)
 
     def add(self, job_id: str, queue: str, reason: str, **fields: Any) -> None:
         """Record a dead letter from Python (the webhook dispatcher); the Lua writer in tasks/jobs.py writes the
-        same fields."""
-        now = time.time()
-        entry = {"job_id": job_id, "queue": queue, "reason": reason, "dead_at": repr(now)}
-        entry.update({k: v if isinstance(v, str | bytes) else orjson.dumps(v) for k, v in fields.items() if v})
-        index = dead_letter_key(queue)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(dead_entry_key(job_id), mapping=entry)
-        pipe.expire(dead_entry_key(job_id), self.ttl_s)
-        pipe.zadd(index, {job_id: now})
-        pipe.zremrangebyscore(index, "-inf", now - self.ttl_s)
-        pipe.zremrangebyrank(index, 0, -self.max_per_queue - 1)
-        pipe.expire(index, self.ttl_s)
-        pipe.sadd(DEAD_LETTER_QUEUES, queue)
-        pipe.hincrby(METRICS_DEAD_LETTERS, f"{queue}|{reason}", 1)
-        pipe.execute()
+        same fields, with the same bounds and charge."""
+        owner = fields.pop("owner", None) or NO_OWNER
+        flat: list[Any] = []
+        for name, value in fields.items():
+            if value:
+                flat += [name, value if isinstance(value, str | bytes) else orjson.dumps(value)]
+        self._add(args=[job_id, queue, reason, self.limits, owner, *flat])
 
     def queues(self) -> list[str]:
         return sorted(_text(q) for q in self.redis.smembers(DEAD_LETTER_QUEUES))
@@ -76,19 +278,33 @@ class DeadLetters:
         return {queue: int(n) for queue, n in zip(queues, pipe.execute())}
 
     def get(self, job_id: str) -> dict[str, Any] | None:
+        """One dead letter, with what a replay needs (`Submission.from_entry`)."""
         fields = self.redis.hgetall(dead_entry_key(job_id))
-        return _decode(fields) if fields else None
+        if not fields:
+            return None
+        entry = {_text(k): _text(v) for k, v in fields.items()}
+        out = _decode(entry)
+        out["_request"] = entry.get("request") or None
+        out["_legacy"] = bool(entry.get("payload")) and not entry.get("request")
+        return out
 
     def list(
-        self, queue: str | None = None, code: str | None = None, limit: int = 100, since: float | None = None
+        self,
+        queue: str | None = None,
+        code: str | None = None,
+        limit: int = 100,
+        since: float | None = None,
+        before: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Dead letters, newest first: of one queue or all; `code` matches the reason or the error's code."""
+        """Dead letters, newest first: of one queue or all; `code` matches the reason or the error's code; `before`
+        (exclusive, epoch s) pages on from the last one of a previous page."""
         queues = [queue] if queue else self.queues()
         floor = max(time.time() - self.ttl_s, since or 0)
+        ceiling = f"({before!r}" if before is not None else "+inf"
         ranked: list[tuple[float, str]] = []
         pipe = self.redis.pipeline(transaction=False)
         for name in queues:
-            pipe.zrevrangebyscore(dead_letter_key(name), "+inf", floor, withscores=True)
+            pipe.zrevrangebyscore(dead_letter_key(name), ceiling, floor, withscores=True)
         for found in pipe.execute():
             ranked.extend((float(score), _text(job_id)) for job_id, score in found)
         ranked.sort(reverse=True)
@@ -97,33 +313,36 @@ class DeadLetters:
             pipe = self.redis.pipeline(transaction=False)
             chunk = ranked[start : start + 200]
             for _score, job_id in chunk:
-                pipe.hgetall(dead_entry_key(job_id))
-            for fields in pipe.execute():
-                if not fields:
+                pipe.hmget(dead_entry_key(job_id), _LISTED)
+                pipe.hstrlen(dead_entry_key(job_id), "request")
+            replies = pipe.execute()
+            for values, request_bytes in zip(replies[::2], replies[1::2]):
+                if values[0] is None:
                     continue  # expired
-                entry = _decode(fields)
-                if code and code not in (entry["reason"], (entry.get("error") or {}).get("code")):
+                entry = {name: _text(v) for name, v in zip(_LISTED, values) if v is not None}
+                entry["request"] = "kept" if request_bytes else ""
+                decoded = _decode(entry)
+                if code and code not in (decoded["reason"], (decoded.get("error") or {}).get("code")):
                     continue
-                out.append(entry)
+                out.append(decoded)
                 if len(out) >= limit:
                     return out
         return out
 
     def mark_replayed(self, job_id: str, new_id: str) -> None:
-        self.redis.hset(dead_entry_key(job_id), "replayed_as", new_id)
+        self._mark_replayed(keys=[dead_entry_key(job_id)], args=[new_id])
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Dead letters recorded since Redis was new, by (queue, reason): /metrics' counter."""
         out = {}
-        for field, value in self.redis.hgetall(METRICS_DEAD_LETTERS).items():
-            queue, _, reason = _text(field).rpartition("|")
+        for field_name, value in self.redis.hgetall(METRICS_DEAD_LETTERS).items():
+            queue, _, reason = _text(field_name).rpartition("|")
             out[(queue, reason)] = int(value)
         return out
 
 
-def _decode(fields: dict[Any, Any]) -> dict[str, Any]:
-    entry = {_text(k): _text(v) for k, v in fields.items()}
-    out: dict[str, Any] = {
+def _decode(entry: Mapping[str, str]) -> dict[str, Any]:
+    return {
         "job_id": entry.get("job_id"),
         "queue": entry.get("queue"),
         "reason": entry.get("reason"),
@@ -131,15 +350,15 @@ def _decode(fields: dict[Any, Any]) -> dict[str, Any]:
         "kind": entry.get("kind") or None,
         "model_id": entry.get("model_id") or None,
         "owner": entry.get("owner") or None,
+        "role": entry.get("role") or None,
         "request_id": entry.get("request_id") or None,
         "error": orjson.loads(entry["error"]) if entry.get("error") else None,
         "webhook": orjson.loads(entry["webhook"]) if entry.get("webhook") else None,
+        "result_ttl": int(entry["result_ttl"]) if entry.get("result_ttl") else None,
         "delivery_id": entry.get("delivery_id") or None,
         "replayed_as": entry.get("replayed_as") or None,
-        "replayable": bool(entry.get("payload")) or bool(entry.get("delivery_id")),
+        "replayable": bool(entry.get("delivery_id")) or bool(entry.get("request") and entry.get("role")),
     }
-    out["_payload"] = orjson.loads(entry["payload"]) if entry.get("payload") else None
-    return out
 
 
 def _text(value: Any) -> str:

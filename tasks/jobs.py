@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,16 +21,16 @@ import orjson
 import redis
 from loguru import logger
 
+from tasks.deadletters import LUA as DEAD_LETTER_LUA
+from tasks.deadletters import NO_OWNER, limits_arg
+from tasks.deadletters import render as dead_letter_lua
 from tasks.errors import CANCELLED as CANCELLED_CODE
 from tasks.errors import error_body
+from tasks.holdings import DEAD_LETTERS, DELIVERIES, IDEMPOTENCY, Holdings, Quota, with_holdings
 from tasks.names import (
-    DEAD_ENTRY_PREFIX,
-    DEAD_LETTER_PREFIX,
-    DEAD_LETTER_QUEUES,
     INFLIGHT_HOLDERS,
     INFLIGHT_PREFIX,
     LANES,
-    METRICS_DEAD_LETTERS,
     QUEUED_PREFIX,
     RECENT_JOBS,
     RECENT_JOBS_MAX,
@@ -52,11 +52,16 @@ from tasks.webhooks import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S
 # A job that has not ended is kept at least this long, whatever its own (shorter) retention: the retention
 # counts from its end.
 KEEP_UNFINISHED_S = 3600
+# Bytes a webhook delivery is charged besides its webhook's JSON (its hash, field names and due entry), and an
+# Idempotency-Key's record besides its name and value: what each holds until the body or answer is added.
+DELIVERY_OVERHEAD = 256
+KEY_OVERHEAD = 96
 # A transition's outcome for a job whose record breaks the script (JobStore._transitions): it does not run, nor end.
 BROKEN = -2
 
 # ARGV: status, ttl, event ('status' | 'done'), wake note ('' for none), holder, payload, then field/value pairs.
-# For a `done` transition the 5th and 6th are instead the dead-letter reason ('' for none) and "retention max".
+# For a `done` transition the 5th and 6th are instead the dead-letter reason ('' for none) and the dead letters'
+# bounds (tasks/deadletters.py limits_arg).
 #
 # `running`: the worker named `holder` takes the job, and `payload` (how to queue it again) goes into that
 # worker's in-flight hash, which the reaper requeues from if the worker dies. A job running on another
@@ -71,6 +76,16 @@ BROKEN = -2
 # for one job by _TRANSITION, for each job of a message or a batch by _TRANSITION_MANY, which differ only in how
 # `wake` sends the notes.
 _TRANSITION_STEP = """
+local function clock()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) + tonumber(now[2]) / 1000000
+end
+-- Whom a job's delivery is charged to: its webhook's owner ({url, owner}), else the job's.
+local function hook_owner(hook, job)
+  local ok, decoded = pcall(cjson.decode, hook)
+  if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then return decoded.owner end
+  return redis.call('HGET', job, 'owner') or 'NO_OWNER'
+end
 local function transition(K, A)
 local current = redis.call('HGET', K[1], 'status')
 if not current then return -1 end
@@ -128,35 +143,26 @@ if A[3] == 'done' then
     for channel in string.gmatch(notify, '[^,]+') do wake(channel, note) end
   end
   if hook then  -- its webhook delivery is due, durably, in the step that ends it (tasks/webhooks.py)
-    local delivery = 'WEBHOOK_DELIVERY_PREFIX' .. 'DELIVERY_ID_PREFIX' .. job_id
-    redis.call('HSET', delivery, 'kind', 'job', 'ref', job_id, 'webhook', hook, 'event', A[1],
-      'queue', redis.call('HGET', K[1], 'device') or '')
-    redis.call('EXPIRE', delivery, KEEP_DELIVERY_S)
-    redis.call('ZADD', 'WEBHOOKS_DUE', 'NX', 0, 'DELIVERY_ID_PREFIX' .. job_id)
+    local id = 'DELIVERY_ID_PREFIX' .. job_id
+    local queue = redis.call('HGET', K[1], 'device') or ''
+    redis.call('HSET', 'WEBHOOK_DELIVERY_PREFIX' .. id, 'kind', 'job', 'ref', job_id, 'webhook', hook, 'event', A[1],
+      'queue', queue)
+    redis.call('EXPIRE', 'WEBHOOK_DELIVERY_PREFIX' .. id, KEEP_DELIVERY_S)
+    redis.call('ZADD', 'WEBHOOKS_DUE', 'NX', 0, id)
+    -- charged to the webhook's owner until the dispatcher ends it (force: bounded when the request is admitted)
+    local now = clock()
+    hold_put(hook_owner(hook, K[1]), 'DELIVERIES_KIND', id, DELIVERY_OVERHEAD + #hook + #queue, now + KEEP_DELIVERY_S,
+      now, 0, 0, 0, true)
   end
-  if A[5] ~= '' then  -- a dead letter (tasks/deadletters.py), bounded per queue by count and retention
-    local now = redis.call('TIME')
-    now = tonumber(now[1]) + tonumber(now[2]) / 1000000
-    local keep, most = string.match(A[6], '^(%d+) (%d+)$')
-    local info = redis.call('HMGET', K[1], 'device', 'kind', 'model_id', 'owner', 'request_id')
-    local queue = info[1] or 'unknown'
+  if A[5] ~= '' then  -- a dead letter (tasks/deadletters.py): only a job that ends as one pays for it
+    local info = redis.call('HMGET', K[1], 'device', 'kind', 'model_id', 'owner', 'role', 'request_id', 'ttl')
     local err = ''
     for i = 7, #A - 1, 2 do
       if A[i] == 'error' then err = A[i + 1] end
     end
-    local entry = 'DEAD_ENTRY_PREFIX' .. job_id
-    redis.call('HSET', entry, 'job_id', job_id, 'queue', queue, 'reason', A[5],
-      'dead_at', string.format('%.6f', now), 'kind', info[2] or '', 'model_id', info[3] or '',
-      'owner', info[4] or '', 'request_id', info[5] or '',
-      'error', err, 'payload', replay, 'webhook', hook or '')
-    redis.call('EXPIRE', entry, keep)
-    local index = 'DEAD_LETTER_PREFIX' .. queue
-    redis.call('ZADD', index, now, job_id)
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', now - tonumber(keep))
-    redis.call('ZREMRANGEBYRANK', index, 0, -tonumber(most) - 1)
-    redis.call('EXPIRE', index, keep)
-    redis.call('SADD', 'DEAD_LETTER_QUEUES', queue)
-    redis.call('HINCRBY', 'METRICS_DEAD_LETTERS', queue .. '|' .. A[5], 1)
+    dead_put(job_id, info[1] or 'unknown', A[5], clock(), info[4] or '', A[6], {'kind', info[2] or '',
+      'model_id', info[3] or '', 'role', info[5] or '', 'request_id', info[6] or '', 'error', err,
+      'request', dead_request(replay), 'result_ttl', info[7] or '', 'webhook', hook or ''})
   end
 end
 redis.call('EXPIRE', K[1], ttl)
@@ -308,11 +314,17 @@ def _render(script: str) -> str:
         .replace("DELIVERY_ID_PREFIX", DELIVERY_ID_PREFIX)
         .replace("KEEP_DELIVERY_S", str(KEEP_DELIVERY_S))
         .replace("WEBHOOKS_DUE", WEBHOOKS_DUE)
-        .replace("DEAD_ENTRY_PREFIX", DEAD_ENTRY_PREFIX)
-        .replace("DEAD_LETTER_PREFIX", DEAD_LETTER_PREFIX)
-        .replace("DEAD_LETTER_QUEUES", DEAD_LETTER_QUEUES)
-        .replace("METRICS_DEAD_LETTERS", METRICS_DEAD_LETTERS)
+        .replace("DELIVERIES_KIND", DELIVERIES)
+        .replace("IDEMPOTENCY_KIND", IDEMPOTENCY)
+        .replace("DELIVERY_OVERHEAD", str(DELIVERY_OVERHEAD))
+        .replace("KEY_OVERHEAD", str(KEY_OVERHEAD))
+        .replace("NO_OWNER", NO_OWNER)
     )
+
+
+def _charging(script: str) -> str:
+    """A script that charges what it writes to its owner (tasks/holdings.py), with the dead letter's writer."""
+    return with_holdings(dead_letter_lua(DEAD_LETTER_LUA) + _render(script))
 
 
 # Add a reply channel to a job that has not ended yet, and return the job: one atomic step, so either
@@ -373,19 +385,22 @@ return 0
 # Create a job unless the caller is over a rate limit: the limit's counters and the job record in one
 # round trip. KEYS: job, recent-jobs index, the queue's index of unstarted jobs, one counter per limit, then the
 # Idempotency-Key's record when the request carries one. ARGV: ttl, now, job id, number of limits, (amount, window
-# seconds) per limit, the request's fingerprint and the key's retention ('' '' without a key), then the job's
-# field/value pairs. Returns {1, used...} created, {0, limit index, ms until that window ends} refused, or, for a
-# key already used: {2, job id} (the same request: that job, if it is still kept) or {3, job id} (another request).
-# The key is taken in the same step as the job is created: two requests with one key create one job, and a request
-# refused here (rate limit) leaves the key free.
+# seconds) per limit, the request's fingerprint, the key's retention, the key's owner and the most keys it may hold
+# ('' '' '' '' without a key), then the job's field/value pairs. Returns {1, used...} created, {0, limit index, ms
+# until that window ends} refused, {4, holdings refusal} for a new key past its owner's quota, or, for a key already
+# used: {2, job id} (the same request: that job, if it is still kept) or {3, job id} (another request).
+# The key is taken (and charged to its owner, tasks/holdings.py IDEMPOTENCY) in the same step as the job is created:
+# two requests with one key create one job, a request refused here (rate limit, quota) leaves the key free, and a
+# replay of a key already held is never refused.
 _CREATE_LIMITED = """
 local n = tonumber(ARGV[4])
 local idem = KEYS[4 + n]
+local fingerprint, key_ttl, key_owner = ARGV[5 + 2 * n], ARGV[6 + 2 * n], ARGV[7 + 2 * n]
 if idem then
   local held = redis.call('GET', idem)
   if held then
-    local fingerprint, job = string.match(held, '^(%S+) (%S+)$')
-    if fingerprint ~= ARGV[5 + 2 * n] then return {3, job or ''} end
+    local kept, job = string.match(held, '^(%S+) (%S+)$')
+    if kept ~= fingerprint then return {3, job or ''} end
     if job and redis.call('EXISTS', 'JOB_PREFIX' .. job) == 1 then return {2, job} end
     -- its job is no longer kept (its retention ended): the key is free again
   end
@@ -396,6 +411,13 @@ for i = 1, n do
     return {0, i, redis.call('PTTL', KEYS[3 + i])}
   end
 end
+local record = fingerprint .. ' ' .. ARGV[3]
+if idem then
+  local now = tonumber(ARGV[2])
+  local charged = hold_put(key_owner, 'IDEMPOTENCY_KIND', idem, KEY_OVERHEAD + #idem + #record,
+    now + tonumber(key_ttl), now, 0, ARGV[8 + 2 * n], 0, false)
+  if charged < 0 then return {4, charged} end
+end
 local reply = {1}
 for i = 1, n do
   local used = redis.call('INCR', KEYS[3 + i])
@@ -403,9 +425,9 @@ for i = 1, n do
   reply[i + 1] = used
 end
 if idem then
-  redis.call('SET', idem, ARGV[5 + 2 * n] .. ' ' .. ARGV[3], 'EX', ARGV[6 + 2 * n])
+  redis.call('SET', idem, record, 'EX', key_ttl)
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7 + 2 * n))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9 + 2 * n))
 redis.call('EXPIRE', KEYS[1], math.max(tonumber(ARGV[1]), KEEP_UNFINISHED_S))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
@@ -472,11 +494,14 @@ redis.call('LPUSH', KEYS[3], ARGV[1])
 return {1, reply}
 """
 
-# An Idempotency-Key whose job could not be queued is freed (only if it still names that job): a failed creation
-# does not hold the key. KEYS: the key's record. ARGV: job id.
+# An Idempotency-Key whose job could not be queued is freed (only if it still names that job), and leaves its owner's
+# account: a failed creation does not hold the key. KEYS: the key's record. ARGV: job id, the key's owner.
 _RELEASE_KEY = """
 local held = redis.call('GET', KEYS[1])
-if held and string.sub(held, -string.len(ARGV[1])) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if held and string.sub(held, -string.len(ARGV[1])) == ARGV[1] then
+  hold_drop(ARGV[2], 'IDEMPOTENCY_KIND', KEYS[1])
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
 
@@ -540,15 +565,24 @@ class JobStore:
     TRIM_EVERY = 256
 
     def __init__(
-        self, client: redis.Redis, ttl_s: int, dead_letter_ttl: int = 7 * 86400, dead_letter_max: int = 10_000
+        self,
+        client: redis.Redis,
+        ttl_s: int,
+        dead_letter_ttl: int = 7 * 86400,
+        dead_letter_max: int = 10_000,
+        quotas: Mapping[str, Quota] | None = None,
     ) -> None:
+        """`quotas`: each kind's per-owner limits (tasks/holdings.py quotas_from): the dead letters a job's end
+        writes and the Idempotency-Keys its creation takes are charged and bounded with them."""
         self.redis = client
         self.ttl_s = ttl_s
-        # Dead letters (tasks/deadletters.py) written by the job's end: their retention and how many per queue.
-        self.dead_letter_spec = f"{int(dead_letter_ttl)} {int(dead_letter_max)}"
-        self._release_key = client.register_script(_RELEASE_KEY)
-        self._transition = client.register_script(_render(_TRANSITION))
-        self._transition_many = client.register_script(_render(_TRANSITION_MANY))
+        self.quotas = dict(quotas or {})
+        # Dead letters (tasks/deadletters.py) written by the job's end: their retention, how many per queue, per owner.
+        self.dead_letter_spec = limits_arg(dead_letter_ttl, dead_letter_max, self.quotas.get(DEAD_LETTERS, Quota()))
+        self.holdings = Holdings(client, self.quotas)
+        self._release_key = client.register_script(_charging(_RELEASE_KEY))
+        self._transition = client.register_script(_charging(_TRANSITION))
+        self._transition_many = client.register_script(_charging(_TRANSITION_MANY))
         self._reap = client.register_script(_render(_REAP))
         self._reclaim = client.register_script(_render(_RECLAIM))
         self._append_chunk = client.register_script(_render(_APPEND_CHUNK))
@@ -556,7 +590,7 @@ class JobStore:
         self._request_cancel = client.register_script(_render(_REQUEST_CANCEL))
         self._watch = client.register_script(_render(_WATCH))
         self._follow = client.register_script(_render(_FOLLOW))
-        self._create_limited = client.register_script(_render(_CREATE_LIMITED))
+        self._create_limited = client.register_script(_charging(_CREATE_LIMITED))
         self._create_many_push = client.register_script(_render(_CREATE_MANY_PUSH))
         self._sweep_queued = client.register_script(_render(_SWEEP_QUEUED))
         self._created = 0
@@ -619,19 +653,21 @@ class JobStore:
         payload: bytes | None = None,
         now: float | None = None,
         extra: dict[str, Any] | None = None,
-        idempotency: tuple[str, str, int] | None = None,
+        idempotency: tuple[str, str, int, str] | None = None,
     ) -> tuple[dict[str, Any], list[int]]:
         """Count the caller against `limits` [(counter key, amount, window seconds)] and create the job, in
         one round trip; raise RateLimited (creating nothing) when a limit is already reached. Returns the job
-        and the use of each limit. `idempotency`: (the key's record, the request's fingerprint, retention s): a key
-        already used raises IdempotencyConflict (creating nothing, counting nothing)."""
+        and the use of each limit. `idempotency`: (the key's record, the request's fingerprint, retention s, the key's
+        owner): a key already used raises IdempotencyConflict (creating nothing, counting nothing); a new one past
+        its owner's AETHERCORE_IDEMPOTENCY_MAX_KEYS raises QuotaExceeded (creating nothing)."""
         job_id = job_id or new_job_id()
         now = now or time.time()
         fields = self._fields(kind, model_id, device, request_id, owner, job_id, notify, now, ttl, payload, extra)
         args: list[Any] = [ttl or self.ttl_s, repr(now), job_id, len(limits)]
         for _key, amount, window in limits:
             args += [amount, window]
-        args += [idempotency[1], idempotency[2]] if idempotency else ["", ""]
+        max_keys = self.quotas.get(IDEMPOTENCY, Quota()).max_count
+        args += [*idempotency[1:], max_keys] if idempotency else ["", "", "", ""]
         for key, value in fields.items():
             args += [key, value]
         keys = [job_key(job_id), RECENT_JOBS, queued_key(device), *(k for k, _a, _w in limits)]
@@ -642,6 +678,8 @@ class JobStore:
             raise RateLimited(int(reply[1]) - 1, int(reply[2]))
         if int(reply[0]) in (2, 3):
             raise IdempotencyConflict(_text(reply[1]), reused=int(reply[0]) == 3)
+        if int(reply[0]) == 4 and idempotency:
+            raise self.holdings.refusal(idempotency[3], IDEMPOTENCY, int(reply[1]), 0)
         self._trim_recent(now)
         return self._decode(fields), [int(v) for v in reply[1:]]
 
@@ -701,9 +739,9 @@ class JobStore:
         """Write a queued job (one round trip) with no rate limit to count; the arguments of create_limited."""
         return self.create_limited([], **fields)[0]
 
-    def release_key(self, record: str, job_id: str) -> None:
-        """Free an Idempotency-Key's record if it still names `job_id` (its creation failed after all)."""
-        self._release_key(keys=[record], args=[job_id])
+    def release_key(self, record: str, job_id: str, owner: str) -> None:
+        """Free `owner`'s Idempotency-Key record if it still names `job_id` (its creation failed after all)."""
+        self._release_key(keys=[record], args=[job_id, owner])
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
         """Newest first; `filters` match job fields exactly (status, model_id, kind)."""

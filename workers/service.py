@@ -36,6 +36,7 @@ from model_store.paths import estimate_bytes
 from model_store.signatures import artifact_signature
 from tasks.cluster import ClusterState
 from tasks.errors import MODEL_EVICTED
+from tasks.holdings import quotas_from
 from tasks.jobs import JobStore
 from tasks.metrics import BATCH_SIZE, LocalMetrics
 from tasks.names import DEFAULT_LANE, queue_for_device
@@ -65,7 +66,9 @@ class WorkerService:
         self.started_at = time.time()
         self.models: dict[str, ModelSpec] = load_models(settings.models_file)
         self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
-        self.jobs = JobStore(self.redis, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max)
+        self.jobs = JobStore(
+            self.redis, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max, quotas_from(settings)
+        )
         self.cluster = ClusterState(self.redis, settings.worker_ttl)
         self.metrics = LocalMetrics()
         self.streams = JobStreams(self.jobs, self.metrics)

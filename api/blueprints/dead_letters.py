@@ -1,13 +1,12 @@
-"""Dead letters (tasks/deadletters.py): list them, replay one. For operators (`manage.py jobs dead|replay`)."""
+"""Dead letters (tasks/deadletters.py): list them, replay one (a new submission of its owner: api/replay.py). For
+operators (`manage.py jobs dead|replay`)."""
 
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import marshmallow as ma
-import orjson
 from flask.views import MethodView
 from marshmallow import validate
 
@@ -15,13 +14,10 @@ from api.auth import READ_ALL_JOBS, requires
 from api.blueprints.common import public_job
 from api.errors import ApiError
 from api.json_provider import Blueprint
-from api.request_id import current_request_id
+from api.replay import replay
 from api.schemas import JOB_ID_RE, JobErrorSchema, JobSchema
 from api.services import services
 from tasks.deadletters import REASONS, WEBHOOK_FAILED
-from tasks.jobs import new_job_id, requeue_payload
-from tasks.names import INFER, KIND_OF_TASK
-from tasks.states import FAILED
 
 blp = Blueprint("dead_letters", __name__, description="Dead letters: list and replay (admins and operators)")
 _JOB_ID = re.compile(JOB_ID_RE)
@@ -34,6 +30,10 @@ class DeadLetterQuerySchema(ma.Schema):
         metadata={"description": f"A reason ({', '.join(REASONS)}) or the job's error code", "example": "poison_job"},
     )
     limit = ma.fields.Integer(load_default=100, validate=validate.Range(min=1, max=10000))
+    before = ma.fields.Float(
+        validate=validate.Range(min=0),
+        metadata={"description": "Only dead letters older than this (epoch s, exclusive): a page's last `dead_at`"},
+    )
 
 
 class DeadLetterSchema(ma.Schema):
@@ -44,6 +44,7 @@ class DeadLetterSchema(ma.Schema):
     kind = ma.fields.String(allow_none=True)
     model_id = ma.fields.String(allow_none=True)
     owner = ma.fields.String(allow_none=True)
+    role = ma.fields.String(allow_none=True, metadata={"description": "The owner's role when it submitted the job"})
     request_id = ma.fields.String(allow_none=True)
     error = ma.fields.Nested(JobErrorSchema, allow_none=True)
     webhook = ma.fields.Dict(allow_none=True)
@@ -74,7 +75,7 @@ class DeadLetterList(MethodView):
     @requires(*READ_ALL_JOBS)
     def get(self, query: dict[str, Any]):
         dead = services().dead_letters
-        found = dead.list(query.get("queue"), query.get("code"), query["limit"])
+        found = dead.list(query.get("queue"), query.get("code"), query["limit"], before=query.get("before"))
         return {"dead_letters": found, "depth": dead.depth()}
 
 
@@ -84,11 +85,19 @@ class Replay(MethodView):
     @blp.response(
         202,
         ReplaySchema,
-        description="Queued again: a new job linked by `replay_of` (poison_job, expired_in_queue), or the failed "
-        "webhook delivery sent again (webhook_failed: same webhook-id; the job is not run again)",
+        description="Submitted again as its owner (their role, rate limit and the request's lane, checked as for a "
+        "new request): a new job linked by `replay_of` (poison_job, expired_in_queue), or the failed webhook delivery "
+        "sent again (webhook_failed: same webhook-id; the job is not run again)",
     )
-    @blp.alt_response(404, description="No such dead letter (or it expired)")
-    @blp.alt_response(409, description="Already replayed (see `force`), or nothing was kept to replay")
+    @blp.alt_response(403, description="The owner's role may no longer do this, or use the request's lane")
+    @blp.alt_response(404, description="No such dead letter (or it expired), or its model is no longer configured")
+    @blp.alt_response(
+        409,
+        description="Already replayed (see `force`), nothing was kept to replay (`not_replayable`), or the model is "
+        "not loaded and its owner may not load it",
+    )
+    @blp.alt_response(429, description="The owner's rate limit, or the queue is full (Retry-After)")
+    @blp.alt_response(503, description="Redis is full, no device, or the broker is down (Retry-After)")
     @requires(*READ_ALL_JOBS)
     def post(self, query: dict[str, Any], job_id: str):
         svc = services()
@@ -104,7 +113,8 @@ class Replay(MethodView):
             )
         if entry["reason"] == WEBHOOK_FAILED:
             return {"replayed": job_id, "job": None, "delivery_id": resend_delivery(entry)}, 202
-        job = replay_job(entry)
+        job = replay(entry)
+        svc.dead_letters.mark_replayed(job_id, job["job_id"])
         return {"replayed": job_id, "job": public_job(job), "delivery_id": None}, 202
 
 
@@ -121,48 +131,3 @@ def resend_delivery(entry: dict[str, Any]) -> str:
     svc.webhook_owners.enable(hook.get("owner", ""), hook.get("url", ""))
     svc.dead_letters.mark_replayed(entry["job_id"], delivery_id)
     return delivery_id
-
-
-def replay_job(entry: dict[str, Any]) -> dict[str, Any]:
-    """A new job with the dead letter's request (its owner, model, inputs, parameters, webhook; a fresh deadline of
-    the same length), `replay_of` naming the old one, queued on the old one's queue."""
-    svc = services()
-    kept = entry.get("_payload")
-    if not kept:
-        raise ApiError(409, "not_replayable", f"{entry['job_id']}: its request was not kept; nothing to replay")
-    task, queue, kwargs = kept["task"], kept["queue"], dict(kept["kwargs"])
-    new_id, now, request_id = new_job_id(), time.time(), current_request_id()
-    if task == INFER:
-        old = kwargs["jobs"][0]
-        work = {**old, "job_id": new_id, "submitted_at": now, "request_id": request_id}
-        work.pop("isolate", None)
-        if old.get("deadline") and old.get("submitted_at"):
-            work["deadline"] = now + (float(old["deadline"]) - float(old["submitted_at"]))
-        kwargs = {"model_id": kwargs["model_id"], "jobs": [work]}
-    else:
-        kwargs.update(job_id=new_id, request_id=request_id)
-    hook = entry.get("webhook")
-    job = svc.jobs.create(
-        kind=KIND_OF_TASK.get(task, "inference"),
-        model_id=kwargs["model_id"],
-        device=queue,
-        request_id=request_id,
-        owner=entry.get("owner"),
-        job_id=new_id,
-        now=now,
-        payload=requeue_payload(task, queue, kwargs),
-        extra={"replay_of": entry["job_id"], "webhook": orjson.dumps(hook).decode() if hook else None},
-    )
-    try:
-        svc.celery.send_task(
-            task,
-            kwargs=kwargs,
-            queue=queue,
-            task_id=new_id,
-            kwargsrepr=repr({"job_id": new_id, "model_id": kwargs["model_id"], "replay_of": entry["job_id"]}),
-        )
-    except Exception:
-        svc.jobs.finish(new_id, FAILED, error={"code": "broker_unavailable", "message": "the job could not be queued"})
-        raise
-    svc.dead_letters.mark_replayed(entry["job_id"], new_id)
-    return job

@@ -16,6 +16,8 @@ from tasks.names import (
     DEAD_LETTER_QUEUES,
     DESIRED_MODELS,
     GENERATION_COUNTER,
+    HOLDINGS_OWNERS,
+    HOLDINGS_TOTAL,
     INFLIGHT_HOLDERS,
     METRICS_COUNTERS,
     METRICS_DEAD_LETTERS,
@@ -277,6 +279,10 @@ def test_every_redis_key_is_bounded(env):
         WEBHOOKS_DUE,
         WEBHOOKS_LEASED,
         WEBHOOKS_FAILED,
+        # what callers hold (tasks/holdings.py): totals per kind, and one member per owner (the sweep drops those
+        # whose objects expired); each owner's own account expires with its furthest object
+        HOLDINGS_TOTAL,
+        HOLDINGS_OWNERS,
     }
     # A worker's in-flight hash lives only while it holds jobs (an empty hash is no key).
     assert not list(r.scan_iter(inflight_key("*")))

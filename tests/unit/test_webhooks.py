@@ -280,7 +280,12 @@ def store(scratch_redis):
 
 def _running(store: JobStore, webhook: str | None = None, deadline: float | None = None) -> tuple[str, dict]:
     job = store.create(
-        kind="inference", model_id="m", device="cpu", owner="key:k", extra={"webhook": webhook}, payload=b"p"
+        kind="inference",
+        model_id="m",
+        device="cpu",
+        owner="key:k",
+        extra={"webhook": webhook, "role": "user"},
+        payload=b"p",
     )
     work = {"job_id": job["job_id"], "inputs": {"text": "x"}, "submitted_at": time.time() - 5, "deadline": deadline}
     payload = requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": [work]})
@@ -330,7 +335,7 @@ def test_poison_and_expired_in_queue_are_dead_letters_with_their_request(store, 
     assert set(entries) == {poison, late}
     assert entries[poison]["reason"] == POISON and entries[poison]["error"]["code"] == POISON_JOB
     assert entries[late]["reason"] == EXPIRED_IN_QUEUE and entries[late]["replayable"]
-    assert entries[late]["_payload"]["kwargs"]["jobs"][0] == late_work  # what a replay sends again
+    assert orjson.loads(dead.get(late)["_request"]) == late_work  # what a replay submits again
     assert store.get(late)["status"] == EXPIRED and dead.depth() == {"cpu": 2}
     assert dead.counts() == {("cpu", POISON): 1, ("cpu", EXPIRED_IN_QUEUE): 1}
     for _ in range(4):  # bounded: at most dead_letter_max per queue
@@ -343,17 +348,17 @@ def test_poison_and_expired_in_queue_are_dead_letters_with_their_request(store, 
 
 def test_an_idempotency_key_is_taken_with_the_job(store, scratch_redis):
     record = idempotency_key("key:k", "abc")
-    first = store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp1", 60))
+    first = store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp1", 60, "key:k"))
     with pytest.raises(IdempotencyConflict) as same:
-        store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp1", 60))
+        store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp1", 60, "key:k"))
     assert same.value.job_id == first["job_id"] and not same.value.reused
     with pytest.raises(IdempotencyConflict) as other:
-        store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp2", 60))
+        store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp2", 60, "key:k"))
     assert other.value.reused
-    store.release_key(record, "someone-else")  # only the job it names frees it
+    store.release_key(record, "someone-else", "key:k")  # only the job it names frees it
     assert scratch_redis.exists(record)
-    store.release_key(record, first["job_id"])
-    assert store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp2", 60))
+    store.release_key(record, first["job_id"], "key:k")
+    assert store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp2", 60, "key:k"))
     assert 0 < scratch_redis.ttl(record) <= 60
 
 
