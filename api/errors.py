@@ -16,6 +16,8 @@ from kombu.exceptions import OperationalError
 from loguru import logger
 from werkzeug.exceptions import HTTPException, NotFound
 
+from tasks.holdings import OWNER_BYTES, OWNER_COUNT, QuotaExceeded
+
 DEFAULT_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -45,6 +47,17 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
         self.details = details or {}
         self.headers = headers or {}
+
+
+def quota_error(exc: QuotaExceeded) -> ApiError:
+    """What a caller's account cannot take (tasks/holdings.py), in HTTP: more bytes than its quota 413, more objects
+    429, every caller's stored objects at their share of Redis 503 `storage_full`: one answer for every kind."""
+    details = {"kind": exc.kind, "used_bytes": exc.used.bytes, "used_objects": exc.used.count}
+    if exc.reason == OWNER_BYTES:
+        return ApiError(413, "quota_exceeded", exc.message(), details)
+    if exc.reason == OWNER_COUNT:
+        return ApiError(429, "quota_exceeded", exc.message(), details, headers={"Retry-After": "60"})
+    return ApiError(503, "storage_full", exc.message(), details, headers={"Retry-After": "60"})
 
 
 class ErrorBodySchema(ma.Schema):

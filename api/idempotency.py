@@ -48,7 +48,7 @@ from typing import Any
 import orjson
 from flask import Response, after_this_request, current_app, g, request
 
-from api.errors import ApiError
+from api.errors import ApiError, quota_error
 from api.ratelimit import caller_id
 from tasks.holdings import IDEMPOTENCY, OWNER_COUNT, Held, Quota, QuotaExceeded, with_holdings
 from tasks.jobs import KEY_OVERHEAD
@@ -114,13 +114,6 @@ def keyed() -> bool:
     return bool(g.get("idempotency_keyed"))
 
 
-def quota_refusal(exc: QuotaExceeded) -> ApiError:
-    """A new Idempotency-Key past its caller's AETHERCORE_IDEMPOTENCY_MAX_KEYS (or the service's share of Redis)."""
-    if exc.global_limit:
-        return ApiError(503, "storage_full", exc.message(), headers={"Retry-After": "60"})
-    return ApiError(429, "quota_exceeded", exc.message(), {"limit": exc.quota.max_count})
-
-
 def idempotent(view: Callable | None = None, *, store_response: bool = False) -> Callable:
     """The decorator (put it on top of the view's decorators): see the module's docstring."""
 
@@ -139,7 +132,7 @@ def idempotent(view: Callable | None = None, *, store_response: bool = False) ->
             except QuotaExceeded as exc:
                 if exc.kind != IDEMPOTENCY:
                     raise
-                raise quota_refusal(exc) from None
+                raise quota_error(exc) from None
 
         doc = deepcopy(getattr(func, "_apidoc", {}))
         doc.setdefault("arguments", {}).setdefault("parameters", []).append(dict(HEADER_DOC))

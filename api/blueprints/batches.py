@@ -35,7 +35,7 @@ from api.batches import (
     new_batch_id,
 )
 from api.blueprints.openai_compat import BATCH_ENDPOINTS
-from api.errors import ApiError, error_response, http_exception_response
+from api.errors import ApiError, error_response, http_exception_response, quota_error
 from api.files import (
     PURPOSE_BATCH,
     FileStore,
@@ -52,7 +52,7 @@ from api.idempotency import idempotent
 from api.json_provider import Blueprint
 from api.services import services
 from api.webhooks import batch_webhook
-from tasks.holdings import OWNER_BYTES, OWNER_COUNT, QuotaExceeded
+from tasks.holdings import QuotaExceeded
 
 blp = Blueprint(
     "openai_batches",
@@ -97,16 +97,6 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(
         413, "file_too_large", f"the file is larger than {limit} bytes (AETHERCORE_FILES_MAX_BYTES); split it"
     )
-
-
-def _refused(exc: QuotaExceeded) -> ApiError:
-    """An upload the owner's account cannot take: 413 (bytes) or 429 (files) `quota_exceeded`, or 503
-    `storage_full` when every caller's stored objects take their whole share of Redis."""
-    if exc.reason == OWNER_BYTES:
-        return ApiError(413, "quota_exceeded", exc.message(), {"used_bytes": exc.used.bytes})
-    if exc.reason == OWNER_COUNT:
-        return ApiError(429, "quota_exceeded", exc.message(), {"files": exc.used.count})
-    return ApiError(503, "storage_full", exc.message(), headers={"Retry-After": "60"})
 
 
 def _visible(fields: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -320,6 +310,11 @@ class Files(MethodView):
         settings = svc.settings
         if request.mimetype != "multipart/form-data":
             raise ApiError(415, "unsupported_media_type", "upload the file as multipart/form-data (file, purpose)")
+        repeated = {name: ["given more than once"] for name, values in request.form.lists() if len(values) > 1}
+        if len(request.files.getlist("file")) > 1:
+            repeated["file"] = ["given more than once: one file per upload"]
+        if repeated:  # never silently one of them
+            raise ApiError(422, "validation_error", "the request is invalid; see details for each field", repeated)
         try:
             form = UploadForm().load(request.form.to_dict())
         except ma.ValidationError as exc:
@@ -341,7 +336,7 @@ class Files(MethodView):
         except InvalidFile as exc:
             raise ApiError(400, "invalid_file", str(exc)) from None
         except QuotaExceeded as exc:
-            raise _refused(exc) from None
+            raise quota_error(exc) from None
         return file_object(fields)
 
     @blp.arguments(FileListQuery, location="query")
@@ -449,7 +444,7 @@ class Batches(MethodView):
         try:
             outcome = batches.create(fields, source["id"], settings.batch_max_active)
         except QuotaExceeded as exc:
-            raise _refused(exc) from None
+            raise quota_error(exc) from None
         if outcome == NO_FILE:
             raise ApiError(404, "file_not_found", f"file {source['id']} expired or was deleted meanwhile")
         if outcome == TOO_MANY_ACTIVE:
@@ -472,13 +467,6 @@ class Batches(MethodView):
     def get(self, query: dict[str, Any]):
         items, more = stores()[1].listing(_owner_filter(), query.get("after"), query["limit"])
         return _listing([batch_object(b) for b in items], more)
-
-
-def _refused(exc: QuotaExceeded) -> ApiError:
-    """A batch its owner's quota (429) or the share of Redis for held objects (503) has no room for."""
-    if exc.global_limit:
-        return ApiError(503, "storage_full", exc.message(), headers={"Retry-After": "60"})
-    return ApiError(429, "quota_exceeded", exc.message(), headers={"Retry-After": "60"})
 
 
 @blp.route("/batches/<string:batch_id>")

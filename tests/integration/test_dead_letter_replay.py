@@ -88,7 +88,8 @@ def test_a_replay_is_its_owners_request_in_its_lane(make_app):
 def test_a_replay_is_refused_what_its_owner_may_not_do_now(make_app, scratch_redis):
     app = make_app()
     svc = app.extensions["aethercore"]
-    high = dead_letter_of(app, {**TEXT, "priority": "high"})
+    granting = make_app(AETHERCORE_PRIORITY_LANES="user:high+normal+low")  # users may use `high` when it is sent
+    high = dead_letter_of(granting, {**TEXT, "priority": "high"})
     # the model was loaded when the owner (a `user`) sent it; it is not now, and a user may not load it
     svc.cluster.desire("tiny-classifier", "cpu")
     svc.desired_cache.clear("tiny-classifier")
@@ -98,9 +99,8 @@ def test_a_replay_is_refused_what_its_owner_may_not_do_now(make_app, scratch_red
     refused = replay(app, unloaded)
     assert refused.status_code == 409 and refused.get_json()["error"]["code"] == "model_not_loaded", refused.get_json()
 
-    restricted = make_app(AETHERCORE_PRIORITY_LANES="user:normal+low")  # users lost `high` since
-    refused = replay(restricted, high)
-    assert refused.status_code == 403 and "'high' lane" in refused.get_json()["error"]["message"]
+    refused = replay(app, high)  # users lost `high` since (the default: normal and low)
+    assert refused.status_code == 403 and "'high' priority lane" in refused.get_json()["error"]["message"]
 
     plain = dead_letter_of(app, TEXT)
     scratch_redis.config_set("maxmemory", int(scratch_redis.info("memory")["used_memory"] * 1.02) + 1)

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
@@ -22,6 +22,10 @@ READINESS = (
     "/v2/models/{model_name}/ready",
     "/v2/models/{model_name}/versions/{model_version}/ready",
 )
+
+
+def _has_empty_list(body) -> bool:
+    return isinstance(body, dict) and any(value == [] for value in body.values())
 
 
 def test_api_conforms_to_its_schema(main_redis_url, main_worker):
@@ -45,6 +49,9 @@ def test_api_conforms_to_its_schema(main_redis_url, main_worker):
             # 503 is a readiness probe's documented "not ready" (a fuzzed load of a model whose files are not here
             # leaves it meant to be loaded and absent), not a server error; its body is still validated.
             probe = case.path in READINESS
+            # A multipart field generated as an empty list is sent as no part at all: the request on the wire is a
+            # valid one (the field's default), which the API rightly accepts. Not a hostile request; skip it.
+            assume(not (case.media_type == "multipart/form-data" and _has_empty_list(case.body)))
             if case.meta.generation.mode.is_positive and "Idempotency-Key" in (case.headers or {}):
                 # A fuzzer sends unrelated bodies under the few keys it generates: each would be a reused key (422,
                 # as it should). Fresh keys here; what a key does is tested in test_idempotency.py.
