@@ -8,7 +8,6 @@ from flask import Flask, current_app
 from flask_smorest import Api
 
 from api.auth import CREDENTIALS, SECURITY_SCHEMES
-from api.batch_driver import BatchDriver
 from api.batches import BatchStore
 from api.blueprints import batches, dead_letters, health, jobs, models, oip, openai_compat, serve, webhooks
 from api.dispatch import InferenceDispatcher
@@ -84,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         ),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
-    # The OpenAI Files and Batch APIs: their state in Redis, and this process's driver of every unfinished batch.
+    # The OpenAI Files and Batch APIs: their state in Redis (driven by the batch driver processes, api/batch_driver.py).
     raw = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl(), decode_responses=False)
     holdings = svc.holdings
     files = FileStore(redis_client, raw, settings.files_ttl, holdings)
@@ -93,7 +92,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         "files": files,
         "batches": batch_store,
         "holdings": holdings,
-        "driver": BatchDriver(app, batch_store, files),
     }
     init_request_id(app)
     init_security(app, settings, redis_client)

@@ -8,11 +8,13 @@ batch_key(id)        hash: the Batch object's fields, counts, `next_line` (the f
 batch_jobs_key(id)   hash: line -> job id, or `-` (taken, not submitted yet): the lines taken and not answered
 file_lines_key(out)  the output file's lines: line -> its answer (a success)       } ids reserved at creation,
 file_lines_key(err)  the error file's lines: line -> its answer (an error)         } published when it ends
-BATCHES_ACTIVE       set: the batches that have not ended (what every API process's driver advances)
+BATCHES_ACTIVE       set: the batches that have not ended (what the batch drivers advance)
+BATCHES_WAKE         list: "look now" notes for idle drivers (a batch created or cancelled), bounded
+BATCH_DRIVERS        sorted set: the drivers' heartbeats
 ```
 
-Every step that changes a batch is one Lua script here, so any number of drivers (api/batch_driver.py), in any
-number of API processes, that die at any moment, leave a consistent batch behind:
+Every step that changes a batch is one Lua script here, so any number of drivers (api/batch_driver.py, each a
+`manage.py batches` process), that die at any moment, leave a consistent batch behind:
 
 * `answer` writes a line's answer into the output or the error file **only if the line has none yet** (in either
   file), counts it and forgets the line's job: each line is answered exactly once, however often its job ran;
@@ -42,8 +44,11 @@ import redis
 from api.files import INDEX_SLACK_S, cursor_page
 from tasks.holdings import BATCHES, DELIVERIES, OUTPUTS, Holdings, with_holdings
 from tasks.names import (
+    BATCH_DRIVERS,
     BATCHES_ACTIVE,
     BATCHES_ALL,
+    BATCHES_WAKE,
+    BATCHES_WAKE_MAX,
     WEBHOOKS_DUE,
     batch_jobs_key,
     batch_key,
@@ -287,6 +292,19 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+# The leases a stopping driver still holds, given up (another driver takes the batches at once, not after the
+# lease's TTL). KEYS: leases. ARGV: holder.
+_RELEASE = """
+local released = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key); released = released + 1 end
+end
+return released
+"""
+# A wake note nobody takes (no driver runs) goes with this.
+WAKE_TTL_S = 60
+DRIVER_FRESH_S = 10  # a driver counts as alive this long after its last heartbeat (/health, the healthcheck)
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -344,6 +362,7 @@ class BatchStore:
         self._record = client.register_script(_RECORD)
         self._answer = client.register_script(_render(_ANSWER))
         self._lease = client.register_script(_LEASE)
+        self._release = client.register_script(_RELEASE)
 
     def ttl(self, batch: dict[str, Any]) -> int:
         """How long a batch's keys live while it runs: to the end of its window, then its retention."""
@@ -473,6 +492,49 @@ class BatchStore:
 
     def lease(self, batch_id: str, holder: str, ms: int) -> bool:
         return bool(self._lease(keys=[batch_lease_key(batch_id)], args=[holder, ms]))
+
+    def release(self, batch_ids: list[str], holder: str) -> int:
+        """Give up `holder`'s leases of these batches (a driver that stops); how many it held."""
+        if not batch_ids:
+            return 0
+        return int(self._release(keys=[batch_lease_key(b) for b in batch_ids], args=[holder]))
+
+    # -- waking the drivers, and their heartbeats ---------------------------------------------------------------
+    def wake(self) -> None:
+        """A batch was created or cancelled: an idle driver looks now, not at the end of its idle wait. One round
+        trip; the list stays at most BATCHES_WAKE_MAX notes, and expires when no driver takes them."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(BATCHES_WAKE, "1")
+        pipe.ltrim(BATCHES_WAKE, 0, BATCHES_WAKE_MAX - 1)
+        pipe.expire(BATCHES_WAKE, WAKE_TTL_S)
+        pipe.execute()
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block up to `timeout_s` for a wake note (BLPOP); whether one came."""
+        return self.redis.blpop([BATCHES_WAKE], timeout=timeout_s) is not None
+
+    def beat(self, driver: str) -> None:
+        """A driver's heartbeat; the heartbeats of drivers silent for a minute are dropped."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(BATCH_DRIVERS, {driver: now})
+        pipe.zremrangebyscore(BATCH_DRIVERS, "-inf", now - 60)
+        pipe.execute()
+
+    def stopped(self, driver: str) -> None:
+        self.redis.zrem(BATCH_DRIVERS, driver)
+
+    def drivers(self) -> list[str]:
+        """The drivers with a heartbeat in the last DRIVER_FRESH_S seconds."""
+        return list(self.redis.zrangebyscore(BATCH_DRIVERS, time.time() - DRIVER_FRESH_S, "+inf"))
+
+    def depth(self) -> dict[str, int]:
+        """active: batches not ended; drivers: drivers alive (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.scard(BATCHES_ACTIVE)
+        pipe.zcount(BATCH_DRIVERS, time.time() - DRIVER_FRESH_S, "+inf")
+        active, drivers = pipe.execute()
+        return {"active": int(active), "drivers": int(drivers)}
 
     def hold(self, batch_id: str, until: float) -> None:
         """Submit no line of the batch before `until` (the owner's rate limit or a full queue said so)."""

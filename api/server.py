@@ -155,11 +155,7 @@ class GunicornServer(BaseApplication):
         from config.logging import setup_logging
 
         setup_logging("api", self.settings.log_level, self.settings.log_format)
-        app = create_app(self.settings)
-        # Loaded in each worker after the fork: this process drives unfinished batches from its start, requests or
-        # not (an API restarted mid-batch carries it on; api/batch_driver.py).
-        app.extensions["aethercore_batches"]["driver"].ensure()
-        return app
+        return create_app(self.settings)
 
 
 def _child_exit(server, worker) -> None:

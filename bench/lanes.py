@@ -2,8 +2,9 @@
 
     python -m bench.lanes [--model sim-h100,minilm] [--lines 3000] [--seconds 8]
 
-One worker and one API deployment (as `manage.py up` runs them, default settings: auth on, the default rate limit
-and queue bounds), four `user` keys: three batch owners and one interactive caller. Per model:
+One worker, one API deployment and one batch driver (as `manage.py up` runs them, default settings: auth on, the
+default rate limit and queue bounds, the driver at nice 10), four `user` keys: three batch owners and one
+interactive caller. Per model:
 1. no backlog: 1, then 8 closed-loop clients POST /serve?wait=30 (the `normal` lane) for `--seconds` each;
 2. the backlog alone: each owner uploads a `--lines` JSONL file of /v1/embeddings requests and creates a batch; its
    drain rate (lines answered per second, over a window of 2 x `--seconds` once all three run, or over the whole
@@ -32,6 +33,7 @@ import requests
 from api.auth import KeyStore
 from bench.processes import AUTH, RedisServer
 from bench.processes import api as bench_api
+from bench.processes import batch_driver as bench_batch_driver
 from bench.processes import worker as bench_worker
 
 OWNERS = 3
@@ -237,12 +239,14 @@ def main() -> None:
     env = {"AETHERCORE_AUTH": "true"}
     worker = bench_worker(server.url(0), "lanes-worker", "cpu", **env).start()
     api = bench_api(server.url(0), "lanes-api", **env).start()
+    driver = bench_batch_driver(api, "lanes-batches").start()
     try:
         results = {
             model: run_model(api.base, api.port, model, owners, caller, args.lines, args.seconds)
             for model in args.model.split(",")
         }
     finally:
+        driver.stop()
         api.stop()
         worker.stop()
         server.cleanup()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from cli.supervise import Api, RedisServer, Worker
+from cli.supervise import Api, BatchDriver, RedisServer, Worker
 from config.settings import REPO_ROOT
 
-__all__ = ["AUTH", "BENCH_KEY", "RedisServer", "api", "bench_env", "worker"]
+__all__ = ["AUTH", "BENCH_KEY", "RedisServer", "api", "batch_driver", "bench_env", "worker"]
 
 BENCH_KEY = "bench-admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
@@ -43,3 +43,8 @@ def worker(redis_url: str, name: str, device: str = "cpu", **env: str) -> Worker
 
 def api(redis_url: str, name: str, **env: str) -> Api:
     return Api(bench_env(redis_url, **env), name, log_dir=LOGS)
+
+
+def batch_driver(api: Api, name: str) -> BatchDriver:
+    """`manage.py batches` beside `api`, with its environment (as `manage.py up` runs it)."""
+    return BatchDriver(api.env, name, LOGS)

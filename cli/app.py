@@ -12,7 +12,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for command in (processes.api, processes.worker, processes.flower, processes.dispatcher, processes.up, serving.serve):
+for command in (
+    processes.api,
+    processes.worker,
+    processes.flower,
+    processes.dispatcher,
+    processes.batches,
+    processes.up,
+    serving.serve,
+):
     app.command()(command)
 app.command("config")(configuration.config_show)
 app.add_typer(auth.group, name="auth")

@@ -1,5 +1,5 @@
-"""Process verbs: `api`, `worker`, `flower`, `dispatcher`, and `up` (Redis if none answers, the demo models, a
-worker, the API, the webhook dispatcher and Flower; Ctrl-C stops all of it)."""
+"""Process verbs: `api`, `worker`, `flower`, `dispatcher`, `batches`, and `up` (Redis if none answers, the demo
+models, a worker, the API, the webhook dispatcher, the batch driver and Flower; Ctrl-C stops all of it)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,16 @@ def dispatcher() -> None:
     run_dispatcher(settings())
 
 
+def batches() -> None:
+    """Run the batch driver: it moves every unfinished OpenAI batch forward, at a lowered CPU priority
+    (AETHERCORE_BATCH_DRIVER_NICE); any number may run."""
+    from api.batch_driver import run_batch_driver
+
+    cfg = settings()
+    checked_models(cfg)
+    run_batch_driver(cfg)
+
+
 def flower(port: int | None = typer.Option(None, help="Port (default AETHERCORE_FLOWER_PORT)")) -> None:
     """Run the Flower dashboard against the same broker as the workers."""
     from config.logging import setup_logging
@@ -84,7 +94,8 @@ def up(
     device: str = typer.Option("cpu", help="Device of the worker to start"),
     no_flower: bool = typer.Option(False, "--no-flower", help="Do not start Flower"),
 ) -> None:
-    """Bring up everything locally: Redis (if none answers), the demo models, a worker, the API and Flower.
+    """Bring up everything locally: Redis (if none answers), the demo models, a worker, the API, the webhook
+    dispatcher, the batch driver and Flower.
 
     Ctrl-C stops all of it.
     """
@@ -139,6 +150,7 @@ def up(
         spawn("worker", "worker", "--device", device)
         spawn("api", "api")
         spawn("dispatcher", "dispatcher")  # completion webhooks (api/webhook_dispatcher.py)
+        spawn("batches", "batches")  # the OpenAI batches, beside the API, never in it (api/batch_driver.py)
         base = f"{'https' if cfg.tls else 'http'}://127.0.0.1:{api_port}"
         with console.status("waiting for the API and a worker to report healthy..."):
             healthy = wait_healthy(base, children, timeout_s=180)

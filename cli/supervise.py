@@ -1,5 +1,5 @@
-"""Process supervision, written once: a throw-away redis-server, and `manage.py` children (API, worker, Flower)
-in their own sessions, with their output in a log file or on the terminal, stopped as a group.
+"""Process supervision, written once: a throw-away redis-server, and `manage.py` children (API, worker, batch driver,
+Flower) in their own sessions, with their output in a log file or on the terminal, stopped as a group.
 
 Used by `manage.py up` (cli/processes.py), the tests (tests/support.py adds their credentials) and the
 benchmarks (bench/), which therefore never import from tests/.
@@ -275,6 +275,34 @@ class Worker(Child):
         client = make_redis(self.redis_url, self.env.get("AETHERCORE_REDIS_SENTINEL_MASTER", "mymaster"), **ssl)
         raw = client.get(worker_key(self.name))
         return json.loads(raw) if raw else None
+
+
+class BatchDriver(Child):
+    """`manage.py batches` (api/batch_driver.py) with `env`'s settings; `start()` waits for its first heartbeat."""
+
+    def __init__(self, env: dict[str, str], name: str = "batches", log_dir: Path | None = None) -> None:
+        super().__init__(name, env, log_dir)
+
+    def start(self, timeout_s: float = 60) -> BatchDriver:
+        self.spawn("batches")
+        wait_until(lambda: self.alive() or self.died(), timeout_s, 0.1, "the batch driver's heartbeat")
+        if self.died():
+            raise RuntimeError(f"batch driver exited with {self.proc.returncode}:\n{self.log()}")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Its name in the drivers' heartbeats (api/batch_driver.py)."""
+        return f"batches.{self.proc.pid}@{socket.gethostname()}"
+
+    def alive(self) -> bool:
+        from config.settings import Settings
+        from tasks.names import BATCH_DRIVERS
+        from tasks.redis_client import make_redis
+
+        settings = Settings.from_env(self.env)
+        client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
+        return client.zscore(BATCH_DRIVERS, self.name) is not None
 
 
 class Api(Child):

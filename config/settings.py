@@ -672,6 +672,12 @@ class Settings:
     batch_max_active: int = setting(
         "16", _positive_int, "Batches one owner may have unfinished at once; `POST /v1/batches` gets 429 beyond."
     )
+    batch_driver_nice: int = setting(
+        "10",
+        _bounded_int(0, 19),
+        "How much the batch driver process (`manage.py batches`) lowers its own CPU priority at start (os.nice; 0: "
+        "unchanged), so that its bursts of work yield the CPU to the API and the workers on a shared host.",
+    )
 
     webhook_allow: tuple = setting(
         "",

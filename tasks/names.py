@@ -159,7 +159,7 @@ def batch_jobs_key(batch_id: str) -> str:
 
 
 def batch_lease_key(batch_id: str) -> str:
-    """The API process driving the batch now (SET NX with a short TTL, renewed while it drives)."""
+    """The batch driver driving the batch now (SET NX with a short TTL, renewed while it drives)."""
     return f"{PREFIX}:batch:{batch_id}:lease"
 
 
@@ -169,9 +169,14 @@ def batches_index_key(owner: str) -> str:
 
 
 BATCHES_ALL = f"{PREFIX}:batches:all"  # sorted set: every batch (what admins and operators list)
-# Set: the batches that have not ended, which every API process's driver advances. No TTL: a batch leaves it when
-# it ends, and each ends within its completion window (bounded by construction).
+# Set: the batches that have not ended, which the batch drivers advance. No TTL: a batch leaves it when it ends, and
+# each ends within its completion window (bounded by construction).
 BATCHES_ACTIVE = f"{PREFIX}:batches:active"
+# List: wake notes for the batch drivers (`manage.py batches`), pushed by the API when a batch is created or cancelled
+# and popped by an idle driver's BLPOP; trimmed to BATCHES_WAKE_MAX on each push (a note says only "look now").
+BATCHES_WAKE = f"{PREFIX}:batches:wake"
+BATCHES_WAKE_MAX = 16
+BATCH_DRIVERS = f"{PREFIX}:batches:drivers"  # sorted set: batch driver name -> last heartbeat
 
 
 def batches_active_key(owner: str) -> str:

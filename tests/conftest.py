@@ -105,10 +105,11 @@ def api_server(main_redis_url: str, main_worker):
 
 @pytest.fixture(scope="session")
 def auth_api_server(main_redis_url: str, main_worker):
-    """An API process with authentication on (as deployed): for the stock protocol clients (OIP, OpenAI)."""
+    """An API process with authentication on (as deployed), and a batch driver beside it (as `manage.py up` runs
+    them): for the stock protocol clients (OIP, OpenAI)."""
     from tests.support import ApiProcess
 
-    server = ApiProcess(main_redis_url, name="api-auth-protocols", AETHERCORE_AUTH="true").start()
+    server = ApiProcess(main_redis_url, name="api-auth-protocols", batches=True, AETHERCORE_AUTH="true").start()
     yield server
     server.stop()
 

@@ -1,5 +1,6 @@
 """What the tests share: their credentials and environment, and the real processes they start (a redis-server on a
-spare port, `manage.py` workers and APIs, from cli/supervise.py), with each child's log in test-artifacts/."""
+spare port, `manage.py` workers, APIs and batch drivers, from cli/supervise.py), with each child's log in
+test-artifacts/."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import simple_websocket
 import yaml
 
-from cli.supervise import Api, Child, RedisServer, Worker, free_port, wait_until
+from cli.supervise import Api, BatchDriver, Child, RedisServer, Worker, free_port, wait_until
 from config.settings import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -33,6 +35,7 @@ __all__ = [
     "ManagedProcess",
     "WorkerProcess",
     "ApiProcess",
+    "BatchDriverProcess",
 ]
 
 
@@ -164,11 +167,80 @@ class WorkerProcess(Worker):
         super().__init__(redis_url, base_env(redis_url, **env), name, device, ARTIFACTS)
 
 
-class ApiProcess(Api):
-    """`python manage.py api` (gunicorn, gthread) on a spare port: for WebSocket, SSE and multi-process tests."""
+class BatchDriverProcess(BatchDriver):
+    """`python manage.py batches` with an API's environment, its log kept for assertions."""
 
-    def __init__(self, redis_url: str, name: str = "api", ca: str | None = None, **env: str) -> None:
+    def __init__(self, env: dict[str, str], name: str = "batches") -> None:
+        super().__init__(env, name, ARTIFACTS)
+
+
+# Per Redis database, the APIs whose batch driver was asked for; the last one's driver is the one running. A driver
+# drives every batch of its database by its own settings (a batch's limits, the keys its owner is checked against),
+# so two APIs with different settings on one database must not both have one: the test talking to one API would
+# see its batches driven by the other's rules.
+_DRIVING: dict[str, list[ApiProcess]] = {}
+
+
+class ApiProcess(Api):
+    """`python manage.py api` (gunicorn, gthread) on a spare port: for WebSocket, SSE and multi-process tests.
+
+    `batches=True`: a batch driver (`manage.py batches`, `driver`) with the API's environment runs while the API does;
+    `driving()` for a part of a test. Either way it is then the only driver on the API's database (`_DRIVING`)."""
+
+    def __init__(
+        self, redis_url: str, name: str = "api", ca: str | None = None, batches: bool = False, **env: str
+    ) -> None:
         # Feature tests speak plain HTTP/WebSocket without credentials; tests/integration/test_security.py
         # starts one with auth on to check the same endpoints refuse anonymous callers.
         env.setdefault("AETHERCORE_AUTH", "false")
         super().__init__(base_env(redis_url, **env), name, ca, ARTIFACTS)
+        self.redis_url = redis_url
+        self.batches = batches
+        self.driver: BatchDriverProcess | None = None
+
+    def start(self, timeout_s: float = 60) -> ApiProcess:
+        super().start(timeout_s)
+        if self.batches:
+            self.drive()
+        return self
+
+    def stop(self, timeout_s: float = 20) -> None:
+        self.undrive()
+        super().stop(timeout_s)
+
+    def drive(self) -> None:
+        """This API's batch driver runs; the driver of another API on the same database stops until it stops."""
+        apis = _DRIVING.setdefault(self.redis_url, [])
+        if apis:
+            apis[-1].stop_driver()
+        apis.append(self)
+        self.start_driver()
+
+    def undrive(self) -> None:
+        """This API's batch driver stops; the one it stood in for starts again."""
+        apis = _DRIVING.get(self.redis_url, [])
+        if self not in apis:
+            return
+        running = apis[-1] is self
+        apis.remove(self)
+        self.stop_driver()
+        if running and apis:
+            apis[-1].start_driver()
+
+    @contextmanager
+    def driving(self) -> Iterator[ApiProcess]:
+        self.drive()
+        try:
+            yield self
+        finally:
+            self.undrive()
+
+    def start_driver(self) -> BatchDriverProcess:
+        """A new batch driver with this API's environment (a killed one's successor, too)."""
+        self.driver = BatchDriverProcess(self.env, f"{self.label}-batches").start()
+        return self.driver
+
+    def stop_driver(self) -> None:
+        if self.driver is not None:
+            self.driver.stop()
+            self.driver = None

@@ -18,7 +18,6 @@ from marshmallow import validate
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import JOBS, SERVE, principal, requires
-from api.batch_driver import BatchDriver
 from api.batches import (
     CANCELLED,
     CANCELLING,
@@ -65,17 +64,15 @@ UPLOAD_PATH = "/v1/files"
 MAX_FILENAME = 256
 
 
-def stores() -> tuple[FileStore, BatchStore, BatchDriver]:
+def stores() -> tuple[FileStore, BatchStore]:
     ext = current_app.extensions["aethercore_batches"]
-    return ext["files"], ext["batches"], ext["driver"]
+    return ext["files"], ext["batches"]
 
 
 @blp.before_request
-def _start_driver_and_size_uploads() -> None:
-    """This process's batch driver runs (api/batch_driver.py); an upload may be as large as
-    AETHERCORE_FILES_MAX_BYTES plus its multipart framing (set on the request by api/security.py), and one that
-    says it is larger is refused before it is read."""
-    stores()[2].ensure()
+def _size_uploads() -> None:
+    """An upload may be as large as AETHERCORE_FILES_MAX_BYTES plus its multipart framing (set on the request by
+    api/security.py), and one that says it is larger is refused before it is read."""
     if request.method == "POST" and request.path == UPLOAD_PATH:
         limit = services().settings.files_max_bytes
         if request.content_length is not None and request.content_length > upload_limit(limit):
@@ -407,7 +404,7 @@ class Batches(MethodView):
     )
     @requires(*SERVE)
     def post(self, body: dict[str, Any]):
-        files, batches, driver = stores()
+        files, batches = stores()
         svc = services()
         settings = svc.settings
         svc._check_redis_memory()  # 503 redis_full before Redis refuses writes, as for new jobs
@@ -457,7 +454,7 @@ class Batches(MethodView):
             )
         # the input is kept through the window (its keys extended by the step above), and so is its owner's charge
         files.keep_until(source["id"], source["owner"], int(fields["expires_at"]) + 3600)
-        driver.wake()
+        batches.wake()  # an idle batch driver starts it now (api/batch_driver.py)
         return batch_object(batches.get(fields["id"]) or {k: str(v) for k, v in fields.items()})
 
     @blp.arguments(BatchListQuery, location="query")
@@ -485,7 +482,7 @@ class BatchCancel(MethodView):
     @blp.alt_response(409, description="The batch is finalizing or has ended")
     @requires(*SERVE)
     def post(self, batch_id: str):
-        _files, batches, driver = stores()
+        _files, batches = stores()
         fields = _batch(batch_id)
         outcome = batches.transition(fields["id"], (VALIDATING, IN_PROGRESS), CANCELLING, stopping=STOP_CANCEL)
         if outcome not in ("", CANCELLING, CANCELLED):
@@ -495,5 +492,6 @@ class BatchCancel(MethodView):
                 f"batch {fields['id']} is {outcome}; only a validating or in-progress batch can be cancelled",
                 {"status": outcome},
             )
-        driver.wake()
+        if outcome == "":
+            batches.wake()  # an idle batch driver stops it now (api/batch_driver.py)
         return batch_object(batches.get(fields["id"]) or fields)

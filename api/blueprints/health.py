@@ -83,6 +83,13 @@ def computed_checks(readiness: bool) -> tuple[bool, dict]:
             checks["webhooks"]["error"] = (
                 "webhook deliveries wait and no dispatcher is alive; start one with `python manage.py dispatcher`"
             )
+        # The batches are driven by `manage.py batches` processes, not by the API: say so when none is alive.
+        batches = current_app.extensions["aethercore_batches"]["batches"].depth()
+        checks["batches"] = {"status": "ok", **batches}
+        if batches["active"] and not batches["drivers"]:
+            checks["batches"]["error"] = (
+                "batches are unfinished and no batch driver is alive; start one with `python manage.py batches`"
+            )
         if readiness:
             desired = svc.cluster.all_desired()
             missing = sorted(
@@ -127,7 +134,8 @@ class Health(MethodView):
     @blp.alt_response(503, schema=HealthSchema, description="Degraded: the failing check is named")
     def get(self):
         """Each check's status; with admin, operator or viewer credentials also what it found (Redis's latency,
-        workers per device, queue depths per lane, dead letters, webhook deliveries)."""
+        workers per device, queue depths per lane, dead letters, webhook deliveries, unfinished batches and their
+        drivers)."""
         return _reply(*health_checks())
 
 

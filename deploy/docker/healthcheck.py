@@ -1,6 +1,6 @@
 """The containers' health checks (the images' HEALTHCHECK, compose's healthchecks, Kubernetes' probes), one per role:
 
-    python -m deploy.docker.healthcheck api|worker|dispatcher [--redis-down-ok]
+    python -m deploy.docker.healthcheck api|worker|dispatcher|batches [--redis-down-ok]
                                                            exit 0 healthy, 1 not (the reason on stdout)
 
 * api: this container's API answers /health/live, over the scheme its own settings serve (https when
@@ -13,14 +13,16 @@
   back once it is stale): its process is alive and reaches Redis, and the cluster counts it as live.
 * dispatcher: a webhook dispatcher of this container has a fresh heartbeat in Redis (api/webhook_dispatcher.py
   beats every 2 s).
+* batches: a batch driver of this container has a fresh heartbeat in Redis (api/batch_driver.py beats every 2 s,
+  from a thread of its own, so a long validation pass does not look like a hang).
 
-Workers and dispatchers are named `<...>@<hostname>`: the container's (Kubernetes: the pod's) host name says which
-are its own.
+Workers, dispatchers and batch drivers are named `<...>@<hostname>`: the container's (Kubernetes: the pod's) host
+name says which are its own.
 
 `--redis-down-ok` (Kubernetes' liveness probes): Redis not answering counts as healthy. A liveness probe restarts a
-process that is stuck; a worker or dispatcher whose Redis is away reconnects by itself when it is back, and
-restarting every one of them (a GPU worker reloads its models for minutes) would only slow the recovery. A Redis
-that answers and holds no fresh heartbeat of this container is what fails it.
+process that is stuck; a worker, dispatcher or batch driver whose Redis is away reconnects by itself when it is
+back, and restarting every one of them (a GPU worker reloads its models for minutes) would only slow the recovery. A
+Redis that answers and holds no fresh heartbeat of this container is what fails it.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ import redis
 
 from config.settings import Settings
 from tasks.cluster import ClusterState
-from tasks.names import WEBHOOK_DISPATCHERS
+from tasks.names import BATCH_DRIVERS, WEBHOOK_DISPATCHERS
 from tasks.redis_client import make_redis
 
-# A dispatcher counts as alive this long after its last heartbeat (as the API's /health counts them).
-DISPATCHER_FRESH_S = 10
+# A dispatcher or a batch driver counts as alive this long after its last heartbeat (as the API's /health counts
+# them).
+HEARTBEAT_FRESH_S = 10
 PROBE_TIMEOUT_S = 3
 
 
@@ -65,11 +68,21 @@ def worker(settings: Settings) -> str | None:
 
 
 def dispatcher(settings: Settings) -> str | None:
-    alive = _redis(settings).zrangebyscore(WEBHOOK_DISPATCHERS, time.time() - DISPATCHER_FRESH_S, "+inf")
+    alive = _redis(settings).zrangebyscore(WEBHOOK_DISPATCHERS, time.time() - HEARTBEAT_FRESH_S, "+inf")
     return _none_mine("webhook dispatcher", [_text(name) for name in alive])
 
 
-CHECKS: dict[str, Callable[[Settings], str | None]] = {"api": api, "worker": worker, "dispatcher": dispatcher}
+def batches(settings: Settings) -> str | None:
+    alive = _redis(settings).zrangebyscore(BATCH_DRIVERS, time.time() - HEARTBEAT_FRESH_S, "+inf")
+    return _none_mine("batch driver", [_text(name) for name in alive])
+
+
+CHECKS: dict[str, Callable[[Settings], str | None]] = {
+    "api": api,
+    "worker": worker,
+    "dispatcher": dispatcher,
+    "batches": batches,
+}
 
 
 def _redis(settings: Settings):

@@ -1,5 +1,5 @@
-"""The hostile-traffic suite's own cluster: a worker and an API process (auth on, ONE gunicorn process, so the
-process a test attacks is the process it then checks) on a Redis database of their own.
+"""The hostile-traffic suite's own cluster: a worker, an API process (auth on, ONE gunicorn process, so the process a
+test attacks is the process it then checks) and a batch driver on a Redis database of their own.
 
 Every test attacks as an ordinary `user` and then calls `assert_still_serving`: another caller's generation
 stream completes, `/health/live` answers within a second, and no job of the suite's database is left unended.
@@ -47,10 +47,11 @@ def hostile_worker(hostile_redis_url: str) -> Iterator[WorkerProcess]:
 
 @pytest.fixture(scope="session")
 def hostile_api(hostile_redis_url: str, hostile_worker: WorkerProcess) -> Iterator[ApiProcess]:
-    # As deployed: auth on, the default limit on failed authentications (the fuzzer stays under it).
+    # As deployed: auth on, the default limit on failed authentications (the fuzzer stays under it), a batch driver.
     server = ApiProcess(
         hostile_redis_url,
         name="hostile-api",
+        batches=True,
         AETHERCORE_AUTH="true",
         AETHERCORE_WORKERS="1",
         AETHERCORE_AUTH_FAILURE_LIMIT="100",

@@ -100,12 +100,14 @@ def test_error_lists_are_capped_in_count_and_size(hostile_api, hostile_redis):
     assert_still_serving(hostile_api, hostile_redis)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def quota_api(hostile_redis_url: str, hostile_worker) -> Iterator[ApiProcess]:
-    """A second API process on the suite's database whose owners may keep few batches."""
+    """A second API process on the suite's database whose owners may keep few batches, and its batch driver (the
+    suite's stands aside meanwhile: tests.support `_DRIVING`)."""
     server = ApiProcess(
         hostile_redis_url,
         name="hostile-api-batch-quota",
+        batches=True,
         AETHERCORE_AUTH="true",
         AETHERCORE_WORKERS="1",
         AETHERCORE_BATCHES_MAX_KEPT=str(MAX_KEPT),

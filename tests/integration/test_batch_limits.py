@@ -1,6 +1,6 @@
-"""What a batch may hold, and for how long, against real Redis, worker and API processes: output and error files
-charged to their owner as lines are answered, within a cap per batch and a quota per owner (the rest answered
-`output_limit_reached`); `POST /v1/batches` refused when Redis or the held objects' share of it is full; a
+"""What a batch may hold, and for how long, against real Redis, worker, API and batch driver processes: output and
+error files charged to their owner as lines are answered, within a cap per batch and a quota per owner (the rest
+answered `output_limit_reached`); `POST /v1/batches` refused when Redis or the held objects' share of it is full; a
 validation that cannot finish in its window ends `expired`; a line whose preparation keeps raising is answered
 `internal_error` and a step that keeps raising ends its batch `failed`, never retried for ever; lines that never
 end (their worker SIGKILLed) do not hold the owner's slot past the deadline."""
@@ -90,6 +90,7 @@ def test_output_files_are_charged_capped_per_batch_and_within_the_owner_quota(ma
     api = ApiProcess(
         main_redis_url,
         name="api-batch-outputs",
+        batches=True,
         AETHERCORE_AUTH="true",
         AETHERCORE_BATCH_OUTPUT_MAX_BYTES="6KB",
         AETHERCORE_OUTPUTS_QUOTA="14KB",
@@ -153,7 +154,7 @@ def test_creating_a_batch_is_refused_while_redis_or_the_holdings_share_is_full()
 
 # -- deadlines and failures ----------------------------------------------------------------------------------------
 def test_a_validation_that_outlives_the_window_ends_expired(main_redis_url, main_worker):
-    api = ApiProcess(main_redis_url, name="api-batch-validate-window", AETHERCORE_AUTH="true").start()
+    api = ApiProcess(main_redis_url, name="api-batch-validate-window", batches=True, AETHERCORE_AUTH="true").start()
     r = redis.Redis.from_url(main_redis_url, decode_responses=True)
     _owner, key = fresh_owner()
     try:
@@ -169,7 +170,11 @@ def test_a_validation_that_outlives_the_window_ends_expired(main_redis_url, main
 
 def test_a_line_whose_preparation_keeps_failing_is_answered_and_the_batch_goes_on(main_redis_url, main_worker):
     api = ApiProcess(
-        main_redis_url, name="api-batch-broken-line", AETHERCORE_AUTH="true", AETHERCORE_BATCH_MAX_IN_FLIGHT="2"
+        main_redis_url,
+        name="api-batch-broken-line",
+        batches=True,
+        AETHERCORE_AUTH="true",
+        AETHERCORE_BATCH_MAX_IN_FLIGHT="2",
     ).start()
     r = redis.Redis.from_url(main_redis_url, decode_responses=True)
     _owner, key = fresh_owner()
@@ -188,7 +193,7 @@ def test_a_line_whose_preparation_keeps_failing_is_answered_and_the_batch_goes_o
 
 
 def test_a_validation_that_keeps_failing_fails_the_batch(main_redis_url, main_worker):
-    api = ApiProcess(main_redis_url, name="api-batch-broken-step", AETHERCORE_AUTH="true").start()
+    api = ApiProcess(main_redis_url, name="api-batch-broken-step", batches=True, AETHERCORE_AUTH="true").start()
     r = redis.Redis.from_url(main_redis_url, decode_responses=True)
     owner, key = fresh_owner()
     try:
@@ -210,7 +215,9 @@ def test_lines_that_never_end_do_not_hold_the_slot_past_the_deadline():
     server = RedisServer().start()
     url = server.url(0)
     worker = WorkerProcess(url, name="batch-deadline-worker").start()
-    api = ApiProcess(url, name="api-batch-deadline", AETHERCORE_AUTH="true", AETHERCORE_BATCH_MAX_IN_FLIGHT="4").start()
+    api = ApiProcess(
+        url, name="api-batch-deadline", batches=True, AETHERCORE_AUTH="true", AETHERCORE_BATCH_MAX_IN_FLIGHT="4"
+    ).start()
     try:
         r = redis.Redis.from_url(url, decode_responses=True)
         _owner, key = fresh_owner()

@@ -199,6 +199,7 @@ def test_three_owners_batches_keep_to_the_devices_watermark_and_never_refuse_int
     api = ApiProcess(
         lanes_redis,
         name="lanes-batches",
+        batches=True,
         AETHERCORE_AUTH="true",
         AETHERCORE_WORKERS="1",
         AETHERCORE_BATCH_QUEUE_WATERMARK=str(mark),

@@ -1,8 +1,8 @@
-"""The OpenAI Files and Batch APIs with the stock `openai` client against real API processes (auth on), real
-workers and real models: files create/list/retrieve/content/delete; batches create/retrieve/list/cancel for each
-endpoint, their output and error files equal to what the same /v1 requests answer; validation errors with line
+"""The OpenAI Files and Batch APIs with the stock `openai` client against real API processes (auth on), batch
+drivers, workers and models: files create/list/retrieve/content/delete; batches create/retrieve/list/cancel for
+each endpoint, their output and error files equal to what the same /v1 requests answer; validation errors with line
 numbers; owners isolated; the window's end; backpressure that delays lines and fails none; a worker SIGKILLed and
-an API process SIGKILLed mid-batch, every line still answered exactly once."""
+a batch driver SIGKILLed mid-batch, every line still answered exactly once."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def oai(auth_api_server):
 
 
 @pytest.fixture(scope="module")
-def slow_api(main_redis_url, main_worker):
+def slow_api_server(main_redis_url, main_worker):
     """An API whose batches run two lines at a time, whose callers may submit 10 jobs a second, and whose files and
     requests are small: cancel, the window's end, backpressure and the limits, against the session's worker."""
     server = ApiProcess(
@@ -92,6 +92,14 @@ def slow_api(main_redis_url, main_worker):
     ).start()
     yield server
     server.stop()
+
+
+@pytest.fixture()
+def slow_api(slow_api_server):
+    """The slow API, with its batch driver for the test (the driver reads those settings; the session API's driver
+    stands aside meanwhile, tests.support `_DRIVING`)."""
+    with slow_api_server.driving():
+        yield slow_api_server
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
@@ -151,8 +159,8 @@ def test_bad_uploads_are_refused_in_openai_shape(oai, auth_api_server):
 EIGHTEEN_KB = (b"x" * 999 + b"\n") * 18  # 18 lines, each shorter than slow_api's largest request
 
 
-def test_file_and_line_limits(slow_api):
-    oai = client(slow_api, OTHER_USER_KEY)  # a quota of its own, left as it found it
+def test_file_and_line_limits(slow_api_server):  # uploads only: no batch runs
+    oai = client(slow_api_server, OTHER_USER_KEY)  # a quota of its own, left as it found it
     with pytest.raises(openai.APIStatusError) as too_large:
         oai.files.create(file=("big.jsonl", b"x" * 21_000), purpose="batch")
     assert too_large.value.status_code == 413 and too_large.value.code == "file_too_large"
@@ -310,8 +318,8 @@ def test_an_invalid_input_file_fails_the_batch_with_line_numbers(oai):
     assert empty.status == "failed" and [e.code for e in empty.errors.data] == ["empty_file"]
 
 
-def test_a_line_larger_than_any_request_is_refused_at_upload(slow_api):
-    oai = client(slow_api)
+def test_a_line_larger_than_any_request_is_refused_at_upload(slow_api_server):  # an upload refused
+    oai = client(slow_api_server)
     big = request_line("big", "/v1/embeddings", {"model": "sim-h100", "input": "word " * 1000})
     small = request_line("a", "/v1/embeddings", {"model": "sim-h100", "input": "x"})
     with pytest.raises(openai.BadRequestError) as refused:
@@ -427,7 +435,9 @@ def test_a_worker_sigkilled_mid_batch_leaves_every_line_answered_once():
     server = RedisServer().start()
     url = server.url(0)
     workers = [WorkerProcess(url, name="batch-worker-a").start()]
-    api = ApiProcess(url, name="api-batches-kill", AETHERCORE_AUTH="true", AETHERCORE_BATCH_MAX_IN_FLIGHT="16").start()
+    api = ApiProcess(
+        url, name="api-batches-kill", batches=True, AETHERCORE_AUTH="true", AETHERCORE_BATCH_MAX_IN_FLIGHT="16"
+    ).start()
     try:
         oai = client(api)
         custom_ids = [f"r{i}" for i in range(120)]
@@ -450,26 +460,26 @@ def test_a_worker_sigkilled_mid_batch_leaves_every_line_answered_once():
         server.cleanup()
 
 
-def test_a_batch_survives_its_api_process_being_sigkilled(main_redis_url, main_worker):
-    first = ApiProcess(
-        main_redis_url, name="api-batches-restart-1", AETHERCORE_AUTH="true", AETHERCORE_BATCH_MAX_IN_FLIGHT="4"
+def test_a_batch_survives_its_driver_being_sigkilled(main_redis_url, main_worker):
+    api = ApiProcess(
+        main_redis_url,
+        name="api-batches-restart",
+        batches=True,
+        AETHERCORE_AUTH="true",
+        AETHERCORE_BATCH_MAX_IN_FLIGHT="4",
     ).start()
-    second = None
     try:
         custom_ids = [f"r{i}" for i in range(150)]
         body = {"model": "sim-h100", "input": "some text"}
-        oai = client(first)
+        oai = client(api)
         created = start_batch(oai, "/v1/embeddings", [request_line(c, "/v1/embeddings", body) for c in custom_ids])
         wait_for(oai, created.id, lambda b: b.request_counts.completed >= 20)
-        first.kill()  # SIGKILL: no API process is left driving it
-        second = ApiProcess(main_redis_url, name="api-batches-restart-2", AETHERCORE_AUTH="true").start()
-        oai = client(second)
+        api.driver.kill()  # SIGKILL: no driver is left driving it, and its lease stays until it lapses
+        api.start_driver()
         batch = wait_for(oai, created.id)
         assert batch.status == "completed", batch
         output, errors = entries(oai, batch.output_file_id), entries(oai, batch.error_file_id)
         assert errors == []
         answered_once(batch, output, errors, custom_ids)
     finally:
-        first.stop()
-        if second is not None:
-            second.stop()
+        api.stop()

@@ -1,7 +1,7 @@
 """The deployments' health checks against real processes (issue 34, case 16): the API image's HEALTHCHECK speaks
 https to an API that serves only TLS (docker-compose.tls.yml) and http to one that does not; the probes of
-Kubernetes' workers and webhook dispatchers (`python -m deploy.docker.healthcheck worker|dispatcher`) pass while
-the process heartbeats into Redis and fail once it stopped."""
+Kubernetes' workers, webhook dispatchers and batch drivers (`python -m deploy.docker.healthcheck
+worker|dispatcher|batches`) pass while the process heartbeats into Redis and fail once it stopped."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ import sys
 import pytest
 import redis
 
-from tests.support import REPO_ROOT, ApiProcess, ManagedProcess, WorkerProcess, base_env, wait_until
+from tests.support import (
+    REPO_ROOT,
+    ApiProcess,
+    BatchDriverProcess,
+    ManagedProcess,
+    WorkerProcess,
+    base_env,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -92,14 +100,16 @@ def test_the_api_images_healthcheck_speaks_http_to_a_plain_api(probes_redis):
         api.stop()
 
 
-def test_the_dispatcher_and_worker_probes_follow_their_heartbeats(probes_redis):
+def test_the_dispatcher_batch_driver_and_worker_probes_follow_their_heartbeats(probes_redis):
     url, client = probes_redis
     env = base_env(url)
     dispatcher = ManagedProcess("probe-dispatcher", env).spawn("dispatcher")
+    assert run([*HEALTHCHECK, "batches"], env).returncode == 1  # no batch driver yet
+    driver = BatchDriverProcess(env, "probe-batches").start()
     worker = WorkerProcess(url, name="probe-worker")
     try:
         wait_until(lambda: client.zcard("aethercore:webhook:dispatchers") > 0, 30, 0.1, "the dispatcher's heartbeat")
-        for args in (["dispatcher"], ["dispatcher", "--redis-down-ok"]):
+        for args in (["dispatcher"], ["dispatcher", "--redis-down-ok"], ["batches"], ["batches", "--redis-down-ok"]):
             out = run([*HEALTHCHECK, *args], env)
             assert out.returncode == 0, out.stdout + out.stderr
         assert run([*HEALTHCHECK, "worker"], env).returncode == 1  # no worker yet
@@ -109,9 +119,11 @@ def test_the_dispatcher_and_worker_probes_follow_their_heartbeats(probes_redis):
             assert out.returncode == 0, out.stdout + out.stderr
     finally:
         dispatcher.stop()
+        driver.stop()
         worker.stop()
-    # Stopped (a worker's record leaves with it; a dispatcher's heartbeat with it): Redis answers, no heartbeat of
-    # this host, and that fails a liveness probe too.
-    for role in ("dispatcher", "worker"):
+    # Stopped (a worker's record leaves with it; a dispatcher's and a batch driver's heartbeat with it): Redis
+    # answers, no heartbeat of this host, and that fails a liveness probe too.
+    named = {"dispatcher": "webhook dispatcher", "batches": "batch driver", "worker": "worker"}
+    for role, what in named.items():
         out = run([*HEALTHCHECK, role, "--redis-down-ok"], env)
-        assert out.returncode == 1 and f"no live {'webhook dispatcher' if role == 'dispatcher' else role}" in out.stdout
+        assert out.returncode == 1 and f"no live {what}" in out.stdout, (role, out.stdout)

@@ -13,6 +13,7 @@ import yaml
 from config.settings import Settings
 from tasks.names import (
     AUTH_KEYS,
+    BATCH_DRIVERS,
     DEAD_LETTER_QUEUES,
     DESIRED_MODELS,
     GENERATION_COUNTER,
@@ -275,6 +276,7 @@ def test_every_redis_key_is_bounded(env):
         WEBHOOK_ENDPOINTS,
         WEBHOOK_DISABLED,
         WEBHOOK_DISPATCHERS,
+        BATCH_DRIVERS,  # the batch drivers' heartbeats, trimmed like the dispatchers'
         METRICS_WEBHOOKS,
         WEBHOOKS_DUE,
         WEBHOOKS_LEASED,

@@ -72,7 +72,11 @@ def env(tmp_path_factory):
     processes: dict[str, object] = {}
     workers = [WorkerProcess(url, name="hook-worker", **common).start()]
     api = ApiProcess(
-        url, name="hook-api", AETHERCORE_AUTH="true", **{**common, "AETHERCORE_WEBHOOK_ALLOW": "127.0.0.1,127.0.0.2"}
+        url,
+        name="hook-api",
+        batches=True,  # a batch's webhook (test_a_batch_has_its_webhook...)
+        AETHERCORE_AUTH="true",
+        **{**common, "AETHERCORE_WEBHOOK_ALLOW": "127.0.0.1,127.0.0.2"},
     ).start()
     r = redis.Redis.from_url(url, decode_responses=True)
     secret = WebhookOwners(r).secret(OWNER, create=True)["current"]

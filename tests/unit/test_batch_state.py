@@ -29,7 +29,16 @@ from api.batches import (
 )
 from api.files import FileStore, UploadLimits, new_file_id, rendered
 from tasks.holdings import BATCHES, DELIVERIES, FILES, OUTPUTS, Holdings, Quota
-from tasks.names import BATCHES_ACTIVE, WEBHOOKS_DUE, batch_key, file_key, file_lines_key, webhook_delivery_key
+from tasks.names import (
+    BATCHES_ACTIVE,
+    BATCHES_WAKE,
+    BATCHES_WAKE_MAX,
+    WEBHOOKS_DUE,
+    batch_key,
+    file_key,
+    file_lines_key,
+    webhook_delivery_key,
+)
 
 
 def _store(client, quotas: dict | None = None) -> BatchStore:
@@ -227,3 +236,25 @@ def test_a_forced_end_ends_a_batch_whose_lines_are_unanswered(scratch_redis):
     assert store.end(batch, (IN_PROGRESS,), "expired", final=True, force=True) == ""
     assert batch["id"] not in scratch_redis.smembers(BATCHES_ACTIVE) and not store.taken(batch["id"])
     assert scratch_redis.hget(file_key(batch["input_file_id"]), "in_use") == "0"
+
+
+def test_wake_notes_are_bounded_and_end_an_idle_drivers_wait(scratch_redis):
+    """The API's note (one round trip) ends a driver's BLPOP at once; however many batches are created while no
+    driver takes them, the list stays BATCHES_WAKE_MAX long and expires."""
+    store = _store(scratch_redis)
+    began = time.monotonic()
+    assert store.wait_for_work(0.3) is False and time.monotonic() - began >= 0.29
+    for _ in range(100):
+        store.wake()
+    assert scratch_redis.llen(BATCHES_WAKE) == BATCHES_WAKE_MAX and 0 < scratch_redis.ttl(BATCHES_WAKE) <= 60
+    began = time.monotonic()
+    assert store.wait_for_work(5) is True and time.monotonic() - began < 0.5
+
+
+def test_a_stopping_driver_gives_up_its_own_leases_only(scratch_redis):
+    store = _store(scratch_redis)
+    assert store.lease("batch_a", "mine", 10_000) and store.lease("batch_b", "theirs", 10_000)
+    assert store.release(["batch_a", "batch_b", "batch_c"], "mine") == 1
+    assert store.lease("batch_a", "another", 10_000)  # free at once, not when the TTL lapses
+    assert not store.lease("batch_b", "another", 10_000)
+    assert store.release([], "mine") == 0

@@ -75,7 +75,7 @@ def test_compose_file_is_valid(profile):
 
 def test_the_tls_override_encrypts_every_redis_client_and_the_api():
     tls = yaml.safe_load((REPO_ROOT / "docker-compose.tls.yml").read_text())["services"]
-    for name in ("api", "worker", "worker-cuda0", "worker-cuda1", "flower"):
+    for name in ("api", "worker", "worker-cuda0", "worker-cuda1", "flower", "webhooks", "batches"):
         env = tls[name]["environment"]
         assert env["AETHERCORE_REDIS_URL"].startswith("rediss://") and env["AETHERCORE_REDIS_CA"], name
         assert "./certs:/certs:ro" in tls[name]["volumes"], name
@@ -487,6 +487,8 @@ def test_with_tls_the_apis_healthcheck_speaks_the_scheme_its_settings_serve():
     assert image_healthchecks("Dockerfile.api") == [HEALTHCHECK_API]
     assert COMPOSE["services"]["webhooks"]["healthcheck"]["test"] == ["CMD", *HEALTHCHECK, "dispatcher"]
     assert "webhooks" not in TLS_COMPOSE["services"] or "healthcheck" not in TLS_COMPOSE["services"]["webhooks"]
+    assert COMPOSE["services"]["batches"]["healthcheck"]["test"] == ["CMD", *HEALTHCHECK, "batches"]
+    assert "healthcheck" not in TLS_COMPOSE["services"]["batches"]
 
 
 def redis_bytes(value: str) -> int:
@@ -602,6 +604,9 @@ def test_every_long_running_container_has_a_liveness_probe_that_means_something(
     assert api["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     dispatcher = containers(WORKLOADS["aethercore-webhooks"])[0]
     assert exec_probe(dispatcher, "livenessProbe") == [*HEALTHCHECK, "dispatcher", "--redis-down-ok"]
+    driver = containers(WORKLOADS["aethercore-batches"])[0]
+    assert exec_probe(driver, "startupProbe") == [*HEALTHCHECK, "batches"]
+    assert exec_probe(driver, "livenessProbe") == [*HEALTHCHECK, "batches", "--redis-down-ok"]
     workers = [d for n, d in WORKLOADS.items() if n.startswith("aethercore-worker")]
     assert len(workers) == 2
     for worker in workers:
@@ -614,6 +619,35 @@ def test_every_long_running_container_has_a_liveness_probe_that_means_something(
         worker_ttl = Settings.from_env({}).worker_ttl  # a heartbeat is stale after this
         assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 2 * worker_ttl
         assert liveness["timeoutSeconds"] >= 5  # a Python start, a Redis connect and one read
+
+
+def test_the_batch_driver_runs_beside_the_api_with_its_keys_and_limits():
+    """The API no longer drives batches: `manage.py up`, compose and Kubernetes each run `manage.py batches` beside
+    it, from the API's image, with what the driver must share with the API: the keys a batch's owner is checked
+    against (a key the driver does not know is a revoked owner's) and the batches' limits."""
+    services = COMPOSE["services"]
+    batches, api = services["batches"], services["api"]
+    assert batches["command"] == ["python", "manage.py", "batches"] and batches["image"] == api["image"]
+    assert batches["build"] == api["build"] and batches["depends_on"]["redis"]["condition"] == "service_healthy"
+    shared = {k: v for k, v in api["environment"].items() if k.startswith(("AETHERCORE_FILES_", "AETHERCORE_BATCH"))}
+    assert shared and all(batches["environment"][k] == v for k, v in shared.items())
+    for name in ("AETHERCORE_API_KEYS", "AETHERCORE_JWT_SECRET", "AETHERCORE_OUTPUTS_QUOTA", "AETHERCORE_AUTH"):
+        assert batches["environment"][name] == api["environment"][name], name
+    assert Settings.from_env({}).batch_driver_nice == 10
+    assert compose_default(batches["environment"]["AETHERCORE_BATCH_DRIVER_NICE"]) == "10"
+
+    driver, k8s_api = containers(WORKLOADS["aethercore-batches"])[0], containers(WORKLOADS["aethercore-api"])[0]
+    assert driver["command"] == ["python", "manage.py", "batches"] and driver["image"] == k8s_api["image"]
+    assert driver["envFrom"] == k8s_api["envFrom"]  # the ConfigMap's limits and the API's Secret (keys, JWT)
+    policies = {d["metadata"]["name"]: d for d in K8S if d["kind"] == "NetworkPolicy"}
+    assert policies["batches-no-ingress"]["spec"]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "aethercore-batches"
+    }
+    assert "ingress" not in policies["batches-no-ingress"]["spec"]
+
+    # `manage.py up` (its children are supervised: one that dies stops them all); that the API itself drives nothing
+    # is tests/integration/test_batch_driver.py's
+    assert 'spawn("batches", "batches")' in (REPO_ROOT / "cli" / "processes.py").read_text()
 
 
 def test_prometheus_scrapes_the_cluster_metrics_with_a_viewer_key():

@@ -263,7 +263,14 @@ def test_kubernetes_redis_wants_a_password_and_a_network_policy_fences_it():
     assert (
         {"aethercore-api", "aethercore-worker"}
         <= allowed
-        <= {"aethercore-api", "aethercore-worker", "aethercore-webhooks", "aethercore-flower", "keda-operator"}
+        <= {
+            "aethercore-api",
+            "aethercore-worker",
+            "aethercore-webhooks",
+            "aethercore-batches",
+            "aethercore-flower",
+            "keda-operator",
+        }
     )
     to_api = next(
         p
