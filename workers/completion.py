@@ -199,8 +199,8 @@ class Completion:
     def expired(self, ctx: JobContext, error: dict[str, str]) -> Ending:
         ending = self.failed(ctx, error, EXPIRED)
         # Past its deadline when this worker took it: it expired in the queue, never run (a dead letter).
-        deadline = ctx.job.get("deadline")
-        ending.expired_in_queue = bool(deadline) and ctx.started > deadline
+        deadline = ctx.job.get("deadline") or None
+        ending.expired_in_queue = deadline is not None and ctx.started > deadline
         return ending
 
     def cancelled(self, ctx: JobContext, error: dict[str, str]) -> Ending:

@@ -275,6 +275,8 @@ class WorkerService:
                 continue
             outcome = request.outcome
             try:  # one job's output that cannot be encoded fails that job only, not its whole batch
+                if outcome is None:  # never: the batcher gives each job its outcome or its error
+                    raise RuntimeError("the batch ended without the job's output")
                 endings.append(
                     self.completion.succeeded(
                         spec,
@@ -336,7 +338,7 @@ class WorkerService:
         while isinstance(runtime, RemoteRuntime) and runtime.in_flight() and time.monotonic() < deadline:
             time.sleep(DRAIN_POLL_S)
 
-    def model_died(self, model_id: str, runtime: Any, gone: ModelGone) -> None:
+    def model_died(self, model_id: str, runtime: RemoteRuntime, gone: ModelGone) -> None:
         """A model process died and could not be restarted: the model is unloaded and marked failed.
 
         Every request the dead `runtime` held reports it: it is acted on once, and only while that runtime is
