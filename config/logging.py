@@ -7,8 +7,12 @@ import json
 import logging
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Record  # declared in loguru's stubs only
 
 _TEXT_FORMAT = (
     "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
@@ -31,14 +35,14 @@ class InterceptHandler(logging.Handler):
         logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
 
 
-def _context_patcher(record: dict) -> None:
+def _context_patcher(record: Record) -> None:
     extra = record["extra"]
     extra.setdefault("component", "aethercore")
     context = {k: v for k, v in extra.items() if k not in {"component", "_context", "_json"} and v is not None}
     extra["_context"] = "".join(f" {k}={v}" for k, v in context.items())
 
 
-def _json_format(record: dict) -> str:
+def _json_format(record: Record) -> str:
     """One compact JSON object per line: time, level, component, message, then the bound context."""
     payload = {
         "time": record["time"].isoformat(timespec="milliseconds"),

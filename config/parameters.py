@@ -43,6 +43,8 @@ class Parameter:
             )
         low = self.low if self.low is not None else 0
         high = high if high is not None else self.high
+        if high is None:  # max_length: its bound is the model's max_length_limit, which the caller must pass
+            raise TypeError(f"parameter {self.name!r} is checked without its model's upper bound")
         whole = self.kind == "integer"
         if (
             isinstance(value, bool)

@@ -242,7 +242,7 @@ LOOPBACK_HOSTS = ("localhost", "::1")
 
 
 def _is_loopback(host: str | None) -> bool:
-    return bool(host) and (host in LOOPBACK_HOSTS or host.startswith("127."))
+    return host is not None and (host in LOOPBACK_HOSTS or host.startswith("127."))
 
 
 def _url_password(value: str) -> None:
@@ -810,14 +810,14 @@ class Settings:
         return options
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        source: Mapping[str, str] = os.environ if env is None else env
         values: dict[str, Any] = {}
         for spec in SETTINGS:
             if spec.name in overrides:
                 values[spec.name] = overrides.pop(spec.name)
                 continue
-            raw = env.get(spec.env, spec.default)
+            raw = source.get(spec.env, spec.default)
             if spec.name in {"broker_url", "flower_basic_auth", "jwt_secret", "rate_limit"} and raw == "":
                 values[spec.name] = ""
                 continue
@@ -899,9 +899,6 @@ def model_process_env(environ: Mapping[str, str]) -> dict[str, str]:
         if env.get(name):
             env[name] = without_password(env[name])
     return env
-
-
-Settings.model_process_env = staticmethod(model_process_env)  # type: ignore[attr-defined]
 
 
 SETTINGS: tuple[Setting, ...] = tuple(

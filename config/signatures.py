@@ -185,22 +185,22 @@ def _element_error(value: Any, datatype: str) -> bool:
     return not isinstance(value, (int, float))
 
 
-def array_shape(data: Any, datatype: str) -> tuple[list[int] | None, str | None]:
+def array_shape(data: Any, datatype: str) -> list[int] | str:
     """The shape of a nested list whose every element is of `datatype` (checked all through, so nothing the
-    worker would refuse is queued), or (None, why not)."""
+    worker would refuse is queued), or why it has none (a phrase)."""
     if not isinstance(data, list):
-        return None, "must be a (nested) list of numbers"
+        return "must be a (nested) list of numbers"
     shape: list[int] = []
     level = data
     while isinstance(level, list):
         if len(shape) == MAX_RANK:
-            return None, f"nests deeper than {MAX_RANK} levels (the most dimensions a tensor may have)"
+            return f"nests deeper than {MAX_RANK} levels (the most dimensions a tensor may have)"
         shape.append(len(level))
         if not level:
             break
         level = level[0]
     if math.prod(shape) > MAX_ELEMENTS:
-        return None, f"holds more than {MAX_ELEMENTS} elements"
+        return f"holds more than {MAX_ELEMENTS} elements"
     kind = (
         "true/false"
         if datatype == "BOOL"
@@ -220,8 +220,7 @@ def array_shape(data: Any, datatype: str) -> tuple[list[int] | None, str | None]
                 return problem
         return None
 
-    problem = check(data, 0)
-    return (None, problem) if problem else (shape, None)
+    return check(data, 0) or shape
 
 
 def tensor_input_errors(signature: Signature, inputs: Any, prefix: str = "inputs") -> dict[str, list[str]]:
@@ -237,7 +236,7 @@ def tensor_input_errors(signature: Signature, inputs: Any, prefix: str = "inputs
     errors: dict[str, list[str]] = {}
     for name, spec in expected.items():
         value, field = inputs[name], f"{prefix}.{name}"
-        given_shape = None
+        given_shape: list[int] | None = None
         if isinstance(value, dict):
             datatype = value.get("datatype", spec.datatype)
             if datatype != spec.datatype:
@@ -250,9 +249,9 @@ def tensor_input_errors(signature: Signature, inputs: Any, prefix: str = "inputs
                 except ShapeError as exc:
                     errors[f"{field}.shape"] = [str(exc)]
                     continue
-        shape, problem = array_shape(value, spec.datatype)
-        if problem:
-            errors[field] = [problem]
+        shape = array_shape(value, spec.datatype)
+        if isinstance(shape, str):
+            errors[field] = [shape]
             continue
         if given_shape is not None:
             count = math.prod(shape)

@@ -36,7 +36,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ from tasks.errors import POISON_JOB
 from tasks.names import DEFAULT_LANE
 from workers.lanes import HIGHER_LANE_MEMORY_S, PassCosts, effective_rank
 from workers.model_process import ModelGone, ModelProcessDied, ModelTimeout, unloaded
-from workers.retry import RetryPolicy
+from workers.retry import RetryPolicy, Revivable
 
 # The fixed cost of one forward pass, in characters of input (~80 tokens): measured on minilm (2 cores), a
 # batch-1 forward costs about as much as 60-80 more padded tokens in a larger batch (~8 ms).
@@ -80,14 +80,12 @@ def split_by_length(lengths: list[int], max_size: int, overhead: int = FORWARD_O
     return ends[::-1]
 
 
-class Executor(Protocol):
+class Executor(Revivable, Protocol):
     """Where batches run: RemoteRuntime (model processes), or a stand-in in unit tests."""
 
     instances: list[Any]
 
     def run_batch_on(self, index: int, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]: ...
-
-    def revive(self, index: int) -> bool: ...
 
 
 class PoisonInput(RuntimeError):
@@ -144,8 +142,7 @@ class ModelBatcher:
         on_complete: Callable[[list[Request]], None] | None = None,
         on_model_dead: Callable[[ModelGone], None] = lambda gone: None,
         on_forward: Callable[[list[Request]], AbstractContextManager[Any]] = lambda batch: nullcontext(),
-        max_crashes: int = 3,
-        policy: RetryPolicy | None = None,
+        policy: RetryPolicy,
         lane_aging_s: float = 0.0,
     ) -> None:
         self.executor = executor
@@ -154,7 +151,7 @@ class ModelBatcher:
         self.model_id = model_id
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_batch_delay_ms / 1000.0
-        self.policy = policy or RetryPolicy(max_crashes)
+        self.policy = policy  # the worker's one RetryPolicy (WorkerService.policy)
         self._on_batch = on_batch
         self._on_complete = on_complete
         self._on_model_dead = on_model_dead
@@ -368,36 +365,9 @@ class ModelBatcher:
         self._done.put(batch)
 
     def _crashed(self, index: int, batch: list[Request], exc: BaseException) -> None:
-        log = logger.bind(model_id=self.model_id)
-        gone = self.policy.restart(self.executor, self.model_id, exc, index)
-        if gone is not None:
-            log.error("model process {} is not running again ({}); ending {} job(s)", index, gone.code, len(batch))
-            self._settle(batch, error=gone)
-            if self.policy.cannot_restart(gone):
-                try:
-                    self._on_model_dead(gone)
-                except Exception as dead_exc:  # e.g. Redis unreachable: the batch is settled; keep serving
-                    log.opt(exception=dead_exc).error("reporting model process {} dead failed", index)
-            return
-        if len(batch) > 1:
-            # Only the job that kills the model when run alone is to blame; the others are innocent.
-            log.warning("batch of {} lost with its model process ({}); retrying each job alone", len(batch), exc)
-            for request in batch:
-                self._run(index, [request])
-            return
-        request = batch[0]
-        verdict = self.policy.charge(self.model_id, exc, request.crashes + 1)
-        request.crashes = verdict.crashes
-        if not verdict.retry:
-            self._settle(batch, error=PoisonInput(verdict.error["message"] if verdict.error else str(exc)))
-            return
-        log.warning(
-            "a job alone lost its model process ({}); retrying it ({} of {})",
-            exc,
-            request.crashes,
-            self.policy.max_attempts,
-        )
-        self._run(index, batch)
+        """Its model process died or hung: the policy restarts it and decides each job's fate (workers/retry.py)."""
+        lost = _LostPass(self, index, len(batch))
+        self.policy.crashed(self.executor, self.model_id, lost, batch, exc, alone=len(batch) == 1, index=index)
 
     def _settle(self, batch: list[Request], error: BaseException) -> None:
         for request in batch:
@@ -428,3 +398,41 @@ class ModelBatcher:
                 self._open -= len(batch)
                 if self._closed:  # only close() waits on `_open` (draining); no wake-up per batch otherwise
                     self._cond.notify_all()
+
+
+class _LostPass:
+    """The batcher's side of a crash (workers/retry.py CrashSite): the jobs of a forward pass on process `index`
+    end through the completion thread, or run again alone on the restarted process."""
+
+    def __init__(self, batcher: ModelBatcher, index: int, size: int) -> None:
+        self.batcher = batcher
+        self.index = index
+        self.size = size
+        self.log = logger.bind(model_id=batcher.model_id)
+        self._told = False  # the bystanders of a lost batch get one line, not one each
+
+    def model_gone(self, lost: Sequence[Request], gone: ModelGone, dead: bool) -> list[None]:
+        self.log.error("model process {} is not running again ({}); ending {} job(s)", self.index, gone.code, len(lost))
+        self.batcher._settle(list(lost), error=gone)
+        if dead:
+            try:
+                self.batcher._on_model_dead(gone)
+            except Exception as dead_exc:  # e.g. Redis unreachable: the batch is settled; keep serving
+                self.log.opt(exception=dead_exc).error("reporting model process {} dead failed", self.index)
+        return [None for _ in lost]
+
+    def poisoned(self, request: Request, error: dict[str, str]) -> None:
+        self.batcher._settle([request], error=PoisonInput(error["message"]))
+
+    def run_alone(self, request: Request, cause: BaseException, charged: bool) -> None:
+        if charged:
+            self.log.warning(
+                "a job alone lost its model process ({}); retrying it ({} of {})",
+                cause,
+                request.crashes,
+                self.batcher.policy.max_attempts,
+            )
+        elif not self._told:  # only the job that kills the model when run alone is to blame; the others are innocent
+            self._told = True
+            self.log.warning("batch of {} lost with its model process ({}); retrying each job alone", self.size, cause)
+        self.batcher._run(self.index, [request])

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from loguru import logger
 
@@ -31,7 +31,23 @@ from config.models import ModelSpec
 from config.units import format_size
 from tasks.errors import MODEL_EVICTED, MODEL_LOAD_FAILED, MODEL_TOO_LARGE, MODEL_UNAVAILABLE, MODEL_UNLOADED
 from tasks.states import LOADED, LOADING
-from workers.runtimes.base import Runtime
+
+
+class Resident(Protocol):
+    """What the cache holds a model as: RemoteRuntime in a worker (its processes), a Runtime in tests."""
+
+    dtype_name: str | None
+
+    def load(self) -> None: ...
+
+    def memory_bytes(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+ResidentT = TypeVar("ResidentT", bound=Resident)
 
 
 class ModelLoadError(RuntimeError):
@@ -43,8 +59,8 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass
-class Entry:
-    runtime: Runtime
+class Entry(Generic[ResidentT]):
+    runtime: ResidentT
     memory_bytes: int
     generation: int
     loaded_at: float = field(default_factory=time.time)
@@ -67,12 +83,12 @@ def release_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-class ModelCache:
+class ModelCache(Generic[ResidentT]):
     def __init__(
         self,
         budget_bytes: int,
         device: str,
-        factory: Callable[[ModelSpec], Runtime],
+        factory: Callable[[ModelSpec], ResidentT],
         estimate: Callable[[ModelSpec], int],
         on_change: Callable[[], None] = lambda: None,
         on_evict: Callable[[str], None] = lambda model_id: None,
@@ -87,7 +103,7 @@ class ModelCache:
         self._on_change = on_change
         self._on_evict = on_evict
         self._on_unload = on_unload
-        self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
+        self._entries: OrderedDict[str, Entry[ResidentT]] = OrderedDict()  # least recently used first
         self._loading: dict[str, float] = {}
         self._lock = threading.RLock()
         self._model_locks: dict[str, threading.Lock] = {}
@@ -95,7 +111,7 @@ class ModelCache:
         self._last_error: dict[str, ModelLoadError] = {}  # the last load's failure, per model (None: it loaded)
 
     # -- reads -------------------------------------------------------------------------------
-    def get(self, model_id: str) -> Runtime | None:
+    def get(self, model_id: str) -> ResidentT | None:
         with self._lock:
             entry = self._entries.get(model_id)
             if entry is None:
@@ -156,7 +172,7 @@ class ModelCache:
             return models
 
     # -- load / unload -----------------------------------------------------------------------
-    def load(self, spec: ModelSpec, generation: int = 0) -> Runtime:
+    def load(self, spec: ModelSpec, generation: int = 0) -> ResidentT:
         with self._lock:
             lock = self._model_locks.setdefault(spec.id, threading.Lock())
             seen = self._attempts.get(spec.id, 0)
@@ -180,7 +196,7 @@ class ModelCache:
             self._last_error.pop(spec.id, None)
             return runtime
 
-    def _load(self, spec: ModelSpec, generation: int) -> Runtime:
+    def _load(self, spec: ModelSpec, generation: int) -> ResidentT:
         """The body of load(), under the model's lock."""
         estimate = self._check_fits(spec)
         self._make_room(spec.id, estimate)
@@ -188,6 +204,7 @@ class ModelCache:
             self._loading[spec.id] = time.time()
         self._on_change()
         started = time.perf_counter()
+        runtime: ResidentT | None = None
         try:
             runtime = self._factory(spec)
             runtime.load()
@@ -196,7 +213,7 @@ class ModelCache:
         except Exception as exc:
             with self._lock:
                 self._loading.pop(spec.id, None)
-            runtime = None
+            runtime = None  # the failed model's memory goes before release_memory
             release_memory(self.device)
             self._on_change()
             logger.bind(model_id=spec.id).warning("loading failed: {}", exc)

@@ -4,7 +4,8 @@ A job's end is one Lua transition (tasks/jobs.py): `finish` writes the ends of s
 that also wakes the API processes waiting for them, retried while Redis cannot take it, and counts them in
 the worker's metrics. Each end is built here from the job's typed context (`JobContext`): `succeeded` (its
 result encoded once: arrays straight from numpy, or base64 if asked), `failed`, `expired`, `cancelled`.
-`classify` turns the exception a job failed with into its `error` (a code of tasks/errors.py).
+`classify` turns the exception a job failed with into its `error` (a code of tasks/errors.py). A batch job's
+items are gathered into its one result by `BatchItems`, whichever path ran them.
 """
 
 from __future__ import annotations
@@ -105,6 +106,32 @@ class Ending:
         return EXPIRED_IN_QUEUE if self.expired_in_queue else None
 
 
+class BatchItems:
+    """The items of one batch job (`batch: true`, /serve/batch): each item's output or its own error, in the
+    items' order, gathered as they end (through the batcher, workers/handlers.py, or the running generation
+    batch, workers/generation.py); the job succeeds with all of them once the last is in."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.inputs: list[Any] = ctx.job["inputs"]
+        self.outputs: list[dict[str, Any] | None] = [None] * len(self.inputs)
+        self.left = len(self.inputs)
+
+    @property
+    def complete(self) -> bool:
+        return self.left == 0
+
+    def put(self, index: int, output: Any = None, error: dict[str, str] | None = None) -> bool:
+        """Item `index` ended with `output`, or with `error`. True when it was the last."""
+        self.outputs[index] = {"error": error} if error is not None else {"output": output}
+        self.left -= 1
+        return self.complete
+
+    def ending(self, completion: Completion, spec: ModelSpec, timings: dict[str, Any]) -> Ending:
+        """The job's end: every item's output or error (`timings`: as the path that ran them measures them)."""
+        return completion.succeeded(spec, self.ctx, {"outputs": self.outputs}, timings)
+
+
 def classify(exc: BaseException) -> dict[str, str]:
     """The job's `error`: the caller's fault (invalid_input), a known condition (its own code), or a bug."""
     if isinstance(exc, InvalidInput):
@@ -172,8 +199,8 @@ class Completion:
     def expired(self, ctx: JobContext, error: dict[str, str]) -> Ending:
         ending = self.failed(ctx, error, EXPIRED)
         # Past its deadline when this worker took it: it expired in the queue, never run (a dead letter).
-        deadline = ctx.job.get("deadline")
-        ending.expired_in_queue = bool(deadline) and ctx.started > deadline
+        deadline = ctx.job.get("deadline") or None
+        ending.expired_in_queue = deadline is not None and ctx.started > deadline
         return ending
 
     def cancelled(self, ctx: JobContext, error: dict[str, str]) -> Ending:

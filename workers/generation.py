@@ -17,8 +17,9 @@ be handed over ends the same way. Nothing leaves this loop without its job's end
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -26,7 +27,7 @@ import redis
 from config.models import ModelSpec
 from tasks.errors import CANCELLED, DEADLINE_EXCEEDED, error_body
 from tasks.states import INFERENCE
-from workers.completion import Ending, JobContext, classify, logged
+from workers.completion import BatchItems, Ending, JobContext, classify, logged
 from workers.lanes import aging_step, effective_rank
 from workers.model_process import (
     CallCancelled,
@@ -48,16 +49,13 @@ class _Request:
     ctx: JobContext
     inputs: Any
     item: int | None = None  # index in a batch job's items; None for a job of its own
-    call: GenerationCall | None = None
     stream: StreamTarget | None = None
     crashes: int = 0  # crashes charged to it (only those it was alone in)
 
 
-@dataclass
-class _BatchJob:
-    outputs: list[Any]
-    left: int
-    begin: float = field(default_factory=time.perf_counter)
+# What becomes of a request at each turn: its call (handed to the running batch, again after a crash: wait for
+# it), its job's end, or None (an item of a batch job whose other items are still to come).
+Outcome = GenerationCall | Ending | None
 
 
 class _Run:
@@ -67,7 +65,8 @@ class _Run:
         self.svc = svc
         self.spec = spec
         self.runtime = runtime
-        self.batches: dict[str, _BatchJob] = {}
+        self.policy = svc.policy  # the worker's one RetryPolicy
+        self.batches: dict[str, BatchItems] = {}
 
     def run(self, contexts: list[JobContext]) -> None:
         requests: list[_Request] = []
@@ -76,36 +75,35 @@ class _Run:
         for ctx in contexts:
             ctx.begin = now  # inference_ms counts from here, not from before a lazy load
             if ctx.is_batch:
-                items = ctx.job["inputs"]
-                self.batches[ctx.job_id] = _BatchJob([None] * len(items), len(items))
-                requests += [_Request(ctx, item, index) for index, item in enumerate(items)]
-                if not items:
-                    ended.append(self._batch_end(ctx))
+                items = self.batches[ctx.job_id] = BatchItems(ctx)
+                requests += [_Request(ctx, item, index) for index, item in enumerate(items.inputs)]
+                if items.complete:
+                    ended.append(self._batch_end(items))
             else:
                 requests.append(_Request(ctx, ctx.job["inputs"]))
-        waiting: dict[Future, _Request] = {}
+        waiting: dict[Future, tuple[_Request, GenerationCall]] = {}
         for request in requests:
             # A job queued again after its worker died runs alone: it may be what killed it.
             outcome = self._send(request, exclusive=request.ctx.isolate)
-            if outcome is _SENT:
-                waiting[request.call.future] = request
-            elif isinstance(outcome, Ending):
+            if isinstance(outcome, GenerationCall):
+                waiting[outcome.future] = (request, outcome)
+            elif outcome is not None:
                 ended.append(outcome)
         self.svc.completion.finish(INFERENCE, self.spec.id, ended)
         while waiting:
             done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
             endings = []
             for future in done:
-                request = waiting.pop(future)
-                outcome = self._settle(request)
-                if outcome is _AGAIN:
-                    waiting[request.call.future] = request
+                request, call = waiting.pop(future)
+                outcome = self._settle(request, call)
+                if isinstance(outcome, GenerationCall):
+                    waiting[outcome.future] = (request, outcome)
                 elif outcome is not None:
                     endings.append(outcome)
             self.svc.completion.finish(INFERENCE, self.spec.id, endings)
 
-    def _send(self, request: _Request, exclusive: bool) -> Ending | None | object:
-        """Hand the request to the running batch: _SENT when it was, else its end (as `_end` returns it)."""
+    def _send(self, request: _Request, exclusive: bool) -> Outcome:
+        """Hand the request to the running batch: its call when it was, else its end (as `_end` returns it)."""
         ctx = request.ctx
         if request.item is None:
             # A fresh target on every try: chunk indexes restart at 0, so what an earlier try already
@@ -125,7 +123,7 @@ class _Run:
         try:
             aging_s = self.svc.settings.lane_aging_s
             submitted, deadline = ctx.job.get("submitted_at"), ctx.job.get("deadline")
-            request.call = self.runtime.generate(
+            return self.runtime.generate(
                 request.inputs,
                 ctx.parameters,
                 request.stream,
@@ -136,20 +134,19 @@ class _Run:
             )
         except Exception as exc:  # the model is going away, or has no process: the request ends here
             return self._end(request, classify(exc))
-        return _SENT
 
-    def _settle(self, request: _Request) -> Any:
-        """The end of one request: its job's Ending, _AGAIN if it was sent again, or None (an item whose batch
-        job has more to come)."""
+    def _settle(self, request: _Request, call: GenerationCall) -> Outcome:
+        """The end of one request's `call`: its job's Ending, a new call if it was sent again, or None (an item
+        whose batch job has more to come)."""
         ctx = request.ctx
         log = ctx.log(self.spec.id)
         try:
-            output = request.call.future.result()
+            output = call.future.result()
         except ModelGone as exc:
             log.info("generation ended: {}", exc)
             return self._end(request, classify(exc))
         except (ModelProcessDied, ModelTimeout) as exc:
-            return self._crashed(request, exc)
+            return self._crashed(request, call, exc)
         except CallCancelled:
             log.info("generation cancelled")
             return self.svc.completion.cancelled(ctx, error_body(CANCELLED, "the job was cancelled while it ran"))
@@ -164,9 +161,9 @@ class _Run:
             return self._end(request, logged(log, exc) if request.item is None else classify(exc))
         self.svc.metrics.count_tokens(self.spec.id, int(output.get("tokens", 0)))
         if request.item is not None:
-            return self._end(request, None, output)
-        running = request.call.process.generation.get("running", 1)
-        ctx.chunks = request.stream.index
+            return self._item_ended(ctx, request.item, output=output)
+        running = call.process.generation.get("running", 1)
+        ctx.chunks = request.stream.index if request.stream is not None else None
         inference_ms = (time.perf_counter() - ctx.begin) * 1000
         return self.svc.completion.succeeded(
             self.spec,
@@ -175,45 +172,42 @@ class _Run:
             {"batch_wait_ms": 0.0, "inference_ms": round(inference_ms, 3), "batch_size": running},
         )
 
-    def _crashed(self, request: _Request, exc: BaseException) -> Any:
-        """Its model process died or hung: restart it and send the request again alone, or end it."""
-        policy = self.svc.policy
-        gone = policy.restart(self.runtime, self.spec.id, exc)
-        if gone is not None:
-            if policy.cannot_restart(gone):
-                self.svc.model_died(self.spec.id, self.runtime, gone)
-            return self._end(request, classify(gone))
-        verdict = policy.charge(self.spec.id, exc, request.crashes + (1 if request.call.exclusive else 0))
-        request.crashes = verdict.crashes
-        if not verdict.retry:
-            return self._end(request, verdict.error)
-        request.ctx.log(self.spec.id).warning("generation lost its model process ({}); trying it again alone", exc)
-        outcome = self._send(request, exclusive=True)
-        return _AGAIN if outcome is _SENT else outcome
+    def _crashed(self, request: _Request, call: GenerationCall, exc: BaseException) -> Outcome:
+        """Its model process died or hung: the policy restarts it and decides its fate (workers/retry.py); charged
+        only if it ran alone (`exclusive`)."""
+        return self.policy.crashed(self.runtime, self.spec.id, self, [request], exc, alone=call.exclusive)[0]
 
-    def _end(self, request: _Request, error: dict[str, str] | None, output: Any = None) -> Ending | None:
-        """A request's end: the job's own end, or one item of a batch job (which ends with its last item)."""
-        ctx = request.ctx
+    # -- the generation path's side of a crash (workers/retry.py CrashSite) ----------------------------
+    def model_gone(self, lost: Sequence[_Request], gone: ModelGone, dead: bool) -> list[Outcome]:
+        if dead:
+            self.svc.model_died(self.spec.id, self.runtime, gone)
+        return [self._end(request, classify(gone)) for request in lost]
+
+    def poisoned(self, request: _Request, error: dict[str, str]) -> Outcome:
+        return self._end(request, error)
+
+    def run_alone(self, request: _Request, cause: BaseException, charged: bool) -> Outcome:
+        request.ctx.log(self.spec.id).warning("generation lost its model process ({}); trying it again alone", cause)
+        return self._send(request, exclusive=True)
+
+    def _end(self, request: _Request, error: dict[str, str]) -> Ending | None:
+        """A request failed: the job's own end, or one item's of a batch job (which ends with its last item)."""
         if request.item is None:
-            return self.svc.completion.failed(ctx, error)
-        batch = self.batches[ctx.job_id]
-        batch.outputs[request.item] = {"error": error} if error is not None else {"output": output}
-        batch.left -= 1
-        return None if batch.left else self._batch_end(ctx)
+            return self.svc.completion.failed(request.ctx, error)
+        return self._item_ended(request.ctx, request.item, error=error)
 
-    def _batch_end(self, ctx: JobContext) -> Ending:
-        outputs = self.batches[ctx.job_id].outputs
-        inference_ms = (time.perf_counter() - ctx.begin) * 1000
-        return self.svc.completion.succeeded(
-            self.spec,
-            ctx,
-            {"outputs": outputs},
-            {"inference_ms": round(inference_ms, 3), "batch_size": len(outputs)},
+    def _item_ended(
+        self, ctx: JobContext, item: int, output: Any = None, error: dict[str, str] | None = None
+    ) -> Ending | None:
+        """One item of a batch job ended: the job's end once it was the last, else None."""
+        items = self.batches[ctx.job_id]
+        return self._batch_end(items) if items.put(item, output, error) else None
+
+    def _batch_end(self, items: BatchItems) -> Ending:
+        inference_ms = (time.perf_counter() - items.ctx.begin) * 1000
+        return items.ending(
+            self.svc.completion, self.spec, {"inference_ms": round(inference_ms, 3), "batch_size": len(items.outputs)}
         )
-
-
-_AGAIN = object()  # sent again: wait for it
-_SENT = object()  # handed to the running batch
 
 
 def run_generation_jobs(

@@ -21,7 +21,7 @@ from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL, forced_unload_key
 from tasks.states import FAILED, INFERENCE, LOAD, LOADED, SUCCEEDED, UNLOAD, UNLOADED, UNLOADING
 from workers.batcher import ResultsNotWritten
 from workers.cache import ModelLoadError
-from workers.completion import Ending, JobContext, classify
+from workers.completion import BatchItems, Ending, JobContext, classify
 from workers.generation import run_generation_jobs
 from workers.residency import ModelNotLoaded
 from workers.service import WorkerService
@@ -44,27 +44,27 @@ def service() -> WorkerService:
 
 def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: JobContext) -> Ending:
     """A /serve/batch job: every item goes through the batcher; each gets its output or its own error."""
-    futures: list[Future | dict[str, str]] = []
-    for item in ctx.job["inputs"]:
+    items = BatchItems(ctx)
+    handed: list[tuple[int, Future]] = []
+    for index, item in enumerate(items.inputs):
         try:
-            futures.append(svc.submit(spec, runtime, item, ctx.parameters, exclusive=ctx.isolate, lane=ctx.lane))
+            future = svc.submit(spec, runtime, item, ctx.parameters, exclusive=ctx.isolate, lane=ctx.lane)
         except Exception as exc:  # the model is going away
-            futures.append(classify(exc))
-    outputs, sizes, inference_ms = [], [], 0.0
-    for future in futures:
-        if isinstance(future, dict):
-            outputs.append({"error": future})
+            items.put(index, error=classify(exc))
             continue
+        handed.append((index, future))
+    sizes, inference_ms = [], 0.0
+    for index, future in handed:
         try:
             outcome = future.result()
         except Exception as exc:
-            outputs.append({"error": classify(exc)})
+            items.put(index, error=classify(exc))
             continue
-        outputs.append({"output": outcome.output})
+        items.put(index, outcome.output)
         sizes.append(outcome.batch_size)
         inference_ms = max(inference_ms, outcome.inference_ms)
-    return svc.completion.succeeded(
-        spec, ctx, {"outputs": outputs}, {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)}
+    return items.ending(
+        svc.completion, spec, {"inference_ms": round(inference_ms, 3), "batch_size": max(sizes, default=0)}
     )
 
 

@@ -19,13 +19,17 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config.models import TEXT_TASKS, ModelSpec
 from config.settings import Settings
 from tasks.errors import MODEL_LOAD_FAILED
 from workers import wire
 from workers.device import anon_bytes_of, rss_bytes_of
+
+if TYPE_CHECKING:  # imported in the process once its device is pinned
+    from workers.runtimes.base import GenerationRuntime
+    from workers.runtimes.scheduling import RunningBatch
 
 
 def _gpu_bytes(device: str) -> int | None:
@@ -100,8 +104,10 @@ class _Host:
 
     # -- the loop -----------------------------------------------------------------------------
     def serve(self) -> None:
-        if hasattr(self.runtime, "continuous_batcher"):
-            self.serve_generation()
+        from workers.runtimes.base import GenerationRuntime
+
+        if isinstance(self.runtime, GenerationRuntime):
+            self.serve_generation(self.runtime)
             return
         while True:
             try:
@@ -123,14 +129,14 @@ class _Host:
                 reply = self._error(call_id, exc)
             self.conn.send(reply)
 
-    def serve_generation(self) -> None:
+    def serve_generation(self, runtime: GenerationRuntime) -> None:
         """Continuous batching: take in requests and cancels, run one step, send its events; repeat."""
-        batcher = self.runtime.continuous_batcher()
+        batcher = runtime.continuous_batcher()
         while True:
             try:
                 # Block only when there is nothing to step; otherwise take what arrived since the last step.
                 while not batcher.has_work() or self.conn.poll():
-                    if not self._take(batcher, self.conn.recv()):
+                    if not self._take(runtime, batcher, self.conn.recv()):
                         return
             except (EOFError, OSError):
                 return
@@ -138,7 +144,7 @@ class _Host:
             if events or batcher.has_work():
                 self.conn.send(wire.events(events, batcher.stats()))
 
-    def _take(self, batcher: Any, message: tuple) -> bool:
+    def _take(self, runtime: GenerationRuntime, batcher: RunningBatch, message: tuple) -> bool:
         op = message[0]
         if op == wire.EXIT:
             return False
@@ -150,7 +156,7 @@ class _Host:
             if op != wire.GENERATE:
                 raise ValueError(f"operation {op!r} is not served by a text-generation model")
             _op, _id, inputs, parameters, options = message
-            batcher.add(self.runtime.sequence(call_id, inputs, parameters, **options))
+            batcher.add(runtime.sequence(call_id, inputs, parameters, **options))
         except Exception as exc:
             self.conn.send(self._error(call_id, exc))
         return True

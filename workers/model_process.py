@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from loguru import logger
 
 from config.models import ModelSpec
-from config.settings import REPO_ROOT, Settings
+from config.settings import REPO_ROOT, Settings, model_process_env
 from tasks.errors import (
     CODES,
     INTERNAL_ERROR,
@@ -54,7 +54,7 @@ OPENMP_SPIN_ROUNDS = 30_000
 
 def model_process_environment(parent: Mapping[str, str]) -> dict[str, str]:
     """A model process's environment: the parent's without secrets, tuned for forward passes."""
-    env = Settings.model_process_env(parent)  # no secret crosses into a model process
+    env = model_process_env(parent)  # no secret crosses into a model process
     # OpenMP's worker threads spin after every parallel region before they sleep. libgomp's default spin
     # (300,000 rounds, about a millisecond) outlasts the gap between batches and burns the cores the worker,
     # the API and Redis need; no spin at all (OMP_WAIT_POLICY=PASSIVE) puts a thread to sleep and wakes it
@@ -266,12 +266,14 @@ class ModelProcess:
         return self._process is not None and self._process.poll() is None and not self._dead.is_set()
 
     def rss_bytes(self) -> int:
-        return rss_bytes_of(self.pid) if self.alive else 0
+        pid = self.pid
+        return rss_bytes_of(pid) if pid is not None and self.alive else 0
 
     def memory_bytes(self) -> int:
         """What this instance takes for its model: the private memory it gained since its libraries were
         imported (weights, tokenizer, activations, allocator caches), at least the weights themselves."""
-        grown = (anon_bytes_of(self.pid) if self.alive else 0) - self.info.get("anon_baseline_bytes", 0)
+        pid = self.pid
+        grown = (anon_bytes_of(pid) if pid is not None and self.alive else 0) - self.info.get("anon_baseline_bytes", 0)
         # A generation model's KV-cache budget is reserved in full (allocated as rows join the batch).
         reserved = self.info.get("weights_bytes", 0) + (self.spec.kv_cache_memory or 0)
         return max(grown, reserved, 0)
@@ -346,23 +348,25 @@ class ModelProcess:
 
     def _route_events(self, events: list[tuple]) -> None:
         """One decoding step: write every streamed piece first (one round trip), then settle the ends."""
-        pieces, queued, ends = [], [], []
+        pieces: list[tuple[Any, StreamTarget, str]] = []  # (call id, its stream, the text to write)
+        queued: list[StreamTarget] = []
+        ends: list[tuple] = []
         with self._calls_lock:
             for event in events:
                 call = self._calls.get(event[1])
                 if call is None:
                     continue
+                stream = call.stream
                 if event[0] == wire.CHUNK:
-                    chunk = call.stream.add(event[2]) if call.stream is not None else None
-                    if chunk is not None:
-                        pieces.append((event[1], call.stream, chunk))
+                    if stream is not None and (chunk := stream.add(event[2])) is not None:
+                        pieces.append((event[1], stream, chunk))
                 elif event[0] == wire.QUEUED:
-                    if call.stream is not None:
-                        queued.append(call.stream)
+                    if stream is not None:
+                        queued.append(stream)
                 else:
-                    rest = call.stream.flush() if call.stream is not None else None
-                    if rest is not None:  # written before the call's end settles its job
-                        pieces.append((event[1], call.stream, rest))
+                    # written before the call's end settles its job
+                    if stream is not None and (rest := stream.flush()) is not None:
+                        pieces.append((event[1], stream, rest))
                     ends.append(event)
         if self.sink is not None and queued:
             self.sink.queued(queued)
@@ -484,6 +488,7 @@ class RemoteRuntime:
         self._gone: ModelGone | None = None
         self._ending: ModelGone | None = None  # what the calls still in flight at close() end with
         self.restarts = 0
+        self.death_handled = False  # its death reported and acted on (WorkerService.model_died)
 
     def load(self) -> None:
         try:
@@ -511,7 +516,8 @@ class RemoteRuntime:
 
     def gpu_memory_bytes(self) -> int | None:
         values = [p.info.get("gpu_memory_bytes") for p in list(self.instances)]
-        return sum(values) if values and all(v is not None for v in values) else None
+        known = [v for v in values if v is not None]
+        return sum(known) if values and len(known) == len(values) else None
 
     # -- going away ---------------------------------------------------------------------------
     @property

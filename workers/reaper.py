@@ -100,7 +100,7 @@ class Reaper:
         send: Send,
         finish: Finish,
         *,
-        max_attempts: int,
+        policy: RetryPolicy,
         interval_s: float,
         worker_ttl_s: float,
         sweep_queue: bool = True,
@@ -114,7 +114,7 @@ class Reaper:
         self.sweep_queue = sweep_queue
         self.send = send
         self.finish = finish
-        self.policy = RetryPolicy(max_attempts)
+        self.policy = policy  # the worker's one RetryPolicy (WorkerService.policy)
         self.interval_s = max(0.2, interval_s)
         self.worker_ttl_s = worker_ttl_s
         # How long a job must have been running before its holder's silence about it counts (the backstop).

@@ -46,7 +46,7 @@ class Residency:
         name: str,
         models: dict[str, ModelSpec],
         cluster: ClusterState,
-        cache: ModelCache,
+        cache: ModelCache[RemoteRuntime],
         publish: Callable[[], None],
     ) -> None:
         self.settings = settings

@@ -10,12 +10,18 @@ process crash or hang, the reaper after a worker death or an abandoned job, the 
   crash of the job: it ends with the model's reason (`model_process_died`, `model_unloaded`, `model_evicted`).
 * A job started by `takeovers_per_attempt` × `max_attempts` workers that all died under it is not started
   again, even if it was never alone (it may take its worker down while others are always beside it).
+
+One instance per worker, built by the worker service from its settings (AETHERCORE_MAX_ATTEMPTS) and handed to
+each user, so no two of them can count to different limits. What a lost model process means for the jobs it held
+is decided once (`crashed`); the batcher and the generation path only say how they end or resend a job
+(`CrashSite`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tasks.errors import MODEL_PROCESS_DIED, POISON_JOB, error_body
 from workers.model_process import ModelGone
@@ -33,6 +39,35 @@ class Revivable(Protocol):
     def revive(self, index: int) -> bool: ...
 
     def revive_all(self) -> bool: ...
+
+
+class Lost(Protocol):
+    """A job (or one item of a batch job) that was in what went down."""
+
+    crashes: int  # crashes charged to it so far
+
+
+JobT = TypeVar("JobT", bound=Lost)
+OutcomeT = TypeVar("OutcomeT")
+JobT_contra = TypeVar("JobT_contra", bound=Lost, contravariant=True)
+
+
+class CrashSite(Protocol[JobT_contra, OutcomeT]):
+    """How one path carries out `RetryPolicy.crashed`'s decisions: the batcher for the jobs of a forward pass, the
+    generation path for a request of the running batch. Each returns that path's outcome for the job."""
+
+    def model_gone(self, lost: Sequence[JobT_contra], gone: ModelGone, dead: bool) -> list[OutcomeT]:
+        """The model is not running again: the jobs end with `gone`; `dead`: it could not be restarted (the
+        model is to be unloaded and marked failed)."""
+        ...
+
+    def poisoned(self, work: JobT_contra, error: dict[str, str]) -> OutcomeT:
+        """The job crashed its model alone `max_attempts` times: it ends with `error` (poison_job)."""
+        ...
+
+    def run_alone(self, work: JobT_contra, cause: BaseException, charged: bool) -> OutcomeT:
+        """The job runs again on the restarted process, alone; `charged`: this crash counted against it."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +96,34 @@ class RetryPolicy:
         return getattr(model, "gone", None) or ModelGone(
             MODEL_PROCESS_DIED, f"the process of model {model_id!r} died ({cause}) and could not be started again"
         )
+
+    def crashed(
+        self,
+        model: Revivable,
+        model_id: str,
+        site: CrashSite[JobT, OutcomeT],
+        lost: Sequence[JobT],
+        cause: BaseException,
+        *,
+        alone: bool,
+        index: int | None = None,
+    ) -> list[OutcomeT]:
+        """What ran `lost` (a forward pass on process `index`, or a decoding batch) lost its model process: start
+        it again, then every lost job runs again alone, charged a crash only if it was `alone` in what went down,
+        and poison once its charges reach max_attempts. A model that does not run again ends them all."""
+        gone = self.restart(model, model_id, cause, index)
+        if gone is not None:
+            return site.model_gone(lost, gone, self.cannot_restart(gone))
+        outcomes: list[OutcomeT] = []
+        for work in lost:
+            if alone:
+                verdict = self.charge(model_id, cause, work.crashes + 1)
+                work.crashes = verdict.crashes
+                if verdict.error is not None:
+                    outcomes.append(site.poisoned(work, verdict.error))
+                    continue
+            outcomes.append(site.run_alone(work, cause, alone))
+        return outcomes
 
     @staticmethod
     def cannot_restart(gone: ModelGone) -> bool:

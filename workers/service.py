@@ -74,6 +74,8 @@ class WorkerService:
         self.streams = JobStreams(self.jobs, self.metrics)
         self._stop = threading.Event()
         self.completion = Completion(self.jobs, self.metrics, name, self.device, self._stop)
+        # The one crash policy of this worker: its batchers, its generation runs, its reaper and its task threads
+        # all judge by it (workers/retry.py).
         self.policy = RetryPolicy(settings.max_attempts)
         self.active = ActiveJobs()
         self.cache = ModelCache(
@@ -103,23 +105,7 @@ class WorkerService:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, send: Send) -> None:
         """Start the background threads; `send` queues a task (the reaper's way back into the broker)."""
-        broker = self.settings.effective_broker_url.split(":", 1)[0]
-        reaper = Reaper(
-            self.jobs,
-            self.name,
-            self.queue,
-            send,
-            self.completion.finish,
-            max_attempts=self.settings.max_attempts,
-            interval_s=self.settings.heartbeat_interval,
-            worker_ttl_s=self.settings.worker_ttl,
-            sweep_queue=broker in ("redis", "rediss", "sentinel"),
-            # Lanes age in Redis where kombu keeps them as lists (a Redis broker in the jobs' Redis).
-            aging=LaneAging(self.jobs.redis, self.queue, self.settings.lane_aging_s)
-            if broker in ("redis", "rediss", "sentinel")
-            and self.settings.effective_broker_url == self.settings.redis_url
-            else None,
-        )
+        reaper = self.make_reaper(send)
         for target, label in (
             (self._publish_signatures, "signatures"),
             (self._heartbeat_loop, "heartbeat"),
@@ -135,6 +121,26 @@ class WorkerService:
             self.device,
             self.queue,
             self.settings.model_cache_size,
+        )
+
+    def make_reaper(self, send: Send) -> Reaper:
+        """This worker's reaper (workers/reaper.py), charging crashes by the worker's one policy."""
+        broker = self.settings.effective_broker_url.split(":", 1)[0]
+        return Reaper(
+            self.jobs,
+            self.name,
+            self.queue,
+            send,
+            self.completion.finish,
+            policy=self.policy,
+            interval_s=self.settings.heartbeat_interval,
+            worker_ttl_s=self.settings.worker_ttl,
+            sweep_queue=broker in ("redis", "rediss", "sentinel"),
+            # Lanes age in Redis where kombu keeps them as lists (a Redis broker in the jobs' Redis).
+            aging=LaneAging(self.redis, self.queue, self.settings.lane_aging_s)
+            if broker in ("redis", "rediss", "sentinel")
+            and self.settings.effective_broker_url == self.settings.redis_url
+            else None,
         )
 
     def _publish_signatures(self) -> None:
@@ -269,6 +275,8 @@ class WorkerService:
                 continue
             outcome = request.outcome
             try:  # one job's output that cannot be encoded fails that job only, not its whole batch
+                if outcome is None:  # never: the batcher gives each job its outcome or its error
+                    raise RuntimeError("the batch ended without the job's output")
                 endings.append(
                     self.completion.succeeded(
                         spec,
@@ -330,7 +338,7 @@ class WorkerService:
         while isinstance(runtime, RemoteRuntime) and runtime.in_flight() and time.monotonic() < deadline:
             time.sleep(DRAIN_POLL_S)
 
-    def model_died(self, model_id: str, runtime: Any, gone: ModelGone) -> None:
+    def model_died(self, model_id: str, runtime: RemoteRuntime, gone: ModelGone) -> None:
         """A model process died and could not be restarted: the model is unloaded and marked failed.
 
         Every request the dead `runtime` held reports it: it is acted on once, and only while that runtime is

@@ -9,6 +9,7 @@ import pytest
 
 from workers.batcher import ModelBatcher, PoisonInput, split_by_length
 from workers.model_process import ModelProcessDied
+from workers.retry import RetryPolicy
 
 
 class RecordingExecutor:
@@ -37,6 +38,7 @@ class RecordingExecutor:
 
 
 def batcher_for(executor, **kwargs):
+    kwargs.setdefault("policy", RetryPolicy(max_attempts=3))
     return ModelBatcher(
         executor, "rec", kwargs.pop("max_batch_size", 8), kwargs.pop("max_batch_delay_ms", 50), **kwargs
     )
@@ -115,7 +117,7 @@ def test_a_failing_batch_is_retried_one_by_one():
 
 def test_a_crashed_batch_retries_each_job_alone_and_only_the_culprit_is_poison():
     executor = RecordingExecutor(crash_on="killer", delay=0.05)
-    batcher = batcher_for(executor, max_crashes=2)
+    batcher = batcher_for(executor, policy=RetryPolicy(max_attempts=2))
     batcher.submit({"text": "busy"}, {})
     time.sleep(0.01)
     futures = [batcher.submit({"text": t}, {}) for t in ("a", "killer", "b")]

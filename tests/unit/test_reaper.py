@@ -12,6 +12,7 @@ from tasks.jobs import JobStore, requeue_payload
 from tasks.names import INFER, active_jobs_key, job_key, worker_key
 from tasks.states import FAILED, INFERENCE, QUEUED, RUNNING
 from workers.reaper import ActiveJobs, Reaper
+from workers.retry import RetryPolicy
 
 
 @pytest.fixture()
@@ -37,7 +38,7 @@ def reaper_for(jobs, sink: Sent, grace_s: float = 0.0, max_attempts: int = 3) ->
         "cpu",
         sink.send,
         sink.finish,
-        max_attempts=max_attempts,
+        policy=RetryPolicy(max_attempts),
         interval_s=1,
         worker_ttl_s=5,
         grace_s=grace_s,

@@ -23,11 +23,12 @@ def create_runtime(spec: ModelSpec, settings: Settings, device: str) -> Runtime:
     if spec.model_type == "transformer":
         from workers.runtimes import hf
 
-        return {
+        by_task: dict[str, type[Runtime]] = {
             "feature-extraction": hf.FeatureExtraction,
             "text-classification": hf.TextClassification,
             "text-generation": hf.TextGeneration,
-        }[spec.task](spec, settings, device)
+        }
+        return by_task[spec.task](spec, settings, device)
     if spec.model_type == "onnx":
         from workers.runtimes import onnx
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from config.models import ModelSpec
 from config.parameters import MAX_LENGTH, checked, messages_error, text_error
 from config.settings import Settings
+
+if TYPE_CHECKING:  # scheduling imports this module (InvalidInput)
+    from workers.runtimes.scheduling import RunningBatch, Sequence
 
 
 class InvalidInput(ValueError):
@@ -52,6 +55,20 @@ class Runtime(ABC):
         """Drop references to the model; the cache collects garbage afterwards."""
 
 
+@runtime_checkable
+class GenerationRuntime(Protocol):
+    """What a text-generation runtime adds to `Runtime`: its process serves it by continuous batching
+    (workers/model_host.py) instead of one `run_batch` per message."""
+
+    def continuous_batcher(self) -> RunningBatch:
+        """The scheduler the model process steps (workers/runtimes/scheduling.py)."""
+        ...
+
+    def sequence(self, key: Any, inputs: dict[str, Any], parameters: dict[str, Any], **options: Any) -> Sequence:
+        """One request for the scheduler; InvalidInput for a bad text or parameter."""
+        ...
+
+
 class TextRuntime(Runtime):
     """Shared input handling for text models."""
 
@@ -64,8 +81,8 @@ class TextRuntime(Runtime):
         texts = []
         for item in inputs:
             text = item.get("text") if isinstance(item, dict) else None
-            problem = text_error(text)  # the rules the API checked (config/parameters.py)
-            if problem:
+            problem = text_error(text)  # the rules the API checked (config/parameters.py); a non-string fails them
+            if problem or not isinstance(text, str):
                 raise InvalidInput(f"inputs.text {problem}")
             texts.append(text)
         return texts

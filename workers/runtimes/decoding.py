@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +185,7 @@ class ContinuousBatcher(RunningBatch):
             self.running = list(joining)
             return
         columns = max(self._columns(), mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers):
+        for old, new in zip(_kv_layers(self.cache), _kv_layers(cache)):
             old.keys = torch.cat([_pad_left(old.keys, columns, -2), _pad_left(new.keys, columns, -2)])
             old.values = torch.cat([_pad_left(old.values, columns, -2), _pad_left(new.values, columns, -2)])
         self.mask = torch.cat([_pad_left(self.mask, columns, -1), _pad_left(mask, columns, -1)])
@@ -206,7 +206,7 @@ class ContinuousBatcher(RunningBatch):
         self.lengths = self.lengths[index]
         columns = int(self.lengths.max())
         cut = self._columns() - columns
-        for layer in self.cache.layers:
+        for layer in _kv_layers(self.cache):
             layer.keys = layer.keys[index, :, cut:, :]
             layer.values = layer.values[index, :, cut:, :]
         self.mask = self.mask[index, cut:]
@@ -251,6 +251,19 @@ def kv_bytes_per_token(config: Any, element_size: int) -> int:
 
 def _first(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
+
+
+class _KVLayer(Protocol):
+    """One layer of the KV cache of the attention models served here (transformers' DynamicLayer, once prefilled)."""
+
+    keys: torch.Tensor  # [rows, heads, length, dim]
+    values: torch.Tensor
+
+
+def _kv_layers(cache: Any) -> list[_KVLayer]:
+    """The cache's layers as this scheduler uses them: transformers types them as a union that also covers
+    linear-attention layers, which hold no keys or values (models this scheduler does not serve)."""
+    return cache.layers
 
 
 def _pad_left(tensor: torch.Tensor, size: int, dim: int, value: int = 0) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,11 +24,17 @@ from workers.runtimes.base import (
     torch_parameter_count,
 )
 from workers.runtimes.pooling import mean_pool_normalize
-from workers.runtimes.scheduling import run_to_end
+from workers.runtimes.scheduling import Sampling, Sequence, run_to_end
+
+if TYPE_CHECKING:
+    from workers.runtimes.decoding import ContinuousBatcher
 
 
 class _HFRuntime(TextRuntime):
     auto_class: Any = AutoModel
+    # Set by load(), dropped by close(): their classes are what the Auto* factories pick for the model's files.
+    model: Any = None
+    tokenizer: Any = None
 
     def load(self) -> None:
         path = resolve_model_path(self.spec, self.settings)
@@ -145,7 +151,7 @@ class TextGeneration(_HFRuntime):
                 messages, chat_template=template, tokenize=False, add_generation_prompt=True
             )
 
-    def continuous_batcher(self) -> Any:
+    def continuous_batcher(self) -> ContinuousBatcher:
         """The scheduler a model process serves this model with (workers/runtimes/decoding.py)."""
         from workers.runtimes.decoding import ContinuousBatcher
 
@@ -157,10 +163,8 @@ class TextGeneration(_HFRuntime):
             device=self.torch_device,
         )
 
-    def sequence(self, key: Any, inputs: dict[str, Any], parameters: dict[str, Any], **options: Any) -> Any:
+    def sequence(self, key: Any, inputs: dict[str, Any], parameters: dict[str, Any], **options: Any) -> Sequence:
         """One request for the continuous batcher; InvalidInput for a bad text or parameter."""
-        from workers.runtimes.scheduling import Sampling, Sequence
-
         text = self.prompt_text(inputs)
         max_new = self.max_length(parameters)
         sampling = Sampling.from_parameters(parameters, self.model.generation_config)

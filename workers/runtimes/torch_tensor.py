@@ -20,6 +20,13 @@ from workers.runtimes.tensors import check_shape, decode_tensor, encode_tensor
 
 
 class TorchExportTensor(Runtime):
+    module: torch.nn.Module | None = None  # the exported program's module: set by load(), dropped by close()
+
+    def loaded(self) -> torch.nn.Module:
+        if self.module is None:
+            raise RuntimeError(f"model {self.spec.id!r} is not loaded")
+        return self.module
+
     def load(self) -> None:
         path = resolve_model_path(self.spec, self.settings)
         program_file, signature_file = path / "model.pt2", path / "signature.json"
@@ -43,7 +50,7 @@ class TorchExportTensor(Runtime):
         ]
         try:
             with torch.inference_mode():
-                outputs = self.module(*args)
+                outputs = self.loaded()(*args)
         except AssertionError as exc:
             # torch.export's input guards (e.g. "Guard failed: features.size()[0] <= 65536", the traced range of a
             # dynamic dimension): the request's fault, not the model's. A batch of several jobs is then retried
@@ -87,10 +94,10 @@ class TorchExportTensor(Runtime):
         return arrays
 
     def memory_bytes(self) -> int:
-        return torch_module_bytes(self.module)
+        return torch_module_bytes(self.loaded())
 
     def describe(self) -> dict[str, Any]:
-        return {"parameter_count": torch_parameter_count(self.module), **self.signature}
+        return {"parameter_count": torch_parameter_count(self.loaded()), **self.signature}
 
     def close(self) -> None:
         self.module = None
