@@ -3,7 +3,7 @@
 A job becomes a dead letter when it ends `poison_job` (it took its model process or worker down
 AETHERCORE_MAX_ATTEMPTS times: an inference, load or unload job), when it expired in its queue (its `timeout` passed
 before a worker started it), or when its completion webhook failed for good. The first two are written by the Lua
-step that ends the job (tasks/jobs.py `_TRANSITION`, with the reason the worker gives: workers/completion.py
+step that ends the job (tasks/jobs/lua/transition.lua, with the reason the worker gives: workers/completion.py
 `Ending.dead_letter`), so a dead letter exists exactly when its job ended so; the third by the webhook dispatcher
 (api/webhook_dispatcher.py, `DeadLetters.add`). Both write it with `dead_put` (`LUA`), in one atomic step with its
 charge.
@@ -75,9 +75,9 @@ _LISTED += ("webhook", "delivery_id", "replayed_as")
 #   limits: "retention per_queue owner_bytes owner_count" (`limits_arg`); fields: name, value, ... (empty skipped)
 LUA = """
 local DEAD_ENTRY, DEAD_INDEX, DEAD_KIND = 'DEAD_ENTRY_PREFIX', 'DEAD_LETTER_PREFIX', 'DEAD_LETTERS_KIND'
--- A requeue payload is {"task":..,"queue":..,"kwargs":KWARGS} (tasks/jobs.py requeue_payload) and an inference's
--- KWARGS {"model_id":..,"jobs":[WORK]} with its one job: the submission is WORK, or a load's KWARGS. (A JSON string
--- cannot hold these keys unescaped, so the first match is the key itself.)
+-- A requeue payload is {"task":..,"queue":..,"kwargs":KWARGS} (tasks/jobs/inflight.py requeue_payload) and an
+-- inference's KWARGS {"model_id":..,"jobs":[WORK]} with its one job: the submission is WORK, or a load's KWARGS. (A
+-- JSON string cannot hold these keys unescaped, so the first match is the key itself.)
 local function dead_request(payload)
   local at = string.find(payload, '"kwargs":', 1, true)
   if not at or string.sub(payload, -1) ~= '}' then return '' end
@@ -254,7 +254,7 @@ class DeadLetters:
         self._mark_replayed = client.register_script(_MARK_REPLAYED)
 
     def add(self, job_id: str, queue: str, reason: str, **fields: Any) -> None:
-        """Record a dead letter from Python (the webhook dispatcher); the Lua writer in tasks/jobs.py writes the
+        """Record a dead letter from Python (the webhook dispatcher); the Lua end of a job (tasks/jobs/) writes the
         same fields, with the same bounds and charge."""
         owner = fields.pop("owner", None) or NO_OWNER
         flat: list[Any] = []
