@@ -242,7 +242,7 @@ LOOPBACK_HOSTS = ("localhost", "::1")
 
 
 def _is_loopback(host: str | None) -> bool:
-    return bool(host) and (host in LOOPBACK_HOSTS or host.startswith("127."))
+    return host is not None and (host in LOOPBACK_HOSTS or host.startswith("127."))
 
 
 def _url_password(value: str) -> None:
@@ -804,7 +804,7 @@ class Settings:
         return options
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for spec in SETTINGS:

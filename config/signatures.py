@@ -251,8 +251,8 @@ def tensor_input_errors(signature: Signature, inputs: Any, prefix: str = "inputs
                     errors[f"{field}.shape"] = [str(exc)]
                     continue
         shape, problem = array_shape(value, spec.datatype)
-        if problem:
-            errors[field] = [problem]
+        if shape is None:  # not an array of the datatype: `problem` says why
+            errors[field] = [str(problem)]
             continue
         if given_shape is not None:
             count = math.prod(shape)

@@ -4,6 +4,7 @@ events) and by the workers, which encode a result once (workers/completion.py)."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,16 +24,11 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def text(value: Any) -> str:
-    """A reply's string, whether the client decodes replies or not."""
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def as_bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-def decode(fields: dict[str, Any]) -> dict[str, Any]:
+def decode(fields: Mapping[Any, Any]) -> dict[str, Any]:
     """A job as callers see it, from its hash's fields (text values)."""
 
     def ts(name: str) -> float | None:

@@ -13,9 +13,10 @@ from typing import Any
 
 import redis
 
-from tasks.jobs.codec import decode, encode, text
+from tasks.jobs.codec import decode, encode
 from tasks.jobs.scripts import APPEND_CHUNK, APPEND_STATUS, FOLLOW, WATCH
 from tasks.names import job_events_key, job_key
+from tasks.redis_client import text
 from tasks.script_batch import ScriptBatch
 
 # append_chunk.lua's outcomes.

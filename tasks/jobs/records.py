@@ -16,9 +16,10 @@ from typing import Any
 import redis
 
 from tasks.holdings import IDEMPOTENCY, Holdings, Quota
-from tasks.jobs.codec import decode, text
+from tasks.jobs.codec import decode
 from tasks.jobs.scripts import CREATE_LIMITED, CREATE_MANY_PUSH, RELEASE_KEY
 from tasks.names import RECENT_JOBS, RECENT_JOBS_MAX, job_key, queued_key
+from tasks.redis_client import text
 from tasks.states import QUEUED
 
 
