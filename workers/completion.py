@@ -221,9 +221,9 @@ class Completion:
                 e.status,
                 e.code,
                 e.error["message"] if e.error else "",
-                e.result_json if e.result_json is not None else e.result,
-                self._wake_note(e, now),
-                e.dead_letter,
+                result=e.result_json if e.result_json is not None else e.result,
+                note=self._wake_note(e, now),
+                dead=e.dead_letter,
             )
             for e in endings
         ]
