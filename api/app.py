@@ -25,7 +25,7 @@ from config.settings import Settings
 from tasks.celery_app import make_celery
 from tasks.cluster import ClusterState
 from tasks.holdings import quotas_from
-from tasks.jobs import JobStore
+from tasks.jobs import Jobs
 from tasks.redis_client import make_redis
 
 VERSION = "0.1.0"
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     redis_client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
     cluster = ClusterState(redis_client, settings.worker_ttl)
     celery = make_celery(settings)
-    job_store = JobStore(
+    job_store = Jobs(
         redis_client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max, quotas_from(settings)
     )
     app.extensions["aethercore"] = svc = Services(
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         dispatcher=InferenceDispatcher(
             celery,
             linger_ms=settings.dispatch_linger_ms,
-            jobs=job_store if settings.effective_broker_url == settings.redis_url else None,
+            jobs=job_store.records if settings.effective_broker_url == settings.redis_url else None,
         ),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)

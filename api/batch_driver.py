@@ -102,7 +102,7 @@ from api.services import BATCH_LANE, Services, services
 from config.logging import setup_logging
 from config.models import ModelSpec
 from config.settings import Settings
-from tasks.jobs import JobNotFound
+from tasks.jobs.records import JobNotFound
 from tasks.results import compact
 from tasks.states import CANCELLED as JOB_CANCELLED
 from tasks.states import EXPIRED as JOB_EXPIRED
@@ -570,7 +570,7 @@ class BatchDriver:
         if not submitted:
             return 0
         lines = sorted(submitted)
-        jobs = services().jobs.get_many([submitted[line] for line in lines])
+        jobs = services().jobs.records.get_many([submitted[line] for line in lines])
         vanished = [line for line, job in zip(lines, jobs) if job is None]
         ended = [(line, job) for line, job in zip(lines, jobs) if job is not None and job["status"] in TERMINAL]
         if vanished and not batch.get("stopping"):
@@ -683,7 +683,7 @@ class BatchDriver:
 
     def _cancel_job(self, job_id: str, why: str) -> None:
         try:
-            services().jobs.request_cancel(job_id, why)
+            services().jobs.lifecycle.request_cancel(job_id, why)
         except JobNotFound:
             pass
 

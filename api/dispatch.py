@@ -11,7 +11,7 @@ merges jobs across messages as before.
 
 Where the broker is the jobs' Redis, a submission may also bring its job's record (`record`): the group's jobs
 are then created, counted against their callers' rate limits and queued in ONE Lua step
-(tasks/jobs.py `create_and_push`) instead of one round trip per request to create each job and one per group to
+(tasks/jobs/records.py `create_and_push`) instead of one round trip per request to create each job and one per group to
 push the message: a job exists exactly when its message is queued, and a job refused by its rate limit is in no
 message.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 from celery import Celery
 
-from tasks.jobs import JobStore, RateLimited
+from tasks.jobs.records import RateLimited, Records
 from tasks.messages import TaskMessages
 from tasks.names import DEFAULT_LANE, INFER, LANE_PRIORITY, lane_list, queue_for_device
 
@@ -47,7 +47,7 @@ class _Pending:
     device: str
     job: dict[str, Any]
     lane: str = DEFAULT_LANE
-    record: dict[str, Any] | None = None  # JobStore.create_and_push's entry: the job is created as it is queued
+    record: dict[str, Any] | None = None  # Records.create_and_push's entry: the job is created as it is queued
     done: bool = False
     error: BaseException | None = None
     created: Created | None = None
@@ -60,7 +60,7 @@ class InferenceDispatcher:
         max_jobs: int = MAX_JOBS_PER_MESSAGE,
         linger_ms: float = 0.0,
         in_flight: Callable[[], int] = lambda: 0,
-        jobs: JobStore | None = None,
+        jobs: Records | None = None,
     ) -> None:
         self.celery = celery
         # The job store when the broker is the jobs' Redis: messages are pushed directly (tasks/messages.py), in

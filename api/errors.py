@@ -16,6 +16,7 @@ from kombu.exceptions import OperationalError
 from loguru import logger
 from werkzeug.exceptions import HTTPException, NotFound
 
+from tasks.errors import BROKER_UNAVAILABLE
 from tasks.holdings import OWNER_BYTES, OWNER_COUNT, QuotaExceeded
 
 DEFAULT_CODES = {
@@ -166,7 +167,7 @@ def register_error_handlers(app: Flask) -> None:
         logger.warning("broker unavailable: {}", exc)
         return error_response(
             503,
-            "broker_unavailable",
+            BROKER_UNAVAILABLE,
             "the job queue is not reachable; the request was not accepted, retry shortly",
             headers={"Retry-After": "2"},
         )

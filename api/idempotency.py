@@ -14,7 +14,7 @@ fingerprinted by its method, path, query (but `wait`) and body. Within AETHERCOR
 Two strategies, one decorator:
 
 * endpoints that create a **job** (`@idempotent()`): the key is taken by the Lua step that creates the job
-  (tasks/jobs.py `_CREATE_LIMITED`: SET of key -> fingerprint and job id, in the same atomic step), so concurrent
+  (tasks/jobs/lua/create_limited.lua: SET of key -> fingerprint and job id, in the same atomic step), so concurrent
   duplicates create exactly one job and nothing is stored but the job id; a replay reads the job as it stands now.
   A request refused before the job exists (validation, rate limit) leaves the key free, and so does a job that
   could not be queued (api/services.py frees the key); a key whose job's record expired is free again.
@@ -51,7 +51,7 @@ from flask import Response, after_this_request, current_app, g, request
 from api.errors import ApiError, quota_error
 from api.ratelimit import caller_id
 from tasks.holdings import IDEMPOTENCY, OWNER_COUNT, Held, Quota, QuotaExceeded, with_holdings
-from tasks.jobs import KEY_OVERHEAD
+from tasks.jobs.scripts import KEY_OVERHEAD
 from tasks.names import idempotency_key
 
 HEADER = "Idempotency-Key"

@@ -172,7 +172,7 @@ def run_to_end(spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
                 "until its deadline: retry with the same Idempotency-Key to get its result",
                 {"job_id": job["job_id"]},
             )
-        svc.jobs.request_cancel(job["job_id"], "the protocol client's wait ended (AETHERCORE_MAX_WAIT)")
+        svc.jobs.lifecycle.request_cancel(job["job_id"], "the protocol client's wait ended (AETHERCORE_MAX_WAIT)")
         raise ApiError(
             504,
             "timeout",

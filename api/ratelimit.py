@@ -1,5 +1,5 @@
 """The per-caller rate limit of inference submissions, counted in the same Redis round trip that creates
-the job (tasks/jobs.py `create_limited`), so a /serve request pays no separate round trip for it.
+the job (tasks/jobs/records.py `create_limited`), so a /serve request pays no separate round trip for it.
 
 Every other endpoint is limited by flask-limiter (api/security.py) with the same AETHERCORE_RATE_LIMIT,
 per endpoint; the inference endpoints (/serve, /serve/batch, WS /serve/stream) share one counter per

@@ -29,7 +29,7 @@ from api.limits import Slot
 from api.services import services
 from api.stream_hub import SubscriptionFailed
 from api.streaming import follow_job
-from tasks.jobs import JobNotFound
+from tasks.jobs.records import JobNotFound
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_KEEPALIVE = ": keepalive\n\n"
@@ -122,7 +122,7 @@ class Relay:
     def _cancel(self) -> None:
         """The client went away before the end: stop the work it asked for."""
         try:
-            if self.jobs.request_cancel(self.job_id, "the streaming client disconnected"):
+            if self.jobs.lifecycle.request_cancel(self.job_id, "the streaming client disconnected"):
                 logger.bind(job_id=self.job_id, model_id=self.model_id).info("stream closed by the client; cancelling")
         except (JobNotFound, redis.RedisError) as exc:  # expired meanwhile, or Redis away: nothing left to stop
             logger.bind(job_id=self.job_id).debug("cancel after disconnect: {}", exc)

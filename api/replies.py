@@ -26,7 +26,8 @@ import redis
 from loguru import logger
 
 from api.per_process import PerProcessThread
-from tasks.jobs import JobStore, iso
+from tasks.jobs.codec import iso
+from tasks.jobs.records import Records
 from tasks.names import MODELS_CHANGED, reply_channel
 from tasks.results import expand
 from tasks.states import TERMINAL
@@ -81,7 +82,7 @@ class ReplyListener:
     def __init__(
         self,
         client: redis.Redis,
-        jobs: JobStore,
+        jobs: Records,
         on_models_changed: Callable[[str | None], None] = lambda model_id: None,
         admit: Callable[[], Any] | None = None,
     ) -> None:
@@ -186,7 +187,7 @@ class ReplyListener:
             self.on_models_changed(message["data"] or None)
             return
         # One job's ending is one JSON object; the jobs of a batch that ended together come as one array
-        # (tasks/jobs.py _TRANSITION_MANY), so a waiting batch costs this thread one read, not one per job.
+        # (tasks/jobs/lua/transition.lua), so a waiting batch costs this thread one read, not one per job.
         decoded = orjson.loads(message["data"])
         notes = decoded if isinstance(decoded, list) else (decoded,)
         with self._lock:

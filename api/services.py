@@ -25,8 +25,12 @@ from config.settings import Settings
 from config.signatures import ARTIFACT, Signature, task_signature
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
+from tasks.errors import BROKER_UNAVAILABLE
 from tasks.holdings import DEAD_LETTERS, Held, Holdings
-from tasks.jobs import IdempotencyConflict, JobStore, RateLimited, new_job_id, requeue_payload
+from tasks.jobs import Jobs
+from tasks.jobs.inflight import requeue_payload
+from tasks.jobs.lifecycle import JobEnd
+from tasks.jobs.records import IdempotencyConflict, RateLimited, new_job_id
 from tasks.names import DEFAULT_LANE, INFER, LANES, TASK_FOR_KIND, queue_for_device
 from tasks.outbound import OutboundPolicy
 from tasks.queues import lane_depths
@@ -55,7 +59,7 @@ HOLDINGS_CACHE_S = 1.0
 class Services:
     settings: Settings
     models: dict[str, ModelSpec]
-    jobs: JobStore
+    jobs: Jobs
     cluster: ClusterState
     celery: Celery
     dispatcher: InferenceDispatcher
@@ -81,7 +85,10 @@ class Services:
             self.settings.max_streams_per_caller, self.settings.api_threads - self.settings.reserved_threads
         )
         self.replies = ReplyListener(
-            self.jobs.redis, self.jobs, on_models_changed=self.desired_cache.clear, admit=self.long_requests.take
+            self.jobs.redis,
+            self.jobs.records,
+            on_models_changed=self.desired_cache.clear,
+            admit=self.long_requests.take,
         )
         self.streams = StreamHub(self.jobs.redis)
         self.rate_limit = InferenceRateLimit(self.settings.rate_limit, self.settings.high_lane_rate_limit)
@@ -205,7 +212,7 @@ class Services:
             if limits:
                 job = self._create_counted(record, limits)
             else:
-                job = self.jobs.create(**record)
+                job = self.jobs.records.create(**record)
         except IdempotencyConflict as conflict:
             if waiter is not None:
                 self.replies.forget(waiter)
@@ -220,7 +227,7 @@ class Services:
             if waiter is not None:
                 self.replies.forget(waiter)
             if claim is not None:  # the job failed before it was queued: its key is free for the retry
-                self.jobs.release_key(claim.record, job_id, claim.owner)
+                self.jobs.records.release_key(claim.record, job_id, claim.owner)
             raise
         if waiter is None:
             return job
@@ -230,7 +237,7 @@ class Services:
         """The job an Idempotency-Key already created, as it stands (waited for like a new one)."""
         if conflict.reused:
             raise replayed_conflict(conflict.job_id)
-        job = self.jobs.get(conflict.job_id)
+        job = self.jobs.records.get(conflict.job_id)
         if job is None:  # it expired between the Lua step and this read: as if never created
             raise ApiError(409, "idempotency_key_expired", "the job of this Idempotency-Key has just expired; retry")
         claim.mark_replayed()
@@ -245,7 +252,7 @@ class Services:
     def _create_counted(self, record: dict[str, Any], limits: list[tuple[str, int, int]]) -> dict[str, Any]:
         """The caller's use of the rate limit and the job's creation: one round trip."""
         try:
-            job, used = self.jobs.create_limited(limits, **record)
+            job, used = self.jobs.records.create_limited(limits, **record)
         except RateLimited as exc:
             raise self._too_many(exc, limits) from None
         self.rate_limit.remember(used, limits)
@@ -321,9 +328,7 @@ class Services:
                     kwargsrepr=repr({"job_id": job_id, "model_id": spec.id, "kind": kind}),
                 )
         except Exception:
-            self.jobs.finish(
-                job_id, FAILED, error={"code": "broker_unavailable", "message": "the job could not be queued"}
-            )
+            self.jobs.lifecycle.end_jobs([JobEnd(job_id, FAILED, BROKER_UNAVAILABLE, "the job could not be queued")])
             raise
 
     def _check_backpressure(self, device: str, lane: str) -> None:
@@ -393,7 +398,7 @@ class Services:
         if wait_s <= 0 or job["status"] in TERMINAL:
             return job
         waiter = self.replies.expect(job["job_id"])
-        current = self.jobs.watch(job["job_id"], self.replies.channel)
+        current = self.jobs.events.watch(job["job_id"], self.replies.channel)
         if current is None or current["status"] in TERMINAL:
             self.replies.forget(waiter)
             return current or job

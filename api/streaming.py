@@ -14,7 +14,7 @@ from typing import Any
 
 from api.errors import ApiError
 from api.stream_hub import InvalidPosition, StreamHub, Subscription, canonical
-from tasks.jobs import JobStore
+from tasks.jobs import Jobs
 from tasks.states import SUCCEEDED, TERMINAL
 
 POLL_MS = 250
@@ -43,7 +43,7 @@ class Event:
 
 
 def follow_job(
-    jobs: JobStore,
+    jobs: Jobs,
     job_id: str,
     last_id: str = "0-0",
     alive: Callable[[], bool] = lambda: True,
@@ -66,7 +66,7 @@ def follow_job(
 
 
 def _follow(
-    jobs: JobStore,
+    jobs: Jobs,
     job_id: str,
     last_id: str,
     alive: Callable[[], bool],
@@ -74,12 +74,12 @@ def _follow(
     subscription: Subscription | None,
 ) -> Iterator[Event]:
     silent_ms = 0
-    state = jobs.follow(job_id)
+    state = jobs.events.follow(job_id)
     if state is None:
         return
     status, has_stream = state
     if status in TERMINAL and not has_stream:  # it ended without streaming before anyone followed it
-        job = jobs.get(job_id)
+        job = jobs.records.get(job_id)
         if job is None:
             return
         whole = whole_output_chunk(job)
@@ -91,18 +91,18 @@ def _follow(
         if subscription is not None:
             entries = subscription.read(POLL_MS)
         else:
-            entries = jobs.events(job_id, last_id, POLL_MS)
+            entries = jobs.events.read(job_id, last_id, POLL_MS)
         if not entries:
             silent_ms += POLL_MS
             if keepalive_s and silent_ms >= keepalive_s * 1000:
                 silent_ms = 0
                 yield Event("keepalive", last_id, {})
-            job = jobs.get(job_id)
+            job = jobs.records.get(job_id)
             if job is None:
                 return
             # An ended job's stream holds nothing more: the `done` event is written with the end, in one
             # step. A reader already past it (resuming after the last id), or whose stream expired, ends here.
-            if job["status"] in TERMINAL and not jobs.events(job_id, last_id, 1):
+            if job["status"] in TERMINAL and not jobs.events.read(job_id, last_id, 1):
                 yield Event("done", last_id, job)
                 return
             continue
@@ -114,7 +114,7 @@ def _follow(
             elif data.get("type") == "status":
                 yield Event("status", entry_id, json.loads(data["data"]))
             elif data.get("type") == "done":
-                job = jobs.get(job_id) or {"job_id": job_id, "status": data.get("status")}
+                job = jobs.records.get(job_id) or {"job_id": job_id, "status": data.get("status")}
                 whole = whole_output_chunk(job)
                 if whole is not None:
                     yield Event("chunk", entry_id, whole)

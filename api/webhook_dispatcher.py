@@ -1,7 +1,7 @@
 """The webhook dispatcher: the process that sends completion webhooks (`manage.py dispatcher`; `manage.py up` and
 compose's `webhooks` service start one). Not on any request path and not in the workers: a job's end only records,
-in the same Lua step, that a delivery is due (tasks/jobs.py); everything slow (DNS, TLS, a receiver that hangs, the
-retries of 24 h) happens here.
+in the same Lua step, that a delivery is due (tasks/jobs/lifecycle.py); everything slow (DNS, TLS, a receiver that
+hangs, the retries of 24 h) happens here.
 
 Why a process of its own and not a Celery task on a queue: the deliveries already live in Redis as a schedule (a
 sorted set by due time, tasks/webhooks.py), which is what a retry with backoff needs and what a broker lacks
@@ -44,7 +44,7 @@ from config.logging import setup_logging
 from config.settings import Settings
 from tasks.deadletters import WEBHOOK_FAILED, DeadLetters
 from tasks.holdings import DEAD_LETTERS, quotas_from
-from tasks.jobs import JobStore
+from tasks.jobs.records import Records
 from tasks.names import METRICS_WEBHOOKS, WEBHOOK_DISPATCHERS
 from tasks.outbound import DeliveryFailed, ForbiddenDestination, OutboundPolicy
 from tasks.redis_client import make_redis
@@ -116,7 +116,7 @@ class Dispatcher:
         self.settings = settings
         self.name = name or f"dispatcher.{os.getpid()}@{socket.gethostname()}"
         self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
-        self.jobs = JobStore(self.redis, settings.result_ttl)
+        self.jobs = Records(self.redis, settings.result_ttl)
         self.deliveries = Deliveries(self.redis, SlotLimits.from_settings(settings))
         self.owners = WebhookOwners(self.redis)
         self.dead = DeadLetters(

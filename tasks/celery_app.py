@@ -19,7 +19,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
-        # Job state and results live in our own Redis job records (tasks/jobs.py), not Celery's backend.
+        # Job state and results live in our own Redis job records (tasks/jobs/), not Celery's backend.
         task_ignore_result=True,
         result_backend=None,
         task_default_queue=CPU_QUEUE,

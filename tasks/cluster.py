@@ -26,6 +26,7 @@ from tasks.names import (
     control_channel,
     worker_key,
 )
+from tasks.redis_client import text
 from tasks.states import LOADED, LOADING, MODEL_FAILED, UNLOADED, UNLOADING
 
 
@@ -59,7 +60,7 @@ class ClusterState:
             return []
         records = []
         now = time.time()
-        for raw in self.redis.mget([worker_key(n) for n in names]):
+        for raw in self.redis.mget([worker_key(text(n)) for n in names]):
             if not raw:
                 continue
             record = json.loads(raw)
@@ -102,7 +103,7 @@ class ClusterState:
         return json.loads(raw) if raw else None
 
     def all_desired(self) -> dict[str, dict[str, Any]]:
-        return {mid: json.loads(raw) for mid, raw in self.redis.hgetall(DESIRED_MODELS).items()}
+        return {text(mid): json.loads(raw) for mid, raw in self.redis.hgetall(DESIRED_MODELS).items()}
 
     def record_error(self, model_id: str, message: str, code: str, worker: str) -> None:
         self.redis.hset(
@@ -118,7 +119,7 @@ class ClusterState:
             self.redis.hset(SIGNATURES, mapping={mid: json.dumps(sig) for mid, sig in signatures.items()})
 
     def signatures(self) -> dict[str, dict[str, Any]]:
-        return {mid: json.loads(raw) for mid, raw in self.redis.hgetall(SIGNATURES).items()}
+        return {text(mid): json.loads(raw) for mid, raw in self.redis.hgetall(SIGNATURES).items()}
 
     def notify(self, device: str) -> None:
         self.redis.publish(control_channel(device), "reconcile")

@@ -3,7 +3,7 @@
 A job becomes a dead letter when it ends `poison_job` (it took its model process or worker down
 AETHERCORE_MAX_ATTEMPTS times: an inference, load or unload job), when it expired in its queue (its `timeout` passed
 before a worker started it), or when its completion webhook failed for good. The first two are written by the Lua
-step that ends the job (tasks/jobs.py `_TRANSITION`, with the reason the worker gives: workers/completion.py
+step that ends the job (tasks/jobs/lua/transition.lua, with the reason the worker gives: workers/completion.py
 `Ending.dead_letter`), so a dead letter exists exactly when its job ended so; the third by the webhook dispatcher
 (api/webhook_dispatcher.py, `DeadLetters.add`). Both write it with `dead_put` (`LUA`), in one atomic step with its
 charge.
@@ -52,6 +52,7 @@ from tasks.names import (
     dead_entry_key,
     dead_letter_key,
 )
+from tasks.redis_client import text
 from tasks.states import INFERENCE, JOB_KINDS
 
 POISON = "poison_job"
@@ -66,8 +67,21 @@ ENTRY_OVERHEAD = 256
 # Most dead letters one write removes for each bound (so a lowered cap converges over a few writes, in bounded steps).
 TRIM_STEP = 100
 # Fields a listing reads (not the request: it may be megabytes, and only a replay needs it).
-_LISTED = ("job_id", "queue", "reason", "dead_at", "kind", "model_id", "owner", "role", "request_id", "error")
-_LISTED += ("webhook", "delivery_id", "replayed_as")
+_LISTED = (
+    "job_id",
+    "queue",
+    "reason",
+    "dead_at",
+    "kind",
+    "model_id",
+    "owner",
+    "role",
+    "request_id",
+    "error",
+    "webhook",
+    "delivery_id",
+    "replayed_as",
+)
 
 # The dead letter's Lua, for any script that writes one (with the account's functions: `with_holdings`).
 # dead_request(payload)                                    -> the job's submission out of its requeue payload, or ''
@@ -75,9 +89,9 @@ _LISTED += ("webhook", "delivery_id", "replayed_as")
 #   limits: "retention per_queue owner_bytes owner_count" (`limits_arg`); fields: name, value, ... (empty skipped)
 LUA = """
 local DEAD_ENTRY, DEAD_INDEX, DEAD_KIND = 'DEAD_ENTRY_PREFIX', 'DEAD_LETTER_PREFIX', 'DEAD_LETTERS_KIND'
--- A requeue payload is {"task":..,"queue":..,"kwargs":KWARGS} (tasks/jobs.py requeue_payload) and an inference's
--- KWARGS {"model_id":..,"jobs":[WORK]} with its one job: the submission is WORK, or a load's KWARGS. (A JSON string
--- cannot hold these keys unescaped, so the first match is the key itself.)
+-- A requeue payload is {"task":..,"queue":..,"kwargs":KWARGS} (tasks/jobs/inflight.py requeue_payload) and an
+-- inference's KWARGS {"model_id":..,"jobs":[WORK]} with its one job: the submission is WORK, or a load's KWARGS. (A
+-- JSON string cannot hold these keys unescaped, so the first match is the key itself.)
 local function dead_request(payload)
   local at = string.find(payload, '"kwargs":', 1, true)
   if not at or string.sub(payload, -1) ~= '}' then return '' end
@@ -254,7 +268,7 @@ class DeadLetters:
         self._mark_replayed = client.register_script(_MARK_REPLAYED)
 
     def add(self, job_id: str, queue: str, reason: str, **fields: Any) -> None:
-        """Record a dead letter from Python (the webhook dispatcher); the Lua writer in tasks/jobs.py writes the
+        """Record a dead letter from Python (the webhook dispatcher); the Lua end of a job (tasks/jobs/) writes the
         same fields, with the same bounds and charge."""
         owner = fields.pop("owner", None) or NO_OWNER
         flat: list[Any] = []
@@ -264,7 +278,7 @@ class DeadLetters:
         self._add(args=[job_id, queue, reason, self.limits, owner, *flat])
 
     def queues(self) -> list[str]:
-        return sorted(_text(q) for q in self.redis.smembers(DEAD_LETTER_QUEUES))
+        return sorted(text(q) for q in self.redis.smembers(DEAD_LETTER_QUEUES))
 
     def depth(self) -> dict[str, int]:
         """Dead letters kept per queue (within the retention)."""
@@ -282,7 +296,7 @@ class DeadLetters:
         fields = self.redis.hgetall(dead_entry_key(job_id))
         if not fields:
             return None
-        entry = {_text(k): _text(v) for k, v in fields.items()}
+        entry = {text(k): text(v) for k, v in fields.items()}
         out = _decode(entry)
         out["_request"] = entry.get("request") or None
         out["_legacy"] = bool(entry.get("payload")) and not entry.get("request")
@@ -306,7 +320,7 @@ class DeadLetters:
         for name in queues:
             pipe.zrevrangebyscore(dead_letter_key(name), ceiling, floor, withscores=True)
         for found in pipe.execute():
-            ranked.extend((float(score), _text(job_id)) for job_id, score in found)
+            ranked.extend((float(score), text(job_id)) for job_id, score in found)
         ranked.sort(reverse=True)
         out: list[dict[str, Any]] = []
         for start in range(0, len(ranked), 200):
@@ -319,7 +333,7 @@ class DeadLetters:
             for values, request_bytes in zip(replies[::2], replies[1::2]):
                 if values[0] is None:
                     continue  # expired
-                entry = {name: _text(v) for name, v in zip(_LISTED, values) if v is not None}
+                entry = {name: text(v) for name, v in zip(_LISTED, values) if v is not None}
                 entry["request"] = "kept" if request_bytes else ""
                 decoded = _decode(entry)
                 if code and code not in (decoded["reason"], (decoded.get("error") or {}).get("code")):
@@ -336,7 +350,7 @@ class DeadLetters:
         """Dead letters recorded since Redis was new, by (queue, reason): /metrics' counter."""
         out = {}
         for field_name, value in self.redis.hgetall(METRICS_DEAD_LETTERS).items():
-            queue, _, reason = _text(field_name).rpartition("|")
+            queue, _, reason = text(field_name).rpartition("|")
             out[(queue, reason)] = int(value)
         return out
 
@@ -359,7 +373,3 @@ def _decode(entry: Mapping[str, str]) -> dict[str, Any]:
         "replayed_as": entry.get("replayed_as") or None,
         "replayable": bool(entry.get("delivery_id")) or bool(entry.get("request") and entry.get("role")),
     }
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -29,6 +29,9 @@ MODEL_EVICTED = "model_evicted"  # least recently used, evicted to make room for
 MODEL_PROCESS_DIED = "model_process_died"  # its process died and could not be started again
 MODEL_TIMEOUT = "model_timeout"  # its process made no progress within the model's timeout_s
 
+# -- the service ----------------------------------------------------------------------------------------------
+BROKER_UNAVAILABLE = "broker_unavailable"  # the job's message could not be queued (the broker was unreachable)
+
 # -- the job itself -------------------------------------------------------------------------------------------
 DEADLINE_EXCEEDED = "deadline_exceeded"  # its `timeout` passed (job status `expired`)
 EXPIRED = "expired"  # an expired job without an error of its own
@@ -51,6 +54,7 @@ HTTP_STATUS: dict[str, int] = {
     MODEL_EVICTED: 503,
     MODEL_PROCESS_DIED: 503,
     MODEL_TIMEOUT: 504,
+    BROKER_UNAVAILABLE: 503,
     DEADLINE_EXCEEDED: 504,
     EXPIRED: 504,
     CANCELLED: 504,

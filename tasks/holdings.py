@@ -34,6 +34,7 @@ from typing import Any
 import redis
 
 from tasks.names import HOLDINGS_OWNERS, HOLDINGS_PREFIX, HOLDINGS_TOTAL
+from tasks.redis_client import text
 
 FILES = "files"  # uploaded files (`POST /v1/files`), by their size as uploaded
 OUTPUTS = "outputs"  # a batch's output and error files, growing as its lines are answered
@@ -334,7 +335,8 @@ class Holdings:
     def put(self, owner: str, kind: str, object_id: str, size: int, expires_at: float, force: bool = False) -> None:
         """Charge `object_id` (or change its size and expiry); QuotaExceeded, nothing written, if it does not fit."""
         now = time.time()
-        args = [owner, kind, object_id, int(size), _stamp(expires_at), _stamp(now), *self.lua_limits(kind), int(force)]
+        args: list[str | int] = [owner, kind, object_id, int(size), _stamp(expires_at), _stamp(now)]
+        args += [*self.lua_limits(kind), int(force)]
         outcome = int(self._put(args=args))
         if outcome < 0:
             raise self.refusal(owner, kind, outcome, int(size))
@@ -342,7 +344,8 @@ class Holdings:
     def grow(self, owner: str, kind: str, object_id: str, delta: int, force: bool = False) -> bool:
         """Add `delta` bytes to a charged object; QuotaExceeded if they do not fit; False if it is not charged."""
         quota = self.quotas.get(kind, Quota())
-        args = [owner, kind, object_id, int(delta), _stamp(time.time()), quota.max_bytes, self.total_limit, int(force)]
+        args: list[str | int] = [owner, kind, object_id, int(delta), _stamp(time.time()), quota.max_bytes]
+        args += [self.total_limit, int(force)]
         outcome = int(self._grow(args=args))
         if outcome < 0:
             raise self.refusal(owner, kind, outcome, int(delta))
@@ -372,7 +375,7 @@ class Holdings:
 
     def owners(self) -> list[str]:
         """Everyone whose account may hold something (furthest expiry not passed)."""
-        return [_text(o) for o in self.redis.zrangebyscore(HOLDINGS_OWNERS, time.time(), "+inf")]
+        return [text(o) for o in self.redis.zrangebyscore(HOLDINGS_OWNERS, time.time(), "+inf")]
 
     def usage_by_owner(self) -> dict[str, dict[str, Held]]:
         """`usage` of every owner `owners` lists, in two round trips whatever their number (/metrics reads it)."""
@@ -391,16 +394,12 @@ class Holdings:
 
 
 def _held(raw: Mapping[Any, Any]) -> dict[str, Held]:
-    fields = {_text(k): int(v) for k, v in raw.items()}
+    fields = {text(k): int(v) for k, v in raw.items()}
     return {kind: Held(fields.get(f"{kind}.bytes", 0), fields.get(f"{kind}.count", 0)) for kind in KINDS}
 
 
 def _stamp(value: float) -> str:
     return f"{value:.3f}"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def total_limit_for(client: redis.Redis, share: float) -> int:

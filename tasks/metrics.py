@@ -53,6 +53,11 @@ HELP = {
 }
 
 
+# What one flush takes: job counts, histogram observations, and the histograms' sums (seconds: floats, which a Counter's
+# int counts do not hold).
+Taken = tuple[Counter, Counter, defaultdict[tuple[str, str], float]]
+
+
 class LocalMetrics:
     """Counts kept in the worker's memory until the next flush (`flush(pipe)` with the heartbeat)."""
 
@@ -60,7 +65,7 @@ class LocalMetrics:
         self._lock = threading.Lock()
         self._jobs: Counter = Counter()
         self._observations: Counter = Counter()  # (metric, model, value) -> times
-        self._sums: Counter = Counter()
+        self._sums: defaultdict[tuple[str, str], float] = defaultdict(float)
 
     def count_job(self, kind: str, model: str, status: str) -> None:
         with self._lock:
@@ -78,21 +83,22 @@ class LocalMetrics:
             self._observations[(metric, model, bucket)] += times
             self._sums[(metric, model)] += value * times
 
-    def take(self) -> tuple[Counter, Counter, Counter]:
+    def take(self) -> Taken:
         with self._lock:
             taken = self._jobs, self._observations, self._sums
-            self._jobs, self._observations, self._sums = Counter(), Counter(), Counter()
+            self._jobs, self._observations, self._sums = Counter(), Counter(), defaultdict(float)
         return taken
 
-    def give_back(self, taken: tuple[Counter, Counter, Counter]) -> None:
+    def give_back(self, taken: Taken) -> None:
         """A flush that failed: keep its counts for the next one."""
         with self._lock:
             self._jobs.update(taken[0])
             self._observations.update(taken[1])
-            self._sums.update(taken[2])
+            for key, seconds in taken[2].items():
+                self._sums[key] += seconds
 
     @staticmethod
-    def write(pipe: Any, taken: tuple[Counter, Counter, Counter]) -> bool:
+    def write(pipe: Any, taken: Taken) -> bool:
         jobs, observations, sums = taken
         for key, times in jobs.items():
             name = "|".join(key) if key[0] == GENERATED_TOKENS else f"{JOBS_TOTAL}|{'|'.join(key)}"

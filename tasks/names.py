@@ -185,7 +185,8 @@ def batches_active_key(owner: str) -> str:
 
 
 # -- completion webhooks (tasks/webhooks.py, api/webhook_dispatcher.py) ------------------------------------------
-# A job that carries a webhook gets a delivery when it ends, written by the Lua step that ends it (tasks/jobs.py).
+# A job that carries a webhook gets a delivery when it ends, written by the Lua step that ends it
+# (tasks/jobs/lua/transition.lua).
 WEBHOOK_DELIVERY_PREFIX = f"{PREFIX}:webhook:delivery:"  # + delivery id (`msg_<job id>`): hash, one delivery
 
 

@@ -124,7 +124,7 @@ class OutboundPolicy:
                 raise DeliveryFailed(f"cannot resolve {host!r}: {exc}") from None
             candidates = []
             for info in infos:
-                address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+                address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
                 if address not in candidates:
                     candidates.append(address)
         for address in candidates:

@@ -20,6 +20,11 @@ SOCKET_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 8192
 
 
+def text(value: Any) -> str:
+    """A reply's string, whether the client decodes replies (make_redis's do) or not (a raw client's)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], int]:
     """`sentinel://h1:26379;sentinel://h2:26379/0` -> ([(h1, 26379), (h2, 26379)], db 0)."""
     hosts, db = [], 0

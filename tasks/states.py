@@ -1,5 +1,5 @@
 """Every job state, job kind and model state, defined once (the anchor: celery/states.py). Python code imports these;
-the Lua scripts are rendered from them (tasks/jobs.py `_render`)."""
+the Lua scripts are rendered from them (tasks/jobs/scripts.py `render`)."""
 
 from __future__ import annotations
 

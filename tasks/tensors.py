@@ -64,15 +64,17 @@ def unpack(value: dict[str, Any], checked: bool = True) -> np.ndarray:
     dtype = _BY_CODE.get(code)
     if dtype is None:
         raise ValueError(f"dtype {code!r} is not a tensor datatype's")
+    size = None
     if checked:
         try:
             shape = checked_shape(shape)
         except ShapeError as exc:
             raise ShapeError(f"shape {exc}") from None
+        size = math.prod(shape) * dtype.itemsize
     try:
         raw = base64.b64decode(value[TAG], validate=True)
     except (binascii.Error, TypeError, ValueError):
         raise ValueError("its data is not base64") from None
-    if checked and len(raw) != math.prod(shape) * dtype.itemsize:
+    if size is not None and len(raw) != size:
         raise ValueError(f"{len(raw)} bytes do not hold shape {shape} of {code}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -1,5 +1,5 @@
 """Completion webhooks: what is kept in Redis, how a delivery is signed, and when it is tried again. Written once,
-used by the API (a request's webhook), the Lua step that ends a job (tasks/jobs.py: the delivery is due), the
+used by the API (a request's webhook), the Lua step that ends a job (tasks/jobs/lifecycle.py: the delivery is due), the
 dispatcher (api/webhook_dispatcher.py: it sends it) and the CLI (`manage.py auth webhook-secret`, `webhooks`).
 
 A delivery's life (keys in tasks/names.py):
@@ -66,6 +66,7 @@ from tasks.names import (
     WEBHOOKS_LEASED,
     webhook_delivery_key,
 )
+from tasks.redis_client import text
 
 SECRET_PREFIX = "whsec_"
 # A delivery's hash is kept at most this long before it is delivered or fails (the retry window is at most 7 days).
@@ -154,7 +155,7 @@ class WebhookOwners:
         return bool(self.redis.hexists(WEBHOOK_SECRETS, owner))
 
     def owners(self) -> list[str]:
-        return sorted(_text(o) for o in self.redis.hkeys(WEBHOOK_SECRETS))
+        return sorted(text(o) for o in self.redis.hkeys(WEBHOOK_SECRETS))
 
     def set_endpoint(self, owner: str, url: str | None) -> None:
         if url is None:
@@ -167,7 +168,7 @@ class WebhookOwners:
         return orjson.loads(raw)["url"] if raw else None
 
     def endpoints(self) -> dict[str, str]:
-        return {_text(k): orjson.loads(v)["url"] for k, v in self.redis.hgetall(WEBHOOK_ENDPOINTS).items()}
+        return {text(k): orjson.loads(v)["url"] for k, v in self.redis.hgetall(WEBHOOK_ENDPOINTS).items()}
 
     def disable(self, owner: str, url: str, reason: str) -> None:
         self.redis.hset(WEBHOOK_DISABLED, f"{owner} {url}", orjson.dumps({"at": time.time(), "reason": reason}))
@@ -181,7 +182,7 @@ class WebhookOwners:
     def disabled_endpoints(self) -> list[dict[str, Any]]:
         out = []
         for key, raw in self.redis.hgetall(WEBHOOK_DISABLED).items():
-            owner, _, url = _text(key).partition(" ")
+            owner, _, url = text(key).partition(" ")
             out.append({"owner": owner, "url": url, **orjson.loads(raw)})
         return sorted(out, key=lambda e: e["at"])
 
@@ -511,7 +512,8 @@ class Deliveries:
     ) -> None:
         """A delivery due now (what a job's end does in Lua, for the other things that end: a batch, whose `body`
         is given here), charged to the webhook's owner."""
-        args = [delivery_id, kind, ref, orjson.dumps(webhook), event, queue, body or b"", int(body is not None)]
+        args: list[str | bytes | int] = [delivery_id, kind, ref, orjson.dumps(webhook), event, queue, body or b""]
+        args.append(int(body is not None))
         self._enqueue(args=[*args, repr(time.time())])
 
     def claim(
@@ -521,7 +523,7 @@ class Deliveries:
         enough to pass deliveries held back); those held back are rescheduled (SlotLimits)."""
         now = now or time.time()
         limits = self.limits
-        args = [
+        args: list[str | int | float] = [
             repr(now),
             repr(now + lease_s),
             limit,
@@ -534,14 +536,14 @@ class Deliveries:
             repr(float(limits.hold_max_s)),
         ]
         flat, held = self._claim(args=args)
-        pairs = [_text(v) for v in flat]
+        pairs = [text(v) for v in flat]
         return Claimed(list(zip(pairs[::2], pairs[1::2])), int(held))
 
     def get(self, delivery_id: str) -> dict[str, Any] | None:
         fields = self.redis.hgetall(webhook_delivery_key(delivery_id))
         if not fields:
             return None
-        record = {_text(k): (v if _text(k) == "body" else _text(v)) for k, v in fields.items()}
+        record: dict[str, Any] = {text(k): (v if text(k) == "body" else text(v)) for k, v in fields.items()}
         record["id"] = delivery_id
         record["webhook"] = orjson.loads(record["webhook"]) if record.get("webhook") else {}
         return record
@@ -575,11 +577,11 @@ class Deliveries:
 
     def endpoint(self, endpoint: str) -> dict[str, str]:
         """An endpoint's circuit (`<owner> <scheme>://<host>:<port>`): failures, open_until, probe, probe_until."""
-        return {_text(k): _text(v) for k, v in self.redis.hgetall(f"{WEBHOOK_ENDPOINT_PREFIX}{endpoint}").items()}
+        return {text(k): text(v) for k, v in self.redis.hgetall(f"{WEBHOOK_ENDPOINT_PREFIX}{endpoint}").items()}
 
     def failed_list(self, limit: int = 100) -> list[dict[str, Any]]:
         """Failed deliveries, newest first (without their bodies)."""
-        ids = [_text(i) for i in self.redis.zrevrange(WEBHOOKS_FAILED, 0, max(0, limit - 1))]
+        ids = [text(i) for i in self.redis.zrevrange(WEBHOOKS_FAILED, 0, max(0, limit - 1))]
         out = []
         for delivery_id in ids:
             record = self.get(delivery_id)
@@ -613,7 +615,3 @@ class Deliveries:
             "failed": int(failed),
             "dispatchers": int(dispatchers),
         }
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,11 +1,11 @@
 """How a job ends: written once, whichever path ran it (batch completion, generation, task thread, reaper).
 
-A job's end is one Lua transition (tasks/jobs.py): `finish` writes the ends of several jobs in one round trip
-that also wakes the API processes waiting for them, retried while Redis cannot take it, and counts them in
-the worker's metrics. Each end is built here from the job's typed context (`JobContext`): `succeeded` (its
-result encoded once: arrays straight from numpy, or base64 if asked), `failed`, `expired`, `cancelled`.
-`classify` turns the exception a job failed with into its `error` (a code of tasks/errors.py). A batch job's
-items are gathered into its one result by `BatchItems`, whichever path ran them.
+A job's end is one Lua transition (tasks/jobs/lifecycle.py `end_jobs`): `finish` writes the ends of several jobs
+in one round trip that also wakes the API processes waiting for them, retried while Redis cannot take it, and
+counts them in the worker's metrics. Each end is built here from the job's typed context (`JobContext`):
+`succeeded` (its result encoded once: arrays straight from numpy, or base64 if asked), `failed`, `expired`,
+`cancelled`. `classify` turns the exception a job failed with into its `error` (a code of tasks/errors.py). A batch
+job's items are gathered into its one result by `BatchItems`, whichever path ran them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from config.models import ModelSpec
 from tasks.deadletters import EXPIRED_IN_QUEUE
 from tasks.deadletters import POISON as DEAD_POISON
 from tasks.errors import CODES, INTERNAL_ERROR, INVALID_INPUT, POISON_JOB, error_body
-from tasks.jobs import JobStore, encode
+from tasks.jobs.codec import encode
+from tasks.jobs.lifecycle import JobEnd, Lifecycle
 from tasks.metrics import INFERENCE_TIME, LANE_WAIT, QUEUE_WAIT, LocalMetrics
 from tasks.names import DEFAULT_LANE
 from tasks.results import compact
@@ -173,13 +174,13 @@ class Completion:
 
     def __init__(
         self,
-        jobs: JobStore,
+        lifecycle: Lifecycle,
         metrics: LocalMetrics,
         name: str,
         device: str,
         stop: threading.Event,
     ) -> None:
-        self.jobs = jobs
+        self.lifecycle = lifecycle
         self.metrics = metrics
         self.name = name
         self.device = device
@@ -241,15 +242,15 @@ class Completion:
             return
         now = time.time()
         items = [
-            {
-                "job_id": e.job_id,
-                "status": e.status,
-                "error": e.error,
-                "result": e.result,
-                "result_json": e.result_json,
-                "note": self._wake_note(e, now),
-                "dead": e.dead_letter,
-            }
+            JobEnd(
+                e.job_id,
+                e.status,
+                e.code,
+                e.error["message"] if e.error else "",
+                result=e.result_json if e.result_json is not None else e.result,
+                note=self._wake_note(e, now),
+                dead=e.dead_letter,
+            )
             for e in endings
         ]
         succeeded: list[Ending] = []
@@ -269,7 +270,7 @@ class Completion:
         if succeeded:
             _log_succeeded(model_id, succeeded)
 
-    def _write_ends(self, items: list[dict[str, Any]]) -> list[bool]:
+    def _write_ends(self, items: list[JobEnd]) -> list[bool]:
         """Write the jobs' ends, retried while Redis is unreachable or refuses writes (at its maxmemory: results
         expiring free room) for up to RESULT_WRITE_RETRY_S: the caller (a model's completion thread) waits, so
         the model takes no new work meanwhile, and no job is left half-written. Each retry is safe: a job that
@@ -277,7 +278,7 @@ class Completion:
         deadline = time.monotonic() + RESULT_WRITE_RETRY_S
         for attempt in itertools.count():
             try:
-                return self.jobs.finish_many(items)
+                return self.lifecycle.end_jobs(items)
             except redis.RedisError as exc:
                 if time.monotonic() > deadline or self._stop.is_set():
                     raise

@@ -117,7 +117,7 @@ class _Run:
                 interval=self.svc.settings.stream_interval,
             )
             try:  # what the reaper charges if the worker dies now: a row alone in its batch, never a companion
-                self.svc.jobs.mark_forward([ctx.job_id], alone=exclusive)
+                self.svc.jobs.inflight.mark_forward([ctx.job_id], alone=exclusive)
             except redis.RedisError:
                 pass
         try:

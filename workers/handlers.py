@@ -16,7 +16,7 @@ from celery import Celery
 from loguru import logger
 
 from tasks.errors import DEADLINE_EXCEEDED, MODEL_NOT_FOUND, error_body
-from tasks.jobs import requeue_payload
+from tasks.jobs.inflight import requeue_payload
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL, forced_unload_key
 from tasks.states import FAILED, INFERENCE, LOAD, LOADED, SUCCEEDED, UNLOAD, UNLOADED, UNLOADING
 from workers.batcher import ResultsNotWritten
@@ -90,7 +90,7 @@ def run_inference(model_id: str, jobs: list[dict[str, Any]]) -> None:
 
 def _start(svc: WorkerService, model_id: str, jobs: list[dict[str, Any]]) -> list[JobContext]:
     """Mark the message's jobs running (one round trip); end at once those that may not run. The rest."""
-    deliveries = svc.jobs.mark_running_many(
+    deliveries = svc.jobs.lifecycle.mark_running_many(
         [(j["job_id"], requeue_payload(INFER, svc.queue, {"model_id": model_id, "jobs": [j]})) for j in jobs], svc.name
     )
     if not all(deliveries):
@@ -213,7 +213,7 @@ def _replica_view(model_id: str, workers: list[dict[str, Any]]) -> tuple[list[di
 
 def _mark_running(svc: WorkerService, task: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """A load or unload job marked running: the wake fields of its end, or None when it is not to run here."""
-    attempts = svc.jobs.mark_running(kwargs["job_id"], svc.name, requeue_payload(task, svc.queue, kwargs))
+    attempts = svc.jobs.lifecycle.mark_running(kwargs["job_id"], svc.name, requeue_payload(task, svc.queue, kwargs))
     return {"attempts": attempts, "started_at": time.time()} if attempts else None
 
 

@@ -2,7 +2,7 @@
 
 Every job a worker starts is recorded in that worker's in-flight hash (with what it takes to queue it
 again) by the same Lua step that marks it running, and leaves it in the step that ends it
-(tasks/jobs.py). Every worker runs this reaper: each `interval` it looks for holders of in-flight jobs
+(tasks/jobs/inflight.py). Every worker runs this reaper: each `interval` it looks for holders of in-flight jobs
 whose heartbeat key has expired (no heartbeat for AETHERCORE_WORKER_TTL seconds) and takes their jobs
 over atomically (one reaper wins): each goes back to `queued` and is sent again on its device's queue
 with `isolate`: it runs in a forward pass of its own (it may be what killed the worker). A job is charged a
@@ -13,7 +13,7 @@ not after the broker's visibility timeout, and a storm of worker deaths charges 
 
 A job can also be lost before it starts: its message taken from the Redis list by a worker killed before
 kombu recorded it as unacknowledged, or an API process killed between creating the job and publishing it.
-Every job that has not started is in its queue's index with its payload (tasks/jobs.py); when the queue is
+Every job that has not started is in its queue's index with its payload (tasks/jobs/inflight.py); when the queue is
 empty and a job has waited there longer than the worker TTL (at least 10 s), its message cannot be
 anywhere but lost (a live worker starts what it takes at once), and the reaper sends it again. Only with a
 Redis broker: RabbitMQ keeps an unacknowledged message until it is acknowledged, whoever dies.
@@ -29,7 +29,7 @@ written); with every heartbeat the worker publishes that set with the time it wa
 So a job its holder works on is in every set published after it started. The reaper (on any worker) takes a
 job back to `queued` when its live holder has had it in its in-flight hash for at least `grace_s` and it is
 missing from two of the holder's published sets, both taken after the job started; one Lua step checks that
-it is still running there, unchanged (tasks/jobs.py `_RECLAIM`). It is charged a crash, so a job that keeps
+it is still running there, unchanged (tasks/jobs/lua/reclaim.lua). It is charged a crash, so a job that keeps
 being dropped ends as `poison_job` after AETHERCORE_MAX_ATTEMPTS. Bound: grace (AETHERCORE_WORKER_TTL) + two
 heartbeat intervals + one reaper interval.
 """
@@ -47,7 +47,7 @@ import orjson
 import redis
 from loguru import logger
 
-from tasks.jobs import JobStore
+from tasks.jobs import Jobs
 from tasks.names import INFER, KIND_OF_TASK, active_jobs_key, inflight_key, worker_key
 from tasks.states import FAILED, INFERENCE
 from workers.completion import Ending
@@ -94,7 +94,7 @@ class ActiveJobs:
 class Reaper:
     def __init__(
         self,
-        jobs: JobStore,
+        jobs: Jobs,
         name: str,
         queue: str,
         send: Send,
@@ -140,7 +140,7 @@ class Reaper:
         if time.monotonic() - self._redis_failed_at < self.worker_ttl_s:
             return 0
         taken = 0
-        holders = self.jobs.inflight_holders()
+        holders = self.jobs.inflight.holders()
         live: list[str] = []
         if holders:
             pipe = self.jobs.redis.pipeline(transaction=False)
@@ -152,7 +152,7 @@ class Reaper:
                     continue
                 if holder == self.name:
                     continue  # this worker's own key lapsed (e.g. Redis was away): it is not dead
-                jobs = self.jobs.reap(holder)
+                jobs = self.jobs.inflight.reap(holder)
                 if jobs:
                     logger.warning("worker {} is gone: queueing its {} running job(s) again", holder, len(jobs))
                 for job_id, payload, crashes in jobs:
@@ -161,7 +161,7 @@ class Reaper:
         taken += self.reclaim_dropped(live)
         if self.sweep_queue:
             # At least a worker TTL: by then a message a dead worker took is either started by a live one or lost.
-            for job_id, payload in self.jobs.sweep_queued(self.queue, max(self.worker_ttl_s, 10.0)):
+            for job_id, payload in self.jobs.inflight.sweep_queued(self.queue, max(self.worker_ttl_s, 10.0)):
                 self._requeue("its message was lost", job_id, orjson.loads(payload), 0)
                 taken += 1
         if self.aging is not None:
@@ -200,7 +200,7 @@ class Reaper:
         published = orjson.loads(raw)
         at, active = float(published["at"]), set(published["jobs"])
         missing = [job_id for job_id in inflight if job_id not in active]
-        for job_id, started in zip(missing, self.jobs.running_since(missing)):
+        for job_id, started in zip(missing, self.jobs.inflight.running_since(missing)):
             if started is None or float(started) >= at:
                 continue  # ended, or started after that set was taken
             key = (holder, job_id, started)  # a miss from an earlier run of the job does not count
@@ -209,7 +209,7 @@ class Reaper:
             misses.add(at)
             if len(misses) < 2 or at - float(started) < self.grace_s:
                 continue
-            reclaimed = self.jobs.reclaim(holder, job_id, started)
+            reclaimed = self.jobs.inflight.reclaim(holder, job_id, started)
             self._misses.pop(key, None)
             if reclaimed is None:
                 continue

@@ -37,7 +37,7 @@ from model_store.signatures import artifact_signature
 from tasks.cluster import ClusterState
 from tasks.errors import MODEL_EVICTED
 from tasks.holdings import quotas_from
-from tasks.jobs import JobStore
+from tasks.jobs import Jobs
 from tasks.metrics import BATCH_SIZE, LocalMetrics
 from tasks.names import DEFAULT_LANE, queue_for_device
 from tasks.redis_client import make_redis
@@ -66,14 +66,14 @@ class WorkerService:
         self.started_at = time.time()
         self.models: dict[str, ModelSpec] = load_models(settings.models_file)
         self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
-        self.jobs = JobStore(
+        self.jobs = Jobs(
             self.redis, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max, quotas_from(settings)
         )
         self.cluster = ClusterState(self.redis, settings.worker_ttl)
         self.metrics = LocalMetrics()
-        self.streams = JobStreams(self.jobs, self.metrics)
+        self.streams = JobStreams(self.jobs.events, self.metrics)
         self._stop = threading.Event()
-        self.completion = Completion(self.jobs, self.metrics, name, self.device, self._stop)
+        self.completion = Completion(self.jobs.lifecycle, self.metrics, name, self.device, self._stop)
         # The one crash policy of this worker: its batchers, its generation runs, its reaper and its task threads
         # all judge by it (workers/retry.py).
         self.policy = RetryPolicy(settings.max_attempts)
@@ -302,7 +302,7 @@ class WorkerService:
         read = None
         if job_ids:
             try:
-                read = self.jobs.note_forward(job_ids, alone=len(batch) == 1)
+                read = self.jobs.inflight.note_forward(job_ids, alone=len(batch) == 1)
             except redis.RedisError as exc:  # the pass runs anyway; a death in it then charges no one
                 logger.warning("cannot note a forward pass: {}", exc)
         try:

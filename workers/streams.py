@@ -13,7 +13,7 @@ import time
 import redis
 from loguru import logger
 
-from tasks.jobs import CHUNK_CANCELLED, CHUNK_NOT_RUNNING, JobStore
+from tasks.jobs.events import CHUNK_CANCELLED, CHUNK_NOT_RUNNING, Events
 from tasks.metrics import BATCH_SIZE, TIME_TO_FIRST_TOKEN, LocalMetrics
 from tasks.states import QUEUED
 from workers.model_process import StreamTarget
@@ -22,8 +22,8 @@ QUEUED_NOTE = {"status": QUEUED, "reason": "waiting for room in the model's runn
 
 
 class JobStreams:
-    def __init__(self, jobs: JobStore, metrics: LocalMetrics) -> None:
-        self.jobs = jobs
+    def __init__(self, events: Events, metrics: LocalMetrics) -> None:
+        self.events = events
         self.metrics = metrics
 
     def publish(self, pieces: list[tuple[StreamTarget, str]]) -> list[bool]:
@@ -32,7 +32,7 @@ class JobStreams:
             chunks.append((target.job_id, target.index, {"text": text}))
             target.index += 1
         try:
-            outcomes = self.jobs.append_chunks(chunks)
+            outcomes = self.events.append_chunks(chunks)
         except redis.RedisError as exc:
             # The text of this step is lost to live readers; the job's result still carries all of it.
             logger.warning("cannot append {} streamed chunk(s): {}", len(chunks), exc)
@@ -47,7 +47,7 @@ class JobStreams:
 
     def queued(self, targets: list[StreamTarget]) -> None:
         try:
-            self.jobs.append_status([t.job_id for t in targets], QUEUED_NOTE)
+            self.events.append_status([t.job_id for t in targets], QUEUED_NOTE)
         except redis.RedisError as exc:
             logger.warning("cannot note {} queued generation(s): {}", len(targets), exc)
 

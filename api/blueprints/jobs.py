@@ -25,7 +25,7 @@ _JOB_ID = re.compile(JOB_ID_RE)
 
 def find_job(job_id: str) -> dict[str, Any]:
     # Validated before it becomes part of a Redis key.
-    job = services().jobs.get(job_id) if _JOB_ID.match(job_id) else None
+    job = services().jobs.records.get(job_id) if _JOB_ID.match(job_id) else None
     who = principal()
     if job is not None and not who.sees_all_jobs and job.get("owner") != who.id:
         job = None  # someone else's job: exactly as if it did not exist
@@ -44,7 +44,7 @@ class Jobs(MethodView):
         who = principal()
         if not who.sees_all_jobs:
             query["owner"] = who.id
-        return {"jobs": [public_job(j) for j in services().jobs.recent(limit, **query)]}
+        return {"jobs": [public_job(j) for j in services().jobs.records.recent(limit, **query)]}
 
 
 @blp.route("/jobs/<string:job_id>")
@@ -70,15 +70,15 @@ class Job(MethodView):
     def delete(self, job_id: str):
         job = find_job(job_id)
         jobs = services().jobs
-        if job["status"] in TERMINAL or not jobs.request_cancel(job["job_id"], "cancelled with DELETE /jobs"):
-            current = jobs.get(job["job_id"]) or job
+        if job["status"] in TERMINAL or not jobs.lifecycle.request_cancel(job["job_id"], "cancelled with DELETE /jobs"):
+            current = jobs.records.get(job["job_id"]) or job
             raise ApiError(
                 409,
                 "job_ended",
                 f"job {job_id} already ended ({current['status']}); nothing to cancel",
                 {"status": current["status"]},
             )
-        return job_reply(jobs.get(job["job_id"]) or job)
+        return job_reply(jobs.records.get(job["job_id"]) or job)
 
 
 class JobEvents(Frames):

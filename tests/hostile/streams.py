@@ -14,7 +14,7 @@ from typing import Any
 import redis
 import requests
 
-from tasks.jobs import JobStore
+from tasks.jobs import Jobs
 from tasks.names import job_events_key
 from tests.hostile.conftest import auth
 from tests.support import ApiProcess
@@ -33,13 +33,13 @@ def held_job(client: redis.Redis, key: str) -> Iterator[str]:
     """A queued job owned by `key`'s caller that no worker will take: its streams and waits stay open until the
     test ends it (on leaving the block, so the suite's "every job ends" holds). A status note is in its event
     stream, so a follower gets its response headers at once."""
-    jobs = JobStore(client, 600)
-    job = jobs.create(kind="inference", model_id="tiny-gpt2", device=HELD_DEVICE, owner=owner_of(key))
+    jobs = Jobs(client, 600)
+    job = jobs.records.create(kind="inference", model_id="tiny-gpt2", device=HELD_DEVICE, owner=owner_of(key))
     client.xadd(job_events_key(job["job_id"]), {"type": "status", "data": json.dumps({"status": "queued"})})
     try:
         yield job["job_id"]
     finally:
-        jobs.request_cancel(job["job_id"], "the test is over")
+        jobs.lifecycle.request_cancel(job["job_id"], "the test is over")
 
 
 def open_sse(api: ApiProcess, key: str, job_id: str, **headers: str) -> requests.Response:

@@ -288,17 +288,18 @@ def test_a_running_job_its_live_holder_is_not_working_on_is_reclaimed(
 ):
     """A job marked `running` by a live worker that has no record of working on it (the state the unload bug
     left behind) is taken back by the reaper and run again."""
-    from tasks.jobs import JobStore, requeue_payload
+    from tasks.jobs import Jobs
+    from tasks.jobs.inflight import requeue_payload
     from tasks.names import INFER
 
     ensure_loaded(hostile_api, "minilm")
-    store = JobStore(redis.Redis.from_url(hostile_redis_url, decode_responses=True), 600)
-    job = store.create(kind="inference", model_id="minilm", device="cpu")
+    store = Jobs(redis.Redis.from_url(hostile_redis_url, decode_responses=True), 600)
+    job = store.records.create(kind="inference", model_id="minilm", device="cpu")
     work = {"job_id": job["job_id"], "submitted_at": time.time(), "inputs": {"text": "orphan"}, "parameters": {}}
     payload = requeue_payload(INFER, "cpu", {"model_id": "minilm", "jobs": [work]})
-    assert store.mark_running(job["job_id"], hostile_worker.name, payload) == 1
+    assert store.lifecycle.mark_running(job["job_id"], hostile_worker.name, payload) == 1
     ended = wait_until(
-        lambda: (j := store.get(job["job_id"]))["status"] not in ("queued", "running") and j,
+        lambda: (j := store.records.get(job["job_id"]))["status"] not in ("queued", "running") and j,
         45,
         0.25,
         "the orphaned job to be reclaimed and end",

@@ -4,7 +4,8 @@ request's lane, the owner's job, refused as the owner would be (their role's lan
 and an entry written before dead letters kept their submission answers 409 `not_replayable`.
 
 The dead letters are made as a worker makes them: the owner submits through the app, then the job is taken after its
-deadline and ended by the same Lua step a worker's end runs (tasks/jobs.py), naming it a dead letter.
+deadline and ended by the same Lua step a worker's end runs (tasks/jobs/lifecycle.py `end_jobs`), naming it a dead
+letter.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import pytest
 
 from config.settings import Settings
 from tasks.deadletters import EXPIRED_IN_QUEUE
-from tasks.errors import error_body
-from tasks.jobs import JobStore
+from tasks.errors import DEADLINE_EXCEEDED, POISON_JOB
+from tasks.jobs import Jobs
+from tasks.jobs.lifecycle import JobEnd
 from tasks.names import LANES, dead_entry_key, dead_letter_key, lane_list
-from tasks.states import EXPIRED
+from tasks.states import EXPIRED, FAILED
 from tests.conftest import DB_SCRATCH
 from tests.support import ADMIN_KEY, USER_KEY, base_env
 
@@ -49,21 +51,21 @@ def dead_letter_of(app: Any, body: dict[str, Any], who: dict[str, str] = USER) -
     created = app.test_client().post("/serve", json=body, headers=who)
     assert created.status_code == 202, created.get_json()
     job_id = created.get_json()["job_id"]
-    jobs: JobStore = app.extensions["aethercore"].jobs
+    jobs: Jobs = app.extensions["aethercore"].jobs
     payload = jobs.redis.hget(f"aethercore:job:{job_id}", "payload")
-    assert jobs.mark_running(job_id, "a-worker", payload) == 1
-    ending = {"job_id": job_id, "status": EXPIRED, "error": error_body("deadline_exceeded", "waited")}
-    assert jobs.finish_many([{**ending, "dead": EXPIRED_IN_QUEUE}]) == [True]
+    assert jobs.lifecycle.mark_running(job_id, "a-worker", payload) == 1
+    ending = JobEnd(job_id, EXPIRED, DEADLINE_EXCEEDED, "waited", dead=EXPIRED_IN_QUEUE)
+    assert jobs.lifecycle.end_jobs([ending]) == [True]
     _drain(jobs)
     return job_id
 
 
-def _drain(jobs: JobStore) -> None:
+def _drain(jobs: Jobs) -> None:
     """No worker here: the messages waiting in the queue's lanes are dropped, so a replay's is the only one."""
     jobs.redis.delete(*(lane_list("cpu", lane) for lane in LANES))
 
 
-def waiting(jobs: JobStore) -> dict[str, int]:
+def waiting(jobs: Jobs) -> dict[str, int]:
     return {lane: int(jobs.redis.llen(lane_list("cpu", lane))) for lane in LANES}
 
 
@@ -78,7 +80,7 @@ def test_a_replay_is_its_owners_request_in_its_lane(make_app):
     answer = replay(app, dead)
     assert answer.status_code == 202, answer.get_json()
     job = answer.get_json()["job"]
-    assert job["replay_of"] == dead and job["owner"] == jobs.get(dead)["owner"]
+    assert job["replay_of"] == dead and job["owner"] == jobs.records.get(dead)["owner"]
     assert waiting(jobs) == {"high": 0, "normal": 0, "low": 1}  # the original's lane, not kombu's default (high)
     assert jobs.redis.hget(dead_entry_key(dead), "replayed_as") == job["job_id"]
     again = replay(app, dead)
@@ -134,12 +136,12 @@ def test_a_load_is_replayed_as_its_admins_load(make_app, scratch_redis):
     assert loaded.status_code == 202
     job_id = loaded.get_json()["job_id"]
     payload = svc.jobs.redis.hget(f"aethercore:job:{job_id}", "payload")
-    assert svc.jobs.mark_running(job_id, "a-worker", payload) == 1
+    assert svc.jobs.lifecycle.mark_running(job_id, "a-worker", payload) == 1
     # its worker died with it AETHERCORE_MAX_ATTEMPTS times: the reaper ends it poison_job
-    poison = {"job_id": job_id, "status": "failed", "error": error_body("poison_job", "killed"), "dead": "poison_job"}
-    assert svc.jobs.finish_many([poison]) == [True]
+    poison = JobEnd(job_id, FAILED, POISON_JOB, "killed", dead="poison_job")
+    assert svc.jobs.lifecycle.end_jobs([poison]) == [True]
     answer = replay(app, job_id)
     assert answer.status_code == 202, answer.get_json()
     job = answer.get_json()["job"]
     assert job["kind"] == "load" and job["model_id"] == "tiny-mlp" and job["replay_of"] == job_id
-    assert job["owner"] == svc.jobs.get(job_id)["owner"]
+    assert job["owner"] == svc.jobs.records.get(job_id)["owner"]

@@ -1,8 +1,12 @@
-"""Autoload off, Redis unreachable: clear answers, never a hang or an HTML page."""
+"""Autoload off, Redis or the broker unreachable: clear answers, never a hang or an HTML page."""
 
 import time
 
-from tests.conftest import client_for, settings_for
+import orjson
+
+from tasks.errors import http_status
+from tasks.names import RECENT_JOBS, job_key
+from tests.conftest import DB_SCRATCH, client_for, settings_for
 from tests.support import free_port
 
 
@@ -40,3 +44,16 @@ def test_unreachable_redis_is_a_quick_503():
     assert body["status"] == "degraded" and body["checks"]["redis"]["status"] == "fail"
     assert dead.get("/heartbeat").status_code == 200
     assert dead.get("/metrics").status_code == 200
+
+
+def test_a_job_whose_message_cannot_be_queued_ends_with_the_503_it_answered(redis_server, scratch_redis):
+    """The broker of its own is down: the request answers 503 `broker_unavailable`, and the job it created ends with
+    that code, which the contract answers 503 too wherever the job is read (it answered 500: issue 35)."""
+    broker_down = settings_for(redis_server.url(DB_SCRATCH), broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    response = client_for(broker_down).post("/serve", json={"model_id": "minilm", "inputs": {"text": "x"}})
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "broker_unavailable"
+    [job_id] = scratch_redis.zrange(RECENT_JOBS, 0, -1)
+    job = scratch_redis.hgetall(job_key(job_id))
+    assert job["status"] == "failed"
+    code = orjson.loads(job["error"])["code"]
+    assert code == "broker_unavailable" and http_status(code) == 503

@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from tasks.errors import INTERNAL_ERROR, INVALID_INPUT, MODEL_EVICTED, MODEL_UNLOADED, error_body
-from tasks.jobs import JobStore, requeue_payload
+from tasks.jobs import Jobs
+from tasks.jobs.inflight import requeue_payload
 from tasks.metrics import LocalMetrics
 from tasks.names import INFER, inflight_key, job_key
 from tasks.states import EXPIRED, FAILED, INFERENCE, SUCCEEDED
@@ -25,18 +26,18 @@ SPEC = SimpleNamespace(id="m", task="feature-extraction")
 
 @pytest.fixture()
 def jobs(scratch_redis):
-    return JobStore(scratch_redis, ttl_s=60)
+    return Jobs(scratch_redis, ttl_s=60)
 
 
 @pytest.fixture()
 def completion(jobs):
-    return Completion(jobs, LocalMetrics(), "worker-a", "cpu", threading.Event())
+    return Completion(jobs.lifecycle, LocalMetrics(), "worker-a", "cpu", threading.Event())
 
 
 def running(jobs, **job) -> JobContext:
-    record = jobs.create(kind=INFERENCE, model_id="m", device="cpu", notify="chan")
+    record = jobs.records.create(kind=INFERENCE, model_id="m", device="cpu", notify="chan")
     work = {"job_id": record["job_id"], "submitted_at": time.time() - 0.5, **job}
-    attempts = jobs.mark_running(
+    attempts = jobs.lifecycle.mark_running(
         record["job_id"], "worker-a", requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": [work]})
     )
     return JobContext(work, attempts, time.time())
@@ -50,7 +51,7 @@ def test_a_success_is_written_once_with_its_result_timings_and_metrics(jobs, com
     pubsub.get_message(timeout=1)
     ending = completion.succeeded(SPEC, ctx, {"output": {"embedding": np.ones(2, "f4")}}, {"inference_ms": 3.0})
     completion.finish(INFERENCE, "m", [ending])
-    job = jobs.get(ctx.job_id)
+    job = jobs.records.get(ctx.job_id)
     assert job["status"] == SUCCEEDED and list(job["result"]["output"]["embedding"]) == [1.0, 1.0]
     assert job["result"]["timings"]["load_ms"] == 12.5 and job["result"]["timings"]["queue_ms"] >= 0
     assert not scratch_redis.exists(inflight_key("worker-a"))
@@ -59,14 +60,14 @@ def test_a_success_is_written_once_with_its_result_timings_and_metrics(jobs, com
     taken = completion.metrics.take()
     assert taken  # counted in memory, flushed with the heartbeat
     completion.finish(INFERENCE, "m", [completion.failed(ctx, error_body(INTERNAL_ERROR, "late"))])
-    assert jobs.get(ctx.job_id)["status"] == SUCCEEDED  # a job ends once
+    assert jobs.records.get(ctx.job_id)["status"] == SUCCEEDED  # a job ends once
 
 
 def test_the_jobs_of_a_batch_wake_each_waiting_api_process_with_one_message(jobs, completion, scratch_redis):
     first, second = running(jobs), running(jobs)
-    elsewhere = jobs.create(kind=INFERENCE, model_id="m", device="cpu", notify="other")
+    elsewhere = jobs.records.create(kind=INFERENCE, model_id="m", device="cpu", notify="other")
     work = {"job_id": elsewhere["job_id"], "submitted_at": time.time()}
-    attempts = jobs.mark_running(
+    attempts = jobs.lifecycle.mark_running(
         elsewhere["job_id"], "worker-a", requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": [work]})
     )
     third = JobContext(work, attempts, time.time())
@@ -95,20 +96,20 @@ def test_a_failure_and_an_expiry_carry_their_code(jobs, completion):
             completion.expired(late, error_body("deadline_exceeded", "too late")),
         ],
     )
-    assert jobs.get(failed.job_id)["status"] == FAILED
-    assert jobs.get(failed.job_id)["error"]["code"] == MODEL_UNLOADED
-    assert jobs.get(late.job_id)["status"] == EXPIRED
+    assert jobs.records.get(failed.job_id)["status"] == FAILED
+    assert jobs.records.get(failed.job_id)["error"]["code"] == MODEL_UNLOADED
+    assert jobs.records.get(late.job_id)["status"] == EXPIRED
 
 
 def test_a_batch_of_ends_is_one_call_and_each_job_ends():
-    class Store:
+    class Lifecycle:
         calls = []
 
-        def finish_many(self, items):
-            self.calls.append([i["job_id"] for i in items])
-            return [True] * len(items)
+        def end_jobs(self, ends):
+            self.calls.append([end.job_id for end in ends])
+            return [True] * len(ends)
 
-    store = Store()
+    store = Lifecycle()
     completion = Completion(store, LocalMetrics(), "w", "cpu", threading.Event())
     contexts = [JobContext({"job_id": f"j{i}"}, 1, time.time()) for i in range(3)]
     completion.finish(INFERENCE, "m", [completion.failed(c, error_body(INVALID_INPUT, "x")) for c in contexts])
@@ -130,7 +131,9 @@ def test_a_damaged_job_record_costs_only_its_own_job_not_its_batch(jobs, complet
     started = time.monotonic()
     completion.finish(INFERENCE, "m", endings)
     assert time.monotonic() - started < RESULT_WRITE_RETRY_S / 10  # not held in the retry loop
-    assert jobs.get(first.job_id)["status"] == SUCCEEDED and jobs.get(last.job_id)["status"] == SUCCEEDED
+    assert (
+        jobs.records.get(first.job_id)["status"] == SUCCEEDED and jobs.records.get(last.job_id)["status"] == SUCCEEDED
+    )
     notes = orjson.loads(pubsub.get_message(timeout=2)["data"])  # still one message for the batch
     assert [note["job_id"] for note in notes] == [first.job_id, last.job_id]
 
@@ -138,12 +141,12 @@ def test_a_damaged_job_record_costs_only_its_own_job_not_its_batch(jobs, complet
 def test_a_damaged_job_record_does_not_stop_the_rest_of_its_message_from_starting(jobs, scratch_redis):
     """Marking a message's jobs running is one script too: the job whose record breaks it is skipped (not
     run, logged), the others start."""
-    ids = [jobs.create(kind=INFERENCE, model_id="m", device="cpu")["job_id"] for _ in range(3)]
+    ids = [jobs.records.create(kind=INFERENCE, model_id="m", device="cpu")["job_id"] for _ in range(3)]
     scratch_redis.delete(job_key(ids[1]))
     scratch_redis.set(job_key(ids[1]), "not a job record")
     payload = requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": []})
-    assert jobs.mark_running_many([(job_id, payload) for job_id in ids], "worker-a") == [1, 0, 1]
-    assert [jobs.get(ids[0])["status"], jobs.get(ids[2])["status"]] == ["running", "running"]
+    assert jobs.lifecycle.mark_running_many([(job_id, payload) for job_id in ids], "worker-a") == [1, 0, 1]
+    assert [jobs.records.get(ids[0])["status"], jobs.records.get(ids[2])["status"]] == ["running", "running"]
 
 
 def test_the_job_context_reads_its_job():

@@ -11,9 +11,12 @@ import orjson
 import pytest
 
 from tasks.deadletters import POISON, WEBHOOK_FAILED, DeadLetters, NotReplayable, Submission
-from tasks.errors import error_body
+from tasks.errors import POISON_JOB
 from tasks.holdings import DEAD_LETTERS, DELIVERIES, IDEMPOTENCY, Holdings, Quota, QuotaExceeded
-from tasks.jobs import IdempotencyConflict, JobStore, requeue_payload
+from tasks.jobs import Jobs
+from tasks.jobs.inflight import requeue_payload
+from tasks.jobs.lifecycle import JobEnd
+from tasks.jobs.records import IdempotencyConflict
 from tasks.names import INFER, UNLOAD_MODEL, dead_entry_key, dead_letter_key, idempotency_key
 from tasks.states import FAILED
 from tasks.webhooks import KEEP_DELIVERY_S
@@ -23,12 +26,12 @@ RETENTION_S = 600
 
 def store_with(client, owner_max: int = 0, owner_bytes: int = 0, per_queue: int = 1000, max_keys: int = 0):
     quotas = {DEAD_LETTERS: Quota(owner_bytes, owner_max), IDEMPOTENCY: Quota(0, max_keys)}
-    return JobStore(client, ttl_s=60, dead_letter_ttl=RETENTION_S, dead_letter_max=per_queue, quotas=quotas)
+    return Jobs(client, ttl_s=60, dead_letter_ttl=RETENTION_S, dead_letter_max=per_queue, quotas=quotas)
 
 
-def dead_letter(store: JobStore, owner: str, work: dict | None = None, webhook: str | None = None, **job) -> str:
+def dead_letter(store: Jobs, owner: str, work: dict | None = None, webhook: str | None = None, **job) -> str:
     """A job of `owner` that ends poison_job, through the real transition (what a worker's end writes)."""
-    created = store.create(
+    created = store.records.create(
         kind=job.get("kind", "inference"),
         model_id="m",
         device="cpu",
@@ -40,10 +43,8 @@ def dead_letter(store: JobStore, owner: str, work: dict | None = None, webhook: 
     work = {"job_id": job_id, "inputs": {"text": "x"}, "parameters": {}, "submitted_at": time.time(), **(work or {})}
     task = job.get("task", INFER)
     kwargs = {"model_id": "m", "jobs": [work]} if task == INFER else {"job_id": job_id, "model_id": "m", **work}
-    assert store.mark_running(job_id, "w1", requeue_payload(task, "cpu", kwargs)) == 1
-    assert store.finish_many(
-        [{"job_id": job_id, "status": FAILED, "error": error_body("poison_job", "killed"), "dead": POISON}]
-    ) == [True]
+    assert store.lifecycle.mark_running(job_id, "w1", requeue_payload(task, "cpu", kwargs)) == 1
+    assert store.lifecycle.end_jobs([JobEnd(job_id, FAILED, POISON_JOB, "killed", dead=POISON)]) == [True]
     return job_id
 
 
@@ -164,7 +165,7 @@ def test_a_new_key_past_its_owners_most_is_refused_and_a_replay_never(scratch_re
 
     def create(key: str, fingerprint: str = "fp") -> dict:
         record = idempotency_key("key:k", key)
-        return store.create(
+        return store.records.create(
             kind="inference", model_id="m", device="cpu", idempotency=(record, fingerprint, 60, "key:k")
         )
 
@@ -176,7 +177,7 @@ def test_a_new_key_past_its_owners_most_is_refused_and_a_replay_never(scratch_re
         create("a")  # a replay of a key it holds: never refused
     assert same.value.job_id == first["job_id"]
     assert held(scratch_redis, "key:k", IDEMPOTENCY)[0] == 2
-    store.release_key(idempotency_key("key:k", "a"), first["job_id"], "key:k")  # freed: it leaves the account
+    store.records.release_key(idempotency_key("key:k", "a"), first["job_id"], "key:k")  # freed: it leaves the account
     assert held(scratch_redis, "key:k", IDEMPOTENCY)[0] == 1
     assert create("c")["job_id"]
     expires = scratch_redis.zscore(f"aethercore:holdings:key:k:{IDEMPOTENCY}", idempotency_key("key:k", "c"))

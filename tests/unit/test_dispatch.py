@@ -9,7 +9,7 @@ import time
 import pytest
 
 from api.dispatch import InferenceDispatcher
-from tasks.jobs import JobStore, RateLimited
+from tasks.jobs.records import RateLimited, Records
 from tasks.names import job_key, lane_list, queued_key, rate_limit_key
 
 
@@ -60,7 +60,7 @@ def test_submissions_queue_behind_a_slow_publish_even_without_linger():
 
 
 def test_each_lane_leaves_in_its_own_message_on_its_own_list(scratch_redis):
-    dispatcher = InferenceDispatcher(RecordingCelery(), jobs=JobStore(scratch_redis, 60))
+    dispatcher = InferenceDispatcher(RecordingCelery(), jobs=Records(scratch_redis, 60))
     for lane in ("low", "high", "normal"):
         dispatcher.publish("m", "cpu", {"job_id": lane}, lane=lane)
     for lane in ("high", "normal", "low"):
@@ -104,7 +104,7 @@ def submit_concurrently(dispatcher, job_ids, limits=()):
 
 def test_a_group_is_created_and_queued_in_one_step(scratch_redis):
     dispatcher = InferenceDispatcher(
-        RecordingCelery(), linger_ms=200, in_flight=lambda: 16, jobs=JobStore(scratch_redis, 60)
+        RecordingCelery(), linger_ms=200, in_flight=lambda: 16, jobs=Records(scratch_redis, 60)
     )
     ids = [f"g{i}" for i in range(10)]
     outcome = submit_concurrently(dispatcher, ids)
@@ -119,7 +119,7 @@ def test_a_group_is_created_and_queued_in_one_step(scratch_redis):
 
 def test_a_job_over_its_rate_limit_is_neither_created_nor_queued(scratch_redis):
     dispatcher = InferenceDispatcher(
-        RecordingCelery(), linger_ms=200, in_flight=lambda: 16, jobs=JobStore(scratch_redis, 60)
+        RecordingCelery(), linger_ms=200, in_flight=lambda: 16, jobs=Records(scratch_redis, 60)
     )
     counter = rate_limit_key("caller", 6, 60)
     ids = [f"r{i}" for i in range(9)]
@@ -136,7 +136,7 @@ def test_a_job_over_its_rate_limit_is_neither_created_nor_queued(scratch_redis):
 
 
 def test_a_job_created_before_shares_the_message_of_those_created_with_it(scratch_redis):
-    store = JobStore(scratch_redis, 60)
+    store = Records(scratch_redis, 60)
     store.create(kind="inference", model_id="m", device="cpu", job_id="early")
     outcome = store.create_and_push(
         "cpu",
@@ -150,7 +150,7 @@ def test_a_job_created_before_shares_the_message_of_those_created_with_it(scratc
 
 @pytest.mark.parametrize("limit", [0, 1])
 def test_every_job_refused_leaves_nothing_behind(scratch_redis, limit):
-    store = JobStore(scratch_redis, 60)
+    store = Records(scratch_redis, 60)
     counter = rate_limit_key("caller", limit or 1, 60)
     if limit:
         scratch_redis.set(counter, 1, ex=60)  # its window already used up

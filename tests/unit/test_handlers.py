@@ -15,25 +15,25 @@ from workers.reaper import ActiveJobs
 from workers.service import WorkerService
 
 
-class RecordingJobs:
+class RecordingLifecycle:
     def __init__(self):
         self.ended = []
 
     def mark_running(self, job_id, worker, payload):
         return 1
 
-    def finish_many(self, items):
-        self.ended += items
-        return [True] * len(items)
+    def end_jobs(self, ends):
+        self.ended += [{"job_id": e.job_id, "status": e.status, "error": {"code": e.code}} for e in ends]
+        return [True] * len(ends)
 
 
 def fake_service():
-    jobs = RecordingJobs()
+    jobs = RecordingLifecycle()
     svc = SimpleNamespace(
         name="w1",
         queue="cpu",
         device="cpu",
-        jobs=jobs,
+        jobs=SimpleNamespace(lifecycle=jobs),
         active=ActiveJobs(),
         models={"m": SimpleNamespace(id="m", task="feature-extraction")},
         completion=Completion(jobs, LocalMetrics(), "w1", "cpu", threading.Event()),

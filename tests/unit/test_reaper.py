@@ -8,7 +8,8 @@ import time
 import orjson
 import pytest
 
-from tasks.jobs import JobStore, requeue_payload
+from tasks.jobs import Jobs
+from tasks.jobs.inflight import requeue_payload
 from tasks.names import INFER, active_jobs_key, job_key, worker_key
 from tasks.states import FAILED, INFERENCE, QUEUED, RUNNING
 from workers.reaper import ActiveJobs, Reaper
@@ -17,7 +18,7 @@ from workers.retry import RetryPolicy
 
 @pytest.fixture()
 def jobs(scratch_redis):
-    return JobStore(scratch_redis, ttl_s=60)
+    return Jobs(scratch_redis, ttl_s=60)
 
 
 class Sent:
@@ -46,10 +47,12 @@ def reaper_for(jobs, sink: Sent, grace_s: float = 0.0, max_attempts: int = 3) ->
 
 
 def start(jobs, holder: str) -> str:
-    job = jobs.create(kind=INFERENCE, model_id="m", device="cpu")
+    job = jobs.records.create(kind=INFERENCE, model_id="m", device="cpu")
     work = {"job_id": job["job_id"], "inputs": {"text": "x"}}
     jobs.redis.set(worker_key(holder), "{}", ex=30)  # alive
-    assert jobs.mark_running(job["job_id"], holder, requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": [work]}))
+    assert jobs.lifecycle.mark_running(
+        job["job_id"], holder, requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": [work]})
+    )
     return job["job_id"]
 
 
@@ -69,7 +72,7 @@ def test_a_dropped_job_is_reclaimed_after_two_published_sets_miss_it(jobs):
     assert reaper.reclaim_dropped(["holder"]) == 1
     record = jobs.redis.hgetall(job_key(job_id))
     assert record["status"] == QUEUED and record["crashes"] == "1" and "holder" not in record
-    assert jobs.inflight("holder") == {}
+    assert jobs.inflight.held_by("holder") == {}
     ((task, queue, sent_id, kwargs),) = sink.sent
     assert (task, queue, sent_id) == (INFER, "cpu", job_id) and kwargs["jobs"][0]["job_id"] == job_id
 
@@ -84,7 +87,7 @@ def test_a_job_its_holder_works_on_is_never_reclaimed(jobs):
             for _ in range(4):
                 publish(jobs, "holder", active)
                 assert reaper.reclaim_dropped(["holder"]) == 0
-    assert jobs.get(job_id)["status"] == RUNNING and sink.sent == []
+    assert jobs.records.get(job_id)["status"] == RUNNING and sink.sent == []
 
 
 def test_a_set_taken_before_the_job_started_does_not_count(jobs):
@@ -121,7 +124,7 @@ def test_a_job_dropped_again_and_again_ends_as_poison(jobs):
     for attempt in range(2):
         if attempt:
             payload = orjson.loads(jobs.redis.hget(job_key(job_id), "payload"))
-            assert jobs.mark_running(job_id, "holder", orjson.dumps(payload))
+            assert jobs.lifecycle.mark_running(job_id, "holder", orjson.dumps(payload))
         publish(jobs, "holder", ActiveJobs())
         reaper.reclaim_dropped(["holder"])
         publish(jobs, "holder", ActiveJobs())

@@ -5,8 +5,11 @@ after every call ran."""
 import pytest
 import redis
 
-from tasks.jobs import JobStore
+from tasks.errors import INTERNAL_ERROR
+from tasks.jobs import Jobs
+from tasks.jobs.lifecycle import JobEnd
 from tasks.script_batch import ScriptBatch
+from tasks.states import FAILED, SUCCEEDED
 from tests.support import RedisServer
 
 COUNT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
@@ -74,13 +77,13 @@ def test_an_error_is_raised_after_every_call_ran(server):
 
 def test_job_transitions_survive_a_flushed_script_cache(started, server):
     server.flushdb()
-    jobs = JobStore(redis.Redis.from_url(started.url(0), decode_responses=True), ttl_s=60)
-    created = [jobs.create(kind="inference", model_id="m", device="cpu") for _ in range(3)]
+    jobs = Jobs(redis.Redis.from_url(started.url(0), decode_responses=True), ttl_s=60)
+    created = [jobs.records.create(kind="inference", model_id="m", device="cpu") for _ in range(3)]
     server.script_flush()
-    deliveries = jobs.mark_running_many([(job["job_id"], b"again") for job in created], "worker-1")
+    deliveries = jobs.lifecycle.mark_running_many([(job["job_id"], b"again") for job in created], "worker-1")
     assert deliveries == [1, 1, 1]
     server.script_flush()
-    ended = jobs.finish_many([{"job_id": job["job_id"], "status": "succeeded", "result": {"x": 1}} for job in created])
+    ended = jobs.lifecycle.end_jobs([JobEnd(job["job_id"], SUCCEEDED, result={"x": 1}) for job in created])
     assert ended == [True, True, True]
-    assert [jobs.get(job["job_id"])["status"] for job in created] == ["succeeded"] * 3
-    assert jobs.finish_many([{"job_id": created[0]["job_id"], "status": "failed", "error": {}}]) == [False]
+    assert [jobs.records.get(job["job_id"])["status"] for job in created] == ["succeeded"] * 3
+    assert jobs.lifecycle.end_jobs([JobEnd(created[0]["job_id"], FAILED, INTERNAL_ERROR)]) == [False]

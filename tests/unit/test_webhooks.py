@@ -18,7 +18,10 @@ from config.settings import ConfigError, Settings
 from tasks.deadletters import EXPIRED_IN_QUEUE, POISON, DeadLetters
 from tasks.errors import DEADLINE_EXCEEDED, POISON_JOB, error_body
 from tasks.holdings import DELIVERIES, Holdings
-from tasks.jobs import IdempotencyConflict, JobStore, requeue_payload
+from tasks.jobs import Jobs
+from tasks.jobs.inflight import requeue_payload
+from tasks.jobs.lifecycle import JobEnd
+from tasks.jobs.records import IdempotencyConflict
 from tasks.metrics import LocalMetrics
 from tasks.names import HOLDINGS_PREFIX, INFER, WEBHOOKS_DUE, idempotency_key, webhook_delivery_key
 from tasks.outbound import MAX_ANSWER_HEAD, DeliveryFailed, ForbiddenDestination, OutboundPolicy
@@ -275,11 +278,11 @@ def test_settings_are_validated_at_start():
 # -- what a job's end writes (real Redis) -------------------------------------------------------------------------
 @pytest.fixture()
 def store(scratch_redis):
-    return JobStore(scratch_redis, ttl_s=60, dead_letter_ttl=600, dead_letter_max=3)
+    return Jobs(scratch_redis, ttl_s=60, dead_letter_ttl=600, dead_letter_max=3)
 
 
-def _running(store: JobStore, webhook: str | None = None, deadline: float | None = None) -> tuple[str, dict]:
-    job = store.create(
+def _running(store: Jobs, webhook: str | None = None, deadline: float | None = None) -> tuple[str, dict]:
+    job = store.records.create(
         kind="inference",
         model_id="m",
         device="cpu",
@@ -289,14 +292,14 @@ def _running(store: JobStore, webhook: str | None = None, deadline: float | None
     )
     work = {"job_id": job["job_id"], "inputs": {"text": "x"}, "submitted_at": time.time() - 5, "deadline": deadline}
     payload = requeue_payload(INFER, "cpu", {"model_id": "m", "jobs": [work]})
-    assert store.mark_running(job["job_id"], "w1", payload) == 1
+    assert store.lifecycle.mark_running(job["job_id"], "w1", payload) == 1
     return job["job_id"], work
 
 
 def test_a_delivery_is_due_only_for_a_job_with_a_webhook(store, scratch_redis):
     plain, _ = _running(store)
     hooked, _ = _running(store, webhook=orjson.dumps({"url": "https://example.com/h", "owner": "key:k"}).decode())
-    completion = Completion(store, LocalMetrics(), "w1", "cpu", threading.Event())
+    completion = Completion(store.lifecycle, LocalMetrics(), "w1", "cpu", threading.Event())
     completion.finish(
         "inference",
         "m",
@@ -310,12 +313,12 @@ def test_a_delivery_is_due_only_for_a_job_with_a_webhook(store, scratch_redis):
     assert record["ref"] == hooked and record["event"] == FAILED and record["queue"] == "cpu"
     assert not scratch_redis.exists(webhook_delivery_key(f"msg_{plain}"))
     assert 0 < scratch_redis.ttl(webhook_delivery_key(f"msg_{hooked}")) <= 8 * 86400
-    assert store.finish(hooked, SUCCEEDED) is False  # ended once: no second delivery
+    assert store.lifecycle.end_jobs([JobEnd(hooked, SUCCEEDED)]) == [False]  # ended once: no second delivery
     assert scratch_redis.zcard(WEBHOOKS_DUE) == 1
 
 
 def test_poison_and_expired_in_queue_are_dead_letters_with_their_request(store, scratch_redis):
-    completion = Completion(store, LocalMetrics(), "w1", "cpu", threading.Event())
+    completion = Completion(store.lifecycle, LocalMetrics(), "w1", "cpu", threading.Event())
     poison, poison_work = _running(store)
     late, late_work = _running(store, deadline=time.time() - 1)  # taken after its deadline
     midway, midway_work = _running(store, deadline=time.time() + 60)  # expired while it ran: not a dead letter
@@ -336,7 +339,7 @@ def test_poison_and_expired_in_queue_are_dead_letters_with_their_request(store, 
     assert entries[poison]["reason"] == POISON and entries[poison]["error"]["code"] == POISON_JOB
     assert entries[late]["reason"] == EXPIRED_IN_QUEUE and entries[late]["replayable"]
     assert orjson.loads(dead.get(late)["_request"]) == late_work  # what a replay submits again
-    assert store.get(late)["status"] == EXPIRED and dead.depth() == {"cpu": 2}
+    assert store.records.get(late)["status"] == EXPIRED and dead.depth() == {"cpu": 2}
     assert dead.counts() == {("cpu", POISON): 1, ("cpu", EXPIRED_IN_QUEUE): 1}
     for _ in range(4):  # bounded: at most dead_letter_max per queue
         job_id, work = _running(store)
@@ -348,17 +351,17 @@ def test_poison_and_expired_in_queue_are_dead_letters_with_their_request(store, 
 
 def test_an_idempotency_key_is_taken_with_the_job(store, scratch_redis):
     record = idempotency_key("key:k", "abc")
-    first = store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp1", 60, "key:k"))
+    first = store.records.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp1", 60, "key:k"))
     with pytest.raises(IdempotencyConflict) as same:
-        store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp1", 60, "key:k"))
+        store.records.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp1", 60, "key:k"))
     assert same.value.job_id == first["job_id"] and not same.value.reused
     with pytest.raises(IdempotencyConflict) as other:
-        store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp2", 60, "key:k"))
+        store.records.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp2", 60, "key:k"))
     assert other.value.reused
-    store.release_key(record, "someone-else", "key:k")  # only the job it names frees it
+    store.records.release_key(record, "someone-else", "key:k")  # only the job it names frees it
     assert scratch_redis.exists(record)
-    store.release_key(record, first["job_id"], "key:k")
-    assert store.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp2", 60, "key:k"))
+    store.records.release_key(record, first["job_id"], "key:k")
+    assert store.records.create(kind="inference", model_id="m", device="cpu", idempotency=(record, "fp2", 60, "key:k"))
     assert 0 < scratch_redis.ttl(record) <= 60
 
 
