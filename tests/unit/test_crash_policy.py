@@ -16,6 +16,7 @@ import pytest
 
 from config.settings import Settings
 from tasks.errors import POISON_JOB
+from tasks.jobs.lifecycle import JobEnd
 from tasks.metrics import LocalMetrics
 from tasks.states import FAILED, SUCCEEDED
 from workers import handlers
@@ -60,23 +61,32 @@ class CrashingModel:
         return True
 
 
-class RecordingJobs:
-    def __init__(self) -> None:
-        self.ended: list[dict] = []
-
+class RecordingInflight:
     def mark_forward(self, job_ids, alone):
         pass
 
-    def finish_many(self, items):
-        self.ended += items
-        return [True] * len(items)
+    def note_forward(self, job_ids, alone):
+        return lambda: None
+
+
+class RecordingJobs:
+    """Stands in for tasks/jobs.Jobs: records every end written through the one end function."""
+
+    def __init__(self) -> None:
+        self.ended: list[JobEnd] = []
+        self.inflight = RecordingInflight()
+        self.lifecycle = self
+
+    def end_jobs(self, ends):
+        self.ended += ends
+        return [True] * len(ends)
 
 
 def worker(max_attempts: int) -> tuple[WorkerService, RecordingJobs]:
     svc = WorkerService(Settings.from_env({}, max_attempts=max_attempts), "w1")
     jobs = RecordingJobs()
     svc.jobs = jobs
-    svc.completion = Completion(jobs, LocalMetrics(), "w1", "cpu", threading.Event())
+    svc.completion = Completion(jobs.lifecycle, LocalMetrics(), "w1", "cpu", threading.Event())
     return svc, jobs
 
 
@@ -111,8 +121,8 @@ def test_the_settings_limit_holds_on_both_serving_paths(max_attempts):
     run_generation_jobs(svc, svc.models["tiny-gpt2"], model, [job("g1", {"text": "killer"})])
     assert model.generations == [False] + [True] * max_attempts
     [ended] = jobs.ended
-    assert ended["status"] == FAILED and ended["error"]["code"] == POISON_JOB
-    assert f"{max_attempts} times" in ended["error"]["message"]
+    assert ended.status == FAILED and ended.code == POISON_JOB
+    assert f"{max_attempts} times" in ended.message
 
     # The task threads refuse a job that too many workers died under, by the same limit.
     assert svc.policy.refuse_delivery(TAKEOVERS_PER_ATTEMPT * max_attempts) is None
@@ -127,9 +137,9 @@ def test_a_batch_jobs_items_are_gathered_alike_on_both_paths():
     ending = handlers._run_batch_request(svc, svc.models["minilm"], model, job("b1", items, batch=True))
     svc.completion.finish("inference", "minilm", [ending])
     run_generation_jobs(svc, svc.models["tiny-gpt2"], model, [job("b2", items, batch=True)])
-    assert [e["job_id"] for e in jobs.ended] == ["b1", "b2"]
+    assert [e.job_id for e in jobs.ended] == ["b1", "b2"]
     for ended in jobs.ended:  # the job succeeds; each item carries its own end
-        assert ended["status"] == SUCCEEDED
-        outputs = orjson.loads(ended["result_json"])["outputs"]
+        assert ended.status == SUCCEEDED
+        outputs = orjson.loads(ended.result)["outputs"]
         assert [o["error"]["code"] for o in outputs] == [POISON_JOB, POISON_JOB]
     svc.retire("minilm", model, "model_unloaded", 0)
