@@ -7,8 +7,8 @@ from marshmallow import validate
 
 from config.models import MODEL_ID_RE
 from tasks.names import DEFAULT_LANE, LANES
-from tasks.outbound import MAX_URL_CHARS, URL_PATTERN
 from tasks.states import JOB_KINDS, MODEL_STATES, STATUSES
+from webhooks.outbound import MAX_URL_CHARS, URL_PATTERN
 
 JOB_ID_RE = r"^[0-9a-f]{32}$"
 # Bounds shared with the hot routes' hand-checked arguments (api/fast_args.py).

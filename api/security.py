@@ -12,8 +12,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.auth import Authenticator, FailedAuthLimit, KeyStore
 from api.errors import ApiError
-from api.files import upload_limit
 from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers, limited_per_caller
+from batches.files import upload_limit
 from config.settings import Settings
 from tasks.redis_client import sentinel_hosts
 

@@ -316,7 +316,7 @@ class Model(MethodView):
 @dataclass(frozen=True)
 class Prepared:
     """An OpenAI request translated onto the inference path: the model, the job's payload (already checked) and
-    how the ended job becomes the endpoint's response body. The /v1 views and the Batch API's lines (api/batches.py)
+    how the ended job becomes the endpoint's response body. The /v1 views and the Batch API's lines (batches/store.py)
     both run exactly this, so a batch line answers what the same /v1 request answers."""
 
     spec: ModelSpec
@@ -411,7 +411,7 @@ def prepare_chat(body: dict[str, Any]) -> Prepared:
     return Prepared(spec, {"inputs": {"messages": messages}, "parameters": parameters}, respond)
 
 
-# The endpoints a batch may name: each one's request schema and translation (api/batches.py).
+# The endpoints a batch may name: each one's request schema and translation (batches/store.py).
 BATCH_ENDPOINTS: dict[str, tuple[type[ma.Schema], Callable[[dict[str, Any]], Prepared]]] = {
     "/v1/embeddings": (EmbeddingsRequest, prepare_embeddings),
     "/v1/completions": (CompletionRequest, prepare_completion),

@@ -1,4 +1,4 @@
-"""Webhook deliveries that failed for good (tasks/webhooks.py): list them, send one again. For operators
+"""Webhook deliveries that failed for good (webhooks/deliveries.py): list them, send one again. For operators
 (`manage.py webhooks failed|retry`)."""
 
 from __future__ import annotations

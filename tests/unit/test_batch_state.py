@@ -1,4 +1,4 @@
-"""A batch's state in Redis (api/batches.py, api/files.py) step by step against a real Redis: each line answered once
+"""A batch's state in Redis (batches/store.py, batches/files.py) step by step against a real Redis: each line answered once
 however often it is answered, lines taken once, a job noted only for a line still waiting, a status moved only from
 the statuses named and a batch ended only when every line is answered; files byte for byte. What a batch keeps is
 charged to its owner in the same steps (tasks/holdings.py): its record at creation (a count quota), its files as
@@ -13,8 +13,9 @@ import numpy as np
 import orjson
 import redis
 
-from api.batch_driver import _entry
-from api.batches import (
+from batches.driver import _entry
+from batches.files import FileStore, UploadLimits, new_file_id, rendered
+from batches.store import (
     COMPLETED,
     ERROR,
     FINALIZING,
@@ -27,7 +28,6 @@ from api.batches import (
     batch_object,
     new_batch_id,
 )
-from api.files import FileStore, UploadLimits, new_file_id, rendered
 from tasks.holdings import BATCHES, DELIVERIES, FILES, OUTPUTS, Holdings, Quota
 from tasks.names import (
     BATCHES_ACTIVE,
@@ -209,7 +209,7 @@ def test_answers_are_charged_to_the_owner_within_the_batch_cap_and_the_owner_quo
 def test_the_end_charges_the_errors_and_queues_the_webhook_in_its_own_step(scratch_redis):
     """No application, no services: what ends the batch in Redis also makes its delivery due (a process that dies
     right after the step loses nothing)."""
-    from api.batches import FAILED, webhook_body
+    from batches.store import FAILED, webhook_body
 
     store, files = _store(scratch_redis), _files(scratch_redis)
     hook = orjson.dumps({"url": "https://example.com/hook", "owner": "key:owner"}).decode()

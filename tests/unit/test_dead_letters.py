@@ -19,7 +19,7 @@ from tasks.jobs.lifecycle import JobEnd
 from tasks.jobs.records import IdempotencyConflict
 from tasks.names import INFER, UNLOAD_MODEL, dead_entry_key, dead_letter_key, idempotency_key
 from tasks.states import FAILED
-from tasks.webhooks import KEEP_DELIVERY_S
+from webhooks.deliveries import KEEP_DELIVERY_S
 
 RETENTION_S = 600
 

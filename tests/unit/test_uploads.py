@@ -1,4 +1,4 @@
-"""An upload read as a stream (api/files.py): the line splitter's pieces joined are the bytes fed however they were
+"""An upload read as a stream (batches/files.py): the line splitter's pieces joined are the bytes fed however they were
 cut, the blank tail is no line, the limits refuse as soon as they are passed; and the store against a real Redis:
 byte for byte, charged to its owner in the step that makes it visible (concurrent uploads cannot pass the quota
 together), nothing left behind by a refused upload, the charge dropped with the file and kept as long as it."""
@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from api.files import (
+from batches.files import (
     FileStore,
     FileTooLarge,
     InvalidFile,

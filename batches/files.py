@@ -6,7 +6,7 @@ a batch reads any line of its input in one HGET and the file's content is the pi
 what was uploaded. The first `lines` pieces are the lines a batch reads (each with its newline; `is_request_line`
 says which are requests); the pieces after them are the blank tail, which is no line (an upload's last blank lines,
 then its blank bytes past AETHERCORE_BATCH_MAX_LINES lines in chunks). A batch's output and error files are written
-the same way, one line per answered request, as its requests end (api/batches.py); their fields are added when the
+the same way, one line per answered request, as its requests end (batches/store.py); their fields are added when the
 batch ends, which is when they appear in listings.
 
 An upload is read as a stream (`FileStore.upload`): its bytes and lines are counted as they arrive and written to

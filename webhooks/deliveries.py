@@ -1,6 +1,6 @@
 """Completion webhooks: what is kept in Redis, how a delivery is signed, and when it is tried again. Written once,
 used by the API (a request's webhook), the Lua step that ends a job (tasks/jobs/lifecycle.py: the delivery is due), the
-dispatcher (api/webhook_dispatcher.py: it sends it) and the CLI (`manage.py auth webhook-secret`, `webhooks`).
+dispatcher (webhooks/dispatcher.py: it sends it) and the CLI (`manage.py auth webhook-secret`, `webhooks`).
 
 A delivery's life (keys in tasks/names.py):
 

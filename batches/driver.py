@@ -1,7 +1,7 @@
 """What moves every batch forward: validation, submitting its lines, collecting their answers, cancel, the window's
 end, and the output and error files. It runs in a process of its own, `manage.py batches` (`run_batch_driver`;
 `manage.py up` and compose's `batches` service start one), never in an API process; all of a batch's state is in
-Redis (api/batches.py), so any number of drivers may run.
+Redis (batches/store.py), so any number of drivers may run.
 
 Each pass (every TICK_S while batches are unfinished) the driver takes, for each unfinished batch, its lease (a
 Redis key with a LEASE_MS TTL, renewed each pass by its holder) and, holding it, runs the batch's next step:
@@ -11,7 +11,7 @@ validating   read the input file, check every line exactly as /v1 checks the sam
              translation, openai_compat.py BATCH_ENDPOINTS) -> failed (errors.data[] with line numbers) or
              in_progress (total, model)
 in_progress  collect: every submitted line whose job ended gets its answer (output or error file, exactly once)
-             submit: lines taken and not answered up to the batch's room (api/lanes.py `batch_line_room`: its
+             submit: lines taken and not answered up to the batch's room (batches/lanes.py `batch_line_room`: its
              share of its device queue's watermark, at most AETHERCORE_BATCH_MAX_IN_FLIGHT), each submitted as an
              ordinary inference job of the batch's owner (`submit_line`); a refusal for load (429 rate limit or
              queue_full, 503 no_device / redis_full / broker down) answers nothing: the line waits and the batch
@@ -48,7 +48,7 @@ idle wait is a BLPOP on it).
 
 Any driver drives any batch: one that dies loses its leases within LEASE_MS and the others (or it, restarted) carry
 on from Redis; one that stops gives its leases up. Every step is idempotent: answers are written once per line
-(api/batches.py `answer`), a line is submitted again only if its job was never recorded or has vanished, and the
+(batches/store.py `answer`), a line is submitted again only if its job was never recorded or has vanished, and the
 ends are compare-and-set transitions.
 """
 
@@ -73,7 +73,14 @@ from kombu.exceptions import OperationalError
 from loguru import logger
 
 from api.auth import SERVE, Principal
-from api.batches import (
+from api.blueprints.openai_compat import BATCH_ENDPOINTS, Prepared, openai_error
+from api.errors import ApiError
+from api.inference import ended_error, route
+from api.json_provider import JsonBodyError, loads_bounded
+from api.services import BATCH_LANE, Services, services
+from batches.files import FileStore, is_request_line
+from batches.lanes import batch_line_room
+from batches.store import (
     CANCELLED,
     CANCELLING,
     COMPLETED,
@@ -92,13 +99,6 @@ from api.batches import (
     Answer,
     BatchStore,
 )
-from api.blueprints.openai_compat import BATCH_ENDPOINTS, Prepared, openai_error
-from api.errors import ApiError
-from api.files import FileStore, is_request_line
-from api.inference import ended_error, route
-from api.json_provider import JsonBodyError, loads_bounded
-from api.lanes import batch_line_room
-from api.services import BATCH_LANE, Services, services
 from config.logging import setup_logging
 from config.models import ModelSpec
 from config.settings import Settings
@@ -820,7 +820,7 @@ def _errors(batch: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _entry(line: int, file: str, entry: dict[str, Any], input_tokens: int = 0, output_tokens: int = 0) -> Answer:
-    """A line's entry as stored (float arrays as their bytes, api/files.py) and its size as read, with the short
+    """A line's entry as stored (float arrays as their bytes, batches/files.py) and its size as read, with the short
     entry that replaces it when it does not fit the batch's output limits."""
     size = len(orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY)) + 1
     stored = orjson.dumps(compact(entry)).decode() + "\n"

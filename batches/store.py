@@ -4,7 +4,7 @@
 batch_key(id)        hash: the Batch object's fields, counts, `next_line` (the first line not taken yet), the
                      owner (id, role, address) its lines run as, `stopping` (cancel | expire | revoked),
                      `hold_until`, `stored_bytes` (what its two files hold), `step_failures` and `failures:<line>`
-                     (unexpected exceptions so far, api/batch_driver.py)
+                     (unexpected exceptions so far, batches/driver.py)
 batch_jobs_key(id)   hash: line -> job id, or `-` (taken, not submitted yet): the lines taken and not answered
 file_lines_key(out)  the output file's lines: line -> its answer (a success)       } ids reserved at creation,
 file_lines_key(err)  the error file's lines: line -> its answer (an error)         } published when it ends
@@ -13,7 +13,7 @@ BATCHES_WAKE         list: "look now" notes for idle drivers (a batch created or
 BATCH_DRIVERS        sorted set: the drivers' heartbeats
 ```
 
-Every step that changes a batch is one Lua script here, so any number of drivers (api/batch_driver.py, each a
+Every step that changes a batch is one Lua script here, so any number of drivers (batches/driver.py, each a
 `manage.py batches` process), that die at any moment, leave a consistent batch behind:
 
 * `answer` writes a line's answer into the output or the error file **only if the line has none yet** (in either
@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 import redis
 
-from api.files import INDEX_SLACK_S, cursor_page
+from batches.files import INDEX_SLACK_S, cursor_page
 from tasks.holdings import BATCHES, DELIVERIES, OUTPUTS, Holdings, with_holdings
 from tasks.names import (
     BATCH_DRIVERS,
@@ -60,7 +60,7 @@ from tasks.names import (
     webhook_delivery_key,
 )
 from tasks.script_batch import ScriptBatch
-from tasks.webhooks import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S, envelope
+from webhooks.deliveries import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S, envelope
 
 # -- the Batch object's statuses (OpenAI's), defined once ---------------------------------------------------------
 VALIDATING = "validating"
@@ -161,7 +161,7 @@ return ''
 # The end of a batch whose every line is answered (or, forced, of one whose deadline passed): the status (only
 # from those named), then, when it ends here, it leaves the active sets, its input file is released, its record is
 # charged again with its error list and the retention's expiry, its files' charges get that expiry too, and its
-# webhook's delivery is due (tasks/webhooks.py), in this same step: a process that dies after it loses nothing.
+# webhook's delivery is due (webhooks/deliveries.py), in this same step: a process that dies after it loses nothing.
 # KEYS: batch, jobs, active, owner's active, input file fields. ARGV: from, to, time field, now, retention, batch
 # id, 1 = it ends here (0: only the status), 1 = forced, then field/value pairs. Returns '' done, 'busy' lines are
 # still unanswered, or the status it found.
@@ -309,7 +309,7 @@ DRIVER_FRESH_S = 10  # a driver counts as alive this long after its last heartbe
 @dataclass(frozen=True)
 class Answer:
     """A line's entry in the output file (`OUTPUT`) or the error file (`ERROR`): `stored` is what Redis keeps,
-    `size` its length as read (api/files.py `rendered`); `short` (and `short_size`) the entry written in the error
+    `size` its length as read (batches/files.py `rendered`); `short` (and `short_size`) the entry written in the error
     file instead when it does not fit the batch's cap or its owner's quota (`output_limit_reached`)."""
 
     line: int
@@ -592,7 +592,7 @@ def batch_object(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def webhook_body(client: redis.Redis, batch_id: str, now: float) -> bytes | None:
-    """A batch's webhook delivery body (api/webhook_dispatcher.py, at its first attempt): Standard Webhooks'
+    """A batch's webhook delivery body (webhooks/dispatcher.py, at its first attempt): Standard Webhooks'
     {type, timestamp, data}, `batch.<status>` with the Batch object as it ended; None when its record is gone."""
     raw = client.hgetall(batch_key(batch_id))
     fields = {_text(name): _text(value) for name, value in raw.items()}

@@ -1,0 +1,1 @@
+"""Completion webhooks below the HTTP layer (moved out of api/ and tasks/; see the next commits)."""
