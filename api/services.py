@@ -35,8 +35,9 @@ from tasks.names import DEFAULT_LANE, INFER, LANES, TASK_FOR_KIND, queue_for_dev
 from tasks.queues import lane_depths
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import FAILED, INFERENCE, TERMINAL
-from webhooks.deliveries import Deliveries, WebhookOwners
+from webhooks.deliveries import Deliveries
 from webhooks.outbound import OutboundPolicy
+from webhooks.owners import WebhookOwners
 
 # A model's desired state is cached this long at most; every change also clears it at once (pub/sub).
 DESIRED_CACHE_S = 1.0

@@ -84,7 +84,7 @@ def check_pending(owner: str) -> None:
         )
 
 
-# -- a Batch API batch's webhook (api/blueprints/batches.py, batches/store.py) ------------------------------------------
+# -- a Batch API batch's webhook (api/blueprints/batches.py, batches/store.py) --------------------------------------
 BATCH_WEBHOOK_KEY = "webhook_url"  # the batch's `metadata` key naming its webhook
 
 

@@ -49,6 +49,8 @@ from tasks.names import (
     BATCHES_ALL,
     BATCHES_WAKE,
     BATCHES_WAKE_MAX,
+    DELIVERY_ID_PREFIX,
+    KEEP_DELIVERY_S,
     WEBHOOKS_DUE,
     batch_jobs_key,
     batch_key,
@@ -60,7 +62,9 @@ from tasks.names import (
     webhook_delivery_key,
 )
 from tasks.script_batch import ScriptBatch
-from webhooks.deliveries import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S, envelope
+from webhooks.signing import envelope
+
+DELIVERY_KIND = "batch"  # a batch's webhook delivery's `kind` (the dispatcher builds its body with `webhook_body`)
 
 # -- the Batch object's statuses (OpenAI's), defined once ---------------------------------------------------------
 VALIDATING = "validating"
@@ -197,8 +201,8 @@ end
 if info[4] then
   local id = '$DELIVERY_ID_PREFIX' .. ARGV[6]
   local delivery = '$DELIVERY_PREFIX' .. id
-  redis.call('HSET', delivery, 'kind', 'batch', 'ref', ARGV[6], 'webhook', info[4], 'event', 'batch.' .. ARGV[2],
-    'queue', '')
+  redis.call('HSET', delivery, 'kind', '$DELIVERY_KIND', 'ref', ARGV[6], 'webhook', info[4],
+    'event', 'batch.' .. ARGV[2], 'queue', '')
   redis.call('EXPIRE', delivery, $KEEP_DELIVERY_S)
   redis.call('ZADD', '$WEBHOOKS_DUE', 'NX', 0, id)
   -- forced: a batch's end cannot be refused; one delivery per batch, bounded by the batches kept
@@ -338,6 +342,7 @@ def _render(script: str) -> str:
         "OUTPUTS": OUTPUTS,
         "DELIVERIES": DELIVERIES,
         "DELIVERY_ID_PREFIX": DELIVERY_ID_PREFIX,
+        "DELIVERY_KIND": DELIVERY_KIND,
         "DELIVERY_PREFIX": webhook_delivery_key(""),
         "WEBHOOKS_DUE": WEBHOOKS_DUE,
         "KEEP_DELIVERY_S": str(KEEP_DELIVERY_S),

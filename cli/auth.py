@@ -82,7 +82,7 @@ def auth_token(
 
 
 def _webhook_owners():
-    from webhooks.deliveries import WebhookOwners
+    from webhooks.owners import WebhookOwners
 
     return WebhookOwners(_key_store().redis)
 

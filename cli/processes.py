@@ -42,9 +42,10 @@ def worker(
 
 def dispatcher() -> None:
     """Run the webhook dispatcher: it sends every due completion webhook, with retries (any number may run)."""
+    from batches.store import DELIVERY_KIND, webhook_body
     from webhooks.dispatcher import run_dispatcher
 
-    run_dispatcher(settings())
+    run_dispatcher(settings(), bodies={DELIVERY_KIND: webhook_body})
 
 
 def batches() -> None:

@@ -69,7 +69,7 @@ def webhooks_retry(
 
 
 def _owners():
-    from webhooks.deliveries import WebhookOwners
+    from webhooks.owners import WebhookOwners
 
     return WebhookOwners(reachable_redis())
 

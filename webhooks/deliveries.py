@@ -1,6 +1,9 @@
-"""Completion webhooks: what is kept in Redis, how a delivery is signed, and when it is tried again. Written once,
-used by the API (a request's webhook), the Lua step that ends a job (tasks/jobs/lifecycle.py: the delivery is due), the
-dispatcher (webhooks/dispatcher.py: it sends it) and the CLI (`manage.py auth webhook-secret`, `webhooks`).
+"""Completion webhooks' deliveries in Redis: what is kept, when a delivery is claimed, tried again or failed for good,
+and each endpoint's circuit breaker (the scripts in webhooks/lua/). Used by the API (a request's webhook, /metrics),
+the dispatcher (webhooks/dispatcher.py: it sends them) and the CLI (`manage.py webhooks`). The Lua step that ends a
+job (tasks/jobs/lua/transition.lua) makes a delivery due with the key names of tasks/names.py only: tasks/ never
+imports webhooks/. The webhooks package may import tasks/ and config/ only (never api, flask or workers); signing is
+webhooks/signing.py, owners' secrets and endpoints webhooks/owners.py.
 
 A delivery's life (keys in tasks/names.py):
 
@@ -38,14 +41,9 @@ a receiver holding either verifies.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import random
-import secrets as random_secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -53,14 +51,12 @@ import redis
 
 from tasks.holdings import DELIVERIES, with_holdings
 from tasks.names import (
+    KEEP_DELIVERY_S,
     WEBHOOK_DELIVERY_PREFIX,
-    WEBHOOK_DISABLED,
     WEBHOOK_DISPATCHERS,
     WEBHOOK_ENDPOINT_LEASES_PREFIX,
     WEBHOOK_ENDPOINT_PREFIX,
-    WEBHOOK_ENDPOINTS,
     WEBHOOK_OWNER_LEASES_PREFIX,
-    WEBHOOK_SECRETS,
     WEBHOOKS_DUE,
     WEBHOOKS_FAILED,
     WEBHOOKS_LEASED,
@@ -68,10 +64,6 @@ from tasks.names import (
 )
 from tasks.redis_client import text
 
-SECRET_PREFIX = "whsec_"
-# A delivery's hash is kept at most this long before it is delivered or fails (the retry window is at most 7 days).
-KEEP_DELIVERY_S = 8 * 86400
-DELIVERY_ID_PREFIX = "msg_"
 # Buckets of the delivery latency histogram (seconds), written by the dispatchers and read by /metrics.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -81,111 +73,6 @@ ENDPOINT_GONE = "endpoint_gone"  # the receiver answered 410: the endpoint is di
 ENDPOINT_DISABLED = "endpoint_disabled"  # an earlier 410 disabled it
 FORBIDDEN_ADDRESS = "forbidden_address"  # the URL leads to an address webhooks may not reach
 RECORD_EXPIRED = "record_expired"  # the job's record expired before the first attempt (the dispatcher was down)
-
-
-def envelope(event: str, data: dict[str, Any], now: float) -> dict[str, Any]:
-    """A delivery's body: Standard Webhooks' recommended {type, timestamp, data}."""
-    stamp = datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return {"type": event, "timestamp": stamp, "data": data}
-
-
-def delivery_id_for(ref: str) -> str:
-    """A delivery's id, also its `webhook-id`: `msg_<job id>` (one delivery per job) or `msg_<batch id>`."""
-    return f"{DELIVERY_ID_PREFIX}{ref}"
-
-
-# -- signing --------------------------------------------------------------------------------------------------
-def new_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(random_secrets.token_bytes(32)).decode()
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """One Standard Webhooks signature: `v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`."""
-    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
-    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
-
-
-def signature_header(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
-    return " ".join(sign(secret, msg_id, timestamp, body) for secret in secrets)
-
-
-def retry_delay(retry: int, base_s: float, max_s: float, rng: Any = random.random) -> float:
-    """Seconds before retry number `retry` (1: the first): base x 2^(retry-1), capped, times a jitter from 0.5 to 1
-    (so a receiver that comes back is not met by every delivery at once, and the first retry is within base)."""
-    delay = min(max_s, base_s * 2 ** min(retry - 1, 40))
-    return delay * (0.5 + 0.5 * rng())
-
-
-# -- owners: secrets, default endpoints, disabled endpoints -------------------------------------------------------
-class WebhookOwners:
-    """Per owner (an API key id `key:<id>`, `env:<digest>`, `jwt:<subject>` or `anonymous`): its signing secret
-    (and, after a rotation, the previous one until its overlap ends), its default endpoint, and the endpoints a 410
-    disabled."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-
-    def secret(self, owner: str, *, create: bool = False, rotate: bool = False, overlap_s: int = 0) -> dict[str, Any]:
-        """The owner's secret record {current, previous, previous_until, created_at}; created when asked (or
-        rotated: the current one becomes `previous`, signing beside the new one for `overlap_s`)."""
-        raw = self.redis.hget(WEBHOOK_SECRETS, owner)
-        record = orjson.loads(raw) if raw else None
-        if record is None and not (create or rotate):
-            return {}
-        if record is None or rotate:
-            now = time.time()
-            new = {"current": new_secret(), "created_at": now}
-            if record is not None and overlap_s > 0:
-                new.update(previous=record["current"], previous_until=now + overlap_s)
-            self.redis.hset(WEBHOOK_SECRETS, owner, orjson.dumps(new))
-            record = new
-        return record
-
-    def signing_secrets(self, owner: str, now: float | None = None) -> list[str]:
-        record = self.secret(owner)
-        if not record:
-            return []
-        keys = [record["current"]]
-        if record.get("previous") and float(record.get("previous_until") or 0) > (now or time.time()):
-            keys.append(record["previous"])
-        return keys
-
-    def has_secret(self, owner: str) -> bool:
-        return bool(self.redis.hexists(WEBHOOK_SECRETS, owner))
-
-    def owners(self) -> list[str]:
-        return sorted(text(o) for o in self.redis.hkeys(WEBHOOK_SECRETS))
-
-    def set_endpoint(self, owner: str, url: str | None) -> None:
-        if url is None:
-            self.redis.hdel(WEBHOOK_ENDPOINTS, owner)
-        else:
-            self.redis.hset(WEBHOOK_ENDPOINTS, owner, orjson.dumps({"url": url, "set_at": time.time()}))
-
-    def endpoint(self, owner: str) -> str | None:
-        raw = self.redis.hget(WEBHOOK_ENDPOINTS, owner)
-        return orjson.loads(raw)["url"] if raw else None
-
-    def endpoints(self) -> dict[str, str]:
-        return {text(k): orjson.loads(v)["url"] for k, v in self.redis.hgetall(WEBHOOK_ENDPOINTS).items()}
-
-    def disable(self, owner: str, url: str, reason: str) -> None:
-        self.redis.hset(WEBHOOK_DISABLED, f"{owner} {url}", orjson.dumps({"at": time.time(), "reason": reason}))
-
-    def enable(self, owner: str, url: str) -> bool:
-        return bool(self.redis.hdel(WEBHOOK_DISABLED, f"{owner} {url}"))
-
-    def disabled(self, owner: str, url: str) -> bool:
-        return bool(self.redis.hexists(WEBHOOK_DISABLED, f"{owner} {url}"))
-
-    def disabled_endpoints(self) -> list[dict[str, Any]]:
-        out = []
-        for key, raw in self.redis.hgetall(WEBHOOK_DISABLED).items():
-            owner, _, url = text(key).partition(" ")
-            out.append({"owner": owner, "url": url, **orjson.loads(raw)})
-        return sorted(out, key=lambda e: e["at"])
-
 
 # -- deliveries ---------------------------------------------------------------------------------------------------
 # What an attempt's outcome says about its endpoint (the circuit breaker's input).
@@ -231,235 +118,13 @@ class Claimed:
     held: int  # due deliveries held back and rescheduled without an attempt
 
 
-# Shared by the scripts below. An endpoint is the owner's scheme://host:port: one owner's failing receiver never
-# opens the circuit of another owner's on the same host, and a caller cannot dodge the per-endpoint cap with paths.
-# Slots are leases (sorted sets: delivery id -> lease end), so a dispatcher that dies frees them when they lapse.
-_PRELUDE = """
-local function endpoint_of(owner, url)
-  local scheme, authority = string.match(url, '^(%a+)://([^/?#]*)')
-  if not scheme then return owner .. ' ' .. url end
-  scheme, authority = string.lower(scheme), string.lower(authority)
-  if not string.find(authority, ':%d+$') then
-    if scheme == 'https' then authority = authority .. ':443' else authority = authority .. ':80' end
-  end
-  return owner .. ' ' .. scheme .. '://' .. authority
-end
-local function owner_of(key)
-  local ok, hook = pcall(cjson.decode, redis.call('HGET', key, 'webhook') or '')
-  if ok and type(hook) == 'table' and hook.owner ~= nil then return tostring(hook.owner), hook end
-  return '', {}
-end
--- An outcome is written only by the claim that holds the delivery: its lease is the claim's token and it is
--- still leased (a dispatcher whose attempt outlived its lease must not write over another's).
-local function ours(key, id, token)
-  return redis.call('HGET', key, 'lease') == token and redis.call('ZSCORE', '$LEASED', id) ~= false
-end
--- The attempt is over: its slots are free and its endpoint's circuit learns what it said.
-local function release(key, id, owner, verdict, now, failures_max, cooldown)
-  local endpoint = redis.call('HGET', key, 'endpoint')
-  redis.call('ZREM', '$LEASED', id)
-  redis.call('HDEL', key, 'lease', 'endpoint')
-  if not endpoint then return end
-  redis.call('ZREM', '$ENDPOINT_LEASES' .. endpoint, id)
-  redis.call('ZREM', '$OWNER_LEASES' .. owner, id)
-  local state = '$ENDPOINT' .. endpoint
-  local probe = redis.call('HGET', state, 'probe') == id
-  if verdict == '$ANSWERED' then
-    redis.call('DEL', state)
-  elseif verdict == '$UNHEALTHY' then
-    local failures = redis.call('HINCRBY', state, 'failures', 1)
-    if probe or failures >= failures_max then redis.call('HSET', state, 'open_until', now + cooldown) end
-    if probe then redis.call('HDEL', state, 'probe', 'probe_until') end
-    redis.call('EXPIRE', state, math.ceil(cooldown) + $BREAKER_MEMORY_S)
-  elseif probe then
-    redis.call('HDEL', state, 'probe', 'probe_until')
-  end
-end
-"""
-
-# Claim due deliveries for one dispatcher's free threads. Leases that lapsed (their dispatcher died) are due again.
-# Then up to `scan` due deliveries are looked at, oldest first, and up to `limit` claimed; each one that may not
-# start now is held back, rescheduled without taking a thread and without counting an attempt:
-#   its endpoint's circuit is open           -> until the cool-down ends
-#   half-open with its probe in flight, or its endpoint or owner at its cap
-#                                             -> HOLD_FIRST_S, doubling per hold, at most hold_max
-# The retry window runs from the first attempt or the first hold; a delivery whose window ends while held back is
-# claimed as EXPIRE (failed for good, not sent). In a half-open circuit the one delivery claimed is its probe.
-# ARGV: now, lease end, limit, token, scan, endpoint max, owner max, breaker failures, window, hold max.
-# Returns {id, mode, id, mode, ...} and how many were held back.
-_CLAIM = """
-local now, lease_end, limit, token = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local scan, endpoint_max, owner_max = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local failures_max, window, hold_max = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local keep = math.ceil(lease_end - now) + 1
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', '$LEASED', '-inf', now, 'LIMIT', 0, scan)) do
-  redis.call('ZREM', '$LEASED', id)
-  redis.call('ZADD', '$DUE', now, id)
-end
-local live = {}
-local function full(key, max)
-  if live[key] == nil then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    live[key] = redis.call('ZCARD', key)
-  end
-  return live[key] >= max
-end
-local function take(key, id)
-  redis.call('ZADD', key, lease_end, id)
-  redis.call('EXPIRE', key, keep)
-  live[key] = (live[key] or 0) + 1
-end
-local claimed, held = {}, 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', '$DUE', '-inf', now, 'LIMIT', 0, scan)) do
-  if #claimed >= 2 * limit then break end
-  local key = '$DELIVERY' .. id
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('ZREM', '$DUE', id)  -- delivered or expired meanwhile: nothing left to send
-  else
-    local owner, hook = owner_of(key)
-    local endpoint = endpoint_of(owner, tostring(hook.url or ''))
-    local state = redis.call('HMGET', '$ENDPOINT' .. endpoint, 'failures', 'open_until', 'probe_until')
-    local open_until = tonumber(state[2] or '0')
-    local half_open = tonumber(state[1] or '0') >= failures_max and open_until <= now
-    local wait = nil
-    if open_until > now then
-      wait = open_until - now
-    elseif (half_open and tonumber(state[3] or '0') > now) or full('$ENDPOINT_LEASES' .. endpoint, endpoint_max)
-        or full('$OWNER_LEASES' .. owner, owner_max) then
-      wait = math.min(hold_max, $HOLD_FIRST_S * 2 ^ tonumber(redis.call('HGET', key, 'held') or '0'))
-    end
-    local mode = '$SEND'
-    if wait then
-      local first = tonumber(redis.call('HGET', key, 'first_at') or '0')
-      if first == 0 then
-        first = now
-        redis.call('HSET', key, 'first_at', ARGV[1])
-      end
-      if now < first + window then
-        redis.call('ZADD', '$DUE', math.min(now + wait, first + window), id)
-        redis.call('HINCRBY', key, 'held', 1)
-        held = held + 1
-        mode = nil
-      else
-        mode = '$EXPIRE'
-      end
-    end
-    if mode then
-      redis.call('ZREM', '$DUE', id)
-      redis.call('ZADD', '$LEASED', lease_end, id)
-      redis.call('HSET', key, 'lease', token)
-      if mode == '$SEND' then
-        redis.call('HSET', key, 'endpoint', endpoint)
-        redis.call('HDEL', key, 'held')
-        take('$ENDPOINT_LEASES' .. endpoint, id)
-        take('$OWNER_LEASES' .. owner, id)
-        if half_open then redis.call('HSET', '$ENDPOINT' .. endpoint, 'probe', id, 'probe_until', lease_end) end
-      end
-      table.insert(claimed, id)
-      table.insert(claimed, mode)
-    end
-  end
-end
-return {claimed, held}
-"""
-
-# The first attempt: the body is kept (every retry sends the same bytes), the window starts, and the delivery's
-# charge is its body's size. ARGV: id, token, body, event, now. Returns 1, or 0 if the claim lost the delivery.
-_STARTED = """
-local id, token, now = ARGV[1], ARGV[2], tonumber(ARGV[5])
-local key = '$DELIVERY' .. id
-if not ours(key, id, token) then return 0 end
-redis.call('HSET', key, 'body', ARGV[3], 'event', ARGV[4])
-redis.call('HSETNX', key, 'first_at', ARGV[5])
-local owner = owner_of(key)
-local ttl = redis.call('TTL', key)
-if owner ~= '' and ttl > 0 then hold_put(owner, '$KIND', id, #ARGV[3], now + ttl, now, 0, 0, 0, true) end
-return 1
-"""
-
-# Delivered: the delivery, its lease and its charge are gone. ARGV: id, token, now, breaker failures, cool-down.
-_DELIVERED = """
-local id, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local key = '$DELIVERY' .. id
-if not ours(key, id, token) then return 0 end
-local owner = owner_of(key)
-release(key, id, owner, '$ANSWERED', now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-if owner ~= '' then hold_drop(owner, '$KIND', id) end
-redis.call('DEL', key)
-return 1
-"""
-
-# Another attempt at `at`. ARGV: id, token, now, breaker failures, cool-down, verdict, at, attempts, error.
-_RETRY_AT = """
-local id, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local key = '$DELIVERY' .. id
-if not ours(key, id, token) then return 0 end
-release(key, id, owner_of(key), ARGV[6], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-redis.call('HSET', key, 'attempts', ARGV[8], 'last_error', ARGV[9], 'next_at', ARGV[7])
-redis.call('ZADD', '$DUE', ARGV[7], id)
-return 1
-"""
-
-# Failed for good: kept (and charged) `keep` seconds and listed; the failed index is trimmed to what is kept.
-# ARGV: id, token, now, breaker failures, cool-down, verdict, reason, error, attempts, keep.
-_FAILED = """
-local id, token, now, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[10])
-local key = '$DELIVERY' .. id
-if not ours(key, id, token) then return 0 end
-local owner = owner_of(key)
-release(key, id, owner, ARGV[6], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-redis.call('HSET', key, 'state', 'failed', 'reason', ARGV[7], 'last_error', ARGV[8], 'failed_at', ARGV[3],
-  'attempts', ARGV[9])
-redis.call('HDEL', key, 'held')
-redis.call('EXPIRE', key, keep)
-redis.call('ZADD', '$FAILED', now, id)
-redis.call('ZREMRANGEBYSCORE', '$FAILED', '-inf', now - keep)
-if owner ~= '' then hold_renew(owner, '$KIND', id, now + keep, now) end
-return 1
-"""
-
-# A delivery whose record is gone (expired) while leased: nothing to send, nothing to keep. ARGV: id.
-_FORGET = """
-if redis.call('EXISTS', '$DELIVERY' .. ARGV[1]) == 0 then redis.call('ZREM', '$LEASED', ARGV[1]) end
-return 1
-"""
-
-# A failed delivery due again (`manage.py webhooks retry`): only one that failed for good and is still kept; its
-# charge lasts as long as it is kept again, and its endpoint's circuit is closed (whoever retries it says the receiver
-# is back). ARGV: id, keep, now. Returns 1, or 0 if it is not a failed delivery.
-_RETRY = """
-local id, keep, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local key = '$DELIVERY' .. id
-if redis.call('ZSCORE', '$FAILED', id) == false or redis.call('EXISTS', key) == 0 then return 0 end
-redis.call('ZREM', '$FAILED', id)
-redis.call('HDEL', key, 'state', 'reason', 'failed_at', 'first_at', 'next_at')
-redis.call('HINCRBY', key, 'retried', 1)
-redis.call('EXPIRE', key, keep)
-redis.call('ZADD', '$DUE', 0, id)
-local owner, hook = owner_of(key)
-redis.call('DEL', '$ENDPOINT' .. endpoint_of(owner, tostring(hook.url or '')))
-if owner ~= '' then hold_renew(owner, '$KIND', id, now + keep, now) end
-return 1
-"""
-
-# A delivery due now, written by Python (a batch's end; a job's end writes it in its own Lua step), charged to its
-# owner with force (bounded at admission: AETHERCORE_WEBHOOK_MAX_PENDING). ARGV: id, kind, ref, webhook, event,
-# queue, body ('' for none), has body, now.
-_ENQUEUE = """
-local id, now = ARGV[1], tonumber(ARGV[9])
-local key = '$DELIVERY' .. id
-redis.call('HSET', key, 'kind', ARGV[2], 'ref', ARGV[3], 'webhook', ARGV[4], 'event', ARGV[5], 'queue', ARGV[6])
-if ARGV[8] == '1' then redis.call('HSET', key, 'body', ARGV[7]) end
-redis.call('EXPIRE', key, $KEEP_DELIVERY_S)
-redis.call('ZADD', '$DUE', 'NX', 0, id)
-local owner = owner_of(key)
-if owner ~= '' then hold_put(owner, '$KIND', id, #ARGV[7], now + $KEEP_DELIVERY_S, now, 0, 0, 0, true) end
-return 1
-"""
+# The scripts (webhooks/lua/*.lua), each read once at import with the prelude (prelude.lua: shared by all of
+# them) and the account's functions (tasks/holdings.py) in front, its `$NAME` placeholders filled in.
+LUA_DIR = Path(__file__).with_name("lua")
 
 
-def _script(body: str) -> str:
-    """One of the scripts above, with the prelude and the account's functions (tasks/holdings.py) in front."""
+def _script(name: str) -> str:
+    """A script of webhooks/lua/, rendered: the prelude in front, its placeholders filled in."""
     names = {
         "$DELIVERY": WEBHOOK_DELIVERY_PREFIX,
         "$ENDPOINT_LEASES": WEBHOOK_ENDPOINT_LEASES_PREFIX,
@@ -477,10 +142,16 @@ def _script(body: str) -> str:
         "$HOLD_FIRST_S": str(HOLD_FIRST_S),
         "$KEEP_DELIVERY_S": str(KEEP_DELIVERY_S),
     }
-    source = _PRELUDE + body
-    for name, value in names.items():  # longest first where one name starts another ($ENDPOINT_LEASES)
-        source = source.replace(name, value)
+    source = (LUA_DIR / "prelude.lua").read_text() + (LUA_DIR / f"{name}.lua").read_text()
+    for placeholder, value in names.items():  # longest first where one name starts another ($ENDPOINT_LEASES)
+        source = source.replace(placeholder, value)
     return with_holdings(source)
+
+
+_SCRIPTS = {
+    name: _script(name)
+    for name in ("claim", "started", "delivered", "retry_at", "failed", "forget", "retry", "enqueue")
+}
 
 
 class Deliveries:
@@ -490,14 +161,14 @@ class Deliveries:
     def __init__(self, client: redis.Redis, limits: SlotLimits | None = None) -> None:
         self.redis = client
         self.limits = limits or SlotLimits()
-        self._claim = client.register_script(_script(_CLAIM))
-        self._started = client.register_script(_script(_STARTED))
-        self._delivered = client.register_script(_script(_DELIVERED))
-        self._retry_at = client.register_script(_script(_RETRY_AT))
-        self._failed = client.register_script(_script(_FAILED))
-        self._forget = client.register_script(_script(_FORGET))
-        self._retry = client.register_script(_script(_RETRY))
-        self._enqueue = client.register_script(_script(_ENQUEUE))
+        self._claim = client.register_script(_SCRIPTS["claim"])
+        self._started = client.register_script(_SCRIPTS["started"])
+        self._delivered = client.register_script(_SCRIPTS["delivered"])
+        self._retry_at = client.register_script(_SCRIPTS["retry_at"])
+        self._failed = client.register_script(_SCRIPTS["failed"])
+        self._forget = client.register_script(_SCRIPTS["forget"])
+        self._retry = client.register_script(_SCRIPTS["retry"])
+        self._enqueue = client.register_script(_SCRIPTS["enqueue"])
 
     def enqueue(
         self,

@@ -19,6 +19,10 @@ deliveries waiting in Redis without a thread (webhooks/deliveries.py, SlotLimits
 
 Its counts (sent, retried, failed, held back, latency) go to Redis with its heartbeat (METRICS_WEBHOOKS), so the
 API's /metrics shows every dispatcher's; the queue's depth is read at scrape time.
+
+A job's delivery body is built here (protocols/jobs.py: its public JSON); another kind's (a batch's) by the product
+that made it due, handed in by whoever starts the process (`bodies`: cli/processes.py gives the batches'), so
+webhooks/ never imports the products above it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,10 +43,9 @@ import orjson
 import redis
 from loguru import logger
 
-from api.blueprints.common import public_job
-from batches.store import webhook_body
 from config.logging import setup_logging
 from config.settings import Settings
+from protocols.jobs import public_job
 from tasks.deadletters import WEBHOOK_FAILED, DeadLetters
 from tasks.holdings import DEAD_LETTERS, quotas_from
 from tasks.jobs.records import Records
@@ -61,12 +65,10 @@ from webhooks.deliveries import (
     UNHEALTHY,
     Deliveries,
     SlotLimits,
-    WebhookOwners,
-    envelope,
-    retry_delay,
-    signature_header,
 )
 from webhooks.outbound import DeliveryFailed, ForbiddenDestination, OutboundPolicy
+from webhooks.owners import WebhookOwners
+from webhooks.signing import envelope, retry_delay, signature_header
 
 POLL_S = 0.2  # how often an idle dispatcher looks for due deliveries
 HEARTBEAT_S = 2.0  # its heartbeat (and metrics flush)
@@ -111,9 +113,16 @@ class DeliveryMetrics:
                 self._sum += total
 
 
+# A delivery body of a kind other than a job's: (Redis, the delivery's ref, now) -> its bytes, None if it is gone.
+BodyFor = Callable[[redis.Redis, str, float], bytes | None]
+
+
 class Dispatcher:
-    def __init__(self, settings: Settings, name: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, name: str | None = None, bodies: Mapping[str, BodyFor] | None = None
+    ) -> None:
         self.settings = settings
+        self.bodies = dict(bodies or {})
         self.name = name or f"dispatcher.{os.getpid()}@{socket.gethostname()}"
         self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
         self.jobs = Records(self.redis, settings.result_ttl)
@@ -279,9 +288,10 @@ class Dispatcher:
     def body(self, record: dict[str, Any], now: float) -> bytes | None:
         """A job's delivery body, built once at its first attempt: Standard Webhooks' {type, timestamp, data} with the
         job's public JSON (GET /jobs/{id}) as data; its result left out beyond AETHERCORE_WEBHOOK_MAX_BYTES. A
-        batch's: the Batch object as it ended (its error list is capped, batches/driver.py)."""
-        if record.get("kind") == "batch":
-            return webhook_body(self.redis, record["ref"], now)
+        batch's: the Batch object as it ended (its error list is capped, batches/driver.py), built by `bodies`."""
+        kind = record.get("kind")
+        if kind in self.bodies:
+            return self.bodies[kind](self.redis, record["ref"], now)
         job = self.jobs.get(record["ref"])
         if job is None:
             return None
@@ -343,7 +353,8 @@ def _data(body: Any) -> dict[str, Any]:
         return {}
 
 
-def run_dispatcher(settings: Settings) -> None:
+def run_dispatcher(settings: Settings, bodies: Mapping[str, BodyFor] | None = None) -> None:
+    """The dispatcher process until SIGTERM or SIGINT; `bodies`: the delivery bodies of kinds other than a job's."""
     setup_logging("dispatcher", settings.log_level, settings.log_format)
     stop = threading.Event()
 
@@ -353,4 +364,4 @@ def run_dispatcher(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Dispatcher(settings).run(stop)
+    Dispatcher(settings, bodies=bodies).run(stop)

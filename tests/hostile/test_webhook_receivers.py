@@ -24,7 +24,7 @@ from tasks.names import webhook_delivery_key
 from tests.hostile.conftest import assert_still_serving, auth
 from tests.support import OTHER_USER_KEY, USER_KEY, ApiProcess, ManagedProcess, base_env, wait_until
 from tests.webhook_receiver import HostileReceiver, Receiver
-from webhooks.deliveries import WebhookOwners
+from webhooks.owners import WebhookOwners
 
 pytestmark = pytest.mark.slow
 

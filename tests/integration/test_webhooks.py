@@ -34,7 +34,7 @@ from tests.support import (
     wait_until,
 )
 from tests.webhook_receiver import Receiver
-from webhooks.deliveries import WebhookOwners
+from webhooks.owners import WebhookOwners
 
 pytestmark = pytest.mark.slow
 

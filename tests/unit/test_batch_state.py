@@ -1,5 +1,5 @@
-"""A batch's state in Redis (batches/store.py, batches/files.py) step by step against a real Redis: each line answered once
-however often it is answered, lines taken once, a job noted only for a line still waiting, a status moved only from
+"""A batch's state in Redis (batches/store.py, batches/files.py) step by step against a real Redis: each line answered
+once however often it is answered, lines taken once, a job noted only for a line still waiting, a status moved only from
 the statuses named and a batch ended only when every line is answered; files byte for byte. What a batch keeps is
 charged to its owner in the same steps (tasks/holdings.py): its record at creation (a count quota), its files as
 lines are answered (a cap per batch and a quota per owner, beyond which a line gets its short entry), and the end

@@ -31,13 +31,10 @@ from webhooks.deliveries import (
     UNHEALTHY,
     Deliveries,
     SlotLimits,
-    WebhookOwners,
-    new_secret,
-    retry_delay,
-    sign,
-    signature_header,
 )
 from webhooks.outbound import MAX_ANSWER_HEAD, DeliveryFailed, ForbiddenDestination, OutboundPolicy
+from webhooks.owners import WebhookOwners
+from webhooks.signing import new_secret, retry_delay, sign, signature_header
 from workers.completion import Completion, JobContext
 
 
