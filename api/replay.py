@@ -18,10 +18,10 @@ from typing import Any
 from flask import g
 
 from api.auth import MANAGE_MODELS, SERVE, Principal, check_role
-from api.errors import ApiError
 from api.inference import queue_inference
 from api.services import services
 from api.webhooks import job_webhook
+from protocols.errors import ApiError
 from tasks.deadletters import NotReplayable, Submission
 from tasks.states import INFERENCE
 

@@ -12,7 +12,6 @@ from flask import current_app, g
 
 from api.auth import may_autoload
 from api.dispatch import InferenceDispatcher
-from api.errors import ApiError
 from api.idempotency import current_claim, replayed_conflict
 from api.limits import LongRequests
 from api.ratelimit import InferenceRateLimit, caller_id, limited_per_caller
@@ -23,6 +22,7 @@ from api.ttl_cache import TTLCache
 from config.models import ModelSpec
 from config.settings import Settings
 from config.signatures import ARTIFACT, Signature, task_signature
+from protocols.errors import ApiError
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
 from tasks.errors import BROKER_UNAVAILABLE

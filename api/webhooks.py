@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 from flask import g
 
-from api.errors import ApiError
 from api.services import services
+from protocols.errors import ApiError
 from tasks.holdings import DELIVERIES
 from webhooks.outbound import ForbiddenDestination, MalformedUrl
 
@@ -91,6 +91,7 @@ BATCH_WEBHOOK_KEY = "webhook_url"  # the batch's `metadata` key naming its webho
 def batch_webhook(metadata: dict[str, Any] | None) -> str | None:
     """The `webhook` to keep with a new batch (JSON {url, owner}) or None: `metadata.webhook_url`, else the caller's
     default endpoint; checked like a job's (422, 409). The Lua step that ends the batch makes its delivery due
-    (batches/store.py `_END`); the dispatcher builds its body at the first attempt (batches/store.py `webhook_body`)."""
+    (batches/store.py `_END`); the dispatcher builds its body at the first attempt (batches/objects.py
+    `webhook_body`)."""
     url = (metadata or {}).get(BATCH_WEBHOOK_KEY)
     return job_webhook(url, f"metadata.{BATCH_WEBHOOK_KEY}")

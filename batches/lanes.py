@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.errors import ApiError
 from api.services import BATCH_LANE, Services
 from batches.store import IN_PROGRESS
 from config.models import ModelSpec
+from protocols.errors import ApiError
 from tasks.names import BATCHES_ACTIVE, batch_jobs_key, batch_key
 
 WATERMARK_PASSES = 4

@@ -42,7 +42,8 @@ def worker(
 
 def dispatcher() -> None:
     """Run the webhook dispatcher: it sends every due completion webhook, with retries (any number may run)."""
-    from batches.store import DELIVERY_KIND, webhook_body
+    from batches.objects import webhook_body
+    from batches.store import DELIVERY_KIND
     from webhooks.dispatcher import run_dispatcher
 
     run_dispatcher(settings(), bodies={DELIVERY_KIND: webhook_body})

@@ -4,6 +4,6 @@ the outbound HTTP call with its address policy (outbound.py), and the dispatcher
 (dispatcher.py, `manage.py dispatcher`). A job's end makes its delivery due in the job store's own Lua step, with the
 key names of tasks/names.py: tasks/ never imports webhooks/.
 
-May import config/, tasks/ and protocols/; never api, flask, flask_smorest, workers, or the products above it
+May import config/ and tasks/ only; never api, flask, flask_smorest, workers, or the products above it
 (batches/ hands the dispatcher its delivery bodies at start-up).
 """

@@ -20,7 +20,7 @@ deliveries waiting in Redis without a thread (webhooks/deliveries.py, SlotLimits
 Its counts (sent, retried, failed, held back, latency) go to Redis with its heartbeat (METRICS_WEBHOOKS), so the
 API's /metrics shows every dispatcher's; the queue's depth is read at scrape time.
 
-A job's delivery body is built here (protocols/jobs.py: its public JSON); another kind's (a batch's) by the product
+A job's delivery body is built here (tasks/jobs/public.py: its public JSON); another kind's (a batch's) by the product
 that made it due, handed in by whoever starts the process (`bodies`: cli/processes.py gives the batches'), so
 webhooks/ never imports the products above it.
 """
@@ -45,9 +45,9 @@ from loguru import logger
 
 from config.logging import setup_logging
 from config.settings import Settings
-from protocols.jobs import public_job
 from tasks.deadletters import WEBHOOK_FAILED, DeadLetters
 from tasks.holdings import DEAD_LETTERS, quotas_from
+from tasks.jobs.public import public_job
 from tasks.jobs.records import Records
 from tasks.names import METRICS_WEBHOOKS, WEBHOOK_DISPATCHERS
 from tasks.redis_client import make_redis

@@ -18,24 +18,13 @@ from marshmallow import validate
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import JOBS, SERVE, principal, requires
-from api.blueprints.openai_compat import BATCH_ENDPOINTS
-from api.errors import ApiError, error_response, http_exception_response, quota_error
+from api.errors import error_response, http_exception_response, quota_error
 from api.idempotency import idempotent
 from api.json_provider import Blueprint
 from api.services import services
 from api.webhooks import batch_webhook
-from batches.files import (
-    PURPOSE_BATCH,
-    FileStore,
-    FileTooLarge,
-    InvalidFile,
-    UploadLimits,
-    YieldingInput,
-    file_object,
-    new_file_id,
-    read_chunks,
-    upload_limit,
-)
+from batches.files import PURPOSE_BATCH, FileStore, file_object, new_file_id
+from batches.objects import batch_object
 from batches.store import (
     CANCELLED,
     CANCELLING,
@@ -48,9 +37,11 @@ from batches.store import (
     TOO_MANY_ACTIVE,
     VALIDATING,
     BatchStore,
-    batch_object,
     new_batch_id,
 )
+from batches.uploads import FileTooLarge, InvalidFile, UploadLimits, YieldingInput, read_chunks, upload_limit
+from protocols.errors import ApiError
+from protocols.openai import BATCH_ENDPOINTS
 from tasks.holdings import QuotaExceeded
 
 blp = Blueprint(

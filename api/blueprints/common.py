@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Response, current_app
 
-from protocols.jobs import public_job
+from tasks.jobs.public import public_job
 from tasks.states import TERMINAL
 
 

@@ -11,9 +11,9 @@ from flask.views import MethodView
 from marshmallow import validate
 
 from api.auth import READ_ALL_JOBS, requires
-from api.errors import ApiError
 from api.json_provider import Blueprint
 from api.services import services
+from protocols.errors import ApiError
 
 blp = Blueprint("webhooks", __name__, description="Completion webhooks: failed deliveries (admins and operators)")
 _DELIVERY_ID = re.compile(r"^msg_[A-Za-z0-9_]{1,80}$")

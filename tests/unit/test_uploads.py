@@ -11,14 +11,8 @@ import time
 import pytest
 import redis
 
-from batches.files import (
-    FileStore,
-    FileTooLarge,
-    InvalidFile,
-    LineSplitter,
-    UploadLimits,
-    is_request_line,
-)
+from batches.files import FileStore
+from batches.uploads import FileTooLarge, InvalidFile, LineSplitter, UploadLimits, is_request_line
 from tasks.holdings import FILES, OWNER_BYTES, OWNER_COUNT, TOTAL_BYTES, Held, Holdings, Quota, QuotaExceeded
 from tasks.names import file_key, file_lines_key
 
