@@ -1,4 +1,4 @@
-"""The hot routes' hand-checked arguments (api/fast_args.py) and the job projection (api/blueprints/common.py)
+"""The hot routes' hand-checked arguments (api/fast_args.py) and the job projection (tasks/jobs/public.py)
 against marshmallow, the reference: whatever the fast path accepts, the schema loads to the same value, and
 the projection equals JobSchema's dump."""
 
