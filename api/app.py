@@ -8,18 +8,18 @@ from flask import Flask, current_app
 from flask_smorest import Api
 
 from api.auth import CREDENTIALS, SECURITY_SCHEMES
-from api.batches import BatchStore
 from api.blueprints import batches, dead_letters, health, jobs, models, oip, openai_compat, serve, webhooks
 from api.dispatch import InferenceDispatcher
 from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
-from api.files import FileStore
 from api.json_provider import OrjsonProvider
 from api.metrics import init_metrics
 from api.openapi_inputs import document_inputs
 from api.request_id import init_request_id
 from api.security import init_security
 from api.services import Services
+from batches.files import FileStore
+from batches.store import BatchStore
 from config.models import load_models
 from config.settings import Settings
 from tasks.celery_app import make_celery
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         ),
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
-    # The OpenAI Files and Batch APIs: their state in Redis (driven by the batch driver processes, api/batch_driver.py).
+    # The OpenAI Files and Batch APIs: their state in Redis (driven by the batch driver processes, batches/driver.py).
     raw = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl(), decode_responses=False)
     holdings = svc.holdings
     files = FileStore(redis_client, raw, settings.files_ttl, holdings)

@@ -38,8 +38,8 @@ import redis
 from flask import g, request
 from loguru import logger
 
-from api.errors import ApiError
 from config.roles import ADMIN, OPERATOR, ROLES, USER
+from protocols.errors import ApiError
 from tasks.names import AUTH_KEYS, LANES, auth_failures_key
 
 KEYS_HASH = AUTH_KEYS

@@ -16,6 +16,7 @@ from kombu.exceptions import OperationalError
 from loguru import logger
 from werkzeug.exceptions import HTTPException, NotFound
 
+from protocols.errors import ApiError
 from tasks.errors import BROKER_UNAVAILABLE
 from tasks.holdings import OWNER_BYTES, OWNER_COUNT, QuotaExceeded
 
@@ -33,21 +34,6 @@ DEFAULT_CODES = {
     500: "internal_error",
     503: "service_unavailable",
 }
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        details: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.details = details or {}
-        self.headers = headers or {}
 
 
 def quota_error(exc: QuotaExceeded) -> ApiError:
@@ -79,25 +65,6 @@ _DIALECTS: list[tuple[str, ErrorBody]] = []
 
 def register_error_dialect(prefix: str, body: ErrorBody) -> None:
     _DIALECTS.append((prefix, body))
-
-
-def field_errors(details: dict[str, Any]) -> list[tuple[str, str]]:
-    """(field, problem) pairs of a validation error's details ({"field": ["problem", ...]}), in order."""
-    pairs = []
-    for field, problems in details.items():
-        if isinstance(problems, list) and all(isinstance(p, str) for p in problems):
-            pairs.extend((str(field), p) for p in problems)
-        elif isinstance(problems, dict):  # a nested schema's or a list item's errors: {"messages": {0: {...}}}
-            pairs.extend((f"{field}.{inner}", p) for inner, p in field_errors(problems))
-    return pairs
-
-
-def one_line(message: str, details: dict[str, Any]) -> str:
-    """The message with its field errors spelled out, for protocols whose errors are a single string."""
-    fields = field_errors(details)
-    if not fields:
-        return message
-    return "; ".join(f"{field}: {problem}" for field, problem in fields)
 
 
 def error_body(status: int, code: str, message: str, details: dict | None = None) -> dict[str, Any]:

@@ -48,8 +48,9 @@ from typing import Any
 import orjson
 from flask import Response, after_this_request, current_app, g, request
 
-from api.errors import ApiError, quota_error
+from api.errors import quota_error
 from api.ratelimit import caller_id
+from protocols.errors import ApiError
 from tasks.holdings import IDEMPOTENCY, OWNER_COUNT, Held, Quota, QuotaExceeded, with_holdings
 from tasks.jobs.scripts import KEY_OVERHEAD
 from tasks.names import idempotency_key

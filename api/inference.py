@@ -10,7 +10,6 @@ from typing import Any
 from flask import g
 
 from api.auth import allowed_lanes
-from api.errors import ApiError
 from api.idempotency import keyed
 from api.services import Services, services
 from api.webhooks import job_webhook, requested_url
@@ -18,6 +17,7 @@ from config.models import TEXT_TASKS, ModelSpec
 from config.parameters import messages_error, text_error
 from config.parameters import parameter_errors as declared_parameter_errors
 from config.signatures import tensor_input_errors
+from protocols.errors import ApiError
 from tasks import errors as job_errors
 from tasks.errors import http_status
 from tasks.names import DEFAULT_LANE, LANES

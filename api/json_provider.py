@@ -1,15 +1,11 @@
 """Flask's JSON through orjson: request bodies parsed and responses (embeddings: hundreds of floats)
 written several times faster than with the standard library.
 
-Every JSON a client sends is parsed here, by `loads_bounded`, whatever the route: Flask's `request.get_json`,
-flask-smorest's body arguments (webargs would otherwise use the standard library's `json.loads`, which recurses
-until RecursionError on deep nesting and parses a 4,000-digit integer, or raises ValueError past 4,300 digits),
-the WebSocket's request message and OIP's JSON header. It refuses, as one 400 `bad_request`:
-* nesting deeper than AETHERCORE_MAX_JSON_DEPTH (orjson itself stops at 1024 without recursing; everything
-  after the parser, our checks and orjson's encoder (254 levels) included, then sees a bounded depth);
-* number literals a double cannot hold (orjson: "number is infinity", e.g. 10^400); integers are 64-bit at
-  most (a larger integer literal is read as a float), so no request carries a huge Python int;
-* invalid UTF-8, NaN/Infinity literals, and anything else that is not JSON.
+Every JSON a client sends is parsed here, by `loads_bounded` (protocols/json.py), whatever the route: Flask's
+`request.get_json`, flask-smorest's body arguments (webargs would otherwise use the standard library's `json.loads`,
+which recurses until RecursionError on deep nesting and parses a 4,000-digit integer, or raises ValueError past
+4,300 digits), the WebSocket's request message and OIP's JSON header. What it refuses (protocols/json.py, the
+parsing itself) is one 400 `bad_request`.
 """
 
 from __future__ import annotations
@@ -26,43 +22,9 @@ from flask.json.provider import JSONProvider
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
-from api.errors import ApiError
 from api.fast_args import loader_for
-
-
-class JsonBodyError(ValueError):
-    """A body is not JSON we take; the message completes "the body is ..." (Flask's get_json turns a ValueError
-    into 400, and so does every other caller)."""
-
-
-def _nesting_exceeds(value: Any, max_depth: int) -> bool:
-    """Whether containers nest deeper than `max_depth` (a top-level list or object is depth 1); iterative."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            return True
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, (list, dict)):
-                stack.append((child, depth + 1))
-    return False
-
-
-def loads_bounded(data: bytes | bytearray | memoryview | str, max_depth: int | None) -> Any:
-    """A client's JSON, parsed by orjson and at most `max_depth` containers deep (None: orjson's own 1024);
-    JsonBodyError saying why not."""
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        if "depth limit" in str(exc):
-            raise JsonBodyError(f"nested deeper than {max_depth or 1024} levels (AETHERCORE_MAX_JSON_DEPTH)") from None
-        raise JsonBodyError(f"not valid JSON ({exc})") from None
-    if max_depth is not None and isinstance(value, (list, dict)):
-        # A body cannot nest deeper than it has brackets: counted in C, most bodies need no walk at all.
-        raw = data.encode() if isinstance(data, str) else bytes(data)
-        if raw.count(b"[") + raw.count(b"{") > max_depth and _nesting_exceeds(value, max_depth):
-            raise JsonBodyError(f"nested deeper than {max_depth} levels (AETHERCORE_MAX_JSON_DEPTH)")
-    return value
+from protocols.errors import ApiError
+from protocols.json import JsonBodyError, loads_bounded
 
 
 def parse_body(data: bytes | str, what: str = "the body") -> Any:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
-from api.errors import ApiError
 from api.ratelimit import caller_id, limited_per_caller
+from protocols.errors import ApiError
 
 RETRY_AFTER_S = 5
 

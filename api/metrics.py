@@ -38,7 +38,7 @@ from tasks.holdings import KINDS, Holdings
 from tasks.names import CPU_QUEUE, METRICS_WEBHOOKS, queue_for_device
 from tasks.queues import lane_depths
 from tasks.states import LOADED
-from tasks.webhooks import LATENCY_BUCKETS, Deliveries
+from webhooks.deliveries import LATENCY_BUCKETS, Deliveries
 
 REQUESTS_TOTAL = "aethercore_requests_total"
 REQUEST_DURATION = "aethercore_request_duration_seconds"
@@ -49,7 +49,7 @@ LANE_DEPTH = "aethercore_lane_queue_depth"
 LIVE_WORKERS = "aethercore_live_workers"
 STREAMS_OPEN = "aethercore_stream_connections"
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-# Completion webhooks (api/webhook_dispatcher.py) and dead letters (tasks/deadletters.py).
+# Completion webhooks (webhooks/dispatcher.py) and dead letters (tasks/deadletters.py).
 WEBHOOK_DELIVERIES = "aethercore_webhook_deliveries_total"
 WEBHOOK_FAILURES = "aethercore_webhook_failures_total"
 WEBHOOK_LATENCY = "aethercore_webhook_delivery_seconds"

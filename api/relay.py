@@ -22,13 +22,13 @@ import redis
 from flask import Response, current_app, stream_with_context
 from loguru import logger
 
-from api.errors import ApiError
 from api.idempotency import keyed
 from api.json_provider import json_text
 from api.limits import Slot
 from api.services import services
 from api.stream_hub import SubscriptionFailed
 from api.streaming import follow_job
+from protocols.errors import ApiError
 from tasks.jobs.records import JobNotFound
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

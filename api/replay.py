@@ -6,7 +6,7 @@ submission (`Services.submit`: Redis's memory, the queue's depth, the owner's ra
 would to the owner (403, 409, 429, 503) and creates nothing; the new job names the dead letter in `replay_of`.
 
 `as_owner` is the one place a request is made to act for another principal (the batch driver does the same for a
-batch's lines, api/batch_driver.py `_as_owner`: the next step folds both into one submission use case).
+batch's lines, batches/driver.py `_as_owner`: the next step folds both into one submission use case).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 from flask import g
 
 from api.auth import MANAGE_MODELS, SERVE, Principal, check_role
-from api.errors import ApiError
 from api.inference import queue_inference
 from api.services import services
 from api.webhooks import job_webhook
+from protocols.errors import ApiError
 from tasks.deadletters import NotReplayable, Submission
 from tasks.states import INFERENCE
 

@@ -6,8 +6,8 @@ import marshmallow as ma
 from marshmallow import validate
 
 from config.models import MODEL_ID_RE
+from protocols.webhook import WebhookSchema
 from tasks.names import DEFAULT_LANE, LANES
-from tasks.outbound import MAX_URL_CHARS, URL_PATTERN
 from tasks.states import JOB_KINDS, MODEL_STATES, STATUSES
 
 JOB_ID_RE = r"^[0-9a-f]{32}$"
@@ -16,24 +16,6 @@ RESULT_TTL_MAX = 7 * 86400
 TIMEOUT_MIN, TIMEOUT_MAX = 0.001, 86400
 WAIT_MAX = 3600
 ENCODINGS = ("float", "base64")
-
-
-class WebhookSchema(ma.Schema):
-    """A request's completion webhook (docs: README "Completion webhooks")."""
-
-    class Meta:
-        unknown = ma.RAISE
-
-    url = ma.fields.String(
-        required=True,
-        validate=[validate.Length(min=1, max=MAX_URL_CHARS), validate.Regexp(URL_PATTERN)],
-        metadata={
-            "description": "Where the job's end is POSTed, signed per Standard Webhooks with the caller's secret: "
-            "https (http only to hosts AETHERCORE_WEBHOOK_ALLOW names), never a private or loopback address "
-            "unless allowed there",
-            "example": "https://example.com/hooks/aethercore",
-        },
-    )
 
 
 class _InferenceRequest(ma.Schema):

@@ -11,10 +11,10 @@ from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.auth import Authenticator, FailedAuthLimit, KeyStore
-from api.errors import ApiError
-from api.files import upload_limit
 from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers, limited_per_caller
+from batches.uploads import upload_limit
 from config.settings import Settings
+from protocols.errors import ApiError
 from tasks.redis_client import sentinel_hosts
 
 # Open without credentials: probes, and the API's own documentation.

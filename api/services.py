@@ -12,7 +12,6 @@ from flask import current_app, g
 
 from api.auth import may_autoload
 from api.dispatch import InferenceDispatcher
-from api.errors import ApiError
 from api.idempotency import current_claim, replayed_conflict
 from api.limits import LongRequests
 from api.ratelimit import InferenceRateLimit, caller_id, limited_per_caller
@@ -23,6 +22,7 @@ from api.ttl_cache import TTLCache
 from config.models import ModelSpec
 from config.settings import Settings
 from config.signatures import ARTIFACT, Signature, task_signature
+from protocols.errors import ApiError
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
 from tasks.errors import BROKER_UNAVAILABLE
@@ -32,17 +32,18 @@ from tasks.jobs.inflight import requeue_payload
 from tasks.jobs.lifecycle import JobEnd
 from tasks.jobs.records import IdempotencyConflict, RateLimited, new_job_id
 from tasks.names import DEFAULT_LANE, INFER, LANES, TASK_FOR_KIND, queue_for_device
-from tasks.outbound import OutboundPolicy
 from tasks.queues import lane_depths
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import FAILED, INFERENCE, TERMINAL
-from tasks.webhooks import Deliveries, WebhookOwners
+from webhooks.deliveries import Deliveries
+from webhooks.outbound import OutboundPolicy
+from webhooks.owners import WebhookOwners
 
 # A model's desired state is cached this long at most; every change also clears it at once (pub/sub).
 DESIRED_CACHE_S = 1.0
 # Backpressure reads the queue length at most this often per device: a bound, not an exact count.
 QUEUE_DEPTH_CACHE_S = 0.25
-# The lanes interactive callers use; `low` is the lane of batch lines (api/batch_driver.py), bounded apart.
+# The lanes interactive callers use; `low` is the lane of batch lines (batches/driver.py), bounded apart.
 INTERACTIVE_LANES, BATCH_LANE = LANES[:2], LANES[2]
 # New inference jobs are refused (503) once Redis uses this share of its maxmemory, read at most once a second.
 REDIS_MEMORY_LIMIT = 0.95

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from api.errors import ApiError
 from api.stream_hub import InvalidPosition, StreamHub, Subscription, canonical
+from protocols.errors import ApiError
 from tasks.jobs import Jobs
 from tasks.states import SUCCEEDED, TERMINAL
 

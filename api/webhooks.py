@@ -1,7 +1,7 @@
 """A request's completion webhook, decided on the request path without I/O beyond a cached read: the URL (the
-request's, else the caller's default endpoint), checked against the outbound rules (tasks/outbound.py; no DNS
+request's, else the caller's default endpoint), checked against the outbound rules (webhooks/outbound.py; no DNS
 here, the dispatcher resolves and checks again), and the owner whose secret signs it. The job carries the result
-(`webhook` field, JSON {url, owner}); the Lua step that ends it makes the delivery due (tasks/webhooks.py)."""
+(`webhook` field, JSON {url, owner}); the Lua step that ends it makes the delivery due (webhooks/deliveries.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 import orjson
 from flask import g
 
-from api.errors import ApiError
 from api.services import services
+from protocols.errors import ApiError
 from tasks.holdings import DELIVERIES
-from tasks.outbound import ForbiddenDestination, MalformedUrl
+from webhooks.outbound import ForbiddenDestination, MalformedUrl
 
 ANONYMOUS = "anonymous"
 PENDING_RETRY_AFTER_S = 30  # a caller at AETHERCORE_WEBHOOK_MAX_PENDING: deliveries end at the receivers' pace
@@ -84,13 +84,14 @@ def check_pending(owner: str) -> None:
         )
 
 
-# -- a Batch API batch's webhook (api/blueprints/batches.py, api/batches.py) ------------------------------------------
+# -- a Batch API batch's webhook (api/blueprints/batches.py, batches/store.py) --------------------------------------
 BATCH_WEBHOOK_KEY = "webhook_url"  # the batch's `metadata` key naming its webhook
 
 
 def batch_webhook(metadata: dict[str, Any] | None) -> str | None:
     """The `webhook` to keep with a new batch (JSON {url, owner}) or None: `metadata.webhook_url`, else the caller's
     default endpoint; checked like a job's (422, 409). The Lua step that ends the batch makes its delivery due
-    (api/batches.py `_END`); the dispatcher builds its body at the first attempt (api/batches.py `webhook_body`)."""
+    (batches/store.py `_END`); the dispatcher builds its body at the first attempt (batches/objects.py
+    `webhook_body`)."""
     url = (metadata or {}).get(BATCH_WEBHOOK_KEY)
     return job_webhook(url, f"metadata.{BATCH_WEBHOOK_KEY}")

@@ -82,7 +82,7 @@ def auth_token(
 
 
 def _webhook_owners():
-    from tasks.webhooks import WebhookOwners
+    from webhooks.owners import WebhookOwners
 
     return WebhookOwners(_key_store().redis)
 
@@ -120,7 +120,7 @@ def auth_webhook(
     clear: bool = typer.Option(False, "--clear", help="Remove the default endpoint"),
 ) -> None:
     """Show or set the owner's default webhook endpoint (API processes see a change within 5 s)."""
-    from tasks.outbound import ForbiddenDestination, OutboundPolicy
+    from webhooks.outbound import ForbiddenDestination, OutboundPolicy
 
     who = owner_of(owner)
     owners = _webhook_owners()

@@ -42,15 +42,17 @@ def worker(
 
 def dispatcher() -> None:
     """Run the webhook dispatcher: it sends every due completion webhook, with retries (any number may run)."""
-    from api.webhook_dispatcher import run_dispatcher
+    from batches.objects import webhook_body
+    from batches.store import DELIVERY_KIND
+    from webhooks.dispatcher import run_dispatcher
 
-    run_dispatcher(settings())
+    run_dispatcher(settings(), bodies={DELIVERY_KIND: webhook_body})
 
 
 def batches() -> None:
     """Run the batch driver: it moves every unfinished OpenAI batch forward, at a lowered CPU priority
     (AETHERCORE_BATCH_DRIVER_NICE); any number may run."""
-    from api.batch_driver import run_batch_driver
+    from batches.driver import run_batch_driver
 
     cfg = settings()
     checked_models(cfg)
@@ -149,8 +151,8 @@ def up(
     try:
         spawn("worker", "worker", "--device", device)
         spawn("api", "api")
-        spawn("dispatcher", "dispatcher")  # completion webhooks (api/webhook_dispatcher.py)
-        spawn("batches", "batches")  # the OpenAI batches, beside the API, never in it (api/batch_driver.py)
+        spawn("dispatcher", "dispatcher")  # completion webhooks (webhooks/dispatcher.py)
+        spawn("batches", "batches")  # the OpenAI batches, beside the API, never in it (batches/driver.py)
         base = f"{'https' if cfg.tls else 'http'}://127.0.0.1:{api_port}"
         with console.status("waiting for the API and a worker to report healthy..."):
             healthy = wait_healthy(base, children, timeout_s=180)

@@ -278,7 +278,7 @@ class Worker(Child):
 
 
 class BatchDriver(Child):
-    """`manage.py batches` (api/batch_driver.py) with `env`'s settings; `start()` waits for its first heartbeat."""
+    """`manage.py batches` (batches/driver.py) with `env`'s settings; `start()` waits for its first heartbeat."""
 
     def __init__(self, env: dict[str, str], name: str = "batches", log_dir: Path | None = None) -> None:
         super().__init__(name, env, log_dir)
@@ -292,7 +292,7 @@ class BatchDriver(Child):
 
     @property
     def name(self) -> str:
-        """Its name in the drivers' heartbeats (api/batch_driver.py)."""
+        """Its name in the drivers' heartbeats (batches/driver.py)."""
         return f"batches.{self.proc.pid}@{socket.gethostname()}"
 
     def alive(self) -> bool:

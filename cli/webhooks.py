@@ -69,7 +69,7 @@ def webhooks_retry(
 
 
 def _owners():
-    from tasks.webhooks import WebhookOwners
+    from webhooks.owners import WebhookOwners
 
     return WebhookOwners(reachable_redis())
 

@@ -96,7 +96,7 @@ _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\
 
 
 def _webhook_allow(value: str) -> tuple[str, ...]:
-    """Hosts, addresses and networks (CIDR) webhooks may reach beyond the default (tasks/outbound.py)."""
+    """Hosts, addresses and networks (CIDR) webhooks may reach beyond the default (webhooks/outbound.py)."""
     import ipaddress
 
     entries = []

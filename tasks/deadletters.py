@@ -5,7 +5,7 @@ AETHERCORE_MAX_ATTEMPTS times: an inference, load or unload job), when it expire
 before a worker started it), or when its completion webhook failed for good. The first two are written by the Lua
 step that ends the job (tasks/jobs/lua/transition.lua, with the reason the worker gives: workers/completion.py
 `Ending.dead_letter`), so a dead letter exists exactly when its job ended so; the third by the webhook dispatcher
-(api/webhook_dispatcher.py, `DeadLetters.add`). Both write it with `dead_put` (`LUA`), in one atomic step with its
+(webhooks/dispatcher.py, `DeadLetters.add`). Both write it with `dead_put` (`LUA`), in one atomic step with its
 charge.
 
 Bounded three ways, each in the step that writes one, and each removal deletes the entry's hash with its index

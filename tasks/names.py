@@ -128,7 +128,7 @@ def rate_limit_key(caller: str, amount: int, window_s: int) -> str:
     return f"{PREFIX}:ratelimit:{caller}:{amount}/{window_s}"
 
 
-# -- the OpenAI Files and Batch APIs (api/files.py, api/batches.py) ----------------------------------------------
+# -- the OpenAI Files and Batch APIs (batches/files.py, batches/store.py) ----------------------------------------------
 def file_key(file_id: str) -> str:
     """Hash: a file's fields (the OpenAI File object's, plus owner, lines and in_use); expires with the file."""
     return f"{PREFIX}:file:{file_id}"
@@ -184,10 +184,13 @@ def batches_active_key(owner: str) -> str:
     return f"{PREFIX}:batches:active:{owner}"
 
 
-# -- completion webhooks (tasks/webhooks.py, api/webhook_dispatcher.py) ------------------------------------------
+# -- completion webhooks (webhooks/: deliveries.py, dispatcher.py) -----------------------------------------------
 # A job that carries a webhook gets a delivery when it ends, written by the Lua step that ends it
 # (tasks/jobs/lua/transition.lua).
 WEBHOOK_DELIVERY_PREFIX = f"{PREFIX}:webhook:delivery:"  # + delivery id (`msg_<job id>`): hash, one delivery
+DELIVERY_ID_PREFIX = "msg_"  # a delivery's id (its `webhook-id`): `msg_<job id>` or `msg_<batch id>`
+# A delivery's hash is kept at most this long before it is delivered or fails (the retry window is at most 7 days).
+KEEP_DELIVERY_S = 8 * 86400
 
 
 def webhook_delivery_key(delivery_id: str) -> str:
@@ -203,8 +206,8 @@ WEBHOOK_ENDPOINTS = f"{PREFIX}:webhook:endpoints"  # hash: owner -> JSON {url, s
 WEBHOOK_DISABLED = f"{PREFIX}:webhook:disabled"  # hash: "owner url" -> JSON {at, reason}: endpoints that answered 410
 WEBHOOK_DISPATCHERS = f"{PREFIX}:webhook:dispatchers"  # sorted set: dispatcher name -> last heartbeat
 METRICS_WEBHOOKS = f"{PREFIX}:metrics:webhooks"  # hash: the dispatchers' delivery counters and latency buckets
-# What deliveries hold of the dispatchers, shared by every dispatcher (tasks/webhooks.py): an endpoint is an owner's
-# scheme://host:port ("<owner> <origin>"); each key expires on its own.
+# What deliveries hold of the dispatchers, shared by every dispatcher (webhooks/deliveries.py): an endpoint is an
+# owner's scheme://host:port ("<owner> <origin>"); each key expires on its own.
 WEBHOOK_ENDPOINT_PREFIX = f"{PREFIX}:webhook:endpoint:"  # + endpoint: hash {failures, open_until, probe, probe_until}
 WEBHOOK_ENDPOINT_LEASES_PREFIX = f"{PREFIX}:webhook:endpoint-leases:"  # + endpoint: zset delivery id -> lease end
 WEBHOOK_OWNER_LEASES_PREFIX = f"{PREFIX}:webhook:owner-leases:"  # + owner: zset delivery id -> lease end

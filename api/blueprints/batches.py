@@ -1,7 +1,7 @@
 """The OpenAI Files and Batch APIs under /v1: `client.files.create/list/retrieve/content/delete` and
 `client.batches.create/retrieve/list/cancel` of the stock `openai` package work unchanged. A batch's lines run as
-ordinary inference jobs of its owner (api/batch_driver.py); its state and its files are in Redis (api/batches.py,
-api/files.py). Owners see only their own files and batches (admins and operators see all, as with jobs). Errors
+ordinary inference jobs of its owner (batches/driver.py); its state and its files are in Redis (batches/store.py,
+batches/files.py). Owners see only their own files and batches (admins and operators see all, as with jobs). Errors
 take OpenAI's shape (the /v1 dialect of api/blueprints/openai_compat.py). What is served: docs/PROTOCOLS.md.
 """
 
@@ -18,7 +18,14 @@ from marshmallow import validate
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import JOBS, SERVE, principal, requires
-from api.batches import (
+from api.errors import error_response, http_exception_response, quota_error
+from api.idempotency import idempotent
+from api.json_provider import Blueprint
+from api.services import services
+from api.webhooks import batch_webhook
+from batches.files import PURPOSE_BATCH, FileStore, file_object, new_file_id
+from batches.objects import batch_object
+from batches.store import (
     CANCELLED,
     CANCELLING,
     COMPLETION_WINDOWS,
@@ -30,27 +37,11 @@ from api.batches import (
     TOO_MANY_ACTIVE,
     VALIDATING,
     BatchStore,
-    batch_object,
     new_batch_id,
 )
-from api.blueprints.openai_compat import BATCH_ENDPOINTS
-from api.errors import ApiError, error_response, http_exception_response, quota_error
-from api.files import (
-    PURPOSE_BATCH,
-    FileStore,
-    FileTooLarge,
-    InvalidFile,
-    UploadLimits,
-    YieldingInput,
-    file_object,
-    new_file_id,
-    read_chunks,
-    upload_limit,
-)
-from api.idempotency import idempotent
-from api.json_provider import Blueprint
-from api.services import services
-from api.webhooks import batch_webhook
+from batches.uploads import FileTooLarge, InvalidFile, UploadLimits, YieldingInput, read_chunks, upload_limit
+from protocols.errors import ApiError
+from protocols.openai import BATCH_ENDPOINTS
 from tasks.holdings import QuotaExceeded
 
 blp = Blueprint(
@@ -454,7 +445,7 @@ class Batches(MethodView):
             )
         # the input is kept through the window (its keys extended by the step above), and so is its owner's charge
         files.keep_until(source["id"], source["owner"], int(fields["expires_at"]) + 3600)
-        batches.wake()  # an idle batch driver starts it now (api/batch_driver.py)
+        batches.wake()  # an idle batch driver starts it now (batches/driver.py)
         return batch_object(batches.get(fields["id"]) or {k: str(v) for k, v in fields.items()})
 
     @blp.arguments(BatchListQuery, location="query")
@@ -493,5 +484,5 @@ class BatchCancel(MethodView):
                 {"status": outcome},
             )
         if outcome == "":
-            batches.wake()  # an idle batch driver stops it now (api/batch_driver.py)
+            batches.wake()  # an idle batch driver stops it now (batches/driver.py)
         return batch_object(batches.get(fields["id"]) or fields)

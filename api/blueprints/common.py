@@ -6,22 +6,8 @@ from typing import Any
 
 from flask import Response, current_app
 
-from api.schemas import JobErrorSchema, JobSchema
+from tasks.jobs.public import public_job
 from tasks.states import TERMINAL
-
-# A job as JobSchema documents it: its declared fields (and an error's), in order. A job answered here is
-# written straight from this projection, without a marshmallow dump per response (a tenth of an API process's
-# CPU per /serve at GPU speed); tests/unit/test_fast_args.py checks it equals JobSchema().dump(job).
-_JOB_FIELDS = tuple(JobSchema._declared_fields)
-_ERROR_FIELDS = tuple(JobErrorSchema._declared_fields)
-
-
-def public_job(job: dict[str, Any]) -> dict[str, Any]:
-    public = {name: job[name] for name in _JOB_FIELDS if name in job}
-    error = public.get("error")
-    if isinstance(error, dict):
-        public["error"] = {name: error[name] for name in _ERROR_FIELDS if name in error}
-    return public
 
 
 def job_reply(job: dict[str, Any]) -> Response:

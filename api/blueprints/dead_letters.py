@@ -11,13 +11,13 @@ from flask.views import MethodView
 from marshmallow import validate
 
 from api.auth import READ_ALL_JOBS, requires
-from api.blueprints.common import public_job
-from api.errors import ApiError
 from api.json_provider import Blueprint
 from api.replay import replay
 from api.schemas import JOB_ID_RE, JobErrorSchema, JobSchema
 from api.services import services
+from protocols.errors import ApiError
 from tasks.deadletters import REASONS, WEBHOOK_FAILED
+from tasks.jobs.public import public_job
 
 blp = Blueprint("dead_letters", __name__, description="Dead letters: list and replay (admins and operators)")
 _JOB_ID = re.compile(JOB_ID_RE)

@@ -9,14 +9,15 @@ from flask import request
 from flask.views import MethodView
 
 from api.auth import JOBS, principal, requires
-from api.blueprints.common import job_reply, public_job
-from api.errors import ApiError
+from api.blueprints.common import job_reply
 from api.json_provider import Blueprint
 from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_event, sse_response
 from api.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
 from api.services import services
 from api.streaming import resume_from
 from config.roles import ADMIN, USER
+from protocols.errors import ApiError
+from tasks.jobs.public import public_job
 from tasks.states import FAILED, TERMINAL
 
 blp = Blueprint("jobs", __name__, description="Submitted jobs")

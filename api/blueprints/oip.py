@@ -18,7 +18,7 @@ from flask.views import MethodView
 
 from api.auth import READ_MODELS, SERVE, requires
 from api.blueprints.health import health_checks
-from api.errors import ApiError, one_line, register_error_dialect
+from api.errors import register_error_dialect
 from api.idempotency import idempotent
 from api.inference import (
     check_lane,
@@ -35,6 +35,7 @@ from api.services import services
 from api.webhooks import job_webhook
 from config.models import TEXT_TASKS, ModelSpec
 from config.signatures import Signature, shape_error
+from protocols.errors import ApiError, one_line
 from tasks.names import DEFAULT_LANE, LANES
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import LOADED

@@ -9,8 +9,7 @@ from flask import Flask
 from flask.views import MethodView
 
 from api.auth import SERVE, check_role, requires
-from api.blueprints.common import job_reply, public_job
-from api.errors import ApiError
+from api.blueprints.common import job_reply
 from api.idempotency import idempotent
 from api.inference import input_errors, job_payload, parameter_errors, raise_if, route, submit_inference
 from api.json_provider import Blueprint, json_text, parse_body
@@ -18,6 +17,8 @@ from api.relay import Frames, Relay, relay_to_socket
 from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
 from api.services import services
 from api.websocket import RequestSocket, websocket_route
+from protocols.errors import ApiError
+from tasks.jobs.public import public_job
 from tasks.states import FAILED, INFERENCE
 
 blp = Blueprint("serve", __name__, description="Inference serving")

@@ -1,4 +1,4 @@
-"""Webhook deliveries that failed for good (tasks/webhooks.py): list them, send one again. For operators
+"""Webhook deliveries that failed for good (webhooks/deliveries.py): list them, send one again. For operators
 (`manage.py webhooks failed|retry`)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from flask.views import MethodView
 from marshmallow import validate
 
 from api.auth import READ_ALL_JOBS, requires
-from api.errors import ApiError
 from api.json_provider import Blueprint
 from api.services import services
+from protocols.errors import ApiError
 
 blp = Blueprint("webhooks", __name__, description="Completion webhooks: failed deliveries (admins and operators)")
 _DELIVERY_ID = re.compile(r"^msg_[A-Za-z0-9_]{1,80}$")

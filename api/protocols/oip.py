@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from api.errors import ApiError
-from api.json_provider import JsonBodyError, loads_bounded
 from config.signatures import MAX_RANK, ShapeError, TooManyElements, checked_shape
+from protocols.errors import ApiError
+from protocols.json import JsonBodyError, loads_bounded
 from tasks.tensors import DTYPES as NUMERIC
 
 DATATYPES = (*NUMERIC, "BYTES")

@@ -11,9 +11,9 @@
 * worker: a worker of this container has a fresh heartbeat in Redis. A worker heartbeats every
   AETHERCORE_HEARTBEAT_INTERVAL s into the record the API and the reaper read (the reaper takes a worker's jobs
   back once it is stale): its process is alive and reaches Redis, and the cluster counts it as live.
-* dispatcher: a webhook dispatcher of this container has a fresh heartbeat in Redis (api/webhook_dispatcher.py
+* dispatcher: a webhook dispatcher of this container has a fresh heartbeat in Redis (webhooks/dispatcher.py
   beats every 2 s).
-* batches: a batch driver of this container has a fresh heartbeat in Redis (api/batch_driver.py beats every 2 s,
+* batches: a batch driver of this container has a fresh heartbeat in Redis (batches/driver.py beats every 2 s,
   from a thread of its own, so a long validation pass does not look like a hang).
 
 Workers, dispatchers and batch drivers are named `<...>@<hostname>`: the container's (Kubernetes: the pod's) host

@@ -1,7 +1,7 @@
 """The job store's Lua scripts (tasks/jobs/lua/*.lua), read and rendered once, at import.
 
 Each script names states, keys and bounds through the same constants as the Python code (tasks/states.py,
-tasks/names.py, tasks/webhooks.py and the bounds below): `$NAME` placeholders filled in by `render`, and
+tasks/names.py and the bounds below): `$NAME` placeholders filled in by `render`, and
 `$IS_TERMINAL(var)`, the test of a terminal state. A placeholder with no value fails the import, not a job.
 The parts of the store (records, lifecycle, inflight, events) register the scripts they run (redis-py's
 `register_script`: called by SHA, loaded again where Redis lost it; tasks/script_batch.py batches some).
@@ -17,8 +17,10 @@ from tasks.deadletters import NO_OWNER
 from tasks.deadletters import render as dead_letter_lua
 from tasks.holdings import DELIVERIES, IDEMPOTENCY, with_holdings
 from tasks.names import (
+    DELIVERY_ID_PREFIX,
     INFLIGHT_HOLDERS,
     INFLIGHT_PREFIX,
+    KEEP_DELIVERY_S,
     QUEUED_PREFIX,
     WEBHOOK_DELIVERY_PREFIX,
     WEBHOOKS_DUE,
@@ -26,7 +28,6 @@ from tasks.names import (
     worker_key,
 )
 from tasks.states import QUEUED, RUNNING, TERMINAL
-from tasks.webhooks import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S
 
 LUA_DIR = Path(__file__).with_name("lua")
 

@@ -21,10 +21,10 @@ import requests
 
 from tasks.holdings import DELIVERIES, Holdings
 from tasks.names import webhook_delivery_key
-from tasks.webhooks import WebhookOwners
 from tests.hostile.conftest import assert_still_serving, auth
 from tests.support import OTHER_USER_KEY, USER_KEY, ApiProcess, ManagedProcess, base_env, wait_until
 from tests.webhook_receiver import HostileReceiver, Receiver
+from webhooks.owners import WebhookOwners
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The batch driver is a process of its own (`manage.py batches`, api/batch_driver.py), never an API process: an API
+"""The batch driver is a process of its own (`manage.py batches`, batches/driver.py), never an API process: an API
 alone leaves a new batch `validating` and its /health says no driver is alive; a driver started beside it runs the
 batch. An idle driver starts a new batch as soon as it is created (the API's wake note, not its idle wait). It runs
 niced (AETHERCORE_BATCH_DRIVER_NICE), every thread of it; SIGTERM stops it cleanly, its leases given up, so another

@@ -16,7 +16,7 @@ import redis
 import requests
 
 from api.auth import issue_token
-from api.batch_driver import FINISH_GRACE_S
+from batches.ending import FINISH_GRACE_S
 from tasks.holdings import FILES, OUTPUTS, Holdings
 from tasks.names import batch_key, batches_active_key, file_key, file_lines_key
 from tests.support import JWT_SECRET, USER_KEY, ApiProcess, RedisServer, WorkerProcess, wait_until

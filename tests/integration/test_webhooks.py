@@ -20,7 +20,6 @@ import requests
 import yaml
 
 from tasks.deadletters import DeadLetters
-from tasks.webhooks import WebhookOwners
 from tests.support import (
     ADMIN_KEY,
     REPO_ROOT,
@@ -35,6 +34,7 @@ from tests.support import (
     wait_until,
 )
 from tests.webhook_receiver import Receiver
+from webhooks.owners import WebhookOwners
 
 pytestmark = pytest.mark.slow
 

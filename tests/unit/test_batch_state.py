@@ -1,5 +1,5 @@
-"""A batch's state in Redis (api/batches.py, api/files.py) step by step against a real Redis: each line answered once
-however often it is answered, lines taken once, a job noted only for a line still waiting, a status moved only from
+"""A batch's state in Redis (batches/store.py, batches/files.py) step by step against a real Redis: each line answered
+once however often it is answered, lines taken once, a job noted only for a line still waiting, a status moved only from
 the statuses named and a batch ended only when every line is answered; files byte for byte. What a batch keeps is
 charged to its owner in the same steps (tasks/holdings.py): its record at creation (a count quota), its files as
 lines are answered (a cap per batch and a quota per owner, beyond which a line gets its short entry), and the end
@@ -13,8 +13,10 @@ import numpy as np
 import orjson
 import redis
 
-from api.batch_driver import _entry
-from api.batches import (
+from batches.files import FileStore, new_file_id, rendered
+from batches.objects import batch_object
+from batches.outputs import line_entry
+from batches.store import (
     COMPLETED,
     ERROR,
     FINALIZING,
@@ -24,10 +26,9 @@ from api.batches import (
     VALIDATING,
     Answer,
     BatchStore,
-    batch_object,
     new_batch_id,
 )
-from api.files import FileStore, UploadLimits, new_file_id, rendered
+from batches.uploads import UploadLimits
 from tasks.holdings import BATCHES, DELIVERIES, FILES, OUTPUTS, Holdings, Quota
 from tasks.names import (
     BATCHES_ACTIVE,
@@ -148,7 +149,7 @@ def test_an_output_line_keeps_its_embedding_as_bytes_and_reads_as_written(scratc
         "custom_id": "a",
         "response": {"status_code": 200, "body": {"data": [{"embedding": vector}]}},
     }
-    answer = _entry(0, OUTPUT, entry)
+    answer = line_entry(0, OUTPUT, entry)
     as_json = orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
     assert "$nd" in answer.stored and len(answer.stored) < len(as_json) / 2
     assert rendered(answer.stored.encode()) == as_json and answer.size == len(as_json)
@@ -209,7 +210,8 @@ def test_answers_are_charged_to_the_owner_within_the_batch_cap_and_the_owner_quo
 def test_the_end_charges_the_errors_and_queues_the_webhook_in_its_own_step(scratch_redis):
     """No application, no services: what ends the batch in Redis also makes its delivery due (a process that dies
     right after the step loses nothing)."""
-    from api.batches import FAILED, webhook_body
+    from batches.objects import webhook_body
+    from batches.store import FAILED
 
     store, files = _store(scratch_redis), _files(scratch_redis)
     hook = orjson.dumps({"url": "https://example.com/hook", "owner": "key:owner"}).decode()

@@ -17,9 +17,8 @@ from tasks.jobs import Jobs
 from tasks.jobs.inflight import requeue_payload
 from tasks.jobs.lifecycle import JobEnd
 from tasks.jobs.records import IdempotencyConflict
-from tasks.names import INFER, UNLOAD_MODEL, dead_entry_key, dead_letter_key, idempotency_key
+from tasks.names import INFER, KEEP_DELIVERY_S, UNLOAD_MODEL, dead_entry_key, dead_letter_key, idempotency_key
 from tasks.states import FAILED
-from tasks.webhooks import KEEP_DELIVERY_S
 
 RETENTION_S = 600
 

@@ -1,4 +1,4 @@
-"""The hot routes' hand-checked arguments (api/fast_args.py) and the job projection (api/blueprints/common.py)
+"""The hot routes' hand-checked arguments (api/fast_args.py) and the job projection (tasks/jobs/public.py)
 against marshmallow, the reference: whatever the fast path accepts, the schema loads to the same value, and
 the projection equals JobSchema's dump."""
 
@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
-from api.blueprints.common import public_job
 from api.fast_args import load_batch, load_serve, load_wait, loader_for
 from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, UnloadQuerySchema, WaitQuerySchema
+from tasks.jobs.public import public_job
 
 scalars = st.one_of(
     st.none(),
@@ -151,3 +151,11 @@ jobs = st.fixed_dictionaries(
 @given(jobs)
 def test_the_job_projection_is_the_schemas_dump(job):
     assert public_job(job) == JobSchema().dump(job)
+
+
+def test_the_public_projection_names_exactly_the_documented_fields():
+    from api.schemas import JobErrorSchema
+    from tasks.jobs.public import ERROR_FIELDS, JOB_FIELDS
+
+    assert JOB_FIELDS == tuple(JobSchema._declared_fields)
+    assert ERROR_FIELDS == tuple(JobErrorSchema._declared_fields)

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from flask import request
 
-from api.errors import ApiError
 from api.idempotency import idempotent
+from protocols.errors import ApiError
 from tests.conftest import DB_SCRATCH, settings_for
 from tests.support import ADMIN_KEY, USER_KEY
 

@@ -19,7 +19,7 @@ from tasks.names import INFER, job_key
 from tasks.states import FAILED, QUEUED, RUNNING, SUCCEEDED
 from tests.support import REPO_ROOT
 
-TREES = ("api", "workers", "tasks", "cli")
+TREES = ("api", "batches", "webhooks", "protocols", "workers", "tasks", "cli")
 LIFECYCLE = "tasks/jobs/lifecycle.py"
 # Who ends a job: a worker (every end it or its reaper decides goes through Completion.finish), the API for a job
 # whose message could not be queued, and a cancel of a job still queued (DELETE /jobs, a closed stream, a protocol's

@@ -7,8 +7,8 @@ import pytest
 import tritonclient.http as triton_http
 from tritonclient.http._utils import _get_inference_request
 
-from api.errors import ApiError
 from api.protocols.oip import encode_response, parse_request, serialize_bytes
+from protocols.errors import ApiError
 
 
 def client_body(inputs, outputs=None, **parameters):

@@ -9,13 +9,13 @@ import pytest
 from flask import Flask, g
 
 from api.auth import ANONYMOUS_ADMIN, Principal
-from api.errors import ApiError
 from api.limits import LongRequests
 from api.per_process import PerProcessThread
 from api.stream_hub import InvalidPosition, canonical, position
 from api.streaming import resume_from
 from config.roles import ADMIN, OPERATOR, USER, VIEWER
 from config.settings import ConfigError, Settings
+from protocols.errors import ApiError
 
 TOP = 2**64 - 1
 

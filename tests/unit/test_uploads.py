@@ -1,4 +1,4 @@
-"""An upload read as a stream (api/files.py): the line splitter's pieces joined are the bytes fed however they were
+"""An upload read as a stream (batches/files.py): the line splitter's pieces joined are the bytes fed however they were
 cut, the blank tail is no line, the limits refuse as soon as they are passed; and the store against a real Redis:
 byte for byte, charged to its owner in the step that makes it visible (concurrent uploads cannot pass the quota
 together), nothing left behind by a refused upload, the charge dropped with the file and kept as long as it."""
@@ -11,14 +11,8 @@ import time
 import pytest
 import redis
 
-from api.files import (
-    FileStore,
-    FileTooLarge,
-    InvalidFile,
-    LineSplitter,
-    UploadLimits,
-    is_request_line,
-)
+from batches.files import FileStore
+from batches.uploads import FileTooLarge, InvalidFile, LineSplitter, UploadLimits, is_request_line
 from tasks.holdings import FILES, OWNER_BYTES, OWNER_COUNT, TOTAL_BYTES, Held, Holdings, Quota, QuotaExceeded
 from tasks.names import file_key, file_lines_key
 

@@ -24,20 +24,17 @@ from tasks.jobs.lifecycle import JobEnd
 from tasks.jobs.records import IdempotencyConflict
 from tasks.metrics import LocalMetrics
 from tasks.names import HOLDINGS_PREFIX, INFER, WEBHOOKS_DUE, idempotency_key, webhook_delivery_key
-from tasks.outbound import MAX_ANSWER_HEAD, DeliveryFailed, ForbiddenDestination, OutboundPolicy
 from tasks.states import EXPIRED, FAILED, SUCCEEDED
-from tasks.webhooks import (
+from webhooks.deliveries import (
     ANSWERED,
     EXPIRE,
     UNHEALTHY,
     Deliveries,
     SlotLimits,
-    WebhookOwners,
-    new_secret,
-    retry_delay,
-    sign,
-    signature_header,
 )
+from webhooks.outbound import MAX_ANSWER_HEAD, DeliveryFailed, ForbiddenDestination, OutboundPolicy
+from webhooks.owners import WebhookOwners
+from webhooks.signing import new_secret, retry_delay, sign, signature_header
 from workers.completion import Completion, JobContext
 
 

@@ -93,7 +93,7 @@ if A[3] == 'done' then
     local note = string.sub(A[4], 1, -2) .. ',"result":' .. result .. ',"error":' .. err .. '}'
     for channel in string.gmatch(notify, '[^,]+') do wake(channel, note) end
   end
-  if hook then  -- its webhook delivery is due, durably, in the step that ends it (tasks/webhooks.py)
+  if hook then  -- its webhook delivery is due, durably, in the step that ends it (webhooks/deliveries.py)
     local id = '$DELIVERY_ID_PREFIX' .. job_id
     local queue = redis.call('HGET', K[1], 'device') or ''
     redis.call('HSET', '$WEBHOOK_DELIVERY_PREFIX' .. id, 'kind', 'job', 'ref', job_id, 'webhook', hook, 'event', A[1],

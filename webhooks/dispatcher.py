@@ -4,7 +4,7 @@ in the same Lua step, that a delivery is due (tasks/jobs/lifecycle.py); everythi
 hangs, the retries of 24 h) happens here.
 
 Why a process of its own and not a Celery task on a queue: the deliveries already live in Redis as a schedule (a
-sorted set by due time, tasks/webhooks.py), which is what a retry with backoff needs and what a broker lacks
+sorted set by due time, webhooks/deliveries.py), which is what a retry with backoff needs and what a broker lacks
 (Celery's countdown keeps a message in a worker's memory: a restart loses its place, and hours of retries would
 sit in the workers). The dispatcher claims due deliveries in one Lua step with a lease, sends them from a thread
 pool (AETHERCORE_WEBHOOK_CONCURRENCY), and writes each outcome. Any number of dispatchers may run (each claims its
@@ -12,13 +12,17 @@ own); one that dies mid-attempt loses its lease and the delivery is due again at
 dedupes on `webhook-id`, stable across every attempt). An outcome is written only under the claim's lease token.
 
 One slow receiver cannot stall anyone else's webhooks: an attempt has one deadline (AETHERCORE_WEBHOOK_TIMEOUT, for
-connecting, TLS, sending and the answer's head: tasks/outbound.py); an endpoint (an owner's scheme://host:port) has
+connecting, TLS, sending and the answer's head: webhooks/outbound.py); an endpoint (an owner's scheme://host:port) has
 at most AETHERCORE_WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight and an owner AETHERCORE_WEBHOOK_OWNER_SHARE of the
 threads, every dispatcher together; and an endpoint whose attempts keep failing has its circuit opened, its
-deliveries waiting in Redis without a thread (tasks/webhooks.py, SlotLimits).
+deliveries waiting in Redis without a thread (webhooks/deliveries.py, SlotLimits).
 
 Its counts (sent, retried, failed, held back, latency) go to Redis with its heartbeat (METRICS_WEBHOOKS), so the
 API's /metrics shows every dispatcher's; the queue's depth is read at scrape time.
+
+A job's delivery body is built here (tasks/jobs/public.py: its public JSON); another kind's (a batch's) by the product
+that made it due, handed in by whoever starts the process (`bodies`: cli/processes.py gives the batches'), so
+webhooks/ never imports the products above it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,17 +43,15 @@ import orjson
 import redis
 from loguru import logger
 
-from api.batches import webhook_body
-from api.blueprints.common import public_job
 from config.logging import setup_logging
 from config.settings import Settings
 from tasks.deadletters import WEBHOOK_FAILED, DeadLetters
 from tasks.holdings import DEAD_LETTERS, quotas_from
+from tasks.jobs.public import public_job
 from tasks.jobs.records import Records
 from tasks.names import METRICS_WEBHOOKS, WEBHOOK_DISPATCHERS
-from tasks.outbound import DeliveryFailed, ForbiddenDestination, OutboundPolicy
 from tasks.redis_client import make_redis
-from tasks.webhooks import (
+from webhooks.deliveries import (
     ANSWERED,
     ENDPOINT_DISABLED,
     ENDPOINT_GONE,
@@ -62,11 +65,10 @@ from tasks.webhooks import (
     UNHEALTHY,
     Deliveries,
     SlotLimits,
-    WebhookOwners,
-    envelope,
-    retry_delay,
-    signature_header,
 )
+from webhooks.outbound import DeliveryFailed, ForbiddenDestination, OutboundPolicy
+from webhooks.owners import WebhookOwners
+from webhooks.signing import envelope, retry_delay, signature_header
 
 POLL_S = 0.2  # how often an idle dispatcher looks for due deliveries
 HEARTBEAT_S = 2.0  # its heartbeat (and metrics flush)
@@ -111,9 +113,16 @@ class DeliveryMetrics:
                 self._sum += total
 
 
+# A delivery body of a kind other than a job's: (Redis, the delivery's ref, now) -> its bytes, None if it is gone.
+BodyFor = Callable[[redis.Redis, str, float], bytes | None]
+
+
 class Dispatcher:
-    def __init__(self, settings: Settings, name: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, name: str | None = None, bodies: Mapping[str, BodyFor] | None = None
+    ) -> None:
         self.settings = settings
+        self.bodies = dict(bodies or {})
         self.name = name or f"dispatcher.{os.getpid()}@{socket.gethostname()}"
         self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
         self.jobs = Records(self.redis, settings.result_ttl)
@@ -124,7 +133,7 @@ class Dispatcher:
         )
         self.policy = OutboundPolicy.from_entries(settings.webhook_allow)
         self.metrics = DeliveryMetrics()
-        # A claim outlives the longest attempt: the request is cut at AETHERCORE_WEBHOOK_TIMEOUT (tasks/outbound.py),
+        # A claim outlives the longest attempt: the request is cut at AETHERCORE_WEBHOOK_TIMEOUT (webhooks/outbound.py),
         # resolving its name is bounded by the system resolver (resolv.conf: 5 s x 2 tries per server by default), and
         # the rest is a few Redis round trips. Should one outlive it anyway, its outcome is not written (the lease
         # token is checked): the delivery is another claim's then.
@@ -279,9 +288,10 @@ class Dispatcher:
     def body(self, record: dict[str, Any], now: float) -> bytes | None:
         """A job's delivery body, built once at its first attempt: Standard Webhooks' {type, timestamp, data} with the
         job's public JSON (GET /jobs/{id}) as data; its result left out beyond AETHERCORE_WEBHOOK_MAX_BYTES. A
-        batch's: the Batch object as it ended (its error list is capped, api/batch_driver.py)."""
-        if record.get("kind") == "batch":
-            return webhook_body(self.redis, record["ref"], now)
+        batch's: the Batch object as it ended (its error list is capped, batches/driver.py), built by `bodies`."""
+        kind = record.get("kind")
+        if kind in self.bodies:
+            return self.bodies[kind](self.redis, record["ref"], now)
         job = self.jobs.get(record["ref"])
         if job is None:
             return None
@@ -343,7 +353,8 @@ def _data(body: Any) -> dict[str, Any]:
         return {}
 
 
-def run_dispatcher(settings: Settings) -> None:
+def run_dispatcher(settings: Settings, bodies: Mapping[str, BodyFor] | None = None) -> None:
+    """The dispatcher process until SIGTERM or SIGINT; `bodies`: the delivery bodies of kinds other than a job's."""
     setup_logging("dispatcher", settings.log_level, settings.log_format)
     stop = threading.Event()
 
@@ -353,4 +364,4 @@ def run_dispatcher(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Dispatcher(settings).run(stop)
+    Dispatcher(settings, bodies=bodies).run(stop)

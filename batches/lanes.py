@@ -1,4 +1,4 @@
-"""How many batch lines a device takes: the driver (api/batch_driver.py) keeps at most `batch_line_room` lines of a
+"""How many batch lines a device takes: the driver (batches/driver.py) keeps at most `batch_line_room` lines of a
 batch in flight, so a batch backlog never fills a device's queue and interactive callers never pay for it.
 
 Every line of every batch is a `low` job. On one device, the batches running there share a watermark evenly
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.batches import IN_PROGRESS
-from api.errors import ApiError
 from api.services import BATCH_LANE, Services
+from batches.store import IN_PROGRESS
 from config.models import ModelSpec
+from protocols.errors import ApiError
 from tasks.names import BATCHES_ACTIVE, batch_jobs_key, batch_key
 
 WATERMARK_PASSES = 4

@@ -4,7 +4,7 @@
 batch_key(id)        hash: the Batch object's fields, counts, `next_line` (the first line not taken yet), the
                      owner (id, role, address) its lines run as, `stopping` (cancel | expire | revoked),
                      `hold_until`, `stored_bytes` (what its two files hold), `step_failures` and `failures:<line>`
-                     (unexpected exceptions so far, api/batch_driver.py)
+                     (unexpected exceptions so far, batches/driver.py)
 batch_jobs_key(id)   hash: line -> job id, or `-` (taken, not submitted yet): the lines taken and not answered
 file_lines_key(out)  the output file's lines: line -> its answer (a success)       } ids reserved at creation,
 file_lines_key(err)  the error file's lines: line -> its answer (an error)         } published when it ends
@@ -13,7 +13,7 @@ BATCHES_WAKE         list: "look now" notes for idle drivers (a batch created or
 BATCH_DRIVERS        sorted set: the drivers' heartbeats
 ```
 
-Every step that changes a batch is one Lua script here, so any number of drivers (api/batch_driver.py, each a
+Every step that changes a batch is one Lua script here, so any number of drivers (batches/driver.py, each a
 `manage.py batches` process), that die at any moment, leave a consistent batch behind:
 
 * `answer` writes a line's answer into the output or the error file **only if the line has none yet** (in either
@@ -36,12 +36,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import orjson
 import redis
 
-from api.files import INDEX_SLACK_S, cursor_page
+from batches.files import INDEX_SLACK_S, cursor_page
 from tasks.holdings import BATCHES, DELIVERIES, OUTPUTS, Holdings, with_holdings
 from tasks.names import (
     BATCH_DRIVERS,
@@ -49,6 +49,8 @@ from tasks.names import (
     BATCHES_ALL,
     BATCHES_WAKE,
     BATCHES_WAKE_MAX,
+    DELIVERY_ID_PREFIX,
+    KEEP_DELIVERY_S,
     WEBHOOKS_DUE,
     batch_jobs_key,
     batch_key,
@@ -60,7 +62,8 @@ from tasks.names import (
     webhook_delivery_key,
 )
 from tasks.script_batch import ScriptBatch
-from tasks.webhooks import DELIVERY_ID_PREFIX, KEEP_DELIVERY_S, envelope
+
+DELIVERY_KIND = "batch"  # a batch's webhook delivery's `kind` (the dispatcher builds its body with `webhook_body`)
 
 # -- the Batch object's statuses (OpenAI's), defined once ---------------------------------------------------------
 VALIDATING = "validating"
@@ -100,207 +103,24 @@ RECORD_OVERHEAD = 256
 # What a webhook delivery's hash holds besides its body (the batch object, charged as the record's size).
 DELIVERY_OVERHEAD = 512
 
-# The size charged for a batch's record: its fields and values.
-_RECORD_SIZE = """
-local function record_size(key)
-  local size = $RECORD_OVERHEAD
-  for _, part in ipairs(redis.call('HGETALL', key)) do size = size + #part end
-  return size
-end
-"""
+# Every change to a batch is one Lua step (batches/lua/*.lua, read once at import; `$NAME` placeholders filled in
+# by `_render` from the constants above, an account's functions put in front by tasks/holdings.py `with_holdings`).
+LUA_DIR = Path(__file__).with_name("lua")
 
-# KEYS: batch, input file fields, input file lines, active, owner's active, owner's index, every batch's index.
-# ARGV: batch id, its index score (creation time), most active per owner, batch ttl, the input's least ttl, index
-# trim before, index ttl, owner, now, when the record expires, most batches kept per owner, the share of Redis all
-# holdings may take (bytes), then the batch's field/value pairs. Returns CREATED, NO_FILE, TOO_MANY_ACTIVE or the
-# account's refusal: the record is charged (kind BATCHES) in the step that writes it.
-_CREATE = with_holdings("""
-if redis.call('EXISTS', KEYS[2]) == 0 then return $NO_FILE end
--- a batch whose record is gone (it expired, or Redis lost it) holds none of its owner's slots any more
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  if redis.call('EXISTS', '$BATCH_PREFIX' .. id) == 0 then
-    redis.call('SREM', KEYS[5], id)
-    redis.call('SREM', KEYS[4], id)
-  end
-end
-if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[3]) then return $TOO_MANY_ACTIVE end
-local size = $RECORD_OVERHEAD
-for i = 13, #ARGV do size = size + #ARGV[i] end
-local charged = hold_put(ARGV[8], '$BATCHES', ARGV[1], size, ARGV[10], ARGV[9], 0, ARGV[11], ARGV[12], false)
-if charged < 0 then return charged end
-redis.call('HSET', KEYS[1], unpack(ARGV, 13))
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('HINCRBY', KEYS[2], 'in_use', 1)
-for i = 2, 3 do
-  local ttl = redis.call('TTL', KEYS[i])
-  if ttl >= 0 and ttl < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[i], ARGV[5]) end
-end
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[1])
-redis.call('EXPIRE', KEYS[5], ARGV[4])
-for i = 6, 7 do
-  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[6])
-  redis.call('EXPIRE', KEYS[i], ARGV[7])
-end
-return $CREATED
-""")
 
-# A status change, only from the statuses named. KEYS: batch. ARGV: from (space-separated), to, the time field
-# ('' for none), now, then field/value pairs. Returns '' done, or the status it found.
-_TRANSITION = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'gone' end
-if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. status .. ' ', 1, true) then return status end
-redis.call('HSET', KEYS[1], 'status', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
-return ''
-"""
+def _lua(name: str) -> str:
+    return (LUA_DIR / f"{name}.lua").read_text()
 
-# The end of a batch whose every line is answered (or, forced, of one whose deadline passed): the status (only
-# from those named), then, when it ends here, it leaves the active sets, its input file is released, its record is
-# charged again with its error list and the retention's expiry, its files' charges get that expiry too, and its
-# webhook's delivery is due (tasks/webhooks.py), in this same step: a process that dies after it loses nothing.
-# KEYS: batch, jobs, active, owner's active, input file fields. ARGV: from, to, time field, now, retention, batch
-# id, 1 = it ends here (0: only the status), 1 = forced, then field/value pairs. Returns '' done, 'busy' lines are
-# still unanswered, or the status it found.
-_END = with_holdings(
-    _RECORD_SIZE
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'gone' end
-if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. status .. ' ', 1, true) then return status end
-if ARGV[8] ~= '1' then
-  local answered = tonumber(redis.call('HGET', KEYS[1], 'completed') or '0')
-    + tonumber(redis.call('HGET', KEYS[1], 'failed') or '0')
-  if redis.call('HLEN', KEYS[2]) > 0 or answered < tonumber(redis.call('HGET', KEYS[1], 'total') or '0') then
-    return 'busy'
-  end
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
-if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
-if ARGV[7] ~= '1' then return '' end
-redis.call('SREM', KEYS[3], ARGV[6])
-redis.call('SREM', KEYS[4], ARGV[6])
-redis.call('DEL', KEYS[2])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-if tonumber(redis.call('HGET', KEYS[5], 'in_use') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'in_use', -1) end
-local now = tonumber(ARGV[4])
-local kept_until = now + tonumber(ARGV[5])
-local info = redis.call('HMGET', KEYS[1], 'owner', 'output_file', 'error_file', 'webhook')
-local owner, size = info[1], record_size(KEYS[1])
-hold_put(owner, '$BATCHES', ARGV[6], size, kept_until, now, 0, 0, 0, true)
-for i = 2, 3 do
-  if info[i] then hold_renew(owner, '$OUTPUTS', info[i], kept_until, now) end
-end
-if info[4] then
-  local id = '$DELIVERY_ID_PREFIX' .. ARGV[6]
-  local delivery = '$DELIVERY_PREFIX' .. id
-  redis.call('HSET', delivery, 'kind', 'batch', 'ref', ARGV[6], 'webhook', info[4], 'event', 'batch.' .. ARGV[2],
-    'queue', '')
-  redis.call('EXPIRE', delivery, $KEEP_DELIVERY_S)
-  redis.call('ZADD', '$WEBHOOKS_DUE', 'NX', 0, id)
-  -- forced: a batch's end cannot be refused; one delivery per batch, bounded by the batches kept
-  hold_put(owner, '$DELIVERIES', id, size + $DELIVERY_OVERHEAD, now + $KEEP_DELIVERY_S, now, 0, 0, 0, true)
-end
-return ''
-"""
-)
 
-# Take the next lines. KEYS: batch, jobs. ARGV: limit, mode ('room': while fewer than `limit` lines are taken and
-# the batch runs normally; 'all': up to `limit` more, the batch stopping), ttl. Returns {first line, count}.
-_CLAIM = """
-local stopping = redis.call('HGET', KEYS[1], 'stopping')
-local count
-if ARGV[2] == 'room' then
-  if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' or stopping then return {0, 0} end
-  count = tonumber(ARGV[1]) - redis.call('HLEN', KEYS[2])
-else
-  if not stopping then return {0, 0} end
-  count = tonumber(ARGV[1])
-end
-local first = tonumber(redis.call('HGET', KEYS[1], 'next_line') or '0')
-count = math.min(count, tonumber(redis.call('HGET', KEYS[1], 'total') or '0') - first)
-if count <= 0 then return {first, 0} end
-for line = first, first + count - 1 do redis.call('HSET', KEYS[2], line, '-') end
-redis.call('HSET', KEYS[1], 'next_line', first + count)
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return {first, count}
-"""
+_CREATE = with_holdings(_lua("create"))
+_TRANSITION = _lua("transition")
+_END = with_holdings(_lua("record_size") + _lua("end"))
+_CLAIM = _lua("claim")
+_RECORD = _lua("record")
+_ANSWER = with_holdings(_lua("answer"))
+_LEASE = _lua("lease")
+_RELEASE = _lua("release")
 
-# A taken line's job, noted only if the line still waits for one. KEYS: jobs. ARGV: line, job id.
-_RECORD = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= '-' then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
-# A line's answer, exactly once, charged to the batch's owner (kind OUTPUTS, the file's id) within the batch's cap
-# (`stored_bytes`: what its two files hold) and the owner's quota; an answer that does not fit is replaced by its
-# short entry in the error file (`output_limit_reached`), charged whatever the totals: bounded by the line count.
-# KEYS: batch, jobs, output lines, error lines. ARGV: line, 'out' | 'err', the line's text, its size as read, input
-# tokens, output tokens, ttl, the short entry, its size as read, now, when the charge expires, the batch's cap, the
-# owner's quota, the share of Redis all holdings may take (0: no limit for the last three). Returns 1 answered
-# now, 2 answered with the short entry, 0 it had an answer.
-_ANSWER = with_holdings("""
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  return 0
-end
-local now = tonumber(ARGV[10])
-local function charge(owner, file_id, size, force)
-  local done = hold_grow(owner, '$OUTPUTS', file_id, size, now, ARGV[13], ARGV[14], force)
-  if done == 0 then
-    done = hold_put(owner, '$OUTPUTS', file_id, size, ARGV[11], now, ARGV[13], 0, ARGV[14], force)
-  end
-  return done
-end
-local info = redis.call('HMGET', KEYS[1], 'owner', 'output_file', 'error_file', 'stored_bytes')
-local text, read, out, outcome = ARGV[3], ARGV[4], ARGV[2] == 'out', 1
-local cap = tonumber(ARGV[12])
-local fits = cap <= 0 or tonumber(info[4] or '0') + #text <= cap
-if fits then
-  local file_id = info[3]
-  if out then file_id = info[2] end
-  fits = charge(info[1], file_id, #text, false) == 1
-end
-if not fits then
-  text, read, out, outcome = ARGV[8], ARGV[9], false, 2
-  charge(info[1], info[3], #text, true)
-end
-local target, count, size = KEYS[4], 'failed', 'error_bytes'
-if out then target, count, size = KEYS[3], 'completed', 'output_bytes' end
-redis.call('HSET', target, ARGV[1], text)
-redis.call('EXPIRE', target, ARGV[7])
-redis.call('HINCRBY', KEYS[1], count, 1)
-redis.call('HINCRBY', KEYS[1], size, read)
-redis.call('HINCRBY', KEYS[1], 'stored_bytes', #text)
-if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[5]) end
-if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[6]) end
-redis.call('HDEL', KEYS[1], 'failures:' .. ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return outcome
-""")
-
-# The lease of the process driving a batch: taken if free, renewed by its holder. KEYS: lease. ARGV: holder, ms.
-_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1 end
-if holder then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-# The leases a stopping driver still holds, given up (another driver takes the batches at once, not after the
-# lease's TTL). KEYS: leases. ARGV: holder.
-_RELEASE = """
-local released = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key); released = released + 1 end
-end
-return released
-"""
 # A wake note nobody takes (no driver runs) goes with this.
 WAKE_TTL_S = 60
 DRIVER_FRESH_S = 10  # a driver counts as alive this long after its last heartbeat (/health, the healthcheck)
@@ -309,7 +129,7 @@ DRIVER_FRESH_S = 10  # a driver counts as alive this long after its last heartbe
 @dataclass(frozen=True)
 class Answer:
     """A line's entry in the output file (`OUTPUT`) or the error file (`ERROR`): `stored` is what Redis keeps,
-    `size` its length as read (api/files.py `rendered`); `short` (and `short_size`) the entry written in the error
+    `size` its length as read (batches/files.py `rendered`); `short` (and `short_size`) the entry written in the error
     file instead when it does not fit the batch's cap or its owner's quota (`output_limit_reached`)."""
 
     line: int
@@ -338,6 +158,7 @@ def _render(script: str) -> str:
         "OUTPUTS": OUTPUTS,
         "DELIVERIES": DELIVERIES,
         "DELIVERY_ID_PREFIX": DELIVERY_ID_PREFIX,
+        "DELIVERY_KIND": DELIVERY_KIND,
         "DELIVERY_PREFIX": webhook_delivery_key(""),
         "WEBHOOKS_DUE": WEBHOOKS_DUE,
         "KEEP_DELIVERY_S": str(KEEP_DELIVERY_S),
@@ -544,63 +365,3 @@ class BatchStore:
     def listing(self, owner: str | None, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         index = batches_index_key(owner) if owner is not None else BATCHES_ALL
         return cursor_page(self.redis, index, batch_key, after, limit, True, lambda _fields: True)
-
-
-def _int(fields: dict[str, Any], name: str) -> int | None:
-    value = fields.get(name)
-    return int(float(value)) if value not in (None, "") else None
-
-
-def batch_object(fields: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAI Batch object."""
-    errors = orjson.loads(fields["errors"]) if fields.get("errors") else None
-    input_tokens, output_tokens = _int(fields, "input_tokens") or 0, _int(fields, "output_tokens") or 0
-    return {
-        "id": fields["id"],
-        "object": "batch",
-        "endpoint": fields["endpoint"],
-        "model": fields.get("model") or None,
-        "errors": {"object": "list", "data": errors} if errors else None,
-        "input_file_id": fields["input_file_id"],
-        "completion_window": fields["completion_window"],
-        "status": fields["status"],
-        "output_file_id": fields.get("output_file_id") or None,
-        "error_file_id": fields.get("error_file_id") or None,
-        "created_at": _int(fields, "created_at"),
-        "in_progress_at": _int(fields, "in_progress_at"),
-        "expires_at": _int(fields, "expires_at"),
-        "finalizing_at": _int(fields, "finalizing_at"),
-        "completed_at": _int(fields, "completed_at"),
-        "failed_at": _int(fields, "failed_at"),
-        "expired_at": _int(fields, "expired_at"),
-        "cancelling_at": _int(fields, "cancelling_at"),
-        "cancelled_at": _int(fields, "cancelled_at"),
-        "request_counts": {
-            "total": _int(fields, "total") or 0,
-            "completed": _int(fields, "completed") or 0,
-            "failed": _int(fields, "failed") or 0,
-        },
-        "usage": {
-            "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens,
-        },
-        "metadata": orjson.loads(fields["metadata"]) if fields.get("metadata") else None,
-    }
-
-
-def webhook_body(client: redis.Redis, batch_id: str, now: float) -> bytes | None:
-    """A batch's webhook delivery body (api/webhook_dispatcher.py, at its first attempt): Standard Webhooks'
-    {type, timestamp, data}, `batch.<status>` with the Batch object as it ended; None when its record is gone."""
-    raw = client.hgetall(batch_key(batch_id))
-    fields = {_text(name): _text(value) for name, value in raw.items()}
-    if "id" not in fields:
-        return None
-    public = batch_object(fields)
-    return orjson.dumps(envelope(f"batch.{public['status']}", public, now))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
