@@ -39,8 +39,9 @@ from flask import g, request
 from loguru import logger
 
 from api.errors import ApiError
+from config.lanes import LANES
 from config.roles import ADMIN, OPERATOR, ROLES, USER
-from tasks.names import AUTH_KEYS, LANES, auth_failures_key
+from tasks.names import AUTH_KEYS, auth_failures_key
 
 KEYS_HASH = AUTH_KEYS
 KEY_PREFIX = "ack_"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import marshmallow as ma
 from marshmallow import validate
 
+from config.lanes import LANES
 from config.models import MODEL_ID_RE
-from tasks.names import DEFAULT_LANE, LANES
+from tasks.names import DEFAULT_LANE
 from tasks.outbound import MAX_URL_CHARS, URL_PATTERN
 from tasks.states import JOB_KINDS, MODEL_STATES, STATUSES
 

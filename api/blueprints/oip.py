@@ -33,9 +33,10 @@ from api.json_provider import Blueprint
 from api.protocols.oip import NUMERIC, InferRequest, Tensor, encode_response, parse_request
 from api.services import services
 from api.webhooks import job_webhook
+from config.lanes import LANES
 from config.models import TEXT_TASKS, ModelSpec
 from config.signatures import Signature, shape_error
-from tasks.names import DEFAULT_LANE, LANES
+from tasks.names import DEFAULT_LANE
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import LOADED
 from tasks.tensors import pack
