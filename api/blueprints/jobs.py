@@ -8,7 +8,8 @@ from typing import Any
 from flask import request
 from flask.views import MethodView
 
-from api.auth import JOBS, principal, requires
+from access.principal import JOBS
+from api.auth import principal, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
 from api.json_provider import Blueprint

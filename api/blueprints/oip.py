@@ -16,7 +16,8 @@ import numpy as np
 from flask import Response, request
 from flask.views import MethodView
 
-from api.auth import READ_MODELS, SERVE, requires
+from access.principal import READ_MODELS, SERVE
+from api.auth import requires
 from api.blueprints.health import health_checks
 from api.errors import ApiError, one_line, register_error_dialect
 from api.idempotency import idempotent

@@ -8,7 +8,8 @@ import marshmallow as ma
 from flask import Flask
 from flask.views import MethodView
 
-from api.auth import SERVE, check_role, requires
+from access.principal import SERVE
+from api.auth import check_role, requires
 from api.blueprints.common import job_reply, public_job
 from api.errors import ApiError
 from api.idempotency import idempotent
