@@ -257,3 +257,26 @@ def encode_response(
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
     }
+
+
+def outputs_of(task: str, rows: list[dict[str, Any]]) -> list[tuple[str, np.ndarray]]:
+    """A finished job's output rows (one per input row) as OIP's named output tensors: the task's fixed outputs
+    for the text tasks, a tensor model's own outputs as it gave them."""
+    if task == "feature-extraction":
+        return [("embedding", np.stack([np.asarray(r["embedding"], dtype="<f4") for r in rows]))]
+    if task == "text-classification":
+        return [
+            ("label", np.array([str(r["label"]).encode() for r in rows], dtype=object)),
+            ("score", np.array([r["score"] for r in rows], dtype="<f4")),
+            ("scores", np.array([list(r["scores"].values()) for r in rows], dtype="<f4")),
+        ]
+    if task == "text-generation":
+        return [
+            ("text", np.array([r["text"].encode() for r in rows], dtype=object)),
+            ("finish_reason", np.array([r["finish_reason"].encode() for r in rows], dtype=object)),
+        ]
+    out = []
+    for name, tensor in rows[0].items():
+        dtype = NUMERIC.get(tensor.get("datatype"), np.dtype("<f4"))
+        out.append((name, np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])))
+    return out
