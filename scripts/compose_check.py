@@ -240,6 +240,62 @@ class Check:
         )
         grown.set()
 
+    def await_ends(self, accepted: list[str]) -> dict[str, dict]:
+        """Every accepted job must end: poll until none is queued or running (the reaper requeues a dead worker's),
+        for --grace seconds at most. Each job's last answer, by id."""
+        final: dict[str, dict] = {}
+        deadline = time.monotonic() + self.args.grace
+        pending = list(accepted)
+        while pending and time.monotonic() < deadline:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                replies = list(
+                    pool.map(lambda j: self.http("GET", f"{self.api}/jobs/{j}", headers=self.headers), pending)
+                )
+            still = []
+            for job_id, (status, job) in zip(pending, replies, strict=True):
+                if status == 200 and job.get("status") in TERMINAL:
+                    final[job_id] = job
+                else:
+                    still.append(job_id)
+                    final[job_id] = job if status == 200 else {"status": f"http {status}"}
+            pending = still
+            if pending:
+                time.sleep(1)
+        return final
+
+    def tally(
+        self, accepted: list[str], final: dict[str, dict], tail_ids: set[str | None]
+    ) -> tuple[Counter, Counter, int, Counter]:
+        """The jobs' outcomes, the successes per worker container, how many ran again, and the last jobs' workers."""
+        outcomes: Counter = Counter()
+        per_worker: Counter = Counter()
+        reran = 0
+        tail_workers: Counter = Counter()
+        for job_id in accepted:
+            job = final.get(job_id, {})
+            status = job.get("status", "missing")
+            if status == "succeeded":
+                outcomes["succeeded"] += 1
+                per_worker[self.container_of(job.get("worker") or "?")] += 1
+            elif status in TERMINAL:
+                outcomes[f"{status}:{(job.get('error') or {}).get('code')}"] += 1
+            else:
+                outcomes[f"never ended:{status}"] += 1
+            reran += job.get("attempts", 0) > 1
+            if job_id in tail_ids and job.get("worker"):
+                tail_workers[self.container_of(job["worker"])] += 1
+        return outcomes, per_worker, reran, tail_workers
+
+    def metrics_rise(self, before: int, accepted: int) -> int:
+        """How far the settled-jobs metric rose since `before`, waiting up to 20 s for it to count every job."""
+        deadline, rise = time.monotonic() + 20, 0
+        while time.monotonic() < deadline:
+            rise = self.jobs_total() - before
+            if rise >= accepted:
+                break
+            time.sleep(1)
+        return rise
+
     def burst(self) -> None:
         """--jobs at --rate a second, but for a spike of --spike generations (seconds each) at once a tenth in, so
         that the worker killed in its middle dies holding running jobs; the kill and scalings of chaos() meanwhile.
@@ -285,53 +341,14 @@ class Check:
         chaos.join()
         submit_s = time.monotonic() - began
         accepted = [job_id for job_id in ids if job_id]
-        # Every accepted job must end: poll until none is queued or running (the reaper requeues a dead worker's).
-        final: dict[str, dict] = {}
-        deadline = time.monotonic() + self.args.grace
-        pending = list(accepted)
-        while pending and time.monotonic() < deadline:
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                replies = list(
-                    pool.map(lambda j: self.http("GET", f"{self.api}/jobs/{j}", headers=self.headers), pending)
-                )
-            still = []
-            for job_id, (status, job) in zip(pending, replies, strict=True):
-                if status == 200 and job.get("status") in TERMINAL:
-                    final[job_id] = job
-                else:
-                    still.append(job_id)
-                    final[job_id] = job if status == 200 else {"status": f"http {status}"}
-            pending = still
-            if pending:
-                time.sleep(1)
+        final = self.await_ends(accepted)
         end_s = time.monotonic() - began
         done_events = self.done_events(accepted)
         self.worker_containers()
-        outcomes: Counter = Counter()
-        per_worker: Counter = Counter()
-        reran = 0
-        tail_workers: Counter = Counter()
-        for job_id in accepted:
-            job = final.get(job_id, {})
-            status = job.get("status", "missing")
-            if status == "succeeded":
-                outcomes["succeeded"] += 1
-                per_worker[self.container_of(job.get("worker") or "?")] += 1
-            elif status in TERMINAL:
-                outcomes[f"{status}:{(job.get('error') or {}).get('code')}"] += 1
-            else:
-                outcomes[f"never ended:{status}"] += 1
-            reran += job.get("attempts", 0) > 1
-            if job_id in ids[n - tail :] and job.get("worker"):
-                tail_workers[self.container_of(job["worker"])] += 1
+        outcomes, per_worker, reran, tail_workers = self.tally(accepted, final, set(ids[n - tail :]))
         twice = sum(1 for dones in done_events.values() if dones[1] > 1)
         lost = sum(1 for status, _dones in done_events.values() if status == "missing")
-        deadline, rise = time.monotonic() + 20, 0
-        while time.monotonic() < deadline:
-            rise = self.jobs_total() - before
-            if rise >= len(accepted):
-                break
-            time.sleep(1)
+        rise = self.metrics_rise(before, len(accepted))
         never = sum(v for k, v in outcomes.items() if k.startswith("never ended"))
         failed = sum(v for k, v in outcomes.items() if k != "succeeded" and not k.startswith("never ended"))
         self.results["burst"] = {
