@@ -48,7 +48,7 @@ from loguru import logger
 from tasks.errors import POISON_JOB
 from tasks.names import DEFAULT_LANE
 from workers.lanes import HIGHER_LANE_MEMORY_S, PassCosts, effective_rank
-from workers.model_process import ModelGone, ModelProcessDied, ModelTimeout, unloaded
+from workers.model_errors import ModelGone, ModelProcessDied, ModelTimeout, unloaded
 from workers.retry import RetryPolicy, Revivable
 
 # The fixed cost of one forward pass, in characters of input (~80 tokens): measured on minilm (2 cores), a

@@ -10,7 +10,7 @@ from tasks.states import FAILED, SUCCEEDED
 from workers import handlers
 from workers.batcher import BatchOutcome, Request
 from workers.completion import Completion, JobContext
-from workers.model_process import ModelGone
+from workers.model_errors import ModelGone
 from workers.reaper import ActiveJobs
 from workers.service import WorkerService
 
