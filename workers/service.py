@@ -42,7 +42,8 @@ from tasks.metrics import BATCH_SIZE, LocalMetrics
 from tasks.names import DEFAULT_LANE, queue_for_device
 from tasks.redis_client import make_redis
 from tasks.states import INFERENCE
-from workers.batcher import ModelBatcher, Request
+from workers.batch_requests import Request
+from workers.batcher import ModelBatcher
 from workers.cache import ModelCache
 from workers.completion import Completion, JobContext, logged
 from workers.device import device_memory

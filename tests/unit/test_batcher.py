@@ -7,7 +7,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from workers.batcher import ModelBatcher, PoisonInput, split_by_length
+from workers.batch_requests import PoisonInput, split_by_length
+from workers.batcher import ModelBatcher
 from workers.model_errors import ModelProcessDied
 from workers.retry import RetryPolicy
 
