@@ -1,18 +1,7 @@
-"""Authentication (API keys, JWTs) and roles.
-
-Credentials: `Authorization: Bearer <key-or-JWT>` or `X-API-Key: <key>`.
-* Static keys from AETHERCORE_API_KEYS (`key:role`), compared by SHA-256 digest.
-* Keys created with `manage.py auth create-key`: `ack_<id>.<secret>`, stored in Redis as
-  {sha256(secret), role, lanes} under their id (never in plain text), revocable by id. A revoked key stops
-  working within KEY_CACHE_S seconds (each API process caches lookups that long).
-* JWTs signed HS256 with AETHERCORE_JWT_SECRET; `sub`, `role` and `exp` are required and checked; an optional
-  `lanes` claim (a list of lane names) is the token's lane grant, and a token whose claim is not one is invalid.
-
-Roles: admin (everything), operator (load/unload, read everything), user (serve, batch, stream, its
-own jobs, read models), viewer (read models and health). Priority lanes (`allowed_lanes`): a key's or token's own
-grant when it has one, else its role's (AETHERCORE_PRIORITY_LANES; by default `high` only for admins and
-operators). Serving a model that is not loaded loads it only for
-a caller who may manage models, or when the model is declared `autoload: true` (`may_autoload`).
+"""HTTP authentication: the credential read off a request (`Authorization: Bearer <key-or-JWT>` or
+`X-API-Key: <key>`), the caller put in flask's `g`, the view decorators that check its role, and the 401/403/429
+answers. Who a credential belongs to, and what a role may do, is access/ (`access/keys.py`,
+`access/principal.py`).
 
 Failed authentication (a credential that is presented but unknown, expired or revoked) is counted per client
 address and per presented API key id (`FailedAuthLimit`); beyond AETHERCORE_AUTH_FAILURE_LIMIT in a window,
@@ -22,144 +11,20 @@ looked at. Successful requests never wait for the count (docs/SECURITY.md).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
-import jwt
 import redis
 from flask import g, request
 from loguru import logger
 
-from config.roles import ADMIN, OPERATOR, ROLES, USER
+from access.keys import KEY_PREFIX, Credentials, KeyStore, split_key
+from access.principal import ANONYMOUS_ADMIN, Principal
 from protocols.errors import ApiError
-from tasks.names import AUTH_KEYS, LANES, auth_failures_key
-
-KEYS_HASH = AUTH_KEYS
-KEY_PREFIX = "ack_"
-KEY_CACHE_S = 5.0
-
-SERVE = (ADMIN, USER)
-MANAGE_MODELS = (ADMIN, OPERATOR)
-READ_MODELS = ROLES
-READ_ALL_JOBS = (ADMIN, OPERATOR)
-JOBS = (ADMIN, OPERATOR, USER)
-
-
-@dataclass(frozen=True)
-class Principal:
-    id: str
-    role: str
-    lanes: frozenset[str] | None = None  # its own lane grant (a key's, a token's); None: its role's
-
-    @property
-    def sees_all_jobs(self) -> bool:
-        return self.role in READ_ALL_JOBS
-
-
-ANONYMOUS_ADMIN = Principal("anonymous", ADMIN)  # when AETHERCORE_AUTH=false
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def lane_grant(lanes: Any) -> frozenset[str]:
-    """A grant of priority lanes (names, or one comma-separated string) checked: ValueError unless it names one or
-    more of LANES and nothing else."""
-    names = lanes.split(",") if isinstance(lanes, str) else lanes
-    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"lanes must be a list of lane names from {', '.join(LANES)}")
-    grant = frozenset(n.strip() for n in names if n.strip())
-    if not grant or not grant <= set(LANES):
-        raise ValueError(f"lanes must name one or more of {', '.join(LANES)}, got {sorted(grant)}")
-    return grant
-
-
-def allowed_lanes(who: Principal | None, by_role: dict[str, frozenset[str]]) -> frozenset[str]:
-    """The priority lanes `who` may submit to: its own grant, else its role's (`by_role`,
-    AETHERCORE_PRIORITY_LANES over the defaults); every lane for a role the setting leaves out."""
-    if who is not None and who.lanes is not None:
-        return who.lanes
-    return by_role.get(who.role if who is not None else "", frozenset(LANES))
-
-
-class KeyStore:
-    """API keys kept in Redis, hashed."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-
-    def create(self, role: str, name: str = "", lanes: Any = None) -> tuple[str, str]:
-        """A new key of `role`; `lanes`: its own grant of priority lanes (None: its role's)."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}")
-        grant = lane_grant(lanes) if lanes is not None else None
-        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        self.register(key_id, secret, role, name, grant)
-        return key_id, f"{KEY_PREFIX}{key_id}.{secret}"
-
-    def register(
-        self, key_id: str, secret: str, role: str, name: str = "", lanes: frozenset[str] | None = None
-    ) -> None:
-        entry: dict[str, Any] = {"digest": _digest(secret), "role": role, "name": name, "created_at": time.time()}
-        if lanes is not None:
-            entry["lanes"] = sorted(lanes, key=LANES.index)
-        self.redis.hset(KEYS_HASH, key_id, json.dumps(entry))
-
-    def revoke(self, key_id: str) -> bool:
-        return bool(self.redis.hdel(KEYS_HASH, key_id))
-
-    def list(self) -> list[dict[str, Any]]:
-        out = []
-        for key_id, raw in sorted(self.redis.hgetall(KEYS_HASH).items()):
-            entry = json.loads(raw)
-            out.append(
-                {
-                    "key_id": key_id,
-                    "role": entry["role"],
-                    "name": entry.get("name", ""),
-                    "created_at": entry.get("created_at"),
-                    "lanes": entry.get("lanes"),
-                }
-            )
-        return out
-
-    def lookup(self, key: str) -> Principal | None:
-        body = key[len(KEY_PREFIX) :]
-        key_id, _, secret = body.partition(".")
-        if not key_id or not secret:
-            return None
-        raw = self.redis.hget(KEYS_HASH, key_id)
-        if not raw:
-            return None
-        entry = json.loads(raw)
-        if not hmac.compare_digest(entry["digest"], _digest(secret)):
-            return None
-        lanes = entry.get("lanes")
-        return Principal(f"key:{key_id}", entry["role"], frozenset(lanes) if lanes is not None else None)
-
-
-def split_key(key: str) -> tuple[str, str]:
-    body = key[len(KEY_PREFIX) :]
-    key_id, _, secret = body.partition(".")
-    return key_id, secret
-
-
-def may_autoload(who: Principal | None, autoload_declared: bool) -> bool:
-    """Whether a request of `who` may load the model it serves (and so evict others' models): callers who manage
-    models (admin, operator) may; everyone else only for a model declared `autoload: true` in models.yaml."""
-    if autoload_declared:
-        return True
-    return who is not None and who.role in MANAGE_MODELS
-
+from tasks.names import auth_failures_key
 
 # The longest a presented key id is counted under (a guess's id part is the attacker's to choose).
 _KEY_ID_CHARS = 32
@@ -241,7 +106,10 @@ class FailedAuthLimit:
         )
 
 
-class Authenticator:
+class Authenticator(Credentials):
+    """The API process's authentication: a request's credential resolved (access/keys.py `Credentials`), failures
+    counted (`failures`), 401 when there is none or it is invalid."""
+
     def __init__(
         self,
         enabled: bool,
@@ -250,13 +118,8 @@ class Authenticator:
         store: KeyStore,
         failures: FailedAuthLimit | None = None,
     ) -> None:
-        self.enabled = enabled
-        self._static = {_digest(k): (role, _digest(k)[:12]) for k, role in static_keys.items()}
-        self.jwt_secret = jwt_secret
-        self.store = store
+        super().__init__(enabled, static_keys, jwt_secret, store)
         self.failures = failures
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
-        self._lock = threading.Lock()
 
     def authenticate(self) -> Principal:
         if not self.enabled:
@@ -277,7 +140,7 @@ class Authenticator:
         key_id = split_key(credential)[0] if credential.startswith(KEY_PREFIX) else None
         if self.failures is not None:
             self.failures.check(address, key_id)
-        principal = self._resolve(credential)
+        principal = self.resolve(credential)
         if principal is None:
             if self.failures is not None:
                 self.failures.failed(address, key_id)
@@ -288,74 +151,6 @@ class Authenticator:
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         return principal
-
-    def _resolve(self, credential: str) -> Principal | None:
-        if credential.count(".") == 2 and not credential.startswith(KEY_PREFIX):
-            return self._jwt(credential)
-        static = self._static.get(_digest(credential))
-        if static:
-            return Principal(f"env:{static[1]}", static[0])
-        if not credential.startswith(KEY_PREFIX):
-            return None
-        now = time.monotonic()
-        with self._lock:
-            cached = self._cache.get(credential)
-        if cached and now - cached[0] < KEY_CACHE_S:
-            return cached[1]
-        principal = self.store.lookup(credential)
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[credential] = (now, principal)
-        return principal
-
-    def current(self, owner: str, role: str) -> Principal | None:
-        """The principal `owner` (as stored by work that outlives its request: a batch) is now, or None when its
-        credentials were revoked: a key made by `manage.py auth create-key` no longer in Redis (read there, not
-        from the cache), a static key no longer in AETHERCORE_API_KEYS, anyone while authentication is on for
-        `anonymous`. A JWT subject stays valid while AETHERCORE_JWT_SECRET is set with `role` (its token's): a JWT
-        cannot be revoked one by one, only all together by changing the secret."""
-        kind, _, ident = owner.partition(":")
-        if not self.enabled:
-            return ANONYMOUS_ADMIN if owner == ANONYMOUS_ADMIN.id else Principal(owner, role)
-        if kind == "key":
-            raw = self.store.redis.hget(KEYS_HASH, ident)
-            return Principal(owner, json.loads(raw)["role"]) if raw else None
-        if kind == "env":
-            roles = [static_role for static_role, short in self._static.values() if short == ident]
-            return Principal(owner, roles[0]) if roles else None
-        if kind == "jwt" and self.jwt_secret:
-            return Principal(owner, role)
-        return None
-
-    def _jwt(self, token: str) -> Principal | None:
-        if not self.jwt_secret:
-            return None
-        try:
-            claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
-        except jwt.PyJWTError:
-            return None
-        role, subject = claims.get("role"), claims.get("sub")
-        if role not in ROLES or not isinstance(subject, str) or not subject:
-            return None
-        try:  # the issuer (who holds the secret) grants lanes; a claim that is not a grant fails the token, closed
-            lanes = lane_grant(claims["lanes"]) if "lanes" in claims else None
-        except ValueError:
-            return None
-        return Principal(f"jwt:{subject}", role, lanes)
-
-
-def issue_token(secret: str, subject: str, role: str, ttl_s: int, lanes: Any = None) -> str:
-    """A JWT for `subject` with `role`; `lanes`: its own grant of priority lanes (None: its role's)."""
-    if not secret:
-        raise ValueError("AETHERCORE_JWT_SECRET is not set")
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": subject, "role": role, "iat": now, "exp": now + ttl_s}
-    if lanes is not None:
-        claims["lanes"] = sorted(lane_grant(lanes), key=LANES.index)
-    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def principal() -> Principal:

@@ -28,8 +28,9 @@ from api.schemas import (
     ServeRequestSchema,
     WaitQuerySchema,
 )
+from config.lanes import LANES
 from config.models import MODEL_ID_RE
-from tasks.names import DEFAULT_LANE, LANES
+from tasks.names import DEFAULT_LANE
 
 # (a parsed JSON body, or the query's MultiDict) -> the loaded arguments, or None: ask the schema.
 Loader = Callable[[Any], "dict[str, Any] | None"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import g
 
-from api.auth import allowed_lanes
+from access.principal import allowed_lanes
 from api.idempotency import keyed
 from api.services import Services, services
 from api.webhooks import job_webhook, requested_url

@@ -17,7 +17,8 @@ from typing import Any
 
 from flask import g
 
-from api.auth import MANAGE_MODELS, SERVE, Principal, check_role
+from access.principal import MANAGE_MODELS, SERVE, Principal
+from api.auth import check_role
 from api.inference import queue_inference
 from api.services import services
 from api.webhooks import job_webhook

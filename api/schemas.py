@@ -5,9 +5,10 @@ from __future__ import annotations
 import marshmallow as ma
 from marshmallow import validate
 
+from config.lanes import LANES
 from config.models import MODEL_ID_RE
 from protocols.webhook import WebhookSchema
-from tasks.names import DEFAULT_LANE, LANES
+from tasks.names import DEFAULT_LANE
 from tasks.states import JOB_KINDS, MODEL_STATES, STATUSES
 
 JOB_ID_RE = r"^[0-9a-f]{32}$"

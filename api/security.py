@@ -10,7 +10,8 @@ from flask import Flask, g, request
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from api.auth import Authenticator, FailedAuthLimit, KeyStore
+from access.keys import KeyStore
+from api.auth import Authenticator, FailedAuthLimit
 from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers, limited_per_caller
 from batches.uploads import upload_limit
 from config.settings import Settings

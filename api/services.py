@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery
 from flask import current_app, g
 
-from api.auth import may_autoload
+from access.principal import may_autoload
 from api.dispatch import InferenceDispatcher
 from api.idempotency import current_claim, replayed_conflict
 from api.limits import LongRequests

@@ -8,7 +8,7 @@ Last-Event-ID) is checked once, by `resume_from`, before anything reads from it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,12 +80,8 @@ def _follow(
     status, has_stream = state
     if status in TERMINAL and not has_stream:  # it ended without streaming before anyone followed it
         job = jobs.records.get(job_id)
-        if job is None:
-            return
-        whole = whole_output_chunk(job)
-        if whole is not None:
-            yield Event("chunk", last_id, whole)
-        yield Event("done", last_id, job)
+        if job is not None:
+            yield from _ending(job, last_id)
         return
     while alive():
         if subscription is not None:
@@ -107,19 +103,30 @@ def _follow(
                 return
             continue
         silent_ms = 0
-        for entry_id, data in entries:
-            last_id = entry_id
-            if data.get("type") == "chunk":
-                yield Event("chunk", entry_id, {"index": int(data["index"]), **json.loads(data["data"])})
-            elif data.get("type") == "status":
-                yield Event("status", entry_id, json.loads(data["data"]))
-            elif data.get("type") == "done":
-                job = jobs.records.get(job_id) or {"job_id": job_id, "status": data.get("status")}
-                whole = whole_output_chunk(job)
-                if whole is not None:
-                    yield Event("chunk", entry_id, whole)
-                yield Event("done", entry_id, job)
-                return
+        if (yield from _entry_events(jobs, job_id, entries)):
+            return
+        last_id = entries[-1][0]
+
+
+def _entry_events(jobs: Jobs, job_id: str, entries: list[tuple[str, dict[str, Any]]]) -> Generator[Event, None, bool]:
+    """The events of a job's stream entries, in order; True once its `done` event was given (nothing follows)."""
+    for entry_id, data in entries:
+        if data.get("type") == "chunk":
+            yield Event("chunk", entry_id, {"index": int(data["index"]), **json.loads(data["data"])})
+        elif data.get("type") == "status":
+            yield Event("status", entry_id, json.loads(data["data"]))
+        elif data.get("type") == "done":
+            yield from _ending(jobs.records.get(job_id) or {"job_id": job_id, "status": data.get("status")}, entry_id)
+            return True
+    return False
+
+
+def _ending(job: dict[str, Any], event_id: str) -> Iterator[Event]:
+    """An ended job's last events: its whole output as one chunk when it did not stream it, then `done`."""
+    whole = whole_output_chunk(job)
+    if whole is not None:
+        yield Event("chunk", event_id, whole)
+    yield Event("done", event_id, job)
 
 
 def whole_output_chunk(job: dict[str, Any]) -> dict[str, Any] | None:

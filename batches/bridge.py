@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Flask, g
 
-from api.auth import SERVE, Principal
+from access.principal import SERVE, Principal
 from api.inference import ended_error, route
 from api.services import BATCH_LANE, Services, services
 from batches.files import FileStore

@@ -30,7 +30,7 @@ from typing import Any
 import redis
 import requests
 
-from api.auth import KeyStore
+from access.keys import KeyStore
 from bench.processes import AUTH, RedisServer
 from bench.processes import api as bench_api
 from bench.processes import batch_driver as bench_batch_driver

@@ -15,7 +15,7 @@ group = typer.Typer(
 
 
 def _key_store():
-    from api.auth import KeyStore
+    from access.keys import KeyStore
 
     return KeyStore(reachable_redis())
 
@@ -73,7 +73,7 @@ def auth_token(
     lanes: str | None = typer.Option(None, help="Its own grant of lanes (its `lanes` claim), e.g. high,normal"),
 ) -> None:
     """Issue a JWT signed with AETHERCORE_JWT_SECRET."""
-    from api.auth import issue_token
+    from access.keys import issue_token
 
     try:
         print(issue_token(settings().jwt_secret, sub, role, ttl, lanes))

@@ -204,7 +204,7 @@ def ensure_secret_file(path: Path, make: Any) -> str:
 def ensure_admin_key(cfg: Settings) -> Path:
     """First run: create an admin key (hashed in Redis, the key itself in a mode-600 file). Later runs:
     make sure the key in the file is still known to Redis (a Redis without persistence forgets it)."""
-    from api.auth import KeyStore, split_key
+    from access.keys import KeyStore, split_key
     from tasks.redis_client import make_redis
 
     store = KeyStore(make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl()))

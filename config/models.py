@@ -108,7 +108,7 @@ class ModelSpec:
     # The signature declared in models.yaml (`inputs` and `outputs`), if any (config/signatures.py).
     signature: Signature | None = None
     # Any caller who may serve it may load it by using it (AETHERCORE_AUTOLOAD); otherwise only admins and
-    # operators load it, by using it or with POST /models/{id}/load (api/auth.py `may_autoload`).
+    # operators load it, by using it or with POST /models/{id}/load (access/principal.py `may_autoload`).
     autoload: bool = False
     # model_type simulated: the device profile (no files; workers/runtimes/simulated.py).
     simulate: Simulation | None = None
@@ -165,6 +165,52 @@ def _fail(path: Path, model_id: str, field_name: str, value: Any, why: str) -> C
     return ConfigError(f"{path}: model {model_id!r}: field {field_name!r}: {value!r} {why}")
 
 
+class _Fields:
+    """One model's raw mapping, read field by field; every error names the file, the model and the field."""
+
+    def __init__(self, path: Path, model_id: str, raw: dict[str, Any]) -> None:
+        self.path, self.model_id, self.raw = path, model_id, raw
+
+    def fail(self, name: str, value: Any, why: str) -> ConfigError:
+        return _fail(self.path, self.model_id, name, value, why)
+
+    def required(self, name: str) -> str:
+        value = self.raw.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(name, value, "is required and must be a non-empty string")
+        return value.strip()
+
+    def one_of(self, name: str, options: tuple[str, ...], default: str | None = None) -> str:
+        value = self.raw.get(name, default)
+        if value not in options:
+            raise self.fail(name, value, f"is not one of {', '.join(options)}")
+        return value
+
+    def bounded_int(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(name, value, f"must be a whole number from {low} to {high}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float, what: str) -> float:
+        value = self.raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise self.fail(name, value, f"must be {what} from {low:g} to {high:g}")
+        return float(value)
+
+    def flag(self, name: str) -> bool:
+        value = self.raw.get(name, False)
+        if not isinstance(value, bool):
+            raise self.fail(name, value, "must be true or false")
+        return value
+
+    def size(self, name: str, default: Any = None) -> int:
+        try:
+            return parse_size(self.raw.get(name, default))
+        except ValueError as exc:
+            raise self.fail(name, self.raw[name], f"is invalid: {exc}") from None
+
+
 def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
     if not MODEL_ID_RE.match(str(model_id)):
         raise ConfigError(f"{path}: model id {model_id!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'")
@@ -176,135 +222,38 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         raise _fail(
             path, model_id, name, raw[name], f"is not a known field (known: {', '.join(sorted(_KNOWN_FIELDS))})"
         )
-
-    def required(name: str) -> str:
-        value = raw.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise _fail(path, model_id, name, value, "is required and must be a non-empty string")
-        return value.strip()
-
-    def one_of(name: str, options: tuple[str, ...], default: str | None = None) -> str:
-        value = raw.get(name, default)
-        if value not in options:
-            raise _fail(path, model_id, name, value, f"is not one of {', '.join(options)}")
-        return value
-
-    model_type = one_of("model_type", MODEL_TYPES)
-    if model_type == SIMULATED:
-        for name in _FILE_FIELDS:
-            if name in raw:
-                raise _fail(path, model_id, name, raw[name], "does not apply to a simulated model (it has no files)")
-        source = NO_FILES
-    else:
-        source = one_of("source", SOURCES, "local")
-        if "simulate" in raw:
-            raise _fail(path, model_id, "simulate", raw["simulate"], "applies to model_type 'simulated' only")
-    default_task = "tensor" if model_type == "pytorch" else "feature-extraction"
-    task = one_of("task", TASKS, default_task)
-    if task not in SUPPORTED[model_type]:
-        raise _fail(
-            path,
-            model_id,
-            "task",
-            task,
-            f"is not served by model_type {model_type!r} (it serves {', '.join(sorted(SUPPORTED[model_type]))})",
-        )
-    if source == "huggingface" and model_type != "transformer":
-        raise _fail(path, model_id, "source", source, "is only supported for model_type 'transformer'")
-
+    f = _Fields(path, model_id, raw)
+    model_type, source, task = _kind(f)
     device = str(raw.get("device", "auto")).strip().lower()
     if not DEVICE_RE.match(device):
-        raise _fail(path, model_id, "device", raw.get("device"), "is not one of auto, cpu, cuda, cuda:N")
-
-    max_memory = None
-    if raw.get("max_memory") is not None:
-        try:
-            max_memory = parse_size(raw["max_memory"])
-        except ValueError as exc:
-            raise _fail(path, model_id, "max_memory", raw["max_memory"], f"is invalid: {exc}") from None
-
+        raise f.fail("device", raw.get("device"), "is not one of auto, cpu, cuda, cuda:N")
+    max_memory = f.size("max_memory") if raw.get("max_memory") is not None else None
     providers = raw.get("providers") or []
     if not isinstance(providers, list) or not all(isinstance(p, str) and p for p in providers):
-        raise _fail(path, model_id, "providers", providers, "must be a list of onnxruntime provider names")
-
-    def bounded_int(name: str, default: int, low: int, high: int) -> int:
-        value = raw.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise _fail(path, model_id, name, value, f"must be a whole number from {low} to {high}")
-        return value
-
-    max_length_limit = bounded_int("max_length_limit", 512, 1, 100_000)
-    max_length = bounded_int("max_length", DEFAULT_MAX_LENGTH[task], 0, max_length_limit)
+        raise f.fail("providers", providers, "must be a list of onnxruntime provider names")
+    max_length_limit = f.bounded_int("max_length_limit", 512, 1, 100_000)
+    max_length = f.bounded_int("max_length", DEFAULT_MAX_LENGTH[task], 0, max_length_limit)
     default_size, default_delay = DEFAULT_BATCHING[task]
-    max_batch_size = bounded_int("max_batch_size", default_size, 1, 4096)
+    max_batch_size = f.bounded_int("max_batch_size", default_size, 1, 4096)
     simulate = _simulation(path, model_id, task, raw.get("simulate")) if model_type == SIMULATED else None
-    kv_cache_memory = None
-    # A simulated device without a size per token of cache has no cache to bound (nor to reserve memory for).
-    no_cache = simulate is not None and not simulate.kv_bytes_per_token and "kv_cache_memory" not in raw
-    if task == "text-generation" and not no_cache:
-        try:
-            kv_cache_memory = parse_size(raw.get("kv_cache_memory", DEFAULT_KV_CACHE_MEMORY))
-        except ValueError as exc:
-            raise _fail(path, model_id, "kv_cache_memory", raw["kv_cache_memory"], f"is invalid: {exc}") from None
-        if kv_cache_memory <= 0:
-            raise _fail(path, model_id, "kv_cache_memory", raw["kv_cache_memory"], "must be more than 0")
-    elif raw.get("kv_cache_memory") is not None:
-        raise _fail(path, model_id, "kv_cache_memory", raw["kv_cache_memory"], "applies to text-generation only")
-    delay = raw.get("max_batch_delay_ms", default_delay)
-    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 10_000:
-        raise _fail(path, model_id, "max_batch_delay_ms", delay, "must be a number of milliseconds from 0 to 10000")
-
-    timeout = raw.get("timeout_s", 60)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.1 <= timeout <= 86_400:
-        raise _fail(path, model_id, "timeout_s", timeout, "must be a number of seconds from 0.1 to 86400")
-
-    for name in ("model_path", "tokenizer_path", "manifest"):
-        value = raw.get(name)
-        if isinstance(value, str) and ".." in Path(value).parts:
-            raise _fail(path, model_id, name, value, "may not contain '..' (it must stay inside the model store)")
-    sha256 = raw.get("sha256")
-    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
-        raise _fail(path, model_id, "sha256", sha256, "must be 64 hexadecimal digits")
-    manifest = raw.get("manifest", False)
-    if not isinstance(manifest, (bool, str)) or manifest == "":
-        raise _fail(path, model_id, "manifest", manifest, "must be true, false or a manifest file's path")
-    if sha256 and manifest:
-        raise _fail(path, model_id, "manifest", manifest, "and sha256 exclude each other (sha256: one file)")
-    allow_pickle = raw.get("allow_pickle", False)
-    if not isinstance(allow_pickle, bool):
-        raise _fail(path, model_id, "allow_pickle", allow_pickle, "must be true or false")
-    autoload = raw.get("autoload", False)
-    if not isinstance(autoload, bool):
-        raise _fail(path, model_id, "autoload", autoload, "must be true or false")
-
-    signature = None
-    if "inputs" in raw or "outputs" in raw:
-        parts = {}
-        for name in ("inputs", "outputs"):
-            try:
-                parts[name] = declared_tensors(raw.get(name))
-            except ValueError as exc:
-                raise _fail(
-                    path, model_id, name, raw.get(name), f"is invalid: {exc} (declare inputs and outputs together)"
-                ) from None
-        signature = Signature(parts["inputs"], parts["outputs"], DECLARED)
-    elif simulate is not None:
-        signature = task_signature(task, simulate.dim or -1, source=DECLARED)  # what the simulated device gives
-
+    kv_cache_memory = _kv_cache_memory(f, task, simulate)
+    delay = f.number("max_batch_delay_ms", default_delay, 0, 10_000, "a number of milliseconds")
+    timeout = f.number("timeout_s", 60, 0.1, 86_400, "a number of seconds")
+    sha256, manifest = _artifact_check(f)
+    allow_pickle, autoload = f.flag("allow_pickle"), f.flag("autoload")
+    signature = _declared_signature(f, task, simulate)
     tokenizer_path = raw.get("tokenizer_path")
     if tokenizer_path is not None and (not isinstance(tokenizer_path, str) or not tokenizer_path):
-        raise _fail(path, model_id, "tokenizer_path", tokenizer_path, "must be a non-empty string")
+        raise f.fail("tokenizer_path", tokenizer_path, "must be a non-empty string")
     if model_type == "onnx" and task in TEXT_TASKS and not tokenizer_path:
-        raise _fail(
-            path, model_id, "tokenizer_path", tokenizer_path, f"is required for an onnx model with task {task!r}"
-        )
+        raise f.fail("tokenizer_path", tokenizer_path, f"is required for an onnx model with task {task!r}")
 
     return ModelSpec(
         id=str(model_id),
         name=str(raw.get("name") or model_id),
         model_type=model_type,
         source=source,
-        model_path="" if model_type == SIMULATED else required("model_path"),
+        model_path="" if model_type == SIMULATED else f.required("model_path"),
         task=task,
         device=device,
         max_memory=max_memory,
@@ -313,10 +262,10 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         max_length=max_length,
         max_length_limit=max_length_limit,
         max_batch_size=max_batch_size,
-        max_batch_delay_ms=float(delay),
-        instances=bounded_int("instances", 1, 1, 64),
-        dtype=one_of("dtype", DTYPES, "float32"),
-        timeout_s=float(timeout),
+        max_batch_delay_ms=delay,
+        instances=f.bounded_int("instances", 1, 1, 64),
+        dtype=f.one_of("dtype", DTYPES, "float32"),
+        timeout_s=timeout,
         kv_cache_memory=kv_cache_memory,
         sha256=sha256.lower() if sha256 else None,
         manifest=manifest,
@@ -325,6 +274,75 @@ def _parse_model(path: Path, model_id: str, raw: Any) -> ModelSpec:
         autoload=autoload,
         simulate=simulate,
     )
+
+
+def _kind(f: _Fields) -> tuple[str, str, str]:
+    """The model's type, source and task, checked together."""
+    model_type = f.one_of("model_type", MODEL_TYPES)
+    if model_type == SIMULATED:
+        for name in _FILE_FIELDS:
+            if name in f.raw:
+                raise f.fail(name, f.raw[name], "does not apply to a simulated model (it has no files)")
+        source = NO_FILES
+    else:
+        source = f.one_of("source", SOURCES, "local")
+        if "simulate" in f.raw:
+            raise f.fail("simulate", f.raw["simulate"], "applies to model_type 'simulated' only")
+    task = f.one_of("task", TASKS, "tensor" if model_type == "pytorch" else "feature-extraction")
+    if task not in SUPPORTED[model_type]:
+        served = ", ".join(sorted(SUPPORTED[model_type]))
+        raise f.fail("task", task, f"is not served by model_type {model_type!r} (it serves {served})")
+    if source == "huggingface" and model_type != "transformer":
+        raise f.fail("source", source, "is only supported for model_type 'transformer'")
+    return model_type, source, task
+
+
+def _kv_cache_memory(f: _Fields, task: str, simulate: Simulation | None) -> int | None:
+    """A text-generation model's KV cache bytes; None for any other task, or a simulated device without a size per
+    token of cache (it has no cache to bound, nor to reserve memory for)."""
+    no_cache = simulate is not None and not simulate.kv_bytes_per_token and "kv_cache_memory" not in f.raw
+    if task == "text-generation" and not no_cache:
+        kv_cache_memory = f.size("kv_cache_memory", DEFAULT_KV_CACHE_MEMORY)
+        if kv_cache_memory <= 0:
+            raise f.fail("kv_cache_memory", f.raw["kv_cache_memory"], "must be more than 0")
+        return kv_cache_memory
+    if f.raw.get("kv_cache_memory") is not None:
+        raise f.fail("kv_cache_memory", f.raw["kv_cache_memory"], "applies to text-generation only")
+    return None
+
+
+def _artifact_check(f: _Fields) -> tuple[str | None, bool | str]:
+    """The paths kept inside the model store, and how the artifacts are verified: (sha256, manifest)."""
+    for name in ("model_path", "tokenizer_path", "manifest"):
+        value = f.raw.get(name)
+        if isinstance(value, str) and ".." in Path(value).parts:
+            raise f.fail(name, value, "may not contain '..' (it must stay inside the model store)")
+    sha256 = f.raw.get("sha256")
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+        raise f.fail("sha256", sha256, "must be 64 hexadecimal digits")
+    manifest = f.raw.get("manifest", False)
+    if not isinstance(manifest, (bool, str)) or manifest == "":
+        raise f.fail("manifest", manifest, "must be true, false or a manifest file's path")
+    if sha256 and manifest:
+        raise f.fail("manifest", manifest, "and sha256 exclude each other (sha256: one file)")
+    return sha256, manifest
+
+
+def _declared_signature(f: _Fields, task: str, simulate: Simulation | None) -> Signature | None:
+    """The signature models.yaml declares (`inputs` and `outputs` together), or a simulated device's."""
+    if "inputs" in f.raw or "outputs" in f.raw:
+        parts = {}
+        for name in ("inputs", "outputs"):
+            try:
+                parts[name] = declared_tensors(f.raw.get(name))
+            except ValueError as exc:
+                raise f.fail(
+                    name, f.raw.get(name), f"is invalid: {exc} (declare inputs and outputs together)"
+                ) from None
+        return Signature(parts["inputs"], parts["outputs"], DECLARED)
+    if simulate is not None:
+        return task_signature(task, simulate.dim or -1, source=DECLARED)  # what the simulated device gives
+    return None
 
 
 def _simulation(path: Path, model_id: str, task: str, raw: Any) -> Simulation:

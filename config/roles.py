@@ -1,4 +1,4 @@
-"""The API roles, defined once (settings validate AETHERCORE_API_KEYS with them, api/auth.py grants with them)."""
+"""The API roles, defined once (settings validate AETHERCORE_API_KEYS with them, access/principal.py groups them)."""
 
 ADMIN = "admin"  # everything
 OPERATOR = "operator"  # models (load, unload), every job, no inference

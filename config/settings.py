@@ -281,8 +281,8 @@ def _rate_limit(value: str) -> str:
 def _lanes_by_role(value: str) -> dict[str, frozenset[str]]:
     """`role:lane+lane,...` -> the lanes each role may use: the listed roles', the others' by default (admins and
     operators every lane, everyone else `normal` and `low`)."""
+    from config.lanes import LANES
     from config.roles import ADMIN, OPERATOR, ROLES
-    from tasks.names import LANES
 
     allowed = {role: frozenset(LANES if role in (ADMIN, OPERATOR) else LANES[1:]) for role in ROLES}
     for item in filter(None, (part.strip() for part in value.split(","))):

@@ -26,149 +26,18 @@ import argparse
 import base64
 import json
 import re
-import shlex
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-TERMINAL = ("succeeded", "failed", "cancelled", "expired")  # tasks/states.py (this script imports nothing of ours)
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A model server keeps models resident in memory.",
-    "Workers die; the jobs they held must not.",
-    "Batching turns many small requests into one forward pass.",
-    "Compose scales the worker service up and down.",
-]
-# Run inside the api container (`compose exec -T api python -c ...`), job ids on stdin: status, `done` events.
-DONE_EVENTS = """
-import json, sys
-from config.settings import Settings
-from tasks.names import job_events_key, job_key
-from tasks.redis_client import make_redis
-s = Settings.from_env()
-r = make_redis(s.redis_url, s.redis_sentinel_master, **s.redis_ssl())
-ids = sys.stdin.read().split()
-out = {}
-for start in range(0, len(ids), 200):
-    chunk = ids[start : start + 200]
-    pipe = r.pipeline(transaction=False)
-    for job_id in chunk:
-        pipe.hget(job_key(job_id), "status")
-        pipe.xrange(job_events_key(job_id))
-    replies = pipe.execute()
-    for i, job_id in enumerate(chunk):
-        status, events = replies[2 * i], replies[2 * i + 1]
-        out[job_id] = [status or "missing", sum(1 for _id, e in events if e.get("type") == "done")]
-print(json.dumps(out))
-"""
+from compose_client import TERMINAL, Deployment  # scripts/compose_client.py (beside this script)
 
 
-class Check:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.api = args.api.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {args.key}"}
-        self.compose = shlex.split(args.compose)
-        self.failures: list[str] = []
-        self.results: dict[str, Any] = {}
-        self.known: dict[str, str] = {}
-        self.victim = ""
-
-    # -- helpers ---------------------------------------------------------------------------------
-    def http(
-        self, method: str, url: str, body: Any = None, headers: dict | None = None, timeout: float = 90
-    ) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status, raw, kind = response.status, response.read(), response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as exc:
-            status, raw, kind = exc.code, exc.read(), exc.headers.get("Content-Type", "")
-        except (urllib.error.URLError, OSError) as exc:
-            return 0, str(exc)
-        return status, json.loads(raw) if "json" in kind and raw else raw.decode(errors="replace")
-
-    def fail(self, message: str) -> None:
-        self.failures.append(message)
-        print(f"  FAIL: {message}", flush=True)
-
-    def say(self, message: str) -> None:
-        print(f"  {message}", flush=True)
-
-    def jobs_total(self) -> int:
-        """aethercore_jobs_total of the check's inference jobs (both models, every status), as /metrics adds it up."""
-        status, text = self.http("GET", f"{self.api}/metrics", headers=self.headers)
-        if status != 200:
-            raise RuntimeError(f"GET /metrics -> {status}")
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith("aethercore_jobs_total{"):
-                labels, value = line.rsplit(" ", 1)
-                models = (self.args.model, self.args.spike_model)
-                if 'kind="inference"' in labels and any(f'model="{m}"' in labels for m in models):
-                    total += float(value)
-        return int(total)
-
-    def settled_jobs_total(self) -> int:
-        """jobs_total once the workers' last counts arrived: unchanged over more than two heartbeats."""
-        last, deadline = self.jobs_total(), time.monotonic() + 60
-        while time.monotonic() < deadline:
-            time.sleep(5)
-            now = self.jobs_total()
-            if now == last:
-                return now
-            last = now
-        return last
-
-    def worker_containers(self) -> dict[str, str]:
-        """Running containers of the worker service: hostname (the short id, which ends worker names) -> name."""
-        out = subprocess.run(
-            [
-                "docker",
-                "ps",
-                "--filter",
-                f"label=com.docker.compose.project={self.args.project}",
-                "--filter",
-                "label=com.docker.compose.service=worker",
-                "--format",
-                "{{.ID}} {{.Names}}",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        running = dict(zip(out[::2], out[1::2], strict=True))
-        self.known.update(running)  # names of containers seen once, for the jobs of those gone since
-        return running
-
-    def live_workers(self) -> list[str]:
-        status, body = self.http("GET", f"{self.api}/workers", headers=self.headers)
-        return sorted(w["name"] for w in body["workers"]) if status == 200 else []
-
-    def container_of(self, worker: str) -> str:
-        host = worker.rsplit("@", 1)[-1]
-        for cid, name in self.known.items():
-            if host.startswith(cid):  # compose reuses the names of removed containers: mark the killed one
-                return f"{name} (killed)" if cid == self.victim else name
-        return f"?{host}"
-
-    def serve(self, i: int, wait: int | None, generate: bool = False) -> tuple[int, Any]:
-        body: dict[str, Any] = {
-            "model_id": self.args.model,
-            "inputs": {"text": f"{SENTENCES[i % len(SENTENCES)]} ({i})"},
-        }
-        if generate:  # a job that runs for seconds: the killed worker dies in the middle of some
-            body.update(model_id=self.args.spike_model, parameters={"max_length": self.args.spike_tokens})
-        return self.http("POST", f"{self.api}/serve" + (f"?wait={wait}" if wait else ""), body, self.headers)
+class Check(Deployment):
+    """The three phases, each adding to `results` and `failures`."""
 
     # -- phases ------------------------------------------------------------------------------------
     def spread(self) -> None:
@@ -240,6 +109,62 @@ class Check:
         )
         grown.set()
 
+    def await_ends(self, accepted: list[str]) -> dict[str, dict]:
+        """Every accepted job must end: poll until none is queued or running (the reaper requeues a dead worker's),
+        for --grace seconds at most. Each job's last answer, by id."""
+        final: dict[str, dict] = {}
+        deadline = time.monotonic() + self.args.grace
+        pending = list(accepted)
+        while pending and time.monotonic() < deadline:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                replies = list(
+                    pool.map(lambda j: self.http("GET", f"{self.api}/jobs/{j}", headers=self.headers), pending)
+                )
+            still = []
+            for job_id, (status, job) in zip(pending, replies, strict=True):
+                if status == 200 and job.get("status") in TERMINAL:
+                    final[job_id] = job
+                else:
+                    still.append(job_id)
+                    final[job_id] = job if status == 200 else {"status": f"http {status}"}
+            pending = still
+            if pending:
+                time.sleep(1)
+        return final
+
+    def tally(
+        self, accepted: list[str], final: dict[str, dict], tail_ids: set[str | None]
+    ) -> tuple[Counter, Counter, int, Counter]:
+        """The jobs' outcomes, the successes per worker container, how many ran again, and the last jobs' workers."""
+        outcomes: Counter = Counter()
+        per_worker: Counter = Counter()
+        reran = 0
+        tail_workers: Counter = Counter()
+        for job_id in accepted:
+            job = final.get(job_id, {})
+            status = job.get("status", "missing")
+            if status == "succeeded":
+                outcomes["succeeded"] += 1
+                per_worker[self.container_of(job.get("worker") or "?")] += 1
+            elif status in TERMINAL:
+                outcomes[f"{status}:{(job.get('error') or {}).get('code')}"] += 1
+            else:
+                outcomes[f"never ended:{status}"] += 1
+            reran += job.get("attempts", 0) > 1
+            if job_id in tail_ids and job.get("worker"):
+                tail_workers[self.container_of(job["worker"])] += 1
+        return outcomes, per_worker, reran, tail_workers
+
+    def metrics_rise(self, before: int, accepted: int) -> int:
+        """How far the settled-jobs metric rose since `before`, waiting up to 20 s for it to count every job."""
+        deadline, rise = time.monotonic() + 20, 0
+        while time.monotonic() < deadline:
+            rise = self.jobs_total() - before
+            if rise >= accepted:
+                break
+            time.sleep(1)
+        return rise
+
     def burst(self) -> None:
         """--jobs at --rate a second, but for a spike of --spike generations (seconds each) at once a tenth in, so
         that the worker killed in its middle dies holding running jobs; the kill and scalings of chaos() meanwhile.
@@ -285,53 +210,14 @@ class Check:
         chaos.join()
         submit_s = time.monotonic() - began
         accepted = [job_id for job_id in ids if job_id]
-        # Every accepted job must end: poll until none is queued or running (the reaper requeues a dead worker's).
-        final: dict[str, dict] = {}
-        deadline = time.monotonic() + self.args.grace
-        pending = list(accepted)
-        while pending and time.monotonic() < deadline:
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                replies = list(
-                    pool.map(lambda j: self.http("GET", f"{self.api}/jobs/{j}", headers=self.headers), pending)
-                )
-            still = []
-            for job_id, (status, job) in zip(pending, replies, strict=True):
-                if status == 200 and job.get("status") in TERMINAL:
-                    final[job_id] = job
-                else:
-                    still.append(job_id)
-                    final[job_id] = job if status == 200 else {"status": f"http {status}"}
-            pending = still
-            if pending:
-                time.sleep(1)
+        final = self.await_ends(accepted)
         end_s = time.monotonic() - began
         done_events = self.done_events(accepted)
         self.worker_containers()
-        outcomes: Counter = Counter()
-        per_worker: Counter = Counter()
-        reran = 0
-        tail_workers: Counter = Counter()
-        for job_id in accepted:
-            job = final.get(job_id, {})
-            status = job.get("status", "missing")
-            if status == "succeeded":
-                outcomes["succeeded"] += 1
-                per_worker[self.container_of(job.get("worker") or "?")] += 1
-            elif status in TERMINAL:
-                outcomes[f"{status}:{(job.get('error') or {}).get('code')}"] += 1
-            else:
-                outcomes[f"never ended:{status}"] += 1
-            reran += job.get("attempts", 0) > 1
-            if job_id in ids[n - tail :] and job.get("worker"):
-                tail_workers[self.container_of(job["worker"])] += 1
+        outcomes, per_worker, reran, tail_workers = self.tally(accepted, final, set(ids[n - tail :]))
         twice = sum(1 for dones in done_events.values() if dones[1] > 1)
         lost = sum(1 for status, _dones in done_events.values() if status == "missing")
-        deadline, rise = time.monotonic() + 20, 0
-        while time.monotonic() < deadline:
-            rise = self.jobs_total() - before
-            if rise >= len(accepted):
-                break
-            time.sleep(1)
+        rise = self.metrics_rise(before, len(accepted))
         never = sum(v for k, v in outcomes.items() if k.startswith("never ended"))
         failed = sum(v for k, v in outcomes.items() if k != "succeeded" and not k.startswith("never ended"))
         self.results["burst"] = {
@@ -386,18 +272,6 @@ class Check:
             self.fail(
                 f"burst: the last {tail} jobs went to {len(tail_workers)} workers, not the 4 of the scaled-up service"
             )
-
-    def done_events(self, ids: list[str]) -> dict[str, list]:
-        out = subprocess.run(
-            [*self.compose, "exec", "-T", "api", "python", "-c", DONE_EVENTS],
-            input="\n".join(ids),
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode != 0:
-            self.fail(f"reading the jobs' events in Redis failed: {out.stderr.strip()[-500:]}")
-            return {}
-        return json.loads(out.stdout.strip().splitlines()[-1])
 
     def observe(self) -> None:
         expected = self.args.final_workers

@@ -5,8 +5,8 @@ AETHERCORE_MAX_ATTEMPTS times: an inference, load or unload job), when it expire
 before a worker started it), or when its completion webhook failed for good. The first two are written by the Lua
 step that ends the job (tasks/jobs/lua/transition.lua, with the reason the worker gives: workers/completion.py
 `Ending.dead_letter`), so a dead letter exists exactly when its job ended so; the third by the webhook dispatcher
-(webhooks/dispatcher.py, `DeadLetters.add`). Both write it with `dead_put` (`LUA`), in one atomic step with its
-charge.
+(webhooks/dispatcher.py, `DeadLetters.add`). Both write it with `dead_put` (tasks/lua/dead_letters.lua), in one
+atomic step with its charge.
 
 Bounded three ways, each in the step that writes one, and each removal deletes the entry's hash with its index
 entry and its charge:
@@ -37,6 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -83,80 +84,13 @@ _LISTED = (
     "replayed_as",
 )
 
-# The dead letter's Lua, for any script that writes one (with the account's functions: `with_holdings`).
+# The dead letter's Lua (tasks/lua/dead_letters.lua), for any script that writes one (with the account's functions:
+# `with_holdings`).
 # dead_request(payload)                                    -> the job's submission out of its requeue payload, or ''
 # dead_put(job_id, queue, reason, now, owner, limits, fields) : writes it, charges it, trims owner and queue
 #   limits: "retention per_queue owner_bytes owner_count" (`limits_arg`); fields: name, value, ... (empty skipped)
-LUA = """
-local DEAD_ENTRY, DEAD_INDEX, DEAD_KIND = 'DEAD_ENTRY_PREFIX', 'DEAD_LETTER_PREFIX', 'DEAD_LETTERS_KIND'
--- A requeue payload is {"task":..,"queue":..,"kwargs":KWARGS} (tasks/jobs/inflight.py requeue_payload) and an
--- inference's KWARGS {"model_id":..,"jobs":[WORK]} with its one job: the submission is WORK, or a load's KWARGS. (A
--- JSON string cannot hold these keys unescaped, so the first match is the key itself.)
-local function dead_request(payload)
-  local at = string.find(payload, '"kwargs":', 1, true)
-  if not at or string.sub(payload, -1) ~= '}' then return '' end
-  local kwargs = string.sub(payload, at + 9, -2)
-  local jobs = string.find(kwargs, '"jobs":[', 1, true)
-  if jobs and string.sub(kwargs, -2) == ']}' then return string.sub(kwargs, jobs + 8, -3) end
-  return kwargs
-end
--- A dead letter leaves: its hash, its index entry and its charge (the owner's, whether or not its hash expired).
-local function dead_forget(job_id, owner, index)
-  local entry = DEAD_ENTRY .. job_id
-  local found = redis.call('HMGET', entry, 'queue', 'owner')
-  redis.call('DEL', entry)
-  if found[1] then redis.call('ZREM', DEAD_INDEX .. found[1], job_id) end
-  if index then redis.call('ZREM', index, job_id) end
-  owner = owner or found[2]
-  if owner then hold_drop(owner, DEAD_KIND, job_id) end
-end
-local function dead_trim_owner(owner, newest, max_bytes, max_count)
-  for _ = 1, TRIM_STEP do
-    local bytes, count = hold_used(owner, DEAD_KIND)
-    if (max_count <= 0 or count <= max_count) and (max_bytes <= 0 or bytes <= max_bytes) then return end
-    local oldest = hold_oldest(owner, DEAD_KIND)
-    if not oldest or oldest == newest then return end
-    dead_forget(oldest, owner, nil)
-  end
-end
-local function dead_trim_queue(queue, now, keep, most)
-  local index = DEAD_INDEX .. queue
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now - keep, 'LIMIT', 0, TRIM_STEP)) do
-    dead_forget(id, nil, index)
-  end
-  local over = redis.call('ZCARD', index) - most
-  if over > 0 then
-    for _, id in ipairs(redis.call('ZRANGE', index, 0, math.min(over, TRIM_STEP) - 1)) do
-      dead_forget(id, nil, index)
-    end
-  end
-end
-local function dead_put(job_id, queue, reason, now, owner, limits, fields)
-  local keep, most, max_bytes, max_count = string.match(limits, '^(%d+) (%d+) (%d+) (%d+)$')
-  keep, most, max_bytes, max_count = tonumber(keep), tonumber(most), tonumber(max_bytes), tonumber(max_count)
-  if owner == '' then owner = 'NO_OWNER' end
-  local entry = DEAD_ENTRY .. job_id
-  local values = {'job_id', job_id, 'queue', queue, 'reason', reason, 'dead_at', string.format('%.6f', now),
-    'owner', owner}
-  local size = ENTRY_OVERHEAD
-  for i = 1, #fields - 1, 2 do
-    if fields[i + 1] ~= '' then
-      table.insert(values, fields[i]); table.insert(values, fields[i + 1])
-      size = size + #fields[i + 1]
-    end
-  end
-  redis.call('DEL', entry)  -- a job's webhook failing after its own dead letter: the newer replaces it
-  redis.call('HSET', entry, unpack(values))
-  redis.call('EXPIRE', entry, keep)
-  redis.call('ZADD', DEAD_INDEX .. queue, now, job_id)
-  redis.call('EXPIRE', DEAD_INDEX .. queue, keep)
-  redis.call('SADD', 'DEAD_LETTER_QUEUES', queue)
-  redis.call('HINCRBY', 'METRICS_DEAD_LETTERS', queue .. '|' .. reason, 1)
-  hold_put(owner, DEAD_KIND, job_id, size, now + keep, now, 0, 0, 0, true)
-  dead_trim_owner(owner, job_id, max_bytes, max_count)
-  dead_trim_queue(queue, now, keep, most)
-end
-"""
+LUA_DIR = Path(__file__).with_name("lua")
+LUA = (LUA_DIR / "dead_letters.lua").read_text()  # read once; `render` fills its names in
 
 
 def render(source: str) -> str:
@@ -178,26 +112,12 @@ def limits_arg(ttl_s: int, max_per_queue: int, quota: Quota) -> str:
     return f"{int(ttl_s)} {int(max_per_queue)} {int(quota.max_bytes)} {int(quota.max_count)}"
 
 
-# ARGV: job id, queue, reason, limits, owner, then field/value pairs.
-_ADD = with_holdings(
-    render(
-        LUA
-        + """
-local now = redis.call('TIME')
-now = tonumber(now[1]) + tonumber(now[2]) / 1000000
-dead_put(ARGV[1], ARGV[2], ARGV[3], now, ARGV[5], ARGV[4], {unpack(ARGV, 6)})
-return 1
-"""
-    )
-)
+# ARGV: job id, queue, reason, limits, owner, then field/value pairs (tasks/lua/dead_letters_add.lua).
+_ADD = with_holdings(render(LUA + (LUA_DIR / "dead_letters_add.lua").read_text()))
 
 # A replay's new job, noted on a dead letter that is still kept (one that expired is not written again: it would
 # outlive its retention). KEYS: the entry. ARGV: the new job's id.
-_MARK_REPLAYED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'replayed_as', ARGV[1])
-return 1
-"""
+_MARK_REPLAYED = (LUA_DIR / "dead_letters_mark_replayed.lua").read_text()
 
 
 class NotReplayable(Exception):

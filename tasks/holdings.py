@@ -12,10 +12,11 @@ holdings:total                hash: <kind>.bytes, <kind>.count, bytes   every ow
 holdings:owners               zset: owner -> furthest expiry            who holds anything (the sweep walks it)
 ```
 
-The account is kept by Lua functions (`LUA`) that any script charging an object includes (`with_holdings`): a
-file's upload, a batch's creation and answers, a job's end that records a dead letter or a webhook delivery, an
-Idempotency-Key's claim. Expired objects leave the account lazily: whenever their owner's account of that kind is
-touched, and by `Holdings.sweep` (run by the batch drivers), at most SWEEP_LIMIT objects per call.
+The account is kept by Lua functions (tasks/lua/holdings.lua) that any script charging an object includes
+(`with_holdings`): a file's upload, a batch's creation and answers, a job's end that records a dead letter or a
+webhook delivery, an Idempotency-Key's claim. Expired objects leave the account lazily: whenever their owner's
+account of that kind is touched, and by `Holdings.sweep` (run by the batch drivers), at most SWEEP_LIMIT objects per
+call.
 
 Two ways to be charged:
 * `put` refuses (nothing is written) when the object would take the owner past a quota of the kind or all held
@@ -29,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -117,131 +119,33 @@ _NOUNS = {
 }
 
 
-# The account's Lua functions. Every script that charges an object includes them (with_holdings) and calls them
-# with the owner and kind it knows: keys are built here (one Redis, not a cluster, as for every script here).
+# The account's Lua functions (tasks/lua/holdings.lua, read once). Every script that charges an object includes them
+# (with_holdings) and calls them with the owner and kind it knows: keys are built here (one Redis, not a cluster, as
+# for every script here).
 # hold_put(owner, kind, id, size, expires_at, now, max_bytes, max_count, max_total, force) -> 1 | -1 | -2 | -3
 # hold_grow(owner, kind, id, delta, now, max_bytes, max_total, force)                      -> 1 | -1 | -3
 # hold_drop(owner, kind, id)                                                               -> bytes it held
 # hold_prune(owner, kind, now, limit)                                                      -> objects taken out
 # hold_oldest(owner, kind)                                                                 -> id or false
-LUA = """
-local HOLD_PREFIX, HOLD_TOTAL, HOLD_OWNERS = 'HOLDINGS_PREFIX', 'HOLDINGS_TOTAL', 'HOLDINGS_OWNERS'
-local function hold_keys(owner, kind)
-  local base = HOLD_PREFIX .. owner
-  return base, base .. ':' .. kind, base .. ':' .. kind .. ':size'
-end
-local function hold_change(totals, kind, bytes, count)
-  if bytes ~= 0 then
-    redis.call('HINCRBY', totals, kind .. '.bytes', bytes)
-    redis.call('HINCRBY', HOLD_TOTAL, kind .. '.bytes', bytes)
-    redis.call('HINCRBY', HOLD_TOTAL, 'bytes', bytes)
-  end
-  if count ~= 0 then
-    redis.call('HINCRBY', totals, kind .. '.count', count)
-    redis.call('HINCRBY', HOLD_TOTAL, kind .. '.count', count)
-  end
-end
-local function hold_prune(owner, kind, now, limit)
-  if limit <= 0 then return 0 end
-  local totals, index, sizes = hold_keys(owner, kind)
-  local gone = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
-  for _, id in ipairs(gone) do
-    hold_change(totals, kind, -tonumber(redis.call('HGET', sizes, id) or '0'), -1)
-    redis.call('HDEL', sizes, id)
-    redis.call('ZREM', index, id)
-  end
-  return #gone
-end
--- The account's keys live until its furthest object's expiry (plus slack), and the owner is listed that long.
-local function hold_keep(owner, kind, now)
-  local totals, index, sizes = hold_keys(owner, kind)
-  local last = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
-  if not last[2] then return end
-  local until_ = math.ceil(tonumber(last[2]) + SLACK_S)
-  for _, key in ipairs({totals, index, sizes}) do
-    local ttl = redis.call('TTL', key)
-    if ttl == -1 or (ttl >= 0 and now + ttl < until_) then redis.call('EXPIREAT', key, until_) end
-  end
-  if until_ > tonumber(redis.call('ZSCORE', HOLD_OWNERS, owner) or '0') then
-    redis.call('ZADD', HOLD_OWNERS, until_, owner)
-  end
-end
-local function hold_used(owner, kind)
-  local totals = hold_keys(owner, kind)
-  local got = redis.call('HMGET', totals, kind .. '.bytes', kind .. '.count')
-  return tonumber(got[1] or '0'), tonumber(got[2] or '0')
-end
-local function hold_over_total(delta, max_total)
-  if max_total <= 0 or delta <= 0 then return false end
-  return tonumber(redis.call('HGET', HOLD_TOTAL, 'bytes') or '0') + delta > max_total
-end
-local function hold_put(owner, kind, id, size, expires_at, now, max_bytes, max_count, max_total, force)
-  local totals, index, sizes = hold_keys(owner, kind)
-  now = tonumber(now)
-  hold_prune(owner, kind, now, 20)
-  size, max_bytes, max_count, max_total = tonumber(size), tonumber(max_bytes), tonumber(max_count), tonumber(max_total)
-  local old = redis.call('HGET', sizes, id)
-  local delta, added = size - tonumber(old or '0'), 1
-  if old then added = 0 end
-  if not force then
-    local bytes, count = hold_used(owner, kind)
-    if max_bytes > 0 and delta > 0 and bytes + delta > max_bytes then return -1 end
-    if max_count > 0 and added > 0 and count + 1 > max_count then return -2 end
-    if hold_over_total(delta, max_total) then return -3 end
-  end
-  redis.call('HSET', sizes, id, size)
-  redis.call('ZADD', index, expires_at, id)
-  hold_change(totals, kind, delta, added)
-  hold_keep(owner, kind, now)
-  return 1
-end
-local function hold_grow(owner, kind, id, delta, now, max_bytes, max_total, force)
-  local totals, index, sizes = hold_keys(owner, kind)
-  delta, max_bytes, max_total = tonumber(delta), tonumber(max_bytes), tonumber(max_total)
-  if not redis.call('ZSCORE', index, id) then return 0 end
-  if not force then
-    local bytes = hold_used(owner, kind)
-    if max_bytes > 0 and delta > 0 and bytes + delta > max_bytes then return -1 end
-    if hold_over_total(delta, max_total) then return -3 end
-  end
-  redis.call('HINCRBY', sizes, id, delta)
-  hold_change(totals, kind, delta, 0)
-  return 1
-end
-local function hold_renew(owner, kind, id, expires_at, now)
-  local totals, index = hold_keys(owner, kind)
-  if not redis.call('ZSCORE', index, id) then return 0 end
-  redis.call('ZADD', index, expires_at, id)
-  hold_keep(owner, kind, tonumber(now))
-  return 1
-end
-local function hold_drop(owner, kind, id)
-  local totals, index, sizes = hold_keys(owner, kind)
-  if not redis.call('ZSCORE', index, id) then return 0 end
-  local size = tonumber(redis.call('HGET', sizes, id) or '0')
-  hold_change(totals, kind, -size, -1)
-  redis.call('HDEL', sizes, id)
-  redis.call('ZREM', index, id)
-  return size
-end
-local function hold_oldest(owner, kind)
-  local totals, index = hold_keys(owner, kind)
-  local first = redis.call('ZRANGE', index, 0, 0)
-  return first[1] or false
-end
-"""
+LUA_DIR = Path(__file__).with_name("lua")
+
+
+def _script(name: str) -> str:
+    """tasks/lua/<name>.lua with the account's names filled in (read once, when this module is imported)."""
+    return _render((LUA_DIR / f"{name}.lua").read_text())
 
 
 def _render(source: str) -> str:
     return (
-        source.replace("HOLDINGS_PREFIX", HOLDINGS_PREFIX)
+        source.replace("HOLDINGS_KINDS", "{" + ", ".join(f"'{kind}'" for kind in KINDS) + "}")
+        .replace("HOLDINGS_PREFIX", HOLDINGS_PREFIX)
         .replace("HOLDINGS_TOTAL", HOLDINGS_TOTAL)
         .replace("HOLDINGS_OWNERS", HOLDINGS_OWNERS)
         .replace("SLACK_S", str(SLACK_S))
     )
 
 
-_LUA = _render(LUA)
+_LUA = _script("holdings")
 
 
 def with_holdings(script: str) -> str:
@@ -249,43 +153,13 @@ def with_holdings(script: str) -> str:
     return _LUA + script
 
 
-# Entry points for Python callers: ARGV as named in each; each returns what its function returns.
-_PUT = with_holdings("""
-local force = ARGV[10] == '1'
-return hold_put(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], force)
-""")
-_GROW = with_holdings("""
-return hold_grow(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1')
-""")
-_DROP = with_holdings("return hold_drop(ARGV[1], ARGV[2], ARGV[3])")
-_RENEW = with_holdings("return hold_renew(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])")
-# ARGV: now, limit. Takes at most `limit` expired objects out of the accounts, then adds every account up again
-# into the total (so nothing an account lost with its keys stays counted there) and forgets owners who hold nothing.
-# Returns the objects taken out.
-_SWEEP = with_holdings(
-    """
-local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-local owners = redis.call('ZRANGE', HOLD_OWNERS, 0, -1)
-local taken = 0
-for _, owner in ipairs(owners) do
-  for _, kind in ipairs({KINDS}) do
-    taken = taken + hold_prune(owner, kind, now, limit - taken)
-  end
-end
-local sums = {}
-for _, owner in ipairs(owners) do
-  local fields = redis.call('HGETALL', HOLD_PREFIX .. owner)
-  for i = 1, #fields, 2 do
-    sums[fields[i]] = (sums[fields[i]] or 0) + tonumber(fields[i + 1])
-    if string.sub(fields[i], -6) == '.bytes' then sums['bytes'] = (sums['bytes'] or 0) + tonumber(fields[i + 1]) end
-  end
-end
-redis.call('DEL', HOLD_TOTAL)
-for name, value in pairs(sums) do redis.call('HSET', HOLD_TOTAL, name, value) end
-redis.call('ZREMRANGEBYSCORE', HOLD_OWNERS, '-inf', now)
-return taken
-""".replace("{KINDS}", "{" + ", ".join(f"'{kind}'" for kind in KINDS) + "}")
-)
+# Entry points for Python callers (tasks/lua/holdings_*.lua, ARGV as named in each): each returns what its function
+# returns.
+_PUT = with_holdings(_script("holdings_put"))
+_GROW = with_holdings(_script("holdings_grow"))
+_DROP = with_holdings(_script("holdings_drop"))
+_RENEW = with_holdings(_script("holdings_renew"))
+_SWEEP = with_holdings(_script("holdings_sweep"))
 
 
 def quotas_from(settings: Any) -> dict[str, Quota]:

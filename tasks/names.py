@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from config.lanes import LANES
 from tasks.states import INFERENCE, LOAD, UNLOAD
 
 # Celery task names (readable in Flower).
@@ -22,10 +23,9 @@ def queue_for_device(device: str) -> str:
 
 # Priority lanes. kombu's Redis transport keeps each priority of a queue in its own list and BRPOPs them in
 # priority order (lower first) in one command, so a worker always takes the highest waiting lane's message
-# first. `high` (and every control task: loads, unloads) is the queue's own list.
-LANES = ("high", "normal", "low")
+# first. `high` (and every control task: loads, unloads) is the queue's own list. The lanes are config/lanes.py's.
 DEFAULT_LANE = "normal"
-LANE_PRIORITY = {"high": 0, "normal": 3, "low": 9}  # kombu's default priority_steps are 0, 3, 6, 9
+LANE_PRIORITY = dict(zip(LANES, (0, 3, 9)))  # kombu's default priority_steps are 0, 3, 6, 9
 _PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue's name and a priority
 
 

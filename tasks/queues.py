@@ -1,10 +1,11 @@
-"""What a device queue holds, lane by lane (tasks/names.py `LANES`): one Redis list per lane."""
+"""What a device queue holds, lane by lane (config/lanes.py `LANES`): one Redis list per lane."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tasks.names import LANES, lane_list
+from config.lanes import LANES
+from tasks.names import lane_list
 
 
 def lane_depths(client: Any, queue: str) -> dict[str, int]:

@@ -63,7 +63,7 @@ class JobContext:
 
     @property
     def lane(self) -> str:
-        """Its priority lane (tasks/names.py LANES)."""
+        """Its priority lane (config/lanes.py LANES)."""
         return self.job.get("priority") or DEFAULT_LANE
 
     @property

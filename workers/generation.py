@@ -29,17 +29,10 @@ from tasks.errors import CANCELLED, DEADLINE_EXCEEDED, error_body
 from tasks.states import INFERENCE
 from workers.completion import BatchItems, Ending, JobContext, classify, logged
 from workers.lanes import aging_step, effective_rank
-from workers.model_process import (
-    CallCancelled,
-    DeadlineExceeded,
-    GenerationCall,
-    ModelGone,
-    ModelProcessDied,
-    ModelTimeout,
-    RemoteRuntime,
-    StreamTarget,
-)
+from workers.model_errors import CallCancelled, DeadlineExceeded, ModelGone, ModelProcessDied, ModelTimeout
+from workers.remote_runtime import GenerationCall, RemoteRuntime
 from workers.service import WorkerService
+from workers.stream_target import StreamTarget
 
 
 @dataclass

@@ -19,7 +19,7 @@ from tasks.errors import DEADLINE_EXCEEDED, MODEL_NOT_FOUND, error_body
 from tasks.jobs.inflight import requeue_payload
 from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL, forced_unload_key
 from tasks.states import FAILED, INFERENCE, LOAD, LOADED, SUCCEEDED, UNLOAD, UNLOADED, UNLOADING
-from workers.batcher import ResultsNotWritten
+from workers.batch_requests import ResultsNotWritten
 from workers.cache import ModelLoadError
 from workers.completion import BatchItems, Ending, JobContext, classify
 from workers.generation import run_generation_jobs

@@ -33,7 +33,8 @@ from typing import Any
 
 import orjson
 
-from tasks.names import DEFAULT_LANE, LANES, lane_list
+from config.lanes import LANES
+from tasks.names import DEFAULT_LANE, lane_list
 
 # The share of a job's window (deadline - submitted_at) it waits per lane it rises, when that is longer than
 # AETHERCORE_LANE_AGING_S: two steps (low -> high) take half its window, leaving the other half to run it.

@@ -1,4 +1,4 @@
-"""The Celery worker's handle on its model processes (see workers/model_host.py for the other side).
+"""One model process, as the Celery worker sees it (see workers/model_host.py for the other side).
 
 `ModelProcess` is one spawned process holding one model instance: a pipe, a reader thread that
 routes replies to the futures of the calls waiting for them, and a watchdog (calls in flight but no
@@ -6,11 +6,7 @@ message from the process within the model's `timeout_s` -> the process is killed
 fails with `ModelTimeout`). A generation model answers with one `events` message per decoding step:
 the reader hands that step's text of every streamed call to the `StreamSink` in one go (one Redis
 round trip for the whole running batch), then resolves the calls that ended, so a job's last chunk is
-always written before its end.
-
-`RemoteRuntime` is what the model cache holds: it looks like a runtime (load, describe, memory,
-close) and owns the model's `instances` processes. The Celery worker process never imports torch or
-onnxruntime; it moves whole batches across the boundary, once each way.
+always written before its end. workers/remote_runtime.py owns a model's processes.
 """
 
 from __future__ import annotations
@@ -25,27 +21,27 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any
 
 from loguru import logger
 
 from config.models import ModelSpec
 from config.settings import REPO_ROOT, Settings, model_process_env
-from tasks.errors import (
-    CODES,
-    INTERNAL_ERROR,
-    MODEL_EVICTED,
-    MODEL_LOAD_FAILED,
-    MODEL_LOAD_TIMEOUT,
-    MODEL_PROCESS_DIED,
-    MODEL_TIMEOUT,
-    MODEL_UNLOADED,
-)
+from tasks.errors import CODES, MODEL_LOAD_FAILED, MODEL_LOAD_TIMEOUT
 from workers import wire
 from workers.device import anon_bytes_of, rss_bytes_of
+from workers.model_errors import (
+    CallCancelled,
+    DeadlineExceeded,
+    ModelGone,
+    ModelProcessDied,
+    ModelProcessError,
+    ModelTimeout,
+)
 from workers.runtimes.base import InvalidInput, intra_op_threads
+from workers.stream_target import StreamSink, StreamTarget
 
 STOP_GRACE_S = 5.0
 # libgomp spin rounds before an idle OpenMP thread sleeps (tens of microseconds; see model_process_environment)
@@ -67,96 +63,6 @@ def model_process_environment(parent: Mapping[str, str]) -> dict[str, str]:
         env["GOMP_SPINCOUNT"] = str(OPENMP_SPIN_ROUNDS)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
-
-
-class ModelProcessError(RuntimeError):
-    """The model process failed the call (a bug or a crash inside the model, not the caller's input)."""
-
-    code = INTERNAL_ERROR
-
-
-class ModelProcessDied(ModelProcessError):
-    """The process died under the call (crash, OOM kill): the call may be tried again on a restarted one."""
-
-    code = MODEL_PROCESS_DIED
-
-
-class ModelTimeout(ModelProcessError):
-    code = MODEL_TIMEOUT
-
-
-class ModelGone(RuntimeError):
-    """The model was taken away while the call waited or ran: unloaded, evicted, or its process could not be
-    started again. Final: the call is not tried again on this worker; its job ends with `code`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def unloaded(model_id: str, why: str = "it was unloaded (POST /models/{id}/unload)") -> ModelGone:
-    return ModelGone(MODEL_UNLOADED, f"model {model_id!r} went away while the job ran: {why.format(id=model_id)}")
-
-
-def evicted(model_id: str) -> ModelGone:
-    return ModelGone(
-        MODEL_EVICTED,
-        f"model {model_id!r} was evicted (least recently used) to make room for another model while the job "
-        "ran; send it again (AETHERCORE_MODEL_CACHE_SIZE bounds the models a worker keeps)",
-    )
-
-
-class CallCancelled(Exception):
-    pass
-
-
-class DeadlineExceeded(Exception):
-    """A generation ran past its job's deadline and was dropped from the batch."""
-
-
-class StreamSink(Protocol):
-    """Where the text of streamed generation calls goes (the worker service: the jobs' Redis Streams)."""
-
-    def publish(self, pieces: list[tuple[StreamTarget, str]]) -> list[bool]:
-        """Append each piece to its job's stream, in order; False for a job that should stop (cancelled)."""
-
-    def queued(self, targets: list[StreamTarget]) -> None:
-        """These jobs wait for room in the running batch."""
-
-    def stepped(self, model_id: str, stats: dict[str, int]) -> None:
-        """One decoding step ran with stats["running"] rows."""
-
-
-@dataclass
-class StreamTarget:
-    """A streamed call's job: the next chunk index, when its first piece was written, and the pieces (one per
-    decoding step) held until `interval` of them make a chunk. The first piece is a chunk of its own (time to
-    first token), the rest go `interval` at a time, and the held ones when the call ends: the boundaries depend
-    only on the piece count, so a retry that generates the same text cuts the same chunks, and the chunks an
-    earlier try published are skipped by index."""
-
-    job_id: str
-    model_id: str
-    submitted_at: float | None = None
-    index: int = 0
-    first_piece_at: float | None = None
-    interval: int = 1
-    held: list[str] = field(default_factory=list)
-    pieces: int = 0
-
-    def add(self, piece: str) -> str | None:
-        """One step's piece; the chunk to publish now, or None while it is held."""
-        self.held.append(piece)
-        self.pieces += 1
-        return self.flush() if self.pieces == 1 or len(self.held) >= self.interval else None
-
-    def flush(self) -> str | None:
-        """The held pieces as one chunk (None when none are held)."""
-        if not self.held:
-            return None
-        chunk = "".join(self.held)
-        self.held.clear()
-        return chunk
 
 
 @dataclass
@@ -459,185 +365,3 @@ def _settle(future: Future, result: Any = None, error: BaseException | None = No
             future.set_result(result)
     except InvalidStateError:
         pass
-
-
-@dataclass
-class GenerationCall:
-    process: ModelProcess
-    future: Future
-    exclusive: bool
-
-
-class RemoteRuntime:
-    """The cache's view of a model whose instances run in their own processes.
-
-    Taking the model away is two steps: `retire(gone)` refuses new work (a GENERATE, a restart) while the
-    calls in flight may still end (an unload's drain), then `close()` stops the processes and every call still
-    in flight fails with `gone` (model_unloaded, model_evicted, or model_process_died when a restart failed).
-    """
-
-    def __init__(self, spec: ModelSpec, settings: Settings, device: str, sink: StreamSink | None = None) -> None:
-        self.spec = spec
-        self.settings = settings
-        self.device = device
-        self.sink = sink
-        self.instances: list[ModelProcess] = []
-        self.dtype_name: str | None = None  # what the model process reports once loaded
-        self._restart_lock = threading.Lock()  # one restart at a time
-        self._lock = threading.Lock()  # `instances` and `_gone` change together
-        self._gone: ModelGone | None = None
-        self._ending: ModelGone | None = None  # what the calls still in flight at close() end with
-        self.restarts = 0
-        self.death_handled = False  # its death reported and acted on (WorkerService.model_died)
-
-    def load(self) -> None:
-        try:
-            for index in range(self.spec.instances):
-                process = ModelProcess(self.spec, self.settings, self.device, index, self.sink)
-                process.start(self.settings.load_timeout)
-                self.instances.append(process)
-        except Exception:
-            self.close()
-            raise
-        self.dtype_name = self.instances[0].info.get("dtype")
-
-    def describe(self) -> dict[str, Any]:
-        instances = list(self.instances)
-        info = dict(instances[0].info.get("describe", {})) if instances else {}
-        info["processes"] = [{"pid": p.pid, "rss_bytes": p.rss_bytes()} for p in instances]
-        info["restarts"] = self.restarts
-        return info
-
-    def memory_bytes(self) -> int:
-        return sum(p.memory_bytes() for p in list(self.instances))
-
-    def process_rss_bytes(self) -> int:
-        return sum(p.rss_bytes() for p in list(self.instances))
-
-    def gpu_memory_bytes(self) -> int | None:
-        values = [p.info.get("gpu_memory_bytes") for p in list(self.instances)]
-        known = [v for v in values if v is not None]
-        return sum(known) if values and len(known) == len(values) else None
-
-    # -- going away ---------------------------------------------------------------------------
-    @property
-    def gone(self) -> ModelGone | None:
-        """Why the model is going (or went) away; None while it serves."""
-        return self._gone
-
-    def retire(self, gone: ModelGone, ending: ModelGone | None = None) -> None:
-        """Refuse new work from now on with `gone` (the first reason given wins); the calls in flight go on until
-        close(), which ends them with `ending` (default: `gone`; a drained unload says they outran the drain)."""
-        with self._lock:
-            if self._gone is None:
-                self._gone, self._ending = gone, ending
-
-    @property
-    def ending(self) -> ModelGone | None:
-        """What the calls still in flight at close() end with."""
-        return self._ending or self._gone
-
-    def check_open(self) -> None:
-        """Raise ModelGone (a fresh copy, for this caller's traceback) once the model is going away."""
-        gone = self._gone
-        if gone is not None:
-            raise ModelGone(gone.code, str(gone))
-
-    def in_flight(self) -> int:
-        return sum(p.busy for p in list(self.instances))
-
-    def close(self) -> None:
-        """Stop every process; the calls still in flight fail with why the model went away."""
-        with self._lock:
-            if self._gone is None:
-                self._gone = unloaded(self.spec.id)
-            instances, self.instances = self.instances, []
-        for process in instances:
-            process.stop(self.ending)
-
-    # -- calls --------------------------------------------------------------------------------
-    def run_batch_on(self, index: int, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        instances = self.instances
-        if index >= len(instances):
-            self.check_open()
-            raise ModelProcessDied(f"model {self.spec.id!r} has no process {index}")
-        outputs = instances[index].call(wire.RUN, inputs, parameters)
-        if len(outputs) != len(inputs):
-            raise ModelProcessError(f"the model returned {len(outputs)} outputs for {len(inputs)} inputs")
-        return outputs
-
-    def generate(
-        self,
-        inputs: Any,
-        parameters: dict[str, Any],
-        stream: StreamTarget | None = None,
-        *,
-        exclusive: bool = False,
-        deadline: float | None = None,
-        rank: int = 1,
-        aging_s: float = 0.0,
-    ) -> GenerationCall:
-        """Hand one generation request to the running batch of the least busy instance (ModelGone once the
-        model is going away: nothing new joins a batch that is draining)."""
-        self.check_open()
-        instances = self.instances
-        if not instances:
-            raise ModelProcessDied(f"model {self.spec.id!r} has no running process")
-        process = min(instances, key=lambda p: p.busy)
-        options = {
-            "stream": stream is not None,
-            "exclusive": exclusive,
-            "deadline": deadline,
-            "rank": rank,  # admission order into the running batch (priority lanes)
-            "aging_s": aging_s,
-        }
-        _call_id, future = process.submit((wire.GENERATE, inputs, parameters, options), stream)
-        return GenerationCall(process, future, exclusive)
-
-    def generation_stats(self) -> dict[str, int]:
-        """The running batches of every instance, added up (for the heartbeat and the metrics)."""
-        total: dict[str, int] = {}
-        for process in list(self.instances):
-            for key, value in process.generation.items():
-                total[key] = total.get(key, 0) + value
-        return total
-
-    def revive(self, index: int) -> bool:
-        """Replace a dead instance with a fresh process (the model is loaded again). False if the model is going
-        away, or if the restart failed: then the model retires with `model_process_died` (see `gone`)."""
-        with self._restart_lock:
-            with self._lock:
-                if self._gone is not None or index >= len(self.instances):
-                    return False
-                if self.instances[index].alive:
-                    return True
-            process = ModelProcess(self.spec, self.settings, self.device, index, self.sink)
-            try:
-                process.start(self.settings.load_timeout)
-            except Exception as exc:
-                logger.bind(model_id=self.spec.id).error("could not restart model process {}: {}", index, exc)
-                self.retire(
-                    ModelGone(
-                        MODEL_PROCESS_DIED,
-                        f"the process of model {self.spec.id!r} died and could not be started again ({exc}); "
-                        f"the model was unloaded: load it again with POST /models/{self.spec.id}/load",
-                    )
-                )
-                return False
-            with self._lock:
-                placed = self._gone is None and index < len(self.instances)
-                if placed:
-                    self.instances[index] = process
-            if not placed:  # the model went away while it restarted
-                process.stop(self._gone)
-                return False
-            self.restarts += 1
-            logger.bind(model_id=self.spec.id).warning("model process {} restarted (pid {})", index, process.pid)
-            return True
-
-    def revive_all(self) -> bool:
-        return all(self.revive(i) for i in range(len(self.instances))) and self._gone is None
-
-    def alive(self) -> bool:
-        instances = self.instances
-        return bool(instances) and all(p.alive for p in instances)

@@ -32,7 +32,7 @@ from tasks.errors import MODEL_NOT_LOADED, MODEL_UNLOADED
 from tasks.names import control_channel, forced_unload_key
 from tasks.states import LOADED
 from workers.cache import ModelCache, ModelLoadError
-from workers.model_process import RemoteRuntime
+from workers.remote_runtime import RemoteRuntime
 
 
 class ModelNotLoaded(RuntimeError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from tasks.errors import MODEL_PROCESS_DIED, POISON_JOB, error_body
-from workers.model_process import ModelGone
+from workers.model_errors import ModelGone
 
 # A job started by this many workers per allowed attempt, each of which died under it, is not started again.
 TAKEOVERS_PER_ATTEMPT = 4

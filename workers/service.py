@@ -42,13 +42,15 @@ from tasks.metrics import BATCH_SIZE, LocalMetrics
 from tasks.names import DEFAULT_LANE, queue_for_device
 from tasks.redis_client import make_redis
 from tasks.states import INFERENCE
-from workers.batcher import ModelBatcher, Request
+from workers.batch_requests import Request
+from workers.batcher import ModelBatcher
 from workers.cache import ModelCache
 from workers.completion import Completion, JobContext, logged
 from workers.device import device_memory
 from workers.lanes import LaneAging
-from workers.model_process import ModelGone, RemoteRuntime, evicted, unloaded
+from workers.model_errors import ModelGone, evicted, unloaded
 from workers.reaper import ActiveJobs, Reaper, Send
+from workers.remote_runtime import RemoteRuntime
 from workers.residency import Residency
 from workers.retry import RetryPolicy
 from workers.streams import JobStreams

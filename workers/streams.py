@@ -16,7 +16,7 @@ from loguru import logger
 from tasks.jobs.events import CHUNK_CANCELLED, CHUNK_NOT_RUNNING, Events
 from tasks.metrics import BATCH_SIZE, TIME_TO_FIRST_TOKEN, LocalMetrics
 from tasks.states import QUEUED
-from workers.model_process import StreamTarget
+from workers.stream_target import StreamTarget
 
 QUEUED_NOTE = {"status": QUEUED, "reason": "waiting for room in the model's running batch"}
 

@@ -17,7 +17,8 @@ from flask.views import MethodView
 from marshmallow import validate
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from api.auth import JOBS, SERVE, principal, requires
+from access.principal import JOBS, SERVE
+from api.auth import principal, requires
 from api.errors import error_response, http_exception_response, quota_error
 from api.idempotency import idempotent
 from api.json_provider import Blueprint

@@ -10,7 +10,8 @@ import marshmallow as ma
 from flask.views import MethodView
 from marshmallow import validate
 
-from api.auth import READ_ALL_JOBS, requires
+from access.principal import READ_ALL_JOBS
+from api.auth import requires
 from api.json_provider import Blueprint
 from api.replay import replay
 from api.schemas import JOB_ID_RE, JobErrorSchema, JobSchema

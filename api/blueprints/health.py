@@ -15,7 +15,8 @@ import marshmallow as ma
 from flask import current_app, g, request
 from flask.views import MethodView
 
-from api.auth import READ_MODELS, principal, requires
+from access.principal import READ_MODELS
+from api.auth import principal, requires
 from api.json_provider import Blueprint
 from api.schemas import HealthSchema, WorkersSchema
 from api.services import services

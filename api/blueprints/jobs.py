@@ -8,7 +8,8 @@ from typing import Any
 from flask import request
 from flask.views import MethodView
 
-from api.auth import JOBS, principal, requires
+from access.principal import JOBS
+from api.auth import principal, requires
 from api.blueprints.common import job_reply
 from api.json_provider import Blueprint
 from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_event, sse_response

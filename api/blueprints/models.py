@@ -6,7 +6,8 @@ from typing import Any
 
 from flask.views import MethodView
 
-from api.auth import MANAGE_MODELS, READ_MODELS, requires
+from access.principal import MANAGE_MODELS, READ_MODELS
+from api.auth import requires
 from api.blueprints.common import job_reply
 from api.idempotency import idempotent
 from api.json_provider import Blueprint

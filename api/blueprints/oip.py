@@ -13,10 +13,11 @@ import zlib
 from typing import Any
 
 import numpy as np
-from flask import Response, request
+from flask import Response, current_app, request
 from flask.views import MethodView
 
-from api.auth import READ_MODELS, SERVE, requires
+from access.principal import READ_MODELS, SERVE
+from api.auth import requires
 from api.blueprints.health import health_checks
 from api.errors import register_error_dialect
 from api.idempotency import idempotent
@@ -30,13 +31,15 @@ from api.inference import (
     text_payload,
 )
 from api.json_provider import Blueprint
-from api.protocols.oip import NUMERIC, InferRequest, Tensor, encode_response, parse_request
+from api.protocols.oip import InferRequest, Tensor, encode_response, outputs_of, parse_request
+from api.protocols.oip_schemas import ERROR_SCHEMA, INFER_REQUEST_SCHEMA, METADATA_SCHEMA
 from api.services import services
 from api.webhooks import job_webhook
+from config.lanes import LANES
 from config.models import TEXT_TASKS, ModelSpec
 from config.signatures import Signature, shape_error
 from protocols.errors import ApiError, one_line
-from tasks.names import DEFAULT_LANE, LANES
+from tasks.names import DEFAULT_LANE
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import LOADED
 from tasks.tensors import pack
@@ -58,62 +61,6 @@ UNSUPPORTED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 PRIORITY_PARAMETER = "priority"
 # A request parameter of ours: the URL the job's end is POSTed to (README "Completion webhooks").
 WEBHOOK_PARAMETER = "webhook_url"
-
-ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-TENSOR_SCHEMA = {
-    "type": "object",
-    "required": ["name", "datatype", "shape"],
-    "properties": {
-        "name": {"type": "string"},
-        "datatype": {"type": "string", "enum": [*NUMERIC, "BYTES"]},
-        "shape": {"type": "array", "items": {"type": "integer", "minimum": -1}},
-    },
-}
-METADATA_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "versions": {"type": "array", "items": {"type": "string"}},
-        "platform": {"type": "string"},
-        "inputs": {"type": "array", "items": TENSOR_SCHEMA},
-        "outputs": {"type": "array", "items": TENSOR_SCHEMA},
-    },
-}
-INFER_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["inputs"],
-    "properties": {
-        "id": {"type": "string"},
-        "parameters": {
-            "type": "object",
-            "description": "The model's parameters (e.g. max_length, temperature); `timeout` (µs); `webhook_url`: "
-            "POST the job's end there (README: Completion webhooks)",
-        },
-        "inputs": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                **TENSOR_SCHEMA,
-                "properties": {
-                    **TENSOR_SCHEMA["properties"],
-                    "data": {"type": "array", "description": "Row-major elements (nested lists allowed)"},
-                    "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}},
-                },
-            },
-        },
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
-                },
-            },
-        },
-    },
-}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -182,9 +129,7 @@ class ServerMetadata(MethodView):
     )
     @requires(*READ_MODELS)
     def get(self):
-        from api.app import VERSION as SERVER_VERSION
-
-        return {"name": "aethercore", "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        return {"name": "aethercore", "version": current_app.config["API_VERSION"], "extensions": EXTENSIONS}
 
 
 @blp.route("/v2/health/live")
@@ -276,7 +221,7 @@ class Infer(MethodView):
         )
         signature = services().signature(spec)
         job = run_to_end(spec, _payload(spec, signature, parsed))
-        outputs = _outputs(spec, job)
+        outputs = outputs_of(spec.task, output_rows(job))
         chosen, binary = _requested(parsed, outputs)
         body, headers = encode_response(spec.id, VERSION, parsed.id, chosen, binary)
         return Response(body, status=200, headers=headers)
@@ -382,28 +327,6 @@ def _tensors(signature: Signature | None, inputs: list[Tensor]) -> dict[str, Any
     # Kept as their bytes (tasks/tensors.py): a 10 MB tensor is ~13 MB in the job and its message, not ~50 MB of
     # JSON digits; the model process unpacks it.
     return {t.name: pack(t.array) for t in inputs}
-
-
-def _outputs(spec: ModelSpec, job: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
-    rows = output_rows(job)
-    if spec.task == "feature-extraction":
-        return [("embedding", np.stack([np.asarray(r["embedding"], dtype="<f4") for r in rows]))]
-    if spec.task == "text-classification":
-        return [
-            ("label", np.array([str(r["label"]).encode() for r in rows], dtype=object)),
-            ("score", np.array([r["score"] for r in rows], dtype="<f4")),
-            ("scores", np.array([list(r["scores"].values()) for r in rows], dtype="<f4")),
-        ]
-    if spec.task == "text-generation":
-        return [
-            ("text", np.array([r["text"].encode() for r in rows], dtype=object)),
-            ("finish_reason", np.array([r["finish_reason"].encode() for r in rows], dtype=object)),
-        ]
-    out = []
-    for name, tensor in rows[0].items():
-        dtype = NUMERIC.get(tensor.get("datatype"), np.dtype("<f4"))
-        out.append((name, np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])))
-    return out
 
 
 def _requested(parsed: InferRequest, outputs: list[tuple[str, np.ndarray]]):

@@ -12,7 +12,8 @@ from typing import Any
 import marshmallow as ma
 from flask.views import MethodView
 
-from api.auth import READ_MODELS, SERVE, requires
+from access.principal import READ_MODELS, SERVE
+from api.auth import requires
 from api.errors import register_error_dialect
 from api.idempotency import idempotent
 from api.inference import (

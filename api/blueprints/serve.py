@@ -8,7 +8,8 @@ import marshmallow as ma
 from flask import Flask
 from flask.views import MethodView
 
-from api.auth import SERVE, check_role, requires
+from access.principal import SERVE
+from api.auth import check_role, requires
 from api.blueprints.common import job_reply
 from api.idempotency import idempotent
 from api.inference import input_errors, job_payload, parameter_errors, raise_if, route, submit_inference

@@ -10,7 +10,8 @@ import marshmallow as ma
 from flask.views import MethodView
 from marshmallow import validate
 
-from api.auth import READ_ALL_JOBS, requires
+from access.principal import READ_ALL_JOBS
+from api.auth import requires
 from api.json_provider import Blueprint
 from api.services import services
 from protocols.errors import ApiError

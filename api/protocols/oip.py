@@ -161,31 +161,20 @@ def _parameters(entry: Any, where: str) -> dict[str, Any]:
     return parameters
 
 
-def parse_request(
-    body: bytes, header_length: str | None, max_depth: int | None = None, max_strings: int | None = None
-) -> InferRequest:
-    """The request's JSON header and its tensors; ApiError 400 saying what is malformed. `max_depth`: the JSON's
-    deepest nesting allowed (AETHERCORE_MAX_JSON_DEPTH; None: the parser's own limit); `max_strings`: the most
-    elements a BYTES tensor may have (AETHERCORE_MAX_BATCH_INPUTS; 413 beyond)."""
-    if header_length is not None:
-        if not header_length.isascii() or not header_length.strip().isdigit() or len(header_length) > 20:
-            raise bad("Inference-Header-Content-Length must be a whole number of bytes")
-        size = int(header_length)
-        if not 0 < size <= len(body):
-            raise bad(f"Inference-Header-Content-Length is {size}, the body has {len(body)} bytes")
-        header, rest = body[:size], body[size:]
-    else:
-        header, rest = body, b""
-    try:
-        document = loads_bounded(header, max_depth)
-    except JsonBodyError as exc:
-        raise bad(f"the inference request header is {exc}") from None
-    if not isinstance(document, dict):
-        raise bad("the inference request must be a JSON object")
-    parameters = document.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise bad("parameters must be an object")
-    raw_inputs = document.get("inputs")
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The body's JSON header and the binary data after it (Inference-Header-Content-Length; all JSON without)."""
+    if header_length is None:
+        return body, b""
+    if not header_length.isascii() or not header_length.strip().isdigit() or len(header_length) > 20:
+        raise bad("Inference-Header-Content-Length must be a whole number of bytes")
+    size = int(header_length)
+    if not 0 < size <= len(body):
+        raise bad(f"Inference-Header-Content-Length is {size}, the body has {len(body)} bytes")
+    return body[:size], body[size:]
+
+
+def _inputs(raw_inputs: Any, rest: bytes, max_strings: int | None) -> list[Tensor]:
+    """The request's input tensors, each binary one cut from `rest` in input order, every byte of it used."""
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise bad("inputs must be a non-empty list of tensors")
     inputs, at = [], 0
@@ -202,16 +191,42 @@ def parse_request(
     names = [t.name for t in inputs]
     if len(set(names)) != len(names):
         raise bad(f"an input is named twice: {names}")
-    outputs = None
-    if document.get("outputs") is not None:
-        if not isinstance(document["outputs"], list):
-            raise bad("outputs must be a list of {name, parameters}")
-        outputs = []
-        for entry in document["outputs"]:
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise bad("each requested output must be an object with a name")
-            flag = _parameters(entry, "outputs").get("binary_data", False)
-            outputs.append(RequestedOutput(entry["name"], bool(flag)))
+    return inputs
+
+
+def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
+    """The outputs asked for by name (None: every output)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise bad("outputs must be a list of {name, parameters}")
+    outputs = []
+    for entry in raw:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad("each requested output must be an object with a name")
+        flag = _parameters(entry, "outputs").get("binary_data", False)
+        outputs.append(RequestedOutput(entry["name"], bool(flag)))
+    return outputs
+
+
+def parse_request(
+    body: bytes, header_length: str | None, max_depth: int | None = None, max_strings: int | None = None
+) -> InferRequest:
+    """The request's JSON header and its tensors; ApiError 400 saying what is malformed. `max_depth`: the JSON's
+    deepest nesting allowed (AETHERCORE_MAX_JSON_DEPTH; None: the parser's own limit); `max_strings`: the most
+    elements a BYTES tensor may have (AETHERCORE_MAX_BATCH_INPUTS; 413 beyond)."""
+    header, rest = _split(body, header_length)
+    try:
+        document = loads_bounded(header, max_depth)
+    except JsonBodyError as exc:
+        raise bad(f"the inference request header is {exc}") from None
+    if not isinstance(document, dict):
+        raise bad("the inference request must be a JSON object")
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad("parameters must be an object")
+    inputs = _inputs(document.get("inputs"), rest, max_strings)
+    outputs = _requested_outputs(document.get("outputs"))
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise bad("id must be a string")
@@ -257,3 +272,26 @@ def encode_response(
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
     }
+
+
+def outputs_of(task: str, rows: list[dict[str, Any]]) -> list[tuple[str, np.ndarray]]:
+    """A finished job's output rows (one per input row) as OIP's named output tensors: the task's fixed outputs
+    for the text tasks, a tensor model's own outputs as it gave them."""
+    if task == "feature-extraction":
+        return [("embedding", np.stack([np.asarray(r["embedding"], dtype="<f4") for r in rows]))]
+    if task == "text-classification":
+        return [
+            ("label", np.array([str(r["label"]).encode() for r in rows], dtype=object)),
+            ("score", np.array([r["score"] for r in rows], dtype="<f4")),
+            ("scores", np.array([list(r["scores"].values()) for r in rows], dtype="<f4")),
+        ]
+    if task == "text-generation":
+        return [
+            ("text", np.array([r["text"].encode() for r in rows], dtype=object)),
+            ("finish_reason", np.array([r["finish_reason"].encode() for r in rows], dtype=object)),
+        ]
+    out = []
+    for name, tensor in rows[0].items():
+        dtype = NUMERIC.get(tensor.get("datatype"), np.dtype("<f4"))
+        out.append((name, np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])))
+    return out

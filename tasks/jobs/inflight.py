@@ -16,9 +16,10 @@ from typing import Any
 
 import redis
 
+from config.lanes import LANES
 from tasks.jobs.codec import as_bytes, encode
 from tasks.jobs.scripts import REAP, RECLAIM, SWEEP_QUEUED
-from tasks.names import INFLIGHT_HOLDERS, LANES, inflight_key, job_key, lane_list
+from tasks.names import INFLIGHT_HOLDERS, inflight_key, job_key, lane_list
 from tasks.redis_client import send_now_read_later, text
 
 

@@ -24,7 +24,7 @@ HELD_DEVICE = "held-by-test"
 
 
 def owner_of(key: str) -> str:
-    """The principal id api/auth.py gives a static key (env:<digest prefix>)."""
+    """The principal id access/keys.py gives a static key (env:<digest prefix>)."""
     return f"env:{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from api.auth import KeyStore
+from access.keys import KeyStore
 from tasks.holdings import BATCHES, Holdings
 from tasks.names import BATCHES_ACTIVE, batch_key, batches_active_key, batches_index_key
 from tests.hostile.conftest import assert_still_serving, auth

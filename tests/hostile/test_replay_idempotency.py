@@ -26,7 +26,7 @@ import redis
 import requests
 import yaml
 
-from api.auth import issue_token
+from access.keys import issue_token
 from tests.hostile.conftest import assert_every_job_ends, assert_still_serving
 from tests.support import ADMIN_KEY, JWT_SECRET, REPO_ROOT, ApiProcess, RedisServer, WorkerProcess, base_env
 

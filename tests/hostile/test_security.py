@@ -228,7 +228,7 @@ def test_a_flood_of_bad_credentials_is_refused_with_429_and_others_are_still_ser
 
 
 def test_guesses_at_one_key_from_many_addresses_are_limited_per_key(limited_api, hostile_api, hostile_redis):
-    from api.auth import KeyStore
+    from access.keys import KeyStore
 
     store = KeyStore(hostile_redis)
     key_id, key = store.create("user", "guessed at")

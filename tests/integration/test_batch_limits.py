@@ -15,7 +15,7 @@ from typing import Any
 import redis
 import requests
 
-from api.auth import issue_token
+from access.keys import issue_token
 from batches.ending import FINISH_GRACE_S
 from tasks.holdings import FILES, OUTPUTS, Holdings
 from tasks.names import batch_key, batches_active_key, file_key, file_lines_key

@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
+from config.lanes import LANES
 from config.settings import Settings
 from tasks.deadletters import EXPIRED_IN_QUEUE
 from tasks.errors import DEADLINE_EXCEEDED, POISON_JOB
 from tasks.jobs import Jobs
 from tasks.jobs.lifecycle import JobEnd
-from tasks.names import LANES, dead_entry_key, dead_letter_key, lane_list
+from tasks.names import dead_entry_key, dead_letter_key, lane_list
 from tasks.states import EXPIRED, FAILED
 from tests.conftest import DB_SCRATCH
 from tests.support import ADMIN_KEY, USER_KEY, base_env

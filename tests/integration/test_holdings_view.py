@@ -30,7 +30,7 @@ DB_HOLDINGS = 27
 
 
 def owner_of(static_key: str) -> str:
-    """The owner a static API key's requests are charged to (api/auth.py: env:<digest>)."""
+    """The owner a static API key's requests are charged to (access/keys.py: env:<digest>)."""
     return "env:" + hashlib.sha256(static_key.encode()).hexdigest()[:12]
 
 

@@ -20,7 +20,7 @@ import redis
 import requests
 import yaml
 
-from api.auth import KeyStore, issue_token
+from access.keys import KeyStore, issue_token
 from cli.supervise import REPO_ROOT
 from tasks.names import batch_jobs_key, lane_list
 from tests.conftest import client_for, settings_for

@@ -8,7 +8,8 @@ import pytest
 import requests
 import simple_websocket
 
-from api.auth import SECURITY_SCHEMES, KeyStore
+from access.keys import KeyStore
+from api.auth import SECURITY_SCHEMES
 from api.security import OPEN_PATHS
 from config.roles import ADMIN, ROLES, USER
 from tasks.names import AUTH_KEYS, RECENT_JOBS

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 
-from api.auth import Authenticator, KeyStore, Principal
+from access.keys import KeyStore
+from access.principal import Principal
+from api.auth import Authenticator
 
 STATIC = "a-static-key-0123456789"
 STATIC_OWNER = f"env:{hashlib.sha256(STATIC.encode()).hexdigest()[:12]}"

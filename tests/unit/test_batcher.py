@@ -7,8 +7,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from workers.batcher import ModelBatcher, PoisonInput, split_by_length
-from workers.model_process import ModelProcessDied
+from workers.batch_requests import PoisonInput, split_by_length
+from workers.batcher import ModelBatcher
+from workers.model_errors import ModelProcessDied
 from workers.retry import RetryPolicy
 
 
@@ -180,7 +181,7 @@ def test_an_exclusive_job_runs_in_a_forward_pass_of_its_own():
 
 
 def test_a_model_going_away_drains_then_ends_what_is_still_pending():
-    from workers.model_process import ModelGone, unloaded
+    from workers.model_errors import ModelGone, unloaded
 
     executor = RecordingExecutor(delay=0.3)
     batcher = batcher_for(executor, max_batch_size=1, max_batch_delay_ms=0)
@@ -195,7 +196,7 @@ def test_a_model_going_away_drains_then_ends_what_is_still_pending():
 
 
 def test_a_drained_batcher_ends_nothing_when_everything_finishes_in_time():
-    from workers.model_process import evicted
+    from workers.model_errors import evicted
 
     batcher = batcher_for(RecordingExecutor(delay=0.05), max_batch_size=1, max_batch_delay_ms=0)
     futures = [batcher.submit({"text": f"t{i}"}, {}) for i in range(3)]
@@ -204,7 +205,7 @@ def test_a_drained_batcher_ends_nothing_when_everything_finishes_in_time():
 
 
 def test_a_process_that_cannot_restart_ends_the_batch_and_reports_the_model_dead():
-    from workers.model_process import ModelGone
+    from workers.model_errors import ModelGone
 
     class Unrevivable(RecordingExecutor):
         def revive(self, index):
@@ -250,7 +251,7 @@ def test_an_exception_escaping_a_feeder_ends_the_jobs_it_holds():
 
 
 def test_a_job_refused_during_the_drain_is_told_the_model_went_not_that_it_outran_the_drain():
-    from workers.model_process import ModelGone, unloaded
+    from workers.model_errors import ModelGone, unloaded
 
     executor = RecordingExecutor(delay=0.3)
     batcher = batcher_for(executor, max_batch_size=1, max_batch_delay_ms=0)

@@ -18,7 +18,7 @@ from tasks.metrics import LocalMetrics
 from tasks.names import INFER, inflight_key, job_key
 from tasks.states import EXPIRED, FAILED, INFERENCE, SUCCEEDED
 from workers.completion import RESULT_WRITE_RETRY_S, Completion, JobContext, classify
-from workers.model_process import ModelGone, evicted, unloaded
+from workers.model_errors import ModelGone, evicted, unloaded
 from workers.runtimes.base import InvalidInput
 
 SPEC = SimpleNamespace(id="m", task="feature-extraction")

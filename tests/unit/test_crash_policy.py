@@ -20,10 +20,11 @@ from tasks.jobs.lifecycle import JobEnd
 from tasks.metrics import LocalMetrics
 from tasks.states import FAILED, SUCCEEDED
 from workers import handlers
-from workers.batcher import PoisonInput
+from workers.batch_requests import PoisonInput
 from workers.completion import Completion, JobContext
 from workers.generation import _Run, run_generation_jobs
-from workers.model_process import GenerationCall, ModelProcessDied
+from workers.model_errors import ModelProcessDied
+from workers.remote_runtime import GenerationCall
 from workers.retry import TAKEOVERS_PER_ATTEMPT
 from workers.service import WorkerService
 

@@ -111,7 +111,7 @@ def test_every_code_a_producer_names_is_in_the_contract():
         "model_store.verify",
         "workers.batcher",
         "workers.cache",
-        "workers.model_process",
+        "workers.model_errors",
         "workers.residency",
     ],
 )

@@ -7,11 +7,12 @@ import orjson
 import pytest
 import redis
 
+from config.lanes import LANES
 from tasks.errors import INTERNAL_ERROR
 from tasks.jobs import Jobs
 from tasks.jobs.inflight import requeue_payload
 from tasks.jobs.lifecycle import JobEnd
-from tasks.names import INFER, LANES, inflight_key, job_key, lane_list, queued_key, worker_key
+from tasks.names import INFER, inflight_key, job_key, lane_list, queued_key, worker_key
 from tasks.redis_client import send_now_read_later
 from tasks.states import FAILED
 from tests.conftest import DB_SCRATCH

@@ -7,9 +7,11 @@ import time
 
 import orjson
 
+from config.lanes import LANES
 from tasks.messages import TaskMessages
-from tasks.names import LANES, lane_list
-from workers.batcher import ModelBatcher, Request
+from tasks.names import lane_list
+from workers.batch_requests import Request
+from workers.batcher import ModelBatcher
 from workers.lanes import LaneAging, PassCosts, aging_step, effective_rank
 from workers.runtimes.scheduling import RunningBatch, Sequence
 

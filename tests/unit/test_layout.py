@@ -6,7 +6,19 @@ import sys
 from tests.support import REPO_ROOT
 
 FRAMEWORKS = ("torch", "transformers", "onnxruntime")
-ROOMS = ("api", "workers", "tasks", "config", "model_store", "cli", "bench", "batches", "webhooks", "protocols")
+ROOMS = (
+    "access",
+    "api",
+    "workers",
+    "tasks",
+    "config",
+    "model_store",
+    "cli",
+    "bench",
+    "batches",
+    "webhooks",
+    "protocols",
+)
 
 
 def test_api_process_never_imports_a_model_framework():
@@ -53,3 +65,15 @@ def test_the_architecture_document_names_every_module():
         if path.name != "__init__.py" and f"`{path.relative_to(REPO_ROOT)}`" not in text
     ]
     assert missing == [], f"docs/ARCHITECTURE.md's module table does not name {missing}"
+
+
+def test_the_architecture_document_states_the_import_contracts_in_order():
+    """docs/ARCHITECTURE.md's "Layers" list names every import-linter contract of pyproject.toml, in its order
+    (lint-imports checks the contracts themselves, in scripts/test.sh)."""
+    import tomllib
+
+    contracts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    text = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = text[text.index("### Layers") : text.index("### Every module, by layer")]
+    stated = [line.split("**")[1] for line in section.splitlines() if line[:1].isdigit() and "**" in line]
+    assert stated == [contract["name"] for contract in contracts]

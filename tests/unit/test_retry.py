@@ -4,7 +4,7 @@ and the task handler."""
 from __future__ import annotations
 
 from tasks.errors import MODEL_PROCESS_DIED, MODEL_UNLOADED, POISON_JOB
-from workers.model_process import ModelGone
+from workers.model_errors import ModelGone
 from workers.retry import TAKEOVERS_PER_ATTEMPT, RetryPolicy
 
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 from flask import Flask, g
 
-from api.auth import ANONYMOUS_ADMIN, Principal
+from access.principal import ANONYMOUS_ADMIN, Principal
 from api.limits import LongRequests
 from api.per_process import PerProcessThread
 from api.stream_hub import InvalidPosition, canonical, position

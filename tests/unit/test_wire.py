@@ -10,16 +10,11 @@ import pytest
 
 from workers import wire
 from workers.cache import ModelLoadError
+from workers.model_errors import CallCancelled, DeadlineExceeded, ModelProcessError
 from workers.model_host import _Host
-from workers.model_process import (
-    CallCancelled,
-    DeadlineExceeded,
-    ModelProcess,
-    ModelProcessError,
-    StreamTarget,
-    _Call,
-)
+from workers.model_process import ModelProcess, _Call
 from workers.runtimes.base import InvalidInput
+from workers.stream_target import StreamTarget
 
 
 class Pipe:
