@@ -9,10 +9,10 @@ Credentials: `Authorization: Bearer <key-or-JWT>` or `X-API-Key: <key>`.
   `lanes` claim (a list of lane names) is the token's lane grant, and a token whose claim is not one is invalid.
 
 Roles: admin (everything), operator (load/unload, read everything), user (serve, batch, stream, its
-own jobs, read models), viewer (read models and health). Priority lanes (`allowed_lanes`): a key's or token's own
-grant when it has one, else its role's (AETHERCORE_PRIORITY_LANES; by default `high` only for admins and
-operators). Serving a model that is not loaded loads it only for
-a caller who may manage models, or when the model is declared `autoload: true` (`may_autoload`).
+own jobs, read models), viewer (read models and health). Priority lanes (submission/caller.py `allowed_lanes`): a
+key's or token's own grant when it has one, else its role's (AETHERCORE_PRIORITY_LANES; by default `high` only for
+admins and operators). Serving a model that is not loaded loads it only for a caller who may manage models, or when
+the model is declared `autoload: true` (submission/caller.py `may_autoload`).
 
 Failed authentication (a credential that is presented but unknown, expired or revoked) is counted per client
 address and per presented API key id (`FailedAuthLimit`); beyond AETHERCORE_AUTH_FAILURE_LIMIT in a window,
@@ -83,14 +83,6 @@ def lane_grant(lanes: Any) -> frozenset[str]:
     return grant
 
 
-def allowed_lanes(who: Principal | None, by_role: dict[str, frozenset[str]]) -> frozenset[str]:
-    """The priority lanes `who` may submit to: its own grant, else its role's (`by_role`,
-    AETHERCORE_PRIORITY_LANES over the defaults); every lane for a role the setting leaves out."""
-    if who is not None and who.lanes is not None:
-        return who.lanes
-    return by_role.get(who.role if who is not None else "", frozenset(LANES))
-
-
 class KeyStore:
     """API keys kept in Redis, hashed."""
 
@@ -151,14 +143,6 @@ def split_key(key: str) -> tuple[str, str]:
     body = key[len(KEY_PREFIX) :]
     key_id, _, secret = body.partition(".")
     return key_id, secret
-
-
-def may_autoload(who: Principal | None, autoload_declared: bool) -> bool:
-    """Whether a request of `who` may load the model it serves (and so evict others' models): callers who manage
-    models (admin, operator) may; everyone else only for a model declared `autoload: true` in models.yaml."""
-    if autoload_declared:
-        return True
-    return who is not None and who.role in MANAGE_MODELS
 
 
 # The longest a presented key id is counted under (a guess's id part is the attacker's to choose).

@@ -93,20 +93,22 @@ from api.batches import (
     BatchStore,
 )
 from api.blueprints.openai_compat import BATCH_ENDPOINTS, Prepared, openai_error
-from api.errors import ApiError
+from api.errors import ApiError, refused_error
 from api.files import FileStore, is_request_line
-from api.inference import ended_error, route
 from api.json_provider import JsonBodyError, loads_bounded
 from api.lanes import batch_line_room
-from api.services import BATCH_LANE, Services, services
+from api.services import Services, services
+from api.submitting import ended_error, request_for
 from config.logging import setup_logging
 from config.models import ModelSpec
 from config.settings import Settings
+from submission.admission import BATCH_LANE
+from submission.errors import Refused
 from tasks.jobs.records import JobNotFound
 from tasks.results import compact
 from tasks.states import CANCELLED as JOB_CANCELLED
 from tasks.states import EXPIRED as JOB_EXPIRED
-from tasks.states import INFERENCE, SUCCEEDED, TERMINAL
+from tasks.states import SUCCEEDED, TERMINAL
 
 TICK_S = 0.2  # between passes while some batch is unfinished and the last pass found nothing to do
 BUSY_S = 0.02  # between passes while lines end and are submitted
@@ -131,7 +133,7 @@ VALIDATE_PAGE = 1000  # input lines read per round trip while validating
 STOP_PAGE = 1000  # lines answered per pass while a batch stops
 CANCEL_EVERY_S = 2.0  # how often a stopping batch asks its unfinished jobs to stop
 # Lines of a batch submitted at once by each driver: their round trips overlap, and lines that leave together share
-# Celery messages (api/dispatch.py).
+# Celery messages (submission/dispatch.py).
 SUBMITTERS = 8
 MAX_CUSTOM_ID = 512
 LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
@@ -170,7 +172,17 @@ def submit_line(svc: Services, spec: ModelSpec, payload: dict[str, Any]) -> dict
     routed to the model's device queue, counted in the owner's rate limit (with the job's creation), checked
     against the queue's depth, published through the dispatcher — in the `low` priority lane, so a backlog of batch
     work never delays interactive callers (and moves up only by aging, AETHERCORE_LANE_AGING_S)."""
-    return svc.submit(INFERENCE, spec, route(svc, spec), {**payload, "priority": BATCH_LANE})
+    request = request_for(spec.id, checked=True, lane=BATCH_LANE, default_webhook=False, **_line_fields(payload))
+    try:
+        return svc.submitter.submit(request)
+    except Refused as exc:
+        raise refused_error(exc) from None
+
+
+def _line_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """A line's payload (its /v1 fields, and `timeout`) as a submission's fields."""
+    fields = {key: value for key, value in payload.items() if key != "timeout"}
+    return {**fields, "timeout_s": payload.get("timeout")}
 
 
 _SCHEMAS: dict[str, ma.Schema] = {}  # one instance per endpoint's request schema (loading keeps no state in it)

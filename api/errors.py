@@ -16,6 +16,7 @@ from kombu.exceptions import OperationalError
 from loguru import logger
 from werkzeug.exceptions import HTTPException, NotFound
 
+from submission.errors import Refused
 from tasks.errors import BROKER_UNAVAILABLE
 from tasks.holdings import OWNER_BYTES, OWNER_COUNT, QuotaExceeded
 
@@ -48,6 +49,13 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
         self.details = details or {}
         self.headers = headers or {}
+
+
+def refused_error(exc: Refused) -> ApiError:
+    """A refused submission (submission/errors.py) in HTTP: its code's status, its message and details, and
+    Retry-After when waiting helps. Every protocol's error shape starts from this one (`error_body`'s dialects)."""
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return ApiError(exc.status, exc.code, exc.message, exc.details, headers=headers)
 
 
 def quota_error(exc: QuotaExceeded) -> ApiError:
@@ -151,6 +159,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.errorhandler(Refused)
+    def _refused(exc: Refused):
+        error = refused_error(exc)
+        return error_response(error.status, error.code, error.message, error.details, error.headers)
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: redis.RedisError):

@@ -2,7 +2,7 @@
 written once: the `@idempotent` decorator.
 
 A request carrying `Idempotency-Key: <key>` (1 to 255 visible ASCII characters; the draft's quoted form is taken too)
-is identified by its caller (api/ratelimit.py `caller_id`: the API key, JWT subject, or address) and the key, and
+is identified by its caller (api/callers.py `caller_id`: the API key, JWT subject, or address) and the key, and
 fingerprinted by its method, path, query (but `wait`) and body. Within AETHERCORE_IDEMPOTENCY_TTL:
 
 * the same key and fingerprint: what the first request created, answered again (the same job id, the same status
@@ -28,7 +28,7 @@ Every record is charged to its caller (tasks/holdings.py IDEMPOTENCY) in the ste
 account when it is freed or expires: a NEW key that would take the caller past AETHERCORE_IDEMPOTENCY_MAX_KEYS is
 refused with 429 `quota_exceeded`; a replay of a key the caller holds is never refused.
 
-One request's wait is never everyone's: a request with a key that stops waiting (api/inference.py `run_to_end`, a
+One request's wait is never everyone's: a request with a key that stops waiting (api/submitting.py `run_to_end`, a
 stream whose client left) leaves the job to its deadline, since a duplicate or the client's retry may be waiting for
 the same job (`keyed`), and the key answers the job's real end.
 """
@@ -48,8 +48,8 @@ from typing import Any
 import orjson
 from flask import Response, after_this_request, current_app, g, request
 
+from api.callers import caller_id
 from api.errors import ApiError, quota_error
-from api.ratelimit import caller_id
 from tasks.holdings import IDEMPOTENCY, OWNER_COUNT, Held, Quota, QuotaExceeded, with_holdings
 from tasks.jobs.scripts import KEY_OVERHEAD
 from tasks.names import idempotency_key

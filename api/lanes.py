@@ -8,7 +8,7 @@ on the device, not 48 x AETHERCORE_BATCH_MAX_IN_FLIGHT. Each step reads the devi
 took more while it ran alone keeps what it has and takes no more until the others have had their share. No line is
 submitted while the device's `low` lane already holds a watermark of messages (its `/serve` callers' `low` jobs
 count too). Interactive submissions count only the interactive lanes against AETHERCORE_MAX_QUEUE_DEPTH
-(api/services.py `_check_backpressure`), so neither can refuse them.
+(submission/admission.py `Admission.check`), so neither can refuse them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 
 from api.batches import IN_PROGRESS
 from api.errors import ApiError
-from api.services import BATCH_LANE, Services
+from api.services import Services
 from config.models import ModelSpec
+from submission.admission import BATCH_LANE
 from tasks.names import BATCHES_ACTIVE, batch_jobs_key, batch_key
 
 WATERMARK_PASSES = 4

@@ -108,7 +108,7 @@ class ModelSpec:
     # The signature declared in models.yaml (`inputs` and `outputs`), if any (config/signatures.py).
     signature: Signature | None = None
     # Any caller who may serve it may load it by using it (AETHERCORE_AUTOLOAD); otherwise only admins and
-    # operators load it, by using it or with POST /models/{id}/load (api/auth.py `may_autoload`).
+    # operators load it, by using it or with POST /models/{id}/load (submission/caller.py `may_autoload`).
     autoload: bool = False
     # model_type simulated: the device profile (no files; workers/runtimes/simulated.py).
     simulate: Simulation | None = None

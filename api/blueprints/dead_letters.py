@@ -1,4 +1,4 @@
-"""Dead letters (tasks/deadletters.py): list them, replay one (a new submission of its owner: api/replay.py). For
+"""Dead letters (tasks/deadletters.py): list them, replay one (a new submission of its owner: submission/replay.py). For
 operators (`manage.py jobs dead|replay`)."""
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from marshmallow import validate
 
 from api.auth import READ_ALL_JOBS, requires
 from api.blueprints.common import public_job
+from api.callers import key_of, report_limits
 from api.errors import ApiError
 from api.json_provider import Blueprint
-from api.replay import replay
+from api.request_id import current_request_id
 from api.schemas import JOB_ID_RE, JobErrorSchema, JobSchema
 from api.services import services
+from submission.replay import replay_request
 from tasks.deadletters import REASONS, WEBHOOK_FAILED
 
 blp = Blueprint("dead_letters", __name__, description="Dead letters: list and replay (admins and operators)")
@@ -113,7 +115,13 @@ class Replay(MethodView):
             )
         if entry["reason"] == WEBHOOK_FAILED:
             return {"replayed": job_id, "job": None, "delivery_id": resend_delivery(entry)}, 202
-        job = replay(entry)
+        request = replay_request(
+            entry,
+            caller_key=key_of(entry.get("owner")),
+            request_id=current_request_id(),
+            report_limits=report_limits,
+        )
+        job = svc.submitter.submit(request)
         svc.dead_letters.mark_replayed(job_id, job["job_id"])
         return {"replayed": job_id, "job": public_job(job), "delivery_id": None}, 202
 

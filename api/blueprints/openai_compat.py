@@ -21,22 +21,20 @@ from marshmallow import validate
 from api.auth import READ_MODELS, SERVE, requires
 from api.errors import ApiError, field_errors, register_error_dialect
 from api.idempotency import idempotent
-from api.inference import (
-    check_lane,
-    check_texts,
-    ended_error,
-    output_rows,
-    parameter_errors,
-    raise_if,
-    route,
-    run_to_end,
-    text_payload,
-)
 from api.json_provider import Blueprint
 from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_data, sse_response
 from api.schemas import WebhookSchema
 from api.services import services
-from api.webhooks import job_webhook, requested_url
+from api.submitting import (
+    check_texts,
+    ended_error,
+    output_rows,
+    raise_if,
+    requested_url,
+    run_to_end,
+    submit,
+    text_fields,
+)
 from config.models import ModelSpec
 from config.parameters import (
     CHAT_ROLES,
@@ -47,8 +45,8 @@ from config.parameters import (
     messages_error,
     parameters_for,
 )
-from tasks.names import DEFAULT_LANE
-from tasks.states import INFERENCE, SUCCEEDED
+from submission.validation import parameter_errors
+from tasks.states import SUCCEEDED
 
 blp = Blueprint(
     "openai",
@@ -131,10 +129,13 @@ STOP_SCHEMA = {
 SERVICE_TIER_LANES = {"priority": "high", "auto": "normal", "default": "normal", "scale": "normal", "flex": "low"}
 
 
-def _lane(body: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    """The payload in the lane the request's service_tier asks for (a role may be limited: 403)."""
-    lane = check_lane(SERVICE_TIER_LANES[body.get("service_tier") or "auto"])
-    return payload if lane == DEFAULT_LANE else {**payload, "priority": lane}
+def _request_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """What a /v1 body asks of its submission besides the job: the lane its service_tier names (a role may be
+    limited: 403), its webhook (else the caller's default endpoint)."""
+    return {
+        "lane": SERVICE_TIER_LANES[body.get("service_tier") or "auto"],
+        "webhook": requested_url(body.get("webhook")),
+    }
 
 
 class _Request(ma.Schema):
@@ -315,7 +316,8 @@ class Model(MethodView):
 
 @dataclass(frozen=True)
 class Prepared:
-    """An OpenAI request translated onto the inference path: the model, the job's payload (already checked) and
+    """An OpenAI request translated onto the inference path: the model, the job's fields (inputs, parameters, batch;
+    already checked: a `SubmitRequest`'s) and
     how the ended job becomes the endpoint's response body. The /v1 views and the Batch API's lines (api/batches.py)
     both run exactly this, so a batch line answers what the same /v1 request answers."""
 
@@ -345,7 +347,7 @@ def prepare_embeddings(body: dict[str, Any]) -> Prepared:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    return Prepared(spec, text_payload(texts, {}), respond)
+    return Prepared(spec, {**text_fields(texts), "parameters": {}}, respond)
 
 
 def _completion_parts(body: dict[str, Any]) -> tuple[ModelSpec, list[str], dict[str, Any]]:
@@ -375,7 +377,7 @@ def prepare_completion(body: dict[str, Any]) -> Prepared:
             "usage": _usage(rows),
         }
 
-    return Prepared(spec, text_payload(prompts, parameters), respond)
+    return Prepared(spec, {**text_fields(prompts), "parameters": parameters}, respond)
 
 
 def _chat_parts(body: dict[str, Any]) -> tuple[ModelSpec, list[dict[str, Any]], dict[str, Any]]:
@@ -420,9 +422,8 @@ BATCH_ENDPOINTS: dict[str, tuple[type[ma.Schema], Callable[[dict[str, Any]], Pre
 
 
 def _answer(prepared: Prepared, body: dict[str, Any]) -> dict[str, Any]:
-    webhook = job_webhook(requested_url(body.get("webhook")))  # the request's, else the caller's default
-    payload = {**prepared.payload, "webhook": webhook} if webhook else prepared.payload
-    return prepared.respond(run_to_end(prepared.spec, _lane(body, payload)))
+    fields = {**prepared.payload, **_request_fields(body)}
+    return prepared.respond(run_to_end(prepared.spec.id, checked=True, **fields))
 
 
 @blp.route("/embeddings")
@@ -536,13 +537,8 @@ class CompletionChunks(Frames):
 def _stream(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any], body: dict[str, Any], chat: bool):
     """Queue the generation (once the process admits one more stream: api/limits.py), then relay its chunks as
     OpenAI's stream events (api/relay.py)."""
-    svc = services()
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    payload: dict[str, Any] = {"inputs": inputs, "parameters": parameters}
-    webhook = job_webhook(requested_url(body.get("webhook")))
-    if webhook:
-        payload["webhook"] = webhook
-    payload = _lane(body, payload)
+    fields = {"inputs": inputs, "parameters": parameters, "checked": True, **_request_fields(body)}
     with admitted() as slot:
-        job = svc.submit(INFERENCE, spec, route(svc, spec), payload)
+        job = submit(spec.id, **fields)
         return sse_response(Relay(job, CompletionChunks(spec, job["job_id"], chat, include_usage)), slot)
