@@ -32,9 +32,9 @@ def limited_per_caller() -> bool:
     return caller.limited_per_caller(g.get("principal"))
 
 
-def report_limits(headers: dict[str, str]) -> None:
-    """The response carries these rate-limit headers (the submission's use of its caller's limit)."""
-    g.rate_limit_headers = headers
+def limit_headers() -> dict[str, str]:
+    """The rate-limit headers the response carries (a submission fills them with its use of its caller's limit)."""
+    return g.setdefault("rate_limit_headers", {})
 
 
 def init_rate_limit_headers(app: Flask) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import g
 
-from api.callers import caller_id, report_limits
+from api.callers import caller_id, limit_headers
 from api.errors import ApiError, refused_error
 from api.idempotency import current_claim, keyed
 from api.request_id import current_request_id
@@ -36,7 +36,7 @@ def request_for(model_id: str, **fields: Any) -> SubmitRequest:
         caller_key=caller_id(),
         request_id=current_request_id(),
         idempotency=current_claim(),
-        report_limits=report_limits,
+        limit_headers=limit_headers(),
         **fields,
     )
 

@@ -5,7 +5,6 @@ May import: config/, tasks/."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -77,5 +76,5 @@ class SubmitRequest:
     idempotency: IdempotencyClaim | None = None
     replay_of: str | None = None
     wait_s: float = 0.0
-    # Where the rate limit's use for this response goes (headers, like flask-limiter's); None: nowhere.
-    report_limits: Callable[[dict[str, str]], None] | None = None
+    # Filled with the rate limit's use for the response (headers, like flask-limiter's); None: not reported.
+    limit_headers: dict[str, str] | None = None

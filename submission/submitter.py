@@ -286,8 +286,8 @@ class Submitter:
         return self.rate_limit.counters(request.caller_key, lane)
 
     def _counted(self, request: SubmitRequest, used: list[int], limits: Limits) -> None:
-        if limits and request.report_limits is not None:
-            request.report_limits(self.rate_limit.headers(used, limits))
+        if limits and request.limit_headers is not None:
+            request.limit_headers.update(self.rate_limit.headers(used, limits))
 
     def _create_queued(
         self,

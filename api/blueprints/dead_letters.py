@@ -12,7 +12,7 @@ from marshmallow import validate
 
 from api.auth import READ_ALL_JOBS, requires
 from api.blueprints.common import public_job
-from api.callers import key_of, report_limits
+from api.callers import key_of, limit_headers
 from api.errors import ApiError
 from api.json_provider import Blueprint
 from api.request_id import current_request_id
@@ -119,7 +119,7 @@ class Replay(MethodView):
             entry,
             caller_key=key_of(entry.get("owner")),
             request_id=current_request_id(),
-            report_limits=report_limits,
+            limit_headers=limit_headers(),
         )
         job = svc.submitter.submit(request)
         svc.dead_letters.mark_replayed(job_id, job["job_id"])
