@@ -17,7 +17,7 @@ Two strategies, one decorator:
   (tasks/jobs/lua/create_limited.lua: SET of key -> fingerprint and job id, in the same atomic step), so concurrent
   duplicates create exactly one job and nothing is stored but the job id; a replay reads the job as it stands now.
   A request refused before the job exists (validation, rate limit) leaves the key free, and so does a job that
-  could not be queued (api/services.py frees the key); a key whose job's record expired is free again.
+  could not be queued (submission/submitter.py frees the key); a key whose job's record expired is free again.
 * endpoints that create another **resource** (files, batches: `@idempotent(store_response=True)`): the key is
   claimed (`pending`, with a token of this request's own) before the view runs, the view's 2xx answer is stored
   under it, anything else frees it; a duplicate arriving while the first is pending waits for it (up to
@@ -49,7 +49,8 @@ import orjson
 from flask import Response, after_this_request, current_app, g, request
 
 from api.callers import caller_id
-from api.errors import ApiError, quota_error
+from api.errors import ApiError, quota_error, refused_error
+from submission.errors import key_reused
 from tasks.holdings import IDEMPOTENCY, OWNER_COUNT, Held, Quota, QuotaExceeded, with_holdings
 from tasks.jobs.scripts import KEY_OVERHEAD
 from tasks.names import idempotency_key
@@ -100,8 +101,8 @@ class Claim:
 
 
 def current_claim() -> Claim | None:
-    """The Idempotency-Key of the request being served, for the job's creation (api/services.py `submit`); taken
-    once, so a second job a view might create is not tied to it."""
+    """The Idempotency-Key of the request being served, for the job's creation (api/submitting.py `request_for`);
+    taken once, so a second job a view might create is not tied to it."""
     claim = g.get("idempotency")
     if claim is not None:
         g.idempotency = None
@@ -192,13 +193,7 @@ def fingerprint() -> str:
 
 
 def replayed_conflict(job_id: str) -> ApiError:
-    return ApiError(
-        422,
-        "idempotency_key_reused",
-        f"this {HEADER} was already used for a different request (it created {job_id or 'something else'}); "
-        "use a new key for a new request",
-        {HEADER: ["already used with another request"]},
-    )
+    return refused_error(key_reused(job_id))
 
 
 # -- resources (files, batches): the answer is stored ---------------------------------------------------------

@@ -76,3 +76,16 @@ def refuse_if(errors: dict[str, list[str]]) -> None:
     """422 `validation_error` naming each field, when there are errors."""
     if errors:
         raise invalid(errors)
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def key_reused(job_id: str | None) -> Refused:
+    """422: an Idempotency-Key already used with another request (it created `job_id`)."""
+    return Refused(
+        IDEMPOTENCY_KEY_REUSED,
+        f"this {IDEMPOTENCY_HEADER} was already used for a different request (it created "
+        f"{job_id or 'something else'}); use a new key for a new request",
+        {IDEMPOTENCY_HEADER: ["already used with another request"]},
+    )

@@ -25,7 +25,7 @@ class Caller(Protocol):
     def lanes(self) -> frozenset[str] | None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Owner:
     """A caller known by what a kept request recorded (a dead letter's owner and role): it submits again."""
 
@@ -45,7 +45,7 @@ class IdempotencyClaim(Protocol):
     def mark_replayed(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SubmitRequest:
     """One job to submit. `kind`: inference, load or unload.
 

@@ -34,10 +34,10 @@ from submission.dispatch import InferenceDispatcher
 from submission.errors import (
     FORBIDDEN,
     IDEMPOTENCY_KEY_EXPIRED,
-    IDEMPOTENCY_KEY_REUSED,
     NO_DEVICE,
     TOO_MANY_REQUESTS,
     Refused,
+    key_reused,
     refuse_if,
 )
 from submission.ratelimit import InferenceRateLimit
@@ -60,7 +60,6 @@ from tasks.ttl_cache import TTLCache
 DESIRED_CACHE_S = 1.0
 # The signatures the workers read from the artifacts, re-read at most this often.
 SIGNATURES_CACHE_S = 5.0
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 Limits = list[tuple[str, int, int]]
 
@@ -391,13 +390,3 @@ class Submitter:
             self.replies.forget(waiter)
             return current or job
         return self.replies.wait(waiter, current, wait_s)
-
-
-def key_reused(job_id: str | None) -> Refused:
-    """422: an Idempotency-Key already used with another request."""
-    return Refused(
-        IDEMPOTENCY_KEY_REUSED,
-        f"this {IDEMPOTENCY_HEADER} was already used for a different request (it created "
-        f"{job_id or 'something else'}); use a new key for a new request",
-        {IDEMPOTENCY_HEADER: ["already used with another request"]},
-    )
