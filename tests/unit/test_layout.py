@@ -52,3 +52,19 @@ def test_the_architecture_document_names_every_module():
         if path.name != "__init__.py" and f"`{path.relative_to(REPO_ROOT)}`" not in text
     ]
     assert missing == [], f"docs/ARCHITECTURE.md's module table does not name {missing}"
+
+
+def test_the_submission_room_imports_nothing_above_it():
+    """submission/ sits below the HTTP layer (issue 35): it imports config/, tasks/ and itself, never api/, flask,
+    flask_smorest or workers/ (import-linter states the same for the whole tree)."""
+    import ast
+
+    above = ("api", "flask", "flask_smorest", "werkzeug", "workers", "cli", "bench")
+    found = []
+    for path in sorted((REPO_ROOT / "submission").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.relative_to(REPO_ROOT)}: {n}" for n in names if n.split(".")[0] in above]
+    assert found == []
