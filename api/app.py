@@ -9,7 +9,6 @@ from flask_smorest import Api
 
 from api.auth import CREDENTIALS, SECURITY_SCHEMES
 from api.blueprints import batches, dead_letters, health, jobs, models, oip, openai_compat, serve, webhooks
-from api.dispatch import InferenceDispatcher
 from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
 from api.json_provider import OrjsonProvider
@@ -22,6 +21,7 @@ from batches.files import FileStore
 from batches.store import BatchStore
 from config.models import load_models
 from config.settings import Settings
+from submission.dispatch import InferenceDispatcher
 from tasks.celery_app import make_celery
 from tasks.cluster import ClusterState
 from tasks.holdings import quotas_from

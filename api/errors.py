@@ -16,7 +16,8 @@ from kombu.exceptions import OperationalError
 from loguru import logger
 from werkzeug.exceptions import HTTPException, NotFound
 
-from protocols.errors import ApiError
+from protocols.errors import ApiError, refused_error
+from submission.errors import Refused
 from tasks.errors import BROKER_UNAVAILABLE
 from tasks.holdings import OWNER_BYTES, OWNER_COUNT, QuotaExceeded
 
@@ -118,6 +119,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.errorhandler(Refused)
+    def _refused(exc: Refused):
+        error = refused_error(exc)
+        return error_response(error.status, error.code, error.message, error.details, error.headers)
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: redis.RedisError):

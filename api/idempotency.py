@@ -2,7 +2,7 @@
 written once: the `@idempotent` decorator.
 
 A request carrying `Idempotency-Key: <key>` (1 to 255 visible ASCII characters; the draft's quoted form is taken too)
-is identified by its caller (api/ratelimit.py `caller_id`: the API key, JWT subject, or address) and the key, and
+is identified by its caller (api/callers.py `caller_id`: the API key, JWT subject, or address) and the key, and
 fingerprinted by its method, path, query (but `wait`) and body. Within AETHERCORE_IDEMPOTENCY_TTL:
 
 * the same key and fingerprint: what the first request created, answered again (the same job id, the same status
@@ -17,7 +17,7 @@ Two strategies, one decorator:
   (tasks/jobs/lua/create_limited.lua: SET of key -> fingerprint and job id, in the same atomic step), so concurrent
   duplicates create exactly one job and nothing is stored but the job id; a replay reads the job as it stands now.
   A request refused before the job exists (validation, rate limit) leaves the key free, and so does a job that
-  could not be queued (api/services.py frees the key); a key whose job's record expired is free again.
+  could not be queued (submission/submitter.py frees the key); a key whose job's record expired is free again.
 * endpoints that create another **resource** (files, batches: `@idempotent(store_response=True)`): the key is
   claimed (`pending`, with a token of this request's own) before the view runs, the view's 2xx answer is stored
   under it, anything else frees it; a duplicate arriving while the first is pending waits for it (up to
@@ -28,7 +28,7 @@ Every record is charged to its caller (tasks/holdings.py IDEMPOTENCY) in the ste
 account when it is freed or expires: a NEW key that would take the caller past AETHERCORE_IDEMPOTENCY_MAX_KEYS is
 refused with 429 `quota_exceeded`; a replay of a key the caller holds is never refused.
 
-One request's wait is never everyone's: a request with a key that stops waiting (api/inference.py `run_to_end`, a
+One request's wait is never everyone's: a request with a key that stops waiting (api/submitting.py `run_to_end`, a
 stream whose client left) leaves the job to its deadline, since a duplicate or the client's retry may be waiting for
 the same job (`keyed`), and the key answers the job's real end.
 """
@@ -48,9 +48,10 @@ from typing import Any
 import orjson
 from flask import Response, after_this_request, current_app, g, request
 
-from api.errors import quota_error
-from api.ratelimit import caller_id
+from api.callers import caller_id
+from api.errors import quota_error, refused_error
 from protocols.errors import ApiError
+from submission.errors import key_reused
 from tasks.holdings import IDEMPOTENCY, OWNER_COUNT, Held, Quota, QuotaExceeded, with_holdings
 from tasks.jobs.scripts import KEY_OVERHEAD
 from tasks.names import idempotency_key
@@ -101,8 +102,8 @@ class Claim:
 
 
 def current_claim() -> Claim | None:
-    """The Idempotency-Key of the request being served, for the job's creation (api/services.py `submit`); taken
-    once, so a second job a view might create is not tied to it."""
+    """The Idempotency-Key of the request being served, for the job's creation (api/submitting.py `request_for`);
+    taken once, so a second job a view might create is not tied to it."""
     claim = g.get("idempotency")
     if claim is not None:
         g.idempotency = None
@@ -193,13 +194,7 @@ def fingerprint() -> str:
 
 
 def replayed_conflict(job_id: str) -> ApiError:
-    return ApiError(
-        422,
-        "idempotency_key_reused",
-        f"this {HEADER} was already used for a different request (it created {job_id or 'something else'}); "
-        "use a new key for a new request",
-        {HEADER: ["already used with another request"]},
-    )
+    return refused_error(key_reused(job_id))
 
 
 # -- resources (files, batches): the answer is stored ---------------------------------------------------------

@@ -6,7 +6,7 @@ as long as they last. gthread hands every accepted connection to its thread pool
 no priority: once every thread is held, a new connection, a liveness probe included, waits for one to free. So
 the process admits long-held requests only up to two caps, decided here, before any job is created:
 
-* per caller (api/ratelimit.py `caller_id`: the API key or JWT subject, else the client's address), at most
+* per caller (api/callers.py `caller_id`: the API key or JWT subject, else the client's address), at most
   AETHERCORE_MAX_STREAMS_PER_CALLER at once: 429 `too_many_streams` beyond. Authenticated admins and operators
   (the people who run the service, and their load generators and dashboards) are not capped per caller; an
   anonymous caller (auth off) is capped by its address;
@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
-from api.ratelimit import caller_id, limited_per_caller
+from api.callers import caller_id, limited_per_caller
 from protocols.errors import ApiError
 
 RETRY_AFTER_S = 5

@@ -30,7 +30,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from api.request_tally import RequestTally
-from api.ttl_cache import TTLCache
 from tasks import metrics as worker_metrics
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
@@ -38,6 +37,7 @@ from tasks.holdings import KINDS, Holdings
 from tasks.names import CPU_QUEUE, METRICS_WEBHOOKS, queue_for_device
 from tasks.queues import lane_depths
 from tasks.states import LOADED
+from tasks.ttl_cache import TTLCache
 from webhooks.deliveries import LATENCY_BUCKETS, Deliveries
 
 REQUESTS_TOTAL = "aethercore_requests_total"
@@ -236,7 +236,7 @@ def holdings_families(holdings: Holdings) -> Any:
 
 class CachedCollector:
     """What `source` collected, collected again at most every `ttl_s`; while one scrape collects afresh, the others
-    answer the previous collection (api/ttl_cache.py)."""
+    answer the previous collection (tasks/ttl_cache.py)."""
 
     def __init__(self, source: Any, ttl_s: float) -> None:
         self.source = source

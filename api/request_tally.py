@@ -18,7 +18,7 @@ from collections import Counter as Tally
 from loguru import logger
 from prometheus_client import Counter, Histogram
 
-from api.per_process import PerProcessThread
+from tasks.per_process import PerProcessThread
 
 FLUSH_S = 1.0
 

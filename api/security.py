@@ -12,7 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from access.keys import KeyStore
 from api.auth import Authenticator, FailedAuthLimit
-from api.ratelimit import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers, limited_per_caller
+from api.callers import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers, limited_per_caller
 from batches.uploads import upload_limit
 from config.settings import Settings
 from protocols.errors import ApiError
@@ -45,7 +45,7 @@ def _is_open(settings: Settings) -> bool:
 
 class ApiLimiter(Limiter):
     """flask-limiter, not entered at all for a request its limits exempt: the inference endpoints (their
-    submissions are counted with the job's creation, api/ratelimit.py), the open paths, unmatched URLs, and the
+    submissions are counted with the job's creation, submission/ratelimit.py), the open paths, unmatched URLs, and the
     callers not limited per caller. Exempted through flask-limiter's own hooks (`default_limits_exempt_when`, a
     request filter), each such request still resolved the app's limits, meta limits and exemption scopes first:
     5 % of an API process's CPU per /serve at GPU speed, 7 % of a stream's (py-spy, docs/CAPACITY.md)."""

@@ -13,7 +13,7 @@ One hub serves every stream of the process, so nothing one follower brings may s
 checked (`position`) before it can reach the hub; a stream Redis refuses to read fails that follower alone
 (the others are read again without it); any other error in the loop is logged and the loop goes on; and
 should the thread die all the same, the next follower that finds nothing new, or the next subscriber, starts
-it again (api/per_process.py) with every subscription kept.
+it again (tasks/per_process.py) with every subscription kept.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import redis
 from loguru import logger
 
-from api.per_process import PerProcessThread
 from tasks.names import job_events_key
+from tasks.per_process import PerProcessThread
 
 BLOCK_MS = 20
 COUNT = 500

@@ -1,10 +1,10 @@
-"""What the batch driver still takes from the API package, in one place: a batch line is submitted exactly as the same
-/v1 request is (its owner's principal and role deciding autoload, their rate limit counted with the job's creation,
-backpressure, the lane's room, the dispatcher), and that path lives in the API's services, used inside a request
-context of the batch's owner. The driver serves no request: it builds the Flask app only for this
-(`submission_app`). This is the one module of batches/ that imports api or flask; it goes when the submission use
-case lives below HTTP (issue 35: submission/), and the rest of the driver (driver.py, validation.py, lines.py,
-outputs.py) sees only `ApiBridge`.
+"""What the batch driver still takes from the API package, in one place. A batch line is submitted through the one
+submission use case (submission/submitter.py) as its owner, in the `low` lane, exactly as the same /v1 request is;
+the Submitter, the stores and the owner's current standing (a revoked key) are built by the API's app factory, so
+the driver builds that app once (`submission_app`) and serves no request with it. This is the one module of
+batches/ that imports api or flask (the import contract names this one edge); the rest of the driver (driver.py,
+validation.py, lines.py, outputs.py) sees only `ApiBridge`. What is left to move: the services' container below
+HTTP, so the driver builds its Submitter without the app.
 """
 
 from __future__ import annotations
@@ -16,25 +16,18 @@ from typing import Any
 from flask import Flask, g
 
 from access.principal import SERVE, Principal
-from api.inference import ended_error, route
-from api.services import BATCH_LANE, Services, services
+from api.services import Services
 from batches.files import FileStore
 from batches.lanes import batch_line_room
 from batches.store import BatchStore
-from config.models import ModelSpec
 from config.settings import Settings
-from protocols.errors import ApiError
+from protocols.errors import ApiError, refused_error
 from protocols.openai import Prepared
+from protocols.results import ended_error
+from submission.admission import BATCH_LANE
+from submission.errors import Refused
+from submission.request import SubmitRequest
 from tasks.jobs import Jobs
-from tasks.states import INFERENCE
-
-
-def submit_line(svc: Services, spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
-    """Submit one batch line as an ordinary inference job of its owner, exactly as the same /v1 request would be:
-    routed to the model's device queue, counted in the owner's rate limit (with the job's creation), checked
-    against the queue's depth, published through the dispatcher — in the `low` priority lane, so a backlog of batch
-    work never delays interactive callers (and moves up only by aging, AETHERCORE_LANE_AGING_S)."""
-    return svc.submit(INFERENCE, spec, route(svc, spec), {**payload, "priority": BATCH_LANE})
 
 
 def submission_app(settings: Settings) -> Flask:
@@ -76,13 +69,26 @@ class ApiBridge:
 
     def line_room(self, batch: dict[str, Any]) -> int:
         """How many of the batch's lines may be in flight now (batches/lanes.py)."""
-        return batch_line_room(self.svc, batch)
+        return batch_line_room(self.svc.submitter, batch)
 
     def submit_line(self, batch: dict[str, Any], line: int, prepared: Prepared, timeout: float) -> dict[str, Any]:
         """One line submitted as its owner (from a submitting thread): its job."""
-        with self.as_owner(batch):
-            g.request_id = f"{batch['id']}.{line}"
-            return submit_line(services(), prepared.spec, {**prepared.payload, "timeout": timeout})
+        owner = Principal(batch["owner"], batch["role"])
+        request = SubmitRequest(
+            prepared.spec.id,
+            **prepared.payload,
+            checked=True,  # by `prepare`, as the /v1 view checks it
+            lane=BATCH_LANE,  # a backlog never delays interactive callers; it rises only by aging
+            timeout_s=timeout,
+            default_webhook=False,  # the batch has its own webhook, at its end
+            caller=owner,
+            caller_key=owner.id if owner.id != "anonymous" else batch.get("address") or "127.0.0.1",
+            request_id=f"{batch['id']}.{line}",
+        )
+        try:
+            return self.svc.submitter.submit(request)
+        except Refused as exc:
+            raise refused_error(exc) from None
 
     def ended_error(self, job: dict[str, Any]) -> ApiError:
         """What /v1 answers for a job that ended without a result."""

@@ -8,28 +8,29 @@ on the device, not 48 x AETHERCORE_BATCH_MAX_IN_FLIGHT. Each step reads the devi
 took more while it ran alone keeps what it has and takes no more until the others have had their share. No line is
 submitted while the device's `low` lane already holds a watermark of messages (its `/serve` callers' `low` jobs
 count too). Interactive submissions count only the interactive lanes against AETHERCORE_MAX_QUEUE_DEPTH
-(api/services.py `_check_backpressure`), so neither can refuse them.
+(submission/admission.py `Admission.check`), so neither can refuse them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from api.services import BATCH_LANE, Services
 from batches.store import IN_PROGRESS
 from config.models import ModelSpec
-from protocols.errors import ApiError
+from submission.admission import BATCH_LANE
+from submission.errors import Refused
+from submission.submitter import Submitter
 from tasks.names import BATCHES_ACTIVE, batch_jobs_key, batch_key
 
 WATERMARK_PASSES = 4
 
 
-def watermark(svc: Services, spec: ModelSpec) -> int:
+def watermark(svc: Submitter, spec: ModelSpec) -> int:
     """Batch lines in flight on `spec`'s device at most."""
     return svc.settings.batch_queue_watermark or WATERMARK_PASSES * spec.max_batch_size
 
 
-def batch_line_room(svc: Services, batch: dict[str, Any]) -> int:
+def batch_line_room(svc: Submitter, batch: dict[str, Any]) -> int:
     """How many of `batch`'s lines may be in flight now (taken and not answered): its even share of its device's
     watermark, no more than the watermark leaves beside the other batches' lines there, none while the device's
     `low` lane holds the watermark, never more than AETHERCORE_BATCH_MAX_IN_FLIGHT."""
@@ -38,10 +39,10 @@ def batch_line_room(svc: Services, batch: dict[str, Any]) -> int:
         return svc.settings.batch_max_in_flight
     try:
         device = svc.device_for(spec, svc.desired(spec.id))
-    except ApiError:  # no device: the submission says so, and the batch holds
+    except Refused:  # no device: the submission says so, and the batch holds
         return svc.settings.batch_max_in_flight
     mark = watermark(svc, spec)
-    if svc.queued_ahead(device, BATCH_LANE) >= mark:
+    if svc.admission.queued_ahead(device, BATCH_LANE) >= mark:
         return 0
     running, in_flight = _on_device(svc, device)
     own = int(svc.jobs.redis.hlen(batch_jobs_key(batch["id"])))
@@ -49,7 +50,7 @@ def batch_line_room(svc: Services, batch: dict[str, Any]) -> int:
     return max(0, min(svc.settings.batch_max_in_flight, share, own + mark - in_flight))
 
 
-def _on_device(svc: Services, device: str) -> tuple[int, int]:
+def _on_device(svc: Submitter, device: str) -> tuple[int, int]:
     """The batches running on `device` and their lines in flight (read afresh: two round trips)."""
     client = svc.jobs.redis
     ids = list(client.smembers(BATCHES_ACTIVE))
@@ -68,7 +69,7 @@ def _on_device(svc: Services, device: str) -> tuple[int, int]:
         try:
             if svc.device_for(spec, svc.desired(spec.id)) != device:
                 continue
-        except ApiError:
+        except Refused:
             continue
         running += 1
         in_flight += int(lines)

@@ -65,7 +65,7 @@ class Lines:
             custom_id = custom_id_of(text)
             try:
                 request = orjson.loads(text) if text else {}
-                work.append((line, custom_id, prepare(batch["endpoint"], request.get("body"))))
+                work.append((line, custom_id, prepare(batch["endpoint"], request.get("body"), self.api.svc)))
             except (ApiError, ma.ValidationError) as exc:  # valid when validated: models.yaml changed since
                 answers.append(refused(batch, line, custom_id, None, api_error(exc)))
             except Exception as exc:  # a bug: tried again a few times, then answered
@@ -156,7 +156,7 @@ class Lines:
             return stopped(batch, line, custom_id)
         if job["status"] == SUCCEEDED:
             try:
-                body = prepare(batch["endpoint"], request.get("body")).respond(job)
+                body = prepare(batch["endpoint"], request.get("body"), self.api.svc).respond(job)
             except (ApiError, ma.ValidationError) as exc:  # a failed row of the request, or models.yaml changed
                 return refused(batch, line, custom_id, job["job_id"], api_error(exc))
             entry = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import marshmallow as ma
 import orjson
@@ -23,7 +23,10 @@ from batches.uploads import is_request_line
 from config.settings import Settings
 from protocols.errors import ApiError
 from protocols.json import JsonBodyError, loads_bounded
-from protocols.openai import BATCH_ENDPOINTS, Prepared, openai_error
+from protocols.openai import BATCH_ENDPOINTS, Catalog, Prepared, openai_error
+
+if TYPE_CHECKING:
+    from batches.bridge import ApiBridge
 
 LEASE_MS = 10_000  # a driver that died stops holding its batches after this
 VALIDATE_PAGE = 1000  # input lines read per round trip while validating
@@ -47,7 +50,7 @@ BATCH_EXPIRED = "batch_expired"  # its window ended before its input was validat
 _SCHEMAS: dict[str, ma.Schema] = {}  # one instance per endpoint's request schema (loading keeps no state in it)
 
 
-def prepare(endpoint: str, body: Any) -> Prepared:
+def prepare(endpoint: str, body: Any, catalog: Catalog) -> Prepared:
     """A line's body checked and translated as its endpoint's /v1 view does (ValidationError or ApiError if not)."""
     schema_class, translate = BATCH_ENDPOINTS[endpoint]
     if isinstance(body, dict) and body.get("stream"):
@@ -55,7 +58,7 @@ def prepare(endpoint: str, body: Any) -> Prepared:
     schema = _SCHEMAS.get(endpoint)
     if schema is None:
         schema = _SCHEMAS[endpoint] = schema_class()
-    return translate(schema.load(body))
+    return translate(schema.load(body), catalog)
 
 
 def api_error(exc: Exception) -> ApiError:
@@ -75,6 +78,7 @@ class Validation:
     files: FileStore
     settings: Settings
     holder: str
+    api: ApiBridge
     _stopping: threading.Event
 
     def _validate(self, batch: dict[str, Any]) -> None:
@@ -211,7 +215,7 @@ class Validation:
                 problems.append(error_entry(MISMATCHED_MODEL, message, "model", line))
         if url == endpoint:
             try:
-                prepare(endpoint, body)
+                prepare(endpoint, body, self.api.svc)
             except (ApiError, ma.ValidationError) as exc:
                 refusal = api_error(exc)
                 error = openai_error(refusal.status, refusal.code, refusal.message, refusal.details)["error"]

@@ -82,7 +82,7 @@ def flower_argv(cfg: Settings, port: int | None, basic_auth: str) -> list[str]:
         f"--port={port or cfg.flower_port}",
         f"--address={cfg.flower_host}",
         f"--max_tasks={cfg.flower_max_tasks}",
-        # kwargs show the model id and job ids of each task (never the inputs: see api/dispatch.py).
+        # kwargs show the model id and job ids of each task (never the inputs: see submission/dispatch.py).
         "--tasks_columns=name,uuid,state,kwargs,received,runtime,worker",
     ]
     if basic_auth:

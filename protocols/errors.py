@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from submission.errors import Refused
+
 
 class ApiError(Exception):
     def __init__(
@@ -41,3 +43,10 @@ def one_line(message: str, details: dict[str, Any]) -> str:
     if not fields:
         return message
     return "; ".join(f"{field}: {problem}" for field, problem in fields)
+
+
+def refused_error(exc: Refused) -> ApiError:
+    """A refused submission (submission/errors.py) in HTTP: its code's status, its message and details, and
+    Retry-After when waiting helps. Every protocol's error shape starts from this one (`error_body`'s dialects)."""
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return ApiError(exc.status, exc.code, exc.message, exc.details, headers=headers)

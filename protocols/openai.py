@@ -4,9 +4,9 @@ job becomes the endpoint's response body), and OpenAI's error object (`openai_er
 (api/blueprints/openai_compat.py) and the Batch API's lines (batches/driver.py: `BATCH_ENDPOINTS`) both run exactly
 this, so a batch line answers what the same /v1 request answers.
 
-May import config/, tasks/, protocols/ and marshmallow; never flask. Until the submission use case lives below HTTP,
-the translation's checks (inputs, parameters, the model's spec) come from api/inference.py and api/services.py:
-those two imports move to the submission room when it lands.
+May import config/, tasks/, submission/ (its checks), protocols/ and marshmallow; never flask or api/. What the
+translation looks up (the configured models, the settings' bounds) it is handed as a `Catalog`: the API's
+services in a view, the batch driver's in a batch line.
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import marshmallow as ma
 import numpy as np
 from loguru import logger
 from marshmallow import validate
 
-from api.inference import check_texts, output_rows, parameter_errors, raise_if, text_payload
-from api.services import services
 from config.models import ModelSpec
 from config.parameters import (
     CHAT_ROLES,
@@ -34,8 +32,13 @@ from config.parameters import (
     messages_error,
     parameters_for,
 )
-from protocols.errors import ApiError, field_errors
+from config.settings import Settings
+from protocols.errors import ApiError, field_errors, refused_error
+from protocols.results import output_rows, raise_if, text_fields
 from protocols.webhook import WebhookSchema
+from submission import validation
+from submission.errors import Refused
+from submission.validation import parameter_errors
 
 # OpenAI's request fields -> the model parameters they set (config/parameters.py); top_k and repetition_penalty
 # are extensions many OpenAI-compatible servers take too.
@@ -51,6 +54,15 @@ PARAMETER_NAMES = {
 }
 OPENAI_NAME = {ours: theirs for theirs, ours in PARAMETER_NAMES.items() if theirs != "max_completion_tokens"}
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+class Catalog(Protocol):
+    """What a translation looks up: the settings (the inputs' bounds) and a configured model (ApiError 404
+    `model_not_found` when it is not)."""
+
+    settings: Settings
+
+    def spec(self, model_id: str) -> ModelSpec: ...
 
 
 def openai_error(status: int, code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
@@ -199,8 +211,8 @@ class ChatRequest(_GenerationRequest):
     logprobs = ma.fields.Boolean(allow_none=True, validate=validate.Equal(False, error="logprobs are not supported"))
 
 
-def _spec_for(model: str, task: str, endpoint: str) -> ModelSpec:
-    spec = services().spec(model)
+def _spec_for(catalog: Catalog, model: str, task: str, endpoint: str) -> ModelSpec:
+    spec = catalog.spec(model)
     if spec.task != task:
         raise ApiError(
             400,
@@ -211,11 +223,15 @@ def _spec_for(model: str, task: str, endpoint: str) -> ModelSpec:
     return spec
 
 
-def _texts(value: Any, field: str) -> list[str]:
+def _texts(catalog: Catalog, value: Any, field: str) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(t, str) for t in items):
         raise_if({field: ["must be a string or a non-empty list of strings (token arrays are not supported)"]})
-    check_texts(items, field)
+    settings = catalog.settings
+    try:
+        validation.check_texts(items, field, settings.max_batch_inputs, settings.max_input_chars)
+    except Refused as exc:
+        raise refused_error(exc) from None
     return items
 
 
@@ -241,9 +257,9 @@ class Prepared:
     respond: Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def prepare_embeddings(body: dict[str, Any]) -> Prepared:
-    spec = _spec_for(body["model"], "feature-extraction", "/v1/embeddings")
-    texts = _texts(body["input"], "input")
+def prepare_embeddings(body: dict[str, Any], catalog: Catalog) -> Prepared:
+    spec = _spec_for(catalog, body["model"], "feature-extraction", "/v1/embeddings")
+    texts = _texts(catalog, body["input"], "input")
     _log_user(body, spec)
     as_base64 = body.get("encoding_format") == "base64"
 
@@ -262,20 +278,20 @@ def prepare_embeddings(body: dict[str, Any]) -> Prepared:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    return Prepared(spec, text_payload(texts, {}), respond)
+    return Prepared(spec, {**text_fields(texts), "parameters": {}}, respond)
 
 
-def completion_parts(body: dict[str, Any]) -> tuple[ModelSpec, list[str], dict[str, Any]]:
-    spec = _spec_for(body["model"], "text-generation", "/v1/completions")
-    prompts = _texts(body["prompt"], "prompt")
+def completion_parts(body: dict[str, Any], catalog: Catalog) -> tuple[ModelSpec, list[str], dict[str, Any]]:
+    spec = _spec_for(catalog, body["model"], "text-generation", "/v1/completions")
+    prompts = _texts(catalog, body["prompt"], "prompt")
     parameters = _generation_parameters(spec, body)
     _log_user(body, spec)
     return spec, prompts, parameters
 
 
-def prepare_completion(body: dict[str, Any]) -> Prepared:
+def prepare_completion(body: dict[str, Any], catalog: Catalog) -> Prepared:
     """A completion answered at its end (not streamed)."""
-    spec, prompts, parameters = completion_parts(body)
+    spec, prompts, parameters = completion_parts(body, catalog)
 
     def respond(job: dict[str, Any]) -> dict[str, Any]:
         rows = output_rows(job)
@@ -292,20 +308,20 @@ def prepare_completion(body: dict[str, Any]) -> Prepared:
             "usage": usage(rows),
         }
 
-    return Prepared(spec, text_payload(prompts, parameters), respond)
+    return Prepared(spec, {**text_fields(prompts), "parameters": parameters}, respond)
 
 
-def chat_parts(body: dict[str, Any]) -> tuple[ModelSpec, list[dict[str, Any]], dict[str, Any]]:
-    spec = _spec_for(body["model"], "text-generation", "/v1/chat/completions")
-    messages = _messages(body["messages"])
+def chat_parts(body: dict[str, Any], catalog: Catalog) -> tuple[ModelSpec, list[dict[str, Any]], dict[str, Any]]:
+    spec = _spec_for(catalog, body["model"], "text-generation", "/v1/chat/completions")
+    messages = _messages(catalog, body["messages"])
     parameters = _generation_parameters(spec, body)
     _log_user(body, spec)
     return spec, messages, parameters
 
 
-def prepare_chat(body: dict[str, Any]) -> Prepared:
+def prepare_chat(body: dict[str, Any], catalog: Catalog) -> Prepared:
     """A chat completion answered at its end (not streamed)."""
-    spec, messages, parameters = chat_parts(body)
+    spec, messages, parameters = chat_parts(body, catalog)
 
     def respond(job: dict[str, Any]) -> dict[str, Any]:
         row = output_rows(job)[0]
@@ -329,14 +345,14 @@ def prepare_chat(body: dict[str, Any]) -> Prepared:
 
 
 # The endpoints a batch may name: each one's request schema and translation (batches/store.py).
-BATCH_ENDPOINTS: dict[str, tuple[type[ma.Schema], Callable[[dict[str, Any]], Prepared]]] = {
+BATCH_ENDPOINTS: dict[str, tuple[type[ma.Schema], Callable[[dict[str, Any], Catalog], Prepared]]] = {
     "/v1/embeddings": (EmbeddingsRequest, prepare_embeddings),
     "/v1/completions": (CompletionRequest, prepare_completion),
     "/v1/chat/completions": (ChatRequest, prepare_chat),
 }
 
 
-def _messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _messages(catalog: Catalog, raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI messages as the worker's chat template takes them: text content (a string, or text parts joined)."""
     messages = []
     for index, message in enumerate(raw):
@@ -347,7 +363,7 @@ def _messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise_if({f"messages.{index}.content": ["only text parts ({type: text, text}) are supported"]})
             content = "".join(texts)
         messages.append({**{k: v for k, v in message.items() if v is not None}, "content": content})
-    problem = messages_error(messages, services().settings.max_input_chars)
+    problem = messages_error(messages, catalog.settings.max_input_chars)
     if problem:
         raise_if({"messages": [problem]})
     return messages

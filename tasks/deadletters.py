@@ -27,7 +27,7 @@ last error), request (the job's submission, JSON: for an inference its inputs, p
 result_ttl (when the job asked for its own retention), webhook (JSON {url, owner}, when the job had one),
 delivery_id (webhook failures), replayed_as (the job a replay created).
 
-A replay is a new submission of the owner (api/replay.py, `Submission`), never the kept message pushed again.
+A replay is a new submission of the owner (submission/replay.py, `Submission`), never the kept message pushed again.
 Entries written before this shape (a `payload` field: the Celery message, and no role) are listed but answer 409
 `not_replayable`.
 """
@@ -126,7 +126,7 @@ class NotReplayable(Exception):
 
 @dataclass(frozen=True)
 class Submission:
-    """What a dead letter keeps to submit its request again, as its owner would (api/replay.py)."""
+    """What a dead letter keeps to submit its request again, as its owner would (submission/replay.py)."""
 
     kind: str  # inference, load or unload
     model_id: str

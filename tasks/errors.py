@@ -3,7 +3,7 @@
 The anchors are celery/states.py (every name a module-level constant, imported everywhere, never spelt as a
 literal twice) and Triton's `TRITONSERVER_Error_Code` (one enum mapped to HTTP in one place). A worker writes
 `{"code": CODE, "message": ...}` into a failed job (`error_body`); the API answers an ended job with
-`http_status(code)` (api/inference.py). Exceptions that end a job carry their code as a `code` attribute set
+`http_status(code)` (api/submitting.py). Exceptions that end a job carry their code as a `code` attribute set
 from these constants (model_store/paths.py, model_store/verify.py, workers/*); tests/unit/test_errors.py checks
 that no code is spelt anywhere else and that each has a status.
 """

@@ -23,7 +23,6 @@ from api.errors import error_response, http_exception_response, quota_error
 from api.idempotency import idempotent
 from api.json_provider import Blueprint
 from api.services import services
-from api.webhooks import batch_webhook
 from batches.files import PURPOSE_BATCH, FileStore, file_object, new_file_id
 from batches.objects import batch_object
 from batches.store import (
@@ -312,7 +311,7 @@ class Files(MethodView):
         if upload is None:
             message = "send the file as the multipart field `file`"
             raise ApiError(422, "validation_error", message, {"file": ["missing"]})
-        svc._check_redis_memory()  # 503 redis_full before Redis refuses writes, as for new jobs
+        svc.check_redis_memory()  # 503 redis_full before Redis refuses writes, as for new jobs
         # a file may ask to expire sooner than the operator's retention, never later
         ttl = min(form.get("expires_after_seconds") or settings.files_ttl, settings.files_ttl)
         filename = (upload.filename or "upload.jsonl")[:MAX_FILENAME]
@@ -399,7 +398,7 @@ class Batches(MethodView):
         files, batches = stores()
         svc = services()
         settings = svc.settings
-        svc._check_redis_memory()  # 503 redis_full before Redis refuses writes, as for new jobs
+        svc.check_redis_memory()  # 503 redis_full before Redis refuses writes, as for new jobs
         source = _file(body["input_file_id"])
         if source.get("purpose") != PURPOSE_BATCH:
             purpose = source.get("purpose")
@@ -427,7 +426,8 @@ class Batches(MethodView):
         }
         if body.get("metadata"):
             fields["metadata"] = orjson.dumps(body["metadata"]).decode()
-        webhook = batch_webhook(body.get("metadata"))  # metadata.webhook_url, else the caller's default endpoint
+        # metadata.webhook_url, else the caller's default endpoint
+        webhook = svc.webhooks.batch_webhook(who.id, body.get("metadata"))
         if webhook:
             fields["webhook"] = webhook
         try:

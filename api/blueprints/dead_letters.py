@@ -1,4 +1,4 @@
-"""Dead letters (tasks/deadletters.py): list them, replay one (a new submission of its owner: api/replay.py). For
+"""Dead letters (tasks/deadletters.py): list them, replay one (a new submission of its owner: submission/replay.py). For
 operators (`manage.py jobs dead|replay`)."""
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from marshmallow import validate
 
 from access.principal import READ_ALL_JOBS
 from api.auth import requires
+from api.callers import key_of, limit_headers
 from api.json_provider import Blueprint
-from api.replay import replay
+from api.request_id import current_request_id
 from api.schemas import JOB_ID_RE, JobErrorSchema, JobSchema
 from api.services import services
 from protocols.errors import ApiError
+from submission.replay import replay_request
 from tasks.deadletters import REASONS, WEBHOOK_FAILED
 from tasks.jobs.public import public_job
 
@@ -114,7 +116,13 @@ class Replay(MethodView):
             )
         if entry["reason"] == WEBHOOK_FAILED:
             return {"replayed": job_id, "job": None, "delivery_id": resend_delivery(entry)}, 202
-        job = replay(entry)
+        request = replay_request(
+            entry,
+            caller_key=key_of(entry.get("owner")),
+            request_id=current_request_id(),
+            limit_headers=limit_headers(),
+        )
+        job = svc.submitter.submit(request)
         svc.dead_letters.mark_replayed(job_id, job["job_id"])
         return {"replayed": job_id, "job": public_job(job), "delivery_id": None}, 202
 

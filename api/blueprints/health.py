@@ -20,12 +20,12 @@ from api.auth import principal, requires
 from api.json_provider import Blueprint
 from api.schemas import HealthSchema, WorkersSchema
 from api.services import services
-from api.ttl_cache import TTLCache
 from config.roles import ADMIN, OPERATOR, VIEWER
 from tasks.holdings import KINDS, Held
 from tasks.names import CPU_QUEUE, queue_for_device
 from tasks.queues import lane_depths
 from tasks.states import LOADED
+from tasks.ttl_cache import TTLCache
 
 blp = Blueprint("health", __name__, description="Health and monitoring")
 

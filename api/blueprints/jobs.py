@@ -58,7 +58,7 @@ class Job(MethodView):
     @requires(*JOBS)
     def get(self, query: dict[str, Any], job_id: str):
         job = find_job(job_id)
-        return job_reply(services().wait(job, query["wait"]))
+        return job_reply(services().submitter.wait(job, query["wait"]))
 
     @blp.response(200, JobSchema, description="Cancelled: a queued job never runs")
     @blp.alt_response(

@@ -20,7 +20,7 @@ from api.schemas import (
     WaitQuerySchema,
 )
 from api.services import services
-from api.webhooks import job_webhook
+from api.submitting import submit
 from tasks.states import LOAD, UNLOAD
 
 blp = Blueprint("models", __name__, description="Model management")
@@ -59,14 +59,10 @@ def _job_endpoint(kind: str):
     @blp.alt_response(409, description="A webhook, and the caller has no signing secret (or the endpoint answered 410)")
     @requires(*MANAGE_MODELS)
     def post(self, query: dict[str, Any], model_id: str):
-        svc = services()
-        spec = svc.spec(model_id)
-        device = svc.device_for(spec)
-        payload: dict[str, Any] = {"device": device}
-        if query.get("force"):  # unload: end the model's running jobs at once rather than drain them
-            payload["force"] = True
-        payload["webhook"] = job_webhook(None)  # the caller's default endpoint, if it has one
-        return job_reply(svc.submit(kind, spec, device, payload, wait_s=query["wait"]))
+        # force (unload): end the model's running jobs at once rather than drain them; the webhook: the caller's
+        # default endpoint, if it has one
+        force = bool(query.get("force"))
+        return job_reply(submit(model_id, kind=kind, force=force, wait_s=query["wait"]))
 
     return post
 

@@ -13,7 +13,7 @@ import zlib
 from typing import Any
 
 import numpy as np
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 from flask.views import MethodView
 
 from access.principal import READ_MODELS, SERVE
@@ -21,24 +21,17 @@ from api.auth import requires
 from api.blueprints.health import health_checks
 from api.errors import register_error_dialect
 from api.idempotency import idempotent
-from api.inference import (
-    check_lane,
-    check_texts,
-    output_rows,
-    parameter_errors,
-    raise_if,
-    run_to_end,
-    text_payload,
-)
 from api.json_provider import Blueprint
 from api.protocols.oip import InferRequest, Tensor, encode_response, outputs_of, parse_request
 from api.protocols.oip_schemas import ERROR_SCHEMA, INFER_REQUEST_SCHEMA, METADATA_SCHEMA
 from api.services import services
-from api.webhooks import job_webhook
+from api.submitting import check_texts, run_to_end
 from config.lanes import LANES
 from config.models import TEXT_TASKS, ModelSpec
 from config.signatures import Signature, shape_error
 from protocols.errors import ApiError, one_line
+from protocols.results import output_rows, raise_if, text_fields
+from submission.validation import parameter_errors
 from tasks.names import DEFAULT_LANE
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import LOADED
@@ -104,11 +97,11 @@ def model_metadata(spec: ModelSpec) -> dict[str, Any]:
 
 def model_ready(spec: ModelSpec) -> bool:
     """Loaded on a live worker, or a live worker can take it on this caller's first request (the caller may load
-    it: api/services.py `may_autoload`)."""
+    it: submission/submitter.py `may_autoload`)."""
     svc = services()
     if svc.cluster.model_status(spec.id)["state"] == LOADED:
         return True
-    if not svc.may_autoload(spec):
+    if not svc.submitter.may_autoload(spec, g.get("principal")):
         return False
     try:
         resolve_device(spec, svc.cluster, svc.settings.gpu_enabled)
@@ -220,7 +213,7 @@ class Infer(MethodView):
             max_strings=settings.max_batch_inputs,
         )
         signature = services().signature(spec)
-        job = run_to_end(spec, _payload(spec, signature, parsed))
+        job = run_to_end(spec.id, **_fields(spec, signature, parsed))
         outputs = outputs_of(spec.task, output_rows(job))
         chosen, binary = _requested(parsed, outputs)
         body, headers = encode_response(spec.id, VERSION, parsed.id, chosen, binary)
@@ -251,36 +244,33 @@ def _body() -> bytes:
     return data
 
 
-def _payload(spec: ModelSpec, signature: Signature | None, parsed: InferRequest) -> dict[str, Any]:
-    """The job for this request, checked against the model's declarations first."""
+def _fields(spec: ModelSpec, signature: Signature | None, parsed: InferRequest) -> dict[str, Any]:
+    """The submission of this request, its body checked in OIP's terms (tensors, its parameters) first: the
+    submitter takes it as checked, and decides its lane and webhook."""
     parameters = dict(parsed.parameters)
-    payload: dict[str, Any] = {}
+    fields: dict[str, Any] = {"checked": True, "webhook_field": f"parameters.{WEBHOOK_PARAMETER}"}
     timeout_us = parameters.pop("timeout", None)
     webhook_url = parameters.pop(WEBHOOK_PARAMETER, None)
     if webhook_url is not None and not isinstance(webhook_url, str):
         raise_if({f"parameters.{WEBHOOK_PARAMETER}": ["must be a string (an https URL)"]})
-    webhook = job_webhook(webhook_url, f"parameters.{WEBHOOK_PARAMETER}")
-    if webhook:
-        payload["webhook"] = webhook
+    fields["webhook"] = webhook_url
     if timeout_us is not None:
         if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us <= 0:
             raise_if({"parameters.timeout": ["must be a positive whole number of microseconds"]})
-        payload["timeout"] = timeout_us / 1e6
+        fields["timeout_s"] = timeout_us / 1e6
     lane = parameters.pop(PRIORITY_PARAMETER, DEFAULT_LANE)
     if lane not in LANES:
         raise_if({f"parameters.{PRIORITY_PARAMETER}": [f"must be one of {', '.join(LANES)} (the priority lane)"]})
-    if check_lane(lane) != DEFAULT_LANE:
-        payload["priority"] = lane
+    fields["lane"] = lane
     unsupported = sorted(set(parameters) & set(UNSUPPORTED_PARAMETERS))
     if unsupported:
         raise_if({"parameters": [f"{unsupported} are not supported (no sequence batching)"]})
     raise_if(parameter_errors(spec, parameters))
-    payload["parameters"] = parameters
+    fields["parameters"] = parameters
     if spec.task in TEXT_TASKS:
-        texts = _texts(signature, parsed.inputs)
-        return {**payload, **text_payload(texts, parameters)}
-    payload["inputs"] = _tensors(signature, parsed.inputs)
-    return payload
+        return {**fields, **text_fields(_texts(signature, parsed.inputs))}
+    fields["inputs"] = _tensors(signature, parsed.inputs)
+    return fields
 
 
 def _texts(signature: Signature | None, inputs: list[Tensor]) -> list[str]:

@@ -16,17 +16,10 @@ from access.principal import READ_MODELS, SERVE
 from api.auth import requires
 from api.errors import register_error_dialect
 from api.idempotency import idempotent
-from api.inference import (
-    check_lane,
-    ended_error,
-    raise_if,
-    route,
-    run_to_end,
-)
 from api.json_provider import Blueprint
 from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_data, sse_response
 from api.services import services
-from api.webhooks import job_webhook, requested_url
+from api.submitting import ended_error, run_to_end, submit
 from config.models import ModelSpec
 from protocols.errors import ApiError
 from protocols.openai import (
@@ -43,8 +36,8 @@ from protocols.openai import (
     prepare_embeddings,
     usage,
 )
-from tasks.names import DEFAULT_LANE
-from tasks.states import INFERENCE, SUCCEEDED
+from protocols.results import raise_if, requested_url
+from tasks.states import SUCCEEDED
 
 blp = Blueprint(
     "openai",
@@ -56,10 +49,13 @@ blp = Blueprint(
 register_error_dialect("/v1", openai_error)
 
 
-def _lane(body: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    """The payload in the lane the request's service_tier asks for (a role may be limited: 403)."""
-    lane = check_lane(SERVICE_TIER_LANES[body.get("service_tier") or "auto"])
-    return payload if lane == DEFAULT_LANE else {**payload, "priority": lane}
+def _request_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """What a /v1 body asks of its submission besides the job: the lane its service_tier names (a role may be
+    limited: 403), its webhook (else the caller's default endpoint)."""
+    return {
+        "lane": SERVICE_TIER_LANES[body.get("service_tier") or "auto"],
+        "webhook": requested_url(body.get("webhook")),
+    }
 
 
 class OpenAIModel(ma.Schema):
@@ -117,9 +113,8 @@ class Model(MethodView):
 
 
 def _answer(prepared: Prepared, body: dict[str, Any]) -> dict[str, Any]:
-    webhook = job_webhook(requested_url(body.get("webhook")))  # the request's, else the caller's default
-    payload = {**prepared.payload, "webhook": webhook} if webhook else prepared.payload
-    return prepared.respond(run_to_end(prepared.spec, _lane(body, payload)))
+    fields = {**prepared.payload, **_request_fields(body)}
+    return prepared.respond(run_to_end(prepared.spec.id, checked=True, **fields))
 
 
 @blp.route("/embeddings")
@@ -130,7 +125,7 @@ class Embeddings(MethodView):
     @_refusals("Not an embedding model")
     @requires(*SERVE)
     def post(self, body: dict[str, Any]):
-        return _answer(prepare_embeddings(body), body)
+        return _answer(prepare_embeddings(body, services()), body)
 
 
 @blp.route("/completions")
@@ -142,8 +137,8 @@ class Completions(MethodView):
     @requires(*SERVE)
     def post(self, body: dict[str, Any]):
         if not body.get("stream"):
-            return _answer(prepare_completion(body), body)
-        spec, prompts, parameters = completion_parts(body)
+            return _answer(prepare_completion(body, services()), body)
+        spec, prompts, parameters = completion_parts(body, services())
         if len(prompts) != 1:
             raise_if({"prompt": ["stream takes one prompt"]})
         return _stream(spec, {"text": prompts[0]}, parameters, body, chat=False)
@@ -158,8 +153,8 @@ class ChatCompletions(MethodView):
     @requires(*SERVE)
     def post(self, body: dict[str, Any]):
         if not body.get("stream"):
-            return _answer(prepare_chat(body), body)
-        spec, messages, parameters = chat_parts(body)
+            return _answer(prepare_chat(body, services()), body)
+        spec, messages, parameters = chat_parts(body, services())
         return _stream(spec, {"messages": messages}, parameters, body, chat=True)
 
 
@@ -210,13 +205,8 @@ class CompletionChunks(Frames):
 def _stream(spec: ModelSpec, inputs: dict[str, Any], parameters: dict[str, Any], body: dict[str, Any], chat: bool):
     """Queue the generation (once the process admits one more stream: api/limits.py), then relay its chunks as
     OpenAI's stream events (api/relay.py)."""
-    svc = services()
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    payload: dict[str, Any] = {"inputs": inputs, "parameters": parameters}
-    webhook = job_webhook(requested_url(body.get("webhook")))
-    if webhook:
-        payload["webhook"] = webhook
-    payload = _lane(body, payload)
+    fields = {"inputs": inputs, "parameters": parameters, "checked": True, **_request_fields(body)}
     with admitted() as slot:
-        job = svc.submit(INFERENCE, spec, route(svc, spec), payload)
+        job = submit(spec.id, **fields)
         return sse_response(Relay(job, CompletionChunks(spec, job["job_id"], chat, include_usage)), slot)

@@ -11,16 +11,19 @@ from flask.views import MethodView
 from access.principal import SERVE
 from api.auth import check_role, requires
 from api.blueprints.common import job_reply
+from api.errors import refused_error
 from api.idempotency import idempotent
-from api.inference import input_errors, job_payload, parameter_errors, raise_if, route, submit_inference
 from api.json_provider import Blueprint, json_text, parse_body
 from api.relay import Frames, Relay, relay_to_socket
 from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
-from api.services import services
+from api.submitting import submit
 from api.websocket import RequestSocket, websocket_route
 from protocols.errors import ApiError
+from protocols.results import requested_url
+from submission.errors import Refused
 from tasks.jobs.public import public_job
-from tasks.states import FAILED, INFERENCE
+from tasks.names import DEFAULT_LANE
+from tasks.states import FAILED
 
 blp = Blueprint("serve", __name__, description="Inference serving")
 CONFLICTS = (
@@ -42,7 +45,7 @@ class Serve(MethodView):
     @blp.alt_response(503, description="Redis or the queue unavailable")
     @requires(*SERVE)
     def post(self, body: dict[str, Any], query: dict[str, Any]):
-        return job_reply(submit_inference(body, wait_s=query["wait"]))
+        return job_reply(submit(body["model_id"], wait_s=query["wait"], **serve_fields(body)))
 
 
 @blp.route("/serve/batch")
@@ -58,24 +61,20 @@ class ServeBatch(MethodView):
     @blp.alt_response(422, description="Invalid body")
     @requires(*SERVE)
     def post(self, body: dict[str, Any], query: dict[str, Any]):
-        svc = services()
-        spec = svc.spec(body["model_id"])
-        items = body["inputs"]
-        limit = svc.settings.max_batch_inputs
-        if len(items) > limit:
-            raise ApiError(
-                413,
-                "too_many_inputs",
-                f"a batch may carry at most {limit} inputs, got {len(items)}; split it into several requests",
-                {"limit": limit, "inputs": len(items)},
-            )
-        errors: dict[str, list[str]] = {}
-        for i, item in enumerate(items):
-            errors.update(input_errors(spec, item, f"inputs.{i}"))
-        raise_if({**errors, **parameter_errors(spec, body["parameters"])})
-        return job_reply(
-            svc.submit(INFERENCE, spec, route(svc, spec), job_payload(body, batch=True), wait_s=query["wait"])
-        )
+        return job_reply(submit(body["model_id"], batch=True, wait_s=query["wait"], **serve_fields(body)))
+
+
+def serve_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """A /serve body (ServeRequestSchema, BatchRequestSchema) as a submission's fields."""
+    return {
+        "inputs": body["inputs"],
+        "parameters": body["parameters"],
+        "lane": body.get("priority", DEFAULT_LANE),
+        "timeout_s": body.get("timeout"),
+        "encoding_format": body.get("encoding_format"),
+        "result_ttl": body.get("result_ttl"),
+        "webhook": requested_url(body.get("webhook")),
+    }
 
 
 class SocketFrames(Frames):
@@ -133,8 +132,11 @@ def serve_stream(ws: RequestSocket) -> None:
             raise ApiError(
                 422, "validation_error", "the request is invalid; see details for each field", exc.messages
             ) from None
-        job = submit_inference(body)
+        job = submit(body["model_id"], **serve_fields(body))
     except ApiError as exc:
         ws.send(socket_error(exc))
+        return
+    except Refused as exc:
+        ws.send(socket_error(refused_error(exc)))
         return
     relay_to_socket(ws, Relay(job, SocketFrames(job["job_id"])))

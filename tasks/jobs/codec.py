@@ -56,6 +56,6 @@ def decode(fields: Mapping[Any, Any]) -> dict[str, Any]:
         "error": js("error"),
         "_created_ts": created,
     }
-    if "replay_of" in fields:  # a dead letter's replay (api/replay.py)
+    if "replay_of" in fields:  # a dead letter's replay (submission/replay.py)
         job["replay_of"] = fields["replay_of"]
     return job

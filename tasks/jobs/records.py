@@ -2,7 +2,7 @@
 
 A job is a Redis hash (`aethercore:job:{id}`) created `queued`, counted against its caller's rate limits (and taking
 its Idempotency-Key) in the same Lua step (create_limited.lua), or created with the broker message that carries it
-(create_many_push.lua, api/dispatch.py). Read by the API (GET /jobs, waits, the stream relay), the batch driver
+(create_many_push.lua, submission/dispatch.py). Read by the API (GET /jobs, waits, the stream relay), the batch driver
 (its lines' jobs) and the webhook dispatcher (the job a delivery reports). Its transitions are tasks/jobs/lifecycle.py.
 """
 

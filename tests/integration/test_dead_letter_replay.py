@@ -95,10 +95,10 @@ def test_a_replay_is_refused_what_its_owner_may_not_do_now(make_app, scratch_red
     high = dead_letter_of(granting, {**TEXT, "priority": "high"})
     # the model was loaded when the owner (a `user`) sent it; it is not now, and a user may not load it
     svc.cluster.desire("tiny-classifier", "cpu")
-    svc.desired_cache.clear("tiny-classifier")
+    svc.submitter.desired_cache.clear("tiny-classifier")
     unloaded = dead_letter_of(app, {**TEXT, "model_id": "tiny-classifier"})
     svc.cluster.undesire("tiny-classifier")
-    svc.desired_cache.clear("tiny-classifier")
+    svc.submitter.desired_cache.clear("tiny-classifier")
     refused = replay(app, unloaded)
     assert refused.status_code == 409 and refused.get_json()["error"]["code"] == "model_not_loaded", refused.get_json()
 

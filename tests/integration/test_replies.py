@@ -7,7 +7,7 @@ import time
 import orjson
 import redis
 
-from api.replies import ReplyListener
+from submission.replies import ReplyListener
 from tasks.errors import CANCELLED as CANCELLED_CODE
 from tasks.jobs import Jobs
 from tasks.jobs.lifecycle import JobEnd

@@ -159,8 +159,8 @@ def test_a_simulated_decoder_streams_one_chunk_per_token_and_cancels(client, api
 def test_generations_submitted_together_share_one_message_and_each_streams_its_own_tokens_once(
     main_redis_url, main_worker, api_server
 ):
-    """Concurrent generations leave an API process in one message, like /serve jobs (api/services.py
-    `_coalesces`): the worker runs that message's generations side by side in the model's running batch, and each
+    """Concurrent generations leave an API process in one message, like /serve jobs (submission/submitter.py,
+    `coalesce`): the worker runs that message's generations side by side in the model's running batch, and each
     streams its own tokens, once, and ends on its own."""
     from api import create_app
     from api.services import services

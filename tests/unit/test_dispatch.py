@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from api.dispatch import InferenceDispatcher
+from submission.dispatch import InferenceDispatcher
 from tasks.jobs.records import RateLimited, Records
 from tasks.names import job_key, lane_list, queued_key, rate_limit_key
 

@@ -14,8 +14,8 @@ from tasks.errors import CODES, HTTP_STATUS, error_body, http_status
 from tests.support import REPO_ROOT
 
 # Where job error codes are produced or read: the workers, the model store, the task contract and the API's
-# inference path. (The API's own request errors, e.g. `validation_error`, are not job codes.)
-PRODUCERS = ["workers", "model_store", "tasks", "api/inference.py"]
+# inference path. (A submission's refusals, e.g. `validation_error`, are not job codes.)
+PRODUCERS = ["workers", "model_store", "tasks", "submission", "api/submitting.py"]
 
 
 def _sources():

@@ -1,7 +1,8 @@
 """A job ends through ONE function, `Lifecycle.end_jobs` (tasks/jobs/lifecycle.py), with a code of the contract
-(tasks/errors.py): its callers are listed here from the source (an AST scan of api/, workers/, tasks/, cli/), nothing
-else runs the Lua transition or writes a job's status, and a code outside the contract is refused before anything
-is written (issue 35: `broker_unavailable` was written by the API while the contract did not know it)."""
+(tasks/errors.py): its callers are listed here from the source (an AST scan of api/, submission/, workers/, tasks/,
+cli/), nothing else runs the Lua transition or writes a job's status, and a code outside the contract is refused
+before anything is written (issue 35: `broker_unavailable` was written by the API while the contract did not know
+it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 
 import pytest
 
+from config.settings import REPO_ROOT
 from tasks.errors import BROKER_UNAVAILABLE, CODES, INTERNAL_ERROR, POISON_JOB, http_status
 from tasks.jobs import Jobs
 from tasks.jobs.inflight import requeue_payload
@@ -17,15 +19,14 @@ from tasks.jobs.lifecycle import JobEnd
 from tasks.jobs.scripts import LUA_DIR
 from tasks.names import INFER, job_key
 from tasks.states import FAILED, QUEUED, RUNNING, SUCCEEDED
-from tests.support import REPO_ROOT
 
-TREES = ("api", "batches", "webhooks", "protocols", "workers", "tasks", "cli")
+TREES = ("api", "submission", "batches", "webhooks", "protocols", "workers", "tasks", "cli")
 LIFECYCLE = "tasks/jobs/lifecycle.py"
 # Who ends a job: a worker (every end it or its reaper decides goes through Completion.finish), the API for a job
 # whose message could not be queued, and a cancel of a job still queued (DELETE /jobs, a closed stream, a protocol's
 # wait that ended, the batch driver: all through Lifecycle.request_cancel).
 END_CALLERS = {
-    "api/services.py:Services._publish",
+    "submission/submitter.py:Submitter._create_then_send",
     "tasks/jobs/lifecycle.py:Lifecycle.request_cancel",
     "workers/completion.py:Completion._write_ends",
 }

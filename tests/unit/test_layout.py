@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tests.support import REPO_ROOT
+from config.settings import REPO_ROOT
 
 FRAMEWORKS = ("torch", "transformers", "onnxruntime")
 ROOMS = (
@@ -77,3 +77,19 @@ def test_the_architecture_document_states_the_import_contracts_in_order():
     section = text[text.index("### Layers") : text.index("### Every module, by layer")]
     stated = [line.split("**")[1] for line in section.splitlines() if line[:1].isdigit() and "**" in line]
     assert stated == [contract["name"] for contract in contracts]
+
+
+def test_the_submission_room_imports_nothing_above_it():
+    """submission/ sits below the HTTP layer (issue 35): it imports config/, tasks/ and itself, never api/, flask,
+    flask_smorest or workers/ (import-linter states the same for the whole tree)."""
+    import ast
+
+    above = ("api", "flask", "flask_smorest", "werkzeug", "workers", "cli", "bench")
+    found = []
+    for path in sorted((REPO_ROOT / "submission").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.relative_to(REPO_ROOT)}: {n}" for n in names if n.split(".")[0] in above]
+    assert found == []

@@ -1,11 +1,11 @@
-"""api/ttl_cache.py: one reader per expired value, the others served the value it replaces; a clear wins over a
+"""tasks/ttl_cache.py: one reader per expired value, the others served the value it replaces; a clear wins over a
 read begun before it."""
 
 from __future__ import annotations
 
 import threading
 
-from api.ttl_cache import TTLCache
+from tasks.ttl_cache import TTLCache
 
 
 def test_a_value_is_read_once_within_its_ttl_and_again_after_it():

@@ -1,5 +1,5 @@
 -- Create several queued jobs bound for one queue and push the one broker message that carries them, in one step:
--- the API's flat-combined submissions (api/dispatch.py) pay one round trip for all of them, and a job exists exactly
+-- the API's flat-combined submissions (submission/dispatch.py) pay one round trip for all of them, and a job exists exactly
 -- when its message is queued. KEYS: recent-jobs index, the queue's index of unstarted jobs, the broker list, then per
 -- job: its key and one counter per limit. ARGV: the message, the number of jobs, then per job: job id, now, ttl,
 -- number of limits n, (amount, window seconds) x n, number of field/value pairs m, the pairs. Every limit is checked

@@ -25,10 +25,10 @@ import orjson
 import redis
 from loguru import logger
 
-from api.per_process import PerProcessThread
 from tasks.jobs.codec import iso
 from tasks.jobs.records import Records
 from tasks.names import MODELS_CHANGED, reply_channel
+from tasks.per_process import PerProcessThread
 from tasks.results import expand
 from tasks.states import TERMINAL
 
