@@ -182,6 +182,7 @@ def test_a_dead_letters_replay_is_submitted_through_the_submitter(app, submitted
 
 
 def test_a_batch_line_is_submitted_through_the_submitter(app, submitted):
+    from batches.bridge import ApiBridge
     from batches.driver import BatchDriver
 
     client = app.test_client()
@@ -199,8 +200,8 @@ def test_a_batch_line_is_submitted_through_the_submitter(app, submitted):
         headers=ADMIN,
     )
     assert batch.status_code == 200, batch.get_json()
-    stores = app.extensions["aethercore_batches"]
-    driver = BatchDriver(app, stores["batches"], stores["files"])
+    api = ApiBridge(app)
+    driver = BatchDriver(api, api.batches, api.files)
     before = _jobs(app)
     deadline = time.monotonic() + 30
     while not submitted and time.monotonic() < deadline:
