@@ -3,7 +3,7 @@
 Three sources, one /metrics:
 * API request metrics, per API process. Under gunicorn (`manage.py api`) prometheus-client's
   multiprocess mode is on (PROMETHEUS_MULTIPROC_DIR), so N requests to any of the gunicorn
-  workers raise the counter by exactly N, within a second (api/request_tally.py counts them in memory).
+  workers raise the counter by exactly N, within a second (tasks/request_tally.py counts them in memory).
 * worker-side job metrics (jobs by final status, queue wait, inference time, batch size), kept in
   Redis by every worker (tasks/metrics.py): they add up across all workers on all hosts.
 * cluster gauges read at scrape time: model memory per replica, active models, queue depth per
@@ -29,13 +29,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from api.request_tally import RequestTally
 from tasks import metrics as worker_metrics
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
 from tasks.holdings import KINDS, Holdings
 from tasks.names import CPU_QUEUE, METRICS_WEBHOOKS, queue_for_device
 from tasks.queues import lane_depths
+from tasks.request_tally import RequestTally
 from tasks.states import LOADED
 from tasks.ttl_cache import TTLCache
 from webhooks.deliveries import LATENCY_BUCKETS, Deliveries
