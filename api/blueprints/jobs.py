@@ -13,10 +13,10 @@ from api.auth import principal, requires
 from api.blueprints.common import job_reply
 from api.json_provider import Blueprint
 from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, resume_from, sse_event, sse_response
-from api.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
 from api.services import services
 from config.roles import ADMIN, USER
 from protocols.errors import ApiError
+from protocols.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
 from tasks.jobs.public import public_job
 from tasks.states import FAILED, TERMINAL
 
