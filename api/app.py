@@ -13,7 +13,6 @@ from api.docs import ASSETS_URL, docs_assets
 from api.errors import ErrorSchema, http_exception_response, register_error_handlers
 from api.json_provider import OrjsonProvider
 from api.metrics import init_metrics
-from api.openapi_inputs import document_inputs
 from api.request_id import init_request_id
 from api.security import init_security
 from api.services import Services
@@ -21,6 +20,7 @@ from batches.files import FileStore
 from batches.store import BatchStore
 from config.models import load_models
 from config.settings import Settings
+from protocols.openapi_inputs import document_inputs
 from submission.dispatch import InferenceDispatcher
 from tasks.celery_app import make_celery
 from tasks.cluster import ClusterState
@@ -40,7 +40,7 @@ class AetherApi(Api):
         return http_exception_response(error)
 
     def _openapi_json(self):
-        """The document with /serve's bodies per configured model (api/openapi_inputs.py), built when served so
+        """The document with /serve's bodies per configured model (protocols/openapi_inputs.py), built when served so
         the signatures workers published since start are in it."""
         svc = current_app.extensions["aethercore"]
         document = document_inputs(self.spec.to_dict(), svc.models, svc.signature, svc.settings.max_input_chars)

@@ -18,7 +18,9 @@ from typing import Any
 
 import marshmallow as ma
 
-from api.schemas import (
+from config.lanes import LANES
+from config.models import MODEL_ID_RE
+from protocols.schemas import (
     ENCODINGS,
     RESULT_TTL_MAX,
     TIMEOUT_MAX,
@@ -28,8 +30,6 @@ from api.schemas import (
     ServeRequestSchema,
     WaitQuerySchema,
 )
-from config.lanes import LANES
-from config.models import MODEL_ID_RE
 from tasks.names import DEFAULT_LANE
 
 # (a parsed JSON body, or the query's MultiDict) -> the loaded arguments, or None: ask the schema.
@@ -42,7 +42,7 @@ _PLAIN_DECIMAL = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6})?")
 
 
 def _common(body: Any) -> dict[str, Any] | None:
-    """What every inference body carries besides its inputs (api/schemas.py `_InferenceRequest`)."""
+    """What every inference body carries besides its inputs (protocols/schemas.py `_InferenceRequest`)."""
     if type(body) is not dict or not body.keys() <= _INFERENCE_KEYS:
         return None
     model_id = body.get("model_id")

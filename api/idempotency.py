@@ -24,6 +24,9 @@ Two strategies, one decorator:
   PENDING_WAIT_S, then 409). The answer is stored, and the claim freed, only while the claim is still this request's
   (compare-and-set in Lua): a request that outlived its claim (PENDING_S) cannot free or overwrite a later one's.
 
+The store half (the record, the fingerprint, the claim and its Lua) is submission/idempotency.py; here is the HTTP
+half: the header, the decorator, the replayed answer.
+
 Every record is charged to its caller (tasks/holdings.py IDEMPOTENCY) in the step that takes it, and leaves the
 account when it is freed or expires: a NEW key that would take the caller past AETHERCORE_IDEMPOTENCY_MAX_KEYS is
 refused with 429 `quota_exceeded`; a replay of a key the caller holds is never refused.
@@ -35,33 +38,34 @@ the same job (`keyed`), and the key answers the job's real end.
 
 from __future__ import annotations
 
-import hashlib
 import re
-import secrets
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
-import orjson
 from flask import Response, after_this_request, current_app, g, request
 
 from api.callers import caller_id
 from api.errors import quota_error, refused_error
 from protocols.errors import ApiError
 from submission.errors import key_reused
-from tasks.holdings import IDEMPOTENCY, OWNER_COUNT, Held, Quota, QuotaExceeded, with_holdings
-from tasks.jobs.scripts import KEY_OVERHEAD
-from tasks.names import idempotency_key
+from submission.idempotency import (
+    Claim,
+    StoredAnswers,
+    done_value,
+    parse_held,
+    pending_value,
+    record_for,
+)
+from submission.idempotency import fingerprint as fingerprint_of
+from tasks.holdings import IDEMPOTENCY, QuotaExceeded
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotency-Replayed"
 # The header's documented form: 1 to 255 visible ASCII characters, optionally in the draft's quotes.
 _KEY = re.compile(r'^"?[\x21-\x7e]{1,255}"?$')
-# A resource request claims its key this long at most before its answer is stored (then a duplicate may run again).
-PENDING_S = 120
 # How long a duplicate waits for the first request's answer before 409.
 PENDING_WAIT_S = 30.0
 # Query parameters that do not change what a request creates (only how long it waits for it).
@@ -77,28 +81,13 @@ HEADER_DOC = {
 }
 
 
-@dataclass
-class Claim:
-    """This request's Idempotency-Key: its Redis record, fingerprint, retention and the caller it is charged to;
-    `replayed` once it was found."""
+def _replayed_header() -> None:
+    """The answer to this request says it was replayed (`Idempotency-Replayed: true`)."""
 
-    record: str
-    fingerprint: str
-    ttl_s: int
-    owner: str
-    replayed: bool = False
-
-    def as_lua(self) -> tuple[str, str, int, str]:
-        return self.record, self.fingerprint, self.ttl_s, self.owner
-
-    def mark_replayed(self) -> None:
-        if not self.replayed:
-            self.replayed = True
-
-            @after_this_request
-            def _header(response: Response) -> Response:
-                response.headers[REPLAYED] = "true"
-                return response
+    @after_this_request
+    def _header(response: Response) -> Response:
+        response.headers[REPLAYED] = "true"
+        return response
 
 
 def current_claim() -> Claim | None:
@@ -163,34 +152,20 @@ def _claim() -> Claim | None:
         )
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]  # the draft's structured-field string: "abc" is the key abc
-    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
     ttl = current_app.extensions["aethercore"].settings.idempotency_ttl
     caller = caller_id()
-    return Claim(idempotency_key(caller, digest), fingerprint(), ttl, caller)
+    return Claim(record_for(caller, key), fingerprint(), ttl, caller, on_replay=_replayed_header)
 
 
 def fingerprint() -> str:
-    """What makes two requests the same: method, path, query (but `wait`), and body (a form's fields and its
-    files' contents, not its boundary)."""
-    digest = hashlib.sha256()
-    digest.update(f"{request.method} {request.path}\n".encode())
-    for name, value in sorted(request.args.items(multi=True)):
-        if name not in _IGNORED_QUERY:
-            digest.update(f"{name}={value}\n".encode())
+    """What makes two requests the same (submission/idempotency.py `fingerprint`): method, path, query (but `wait`),
+    and body (a form's fields and its files' contents, not its boundary)."""
+    query = [(name, value) for name, value in request.args.items(multi=True) if name not in _IGNORED_QUERY]
     if request.mimetype == "multipart/form-data":
-        for name, value in sorted(request.form.items(multi=True)):
-            digest.update(f"form {name}={value}\n".encode())
-        for name, upload in sorted(request.files.items(multi=True), key=lambda item: item[0]):
-            content = hashlib.sha256()
-            stream = upload.stream
-            while block := stream.read(1 << 20):  # the spooled file, a block at a time: never all of it in memory
-                content.update(block)
-                time.sleep(0)  # under gevent, the process's other requests run between blocks
-            stream.seek(0)
-            digest.update(f"file {name}={upload.filename} {content.hexdigest()}\n".encode())
-    else:
-        digest.update(request.get_data(cache=True))
-    return digest.hexdigest()
+        files = [(name, upload.filename, upload.stream) for name, upload in request.files.items(multi=True)]
+        form = list(request.form.items(multi=True))
+        return fingerprint_of(request.method, request.path, query, b"", form, files)
+    return fingerprint_of(request.method, request.path, query, request.get_data(cache=True))
 
 
 def replayed_conflict(job_id: str) -> ApiError:
@@ -198,71 +173,15 @@ def replayed_conflict(job_id: str) -> ApiError:
 
 
 # -- resources (files, batches): the answer is stored ---------------------------------------------------------
-def _charging(script: str) -> str:
-    return with_holdings(script.replace("IDEMPOTENCY_KIND", IDEMPOTENCY).replace("KEY_OVERHEAD", str(KEY_OVERHEAD)))
-
-
-# The claim, the stored answer and the release, each one atomic step with the record's charge (tasks/holdings.py).
-# _CLAIM: KEYS record; ARGV pending value (with this request's token), PENDING_S, owner, now, most keys.
-# -> {1} claimed, {0, what is held}, {-1, holdings refusal}. The charge lasts as long as the pending claim.
-_CLAIM = _charging("""
-local held = redis.call('GET', KEYS[1])
-if held then return {0, held} end
-local now, size = tonumber(ARGV[4]), KEY_OVERHEAD + #KEYS[1] + #ARGV[1]
-local charged = hold_put(ARGV[3], 'IDEMPOTENCY_KIND', KEYS[1], size, now + tonumber(ARGV[2]), now, 0, ARGV[5], 0, false)
-if charged < 0 then return {-1, charged} end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return {1}
-""")
-# _STORE: KEYS record; ARGV this request's pending value, the answer, retention, owner, now. Only over its own claim.
-_STORE = _charging("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-local now, size = tonumber(ARGV[5]), KEY_OVERHEAD + #KEYS[1] + #ARGV[2]
-hold_put(ARGV[4], 'IDEMPOTENCY_KIND', KEYS[1], size, now + tonumber(ARGV[3]), now, 0, 0, 0, true)
-return 1
-""")
-# _RELEASE: KEYS record; ARGV this request's pending value, owner. Only its own claim.
-_RELEASE = _charging("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-hold_drop(ARGV[2], 'IDEMPOTENCY_KIND', KEYS[1])
-return 1
-""")
-
-
-class StoredAnswers:
-    """The scripts of stored-answer claims on one Redis (one per app)."""
-
-    def __init__(self, client: Any, max_keys: int) -> None:
-        self.max_keys = max_keys
-        self._claim, self._store, self._release = (client.register_script(s) for s in (_CLAIM, _STORE, _RELEASE))
-
-    def claim(self, claim: Claim, pending: bytes) -> tuple[bool, Any]:
-        """(True, None) claimed; (False, what the key holds); QuotaExceeded for a new key past the caller's most."""
-        reply = self._claim(keys=[claim.record], args=[pending, PENDING_S, claim.owner, time.time(), self.max_keys])
-        if int(reply[0]) < 0:
-            quota = Quota(0, self.max_keys, "", "AETHERCORE_IDEMPOTENCY_MAX_KEYS")
-            raise QuotaExceeded(IDEMPOTENCY, OWNER_COUNT, quota, Held(0, self.max_keys), len(pending), 0)
-        return int(reply[0]) == 1, (reply[1] if len(reply) > 1 else None)
-
-    def store(self, claim: Claim, pending: bytes, answer: bytes) -> bool:
-        args = [pending, answer, claim.ttl_s, claim.owner, time.time()]
-        return bool(self._store(keys=[claim.record], args=args))
-
-    def release(self, claim: Claim, pending: bytes) -> bool:
-        return bool(self._release(keys=[claim.record], args=[pending, claim.owner]))
-
-
 def _run_storing(claim: Claim, func: Callable, args: tuple, kwargs: dict) -> Any:
     answers = _stored_answers()
     deadline = time.monotonic() + PENDING_WAIT_S
-    pending = orjson.dumps({"fp": claim.fingerprint, "state": "pending", "token": secrets.token_hex(16)})
+    pending = pending_value(claim)
     while True:
         claimed, held = answers.claim(claim, pending)
         if claimed:
             break
-        stored = _parse(held)
+        stored = parse_held(held)
         if stored.get("fp") != claim.fingerprint:
             raise replayed_conflict(str(stored.get("id") or ""))
         if stored.get("state") == "done":
@@ -284,25 +203,11 @@ def _run_storing(claim: Claim, func: Callable, args: tuple, kwargs: dict) -> Any
         answers.release(claim, pending)
         raise
     if 200 <= response.status_code < 300 and not response.is_streamed:
-        body = response.get_data(as_text=True)
-        try:
-            created = orjson.loads(body).get("id")
-        except (orjson.JSONDecodeError, AttributeError):
-            created = None
         keep = {k: v for k, v in response.headers.items() if k in ("Location",)}
-        done = {"fp": claim.fingerprint, "state": "done", "status": response.status_code, "body": body, "id": created}
-        answers.store(claim, pending, orjson.dumps({**done, "headers": keep}))
+        answers.store(claim, pending, done_value(claim, response.status_code, response.get_data(as_text=True), keep))
     else:
         answers.release(claim, pending)
     return response
-
-
-def _parse(held: Any) -> dict[str, Any]:
-    try:
-        value = orjson.loads(held)
-    except orjson.JSONDecodeError:
-        return {"fp": None, "id": str(held).rpartition(" ")[2]}  # a job's key (`<fingerprint> <job id>`)
-    return value if isinstance(value, dict) else {"fp": None}
 
 
 def _stored_answers() -> StoredAnswers:

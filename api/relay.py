@@ -1,5 +1,5 @@
-"""The stream relay, written once: follow one job's event stream (api/streaming.py, through the process's stream
-hub) and hand each event to the client in its protocol's frames.
+"""The stream relay, written once: follow one job's event stream (tasks/jobs/follow.py, through the process's
+stream hub, tasks/jobs/stream_hub.py) and hand each event to the client in its protocol's frames.
 
 Every streaming route uses it: `GET /jobs/{id}/stream` (SSE), `WS /serve/stream` and the OpenAI `/v1` streams
 (SSE). A protocol only says how its frames look (a `Frames`: opening frames, one frame per chunk or status note,
@@ -26,13 +26,28 @@ from api.idempotency import keyed
 from api.json_provider import json_text
 from api.limits import Slot
 from api.services import services
-from api.stream_hub import SubscriptionFailed
-from api.streaming import follow_job
 from protocols.errors import ApiError
+from tasks.jobs.follow import follow_job
 from tasks.jobs.records import JobNotFound
+from tasks.jobs.stream_hub import InvalidPosition, SubscriptionFailed, canonical
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_KEEPALIVE = ": keepalive\n\n"
+
+
+def resume_from(last_event_id: str | None) -> str:
+    """The stream position a client asks to resume after (SSE's Last-Event-ID), checked: 400 unless it is a
+    position of a Redis Stream (`<ms>-<seq>`, each part at most 2^64-1). The text is never echoed back."""
+    if last_event_id is None:
+        return "0-0"
+    try:
+        return canonical(last_event_id.strip())
+    except InvalidPosition as exc:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"Last-Event-ID must be an id this stream sent (like 1712-0): {exc}; leave it out to read from the start",
+        ) from None
 
 
 def sse_event(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
@@ -81,7 +96,7 @@ class Relay:
         self.protocol = protocol
         # a client gone cancels the job only if nobody else may be reading it (an Idempotency-Key's duplicates may)
         self.cancels = protocol.cancel_on_disconnect and not keyed()
-        self.last_id = last_id  # checked already (api/streaming.py resume_from)
+        self.last_id = last_id  # checked already (resume_from)
         self.gauge = current_app.extensions["aethercore_metrics"].streams.labels(protocol.transport)
 
     def frames(self, alive: Callable[[], bool] = lambda: True) -> Iterator[Any]:

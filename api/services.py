@@ -12,7 +12,6 @@ from flask import current_app
 
 from api.errors import refused_error
 from api.limits import LongRequests
-from api.stream_hub import StreamHub
 from config.models import ModelSpec
 from config.settings import Settings
 from config.signatures import Signature
@@ -26,6 +25,7 @@ from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
 from tasks.holdings import DEAD_LETTERS, Holdings
 from tasks.jobs import Jobs
+from tasks.jobs.stream_hub import StreamHub
 from webhooks.deliveries import Deliveries
 from webhooks.outbound import OutboundPolicy
 from webhooks.owners import WebhookOwners

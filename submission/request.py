@@ -14,7 +14,8 @@ from tasks.states import INFERENCE
 
 
 class IdempotencyClaim(Protocol):
-    """The request's Idempotency-Key as the Lua step that creates the job takes it (api/idempotency.py `Claim`)."""
+    """The request's Idempotency-Key as the Lua step that creates the job takes it (submission/idempotency.py
+    `Claim`)."""
 
     record: str
     owner: str

@@ -213,7 +213,7 @@ WEBHOOK_ENDPOINT_LEASES_PREFIX = f"{PREFIX}:webhook:endpoint-leases:"  # + endpo
 WEBHOOK_OWNER_LEASES_PREFIX = f"{PREFIX}:webhook:owner-leases:"  # + owner: zset delivery id -> lease end
 
 
-# -- idempotent creation (api/idempotency.py) ---------------------------------------------------------------------
+# -- idempotent creation (submission/idempotency.py) --------------------------------------------------------------
 def idempotency_key(caller: str, key: str) -> str:
     """String: one caller's Idempotency-Key -> `<fingerprint> <job id>` (or a stored response); expires with the
     retention AETHERCORE_IDEMPOTENCY_TTL. The caller's key is hashed: its text is the client's to choose."""

@@ -15,9 +15,9 @@ from api.auth import requires
 from api.callers import key_of, limit_headers
 from api.json_provider import Blueprint
 from api.request_id import current_request_id
-from api.schemas import JOB_ID_RE, JobErrorSchema, JobSchema
 from api.services import services
 from protocols.errors import ApiError
+from protocols.schemas import JOB_ID_RE, JobErrorSchema, JobSchema
 from submission.replay import replay_request
 from tasks.deadletters import REASONS, WEBHOOK_FAILED
 from tasks.jobs.public import public_job

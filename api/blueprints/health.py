@@ -18,9 +18,9 @@ from flask.views import MethodView
 from access.principal import READ_MODELS
 from api.auth import principal, requires
 from api.json_provider import Blueprint
-from api.schemas import HealthSchema, WorkersSchema
 from api.services import services
 from config.roles import ADMIN, OPERATOR, VIEWER
+from protocols.schemas import HealthSchema, WorkersSchema
 from tasks.holdings import KINDS, Held
 from tasks.names import CPU_QUEUE, queue_for_device
 from tasks.queues import lane_depths

@@ -12,12 +12,11 @@ from access.principal import JOBS
 from api.auth import principal, requires
 from api.blueprints.common import job_reply
 from api.json_provider import Blueprint
-from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, sse_event, sse_response
-from api.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
+from api.relay import SSE_KEEPALIVE, Frames, Relay, admitted, resume_from, sse_event, sse_response
 from api.services import services
-from api.streaming import resume_from
 from config.roles import ADMIN, USER
 from protocols.errors import ApiError
+from protocols.schemas import JOB_ID_RE, JobListQuerySchema, JobListSchema, JobSchema, WaitQuerySchema
 from tasks.jobs.public import public_job
 from tasks.states import FAILED, TERMINAL
 

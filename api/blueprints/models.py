@@ -11,7 +11,9 @@ from api.auth import requires
 from api.blueprints.common import job_reply
 from api.idempotency import idempotent
 from api.json_provider import Blueprint
-from api.schemas import (
+from api.services import services
+from api.submitting import submit
+from protocols.schemas import (
     JobSchema,
     ModelInfoSchema,
     ModelListSchema,
@@ -19,8 +21,6 @@ from api.schemas import (
     UnloadQuerySchema,
     WaitQuerySchema,
 )
-from api.services import services
-from api.submitting import submit
 from tasks.states import LOAD, UNLOAD
 
 blp = Blueprint("models", __name__, description="Model management")

@@ -22,14 +22,14 @@ from api.blueprints.health import health_checks
 from api.errors import register_error_dialect
 from api.idempotency import idempotent
 from api.json_provider import Blueprint
-from api.protocols.oip import InferRequest, Tensor, encode_response, outputs_of, parse_request
-from api.protocols.oip_schemas import ERROR_SCHEMA, INFER_REQUEST_SCHEMA, METADATA_SCHEMA
 from api.services import services
 from api.submitting import check_texts, run_to_end
 from config.lanes import LANES
 from config.models import TEXT_TASKS, ModelSpec
 from config.signatures import Signature, shape_error
 from protocols.errors import ApiError, one_line
+from protocols.oip import InferRequest, Tensor, encode_response, outputs_of, parse_request
+from protocols.oip_schemas import ERROR_SCHEMA, INFER_REQUEST_SCHEMA, METADATA_SCHEMA
 from protocols.results import output_rows, raise_if, text_fields
 from submission.validation import parameter_errors
 from tasks.names import DEFAULT_LANE

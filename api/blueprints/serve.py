@@ -15,11 +15,11 @@ from api.errors import refused_error
 from api.idempotency import idempotent
 from api.json_provider import Blueprint, json_text, parse_body
 from api.relay import Frames, Relay, relay_to_socket
-from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
 from api.submitting import submit
 from api.websocket import RequestSocket, websocket_route
 from protocols.errors import ApiError
 from protocols.results import requested_url
+from protocols.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, WaitQuerySchema
 from submission.errors import Refused
 from tasks.jobs.public import public_job
 from tasks.names import DEFAULT_LANE

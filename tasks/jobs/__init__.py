@@ -5,6 +5,8 @@ split by who uses it.
 - lifecycle.py  the transitions: a worker takes a job, a job ends (`Lifecycle.end_jobs`, the one way), cancel
 - inflight.py   what the reaper needs: in-flight hashes, the forward-pass note, reap, reclaim, lost messages
 - events.py     hearing from a job: its event stream (chunks, status, follow) and the note of its end (watch)
+- follow.py     following one job's event stream to its end (replay, live, `done`), for the API's stream relay
+- stream_hub.py one XREAD per API process for every followed stream; stream positions checked
 - codec.py      a job's fields encoded and decoded, shared by the parts
 - scripts.py    the Lua of every part (lua/*.lua), rendered once at import
 

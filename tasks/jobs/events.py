@@ -1,7 +1,7 @@
 """Hearing from a job: its event stream (`aethercore:job:{id}:events`) and the note of its end.
 
 A running job's worker appends its chunks and status notes to the stream (workers/streams.py: `append_chunks`,
-`append_status`); a reader follows it (`follow`, then `read`: api/streaming.py, behind SSE, the WebSocket and the
+`append_status`); a reader follows it (`follow`, then `read`: tasks/jobs/follow.py, behind SSE, the WebSocket and the
 /v1 streams), and the step that ends the job appends its `done` (tasks/jobs/lifecycle.py). A caller that waits for
 a job's end without streaming adds its API process's reply channel to the job (`watch`: submission/submitter.py
 `wait`, GET /jobs/{id}?wait), and the end's note is published there in the same step.

@@ -1,5 +1,5 @@
 """A job as callers see it (GET /jobs/{id}, /serve's answers, a completion webhook's `data`): its public fields,
-in the order the API documents them (api/schemas.py JobSchema; tests/unit/test_fast_args.py checks both agree).
+in the order the API documents them (protocols/schemas.py JobSchema; tests/unit/test_fast_args.py checks both agree).
 Written straight from this projection, without a marshmallow dump per response (a tenth of an API process's CPU per
 /serve at GPU speed).
 """

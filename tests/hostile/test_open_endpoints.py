@@ -15,17 +15,11 @@ import time
 
 import requests
 
-from api.metrics import (
-    DEAD_LETTERS,
-    HOLDINGS_BYTES,
-    LANE_DEPTH,
-    MODEL_MEMORY,
-    QUEUE_DEPTH,
-    REQUESTS_TOTAL,
-    WEBHOOK_QUEUE,
-)
+from api.metrics import REQUESTS_TOTAL
+from tasks.metrics_view import DEAD_LETTERS, HOLDINGS_BYTES, LANE_DEPTH, MODEL_MEMORY, QUEUE_DEPTH
 from tests.hostile.conftest import VICTIM_MODEL, assert_still_serving, auth, ensure_loaded
 from tests.support import ADMIN_KEY, USER_KEY, VIEWER_KEY
+from webhooks.metrics import WEBHOOK_QUEUE
 
 OPEN_CHECKS = ("/health", "/health/ready")
 # Families that name models or count what waits in a queue: only callers who read the whole service see them.

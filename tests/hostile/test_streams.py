@@ -15,7 +15,7 @@ import pytest
 import redis
 import requests
 
-from api.stream_hub import StreamHub
+from tasks.jobs.stream_hub import StreamHub
 from tasks.names import job_events_key
 from tests.hostile.conftest import another_callers_stream, assert_still_serving, auth, ensure_loaded
 from tests.hostile.streams import Background, held_job

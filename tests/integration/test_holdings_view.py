@@ -14,7 +14,8 @@ import time
 import pytest
 import redis
 
-from api.metrics import (
+from tasks.holdings import DEAD_LETTERS, FILES, OUTPUTS, Holdings
+from tasks.metrics_view import (
     HOLDINGS_BYTES,
     HOLDINGS_LIMIT,
     HOLDINGS_OBJECTS,
@@ -22,7 +23,6 @@ from api.metrics import (
     HOLDINGS_TOTAL_OBJECTS,
     QUEUE_DEPTH,
 )
-from tasks.holdings import DEAD_LETTERS, FILES, OUTPUTS, Holdings
 from tests.conftest import client_for, settings_for
 from tests.support import ADMIN_KEY, OTHER_USER_KEY, REPO_ROOT, USER_KEY, VIEWER_KEY, ApiProcess, base_env, metric
 

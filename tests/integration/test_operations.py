@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from api.request_tally import FLUSH_S
+from tasks.request_tally import FLUSH_S
 from tests.conftest import DB_MISC, client_for, poll, settings_for
 from tests.support import REPO_ROOT, ApiProcess, WorkerProcess, metric, wait_until
 
@@ -38,7 +38,7 @@ def test_request_counter_adds_up_across_gunicorn_workers(main_redis_url, main_wo
                 for name, labels in counted
             ]
 
-        # Each process writes what it counted within FLUSH_S (api/request_tally.py); then the sums are exact.
+        # Each process writes what it counted within FLUSH_S (tasks/request_tally.py); then the sums are exact.
         wait_until(lambda: min(added()) >= 60, timeout=10, what="the 60 requests in /metrics")
         time.sleep(FLUSH_S + 0.5)  # every process has flushed again: nothing was counted twice
         assert added() == [60, 60]

@@ -3,7 +3,7 @@ exactly the entries after its own position, in order, and nothing after it leave
 
 import redis
 
-from api.stream_hub import StreamHub
+from tasks.jobs.stream_hub import StreamHub
 from tasks.names import job_events_key
 from tests.conftest import DB_MISC
 from tests.support import read_until

@@ -18,6 +18,7 @@ from api import metrics as api_metrics
 from config.settings import SETTINGS, Settings, parse_worker_device
 from config.units import parse_size
 from tasks import metrics as worker_metrics
+from tasks import metrics_view
 from tests.support import REPO_ROOT
 
 KNOWN_ENV = {s.env for s in SETTINGS}
@@ -163,10 +164,10 @@ def test_grafana_dashboard_uses_metrics_that_exist():
     exported = {
         api_metrics.REQUESTS_TOTAL,
         api_metrics.REQUEST_DURATION,
-        api_metrics.MODEL_MEMORY,
-        api_metrics.ACTIVE_MODELS,
-        api_metrics.QUEUE_DEPTH,
-        api_metrics.LIVE_WORKERS,
+        metrics_view.MODEL_MEMORY,
+        metrics_view.ACTIVE_MODELS,
+        metrics_view.QUEUE_DEPTH,
+        metrics_view.LIVE_WORKERS,
         api_metrics.STREAMS_OPEN,
         worker_metrics.JOBS_TOTAL,
         *worker_metrics.BUCKETS,

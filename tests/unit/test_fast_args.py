@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from api.fast_args import load_batch, load_serve, load_wait, loader_for
-from api.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, UnloadQuerySchema, WaitQuerySchema
+from protocols.schemas import BatchRequestSchema, JobSchema, ServeRequestSchema, UnloadQuerySchema, WaitQuerySchema
 from tasks.jobs.public import public_job
 
 scalars = st.one_of(
@@ -154,7 +154,7 @@ def test_the_job_projection_is_the_schemas_dump(job):
 
 
 def test_the_public_projection_names_exactly_the_documented_fields():
-    from api.schemas import JobErrorSchema
+    from protocols.schemas import JobErrorSchema
     from tasks.jobs.public import ERROR_FIELDS, JOB_FIELDS
 
     assert JOB_FIELDS == tuple(JobSchema._declared_fields)

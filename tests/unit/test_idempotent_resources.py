@@ -96,7 +96,7 @@ def test_a_claim_that_expired_cannot_free_a_later_ones(redis_server, scratch_red
     claim under the same key stands, and a duplicate of it waits for its answer instead of running again."""
     from api import create_app
 
-    monkeypatch.setattr("api.idempotency.PENDING_S", 2)
+    monkeypatch.setattr("submission.idempotency.PENDING_S", 2)
     app = create_app(settings_for(redis_server.url(DB_SCRATCH)))
     calls: list[int] = []
 

@@ -15,11 +15,11 @@ from flask_smorest import Api
 import api.blueprints
 from api.errors import register_error_handlers
 from api.json_provider import Blueprint, OrjsonProvider
-from api.protocols.oip import parse_request
 from config.settings import ConfigError, Settings
 from config.signatures import MAX_ELEMENTS, MAX_RANK, ShapeError, TooManyElements, checked_shape
 from protocols.errors import ApiError
 from protocols.json import JsonBodyError, loads_bounded
+from protocols.oip import parse_request
 from tasks.tensors import pack, unpack
 
 HUGE = 10**3999

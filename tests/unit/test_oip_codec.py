@@ -1,4 +1,4 @@
-"""The Open Inference Protocol's JSON and binary tensor encodings (api/protocols/oip.py), byte for byte as
+"""The Open Inference Protocol's JSON and binary tensor encodings (protocols/oip.py), byte for byte as
 tritonclient writes and reads them."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 import tritonclient.http as triton_http
 from tritonclient.http._utils import _get_inference_request
 
-from api.protocols.oip import encode_response, parse_request, serialize_bytes
 from protocols.errors import ApiError
+from protocols.oip import encode_response, parse_request, serialize_bytes
 
 
 def client_body(inputs, outputs=None, **parameters):

@@ -3,7 +3,7 @@
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from api.metrics import DURATION_BUCKETS, REQUEST_DURATION, REQUESTS_TOTAL
-from api.request_tally import RequestTally
+from tasks.request_tally import RequestTally
 
 # On a bound, between bounds, under the first, past the last (+Inf), and the same route with another status.
 REQUESTS = [

@@ -1,4 +1,4 @@
-"""The checks and caps in front of every stream: resume positions (api/stream_hub.py), long-held request slots
+"""The checks and caps in front of every stream: resume positions (tasks/jobs/stream_hub.py), long-held request slots
 (api/limits.py), per-process threads started again when they die (tasks/per_process.py)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from flask import Flask, g
 
 from access.principal import ANONYMOUS_ADMIN, Principal
 from api.limits import LongRequests
-from api.stream_hub import InvalidPosition, canonical, position
-from api.streaming import resume_from
+from api.relay import resume_from
 from config.roles import ADMIN, OPERATOR, USER, VIEWER
 from config.settings import ConfigError, Settings
 from protocols.errors import ApiError
+from tasks.jobs.stream_hub import InvalidPosition, canonical, position
 from tasks.per_process import PerProcessThread
 
 TOP = 2**64 - 1

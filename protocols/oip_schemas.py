@@ -1,9 +1,9 @@
 """The OpenAPI schemas of the Open Inference Protocol's bodies (declarative: api/blueprints/oip.py documents its
-routes with them). Imports api/protocols/oip.py's datatypes only."""
+routes with them). Imports protocols/oip.py's datatypes only."""
 
 from __future__ import annotations
 
-from api.protocols.oip import NUMERIC
+from protocols.oip import NUMERIC
 
 ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 TENSOR_SCHEMA = {

@@ -2,7 +2,10 @@
 
 Any number of readers, joining at any time, each get every chunk exactly once and in order,
 because they read the same append-only stream from where they stand. Where a reader stands (a client's
-Last-Event-ID) is checked once, by `resume_from`, before anything reads from it.
+Last-Event-ID) is checked once, by api/relay.py `resume_from`, before anything reads from it.
+
+Below HTTP (the API's stream relay, api/relay.py, follows a job through it): may import tasks/ and config/; never
+api, flask or protocols.
 """
 
 from __future__ import annotations
@@ -12,27 +15,11 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from api.stream_hub import InvalidPosition, StreamHub, Subscription, canonical
-from protocols.errors import ApiError
 from tasks.jobs import Jobs
+from tasks.jobs.stream_hub import StreamHub, Subscription
 from tasks.states import SUCCEEDED, TERMINAL
 
 POLL_MS = 250
-
-
-def resume_from(last_event_id: str | None) -> str:
-    """The stream position a client asks to resume after (SSE's Last-Event-ID), checked: 400 unless it is a
-    position of a Redis Stream (`<ms>-<seq>`, each part at most 2^64-1). The text is never echoed back."""
-    if last_event_id is None:
-        return "0-0"
-    try:
-        return canonical(last_event_id.strip())
-    except InvalidPosition as exc:
-        raise ApiError(
-            400,
-            "bad_request",
-            f"Last-Event-ID must be an id this stream sent (like 1712-0): {exc}; leave it out to read from the start",
-        ) from None
 
 
 @dataclass
@@ -55,13 +42,13 @@ def follow_job(
     Stops early (without `done`) once `alive()` turns false; yields `keepalive` events every
     `keepalive_s` of silence when asked. With a `hub` (the API process's one reader of every open
     stream) the entries come from it; without, from a blocking read of our own. `last_id` must be a checked
-    position (`resume_from`); a stream Redis refuses to read raises SubscriptionFailed.
+    position (api/relay.py `resume_from`); a stream Redis refuses to read raises SubscriptionFailed.
     """
     subscription = hub.subscribe(job_id, last_id) if hub is not None else None
     try:
         yield from _follow(jobs, job_id, last_id, alive, keepalive_s, subscription)
     finally:
-        if subscription is not None:
+        if hub is not None and subscription is not None:
             hub.unsubscribe(subscription)
 
 

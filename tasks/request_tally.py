@@ -5,6 +5,9 @@ library's lock, checks the pid and writes an mmap'd file, three writes per reque
 process's CPU at GPU speed. Here a request costs a few dict increments; a per-process thread writes the sums every
 `FLUSH_S` (and a scrape answered by this process writes them first), so a scrape sees a request at most `FLUSH_S`
 late, and totals stay exact. The counts of a process that exits are written at exit.
+
+Below HTTP (api/metrics.py counts each request through it): may import tasks/, config/ and prometheus_client;
+never api or flask.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import bisect
 import threading
 import time
 from collections import Counter as Tally
+from typing import Any
 
 from loguru import logger
 from prometheus_client import Counter, Histogram
@@ -31,7 +35,7 @@ class RequestTally:
         self._lock = threading.Lock()
         self._counts: Tally = Tally()  # (method, endpoint, status) -> requests
         self._buckets: Tally = Tally()  # (method, endpoint, bucket index) -> requests
-        self._sums: Tally = Tally()  # (method, endpoint) -> seconds
+        self._sums: Any = Tally()  # (method, endpoint) -> seconds (floats: typeshed types a Counter int)
         self._thread = PerProcessThread("aethercore-request-tally", self._run, self._reset)
 
     def count(self, method: str, endpoint: str, status: str, seconds: float) -> None:

@@ -14,6 +14,8 @@ checked (`position`) before it can reach the hub; a stream Redis refuses to read
 (the others are read again without it); any other error in the loop is logged and the loop goes on; and
 should the thread die all the same, the next follower that finds nothing new, or the next subscriber, starts
 it again (tasks/per_process.py) with every subscription kept.
+
+Below HTTP (built once per API process by api/services.py): may import tasks/ and config/; never api or flask.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import redis
 from loguru import logger
@@ -151,7 +153,7 @@ class StreamHub:
             self._someone.clear()
             return failing
         try:
-            reply = self.redis.xread(streams, block=BLOCK_MS, count=COUNT)
+            reply: Any = self.redis.xread(cast(Any, streams), block=BLOCK_MS, count=COUNT)
         except redis.ResponseError:
             # Redis answered, refusing the read: one of the streams is at fault, not the connection.
             self._drop_refused(streams)

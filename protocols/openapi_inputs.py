@@ -5,6 +5,8 @@ the model's max_length_limit) and the model's signature (config/signatures.py) f
 The body is a `oneOf` with a `model_id` discriminator: one schema per model, so Swagger UI shows what each model
 takes and a generated client (or schemathesis) sends bodies the API accepts. Built when the document is served,
 so tensor signatures the workers read from artifacts after the API started are in it too.
+
+Below HTTP (api/app.py adds it to the document it serves): may import config/ only; never api or flask.
 """
 
 from __future__ import annotations

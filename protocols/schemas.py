@@ -1,4 +1,7 @@
-"""Request and response schemas: validation and the OpenAPI document come from the same code."""
+"""The native API's request and response schemas (/serve, /serve/batch, /jobs, /models, /health): validation and the
+OpenAPI document come from the same code. Below HTTP: the blueprints and api/fast_args.py use them.
+
+May import config/, tasks/, protocols/ and marshmallow; never api or flask."""
 
 from __future__ import annotations
 
