@@ -14,7 +14,8 @@ from gunicorn.glogging import Logger
 from gunicorn.http import wsgi as gunicorn_wsgi
 
 from config.logging import InterceptHandler
-from config.settings import REPO_ROOT, Settings
+from config.settings import Settings
+from config.values import REPO_ROOT
 
 
 class LoguruGunicornLogger(Logger):

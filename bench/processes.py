@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from cli.supervise import Api, BatchDriver, RedisServer, Worker
-from config.settings import REPO_ROOT
+from config.values import REPO_ROOT
 
 __all__ = ["AUTH", "BENCH_KEY", "RedisServer", "api", "batch_driver", "bench_env", "worker"]
 

@@ -11,7 +11,8 @@ import requests
 import typer
 from rich.console import Console
 
-from config.settings import ConfigError, Settings
+from config.settings import Settings
+from config.values import ConfigError
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True, highlight=False)

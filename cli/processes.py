@@ -16,7 +16,8 @@ import typer
 from cli.common import checked_models, console, err, fail, settings
 from cli.supervise import Child, RedisUnavailable, ensure_redis, stop_all
 from config.roles import ADMIN
-from config.settings import REPO_ROOT, ConfigError, Settings
+from config.settings import Settings
+from config.values import REPO_ROOT, ConfigError
 
 
 def api() -> None:

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from config.settings import REPO_ROOT
+from config.values import REPO_ROOT
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from config.settings import ConfigError
 from config.signatures import DECLARED, Signature, declared_tensors, task_signature
 from config.units import parse_size
+from config.values import ConfigError
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # `simulated`: a device profile, not a model (capacity planning and benchmarks): no files, its forward pass

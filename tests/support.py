@@ -16,7 +16,7 @@ import simple_websocket
 import yaml
 
 from cli.supervise import Api, BatchDriver, Child, RedisServer, Worker, free_port, wait_until
-from config.settings import REPO_ROOT
+from config.values import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 

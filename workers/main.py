@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import socket
 
-from config.settings import Settings, parse_worker_device
+from config.settings import Settings
+from config.values import parse_worker_device
 from workers.device import pin_device
 
 

@@ -28,7 +28,8 @@ from typing import Any
 from loguru import logger
 
 from config.models import ModelSpec
-from config.settings import REPO_ROOT, Settings, model_process_env
+from config.settings import Settings, model_process_env
+from config.values import REPO_ROOT
 from tasks.errors import CODES, MODEL_LOAD_FAILED, MODEL_LOAD_TIMEOUT
 from workers import wire
 from workers.device import anon_bytes_of, rss_bytes_of

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 
 from config.models import load_models
-from config.settings import SETTINGS, ConfigError, Settings
+from config.settings import SETTINGS, Settings
 from config.units import parse_size
+from config.values import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from api import metrics as api_metrics
-from config.settings import SETTINGS, Settings, parse_worker_device
+from config.settings import SETTINGS, Settings
 from config.units import parse_size
+from config.values import parse_worker_device
 from tasks import metrics as worker_metrics
 from tasks import metrics_view
 from tests.support import REPO_ROOT

@@ -15,8 +15,9 @@ from flask_smorest import Api
 import api.blueprints
 from api.errors import register_error_handlers
 from api.json_provider import Blueprint, OrjsonProvider
-from config.settings import ConfigError, Settings
+from config.settings import Settings
 from config.signatures import MAX_ELEMENTS, MAX_RANK, ShapeError, TooManyElements, checked_shape
+from config.values import ConfigError
 from protocols.errors import ApiError
 from protocols.json import JsonBodyError, loads_bounded
 from protocols.oip import parse_request

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from config.settings import REPO_ROOT
+from config.values import REPO_ROOT
 from tasks.errors import BROKER_UNAVAILABLE, CODES, INTERNAL_ERROR, POISON_JOB, http_status
 from tasks.jobs import Jobs
 from tasks.jobs.inflight import requeue_payload

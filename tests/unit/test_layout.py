@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from config.settings import REPO_ROOT
+from config.values import REPO_ROOT
 
 FRAMEWORKS = ("torch", "transformers", "onnxruntime")
 ROOMS = (

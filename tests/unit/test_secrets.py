@@ -11,7 +11,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from config.settings import ConfigError, Settings
+from config.settings import Settings
+from config.values import ConfigError
 from tests.support import REPO_ROOT
 
 REAL_KEY = "k3Jx9QvTt2Lp8WmZr4Nc"  # 20 random characters

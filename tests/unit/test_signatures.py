@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from config.models import load_models
-from config.settings import ConfigError
 from config.signatures import ARTIFACT, DECLARED, Signature, TensorSpec, task_signature, tensor_input_errors
+from config.values import ConfigError
 from model_store.signatures import SIGNATURE_FILE, read_signature, write_signature
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ from access.principal import ANONYMOUS_ADMIN, Principal
 from api.limits import LongRequests
 from api.relay import resume_from
 from config.roles import ADMIN, OPERATOR, USER, VIEWER
-from config.settings import ConfigError, Settings
+from config.settings import Settings
+from config.values import ConfigError
 from protocols.errors import ApiError
 from tasks.jobs.stream_hub import InvalidPosition, canonical, position
 from tasks.per_process import PerProcessThread

@@ -14,7 +14,8 @@ import orjson
 import pytest
 from standardwebhooks import Webhook
 
-from config.settings import ConfigError, Settings
+from config.settings import Settings
+from config.values import ConfigError
 from tasks.deadletters import EXPIRED_IN_QUEUE, POISON, DeadLetters
 from tasks.errors import DEADLINE_EXCEEDED, POISON_JOB, error_body
 from tasks.holdings import DELIVERIES, Holdings
