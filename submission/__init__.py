@@ -10,6 +10,7 @@ shape; nothing here speaks HTTP. A dead letter's replay (replay.py) is a new sub
 Idempotency-Key's record, fingerprint and stored answer (idempotency.py) are the store half of api/idempotency.py's
 `@idempotent`.
 
-May import: config/, tasks/ and third-party libraries (celery, redis, orjson, limits, loguru). Never api/, flask,
+May import: config/, tasks/, access/ (the caller), webhooks/ (a URL checked, an owner held) and third-party
+libraries (celery, redis, orjson, limits, loguru). Never api/, flask,
 flask_smorest or workers/: the HTTP layer sits above this room and translates into it.
 """
