@@ -16,17 +16,11 @@ from api.metrics import init_metrics
 from api.request_id import init_request_id
 from api.security import init_security
 from api.services import Services
-from batches.files import FileStore
-from batches.store import BatchStore
+from batches.stores import open_stores
 from config.models import load_models
 from config.settings import Settings
 from protocols.openapi_inputs import document_inputs
-from submission.dispatch import InferenceDispatcher
-from tasks.celery_app import make_celery
-from tasks.cluster import ClusterState
-from tasks.holdings import quotas_from
-from tasks.jobs import Jobs
-from tasks.redis_client import make_redis
+from submission.wiring import connect
 
 VERSION = "0.1.0"
 
@@ -64,30 +58,20 @@ def create_app(settings: Settings | None = None) -> Flask:
         API_SPEC_OPTIONS={"security": CREDENTIALS},
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
     )
-    redis_client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
-    cluster = ClusterState(redis_client, settings.worker_ttl)
-    celery = make_celery(settings)
-    job_store = Jobs(
-        redis_client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max, quotas_from(settings)
-    )
+    connections = connect(settings)
+    redis_client, cluster = connections.redis, connections.cluster
     app.extensions["aethercore"] = svc = Services(
         settings=settings,
         models=load_models(settings.models_file),
-        jobs=job_store,
+        jobs=connections.jobs,
         cluster=cluster,
-        celery=celery,
-        dispatcher=InferenceDispatcher(
-            celery,
-            linger_ms=settings.dispatch_linger_ms,
-            jobs=job_store.records if settings.effective_broker_url == settings.redis_url else None,
-        ),
+        celery=connections.celery,
+        dispatcher=connections.dispatcher,
     )
     app.extensions["aethercore_metrics"] = init_metrics(app, cluster)
     # The OpenAI Files and Batch APIs: their state in Redis (driven by the batch driver processes, batches/driver.py).
-    raw = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl(), decode_responses=False)
     holdings = svc.holdings
-    files = FileStore(redis_client, raw, settings.files_ttl, holdings)
-    batch_store = BatchStore(redis_client, settings.files_ttl, holdings)
+    files, batch_store = open_stores(settings, redis_client, holdings)
     app.extensions["aethercore_batches"] = {
         "files": files,
         "batches": batch_store,

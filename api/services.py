@@ -21,13 +21,13 @@ from submission.errors import Refused
 from submission.replies import ReplyListener
 from submission.submitter import Submitter
 from submission.webhooks import Webhooks
+from submission.wiring import wire
 from tasks.cluster import ClusterState
 from tasks.deadletters import DeadLetters
-from tasks.holdings import DEAD_LETTERS, Holdings
+from tasks.holdings import Holdings
 from tasks.jobs import Jobs
 from tasks.jobs.stream_hub import StreamHub
 from webhooks.deliveries import Deliveries
-from webhooks.outbound import OutboundPolicy
 from webhooks.owners import WebhookOwners
 
 
@@ -55,33 +55,19 @@ class Services:
         self.long_requests = LongRequests(
             self.settings.max_streams_per_caller, self.settings.api_threads - self.settings.reserved_threads
         )
-        self.replies = ReplyListener(self.jobs.redis, self.jobs.records, admit=self.long_requests.take)
-        self.streams = StreamHub(self.jobs.redis)
-        self.admission = Admission(self.settings, self.cluster.redis)
-        self.webhook_owners = WebhookOwners(self.jobs.redis)
-        self.deliveries = Deliveries(self.jobs.redis)
-        self.dead_letters = DeadLetters(
-            self.jobs.redis,
-            self.settings.dead_letter_ttl,
-            self.settings.dead_letter_max,
-            self.jobs.quotas.get(DEAD_LETTERS),
-        )
-        # What callers make the service keep, charged to them (tasks/holdings.py); all of it within its share of
-        # Redis's maxmemory, read with the memory check's cached value.
-        self.holdings = Holdings(self.jobs.redis, self.jobs.quotas, self.admission.holdings_limit)
-        outbound = OutboundPolicy.from_entries(self.settings.webhook_allow)
-        self.webhooks = Webhooks(self.webhook_owners, outbound, self.holdings, self.settings.webhook_max_pending)
-        self.submitter = Submitter(
+        wired = wire(
             self.settings,
             self.models,
             self.jobs,
             self.cluster,
             self.celery,
             self.dispatcher,
-            self.replies,
-            self.webhooks,
-            self.admission,
+            admit=self.long_requests.take,
         )
+        self.submitter, self.admission, self.replies = wired.submitter, wired.admission, wired.replies
+        self.webhook_owners, self.webhooks, self.deliveries = wired.webhook_owners, wired.webhooks, wired.deliveries
+        self.dead_letters, self.holdings = wired.dead_letters, wired.holdings
+        self.streams = StreamHub(self.jobs.redis)
 
     # -- reads for the blueprints and the jobs product, refusals as HTTP errors ---------------------------------
     def spec(self, model_id: str) -> ModelSpec:

@@ -4,7 +4,7 @@ batches`; its validation, line submission and answer files in validation.py, lin
 lines a device takes in lanes.py; a new batch in creation.py). The HTTP views are api/blueprints/files.py and
 api/blueprints/batches.py.
 
-May import config/, tasks/, protocols/ and webhooks/; never api, flask, flask_smorest or workers. The one exception
-until the submission use case lands below HTTP: the driver's line submission (batches/submit.py) still goes through
-the API's services and a Flask request context of the batch's owner.
+May import config/, tasks/, access/, protocols/, submission/ and webhooks/; never api, flask, flask_smorest or
+workers: the driver submits a line through the one submission use case, built in this process as an API process
+builds it (services.py, submission/wiring.py).
 """

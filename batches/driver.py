@@ -35,11 +35,10 @@ batch ends `failed` with an `internal_error` in its errors).
 
 The rooms: this module is the loop, the leases, one batch's step, its owner, its stop and its end, and the process
 (`run_batch_driver`); validation is batches/validation.py, submitting and collecting lines batches/lines.py, the
-output and error entries and the batch's errors batches/outputs.py. A line must run exactly what the same /v1
+output and error entries and the batch's errors batches/outputs.py. A line runs exactly what the same /v1
 request runs (its translation and checks, the owner's role deciding autoload, the owner's rate limit counted as the
-job is created, backpressure, the dispatcher); until that submission path is a use case below HTTP, it goes through
-the API's services in a request context of the batch's owner, and batches/bridge.py is the one module here that
-imports the API package (and Flask) for it.
+job is created, backpressure, the dispatcher): the one submission use case, which this process builds as an API
+process does (batches/services.py `open_services`, submission/wiring.py); no Flask app, no import of api/.
 
 Why a process of its own, and a niced one (AETHERCORE_BATCH_DRIVER_NICE): a driver's pass is CPU in bursts
 (answers collected 256 at a time, their JSON, Lua round trips). As a thread of every API process, under gevent, such
@@ -70,7 +69,6 @@ import orjson
 import redis
 from loguru import logger
 
-from batches.bridge import ApiBridge, submission_app
 from batches.ending import Ending, deadline_of
 from batches.files import FileStore
 from batches.lines import Lines
@@ -78,6 +76,7 @@ from batches.outputs import (
     clip,
     error_entry,
 )
+from batches.services import DriverServices, open_services
 from batches.store import (
     CANCELLING,
     ENDED,
@@ -109,10 +108,10 @@ OWNER_REVOKED = "owner_revoked"
 
 
 class BatchDriver(Validation, Lines, Ending):
-    def __init__(self, api: ApiBridge, store: BatchStore, files: FileStore, name: str | None = None) -> None:
-        self.api = api
-        self.settings = api.settings
-        self.jobs = api.jobs
+    def __init__(self, services: DriverServices, store: BatchStore, files: FileStore, name: str | None = None) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.jobs = services.jobs
         self.store = store
         self.files = files
         self.name = name or f"batches.{os.getpid()}@{socket.gethostname()}"
@@ -217,7 +216,7 @@ class BatchDriver(Validation, Lines, Ending):
             self.store.forget(batch_id)
             return False
         batch = self._as_current_owner(batch)
-        with self.api.as_owner(batch):
+        with self.services.as_owner(batch):
             done = self._advance(batch)
         if batch.get("step_failures"):
             self.store.recovered(batch_id)
@@ -250,7 +249,7 @@ class BatchDriver(Validation, Lines, Ending):
         """The batch with its owner's role as it is now; a batch whose owner was revoked is cancelled first."""
         key = (batch["owner"], batch["role"])
         if key not in self._owners:  # once per pass for all of an owner's batches
-            self._owners[key] = self.api.serving_role(*key)
+            self._owners[key] = self.services.serving_role(*key)
         role = self._owners[key]
         if role is not None:
             return {**batch, "role": role}
@@ -307,8 +306,8 @@ def run_batch_driver(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    api = ApiBridge(submission_app(settings))
-    driver = BatchDriver(api, api.batches, api.files)
+    services = open_services(settings)
+    driver = BatchDriver(services, services.batches, services.files)
     logger.info(
         "batch driver {} running at nice {} (AETHERCORE_BATCH_DRIVER_NICE={}): the API and the workers get the CPU "
         "first",

@@ -33,7 +33,7 @@ from batches.store import (
 from batches.validation import BATCH_EXPIRED
 
 if TYPE_CHECKING:
-    from batches.bridge import ApiBridge
+    from batches.services import DriverServices
 
 MAX_STEP_FAILURES = 5  # unexpected exceptions of a batch's steps in a row before it ends failed
 # Lines still running at a batch's deadline (its window's end, or its cancel) have this long to end and be
@@ -46,7 +46,7 @@ class Ending:
 
     store: BatchStore
     files: FileStore
-    api: ApiBridge
+    services: DriverServices
 
     def _cancel_jobs(self, job_ids: list[str], why: str) -> None:  # batches/lines.py
         raise NotImplementedError
@@ -98,7 +98,7 @@ class Ending:
             return
         what = "validating its input file" if batch["status"] == VALIDATING else "running it"
         message = f"{what} failed unexpectedly {failures} times in a row (the incident was logged); the batch ended"
-        with self.api.as_owner(batch):
+        with self.services.as_owner(batch):
             self._abandon(batch, FAILED, INTERNAL_ERROR, message)
 
     def _abandon(self, batch: dict[str, Any], to: str, code: str, message: str) -> bool:

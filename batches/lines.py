@@ -1,5 +1,5 @@
 """A batch's lines while it runs: submitting the lines taken up to the batch's room (each an ordinary inference job
-of the batch's owner, in the `low` lane, through batches/bridge.py until the submission use case lives below HTTP),
+of the batch's owner, in the `low` lane, through the one submission use case: batches/services.py `submit_line`),
 a refusal for load holding the batch's submissions for its Retry-After, and collecting every submitted line whose
 job ended: its answer (the /v1 response body, or the error /v1 would answer) written to the output or error file
 exactly once. A mixin of the batch driver (batches/driver.py `BatchDriver`), whose store, files, job store and
@@ -32,7 +32,7 @@ from tasks.states import EXPIRED as JOB_EXPIRED
 from tasks.states import SUCCEEDED, TERMINAL
 
 if TYPE_CHECKING:
-    from batches.bridge import ApiBridge
+    from batches.services import DriverServices
 
 STOP_PAGE = 1000  # lines answered per pass while a batch stops
 CANCEL_EVERY_S = 2.0  # how often a stopping batch asks its unfinished jobs to stop
@@ -47,7 +47,7 @@ class Lines:
     files: FileStore
     settings: Settings
     jobs: Jobs
-    api: ApiBridge
+    services: DriverServices
     _pool: ThreadPoolExecutor
 
     def _submit(self, batch: dict[str, Any]) -> int:
@@ -56,7 +56,7 @@ class Lines:
         if float(batch.get("hold_until") or 0) > now:
             return 0
         waiting = sorted(line for line, job in self.store.taken(batch["id"]).items() if job == NOT_SUBMITTED)
-        waiting += self.store.claim(batch, self.api.line_room(batch), "room")
+        waiting += self.store.claim(batch, self.services.line_room(batch), "room")
         if not waiting:
             return 0
         answers: list[Answer] = []
@@ -65,7 +65,7 @@ class Lines:
             custom_id = custom_id_of(text)
             try:
                 request = orjson.loads(text) if text else {}
-                work.append((line, custom_id, prepare(batch["endpoint"], request.get("body"), self.api.svc)))
+                work.append((line, custom_id, prepare(batch["endpoint"], request.get("body"), self.services.catalog)))
             except (ApiError, ma.ValidationError) as exc:  # valid when validated: models.yaml changed since
                 answers.append(refused(batch, line, custom_id, None, api_error(exc)))
             except Exception as exc:  # a bug: tried again a few times, then answered
@@ -94,7 +94,7 @@ class Lines:
     def _submit_one(self, batch: dict[str, Any], line: int, prepared: Prepared, timeout: float) -> Any:
         """One line submitted as its owner (a submitting thread): its job, or the exception that refused it."""
         try:
-            return self.api.submit_line(batch, line, prepared, timeout)
+            return self.services.submit_line(batch, line, prepared, timeout)
         except (ApiError, OperationalError, TimeoutError) as exc:
             return exc
         except Exception as exc:  # e.g. Redis away: the line waits, and the batch with it
@@ -156,7 +156,7 @@ class Lines:
             return stopped(batch, line, custom_id)
         if job["status"] == SUCCEEDED:
             try:
-                body = prepare(batch["endpoint"], request.get("body"), self.api.svc).respond(job)
+                body = prepare(batch["endpoint"], request.get("body"), self.services.catalog).respond(job)
             except (ApiError, ma.ValidationError) as exc:  # a failed row of the request, or models.yaml changed
                 return refused(batch, line, custom_id, job["job_id"], api_error(exc))
             entry = {
@@ -172,7 +172,7 @@ class Lines:
             return stopped(batch, line, custom_id, job["job_id"])
         if job["status"] == JOB_EXPIRED and time.time() >= float(batch["expires_at"]):
             return stopped(batch, line, custom_id, job["job_id"], STOP_EXPIRE)
-        return refused(batch, line, custom_id, job["job_id"], self.api.ended_error(job))
+        return refused(batch, line, custom_id, job["job_id"], self.services.ended_error(job))
 
     def _cancel_jobs(self, job_ids: list[str], why: str) -> None:
         for job_id in job_ids:

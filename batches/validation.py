@@ -26,7 +26,7 @@ from protocols.json import JsonBodyError, loads_bounded
 from protocols.openai import BATCH_ENDPOINTS, Catalog, Prepared, openai_error
 
 if TYPE_CHECKING:
-    from batches.bridge import ApiBridge
+    from batches.services import DriverServices
 
 LEASE_MS = 10_000  # a driver that died stops holding its batches after this
 VALIDATE_PAGE = 1000  # input lines read per round trip while validating
@@ -78,7 +78,7 @@ class Validation:
     files: FileStore
     settings: Settings
     holder: str
-    api: ApiBridge
+    services: DriverServices
     _stopping: threading.Event
 
     def _validate(self, batch: dict[str, Any]) -> None:
@@ -215,7 +215,7 @@ class Validation:
                 problems.append(error_entry(MISMATCHED_MODEL, message, "model", line))
         if url == endpoint:
             try:
-                prepare(endpoint, body, self.api.svc)
+                prepare(endpoint, body, self.services.catalog)
             except (ApiError, ma.ValidationError) as exc:
                 refusal = api_error(exc)
                 error = openai_error(refusal.status, refusal.code, refusal.message, refusal.details)["error"]

@@ -6,7 +6,7 @@ this, so a batch line answers what the same /v1 request answers.
 
 May import config/, tasks/, submission/ (its checks), protocols/ and marshmallow; never flask or api/. What the
 translation looks up (the configured models, the settings' bounds) it is handed as a `Catalog`: the API's
-services in a view, the batch driver's in a batch line.
+services in a view, the Submitter in a batch line.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_
 
 
 class Catalog(Protocol):
-    """What a translation looks up: the settings (the inputs' bounds) and a configured model (ApiError 404
-    `model_not_found` when it is not)."""
+    """What a translation looks up: the settings (the inputs' bounds) and a configured model (404 `model_not_found`,
+    as ApiError or Refused, when it is not): the Submitter, or the API's services."""
 
     settings: Settings
 
@@ -212,7 +212,10 @@ class ChatRequest(_GenerationRequest):
 
 
 def _spec_for(catalog: Catalog, model: str, task: str, endpoint: str) -> ModelSpec:
-    spec = catalog.spec(model)
+    try:
+        spec = catalog.spec(model)
+    except Refused as exc:  # 404 model_not_found, in the caller's protocol
+        raise refused_error(exc) from None
     if spec.task != task:
         raise ApiError(
             400,

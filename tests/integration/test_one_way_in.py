@@ -182,8 +182,8 @@ def test_a_dead_letters_replay_is_submitted_through_the_submitter(app, submitted
 
 
 def test_a_batch_line_is_submitted_through_the_submitter(app, submitted):
-    from batches.bridge import ApiBridge
     from batches.driver import BatchDriver
+    from batches.services import DriverServices
 
     client = app.test_client()
     line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "minilm", "input": "x"}}
@@ -200,8 +200,11 @@ def test_a_batch_line_is_submitted_through_the_submitter(app, submitted):
         headers=ADMIN,
     )
     assert batch.status_code == 200, batch.get_json()
-    api = ApiBridge(app)
-    driver = BatchDriver(api, api.batches, api.files)
+    svc, stores = app.extensions["aethercore"], app.extensions["aethercore_batches"]
+    services = DriverServices(
+        svc.settings, svc.jobs, svc.submitter, stores["batches"], stores["files"], app.extensions["aethercore_auth"]
+    )
+    driver = BatchDriver(services, services.batches, services.files)
     before = _jobs(app)
     deadline = time.monotonic() + 30
     while not submitted and time.monotonic() < deadline:
