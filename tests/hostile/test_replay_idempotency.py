@@ -12,13 +12,16 @@ operator's route: the attacker mints the dead letters, an admin replays them. Ea
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -89,6 +92,7 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, Any]]:
         "api": api,
         "strict": strict,
         "common": common,
+        "worker": worker,
     }
     strict.stop()
     api.stop()
@@ -107,8 +111,22 @@ def user(name: str) -> tuple[dict[str, str], str]:
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-def mint(base: str, who: dict[str, str], count: int, text: str = "x") -> list[str]:
-    """`count` jobs that expire in the queue (`timeout: 0.001`): each becomes a dead letter of `who`."""
+@contextmanager
+def paused(worker: WorkerProcess) -> Iterator[None]:
+    """The worker takes no message meanwhile (SIGSTOP, then SIGCONT): an idle worker's BRPOP can take a job within
+    its 1 ms deadline and run it; paused, every job minted waits past it in the queue. For a few seconds at most (its
+    heartbeat stops meanwhile: past AETHERCORE_WORKER_TTL it would count as dead)."""
+    assert worker.proc is not None
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+
+
+def mint(base: str, who: dict[str, str], count: int, text: str = "x", pause: WorkerProcess | None = None) -> list[str]:
+    """`count` jobs that expire in the queue (`timeout: 0.001`): each becomes a dead letter of `who` (every one of
+    them when the worker is `pause`d while they are queued; without, a few may start within the millisecond)."""
     body = {"model_id": "minilm", "inputs": {"text": text}, "timeout": 0.001}
 
     def one(_i: int, session: requests.Session) -> str:
@@ -121,8 +139,8 @@ def mint(base: str, who: dict[str, str], count: int, text: str = "x") -> list[st
             return [one(i, session) for i in indexes]
 
     step = max(1, count // 6)
-    with ThreadPoolExecutor(6) as pool:
-        parts = pool.map(batch, [range(i, min(count, i + step)) for i in range(0, count, step)])
+    with paused(pause) if pause is not None else nullcontext(), ThreadPoolExecutor(6) as pool:
+        parts = list(pool.map(batch, [range(i, min(count, i + step)) for i in range(0, count, step)]))
     return [job_id for part in parts for job_id in part]
 
 
@@ -139,7 +157,7 @@ def used_memory(client: redis.Redis) -> int:
 def test_a_user_minting_dead_letters_keeps_only_their_cap_and_redis_memory_returns(cluster):
     api, client = cluster["api"], cluster["redis"]
     bystander, _ = user("bystander")
-    kept = mint(api.base, bystander, 3)
+    kept = mint(api.base, bystander, 3, pause=cluster["worker"])
     assert_every_job_ends(client)
     baseline = used_memory(client)
 
@@ -178,7 +196,7 @@ def replay(base: str, job_id: str) -> requests.Response:
 def test_a_replay_refused_for_load_answers_429_not_202(cluster):
     api, strict, client = cluster["api"], cluster["strict"], cluster["redis"]
     attacker, owner = user("replayed")
-    minted = mint(api.base, attacker, STRICT_RATE + 4)
+    minted = mint(api.base, attacker, STRICT_RATE + 4, pause=cluster["worker"])
     assert_every_job_ends(client)
     # oldest first: each replay expires in its queue again (it keeps its 1 ms timeout) and becomes the owner's
     # newest dead letter, so the owner's cap makes the oldest (already replayed) leave, not the next to replay
