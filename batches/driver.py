@@ -101,7 +101,7 @@ SWEEP_EVERY_S = 60.0  # how often a driver takes expired objects out of the owne
 # A Redis refusal that says Redis is unavailable, not that a step's data is wrong: the pass is retried as a whole.
 _OUTAGE = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS")
 # Lines of a batch submitted at once by each driver: their round trips overlap, and lines that leave together share
-# Celery messages (api/dispatch.py).
+# Celery messages (submission/dispatch.py).
 SUBMITTERS = 8
 # Why a batch ended early (errors.data[].code): its owner's credentials were revoked, its steps kept failing.
 OWNER_REVOKED = "owner_revoked"

@@ -6,7 +6,7 @@ field (webhook.py), the Open Inference Protocol's tensor codec, JSON and binary 
 (openapi_inputs.py). The HTTP layer (api/: blueprints, error handlers) and the processes beside it (batches/: the
 batch driver runs a /v1 body per line) import these.
 
-May import config/, tasks/, webhooks/ (the URL rules of outbound.py), marshmallow and numpy; never api, flask,
-flask_smorest or workers. The one exception until the submission use case lives below HTTP: openai.py's
-translation takes its checks and the model's spec from api/inference.py and api/services.py.
+May import config/, tasks/, submission/ (its checks and `Refused`), webhooks/ (the URL rules of outbound.py),
+marshmallow and numpy; never api, flask, flask_smorest or workers. What openai.py's translation looks up (the
+models, the settings' bounds) it is handed as a `Catalog`.
 """

@@ -1,7 +1,7 @@
 """A submission's completion webhook, decided on the request path without I/O beyond a cached read: the URL (the
-request's, else the owner's default endpoint), checked against the outbound rules (tasks/outbound.py; no DNS here,
+request's, else the owner's default endpoint), checked against the outbound rules (webhooks/outbound.py; no DNS here,
 the dispatcher resolves and checks again), and the owner whose secret signs it. The job carries the result
-(`webhook` field, JSON {url, owner}); the Lua step that ends it makes the delivery due (tasks/webhooks.py). A Batch
+(`webhook` field, JSON {url, owner}); the Lua step that ends it makes the delivery due (webhooks/deliveries.py). A Batch
 API batch's webhook (`batch_webhook`) is decided the same way.
 
 May import: config/, tasks/, submission/."""
@@ -105,6 +105,7 @@ class Webhooks:
     def batch_webhook(self, owner: str | None, metadata: dict[str, Any] | None) -> str | None:
         """The `webhook` to keep with a new batch (JSON {url, owner}) or None: `metadata.webhook_url`, else the
         owner's default endpoint; checked like a job's. The Lua step that ends the batch makes its delivery due
-        (api/batches.py `_END`); the dispatcher builds its body at the first attempt (api/batches.py `webhook_body`)."""
+        (batches/lua/, through batches/store.py); the dispatcher builds its body at the first attempt
+        (batches/objects.py `webhook_body`)."""
         url = (metadata or {}).get(BATCH_WEBHOOK_KEY)
         return self.decide(owner, url, f"metadata.{BATCH_WEBHOOK_KEY}")
