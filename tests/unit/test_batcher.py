@@ -290,7 +290,8 @@ def backlog_then_high(executor, lows=96):
     now = time.time()
     batcher.submit({"text": "warm"}, {}, lane="high", submitted_at=now).result(5)
     time.sleep(1.1)  # the high job is no longer recent: the backlog's passes are full
-    backlog = [batcher.submit({"text": f"low{i}"}, {}, lane="low", submitted_at=now) for i in range(lows)]
+    with batcher._cond:  # the backlog arrives at once (the lock is re-entrant): its first pass sees all of it queued
+        backlog = [batcher.submit({"text": f"low{i}"}, {}, lane="low", submitted_at=now) for i in range(lows)]
     while len(executor.batches) < 3:  # the first full pass of low ones ran (measured), the second is running
         time.sleep(0.005)
     high = batcher.submit({"text": "high"}, {}, lane="high", submitted_at=time.time())
