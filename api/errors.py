@@ -20,6 +20,7 @@ from protocols.errors import ApiError, refused_error
 from submission.errors import Refused
 from tasks.errors import BROKER_UNAVAILABLE
 from tasks.holdings import OWNER_BYTES, OWNER_COUNT, QuotaExceeded
+from tasks.redis_client import NotReplicated
 
 DEFAULT_CODES = {
     400: "bad_request",
@@ -124,6 +125,18 @@ def register_error_handlers(app: Flask) -> None:
     def _refused(exc: Refused):
         error = refused_error(exc)
         return error_response(error.status, error.code, error.message, error.details, error.headers)
+
+    @app.errorhandler(NotReplicated)
+    def _not_replicated(exc: NotReplicated):
+        logger.warning("a write was not replicated in time: {}", exc)
+        return error_response(
+            503,
+            "not_replicated",
+            "Redis did not confirm the write on enough replicas in time (AETHERCORE_REDIS_MIN_REPLICAS_ACK; a "
+            "failover may be under way): it may have been accepted or not, retry shortly with the same "
+            "Idempotency-Key",
+            headers={"Retry-After": "2"},
+        )
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: redis.RedisError):

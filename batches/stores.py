@@ -16,5 +16,7 @@ from tasks.redis_client import make_redis
 
 
 def open_stores(settings: Settings, client: redis.Redis, holdings: Holdings) -> tuple[FileStore, BatchStore]:
-    raw = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl(), decode_responses=False)
+    raw = make_redis(
+        settings.redis_url, settings.redis_sentinel_master, **settings.redis_options(), decode_responses=False
+    )
     return FileStore(client, raw, settings.files_ttl, holdings), BatchStore(client, settings.files_ttl, holdings)

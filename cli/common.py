@@ -48,7 +48,7 @@ def reachable_redis() -> Any:
 
     cfg = settings()
     try:
-        redis = make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl())
+        redis = make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_options())
         redis.ping()
     except Exception:
         fail(f"Redis is not reachable at {cfg.redis_url} (AETHERCORE_REDIS_URL)")

@@ -36,9 +36,11 @@ def worker(
     from workers.main import run_worker
 
     try:
-        run_worker(device, settings())
+        code = run_worker(device, settings())
     except (ValueError, ConfigError) as exc:
         fail(str(exc), 2)
+    if code:  # an unrecoverable error: a supervisor (compose, systemd, manage.py up) must see it and restart us
+        raise typer.Exit(code)
 
 
 def dispatcher() -> None:
@@ -208,7 +210,7 @@ def ensure_admin_key(cfg: Settings) -> Path:
     from access.keys import KeyStore, split_key
     from tasks.redis_client import make_redis
 
-    store = KeyStore(make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl()))
+    store = KeyStore(make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_options()))
     created: list[str] = []
 
     def make() -> str:

@@ -112,9 +112,15 @@ class RedisServer:
     given one; `appendonly` for persistence."""
 
     def __init__(
-        self, port: int | None = None, appendonly: bool = False, data_dir: Path | None = None, databases: int = 32
+        self,
+        port: int | None = None,
+        appendonly: bool = False,
+        data_dir: Path | None = None,
+        databases: int = 32,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.binary = redis_server_binary()
+        self.extra_args = extra_args
         self.port = port or free_port()
         self.temporary = data_dir is None
         self.dir = data_dir or Path(tempfile.mkdtemp(prefix="aethercore-redis-"))
@@ -141,6 +147,7 @@ class RedisServer:
             "yes" if self.appendonly else "no",
             "--databases",
             str(self.databases),
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -164,6 +171,173 @@ class RedisServer:
         self.stop()
         if self.temporary:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_replicas_online(port: int, count: int, timeout_s: float = 30) -> None:
+    """Until the primary on `port` has `count` replicas past their first sync (WAIT counts only those, and
+    min-replicas-to-write lets it write only with them)."""
+
+    def online() -> bool:
+        try:
+            info = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=1).info("replication")
+        except (redis.RedisError, OSError):
+            return False
+        states = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return sum(state.get("state") == "online" for state in states) >= count
+
+    wait_until(online, timeout_s, 0.1, f"{count} replica(s) of the primary on port {port}")
+
+
+class SentinelGroup:
+    """A primary, `replicas` replicas and `sentinels` sentinels (Debian's redis-server, `--sentinel` mode) on spare
+    loopback ports, for the failover test and storm: `url` is the `sentinel://` URL of all the sentinels."""
+
+    def __init__(
+        self,
+        replicas: int = 2,
+        sentinels: int = 3,
+        master_name: str = "aether",
+        down_after_ms: int = 3000,
+        min_replicas_to_write: int = 0,
+        appendonly: bool = False,
+    ) -> None:
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+        self.quorum = sentinels // 2 + 1
+        self.dir = Path(tempfile.mkdtemp(prefix="aethercore-sentinel-"))
+        # min-replicas-to-write on every data node (each may be promoted): a primary cut off from its replicas
+        # (one frozen and resumed, isolated from the sentinels) stops accepting writes after min-replicas-max-lag.
+        self.node_args: tuple[str, ...] = ("--repl-diskless-sync-delay", "0") + (
+            ("--min-replicas-to-write", str(min_replicas_to_write), "--min-replicas-max-lag", "5")
+            if min_replicas_to_write
+            else ()
+        )
+        self.appendonly = appendonly
+        self.nodes: dict[int, RedisServer] = {}
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinel_procs: list[subprocess.Popen] = []
+        self.replica_count = replicas
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports) + "/0"
+
+    def _node(self, port: int | None = None, replica_of: int | None = None) -> RedisServer:
+        args = self.node_args + (("--replicaof", "127.0.0.1", str(replica_of)) if replica_of else ())
+        port = port or free_port()
+        node = RedisServer(port, appendonly=self.appendonly, data_dir=self.dir / f"node-{port}", extra_args=args)
+        self.nodes[port] = node.start()
+        return node
+
+    def start(self, timeout_s: float = 30) -> SentinelGroup:
+        primary = self._node()
+        for _ in range(self.replica_count):
+            self._node(replica_of=primary.port)
+        for port in self.sentinel_ports:
+            conf = self.dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {self.master_name} 127.0.0.1 {primary.port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master_name} {max(10000, 3 * self.down_after_ms)}\n"
+                f"sentinel parallel-syncs {self.master_name} 2\n"
+            )
+            self.sentinel_procs.append(
+                subprocess.Popen(
+                    [redis_server_binary(), str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        wait_until(lambda: self._all_sentinels_see(self.replica_count), timeout_s, 0.2, "the sentinels")
+        self.wait_replicas(primary.port, self.replica_count, timeout_s)
+        return self
+
+    def wait_replicas(self, port: int, count: int, timeout_s: float = 30) -> None:
+        wait_replicas_online(port, count, timeout_s)
+
+    def _sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=1, decode_responses=True)
+
+    def _all_sentinels_see(self, replicas: int) -> bool:
+        try:
+            for port in self.sentinel_ports:
+                state = self._sentinel(port).sentinel_master(self.master_name)
+                if (
+                    int(state.get("num-slaves", 0)) < replicas
+                    or int(state.get("num-other-sentinels", 0)) < len(self.sentinel_ports) - 1
+                ):
+                    return False
+            return True
+        except (redis.RedisError, OSError):
+            return False
+
+    def master_port(self) -> int | None:
+        """The primary's port as a majority of the sentinels name it (None while they disagree or cannot)."""
+        named: dict[int, int] = {}
+        for port in self.sentinel_ports:
+            try:
+                _, master = self._sentinel(port).sentinel_get_master_addr_by_name(self.master_name)
+                named[int(master)] = named.get(int(master), 0) + 1
+            except (redis.RedisError, OSError, TypeError):
+                continue
+        best = max(named.items(), key=lambda item: item[1], default=None)
+        return best[0] if best and best[1] >= self.quorum else None
+
+    def role(self, port: int) -> str | None:
+        try:
+            return str(redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=1).role()[0].decode())
+        except (redis.RedisError, OSError):
+            return None
+
+    def kill_primary(self, timeout_s: float = 60) -> tuple[int, int]:
+        """SIGKILL the current primary, wait until a replica is promoted and restart the killed node as a replica
+        of it; (old port, new port)."""
+        old = self.master_port()
+        assert old is not None, "no primary to kill"
+        node = self.nodes[old]
+        assert node.proc is not None
+        node.proc.kill()
+        node.proc.wait(10)
+        new = self.wait_promoted(old, timeout_s)
+        self.nodes.pop(old)
+        self._node(old, replica_of=new)
+        self.wait_replicas(new, self.replica_count, timeout_s)
+        return old, new
+
+    def wait_promoted(self, old: int, timeout_s: float = 60) -> int:
+        return wait_until(
+            lambda: (p := self.master_port()) not in (None, old) and self.role(p) == "master" and p,
+            timeout_s,
+            0.1,
+            "a replica's promotion",
+        )
+
+    def pause_primary(self, timeout_s: float = 60) -> tuple[int, int]:
+        """SIGSTOP the primary until the sentinels promote a replica (past their down-after), resume it and wait
+        until it is a replica of the new one, not a second primary; (old port, new port)."""
+        old = self.master_port()
+        assert old is not None, "no primary to pause"
+        proc = self.nodes[old].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            new = self.wait_promoted(old, timeout_s)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        wait_until(lambda: self.role(old) == "slave", timeout_s, 0.2, "the resumed primary to become a replica")
+        self.wait_replicas(new, self.replica_count, timeout_s)
+        return old, new
+
+    def stop(self) -> None:
+        for proc in self.sentinel_procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+        for node in self.nodes.values():
+            node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Child:
@@ -301,7 +475,7 @@ class BatchDriver(Child):
         from tasks.redis_client import make_redis
 
         settings = Settings.from_env(self.env)
-        client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
+        client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_options())
         return client.zscore(BATCH_DRIVERS, self.name) is not None
 
 

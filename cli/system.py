@@ -122,7 +122,7 @@ def system_services(as_json: bool = typer.Option(False, "--json")) -> None:
 
     probe_http("api", f"{cfg.url.rstrip('/')}/heartbeat")
     try:
-        make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_ssl()).ping()
+        make_redis(cfg.redis_url, cfg.redis_sentinel_master, **cfg.redis_options()).ping()
         rows.append({"service": "redis", "address": cfg.redis_url, "status": "up", "detail": "PONG"})
     except Exception as exc:
         rows.append({"service": "redis", "address": cfg.redis_url, "status": "down", "detail": type(exc).__name__})

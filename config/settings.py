@@ -120,6 +120,23 @@ class Settings:
         "", _optional_file, "Client certificate (PEM) for mutual TLS with Redis, with AETHERCORE_REDIS_KEY."
     )
     redis_key: Path | None = setting("", _optional_file, "Private key of AETHERCORE_REDIS_CERT.")
+    redis_sentinel_password: str = setting(
+        "",
+        str,
+        "The sentinels' own password (`requirepass` in sentinel.conf), when AETHERCORE_REDIS_URL is `sentinel://`; "
+        "the data nodes' password is the URL's (`sentinel://:password@host:26379`).",
+    )
+    redis_min_replicas_ack: int = setting(
+        "0",
+        _non_negative_int,
+        "Replicas that must confirm (Redis WAIT) every write a client's 2xx depends on (job creation with its "
+        "queue message, idempotency claims, files, batches, a job's end with its webhook delivery) before it is "
+        "answered; 503 `not_replicated` when fewer do in AETHERCORE_REDIS_REPLICA_ACK_TIMEOUT_MS. 0: answer "
+        "once the primary has it (a failover may lose the last writes). docs/OPERATIONS.md, Redis failover.",
+    )
+    redis_replica_ack_timeout_ms: int = setting(
+        "1000", _positive_int, "How long a write waits for AETHERCORE_REDIS_MIN_REPLICAS_ACK replicas."
+    )
     broker_url: str = setting("", _broker_url, "Celery broker; empty means the same as AETHERCORE_REDIS_URL.")
     gpu_enabled: str = setting(
         "auto",
@@ -538,6 +555,16 @@ class Settings:
         ):
             if path is not None:
                 options[option] = str(path)
+        return options
+
+    def redis_options(self) -> dict[str, Any]:
+        """make_redis's options for the jobs' Redis: TLS, the sentinels' password, replicated acknowledgement."""
+        options: dict[str, Any] = dict(self.redis_ssl())
+        if self.redis_sentinel_password:
+            options["sentinel_password"] = self.redis_sentinel_password
+        if self.redis_min_replicas_ack:
+            options["min_replicas_ack"] = self.redis_min_replicas_ack
+            options["replica_ack_timeout_ms"] = self.redis_replica_ack_timeout_ms
         return options
 
     @classmethod

@@ -46,7 +46,7 @@ def connect(settings: Settings) -> Connections:
     """This process's connections: one Redis client (Sentinel-aware), the job store and cluster view over it, the
     Celery producer, and the dispatcher that coalesces concurrent submissions (in one Lua step with the job's
     creation when the broker is the jobs' Redis)."""
-    client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
+    client = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_options())
     celery = make_celery(settings)
     jobs = Jobs(client, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max, quotas_from(settings))
     same_redis = settings.effective_broker_url == settings.redis_url

@@ -25,11 +25,14 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tasks.failover import PrimaryConnection, watch_master
 from tasks.redis_client import send_now_read_later
 
-# Celery's `broker_transport` for redis:// and rediss:// brokers (tasks/celery_app.py).
+# Celery's `broker_transport` for redis:// and rediss:// brokers, and for sentinel:// ones (tasks/celery_app.py).
 TRANSPORT = f"{__name__}:Transport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
 
 
 class QoS(kombu_redis.QoS):
@@ -94,19 +97,55 @@ class QoS(kombu_redis.QoS):
         super().restore_by_tag(tag, client, leftmost)
 
 
-class Channel(kombu_redis.Channel):
+class _ChannelMixin:
+    """What both of our channels (plain and Sentinel) change in kombu's."""
+
     QoS = QoS
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
-            return super()._create_client(asynchronous=True)
-        pool = self.pool
+            return super()._create_client(asynchronous=True)  # type: ignore[misc]
+        pool = self.pool  # type: ignore[attr-defined]
         client = self._sync_client
         if client is None or client.connection_pool is not pool:
-            client = self._sync_client = super()._create_client()
+            client = self._sync_client = super()._create_client()  # type: ignore[misc]
         return client
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        """kombu's, but a channel whose connection was closed raises a connection error (which Celery logs and
+        recovers from) instead of AttributeError: while Celery replaces a lost connection (a Redis failover or
+        restart), a task thread finishing its job still acknowledges on the old channel, whose pool is rebuilt
+        from `connection.client`, already None; kombu's AttributeError reached the worker as "Unrecoverable
+        error" and stopped it (2 of 3 Sentinel failovers). The message stays unacknowledged in Redis and is
+        restored after the visibility timeout; its job has ended once already, so running it again ends
+        nothing twice (tasks/jobs/lifecycle.py)."""
+        if self.connection.client is None:  # type: ignore[attr-defined]
+            raise RedisConnectionError("the broker connection was closed while this channel was in use")
+        return super()._connparams(asynchronous)  # type: ignore[misc]
+
+
+class Channel(_ChannelMixin, kombu_redis.Channel):
+    pass
+
+
+class SentinelChannel(_ChannelMixin, kombu_redis.SentinelChannel):
+    # A refusal that means "not the writable primary" (a frozen primary's NOREPLICAS on the consumer's BRPOP or
+    # on kombu's restore mutex, a demoted one's READONLY/UNBLOCKED) is a lost connection, which the consumer
+    # recovers from through Sentinel; kombu let it through as a ResponseError that stopped the worker.
+    connection_class = PrimaryConnection
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's pool, watched by tasks/failover.py like every other Redis client of the process."""
+        pool = super()._sentinel_managed_pool(asynchronous)
+        manager = self._async_sentinel_manager if asynchronous else self._sentinel_manager
+        watch_master(manager, self.master_name, pool)  # type: ignore[attr-defined]
+        return pool
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
 
 from config.settings import Settings, get_settings
-from tasks.broker import TRANSPORT
+from tasks.broker import SENTINEL_TRANSPORT, TRANSPORT
 from tasks.names import CPU_QUEUE
 
 # How often each worker sweeps for messages whose worker died (kombu's Redis transport); a dead
@@ -55,5 +56,15 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
         app.conf.broker_use_ssl = {**ssl, "ssl_cert_reqs": ssl_module.CERT_REQUIRED}
     if settings.effective_broker_url.startswith("sentinel://"):
+        # kombu's Sentinel transport with our channel (tasks/broker.py: a late ack during a failover is a
+        # connection error, not the worker's end); every `;`-separated sentinel is asked in turn.
+        app.conf.broker_transport = SENTINEL_TRANSPORT
+        # kombu treats the `;`-separated sentinels as failover URLs too, and a connection that moves on to the
+        # next one takes the transport of its scheme: the alias keeps it ours after a failover.
+        TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT
         app.conf.broker_transport_options["master_name"] = settings.redis_sentinel_master
+        sentinel_kwargs: dict = {"socket_timeout": 1, "socket_connect_timeout": 1}
+        if settings.redis_sentinel_password:
+            sentinel_kwargs["password"] = settings.redis_sentinel_password
+        app.conf.broker_transport_options["sentinel_kwargs"] = sentinel_kwargs
     return app

@@ -1,4 +1,7 @@
-"""Redis connections with short timeouts, so an unreachable Redis is an error in ~1 s, never a hang."""
+"""Redis connections with short timeouts, so an unreachable Redis is an error in ~1 s, never a hang; through
+Sentinel, connections that follow a failover (tasks/failover.py); and, when asked, writes acknowledged by replicas
+before they count (`min_replicas_ack`: every Lua step waits for that many replicas, WAIT, on its own connection).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
+
+from tasks.failover import PrimaryConnection, watch_master
 
 CONNECT_TIMEOUT_S = 1.0
 SOCKET_TIMEOUT_S = 5.0
@@ -27,16 +32,68 @@ def text(value: Any) -> str:
 
 def sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], int]:
     """`sentinel://h1:26379;sentinel://h2:26379/0` -> ([(h1, 26379), (h2, 26379)], db 0)."""
-    hosts, db = [], 0
+    hosts, db, _ = sentinel_hosts_and_password(url)
+    return hosts, db
+
+
+def sentinel_hosts_and_password(url: str) -> tuple[list[tuple[str, int]], int, str | None]:
+    """The sentinels, the db and the data nodes' password of `sentinel://[:password@]h1:26379;...[/db]` (kombu's
+    meaning of the URL's password: the master's and replicas', not the sentinels'; theirs is
+    AETHERCORE_REDIS_SENTINEL_PASSWORD)."""
+    hosts, db, password = [], 0, None
     for part in url.split(";"):
         parsed = urlparse(part.strip())
         hosts.append((parsed.hostname or "127.0.0.1", parsed.port or 26379))
         if parsed.path.strip("/"):
             db = int(parsed.path.strip("/"))
-    return hosts, db
+        password = password or parsed.password
+    return hosts, db, password
 
 
-def make_redis(url: str, sentinel_master: str = "mymaster", **kwargs) -> redis.Redis:
+class NotReplicated(redis.ConnectionError):
+    """A write Redis made but fewer replicas than AETHERCORE_REDIS_MIN_REPLICAS_ACK confirmed in time: it may be
+    lost in a failover, so it must not be answered 2xx (the API answers 503 `not_replicated` with Retry-After)."""
+
+
+class ReplicatedRedis(redis.Redis):
+    """A client whose every Lua step (EVALSHA: job creation with its queue message, a job's end with its webhook
+    delivery, idempotency claims, file and batch creation...) is followed, on the same connection and in the same
+    round trip, by `WAIT replicas timeout`. WAIT covers every write Redis made before the step, whichever
+    connection made it (replication is one ordered stream), so a request's earlier plain writes are covered too."""
+
+    replicas_ack = 0
+    ack_timeout_ms = 1000
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        if not self.replicas_ack:
+            return super().evalsha(sha, numkeys, *keys_and_args)
+        pipe = self.pipeline(transaction=False)
+        pipe.evalsha(sha, numkeys, *keys_and_args)
+        pipe.execute_command("WAIT", self.replicas_ack, self.ack_timeout_ms)
+        reply, acked = pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply  # NoScriptError included: redis-py's Script loads it and calls again
+        check_acked(acked, self.replicas_ack)
+        return reply
+
+
+def check_acked(acked: Any, wanted: int) -> None:
+    """Raise NotReplicated unless WAIT's answer `acked` counts at least `wanted` replicas."""
+    if isinstance(acked, Exception):
+        raise NotReplicated(f"WAIT failed: {acked}")
+    if int(acked) < wanted:
+        raise NotReplicated(f"{acked} of {wanted} replica(s) confirmed the write in time")
+
+
+def make_redis(
+    url: str,
+    sentinel_master: str = "mymaster",
+    *,
+    min_replicas_ack: int = 0,
+    replica_ack_timeout_ms: int = 1000,
+    sentinel_password: str | None = None,
+    **kwargs: Any,
+) -> redis.Redis:
     options = {
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "socket_timeout": SOCKET_TIMEOUT_S,
@@ -47,13 +104,34 @@ def make_redis(url: str, sentinel_master: str = "mymaster", **kwargs) -> redis.R
         "max_connections": MAX_CONNECTIONS,
     }
     options.update(kwargs)
+    client: redis.Redis
     if url.startswith("sentinel://"):
-        hosts, db = sentinel_hosts(url)
-        sentinel = Sentinel(hosts, socket_timeout=CONNECT_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S)
-        # The master is looked up again on reconnect, so a failover is followed without a restart.
+        hosts, db, password = sentinel_hosts_and_password(url)
+        sentinel = Sentinel(
+            hosts,
+            socket_timeout=CONNECT_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            sentinel_kwargs={
+                "socket_timeout": CONNECT_TIMEOUT_S,
+                "socket_connect_timeout": CONNECT_TIMEOUT_S,
+                **({"password": sentinel_password} if sentinel_password else {}),
+            },
+        )
+        # The master is looked up again on every new connection; tasks/failover.py closes this client's
+        # connections (blocked reads and subscriptions included) once the sentinels name another master.
         options.pop("health_check_interval", None)
-        return sentinel.master_for(sentinel_master, db=db, **options)
-    return redis.Redis.from_url(url, **options)
+        if password:
+            options.setdefault("password", password)
+        if not options.get("ssl"):
+            options["connection_class"] = PrimaryConnection
+        client = sentinel.master_for(sentinel_master, redis_class=ReplicatedRedis, db=db, **options)
+        watch_master(sentinel, sentinel_master, client.connection_pool)
+    else:
+        client = ReplicatedRedis.from_url(url, **options)
+    if min_replicas_ack:
+        client.replicas_ack = min_replicas_ack  # type: ignore[attr-defined]
+        client.ack_timeout_ms = replica_ack_timeout_ms  # type: ignore[attr-defined]
+    return client
 
 
 def send_now_read_later(client: redis.Redis, commands: list[tuple[Any, ...]]) -> Callable[[], list[Any]]:

@@ -124,7 +124,7 @@ class Dispatcher:
         self.settings = settings
         self.bodies = dict(bodies or {})
         self.name = name or f"dispatcher.{os.getpid()}@{socket.gethostname()}"
-        self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
+        self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_options())
         self.jobs = Records(self.redis, settings.result_ttl)
         self.deliveries = Deliveries(self.redis, SlotLimits.from_settings(settings))
         self.owners = WebhookOwners(self.redis)

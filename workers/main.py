@@ -14,7 +14,9 @@ from config.values import parse_worker_device
 from workers.device import pin_device
 
 
-def run_worker(device: str, settings: Settings | None = None) -> None:
+def run_worker(device: str, settings: Settings | None = None) -> int:
+    """Run the worker until it stops; its exit code (non-zero after Celery's "Unrecoverable error", so a
+    supervisor restarts it: Celery's `worker_main` drops the code and the process would exit 0)."""
     device = parse_worker_device(device)
     settings = settings or Settings.from_env()
     pin_device(device, settings.gpu_index)  # before anything imports torch
@@ -44,6 +46,12 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
         service.publish()
+
+    controllers: list = []
+
+    @signals.worker_init.connect(weak=False)
+    def _keep_controller(sender: object, **_: object) -> None:
+        controllers.append(sender)
 
     @signals.worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:
@@ -83,3 +91,4 @@ def run_worker(device: str, settings: Settings | None = None) -> None:
             "--task-events",
         ]
     )
+    return int(getattr(controllers[0], "exitcode", 0) or 0) if controllers else 1

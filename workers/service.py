@@ -67,7 +67,7 @@ class WorkerService:
         self.queue = queue_for_device(self.device)
         self.started_at = time.time()
         self.models: dict[str, ModelSpec] = load_models(settings.models_file)
-        self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_ssl())
+        self.redis = make_redis(settings.redis_url, settings.redis_sentinel_master, **settings.redis_options())
         self.jobs = Jobs(
             self.redis, settings.result_ttl, settings.dead_letter_ttl, settings.dead_letter_max, quotas_from(settings)
         )
