@@ -30,6 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from tasks.cluster import ClusterState
 from tasks.metrics_view import CachedCollector, ClusterCollector, dead_letter_families
+from tasks.replication import replication_families
 from tasks.request_tally import RequestTally
 from webhooks.metrics import webhook_families
 
@@ -46,9 +47,11 @@ def multiprocess_enabled() -> bool:
 
 
 def operations_families(client: Any) -> Any:
-    """Webhook deliveries (every dispatcher's counts, the queue's depth) and dead letters, read at scrape time."""
+    """Webhook deliveries (every dispatcher's counts, the queue's depth), dead letters and Redis's replication (the
+    primary, its replicas' lag), read at scrape time."""
     yield from webhook_families(client)
     yield from dead_letter_families(client)
+    yield from replication_families(client)
 
 
 class ApiMetrics:

@@ -24,6 +24,7 @@ from protocols.schemas import HealthSchema, WorkersSchema
 from tasks.holdings import KINDS, Held
 from tasks.names import CPU_QUEUE, queue_for_device
 from tasks.queues import lane_depths
+from tasks.replication import replication_state
 from tasks.states import LOADED
 from tasks.ttl_cache import TTLCache
 
@@ -58,8 +59,18 @@ def computed_checks(readiness: bool) -> tuple[bool, dict]:
     }
     started = time.perf_counter()
     try:
-        svc.cluster.redis.ping()
+        replication = replication_state(svc.cluster.redis)  # the round trip that also proves Redis answers
         checks["redis"] = {"status": "ok", "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+        checks["redis"].update(replication)
+        wanted = svc.settings.redis_min_replicas_ack
+        if replication["role"] != "primary":
+            checks["redis"].update(status="fail", error="connected to a replica, not the primary (a failover?)")
+        elif replication["replicas_online"] < wanted:
+            checks["redis"].update(
+                status="fail",
+                error=f"{replication['replicas_online']} replica(s) online, AETHERCORE_REDIS_MIN_REPLICAS_ACK wants "
+                f"{wanted}: writes are answered 503 not_replicated",
+            )
         workers = svc.cluster.live_workers()
         checks["workers"] = {
             "status": "ok" if workers else "fail",
