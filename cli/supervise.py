@@ -217,6 +217,7 @@ class SentinelGroup:
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.sentinel_procs: list[subprocess.Popen] = []
         self.replica_count = replicas
+        self.promoted_at = 0.0
 
     @property
     def url(self) -> str:
@@ -307,12 +308,16 @@ class SentinelGroup:
         return old, new
 
     def wait_promoted(self, old: int, timeout_s: float = 60) -> int:
-        return wait_until(
+        """The new primary's port, once a majority of the sentinels name it and it says it is one (the moment is
+        kept in `promoted_at`, time.monotonic())."""
+        new = wait_until(
             lambda: (p := self.master_port()) not in (None, old) and self.role(p) == "master" and p,
             timeout_s,
-            0.1,
+            0.05,
             "a replica's promotion",
         )
+        self.promoted_at = time.monotonic()
+        return new
 
     def pause_primary(self, timeout_s: float = 60) -> tuple[int, int]:
         """SIGSTOP the primary until the sentinels promote a replica (past their down-after), resume it and wait

@@ -5,7 +5,8 @@ batch of job transitions, chunk appends or batch-line answers (6 % of a worker's
 latency). Scripts are called here by their SHA alone (EVALSHA); when Redis has lost one (a restart without
 persistence of the script cache, `SCRIPT FLUSH`), that call did not run and is run again alone, which loads the
 script. The calls batched together are independent of one another (one per job or per line), so one run again
-after the others is still run once.
+after the others is still run once. With replicated acknowledgement (tasks/redis_client.py), WAIT ends the round
+trip, as it ends every Lua step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
+
+from tasks.redis_client import check_acked
 
 
 class ScriptBatch:
@@ -41,7 +44,12 @@ class ScriptBatch:
         pipe = self._client.pipeline(transaction=False)
         for sha, numkeys, keys_and_args in self._calls:
             pipe.evalsha(sha, numkeys, *keys_and_args)
+        replicas = getattr(self._client, "replicas_ack", 0)  # tasks/redis_client.py ReplicatedRedis
+        if replicas:
+            pipe.execute_command("WAIT", replicas, self._client.ack_timeout_ms)  # type: ignore[attr-defined]
         replies = pipe.execute(raise_on_error=False)
+        if replicas:
+            check_acked(replies.pop(), replicas)
         for at, reply in enumerate(replies):
             if isinstance(reply, NoScriptError):
                 sha, numkeys, keys_and_args = self._calls[at]

@@ -14,6 +14,7 @@ import base64
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,12 +180,16 @@ class Completion:
         name: str,
         device: str,
         stop: threading.Event,
+        before_end: Callable[[], None] = lambda: None,
     ) -> None:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.name = name
         self.device = device
         self._stop = stop
+        # Run before every end is written, and retried with it (workers/streams.py JobStreams.flush): what a job
+        # streamed reaches Redis before its end does.
+        self.before_end = before_end
 
     # -- building ends ---------------------------------------------------------------------------
     @staticmethod
@@ -278,6 +283,7 @@ class Completion:
         deadline = time.monotonic() + RESULT_WRITE_RETRY_S
         for attempt in itertools.count():
             try:
+                self.before_end()  # the chunks streamed before these ends, kept while Redis did not take them
                 return self.lifecycle.end_jobs(items)
             except redis.RedisError as exc:
                 if time.monotonic() > deadline or self._stop.is_set():

@@ -75,7 +75,9 @@ class WorkerService:
         self.metrics = LocalMetrics()
         self.streams = JobStreams(self.jobs.events, self.metrics)
         self._stop = threading.Event()
-        self.completion = Completion(self.jobs.lifecycle, self.metrics, name, self.device, self._stop)
+        self.completion = Completion(
+            self.jobs.lifecycle, self.metrics, name, self.device, self._stop, before_end=self.streams.flush
+        )
         # The one crash policy of this worker: its batchers, its generation runs, its reaper and its task threads
         # all judge by it (workers/retry.py).
         self.policy = RetryPolicy(settings.max_attempts)
