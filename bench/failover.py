@@ -299,6 +299,7 @@ class FailoverStorm:
                 event = Event(kind, time.monotonic())
                 self.say(f"{kind} of the primary on port {self.group.master_port()}")
                 event.old, event.new = self.group.kill_primary() if kind == "SIGKILL" else self.group.pause_primary()
+                event.started = self.group.signalled_at  # the signal's moment, not the lookup's before it
                 event.promoted = self.group.promoted_at
                 self.events.append(event)
                 time.sleep(args.between)

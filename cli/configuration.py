@@ -25,6 +25,12 @@ COMPOSE_VARIABLES = (
         "Redis's maxmemory (noeviction: the API answers 503 `redis_full` near it); half of it for what callers keep "
         "(AETHERCORE_HOLDINGS_MAX_SHARE): docs/DEPLOYMENT.md sizes it.",
     ),
+    (
+        "REDIS_MIN_REPLICAS_TO_WRITE",
+        "0",
+        "Redis's min-replicas-to-write on every data node; with `--profile ha` set 1, so a primary cut off from its "
+        "replicas stops taking writes it would lose (docs/OPERATIONS.md, Redis failover).",
+    ),
     ("API_PUBLISH_ADDRESS", "127.0.0.1", "Host address the API's port is published on; 0.0.0.0: every interface."),
     ("DASHBOARD_PUBLISH_ADDRESS", "127.0.0.1", "Host address Flower's and Grafana's ports are published on."),
     ("API_PUBLISH_PORT", "8001", "Host port the API is published on."),

@@ -218,6 +218,7 @@ class SentinelGroup:
         self.sentinel_procs: list[subprocess.Popen] = []
         self.replica_count = replicas
         self.promoted_at = 0.0
+        self.signalled_at = 0.0  # when kill_primary / pause_primary sent its signal (time.monotonic())
 
     @property
     def url(self) -> str:
@@ -299,6 +300,7 @@ class SentinelGroup:
         assert old is not None, "no primary to kill"
         node = self.nodes[old]
         assert node.proc is not None
+        self.signalled_at = time.monotonic()
         node.proc.kill()
         node.proc.wait(10)
         new = self.wait_promoted(old, timeout_s)
@@ -326,6 +328,7 @@ class SentinelGroup:
         assert old is not None, "no primary to pause"
         proc = self.nodes[old].proc
         assert proc is not None
+        self.signalled_at = time.monotonic()
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             new = self.wait_promoted(old, timeout_s)

@@ -54,7 +54,13 @@ def compose_default(value: str) -> str:
 )
 @pytest.mark.parametrize(
     "profile",
-    [[], ["--profile", "gpu"], ["-f", "docker-compose.tls.yml"], ["-f", "docker-compose.tls.yml", "--profile", "gpu"]],
+    [
+        [],
+        ["--profile", "gpu"],
+        ["-f", "docker-compose.tls.yml"],
+        ["-f", "docker-compose.tls.yml", "--profile", "gpu"],
+        ["-f", "docker-compose.ha.yml", "--profile", "ha"],
+    ],
 )
 def test_compose_file_is_valid(profile):
     def config(env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -393,7 +399,7 @@ def test_compose_reads_only_documented_variables_and_every_port_can_move():
     # docs/DEPLOYMENT.md's table of compose variables (.env.example lists them too while cli/configuration.py's
     # COMPOSE_VARIABLES, which regenerates it, names them all)
     documented = set(re.findall(r"^\| `([A-Z_]+)` \|", (REPO_ROOT / "docs" / "DEPLOYMENT.md").read_text(), re.M))
-    for name in ("docker-compose.yml", "docker-compose.tls.yml"):
+    for name in ("docker-compose.yml", "docker-compose.tls.yml", "docker-compose.ha.yml"):
         text = (REPO_ROOT / name).read_text()
         for variable in set(re.findall(r"\$\{([A-Z_]+)", text)):
             assert variable in KNOWN_ENV or variable in documented, f"{name}: {variable} is documented nowhere"
@@ -534,7 +540,7 @@ def test_the_documented_compose_defaults_are_the_files_defaults():
     from cli.configuration import COMPOSE_VARIABLES
 
     listed = {name: default for name, default, _doc in COMPOSE_VARIABLES}
-    for name in ("docker-compose.yml", "docker-compose.tls.yml"):
+    for name in ("docker-compose.yml", "docker-compose.tls.yml", "docker-compose.ha.yml"):
         for variable, default in re.findall(r"\$\{([A-Z_]+):-([^}]*)\}", (REPO_ROOT / name).read_text()):
             if variable in documented:
                 assert documented[variable] == default, f"{name}: {variable} defaults to {default!r}"
