@@ -366,8 +366,8 @@ class FailoverStorm:
             f"/health's failing checks, by times seen: {dict(self.tally.health_failures.most_common(6))}",
             "",
             "| event | old → new primary | promoted after (s) | first 202 after (s) | /health 200 after (s) "
-            "| 503 in the gap | other 5xx in the gap |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| 503 in the gap | other 5xx in the gap | longest POST in the gap (s) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         ends = [e.started for e in self.events[1:]] + [float("inf")]
         for event, until in zip(self.events, ends):
@@ -383,10 +383,11 @@ class FailoverStorm:
             )
             gap_end = first_202 or event.started
             in_gap = [st for s, _a, st, _r in self.tally.posts if event.started <= s < gap_end]
+            waited = max((a - s for s, a, _st, _r in self.tally.posts if window(s) and s < gap_end), default=0.0)
             lines.append(
                 f"| {event.kind} | {event.old} → {event.new} | {event.promoted - event.started:.1f} | "
                 f"{_since(first_202, event.started)} | {_since(back, event.started)} | "
-                f"{sum(st == 503 for st in in_gap)} | {sum(st >= 500 and st != 503 for st in in_gap)} |"
+                f"{sum(st == 503 for st in in_gap)} | {sum(st >= 500 and st != 503 for st in in_gap)} | {waited:.1f} |"
             )
         return lines
 
