@@ -167,6 +167,8 @@ class FailoverStorm:
                 job = orjson.loads(response.read() or b"{}")
                 if response.status in (200, 202) and job.get("status") in TERMINAL:
                     return
+                if response.status == 404:  # acknowledged, then gone: counted lost in the report
+                    return
                 if response.status not in (200, 202):
                     time.sleep(0.2)
             except Exception:
@@ -303,7 +305,8 @@ class FailoverStorm:
                 event.promoted = self.group.promoted_at
                 self.events.append(event)
                 time.sleep(args.between)
-            while len(self.tally.acknowledged) < args.min_jobs:
+            until = time.monotonic() + 300
+            while len(self.tally.acknowledged) < args.min_jobs and time.monotonic() < until:
                 time.sleep(1)
             self.loading.clear()
             for thread in threads:
