@@ -205,6 +205,8 @@ class FailoverStorm:
                 headers = {**AUTH, **({"Last-Event-ID": last} if last else {})}
                 conn.request("GET", f"/jobs/{job_id}/stream", headers=headers)
                 response = conn.getresponse()
+                if response.status == 404:  # acknowledged, then gone: counted lost in the report
+                    return
                 if response.status != 200:
                     response.read()
                     time.sleep(0.3)
@@ -309,8 +311,9 @@ class FailoverStorm:
             while len(self.tally.acknowledged) < args.min_jobs and time.monotonic() < until:
                 time.sleep(1)
             self.loading.clear()
+            joined_by = time.monotonic() + 60  # a stream still open then is left to the report
             for thread in threads:
-                thread.join(30)
+                thread.join(max(0.1, joined_by - time.monotonic()))
             self.say(f"load stopped; waiting up to {args.grace:.0f} s for every acknowledged job to end")
             client = make_redis(self.group.url, MASTER)
             wait_until(lambda: self._open_jobs(client) == 0, args.grace, 1.0, "every acknowledged job to end")
