@@ -107,6 +107,7 @@ class Event:
 @dataclass
 class Tally:
     posts: list[tuple[float, float, int, bool]] = field(default_factory=list)  # (sent, answered, status, retry-after)
+    polls: list[tuple[float, int, bool]] = field(default_factory=list)  # GET /jobs answered 5xx: (sent, status, R-A)
     acknowledged: list[str] = field(default_factory=list)
     hooked: set[str] = field(default_factory=set)
     streams: list[tuple[str, set[str]]] = field(default_factory=list)  # (job id, chunk ids the client got)
@@ -162,9 +163,13 @@ class FailoverStorm:
     def _until_ended(self, conn: HTTPConnection, job_id: str) -> None:
         while self.loading.is_set():
             try:
+                sent = time.monotonic()
                 conn.request("GET", f"/jobs/{job_id}?wait=5", headers=AUTH)
                 response = conn.getresponse()
                 job = orjson.loads(response.read() or b"{}")
+                if response.status >= 500:
+                    with self.lock:
+                        self.tally.polls.append((sent, response.status, bool(response.getheader("Retry-After"))))
                 if response.status in (200, 202) and job.get("status") in TERMINAL:
                     return
                 if response.status == 404:  # acknowledged, then gone: counted lost in the report
@@ -355,9 +360,9 @@ class FailoverStorm:
             holes += sorted(final.values()) != list(range(len(final)))  # the stream itself lacks an index
             extra += bool(got - set(final))  # it read a chunk the failover then lost (and got its copy again)
         posts = Counter(status for _s, _a, status, _r in self.tally.posts)
-        wrong_5xx = sum(
-            1 for _s, _a, status, retry in self.tally.posts if status >= 500 and not (status == 503 and retry)
-        )
+        answered_5xx = [(status, retry) for _s, _a, status, retry in self.tally.posts if status >= 500]
+        answered_5xx += [(status, retry) for _s, status, retry in self.tally.polls]
+        wrong_5xx = sum(1 for status, retry in answered_5xx if not (status == 503 and retry))
         lines = [
             f"acknowledged jobs {len(self.tally.acknowledged)} (of them {len(self.tally.streams)} streamed "
             f"generations, {len(self.tally.hooked)} with a webhook); AETHERCORE_REDIS_MIN_REPLICAS_ACK={self.args.ack}",
@@ -365,15 +370,16 @@ class FailoverStorm:
             f"webhook deliveries missing {hooks_missing} (jobs delivered more than once: {hooks_twice})",
             f"streams that missed a chunk {missed} of {len(self.tally.streams)}; final streams with a hole {holes}; "
             f"streams that read a chunk the failover lost (and then its copy) {extra}",
-            f"POST /serve answers {dict(sorted(posts.items()))}; 5xx other than 503 with Retry-After: {wrong_5xx}",
+            f"POST /serve answers {dict(sorted(posts.items()))}; GET /jobs answered 5xx {len(self.tally.polls)}; "
+            f"5xx (POST or GET) other than 503 with Retry-After: {wrong_5xx}",
             f"client errors {dict(self.tally.client_errors)}; streams broken and resumed, by error "
             f"{dict(self.tally.stream_breaks)}",
             f"processes that died: {[c.label for c in children if c.died()]}",
             f"/health's failing checks, by times seen: {dict(self.tally.health_failures.most_common(6))}",
             "",
             "| event | old → new primary | promoted after (s) | first 202 after (s) | /health 200 after (s) "
-            "| 503 in the gap | other 5xx in the gap | longest POST in the gap (s) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| 503 in the gap (POST, GET) | other 5xx in the gap |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         ends = [e.started for e in self.events[1:]] + [float("inf")]
         for event, until in zip(self.events, ends):
@@ -389,11 +395,11 @@ class FailoverStorm:
             )
             gap_end = first_202 or event.started
             in_gap = [st for s, _a, st, _r in self.tally.posts if event.started <= s < gap_end]
-            waited = max((a - s for s, a, _st, _r in self.tally.posts if window(s) and s < gap_end), default=0.0)
+            in_gap += [st for s, st, _r in self.tally.polls if event.started <= s < gap_end]
             lines.append(
                 f"| {event.kind} | {event.old} → {event.new} | {event.promoted - event.started:.1f} | "
                 f"{_since(first_202, event.started)} | {_since(back, event.started)} | "
-                f"{sum(st == 503 for st in in_gap)} | {sum(st >= 500 and st != 503 for st in in_gap)} | {waited:.1f} |"
+                f"{sum(st == 503 for st in in_gap)} | {sum(st >= 500 and st != 503 for st in in_gap)} |"
             )
         return lines
 
