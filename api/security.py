@@ -16,7 +16,7 @@ from api.callers import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers,
 from batches.uploads import upload_limit
 from config.settings import Settings
 from protocols.errors import ApiError
-from tasks.redis_client import sentinel_hosts
+from tasks.redis_client import sentinel_hosts, sentinel_hosts_and_password
 
 # Open without credentials: probes, and the API's own documentation.
 OPEN_PATHS = (
@@ -58,6 +58,27 @@ class ApiLimiter(Limiter):
         if self.exempt():
             return
         super()._check_request_limit(callable_name, in_middleware)
+
+
+def limiter_options(settings: Settings) -> dict[str, Any]:
+    """flask-limiter's connection options: short timeouts, TLS; through Sentinel, the sentinels' password and TLS."""
+    tls = settings.redis_ssl()
+    options: dict[str, Any] = {"socket_connect_timeout": 1, "socket_timeout": 2}
+    if not settings.redis_url.startswith("sentinel://"):
+        return {**options, **tls}
+    # The data nodes' password is the URL's; the sentinels' their own (or none: limits would send the other).
+    _hosts, _db, password = sentinel_hosts_and_password(settings.redis_url)
+    if password:
+        options["password"] = password
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_connect_timeout": 1,
+        "socket_timeout": 2,
+        "password": settings.redis_sentinel_password or None,
+    }
+    if tls:
+        options.update(ssl=True, **tls)
+        sentinel_kwargs.update(ssl=True, **tls)
+    return {**options, "sentinel_kwargs": sentinel_kwargs}
 
 
 def limiter_storage(settings: Settings) -> str:
@@ -103,7 +124,7 @@ def init_security(app: Flask, settings: Settings, client: redis.Redis) -> Authen
             app=app,
             default_limits=[settings.rate_limit],
             storage_uri=limiter_storage(settings),
-            storage_options={"socket_connect_timeout": 1, "socket_timeout": 2, **settings.redis_ssl()},
+            storage_options=limiter_options(settings),
             strategy="fixed-window",
             headers_enabled=True,
             swallow_errors=True,

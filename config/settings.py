@@ -120,6 +120,12 @@ class Settings:
         "", _optional_file, "Client certificate (PEM) for mutual TLS with Redis, with AETHERCORE_REDIS_KEY."
     )
     redis_key: Path | None = setting("", _optional_file, "Private key of AETHERCORE_REDIS_CERT.")
+    redis_sentinel_tls: bool = setting(
+        "false",
+        parse_bool,
+        "With a `sentinel://` AETHERCORE_REDIS_URL: speak TLS to the sentinels and to the data nodes they name, with "
+        "AETHERCORE_REDIS_CA / _CERT / _KEY (as a `rediss://` URL does).",
+    )
     redis_sentinel_password: str = setting(
         "",
         str,
@@ -544,8 +550,10 @@ class Settings:
         return self.tls_cert is not None
 
     def redis_ssl(self, url: str | None = None) -> dict[str, str]:
-        """redis-py's TLS options for a `rediss://` URL (the jobs' Redis by default); {} for plain redis://."""
-        if not (url or self.redis_url).startswith("rediss://"):
+        """redis-py's TLS options for a `rediss://` URL (the jobs' Redis by default), or a `sentinel://` one with
+        AETHERCORE_REDIS_SENTINEL_TLS; {} for plain redis://."""
+        url = url or self.redis_url
+        if not (url.startswith("rediss://") or (url.startswith("sentinel://") and self.redis_sentinel_tls)):
             return {}
         options = {"ssl_cert_reqs": "required"}
         for option, path in (

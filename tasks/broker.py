@@ -27,7 +27,7 @@ from kombu.utils.json import dumps
 from loguru import logger
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tasks.failover import PrimaryConnection, watch_master
+from tasks.failover import PrimaryConnection, PrimarySSLConnection, watch_master
 from tasks.redis_client import send_now_read_later
 
 # Celery's `broker_transport` for redis:// and rediss:// brokers, and for sentinel:// ones (tasks/celery_app.py).
@@ -134,6 +134,7 @@ class SentinelChannel(_ChannelMixin, kombu_redis.SentinelChannel):
     # on kombu's restore mutex, a demoted one's READONLY/UNBLOCKED) is a lost connection, which the consumer
     # recovers from through Sentinel; kombu let it through as a ResponseError that stopped the worker.
     connection_class = PrimaryConnection
+    connection_class_ssl = PrimarySSLConnection  # type: ignore[assignment]  # AETHERCORE_REDIS_SENTINEL_TLS (kombu names its own, the same)
 
     def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
         """kombu's pool, watched by tasks/failover.py like every other Redis client of the process."""

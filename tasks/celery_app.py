@@ -66,5 +66,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         sentinel_kwargs: dict = {"socket_timeout": 1, "socket_connect_timeout": 1}
         if settings.redis_sentinel_password:
             sentinel_kwargs["password"] = settings.redis_sentinel_password
+        if ssl:  # AETHERCORE_REDIS_SENTINEL_TLS: the sentinels speak TLS too
+            sentinel_kwargs.update(ssl=True, **ssl)
         app.conf.broker_transport_options["sentinel_kwargs"] = sentinel_kwargs
     return app

@@ -20,7 +20,7 @@ from typing import Any
 
 from loguru import logger
 from redis.exceptions import ConnectionError, ReadOnlyError, RedisError, ResponseError
-from redis.sentinel import SentinelManagedConnection
+from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
 CHECK_S = 1.0
 # Error answers of a Redis that is not the writable primary (any more, or yet): a reason to reconnect and retry
@@ -50,6 +50,10 @@ class PrimaryConnection(SentinelManagedConnection):
                 raise
             self.disconnect()
             raise ConnectionError(f"Redis is not the writable primary: {exc}") from exc
+
+
+class PrimarySSLConnection(PrimaryConnection, SentinelManagedSSLConnection):
+    """PrimaryConnection over TLS (AETHERCORE_REDIS_SENTINEL_TLS)."""
 
 
 class _Watch:

@@ -14,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from tasks.failover import PrimaryConnection, watch_master
+from tasks.failover import PrimaryConnection, PrimarySSLConnection, watch_master
 
 CONNECT_TIMEOUT_S = 1.0
 SOCKET_TIMEOUT_S = 5.0
@@ -107,6 +107,8 @@ def make_redis(
     client: redis.Redis
     if url.startswith("sentinel://"):
         hosts, db, password = sentinel_hosts_and_password(url)
+        # TLS options (AETHERCORE_REDIS_SENTINEL_TLS): for the sentinels and for the data nodes alike.
+        tls = {key: options[key] for key in list(options) if key.startswith("ssl")}
         sentinel = Sentinel(
             hosts,
             socket_timeout=CONNECT_TIMEOUT_S,
@@ -115,6 +117,7 @@ def make_redis(
                 "socket_timeout": CONNECT_TIMEOUT_S,
                 "socket_connect_timeout": CONNECT_TIMEOUT_S,
                 **({"password": sentinel_password} if sentinel_password else {}),
+                **({"ssl": True, **tls} if tls else {}),
             },
         )
         # The master is looked up again on every new connection; tasks/failover.py closes this client's
@@ -122,8 +125,8 @@ def make_redis(
         options.pop("health_check_interval", None)
         if password:
             options.setdefault("password", password)
-        if not options.get("ssl"):
-            options["connection_class"] = PrimaryConnection
+        options.pop("ssl", None)  # the connection class says it
+        options["connection_class"] = PrimarySSLConnection if tls else PrimaryConnection
         client = sentinel.master_for(sentinel_master, redis_class=ReplicatedRedis, db=db, **options)
         watch_master(sentinel, sentinel_master, client.connection_pool)
     else:

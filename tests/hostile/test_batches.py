@@ -203,7 +203,15 @@ def test_redis_memory_returns_to_its_baseline(hostile_api, hostile_redis):
     for batch in batches:
         hostile_redis.expire(batch_key(batch["id"]), 1)
     wait_until(lambda: not any(hostile_redis.exists(batch_key(b["id"])) for b in batches), 30, 0.2, "expiry")
-    after = int(hostile_redis.info("memory")["used_memory"])
     assert peak - baseline > 15 * 2**20, (baseline, peak)  # the attack's 18 MB were there
-    assert after - baseline < 2**20, (baseline, peak, after)
+
+    def returned() -> bool:  # freed memory may be given back by Redis's background thread (UNLINK) a moment later
+        after.append(int(hostile_redis.info("memory")["used_memory"]))
+        return after[-1] - baseline < 2**20
+
+    after: list[int] = []
+    try:
+        wait_until(returned, 10, 0.5, "Redis's memory back near its baseline")
+    except AssertionError:
+        raise AssertionError(f"Redis's memory stayed above its baseline: {baseline, peak, after[-3:]}") from None
     assert_still_serving(hostile_api, hostile_redis)

@@ -209,3 +209,72 @@ def test_clients_without_the_ca_or_the_client_certificate_are_refused(system):
     )
     with pytest.raises(redis.RedisError):
         no_ca.ping()  # our CA is not trusted by default
+
+
+def test_through_sentinel_over_tls_a_job_runs_and_a_plain_client_is_refused(certs):
+    """AETHERCORE_REDIS_SENTINEL_TLS: a TLS-only sentinel (client certificates wanted) naming a data node whose TLS
+    port it monitors; the worker (Celery's Sentinel transport included) and the API reach both over TLS."""
+    tls = {
+        "ssl_ca_certs": str(certs / "ca.crt"),
+        "ssl_certfile": str(certs / "client.crt"),
+        "ssl_keyfile": str(certs / "client.key"),
+    }
+    server_tls = ["--tls-cert-file", str(certs / "server.crt"), "--tls-key-file", str(certs / "server.key")]
+    server_tls += ["--tls-ca-cert-file", str(certs / "ca.crt"), "--tls-auth-clients", "yes"]
+    node_port, sentinel_port = free_port(), free_port()
+    node = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(node_port), "--bind", "127.0.0.1", "--save", ""] + server_tls,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    conf = certs / "sentinel-tls.conf"
+    conf.write_text(
+        f"port 0\ntls-port {sentinel_port}\nbind 127.0.0.1\ndir {certs}\ntls-replication yes\n"
+        + "".join(f"{server_tls[i][2:]} {server_tls[i + 1]}\n" for i in range(0, len(server_tls), 2))
+        + f"sentinel monitor aether 127.0.0.1 {node_port} 1\n"
+    )
+    sentinel = subprocess.Popen(
+        ["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    worker = None
+    try:
+        asker = redis.Redis(port=sentinel_port, ssl=True, socket_connect_timeout=1, **tls)
+
+        def named() -> bool:
+            try:
+                return asker.sentinel_get_master_addr_by_name("aether") is not None
+            except redis.RedisError:
+                return False
+
+        wait_until(named, 20, 0.2, "the TLS sentinel to name the TLS node")
+        with pytest.raises(redis.ConnectionError):  # no TLS: the sentinel does not speak to it
+            redis.Redis(port=sentinel_port, socket_connect_timeout=1, socket_timeout=1).ping()
+        url = f"sentinel://127.0.0.1:{sentinel_port}/0"
+        env = {
+            "AETHERCORE_REDIS_SENTINEL_MASTER": "aether",
+            "AETHERCORE_REDIS_SENTINEL_TLS": "true",
+            "AETHERCORE_REDIS_CA": str(certs / "ca.crt"),
+            "AETHERCORE_REDIS_CERT": str(certs / "client.crt"),
+            "AETHERCORE_REDIS_KEY": str(certs / "client.key"),
+            "AETHERCORE_RATE_LIMIT": "100/minute",  # the limiter goes through the sentinel too
+        }
+        worker = WorkerProcess(url, name="sentinel-tls-worker", **env).start()
+        api = ApiProcess(url, name="sentinel-tls-api", **env).start()
+        try:
+            answer = requests.post(
+                f"{api.base}/serve",
+                params={"wait": 60},
+                json={"model_id": "tiny-mlp", "inputs": {"features": [[1, 2, 3, 4]]}},
+                timeout=90,
+            )
+            assert answer.status_code == 200 and answer.json()["status"] == "succeeded", answer.text
+            assert requests.get(f"{api.base}/health", timeout=10).json()["checks"]["redis"]["status"] == "ok"
+        finally:
+            api.stop()
+    finally:
+        if worker is not None:
+            worker.stop()
+        sentinel.terminate()
+        node.terminate()
+        sentinel.wait(10)
+        node.wait(10)
