@@ -48,7 +48,7 @@ class JobStreams:
             try:
                 outcomes = self._send(self._unsent + chunks)[waiting:]
             except redis.RedisError as exc:
-                self._keep(chunks, exc)
+                self._failed(chunks, exc)
                 return [True] * len(pieces)
         now = time.time()
         for target, _text in pieces:
@@ -62,8 +62,14 @@ class JobStreams:
         """Send the chunks kept from earlier steps; RedisError if Redis still does not take them (the caller, about
         to end jobs, retries both)."""
         with self._lock:
-            if self._unsent:
+            if not self._unsent:
+                return
+            try:
                 self._send(self._unsent)
+            except redis.RedisError as exc:
+                self._failed([], exc)
+                if self._unsent:
+                    raise
 
     def _send(self, chunks: list[tuple[str, int, dict[str, Any]]]) -> list[int]:
         outcomes = self.events.append_chunks(chunks)
@@ -71,6 +77,16 @@ class JobStreams:
             logger.info("sent {} streamed chunk(s) kept while Redis did not take them", len(self._unsent))
         self._unsent = []
         return outcomes
+
+    def _failed(self, chunks: list[tuple[str, int, dict[str, Any]]], exc: redis.RedisError) -> None:
+        """A lost connection or an unconfirmed write: the chunks are kept, in order. A refusal of Redis's (a damaged
+        job's stream) is no reason to wait: every other call of that round trip ran, and keeping the chunks would
+        hold every later step and end on this worker; they are dropped (their text stays in the results)."""
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            self._keep(chunks, exc)
+            return
+        logger.warning("Redis refused a streamed chunk ({}); its step's chunks are dropped from the streams", exc)
+        self._unsent = []
 
     def _keep(self, chunks: list[tuple[str, int, dict[str, Any]]], exc: Exception) -> None:
         if not self._unsent:
