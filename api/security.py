@@ -16,7 +16,7 @@ from api.callers import INFERENCE_ENDPOINTS, caller_id, init_rate_limit_headers,
 from batches.uploads import upload_limit
 from config.settings import Settings
 from protocols.errors import ApiError
-from tasks.redis_client import sentinel_hosts, sentinel_hosts_and_password
+from tasks.redis_client import sentinel_hosts, sentinel_hosts_and_password, sentinel_options
 
 # Open without credentials: probes, and the API's own documentation.
 OPEN_PATHS = (
@@ -70,15 +70,9 @@ def limiter_options(settings: Settings) -> dict[str, Any]:
     _hosts, _db, password = sentinel_hosts_and_password(settings.redis_url)
     if password:
         options["password"] = password
-    sentinel_kwargs: dict[str, Any] = {
-        "socket_connect_timeout": 1,
-        "socket_timeout": 2,
-        "password": settings.redis_sentinel_password or None,
-    }
     if tls:
         options.update(ssl=True, **tls)
-        sentinel_kwargs.update(ssl=True, **tls)
-    return {**options, "sentinel_kwargs": sentinel_kwargs}
+    return {**options, "sentinel_kwargs": sentinel_options(settings.redis_sentinel_password, tls)}
 
 
 def limiter_storage(settings: Settings) -> str:

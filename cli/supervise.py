@@ -253,11 +253,8 @@ class SentinelGroup:
                 )
             )
         wait_until(lambda: self._all_sentinels_see(self.replica_count), timeout_s, 0.2, "the sentinels")
-        self.wait_replicas(primary.port, self.replica_count, timeout_s)
+        wait_replicas_online(primary.port, self.replica_count, timeout_s)
         return self
-
-    def wait_replicas(self, port: int, count: int, timeout_s: float = 30) -> None:
-        wait_replicas_online(port, count, timeout_s)
 
     def _sentinel(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=1, decode_responses=True)
@@ -306,7 +303,7 @@ class SentinelGroup:
         new = self.wait_promoted(old, timeout_s)
         self.nodes.pop(old)
         self._node(old, replica_of=new)
-        self.wait_replicas(new, self.replica_count, timeout_s)
+        wait_replicas_online(new, self.replica_count, timeout_s)
         return old, new
 
     def wait_promoted(self, old: int, timeout_s: float = 60) -> int:
@@ -335,7 +332,7 @@ class SentinelGroup:
         finally:
             os.kill(proc.pid, signal.SIGCONT)
         wait_until(lambda: self.role(old) == "slave", timeout_s, 0.2, "the resumed primary to become a replica")
-        self.wait_replicas(new, self.replica_count, timeout_s)
+        wait_replicas_online(new, self.replica_count, timeout_s)
         return old, new
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from config.settings import Settings, get_settings
 from tasks.broker import SENTINEL_TRANSPORT, TRANSPORT
 from tasks.names import CPU_QUEUE
+from tasks.redis_client import sentinel_options
 
 # How often each worker sweeps for messages whose worker died (kombu's Redis transport); a dead
 # worker's job is redelivered between visibility_timeout and visibility_timeout + this many seconds.
@@ -63,10 +64,5 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # next one takes the transport of its scheme: the alias keeps it ours after a failover.
         TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT
         app.conf.broker_transport_options["master_name"] = settings.redis_sentinel_master
-        sentinel_kwargs: dict = {"socket_timeout": 1, "socket_connect_timeout": 1}
-        if settings.redis_sentinel_password:
-            sentinel_kwargs["password"] = settings.redis_sentinel_password
-        if ssl:  # AETHERCORE_REDIS_SENTINEL_TLS: the sentinels speak TLS too
-            sentinel_kwargs.update(ssl=True, **ssl)
-        app.conf.broker_transport_options["sentinel_kwargs"] = sentinel_kwargs
+        app.conf.broker_transport_options["sentinel_kwargs"] = sentinel_options(settings.redis_sentinel_password, ssl)
     return app

@@ -50,6 +50,20 @@ def sentinel_hosts_and_password(url: str) -> tuple[list[tuple[str, int]], int, s
     return hosts, db, password
 
 
+def sentinel_options(password: str | None, tls: dict[str, Any]) -> dict[str, Any]:
+    """The connection options for the sentinels themselves (redis-py's, kombu's and the rate limiter's
+    `sentinel_kwargs`): short timeouts, their own password (None: none, never the data nodes'), TLS if the data nodes
+    have it (AETHERCORE_REDIS_SENTINEL_TLS)."""
+    options: dict[str, Any] = {
+        "socket_timeout": CONNECT_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "password": password or None,
+    }
+    if tls:
+        options.update(ssl=True, **tls)
+    return options
+
+
 class NotReplicated(redis.ConnectionError):
     """A write Redis made but fewer replicas than AETHERCORE_REDIS_MIN_REPLICAS_ACK confirmed in time: it may be
     lost in a failover, so it must not be answered 2xx (the API answers 503 `not_replicated` with Retry-After)."""
@@ -113,12 +127,7 @@ def make_redis(
             hosts,
             socket_timeout=CONNECT_TIMEOUT_S,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
-            sentinel_kwargs={
-                "socket_timeout": CONNECT_TIMEOUT_S,
-                "socket_connect_timeout": CONNECT_TIMEOUT_S,
-                **({"password": sentinel_password} if sentinel_password else {}),
-                **({"ssl": True, **tls} if tls else {}),
-            },
+            sentinel_kwargs=sentinel_options(sentinel_password, tls),
         )
         # The master is looked up again on every new connection; tasks/failover.py closes this client's
         # connections (blocked reads and subscriptions included) once the sentinels name another master.
