@@ -16,6 +16,7 @@ from api.metrics import init_metrics
 from api.request_id import init_request_id
 from api.security import init_security
 from api.services import Services
+from api.tracing import init_tracing
 from batches.stores import open_stores
 from config.models import load_models
 from config.settings import Settings
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         "holdings": holdings,
     }
     init_request_id(app)
+    init_tracing(app)  # on when OTEL_EXPORTER_OTLP_*ENDPOINT is set: the request's span, outside the request id's
     init_security(app, settings, redis_client)
 
     api = AetherApi(app)

@@ -95,7 +95,9 @@ class ApiMetrics:
             return response
 
     def response(self, cluster: bool) -> Response:
-        """The API's request metrics; with `cluster`, also everything read from Redis (cached)."""
+        """The API's request metrics; with `cluster`, also everything read from Redis (cached). In the OpenMetrics
+        format when the scraper asks for it (Accept: application/openmetrics-text; Prometheus does with exemplar
+        storage on): the job histograms' exemplars (trace ids) are in that format only."""
         self.tally.flush()  # this process's requests are in its own answer at once (others' within FLUSH_S)
         if self.multiprocess:
             from prometheus_client import multiprocess
@@ -104,10 +106,27 @@ class ApiMetrics:
             multiprocess.MultiProcessCollector(registry)
         else:
             registry = self.registry
+        if "application/openmetrics-text" in request.headers.get("Accept", ""):
+            from prometheus_client.openmetrics import exposition as openmetrics
+
+            both = CollectorRegistry(auto_describe=False)
+            both.register(_Together([registry, self.cluster_registry] if cluster else [registry]))
+            return Response(openmetrics.generate_latest(both), content_type=openmetrics.CONTENT_TYPE_LATEST)
         text = generate_latest(registry)
         if cluster:
             text += generate_latest(self.cluster_registry)
         return Response(text, mimetype=CONTENT_TYPE_LATEST)
+
+
+class _Together:
+    """Several registries as one collector: the OpenMetrics format is one document with one `# EOF`."""
+
+    def __init__(self, registries: list[Any]) -> None:
+        self.registries = registries
+
+    def collect(self) -> Any:
+        for registry in self.registries:
+            yield from registry.collect()
 
 
 def init_metrics(app: Flask, cluster: ClusterState) -> ApiMetrics:

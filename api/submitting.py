@@ -15,6 +15,7 @@ from api.errors import ApiError, refused_error
 from api.idempotency import current_claim, keyed
 from api.request_id import current_request_id
 from api.services import services
+from api.tracing import current_trace
 from protocols.results import ended_error
 from submission import validation
 from submission.errors import Refused
@@ -29,11 +30,14 @@ def submitter() -> Submitter:
 
 def request_for(model_id: str, **fields: Any) -> SubmitRequest:
     """A submission of the request being served, by its caller."""
+    traceparent, tracestate = current_trace()
     return SubmitRequest(
         model_id,
         caller=g.get("principal"),
         caller_key=caller_id(),
         request_id=current_request_id(),
+        traceparent=traceparent,
+        tracestate=tracestate,
         idempotency=current_claim(),
         limit_headers=limit_headers(),
         **fields,

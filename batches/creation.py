@@ -27,6 +27,8 @@ class Creator:
     role: str
     address: str
     webhook: str
+    traceparent: str = ""  # the creating request's trace: each line's job is a child of it (batches/services.py)
+    tracestate: str = ""
 
 
 def check_input_file(source: dict[str, Any]) -> None:
@@ -61,6 +63,10 @@ def batch_fields(body: dict[str, Any], source: dict[str, Any], creator: Creator,
         fields["metadata"] = orjson.dumps(body["metadata"]).decode()
     if creator.webhook:
         fields["webhook"] = creator.webhook
+    if creator.traceparent:
+        fields["traceparent"] = creator.traceparent
+        if creator.tracestate:
+            fields["tracestate"] = creator.tracestate
     return fields
 
 

@@ -89,6 +89,7 @@ from batches.store import (
 from batches.validation import LEASE_MS, Validation
 from config.logging import setup_logging
 from config.settings import Settings
+from tracing.setup import configure as configure_tracing
 
 TICK_S = 0.2  # between passes while some batch is unfinished and the last pass found nothing to do
 BUSY_S = 0.02  # between passes while lines end and are submitted
@@ -299,6 +300,7 @@ def lower_priority(increment: int) -> int:
 def run_batch_driver(settings: Settings) -> None:
     niceness = lower_priority(settings.batch_driver_nice)
     setup_logging("batches", settings.log_level, settings.log_format)
+    configure_tracing("batches")
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: Any) -> None:

@@ -81,6 +81,8 @@ class DriverServices:
             caller=owner,
             caller_key=owner.id if owner.id != "anonymous" else batch.get("address") or "127.0.0.1",
             request_id=f"{batch['id']}.{line}",
+            traceparent=batch.get("traceparent") or None,  # the line's job is traced below its batch's creation
+            tracestate=batch.get("tracestate") or None,
         )
         try:
             return self.submitter.submit(request)

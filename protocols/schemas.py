@@ -108,6 +108,12 @@ class JobSchema(ma.Schema):
     worker = ma.fields.String(allow_none=True)
     attempts = ma.fields.Integer()
     request_id = ma.fields.String(allow_none=True)
+    trace_id = ma.fields.String(
+        metadata={
+            "description": "The W3C trace id of the job's trace (its submitting request's, or the one the caller's "
+            "traceparent named); absent when the job has none (tracing off and no traceparent sent)"
+        }
+    )
     owner = ma.fields.String(allow_none=True, metadata={"description": "Who submitted it (API key id or JWT subject)"})
     chunks = ma.fields.Integer(metadata={"description": "Chunks streamed so far"})
     created_at = ma.fields.String(allow_none=True)

@@ -30,7 +30,7 @@ class Admission:
         self.depth_cache = TTLCache(QUEUE_DEPTH_CACHE_S)
         self.memory_cache = TTLCache(REDIS_MEMORY_CACHE_S)
 
-    def check(self, device: str, lane: str) -> None:
+    def check(self, device: str, lane: str) -> int:
         """503 `redis_full` (`check_redis_memory`), else 429 `queue_full` when the lanes this submission waits behind
         are at their bound: the interactive lanes (`high`, `normal`) at AETHERCORE_MAX_QUEUE_DEPTH for an interactive
         job, the `low` lane at AETHERCORE_LOW_LANE_QUEUE_DEPTH for a `low` one. A backlog of batch lines never refuses
@@ -54,6 +54,7 @@ class Admission:
                 {"queue": queue, "depth": depth, "lane": lane},
                 retry_after_s=5,
             )
+        return depth
 
     def queued_ahead(self, device: str, lane: str) -> int:
         """Messages waiting in the device queue's lanes of `lane`'s class (the interactive lanes, or `low`), as last

@@ -27,7 +27,7 @@ from typing import Any
 from celery import Celery
 
 from tasks.jobs.records import RateLimited, Records
-from tasks.messages import TaskMessages
+from tasks.messages import TaskMessages, trace_headers
 from tasks.names import DEFAULT_LANE, INFER, LANE_PRIORITY, lane_list, queue_for_device
 
 # What a submission with a record gets back: its job as created and the use of each of its rate limits.
@@ -151,6 +151,7 @@ class InferenceDispatcher:
                 task_id=task_id,
                 kwargsrepr=kwargsrepr,
                 priority=LANE_PRIORITY[lane],
+                headers=trace_headers(_one_trace(jobs)),
             )
             return
         created = [p for p in items if p.record is not None]
@@ -162,7 +163,7 @@ class InferenceDispatcher:
                 return None
             task_id, kwargsrepr = self._names(model_id, jobs)
             kwargs = {"model_id": model_id, "jobs": jobs}
-            return self.messages.build(INFER, kwargs, queue, task_id, kwargsrepr, LANE_PRIORITY[lane])
+            return self.messages.build(INFER, kwargs, queue, task_id, kwargsrepr, LANE_PRIORITY[lane], _one_trace(jobs))
 
         entries = [p.record for p in created]
         outcome = self.jobs.create_and_push(device, lane_list(queue, lane), entries, message)  # type: ignore[arg-type]
@@ -178,3 +179,8 @@ class InferenceDispatcher:
         # what Flower and logs show instead of the inputs themselves.
         task_id = jobs[0]["job_id"] if len(jobs) == 1 else None
         return task_id, repr({"model_id": model_id, "job_ids": [j["job_id"] for j in jobs]})
+
+
+def _one_trace(jobs: list[dict[str, Any]]) -> str | None:
+    """The message's trace header: its job's context when it carries one job (each job's is in its entry)."""
+    return jobs[0].get("traceparent") if len(jobs) == 1 else None

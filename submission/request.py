@@ -34,7 +34,9 @@ class SubmitRequest:
     batch line's `prepare`), so they are not checked twice. `lane`: the priority lane asked for. `webhook`: the URL
     the request names (`webhook_field` names it in errors), else the caller's default endpoint when
     `default_webhook`. `caller`: who submits (None when nobody authenticated); `caller_key`: whom the rate limit
-    counts (the key or subject, else the address). `wait_s`: how long to wait for its end (0: answer queued)."""
+    counts (the key or subject, else the address). `traceparent`,
+    `tracestate`: the trace the job joins (the submitting request's span, a batch's, or the caller's context passed
+    on). `wait_s`: how long to wait for its end (0: answer queued)."""
 
     model_id: str
     kind: str = INFERENCE
@@ -53,6 +55,9 @@ class SubmitRequest:
     caller: Principal | None = None
     caller_key: str = "anonymous"
     request_id: str | None = None
+    # W3C Trace Context the job carries (tracing/w3c.py): the request's span, or the caller's as it came
+    traceparent: str | None = None
+    tracestate: str | None = None
     idempotency: IdempotencyClaim | None = None
     replay_of: str | None = None
     wait_s: float = 0.0

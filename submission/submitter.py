@@ -45,17 +45,19 @@ from submission.ratelimit import InferenceRateLimit
 from submission.replies import ReplyListener, Waiter
 from submission.request import IdempotencyClaim, SubmitRequest
 from submission.validation import body_errors, check_batch_size
-from submission.webhooks import Webhooks
+from submission.webhooks import Webhooks, with_trace
 from tasks import errors as job_errors
 from tasks.cluster import ClusterState
 from tasks.jobs import Jobs
 from tasks.jobs.inflight import requeue_payload
 from tasks.jobs.lifecycle import JobEnd
 from tasks.jobs.records import IdempotencyConflict, RateLimited, new_job_id
+from tasks.messages import trace_headers
 from tasks.names import DEFAULT_LANE, INFER, LANES, TASK_FOR_KIND, queue_for_device
 from tasks.routing import NoDeviceAvailable, resolve_device
 from tasks.states import FAILED, INFERENCE, TERMINAL
 from tasks.ttl_cache import TTLCache
+from tracing import spans
 
 # A model's desired state is cached this long at most; every change also clears it at once (pub/sub).
 DESIRED_CACHE_S = 1.0
@@ -128,7 +130,22 @@ class Submitter:
     # -- the one pass --------------------------------------------------------------------------------------------
     def submit(self, request: SubmitRequest) -> dict[str, Any]:
         """The job `request` asks for, created and queued (with `wait_s`, as it stands at its end or then); or
-        `Refused`, having created nothing."""
+        `Refused`, having created nothing. Traced as `aethercore.admission` (its lane, queue depth, rate limit left),
+        the parent of everything the job does after (tracing/spans.py; nothing when tracing is off)."""
+        span = spans.start(
+            "aethercore.admission",
+            request.traceparent,
+            tracestate=request.tracestate,
+            attributes={"aethercore.model_id": request.model_id, "aethercore.job.kind": request.kind},
+        )
+        try:
+            return self._submit(request, span)
+        except BaseException as exc:
+            if span is not None and span.is_recording():  # refused or failed before the job was created
+                spans.end(span, exc.code if isinstance(exc, Refused) else type(exc).__name__)
+            raise
+
+    def _submit(self, request: SubmitRequest, span: Any) -> dict[str, Any]:
         spec = self.spec(request.model_id)
         who = request.caller
         if who is not None and who.role not in caller.roles_for(request.kind):
@@ -153,10 +170,12 @@ class Submitter:
         owner = who.id if who is not None else None
         webhook = self.webhooks.decide(owner, request.webhook, request.webhook_field, request.default_webhook)
         if request.kind == INFERENCE:
-            self.admission.check(device, lane)
+            depth = self.admission.check(device, lane)
+            if span is not None:
+                span.set_attribute("aethercore.queue.depth", depth)
         else:
             self.desired_cache.clear(spec.id)
-        return self._create(request, spec, device, lane, autoload, webhook)
+        return self._create(request, spec, device, lane, autoload, webhook, span)
 
     def _validate(self, spec: ModelSpec, request: SubmitRequest) -> None:
         if request.batch:
@@ -190,12 +209,17 @@ class Submitter:
         lane: str,
         autoload: bool,
         webhook: str | None,
+        span: Any = None,
     ) -> dict[str, Any]:
         """The job's record and message, created and queued; then the wait, if asked for."""
         kind, who, claim = request.kind, request.caller, request.idempotency
         wait_s = min(request.wait_s, self.settings.max_wait)
         job_id, now = new_job_id(), time.time()
-        task, kwargs = self._message(request, spec, device, lane, autoload, job_id, now)
+        # The job's trace context: below its admission span, else the one it came with (tracing off or unsampled)
+        trace = spans.child_traceparent(span, request.traceparent)
+        if trace is not None and webhook is not None:  # each delivery goes out with it (webhooks/dispatcher.py)
+            webhook = with_trace(webhook, trace, request.tracestate)
+        task, kwargs = self._message(request, spec, device, lane, autoload, job_id, now, trace)
         waiter = self.replies.expect(job_id) if wait_s > 0 else None
         record = {
             "kind": kind,
@@ -215,6 +239,8 @@ class Submitter:
                 "webhook": webhook,
                 "replay_of": request.replay_of,
                 "role": who.role if who is not None else None,
+                "traceparent": trace,
+                "tracestate": request.tracestate if trace is not None else None,
             },
             "idempotency": claim.as_lua() if claim is not None else None,
         }
@@ -232,7 +258,20 @@ class Submitter:
         except BaseException:
             self._forget(waiter)
             raise
+        if span is not None:
+            self._admitted(span, request, job, lane, device)
         return job if waiter is None else self.replies.wait(waiter, job, wait_s)
+
+    @staticmethod
+    def _admitted(span: Any, request: SubmitRequest, job: dict[str, Any], lane: str, device: str) -> None:
+        """The admission span ends once the job is queued (its wait, if any, is the request's, not admission's)."""
+        span.set_attribute("aethercore.job.id", job["job_id"])
+        span.set_attribute("aethercore.lane", lane)
+        span.set_attribute("aethercore.device", device)
+        remaining = (request.limit_headers or {}).get("X-RateLimit-Remaining")
+        if remaining is not None:
+            span.set_attribute("aethercore.rate_limit.remaining", int(remaining))
+        spans.end(span)
 
     def _forget(self, waiter: Waiter | None) -> None:
         if waiter is not None:
@@ -247,8 +286,9 @@ class Submitter:
         autoload: bool,
         job_id: str,
         now: float,
+        trace: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """The Celery task and arguments that carry the job to its worker."""
+        """The Celery task and arguments that carry the job to its worker (with its trace context, if any)."""
         if request.kind != INFERENCE:
             kwargs: dict[str, Any] = {
                 "job_id": job_id,
@@ -258,6 +298,8 @@ class Submitter:
             }
             if request.force:
                 kwargs["force"] = True
+            if trace is not None:
+                kwargs["traceparent"] = trace
             return TASK_FOR_KIND[request.kind], kwargs
         work: dict[str, Any] = {
             "job_id": job_id,
@@ -275,6 +317,8 @@ class Submitter:
         work["autoload"] = autoload
         if request.timeout_s:
             work["deadline"] = now + request.timeout_s
+        if trace is not None:
+            work["traceparent"] = trace
         return INFER, {"model_id": spec.id, "jobs": [work]}
 
     def _caller_limits(self, request: SubmitRequest, lane: str) -> Limits:
@@ -346,6 +390,7 @@ class Submitter:
                     kwargs=kwargs,
                     queue=queue_for_device(device),
                     task_id=job_id,
+                    headers=trace_headers(kwargs.get("traceparent")),
                     kwargsrepr=repr({"job_id": job_id, "model_id": spec.id, "kind": request.kind}),
                 )
         except Exception:

@@ -34,6 +34,17 @@ HOLDINGS_CACHE_S = 1.0
 BATCH_WEBHOOK_KEY = "webhook_url"  # a batch's `metadata` key naming its webhook
 
 
+def with_trace(webhook: str, traceparent: str, tracestate: str | None) -> str:
+    """A job's `webhook` (JSON {url, owner}) with the trace context each of its deliveries sends (`traceparent`,
+    `tracestate` headers): the job's end moves the webhook into the delivery as it is
+    (tasks/jobs/lua/transition.lua)."""
+    hook = orjson.loads(webhook)
+    hook["traceparent"] = traceparent
+    if tracestate:
+        hook["tracestate"] = tracestate
+    return orjson.dumps(hook).decode()
+
+
 class Webhooks:
     """The webhook rules of one process: its owners' endpoints and secrets, the outbound policy, and each owner's
     pending deliveries (charged in tasks/holdings.py)."""

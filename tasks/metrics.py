@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
-from tasks.names import METRICS_COUNTERS, METRICS_HISTOGRAMS
+from tasks.names import METRICS_COUNTERS, METRICS_EXEMPLARS, METRICS_HISTOGRAMS
+from tracing import w3c
 
 COUNTERS_KEY = METRICS_COUNTERS
 HISTOGRAMS_KEY = METRICS_HISTOGRAMS
+# Per histogram bucket, the last sampled trace seen in it: "<trace id> <value> <epoch s>" (OpenMetrics exemplars).
+EXEMPLARS_KEY = METRICS_EXEMPLARS
 
 JOBS_TOTAL = "aethercore_jobs_total"
 QUEUE_WAIT = "aethercore_queue_wait_seconds"
@@ -53,9 +57,16 @@ HELP = {
 }
 
 
-# What one flush takes: job counts, histogram observations, and the histograms' sums (seconds: floats, which a Counter's
-# int counts do not hold).
-Taken = tuple[Counter, Counter, defaultdict[tuple[str, str], float]]
+# What one flush takes: job counts, histogram observations, the histograms' sums (seconds: floats, which a Counter's
+# int counts do not hold), and each bucket's latest exemplar.
+Exemplar = tuple[str, float, float]  # trace id, value, epoch seconds
+Taken = tuple[Counter, Counter, defaultdict[tuple[str, str], float], dict[tuple[str, str, str], Exemplar]]
+
+
+def exemplar_of(traceparent: str | None) -> str | None:
+    """The trace id a histogram observation carries as its exemplar: a sampled trace's (an unsampled one leads
+    nowhere), else None."""
+    return w3c.trace_id(traceparent) if traceparent and w3c.sampled(traceparent) else None
 
 
 class LocalMetrics:
@@ -66,6 +77,7 @@ class LocalMetrics:
         self._jobs: Counter = Counter()
         self._observations: Counter = Counter()  # (metric, model, value) -> times
         self._sums: defaultdict[tuple[str, str], float] = defaultdict(float)
+        self._exemplars: dict[tuple[str, str, str], Exemplar] = {}
 
     def count_job(self, kind: str, model: str, status: str) -> None:
         with self._lock:
@@ -75,18 +87,23 @@ class LocalMetrics:
         with self._lock:
             self._jobs[(GENERATED_TOKENS, model)] += tokens
 
-    def observe(self, metric: str, model: str, value: float, times: int = 1) -> None:
+    def observe(
+        self, metric: str, model: str, value: float, times: int = 1, exemplar: str | None = None, at: float = 0.0
+    ) -> None:
+        """`exemplar`: the trace id of the job observed (`exemplar_of`); kept as its bucket's latest."""
         buckets = BUCKETS[metric]
         index = bisect.bisect_left(buckets, value)
         bucket = f"{buckets[index]}" if index < len(buckets) else "+Inf"
         with self._lock:
             self._observations[(metric, model, bucket)] += times
             self._sums[(metric, model)] += value * times
+            if exemplar is not None:
+                self._exemplars[(metric, model, bucket)] = (exemplar, value, at or time.time())
 
     def take(self) -> Taken:
         with self._lock:
-            taken = self._jobs, self._observations, self._sums
-            self._jobs, self._observations, self._sums = Counter(), Counter(), defaultdict(float)
+            taken = self._jobs, self._observations, self._sums, self._exemplars
+            self._jobs, self._observations, self._sums, self._exemplars = Counter(), Counter(), defaultdict(float), {}
         return taken
 
     def give_back(self, taken: Taken) -> None:
@@ -96,10 +113,12 @@ class LocalMetrics:
             self._observations.update(taken[1])
             for key, seconds in taken[2].items():
                 self._sums[key] += seconds
+            for bucket, exemplar in taken[3].items():
+                self._exemplars.setdefault(bucket, exemplar)
 
     @staticmethod
     def write(pipe: Any, taken: Taken) -> bool:
-        jobs, observations, sums = taken
+        jobs, observations, sums, exemplars = taken
         for key, times in jobs.items():
             name = "|".join(key) if key[0] == GENERATED_TOKENS else f"{JOBS_TOTAL}|{'|'.join(key)}"
             pipe.hincrby(COUNTERS_KEY, name, times)
@@ -110,6 +129,11 @@ class LocalMetrics:
         for (metric, model), times in counts.items():
             pipe.hincrby(HISTOGRAMS_KEY, f"{metric}|{model}|count", times)
             pipe.hincrbyfloat(HISTOGRAMS_KEY, f"{metric}|{model}|sum", sums[(metric, model)])
+        if exemplars:
+            pipe.hset(
+                EXEMPLARS_KEY,
+                mapping={"|".join(key): f"{trace} {value!r} {at!r}" for key, (trace, value, at) in exemplars.items()},
+            )
         return bool(jobs or observations)
 
 
@@ -126,10 +150,29 @@ def read(client: Any) -> tuple[dict[tuple[str, ...], float], dict[str, dict[str,
     return counters, histograms
 
 
-def cumulative_buckets(metric: str, parts: dict[str, float]) -> list[tuple[str, float]]:
+def read_exemplars(client: Any) -> dict[tuple[str, str, str], Any]:
+    """{(metric, label, bucket): prometheus_client Exemplar} of every bucket that saw a sampled trace."""
+    from prometheus_client.samples import Exemplar as PromExemplar
+
+    found = {}
+    for field, value in client.hgetall(EXEMPLARS_KEY).items():
+        try:
+            metric, label, bucket = field.split("|")
+            trace, observed, at = value.split(" ")
+            found[(metric, label, bucket)] = PromExemplar({"trace_id": trace}, float(observed), float(at))
+        except ValueError:
+            continue
+    return found
+
+
+def cumulative_buckets(
+    metric: str, parts: dict[str, float], exemplars: dict[str, Any] | None = None
+) -> list[tuple[Any, ...]]:
+    """(bound, cumulative count) per bucket; with `exemplars` ({bound: Exemplar}), a bucket that has one gets it as a
+    third element (exposed in the OpenMetrics format only)."""
     running, out = 0.0, []
-    for bound in BUCKETS[metric]:
-        running += parts.get(f"{bound}", 0.0)
-        out.append((f"{bound}", running))
-    out.append(("+Inf", running + parts.get("+Inf", 0.0)))
+    for bound in (*(f"{b}" for b in BUCKETS[metric]), "+Inf"):
+        running += parts.get(bound, 0.0)
+        exemplar = (exemplars or {}).get(bound)
+        out.append((bound, running, exemplar) if exemplar is not None else (bound, running))
     return out

@@ -58,6 +58,7 @@ class ClusterCollector:
         try:
             workers = self.cluster.live_workers()
             counters, histograms = worker_metrics.read(self.cluster.redis)
+            exemplars = worker_metrics.read_exemplars(self.cluster.redis)
             devices = (
                 {CPU_QUEUE}
                 | {w["device"] for w in workers}
@@ -117,8 +118,11 @@ class ClusterCollector:
             label = worker_metrics.HISTOGRAM_LABEL.get(metric, "model")
             family = HistogramMetricFamily(metric, worker_metrics.HELP[metric], labels=[label])
             for model, parts in sorted(histograms.get(metric, {}).items()):
+                mine = {
+                    bucket: ex for (name, label, bucket), ex in exemplars.items() if (name, label) == (metric, model)
+                }
                 family.add_metric(
-                    [model], worker_metrics.cumulative_buckets(metric, parts), sum_value=parts.get("sum", 0.0)
+                    [model], worker_metrics.cumulative_buckets(metric, parts, mine), sum_value=parts.get("sum", 0.0)
                 )
             yield family
 

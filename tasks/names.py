@@ -115,6 +115,7 @@ MODELS_CHANGED = f"{PREFIX}:models:changed"
 AUTH_KEYS = f"{PREFIX}:auth:keys"  # hash: API key id -> JSON {digest, role, name, created_at}
 METRICS_COUNTERS = f"{PREFIX}:metrics:counters"  # hash: every worker's job counters, added up
 METRICS_HISTOGRAMS = f"{PREFIX}:metrics:histograms"  # hash: every worker's histogram buckets, added up
+METRICS_EXEMPLARS = f"{PREFIX}:metrics:exemplars"  # hash: per histogram bucket, the last sampled trace id in it
 
 
 def auth_failures_key(kind: str, who: str) -> str:

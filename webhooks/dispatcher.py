@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import redis
@@ -51,6 +52,8 @@ from tasks.jobs.public import public_job
 from tasks.jobs.records import Records
 from tasks.names import METRICS_WEBHOOKS, WEBHOOK_DISPATCHERS
 from tasks.redis_client import make_redis
+from tracing import spans
+from tracing.setup import configure as configure_tracing
 from webhooks.deliveries import (
     ANSWERED,
     ENDPOINT_DISABLED,
@@ -256,15 +259,18 @@ class Dispatcher:
                 "webhook-timestamp": str(stamp),
                 "webhook-signature": signature_header(signing, delivery_id, stamp, payload),
             }
+            span = _attempt_span(hook, url, delivery_id, attempts, headers)
             try:
                 status = self.policy.post(url, payload, headers, self.settings.webhook_timeout)
                 error = f"HTTP {status}"
                 verdict = UNHEALTHY if status == 429 or status >= 500 else ANSWERED
             except ForbiddenDestination as exc:
+                spans.end(span, FORBIDDEN_ADDRESS)
                 return self._fail(record, FORBIDDEN_ADDRESS, str(exc), attempts)
             except DeliveryFailed as exc:
                 error = str(exc)
                 verdict = UNHEALTHY
+            _end_attempt_span(span, status)
             self.metrics.observe(time.perf_counter() - began)
         if status is not None and 200 <= status < 300:
             if not self.deliveries.delivered(delivery_id, token):
@@ -342,6 +348,43 @@ class Dispatcher:
         return "failed"
 
 
+def _attempt_span(hook: dict[str, Any], url: str, delivery_id: str, attempts: int, headers: dict[str, str]) -> Any:
+    """The attempt's `aethercore.webhook.attempt` span (a client span in the job's trace: the delivery's id, its retry
+    number, the receiver's scheme, host and port, never its path or query, which may hold a receiver's token), and the
+    trace context the request carries: the span's own, else the job's as it came (tracing off or unsampled)."""
+    parent = hook.get("traceparent")
+    if not parent:
+        return None
+    split = urlsplit(url)
+    span = spans.start(
+        "aethercore.webhook.attempt",
+        parent,
+        kind="client",
+        attributes={
+            "aethercore.webhook.delivery_id": delivery_id,
+            "aethercore.webhook.retry": attempts - 1,
+            "http.request.method": "POST",
+            "url.scheme": split.scheme,
+            "server.address": split.hostname or "",
+            "server.port": split.port or (443 if split.scheme == "https" else 80),
+        },
+    )
+    headers["traceparent"] = spans.child_traceparent(span, parent) or parent
+    if hook.get("tracestate"):
+        headers["tracestate"] = hook["tracestate"]
+    return span
+
+
+def _end_attempt_span(span: Any, status: int | None) -> None:
+    if span is None:
+        return
+    if status is not None:
+        span.set_attribute("http.response.status_code", status)
+    failed = status is None or not 200 <= status < 300
+    # `error` says why in words that may name the receiver's URL: the span gets only its kind
+    spans.end(span, (str(status) if status is not None else "delivery_failed") if failed else None)
+
+
 def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
@@ -356,6 +399,7 @@ def _data(body: Any) -> dict[str, Any]:
 def run_dispatcher(settings: Settings, bodies: Mapping[str, BodyFor] | None = None) -> None:
     """The dispatcher process until SIGTERM or SIGINT; `bodies`: the delivery bodies of kinds other than a job's."""
     setup_logging("dispatcher", settings.log_level, settings.log_format)
+    configure_tracing("dispatcher")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -84,6 +84,7 @@ class Request:
     rank: int = 1  # its effective rank when its pass was formed (0 high .. 2 low)
     outcome: BatchOutcome | None = None
     error: BaseException | None = None
+    trace: str | None = None  # its job's traceparent (workers/pass_trace.py)
 
 
 def input_length(inputs: Any) -> int:

@@ -56,6 +56,7 @@ from workers.batch_requests import (
 )
 from workers.lanes import HIGHER_LANE_MEMORY_S, PassCosts, effective_rank
 from workers.model_errors import ModelGone, ModelProcessDied, ModelTimeout, unloaded
+from workers.pass_trace import PassTrace, pass_timing
 from workers.retry import RetryPolicy
 
 # How long the size of the last batch predicts the next one (beyond this the model counts as idle).
@@ -116,9 +117,11 @@ class ModelBatcher:
         lane: str = DEFAULT_LANE,
         submitted_at: float | None = None,
         deadline: float | None = None,
+        trace: str | None = None,
     ) -> Future:
         """Queue one job's inputs; `exclusive`: it runs in a forward pass of its own. `lane`, `submitted_at` and
-        `deadline` make its effective rank: it waits behind the pending jobs of its own and higher ranks only."""
+        `deadline` make its effective rank: it waits behind the pending jobs of its own and higher ranks only.
+        `trace`: the job's traceparent (its pass is traced when it is sampled: workers/pass_trace.py)."""
         request = Request(
             inputs,
             parameters,
@@ -129,6 +132,7 @@ class ModelBatcher:
             lane=lane,
             submitted_at=submitted_at,
             deadline=deadline,
+            trace=trace,
         )
         with self._cond:
             if self._closed:
@@ -269,32 +273,42 @@ class ModelBatcher:
     def _run(self, index: int, batch: list[Request]) -> None:
         self._on_batch(len(batch))
         started = time.monotonic()
+        traced = PassTrace.begin(self.model_id, index, batch)  # None unless a job of it is traced
         try:
             with self._on_forward(batch):  # entered before the pass runs, left when it has ended
                 outputs = self.executor.run_batch_on(index, [r.inputs for r in batch], batch[0].parameters)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(batch)} inputs")
-        except ModelGone as exc:  # the model went away under the batch: final, not a crash
-            self._settle(batch, error=exc)
-            return
-        except (ModelProcessDied, ModelTimeout) as exc:
-            self._crashed(index, batch, exc)
-            return
         except Exception as exc:
-            if len(batch) == 1:
-                self._settle(batch, error=exc)
-                return
-            logger.bind(model_id=self.model_id).info(
-                "batch of {} failed ({}); retrying its jobs one by one", len(batch), exc
-            )
-            for request in batch:
-                self._run(index, [request])
+            if traced is not None:
+                traced.end(None, getattr(exc, "code", None) or type(exc).__name__)
+            self._failed(index, batch, exc)
             return
+        if traced is not None:
+            traced.end(pass_timing(self.executor))
         inference_ms = (time.monotonic() - started) * 1000
         self.costs.observe(len(batch), inference_ms / 1000)
         for request, output in zip(batch, outputs):
             request.outcome = BatchOutcome(output, len(batch), (started - request.arrived) * 1000, inference_ms)
         self._done.put(batch)
+
+    def _failed(self, index: int, batch: list[Request], exc: Exception) -> None:
+        """A pass that failed: the model went away (final), its process died or hung (the retry policy), or it raised
+        (a batch's jobs tried one by one, a lone job failed)."""
+        if isinstance(exc, ModelGone):  # the model went away under the batch: final, not a crash
+            self._settle(batch, error=exc)
+            return
+        if isinstance(exc, (ModelProcessDied, ModelTimeout)):
+            self._crashed(index, batch, exc)
+            return
+        if len(batch) == 1:
+            self._settle(batch, error=exc)
+            return
+        logger.bind(model_id=self.model_id).info(
+            "batch of {} failed ({}); retrying its jobs one by one", len(batch), exc
+        )
+        for request in batch:
+            self._run(index, [request])
 
     def _crashed(self, index: int, batch: list[Request], exc: BaseException) -> None:
         """Its model process died or hung: the policy restarts it and decides each job's fate (workers/retry.py)."""

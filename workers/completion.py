@@ -28,10 +28,11 @@ from tasks.deadletters import POISON as DEAD_POISON
 from tasks.errors import CODES, INTERNAL_ERROR, INVALID_INPUT, POISON_JOB, error_body
 from tasks.jobs.codec import encode
 from tasks.jobs.lifecycle import JobEnd, Lifecycle
-from tasks.metrics import INFERENCE_TIME, LANE_WAIT, QUEUE_WAIT, LocalMetrics
+from tasks.metrics import INFERENCE_TIME, LANE_WAIT, QUEUE_WAIT, LocalMetrics, exemplar_of
 from tasks.names import DEFAULT_LANE
 from tasks.results import compact
 from tasks.states import CANCELLED, EXPIRED, FAILED, SUCCEEDED
+from tracing import spans
 from workers.runtimes.base import InvalidInput
 
 # How long a job's end is retried while Redis cannot take it (unreachable, or at its maxmemory).
@@ -77,8 +78,19 @@ class JobContext:
         """Its caller may have a model loaded for it (set by the API; absent: no)."""
         return bool(self.job.get("autoload"))
 
+    @property
+    def trace(self) -> str | None:
+        """Its W3C traceparent (set by the API when the job has a trace: tracing/)."""
+        return self.job.get("traceparent")
+
     def log(self, model_id: str) -> Any:
-        return logger.bind(job_id=self.job_id, model_id=model_id, request_id=self.job.get("request_id"))
+        trace = self.trace
+        return logger.bind(
+            job_id=self.job_id,
+            model_id=model_id,
+            request_id=self.job.get("request_id"),
+            trace_id=trace[3:35] if trace else None,
+        )
 
 
 @dataclass
@@ -95,6 +107,7 @@ class Ending:
     expired_in_queue: bool = False  # its deadline passed before a worker started it
     lane: str | None = None  # an inference job's priority lane (its queue wait is also counted per lane)
     request_id: str | None = None  # an inference job's request id, for the log line of its end
+    trace: str | None = None  # its traceparent: its end is traced (`aethercore.job.end`), its timings are exemplars
 
     @property
     def code(self) -> str | None:
@@ -200,7 +213,7 @@ class Completion:
         return wake
 
     def failed(self, ctx: JobContext, error: dict[str, str], status: str = FAILED) -> Ending:
-        return Ending(ctx.job_id, status, error=error, wake=self.wake(ctx))
+        return Ending(ctx.job_id, status, error=error, wake=self.wake(ctx), trace=ctx.trace)
 
     def expired(self, ctx: JobContext, error: dict[str, str]) -> Ending:
         ending = self.failed(ctx, error, EXPIRED)
@@ -224,6 +237,7 @@ class Completion:
             result_json=self.result_for(spec, ctx.job, body, timings),
             lane=ctx.lane,
             request_id=ctx.job.get("request_id"),
+            trace=ctx.trace,
         )
 
     def result_for(self, spec: ModelSpec, job: dict[str, Any], body: dict[str, Any], timings: dict[str, Any]) -> bytes:
@@ -259,21 +273,44 @@ class Completion:
             for e in endings
         ]
         succeeded: list[Ending] = []
-        for ending, ended in zip(endings, self._write_ends(items)):
+        began = time.time_ns() if spans.on() else 0
+        written = self._write_ends(items)
+        if began:
+            self._trace_ends(endings, written, began)
+        for ending, ended in zip(endings, written):
             if not ended:
                 continue
             if ending.status == SUCCEEDED and ending.timings is not None:
                 succeeded.append(ending)
             self.metrics.count_job(kind, model_id, ending.status)
             timings = ending.timings or {}
+            exemplar = exemplar_of(ending.trace)
             if timings.get("queue_ms") is not None:
-                self.metrics.observe(QUEUE_WAIT, model_id, timings["queue_ms"] / 1000)
+                self.metrics.observe(QUEUE_WAIT, model_id, timings["queue_ms"] / 1000, exemplar=exemplar)
                 if ending.lane:  # per priority lane: its count is the lane's jobs
-                    self.metrics.observe(LANE_WAIT, ending.lane, timings["queue_ms"] / 1000)
+                    self.metrics.observe(LANE_WAIT, ending.lane, timings["queue_ms"] / 1000, exemplar=exemplar)
             if timings.get("inference_ms") is not None:
-                self.metrics.observe(INFERENCE_TIME, model_id, timings["inference_ms"] / 1000)
+                self.metrics.observe(INFERENCE_TIME, model_id, timings["inference_ms"] / 1000, exemplar=exemplar)
         if succeeded:
             _log_succeeded(model_id, succeeded)
+
+    def _trace_ends(self, endings: list[Ending], written: list[bool], began: int) -> None:
+        """One `aethercore.job.end` span per traced job this call ended: the write of its end (status, error code)."""
+        ended_ns = time.time_ns()
+        for ending, ended in zip(endings, written):
+            span = spans.start(
+                "aethercore.job.end",
+                ending.trace,
+                start_ns=began,
+                attributes={
+                    "aethercore.job.id": ending.job_id,
+                    "aethercore.job.status": ending.status if ended else "already_ended",
+                    "aethercore.worker": self.name,
+                },
+            )
+            if span is not None and ending.code:
+                span.set_attribute("aethercore.job.error_code", ending.code)
+            spans.end(span, ending.code if ended else None, end_ns=ended_ns)
 
     def _write_ends(self, items: list[JobEnd]) -> list[bool]:
         """Write the jobs' ends, retried while Redis is unreachable or refuses writes (at its maxmemory: results
@@ -314,10 +351,12 @@ def _log_succeeded(model_id: str, endings: list[Ending]) -> None:
     comma-separated in the same order (one id for a lone job), so `grep <request id>` still finds a job's end. One
     line per job cost the worker a sixth of its CPU per request at GPU speed (loguru formats and writes each)."""
     first = endings[0].timings or {}
+    traced = any(e.trace for e in endings)
     logger.bind(
         model_id=model_id,
         job_id=",".join(e.job_id for e in endings),
         request_id=",".join(e.request_id or "-" for e in endings),
+        trace_id=",".join(e.trace[3:35] if e.trace else "-" for e in endings) if traced else None,
     ).info(
         "inference succeeded: {} job(s), batch of {}, {:.1f} ms",
         len(endings),

@@ -27,6 +27,7 @@ import redis
 from config.models import ModelSpec
 from tasks.errors import CANCELLED, DEADLINE_EXCEEDED, error_body
 from tasks.states import INFERENCE
+from tracing import spans
 from workers.completion import BatchItems, Ending, JobContext, classify, logged
 from workers.lanes import aging_step, effective_rank
 from workers.model_errors import CallCancelled, DeadlineExceeded, ModelGone, ModelProcessDied, ModelTimeout
@@ -44,6 +45,7 @@ class _Request:
     item: int | None = None  # index in a batch job's items; None for a job of its own
     stream: StreamTarget | None = None
     crashes: int = 0  # crashes charged to it (only those it was alone in)
+    span: Any = None  # its `aethercore.generate` span, from hand-over to end (a traced job of its own)
 
 
 # What becomes of a request at each turn: its call (handed to the running batch, again after a crash: wait for
@@ -80,7 +82,9 @@ class _Run:
             outcome = self._send(request, exclusive=request.ctx.isolate)
             if isinstance(outcome, GenerationCall):
                 waiting[outcome.future] = (request, outcome)
-            elif outcome is not None:
+                continue
+            _end_span(request, outcome)
+            if outcome is not None:
                 ended.append(outcome)
         self.svc.completion.finish(INFERENCE, self.spec.id, ended)
         while waiting:
@@ -91,7 +95,9 @@ class _Run:
                 outcome = self._settle(request, call)
                 if isinstance(outcome, GenerationCall):
                     waiting[outcome.future] = (request, outcome)
-                elif outcome is not None:
+                    continue
+                _end_span(request, outcome, call)
+                if outcome is not None:
                     endings.append(outcome)
             self.svc.completion.finish(INFERENCE, self.spec.id, endings)
 
@@ -102,12 +108,21 @@ class _Run:
             # A fresh target on every try: chunk indexes restart at 0, so what an earlier try already
             # published is skipped (by index) and readers see each chunk once.
             first = request.stream.first_piece_at if request.stream else None
+            if request.span is None:
+                request.span = spans.start(
+                    "aethercore.generate",
+                    ctx.trace,
+                    attributes={"aethercore.model_id": self.spec.id, "aethercore.lane": ctx.lane},
+                )
+            else:  # sent again after its model process died
+                spans.event(request.span, "retry", {"aethercore.exclusive": exclusive})
             request.stream = StreamTarget(
                 ctx.job_id,
                 self.spec.id,
                 ctx.job.get("submitted_at"),
                 first_piece_at=first,
                 interval=self.svc.settings.stream_interval,
+                span=request.span,
             )
             try:  # what the reaper charges if the worker dies now: a row alone in its batch, never a companion
                 self.svc.jobs.inflight.mark_forward([ctx.job_id], alone=exclusive)
@@ -201,6 +216,22 @@ class _Run:
         return items.ending(
             self.svc.completion, self.spec, {"inference_ms": round(inference_ms, 3), "batch_size": len(items.outputs)}
         )
+
+
+def _end_span(request: _Request, outcome: Outcome, call: GenerationCall | None = None) -> None:
+    """A job's generation ended (`outcome`: its Ending): its span ends with its status, chunks and running batch."""
+    span = request.span
+    if span is None:
+        return
+    request.span = None
+    if request.stream is not None:
+        span.set_attribute("aethercore.stream.chunks", request.stream.index)
+    if call is not None:
+        span.set_attribute("aethercore.generation.running", call.process.generation.get("running", 0))
+    code = outcome.code if isinstance(outcome, Ending) else None
+    if isinstance(outcome, Ending):
+        span.set_attribute("aethercore.job.status", outcome.status)
+    spans.end(span, code)
 
 
 def run_generation_jobs(

@@ -17,8 +17,9 @@ from loguru import logger
 
 from tasks.errors import DEADLINE_EXCEEDED, MODEL_NOT_FOUND, error_body
 from tasks.jobs.inflight import requeue_payload
-from tasks.names import INFER, LOAD_MODEL, UNLOAD_MODEL, forced_unload_key
+from tasks.names import DEFAULT_LANE, INFER, LOAD_MODEL, UNLOAD_MODEL, forced_unload_key
 from tasks.states import FAILED, INFERENCE, LOAD, LOADED, SUCCEEDED, UNLOAD, UNLOADED, UNLOADING
+from tracing import spans
 from workers.batch_requests import ResultsNotWritten
 from workers.cache import ModelLoadError
 from workers.completion import BatchItems, Ending, JobContext, classify
@@ -48,7 +49,9 @@ def _run_batch_request(svc: WorkerService, spec: Any, runtime: Any, ctx: JobCont
     handed: list[tuple[int, Future]] = []
     for index, item in enumerate(items.inputs):
         try:
-            future = svc.submit(spec, runtime, item, ctx.parameters, exclusive=ctx.isolate, lane=ctx.lane)
+            future = svc.submit(
+                spec, runtime, item, ctx.parameters, exclusive=ctx.isolate, lane=ctx.lane, trace=ctx.trace
+            )
         except Exception as exc:  # the model is going away
             items.put(index, error=classify(exc))
             continue
@@ -125,7 +128,29 @@ def _start(svc: WorkerService, model_id: str, jobs: list[dict[str, Any]]) -> lis
             "{} job(s) refused: {}", len(refused), ", ".join(f"{r.job_id} {r.code}" for r in refused)
         )
         svc.completion.finish(INFERENCE, model_id, refused)
+    if spans.on():
+        _trace_queued(svc, jobs, deliveries, started)
     return active
+
+
+def _trace_queued(svc: WorkerService, jobs: list[dict[str, Any]], deliveries: list[int], started: float) -> None:
+    """Each traced job's `aethercore.queue` span: from its submission until this worker marked it running, in its
+    lane of the device queue (the time the lanes' order and the workers' capacity cost it)."""
+    for job, delivery in zip(jobs, deliveries):
+        if delivery and job.get("submitted_at"):
+            spans.record(
+                "aethercore.queue",
+                job.get("traceparent"),
+                job["submitted_at"],
+                started,
+                {
+                    "aethercore.queue": svc.queue,
+                    "aethercore.lane": job.get("priority") or DEFAULT_LANE,
+                    "aethercore.job.id": job["job_id"],
+                    "aethercore.attempts": delivery,
+                    "aethercore.worker": svc.name,
+                },
+            )
 
 
 def _serve(svc: WorkerService, model_id: str, active: list[JobContext]) -> None:
@@ -217,10 +242,14 @@ def _mark_running(svc: WorkerService, task: str, kwargs: dict[str, Any]) -> dict
     return {"attempts": attempts, "started_at": time.time()} if attempts else None
 
 
-def run_load(job_id: str, model_id: str, device: str, request_id: str | None = None) -> None:
+def run_load(
+    job_id: str, model_id: str, device: str, request_id: str | None = None, traceparent: str | None = None
+) -> None:
     svc = service()
     kwargs = {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id}
-    with svc.active.holding([job_id]):
+    if traceparent:
+        kwargs["traceparent"] = traceparent
+    with svc.active.holding([job_id]), logger.contextualize(trace_id=traceparent[3:35] if traceparent else None):
         wake = _mark_running(svc, LOAD_MODEL, kwargs)
         if wake is None:
             return
@@ -263,12 +292,22 @@ def _load(svc: WorkerService, job_id: str, model_id: str, request_id: str | None
     log.info("model loaded on {} replica(s)", len(replicas))
 
 
-def run_unload(job_id: str, model_id: str, device: str, request_id: str | None = None, force: bool = False) -> None:
+def run_unload(
+    job_id: str,
+    model_id: str,
+    device: str,
+    request_id: str | None = None,
+    force: bool = False,
+    traceparent: str | None = None,
+) -> None:
     """Unload the model from every worker of the device. Its running jobs are drained (they may end for
-    AETHERCORE_UNLOAD_DRAIN seconds; the rest fail `model_unloaded`), or with `force` ended at once."""
+    AETHERCORE_UNLOAD_DRAIN seconds; the rest fail `model_unloaded`), or with `force` ended at once. `traceparent`:
+    the job's trace context (its log lines carry the trace id)."""
     svc = service()
     kwargs = {"job_id": job_id, "model_id": model_id, "device": device, "request_id": request_id, "force": force}
-    with svc.active.holding([job_id]):
+    if traceparent:
+        kwargs["traceparent"] = traceparent
+    with svc.active.holding([job_id]), logger.contextualize(trace_id=traceparent[3:35] if traceparent else None):
         wake = _mark_running(svc, UNLOAD_MODEL, kwargs)
         if wake is None:
             return

@@ -26,11 +26,13 @@ def run_worker(device: str, settings: Settings | None = None) -> int:
     from config.logging import setup_logging
     from tasks.celery_app import make_celery
     from tasks.names import DEFAULT_LANE, LANE_PRIORITY, queue_for_device
+    from tracing.setup import configure as configure_tracing
     from workers import handlers
     from workers.service import WorkerService
 
     settings = settings.with_overrides(device=device)
     setup_logging("worker", settings.log_level, settings.log_format)
+    configure_tracing("worker")  # on when OTEL_EXPORTER_OTLP_*ENDPOINT is set (tracing/setup.py)
 
     @signals.setup_logging.connect(weak=False)
     def _keep_our_logging(**_: object) -> None:  # stops Celery from reconfiguring the root logger

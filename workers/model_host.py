@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -124,7 +125,9 @@ class _Host:
                 if op != wire.RUN:
                     raise ValueError(f"operation {op!r} is not served by a {self.spec.task} model")
                 _op, _id, inputs, parameters = message
-                reply = wire.result(call_id, self.runtime.run_batch(inputs, parameters))
+                started = time.time_ns()
+                output = self.runtime.run_batch(inputs, parameters)
+                reply = wire.result(call_id, output, (started, time.time_ns(), os.getpid()))
             except Exception as exc:
                 reply = self._error(call_id, exc)
             self.conn.send(reply)

@@ -293,6 +293,7 @@ class ModelProcess:
             return
         kind = message[0]
         if kind == wire.RESULT:
+            call.future.pass_timing = message[3] if len(message) > 3 else None  # type: ignore[attr-defined]
             _settle(call.future, result=message[2])
         elif kind == wire.CANCELLED:
             _settle(call.future, error=CallCancelled())
@@ -354,6 +355,12 @@ class ModelProcess:
     def call(self, op: str, inputs: Any, parameters: dict[str, Any]) -> Any:
         """Run one operation and wait for its result."""
         return self.submit((op, inputs, parameters))[1].result()
+
+    def call_timed(self, op: str, inputs: Any, parameters: dict[str, Any]) -> tuple[Any, Any]:
+        """Run one operation and wait for its result, with the pass timing the process reported (or None)."""
+        future = self.submit((op, inputs, parameters))[1]
+        result = future.result()
+        return result, getattr(future, "pass_timing", None)
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:

@@ -52,6 +52,7 @@ class RemoteRuntime:
         self._ending: ModelGone | None = None  # what the calls still in flight at close() end with
         self.restarts = 0
         self.death_handled = False  # its death reported and acted on (WorkerService.model_died)
+        self._passes = threading.local()  # per batcher thread: the pass it ran last, as its process timed it
 
     def load(self) -> None:
         try:
@@ -124,10 +125,14 @@ class RemoteRuntime:
         if index >= len(instances):
             self.check_open()
             raise ModelProcessDied(f"model {self.spec.id!r} has no process {index}")
-        outputs = instances[index].call(wire.RUN, inputs, parameters)
+        outputs, self._passes.timing = instances[index].call_timed(wire.RUN, inputs, parameters)
         if len(outputs) != len(inputs):
             raise ModelProcessError(f"the model returned {len(outputs)} outputs for {len(inputs)} inputs")
         return outputs
+
+    def pass_timing(self) -> Any:
+        """The pass this thread ran last, as its model process timed it: (start ns, end ns, pid), or None."""
+        return getattr(self._passes, "timing", None)
 
     def generate(
         self,

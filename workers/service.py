@@ -236,13 +236,22 @@ class WorkerService:
         context: JobContext | None = None,
         exclusive: bool = False,
         lane: str = DEFAULT_LANE,
+        trace: str | None = None,
     ) -> Future:
         """Hand one job's inputs to the model's batcher. With `context` (the job), the batcher's completion
         writes the job's end itself, together with the rest of its batch. `exclusive`: a forward pass of its
-        own (a job requeued after its worker died). ModelGone if the model is going away."""
+        own (a job requeued after its worker died). `trace`: the traceparent of a job given without `context` (an
+        item of a /serve/batch job). ModelGone if the model is going away."""
         job = context.job if context is not None else {}
         return self._batcher(spec, runtime).submit(
-            inputs, parameters, context, exclusive, lane, job.get("submitted_at"), job.get("deadline")
+            inputs,
+            parameters,
+            context,
+            exclusive,
+            lane,
+            job.get("submitted_at"),
+            job.get("deadline"),
+            job.get("traceparent") or trace,
         )
 
     def _batcher(self, spec: ModelSpec, runtime: RemoteRuntime) -> ModelBatcher:

@@ -7,7 +7,7 @@ Imports nothing of ours."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class StreamSink(Protocol):
@@ -39,6 +39,7 @@ class StreamTarget:
     interval: int = 1
     held: list[str] = field(default_factory=list)
     pieces: int = 0
+    span: Any = None  # its job's `aethercore.generate` span: one event per chunk (workers/streams.py)
 
     def add(self, piece: str) -> str | None:
         """One step's piece; the chunk to publish now, or None while it is held."""

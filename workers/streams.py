@@ -23,6 +23,7 @@ from loguru import logger
 from tasks.jobs.events import CHUNK_CANCELLED, CHUNK_NOT_RUNNING, Events
 from tasks.metrics import BATCH_SIZE, TIME_TO_FIRST_TOKEN, LocalMetrics
 from tasks.states import QUEUED
+from tracing import spans
 from workers.stream_target import StreamTarget
 
 QUEUED_NOTE = {"status": QUEUED, "reason": "waiting for room in the model's running batch"}
@@ -51,11 +52,23 @@ class JobStreams:
                 self._failed(chunks, exc)
                 return [True] * len(pieces)
         now = time.time()
-        for target, _text in pieces:
+        for (target, text), (_job_id, index, _chunk) in zip(pieces, chunks):
             if target.first_piece_at is None:
                 target.first_piece_at = now
                 if target.submitted_at:
-                    self.metrics.observe(TIME_TO_FIRST_TOKEN, target.model_id, max(0.0, now - target.submitted_at))
+                    ttft = max(0.0, now - target.submitted_at)
+                    exemplar = spans.traceparent(target.span)[3:35] if target.span is not None else None
+                    self.metrics.observe(TIME_TO_FIRST_TOKEN, target.model_id, ttft, exemplar=exemplar)
+                    if target.span is not None:
+                        target.span.set_attribute("aethercore.ttft_ms", round(ttft * 1000, 3))
+                spans.event(target.span, "first_token", {"aethercore.chunk.chars": len(text)}, at_s=now)
+            elif target.span is not None:  # one event per chunk (a stream interval's pieces), not per token
+                spans.event(
+                    target.span,
+                    "chunk",
+                    {"aethercore.chunk.index": index, "aethercore.chunk.chars": len(text)},
+                    at_s=now,
+                )
         return [outcome not in (CHUNK_CANCELLED, CHUNK_NOT_RUNNING) for outcome in outcomes]
 
     def flush(self) -> None:

@@ -15,7 +15,7 @@ tuples pickled by multiprocessing's `Connection`, one per batch or decoding step
       (EXIT,)                                         end the process
     model process -> worker
       (READY, info) | (LOAD_ERROR, code, message)     once, after the load
-      (RESULT, call_id, output)                       a call's end
+      (RESULT, call_id, output[, timing])             a call's end (timing: a batch's pass, start/end ns, pid)
       (ERROR, call_id, kind, message)                 kind: INVALID_INPUT | DEADLINE | FAILURE
       (CANCELLED, call_id)
       (EVENTS, [event, ...], stats)                   one per decoding step: (CHUNK, call_id, text),
@@ -81,8 +81,10 @@ def load_error(code: str, message: str) -> tuple:
     return (LOAD_ERROR, code, message)
 
 
-def result(call_id: int, output: Any) -> tuple:
-    return (RESULT, call_id, output)
+def result(call_id: int, output: Any, timing: tuple[int, int, int] | None = None) -> tuple:
+    """`timing`: a batch's pass as the model process saw it, (start ns, end ns, pid) in epoch nanoseconds (the
+    worker's trace of the pass, workers/pass_trace.py); None for a generation's end."""
+    return (RESULT, call_id, output) if timing is None else (RESULT, call_id, output, timing)
 
 
 def error(call_id: int, kind: str, message: str) -> tuple:

@@ -20,6 +20,7 @@ from api.blueprints.files import blp, listing, owned, owned_file, owner_filter, 
 from api.errors import quota_error
 from api.idempotency import idempotent
 from api.services import services
+from api.tracing import current_trace
 from batches.creation import Creator, check_input_file, create_batch
 from batches.objects import batch_object
 from batches.store import (
@@ -34,6 +35,7 @@ from batches.store import (
 )
 from protocols.errors import ApiError
 from protocols.openai import BATCH_ENDPOINTS
+from submission.webhooks import with_trace
 from tasks.holdings import QuotaExceeded
 
 __all__ = ["blp"]
@@ -146,7 +148,10 @@ class Batches(MethodView):
         who = principal()
         # metadata.webhook_url, else the caller's default endpoint
         webhook = svc.webhooks.batch_webhook(who.id, body.get("metadata")) or ""
-        creator = Creator(who.id, who.role, request.remote_addr or "", webhook)
+        traceparent, tracestate = current_trace()  # every line's job joins this request's trace
+        if webhook and traceparent:
+            webhook = with_trace(webhook, traceparent, tracestate)
+        creator = Creator(who.id, who.role, request.remote_addr or "", webhook, traceparent or "", tracestate or "")
         try:
             fields = create_batch(files, batches, body, source, creator, svc.settings.batch_max_active)
         except QuotaExceeded as exc:

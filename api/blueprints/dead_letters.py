@@ -16,6 +16,7 @@ from api.callers import key_of, limit_headers
 from api.json_provider import Blueprint
 from api.request_id import current_request_id
 from api.services import services
+from api.tracing import current_trace
 from protocols.errors import ApiError
 from protocols.schemas import JOB_ID_RE, JobErrorSchema, JobSchema
 from submission.replay import replay_request
@@ -116,10 +117,13 @@ class Replay(MethodView):
             )
         if entry["reason"] == WEBHOOK_FAILED:
             return {"replayed": job_id, "job": None, "delivery_id": resend_delivery(entry)}, 202
+        traceparent, tracestate = current_trace()  # the replay joins the replaying request's trace
         request = replay_request(
             entry,
             caller_key=key_of(entry.get("owner")),
             request_id=current_request_id(),
+            traceparent=traceparent,
+            tracestate=tracestate,
             limit_headers=limit_headers(),
         )
         job = svc.submitter.submit(request)

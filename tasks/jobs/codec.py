@@ -58,4 +58,7 @@ def decode(fields: Mapping[Any, Any]) -> dict[str, Any]:
     }
     if "replay_of" in fields:  # a dead letter's replay (submission/replay.py)
         job["replay_of"] = fields["replay_of"]
+    traceparent = fields.get("traceparent")
+    if traceparent:  # the W3C trace it belongs to (tracing/): its id is public, the parent span id is not needed
+        job["trace_id"] = traceparent[3:35]
     return job

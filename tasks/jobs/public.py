@@ -18,6 +18,7 @@ JOB_FIELDS = (
     "worker",
     "attempts",
     "request_id",
+    "trace_id",
     "owner",
     "chunks",
     "created_at",

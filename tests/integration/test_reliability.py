@@ -22,6 +22,7 @@ from tasks.names import (
     INFLIGHT_HOLDERS,
     METRICS_COUNTERS,
     METRICS_DEAD_LETTERS,
+    METRICS_EXEMPLARS,
     METRICS_HISTOGRAMS,
     METRICS_WEBHOOKS,
     MODEL_ERRORS,
@@ -262,6 +263,7 @@ def test_every_redis_key_is_bounded(env):
         WORKERS_INDEX,
         METRICS_COUNTERS,
         METRICS_HISTOGRAMS,
+        METRICS_EXEMPLARS,  # one field per histogram bucket
         AUTH_KEYS,
         "cpu",
         "unacked",

@@ -18,7 +18,7 @@ class RecordingCelery:
         self.messages = []
         self.delay = delay
 
-    def send_task(self, name, kwargs, queue, task_id, kwargsrepr, priority=0):
+    def send_task(self, name, kwargs, queue, task_id, kwargsrepr, priority=0, headers=None):
         time.sleep(self.delay)
         self.messages.append((queue, [j["job_id"] for j in kwargs["jobs"]], task_id))
 

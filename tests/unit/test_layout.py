@@ -18,6 +18,8 @@ ROOMS = (
     "batches",
     "webhooks",
     "protocols",
+    "submission",
+    "tracing",
 )
 
 

@@ -3,6 +3,7 @@ and that end handles it (no process is started: both ends are driven through a s
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -88,10 +89,12 @@ def test_a_batch_model_handles_every_message_the_worker_sends():
     h, pipe = host(BatchRuntime(), [m for kind in wire.TO_HOST for m in handled[kind]])
     h.serve()
     assert pipe.sent == [
-        wire.result(1, [{"echo": "a"}]),
+        wire.result(1, [{"echo": "a"}], pipe.sent[0][3]),  # with the pass as the process timed it
         wire.error(2, wire.INVALID_INPUT, "bad input"),
         pipe.sent[2],  # GENERATE to a batch model: refused with an error naming it
     ]
+    started, ended, pid = pipe.sent[0][3]
+    assert started <= ended and pid == os.getpid()
     assert pipe.sent[2][:3] == (wire.ERROR, 3, wire.FAILURE) and "not served" in pipe.sent[2][3]
     assert pipe.incoming == [wire.run(9, [{"text": "never"}], {})]  # EXIT ended the loop
 

@@ -1,0 +1,93 @@
+"""The HTTP side of tracing: each request's server span, and the context a submission carries on.
+
+With tracing on (tracing/setup.py), a WSGI wrapper starts the request's span, child of the caller's `traceparent`
+(and `tracestate`) when it sends a valid one, else the root of a new trace; names it by its route once Flask has
+matched it (`POST /serve`); notes the status and the caller's role (never a key or a token); answers the trace in a
+`traceresponse` header (W3C Trace Context Level 2: `00-<trace id>-<span id>-<flags>`); and binds `trace_id` to
+every log line of the request. The span ends when the response starts: a stream's life is in its job's spans.
+
+With tracing off nothing is installed; a caller's valid `traceparent` still travels with the jobs it submits (and
+out on their webhooks), unchanged, as the specification asks of a service that does not trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, Response, g, request
+from loguru import logger
+
+from tracing import spans, w3c
+from tracing.setup import configure
+
+RESPONSE_HEADER = "traceresponse"
+_SPAN = "aethercore.span"
+_STATE = "aethercore.tracestate"
+
+
+def current_trace() -> tuple[str | None, str | None]:
+    """(traceparent, tracestate) a job submitted by this request carries: the request span's context (on), else the
+    caller's valid headers as they came (off)."""
+    environ = request.environ
+    span = environ.get(_SPAN)
+    if span is not None:
+        return spans.traceparent(span), environ.get(_STATE)
+    parent = w3c.parse(environ.get("HTTP_TRACEPARENT"))
+    if parent is None:
+        return None, None
+    return parent, w3c.parse_state(environ.get("HTTP_TRACESTATE"))
+
+
+def init_tracing(app: Flask) -> None:
+    if not configure("api"):
+        return
+    wsgi_app = app.wsgi_app
+
+    def traced(environ: dict[str, Any], start_response: Any) -> Any:
+        parent = w3c.parse(environ.get("HTTP_TRACEPARENT"))
+        state = w3c.parse_state(environ.get("HTTP_TRACESTATE")) if parent is not None else None
+        method = environ.get("REQUEST_METHOD", "")
+        span = spans.start(
+            method,
+            parent,
+            kind="server",
+            root=True,
+            tracestate=state,
+            attributes={"http.request.method": method},
+        )
+        environ[_SPAN] = span
+        if state:
+            environ[_STATE] = state
+        error = None
+        trace = spans.child_traceparent(span, parent)
+        try:
+            with logger.contextualize(trace_id=w3c.trace_id(trace) if trace else None):
+                return wsgi_app(environ, start_response)
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            spans.end(span, error)
+
+    app.wsgi_app = traced
+
+    @app.after_request
+    def _note(response: Response) -> Response:
+        span = request.environ.get(_SPAN)
+        if span is None:
+            return response
+        rule = request.url_rule.rule if request.url_rule else None
+        if rule:
+            span.update_name(f"{request.method} {rule}")
+            span.set_attribute("http.route", rule)
+        status = response.status_code
+        span.set_attribute("http.response.status_code", status)
+        principal = g.get("principal")
+        if principal is not None:
+            span.set_attribute("aethercore.caller.role", principal.role)
+        if status >= 500:
+            from opentelemetry.trace import Status, StatusCode
+
+            span.set_status(Status(StatusCode.ERROR))
+            span.set_attribute("error.type", str(status))
+        response.headers[RESPONSE_HEADER] = spans.traceparent(span)
+        return response
