@@ -3,8 +3,9 @@
 With tracing on (tracing/setup.py), a WSGI wrapper starts the request's span, child of the caller's `traceparent`
 (and `tracestate`) when it sends a valid one, else the root of a new trace; names it by its route once Flask has
 matched it (`POST /serve`); notes the status and the caller's role (never a key or a token); answers the trace in a
-`traceresponse` header (W3C Trace Context Level 2: `00-<trace id>-<span id>-<flags>`); and binds `trace_id` to
-every log line of the request. The span ends when the response starts: a stream's life is in its job's spans.
+`traceresponse` header (W3C Trace Context Level 2: `00-<trace id>-<span id>-<flags>`); and has api/request_id.py
+bind `trace_id` to every log line of the request, with the request id (one loguru context per request). The span
+ends when the response starts: a stream's life is in its job's spans.
 
 With tracing off nothing is installed; a caller's valid `traceparent` still travels with the jobs it submits (and
 out on their webhooks), unchanged, as the specification asks of a service that does not trace."""
@@ -14,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, Response, g, request
-from loguru import logger
 
 from tracing import spans, w3c
 from tracing.setup import configure
@@ -22,15 +22,16 @@ from tracing.setup import configure
 RESPONSE_HEADER = "traceresponse"
 _SPAN = "aethercore.span"
 _STATE = "aethercore.tracestate"
+TRACE_KEY = "aethercore.traceparent"  # the request span's context, formatted once (api/request_id.py logs its id)
 
 
 def current_trace() -> tuple[str | None, str | None]:
     """(traceparent, tracestate) a job submitted by this request carries: the request span's context (on), else the
     caller's valid headers as they came (off)."""
     environ = request.environ
-    span = environ.get(_SPAN)
-    if span is not None:
-        return spans.traceparent(span), environ.get(_STATE)
+    traced = environ.get(TRACE_KEY)
+    if traced is not None:
+        return traced, environ.get(_STATE)
     parent = w3c.parse(environ.get("HTTP_TRACEPARENT"))
     if parent is None:
         return None, None
@@ -55,13 +56,12 @@ def init_tracing(app: Flask) -> None:
             attributes={"http.request.method": method},
         )
         environ[_SPAN] = span
+        environ[TRACE_KEY] = spans.child_traceparent(span, parent)  # None never: a root span is always made
         if state:
             environ[_STATE] = state
         error = None
-        trace = spans.child_traceparent(span, parent)
         try:
-            with logger.contextualize(trace_id=w3c.trace_id(trace) if trace else None):
-                return wsgi_app(environ, start_response)
+            return wsgi_app(environ, start_response)
         except BaseException as exc:
             error = type(exc).__name__
             raise
@@ -72,8 +72,12 @@ def init_tracing(app: Flask) -> None:
 
     @app.after_request
     def _note(response: Response) -> Response:
-        span = request.environ.get(_SPAN)
+        environ = request.environ
+        span = environ.get(_SPAN)
         if span is None:
+            return response
+        response.headers[RESPONSE_HEADER] = environ[TRACE_KEY]
+        if not span.is_recording():  # not sampled: nothing to note
             return response
         rule = request.url_rule.rule if request.url_rule else None
         if rule:
@@ -89,5 +93,4 @@ def init_tracing(app: Flask) -> None:
 
             span.set_status(Status(StatusCode.ERROR))
             span.set_attribute("error.type", str(status))
-        response.headers[RESPONSE_HEADER] = spans.traceparent(span)
         return response

@@ -44,6 +44,31 @@ COMPOSE_VARIABLES = (
     ),
     ("PROMETHEUS_PUBLISH_PORT", "9090", "Host port Prometheus is published on (always on 127.0.0.1: it has no login)."),
     (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "",
+        "Where every process exports its traces (OTLP/HTTP, e.g. http://otel-collector:4318); empty: tracing off "
+        "(docs/OPERATIONS.md, Tracing).",
+    ),
+    ("OTEL_EXPORTER_OTLP_HEADERS", "", "Headers of every export (a backend's API key: `x-honeycomb-team=...`)."),
+    (
+        "OTEL_SERVICE_NAME",
+        "",
+        "One service name for every process; empty: aethercore-api, -worker, -dispatcher, -batches.",
+    ),
+    ("OTEL_RESOURCE_ATTRIBUTES", "", "Attributes of every process's spans (`deployment.environment=prod`)."),
+    (
+        "OTEL_TRACES_SAMPLER",
+        "parentbased_always_on",
+        "Which traces are kept; under load parentbased_traceidratio with OTEL_TRACES_SAMPLER_ARG 0.01 (1 %).",
+    ),
+    ("OTEL_TRACES_SAMPLER_ARG", "1.0", "The ratio of parentbased_traceidratio."),
+    ("TRACES_UI_URL", "http://localhost:16686", "Where Grafana's exemplar links open a trace (`<url>/trace/<id>`)."),
+    (
+        "OTEL_COLLECTOR_IMAGE",
+        "otel/opentelemetry-collector-contrib:0.115.0",
+        "The example collector's image (the commented otel-collector service).",
+    ),
+    (
         "BASE_IMAGE",
         "python:3.11-slim",
         "Base of the API and CPU worker images: any Debian-like image with python3 3.11 and venv (no registry: "
