@@ -79,7 +79,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         "holdings": holdings,
     }
     init_request_id(app)
-    init_tracing(app)  # on when OTEL_EXPORTER_OTLP_*ENDPOINT is set: the request's span, outside the request id's
+    init_tracing(
+        app, settings.trace_caller_sampling
+    )  # on when OTEL_EXPORTER_OTLP_*ENDPOINT is set: the request's span, outside the request id's
     init_security(app, settings, redis_client)
 
     api = AetherApi(app)

@@ -38,8 +38,9 @@ def current_trace() -> tuple[str | None, str | None]:
     return parent, w3c.parse_state(environ.get("HTTP_TRACESTATE"))
 
 
-def init_tracing(app: Flask) -> None:
-    if not configure("api"):
+def init_tracing(app: Flask, trust_caller_sampling: bool = True) -> None:
+    """`trust_caller_sampling`: AETHERCORE_TRACE_CALLER_SAMPLING (tracing/setup.py `configure`)."""
+    if not configure("api", trust_caller_sampling=trust_caller_sampling):
         return
     wsgi_app = app.wsgi_app
 

@@ -321,6 +321,13 @@ class Settings:
         "(docs/CAPACITY.md). Chunks cover fixed token counts, so a retried generation skips what an earlier "
         "try already streamed; the last chunk holds what is left.",
     )
+    trace_caller_sampling: bool = setting(
+        "true",
+        parse_bool,
+        "With tracing on (OTEL_EXPORTER_OTLP_ENDPOINT), the API follows a caller's traceparent `sampled` flag (W3C's "
+        "parent-based sampling). `false`: a caller's trace is still continued, but kept only at the sampler's own "
+        "ratio like any other, so a caller cannot make the service trace every request it sends (a public API).",
+    )
     dispatch_linger_ms: float = setting(
         "1",
         _non_negative_float,

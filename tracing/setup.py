@@ -31,6 +31,12 @@ class _State:
     # The sampler decides a child by its parent's sampled flag (parentbased_*, the default): a span under an
     # unsampled parent is then skipped here at once, without the SDK making a non-recording span for it.
     parent_based = True
+    # A ratio sampler's bound on a trace id's low 64 bits (the SDK's TraceIdRatioBased rule): a new trace it would
+    # not keep is decided here, without the SDK (tracing/spans.py `start`); None: the SDK decides every root.
+    root_bound: int | None = None
+    ids: Any = None  # the provider's id generator (`PresetIds`): a root the SDK keeps gets the trace id decided here
+    kinds: dict[str, Any] = {}  # span kinds by name, and the SDK's empty context: imported once, not per span
+    empty_context: Any = None
     process = ""
 
 
@@ -47,9 +53,11 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
     return any(environ.get(name, "").strip() for name in ENDPOINT_VARIABLES)
 
 
-def configure(process: str, environ: Mapping[str, str] = os.environ) -> bool:
+def configure(process: str, environ: Mapping[str, str] = os.environ, trust_caller_sampling: bool = True) -> bool:
     """Turn tracing on for this process (`process`: api, worker, dispatcher, batches) if the environment asks for it;
-    whether it is on. Once per process: a later call (another app built in the same process) keeps the first set-up."""
+    whether it is on. Once per process: a later call (another app built in the same process) keeps the first set-up.
+    `trust_caller_sampling` false (the API's AETHERCORE_TRACE_CALLER_SAMPLING): a remote parent's sampled flag is not
+    followed; the sampler's own root decision (its ratio, on the trace id) is taken for it too."""
     with _lock:
         if STATE.tracer is not None:
             return True
@@ -69,7 +77,16 @@ def configure(process: str, environ: Mapping[str, str] = os.environ) -> bool:
         }
         if not environ.get("OTEL_SERVICE_NAME", "").strip():
             attributes["service.name"] = f"aethercore-{process}"
-        provider = TracerProvider(resource=Resource.create(attributes))
+        STATE.ids = _preset_ids()
+        provider = TracerProvider(resource=Resource.create(attributes), id_generator=STATE.ids)
+        if not trust_caller_sampling:
+            provider.sampler = _own_decision(provider.sampler)
+        STATE.root_bound = _ratio_bound(provider.sampler)
+        from opentelemetry.context import Context
+        from opentelemetry.trace import SpanKind
+
+        STATE.kinds = {kind.name.lower(): kind for kind in SpanKind}
+        STATE.empty_context = Context()
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
         STATE.provider, STATE.process = provider, process
@@ -80,6 +97,47 @@ def configure(process: str, environ: Mapping[str, str] = os.environ) -> bool:
 
             RedisInstrumentor().instrument(tracer_provider=provider)
         return True
+
+
+def _preset_ids() -> Any:
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class PresetIds(RandomIdGenerator):
+        """Random ids, except the trace id this thread set for the root span it starts next (`preset`)."""
+
+        def __init__(self) -> None:
+            self.local = threading.local()  # a greenlet's own under gevent (patched)
+
+        def preset(self, trace_id: int) -> None:
+            self.local.trace_id = trace_id
+
+        def generate_trace_id(self) -> int:
+            preset = getattr(self.local, "trace_id", None)
+            if preset is None:
+                return super().generate_trace_id()
+            self.local.trace_id = None
+            return preset
+
+    return PresetIds()
+
+
+def _ratio_bound(sampler: Any) -> int | None:
+    """The bound of a parent-based ratio sampler's root decision (trace id's low 64 bits < bound: kept); None for any
+    other sampler (always_on keeps every root: nothing to decide ahead)."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    root = getattr(sampler, "_root", None) if isinstance(sampler, ParentBased) else None
+    return root.bound if isinstance(root, TraceIdRatioBased) else None
+
+
+def _own_decision(sampler: Any) -> Any:
+    """The configured sampler, deciding a caller's (remote) traces as its roots: a caller's flag counts for nothing."""
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    if not isinstance(sampler, ParentBased):
+        return sampler  # not parent-based: it never followed a caller's flag
+    root = sampler._root  # the SDK keeps the root sampler it was built with (no public accessor)
+    return ParentBased(root, remote_parent_sampled=root, remote_parent_not_sampled=root)
 
 
 def flush(timeout_ms: int = 5000) -> None:

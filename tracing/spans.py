@@ -7,6 +7,7 @@ gets a caller's role, never a key, a token or a signing secret (tests/integratio
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,6 +16,24 @@ from tracing import w3c
 from tracing.setup import STATE
 
 Attributes = Mapping[str, Any]
+
+
+_LOW_64 = (1 << 64) - 1
+
+
+class Unsampled:
+    """A new trace the sampler does not keep, decided without the SDK: its context travels, nothing is recorded."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, trace_id: int) -> None:
+        self.context = w3c.make(trace_id, random.getrandbits(64) or 1, 0)
+
+    def is_recording(self) -> bool:
+        return False
+
+    def end(self, end_time: int | None = None) -> None:
+        pass
 
 
 def on() -> bool:
@@ -71,19 +90,21 @@ def start(
     if parent is None:
         if not root:
             return None
-        from opentelemetry.context import Context
-
-        context = Context()  # a new trace, never the thread's current span
+        context = STATE.empty_context  # a new trace, never the thread's current span
+        bound = STATE.root_bound
+        if bound is not None:  # a ratio sampler: decided here by its rule, the SDK only for a trace it keeps
+            trace_id = random.getrandbits(128) or 1
+            if trace_id & _LOW_64 >= bound:
+                return Unsampled(trace_id)
+            STATE.ids.preset(trace_id)
     else:
         if STATE.parent_based and not w3c.sampled(parent):
             return None
         context = _context(parent, tracestate)
-    from opentelemetry.trace import SpanKind
-
     return tracer.start_span(
         name,
         context,
-        kind=SpanKind[kind.upper()],
+        kind=STATE.kinds[kind],
         attributes=attributes,
         links=[_link(link) for link in links],
         start_time=start_ns,
@@ -107,7 +128,7 @@ def record(
 
 def end(span: Any, error: str | None = None, end_ns: int | None = None) -> None:
     """End `span` (None: nothing); `error`: the error code it ended with (status ERROR, `error.type`)."""
-    if span is None:
+    if span is None or isinstance(span, Unsampled):
         return
     if error:
         from opentelemetry.trace import Status, StatusCode
@@ -118,6 +139,8 @@ def end(span: Any, error: str | None = None, end_ns: int | None = None) -> None:
 
 
 def traceparent(span: Any) -> str:
+    if isinstance(span, Unsampled):
+        return span.context
     ctx = span.get_span_context()
     return w3c.make(ctx.trace_id, ctx.span_id, int(ctx.trace_flags))
 
