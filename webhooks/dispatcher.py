@@ -229,7 +229,8 @@ class Dispatcher:
             return self._fail(record, RETRIES_EXHAUSTED, error, attempts, NOT_SENT)
         hook = record["webhook"]
         url, owner = hook.get("url", ""), hook.get("owner", "")
-        log = logger.bind(delivery_id=delivery_id, job_id=record.get("ref"))
+        trace = hook.get("traceparent")
+        log = logger.bind(delivery_id=delivery_id, job_id=record.get("ref"), trace_id=trace[3:35] if trace else None)
         attempts += 1
         now = time.time()
         body = record.get("body")

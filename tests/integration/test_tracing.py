@@ -61,7 +61,15 @@ def env():
     dispatcher = ManagedProcess("trace-dispatcher", base_env(url, **tracing)).spawn("dispatcher")
     wait_until(lambda: r.zcard("aethercore:webhook:dispatchers") > 0 or dispatcher.died(), 30, 0.1, "the dispatcher")
     receiver = Receiver().start()
-    yield {"api": api, "worker": worker, "collector": collector, "receiver": receiver, "secret": secret, "redis": r}
+    yield {
+        "api": api,
+        "worker": worker,
+        "dispatcher": dispatcher,
+        "collector": collector,
+        "receiver": receiver,
+        "secret": secret,
+        "redis": r,
+    }
     receiver.stop()
     dispatcher.stop()
     api.stop()
@@ -257,6 +265,7 @@ def test_each_webhook_attempt_is_a_span_and_carries_the_trace_to_the_receiver(en
         (job["trace_id"], s["span_id"]) for s in attempts
     ]
     assert all(int(flags, 16) & 1 for *_ids, flags in sent)  # sampled (the SDK also sets W3C's random-id flag)
+    assert f"trace_id={job['trace_id']}" in env["dispatcher"].log()  # the delivery's log lines name the trace
 
 
 def test_no_span_carries_a_key_a_token_or_a_signing_secret(env):
