@@ -659,6 +659,12 @@ SECRET_ENV = frozenset(
         "AETHERCORE_API_KEY",
         "REDISCLI_AUTH",
         "REDIS_PASSWORD",
+        # A trace backend's credentials (and an endpoint that may carry them): a model process exports nothing, its
+        # worker exports the passes it times (docs/OPERATIONS.md, "Tracing").
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     }
 )
 _SECRET_URLS = ("AETHERCORE_REDIS_URL", "AETHERCORE_BROKER_URL")

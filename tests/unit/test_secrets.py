@@ -102,6 +102,8 @@ def test_the_model_process_environment_holds_no_secret():
         "AETHERCORE_REDIS_URL": f"redis://:{REAL_SECRET}@redis:6379/0",
         "AETHERCORE_BROKER_URL": f"amqp://app:{REAL_SECRET}@rabbitmq:5672//",
         "REDISCLI_AUTH": REAL_SECRET,
+        "OTEL_EXPORTER_OTLP_HEADERS": f"x-honeycomb-team={REAL_SECRET}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"https://otel:{REAL_SECRET}@collector:4318",
     }
     from config.settings import SECRET_ENV, model_process_env
 
