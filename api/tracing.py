@@ -1,11 +1,11 @@
 """The HTTP side of tracing: each request's server span, and the context a submission carries on.
 
-With tracing on (tracing/setup.py), a WSGI wrapper starts the request's span, child of the caller's `traceparent`
-(and `tracestate`) when it sends a valid one, else the root of a new trace; names it by its route once Flask has
-matched it (`POST /serve`); notes the status and the caller's role (never a key or a token); answers the trace in a
-`traceresponse` header (W3C Trace Context Level 2: `00-<trace id>-<span id>-<flags>`); and has api/request_id.py
-bind `trace_id` to every log line of the request, with the request id (one loguru context per request). The span
-ends when the response starts: a stream's life is in its job's spans.
+With tracing on (tracing/setup.py), a WSGI wrapper starts the request's span (not for the probes and /metrics),
+child of the caller's `traceparent` (and `tracestate`) when it sends a valid one, else the root of a new trace;
+names it by its route once Flask has matched it (`POST /serve`); notes the status and the caller's role (never a key
+or a token); answers the trace in a `traceresponse` header (W3C Trace Context Level 2: `00-<trace>-<span>-<flags>`);
+and has api/request_id.py bind `trace_id` to every log line of the request, with the request id (one loguru context
+per request). The span ends when the response starts: a stream's life is in its job's spans.
 
 With tracing off nothing is installed; a caller's valid `traceparent` still travels with the jobs it submits (and
 out on their webhooks), unchanged, as the specification asks of a service that does not trace."""
@@ -23,6 +23,8 @@ RESPONSE_HEADER = "traceresponse"
 _SPAN = "aethercore.span"
 _STATE = "aethercore.tracestate"
 TRACE_KEY = "aethercore.traceparent"  # the request span's context, formatted once (api/request_id.py logs its id)
+# Probes and scrapes: a trace each every few seconds would bury the requests (and cost for nothing).
+UNTRACED_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/heartbeat", "/metrics"})
 
 
 def current_trace() -> tuple[str | None, str | None]:
@@ -45,6 +47,8 @@ def init_tracing(app: Flask, trust_caller_sampling: bool = True) -> None:
     wsgi_app = app.wsgi_app
 
     def traced(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") in UNTRACED_PATHS:
+            return wsgi_app(environ, start_response)
         parent = w3c.parse(environ.get("HTTP_TRACEPARENT"))
         state = w3c.parse_state(environ.get("HTTP_TRACESTATE")) if parent is not None else None
         method = environ.get("REQUEST_METHOD", "")

@@ -8,8 +8,9 @@ Each mode runs in a fresh process (an instrumentation patches its library for th
 process, as it would to a collector; the process's own CPU time (its exporter thread included) is divided by what it
 served. Modes run interleaved, `--rounds` times each; the table gives the median and the range.
 
-* GET /heartbeat (no Redis): the HTTP request's span alone. `off`; `ours` (api/tracing.py, a WSGI wrapper and an
-  after_request hook); `contrib-flask` (opentelemetry-instrumentation-flask: its WSGI middleware and request hooks).
+* GET /v1/models: the HTTP request's span alone (the probes and /metrics are never traced). `off`; `ours`
+  (api/tracing.py, a WSGI wrapper and an after_request hook); `contrib-flask` (opentelemetry-instrumentation-flask:
+  its WSGI middleware and request hooks).
 * POST /serve (202, queued; no worker needed): a job's whole API side, off, and with our spans (request, admission,
   the context in the record and the message) sampled at 1.0 and at 0.01.
 * a Celery task run (`task.apply`), off and with opentelemetry-instrumentation-celery (a span per task run).
@@ -95,7 +96,7 @@ def _child(kind: str, mode: str, count: int, redis_url: str, endpoint: str) -> f
         FlaskInstrumentor().instrument_app(app)
     client = app.test_client()
     if kind == "http":
-        call = lambda: client.get("/heartbeat")  # noqa: E731
+        call = lambda: client.get("/v1/models")  # noqa: E731
     else:
         body = {"model_id": "minilm", "inputs": {"text": "what does a trace cost"}}
         call = lambda: client.post("/serve", json=body)  # noqa: E731
