@@ -308,3 +308,15 @@ def test_the_job_histograms_carry_trace_ids_as_exemplars(env):
     wait_until(traced, 15, 0.2, "the job's trace id as an exemplar on aethercore_inference_seconds")
     plain = requests.get(f"{env['api'].base}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
     assert "trace_id" not in plain.text  # the Prometheus text format has no exemplars
+
+
+def test_probes_and_scrapes_are_not_traced(env):
+    trace_id = secrets.token_hex(16)
+    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    for path in ("/health", "/health/live", "/health/ready", "/heartbeat", "/metrics"):
+        response = requests.get(f"{env['api'].base}{path}", headers=headers, timeout=10)
+        assert response.status_code in (200, 503) and "traceresponse" not in response.headers
+    job = serve(env, {"model_id": "minilm", "inputs": {"text": "after the probes"}}).json()
+    spans_of(env, job["trace_id"], "aethercore.job.end")  # exported since, so the probes' would be too
+    time.sleep(0.3)
+    assert env["collector"].trace(trace_id) == []
