@@ -253,6 +253,7 @@ def test_each_webhook_attempt_is_a_span_and_carries_the_trace_to_the_receiver(en
         return (found, tried) if len(tried) == 2 else None
 
     spans, attempts = wait_until(both_attempts, 30, 0.1, "both attempts' spans")
+    connected(spans)  # the request, the job and both deliveries: one trace
     attempts.sort(key=lambda span: span["attributes"]["aethercore.webhook.retry"])
     admission = one(spans, "aethercore.admission")
     assert [span["attributes"]["aethercore.webhook.retry"] for span in attempts] == [0, 1]
