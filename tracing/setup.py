@@ -144,9 +144,3 @@ def flush(timeout_ms: int = 5000) -> None:
     """Export what is buffered now (a process about to exit, a test about to read its receiver)."""
     if STATE.provider is not None:
         STATE.provider.force_flush(timeout_ms)
-
-
-def shutdown() -> None:
-    """Flush and stop exporting (the SDK also does this at interpreter exit)."""
-    if STATE.provider is not None:
-        STATE.provider.shutdown()

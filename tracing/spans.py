@@ -8,7 +8,6 @@ gets a caller's role, never a key, a token or a signing secret (tests/integratio
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -160,7 +159,3 @@ def recording(traceparent_: str | None) -> bool:
 def event(span: Any, name: str, attributes: Attributes | None = None, at_s: float | None = None) -> None:
     if span is not None:
         span.add_event(name, attributes or {}, int(at_s * 1e9) if at_s is not None else None)
-
-
-def now_ns() -> int:
-    return time.time_ns()
